@@ -1,0 +1,36 @@
+# Two entry points (see README): `make run` runs the main job, `make test` runs the tests.
+# Both create or reuse .venv and install what they need; nothing relies on a pre-built environment.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+CONFIG ?= configs/default.yaml
+OUT ?= runs/default
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
+
+.PHONY: run test install bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade "pip>=24"
+	# torch first (a CPU wheel is on local disk here), then TorchRec without its CUDA fbgemm-gpu dependency.
+	$(PIP) install torch==2.13.0
+	$(PIP) install fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 torchmetrics==1.0.3 pyre-extensions==0.0.32 iopath
+	$(PIP) install --no-deps torchrec==1.8.0
+	$(PIP) install -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m unexrl run --config $(CONFIG) --out $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m unexrl bench sim --config $(CONFIG) --json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,330 @@
+"""One typed configuration for every part of the platform.
+
+Configs are YAML files in ``configs/``; ``--set dotted.key=value`` overrides any field. Unknown keys and wrong
+types are errors that name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+HEADS = ("affinity", "expected_watch", "quality", "novelty", "popularity", "shortness")
+"""Prediction heads a stage model may emit; a stage's action has one weight per head it emits."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, frozen=True)
+
+
+class UserType(_Strict):
+    """How one hidden behaviour type of users responds; the agents never see the type, only its effects."""
+
+    name: str
+    """label used in reports"""
+    share: float = Field(gt=0)
+    """relative share of users with this type"""
+    affinity_weight: float = 1.0
+    """weight of true user-item affinity in the watch-fraction logit"""
+    quality_weight: float = 1.0
+    """weight of (quality - 0.5) in the watch-fraction logit"""
+    shortness_weight: float = 0.0
+    """weight of -log(duration / median duration) in the watch-fraction logit (bingers like short videos)"""
+    fatigue: float = 0.3
+    """logit penalty per repeat of the item's category in the recent window"""
+    novelty_bonus: float = 0.0
+    """logit bonus when the item's category is absent from the recent window"""
+    budget: float = Field(default=3.0, gt=0)
+    """initial satisfaction budget (patience)"""
+    cost_per_item: float = Field(default=1.0, gt=0)
+    """satisfaction spent on every item watched"""
+    gain: float = Field(default=1.5, ge=0)
+    """satisfaction returned per unit of (watch fraction x quality factor)"""
+    activity_group_accuracy: float = Field(default=0.8, ge=0, le=1)
+    """probability that the observable activity group equals the type index (else uniform)"""
+
+
+class WorldConfig(_Strict):
+    """Items and users: sizes and the distributions they are drawn from."""
+
+    n_users: int = Field(default=5000, ge=1)
+    """number of users"""
+    n_items: int = Field(default=50_000, ge=10)
+    """number of items in the catalogue"""
+    n_categories: int = Field(default=30, ge=2)
+    """number of item categories"""
+    latent_dim: int = Field(default=16, ge=2)
+    """dimension of user and item latent vectors"""
+    category_zipf: float = Field(default=0.8, ge=0)
+    """Zipf exponent of category sizes"""
+    item_spread: float = Field(default=0.6, ge=0)
+    """spread of item latents around their category centroid"""
+    interests_per_user: int = Field(default=3, ge=1)
+    """number of categories mixed into a user's interest vector"""
+    affinity_scale: float = Field(default=3.0, gt=0)
+    """scale of cosine(user, item) in the true affinity logit"""
+    duration_median_s: float = Field(default=25.0, gt=0)
+    """median video duration in seconds"""
+    duration_sigma: float = Field(default=0.8, gt=0)
+    """log-normal sigma of durations"""
+    user_types: tuple[UserType, ...] = (
+        UserType(name="quality", share=0.4, quality_weight=3.0, shortness_weight=-1.0, fatigue=0.25, budget=4.0, gain=1.6),
+        UserType(name="novelty", share=0.3, quality_weight=0.5, fatigue=2.0, novelty_bonus=1.5, budget=3.0),
+        UserType(name="binger", share=0.3, quality_weight=0.5, shortness_weight=2.5, fatigue=0.3, budget=3.0),
+    )
+    """hidden behaviour types; the activity group shown to agents is a noisy copy of the type index"""
+
+
+class StageConfig(_Strict):
+    """One stage of the cascade: its stage models and how many candidates it keeps."""
+
+    name: str
+    """stage label (matching, prerank, ranking, ...)"""
+    keep: int = Field(ge=1)
+    """number of candidates this stage passes on (the last stage's keep is the page size)"""
+    heads: tuple[Literal[HEADS], ...]  # type: ignore[valid-type]
+    """prediction heads of this stage's models, in action order"""
+    noise: float = Field(ge=0)
+    """std of the stage models' prediction error (shrinks downstream)"""
+
+
+class CascadeConfig(_Strict):
+    """The multi-stage cascade: pool size and stages, matching first."""
+
+    pool_size: int = Field(default=300, ge=2)
+    """items in the retrieval pool I^1"""
+    stages: tuple[StageConfig, ...] = (
+        StageConfig(name="matching", keep=40, heads=("affinity", "popularity", "novelty", "shortness"), noise=0.9),
+        StageConfig(name="prerank", keep=12, heads=("affinity", "expected_watch", "quality", "novelty"), noise=0.5),
+        StageConfig(
+            name="ranking",
+            keep=5,
+            heads=("affinity", "expected_watch", "quality", "novelty", "shortness"),
+            noise=0.25,
+        ),
+    )
+    """stages in execution order (2 to 5)"""
+    action_low: float = -1.0
+    """lower bound of every action weight"""
+    action_high: float = 1.0
+    """upper bound of every action weight"""
+    channel_shares: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    """pool shares of the retrieval channels: user interest, popular, random"""
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> CascadeConfig:
+        if not 2 <= len(self.stages) <= 5:
+            raise ValueError(f"cascade.stages: need 2 to 5 stages, got {len(self.stages)}")
+        previous = self.pool_size
+        for i, stage in enumerate(self.stages):
+            if stage.keep >= previous:
+                raise ValueError(
+                    f"cascade.stages.{i}.keep: {stage.keep} must be smaller than the {previous} candidates it gets"
+                )
+            if len(set(stage.heads)) != len(stage.heads) or not stage.heads:
+                raise ValueError(f"cascade.stages.{i}.heads: must be a non-empty list without repeats")
+            previous = stage.keep
+        if self.action_low >= self.action_high:
+            raise ValueError("cascade.action_low must be below cascade.action_high")
+        return self
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Candidate counts through the cascade: pool, then what each stage keeps."""
+        return (self.pool_size, *(s.keep for s in self.stages))
+
+    @property
+    def action_dims(self) -> tuple[int, ...]:
+        return tuple(len(s.heads) for s in self.stages)
+
+    @property
+    def page_size(self) -> int:
+        return self.stages[-1].keep
+
+
+class SessionConfig(_Strict):
+    """Session mechanics shared by every user type."""
+
+    max_requests: int = Field(default=40, ge=1)
+    """hard cap on requests per session (sessions normally end when satisfaction runs out)"""
+    history_window: int = Field(default=10, ge=1)
+    """items remembered for fatigue and novelty"""
+    watch_noise: float = Field(default=0.5, ge=0)
+    """std of the per-view noise on the watch-fraction logit"""
+    fatigue_items: float = Field(default=60.0, gt=0)
+    """session-level tiredness: every item costs an extra (items watched so far / fatigue_items)"""
+    quality_gain_floor: float = Field(default=0.3, ge=0)
+    """quality factor of satisfaction gain is floor + quality"""
+    seconds_between_requests: float = Field(default=5.0, ge=0)
+    """idle time between two requests of a session, for event timestamps"""
+
+
+class LoggingPolicyConfig(_Strict):
+    """The behaviour policy that `unexrl simulate` runs to write logs."""
+
+    kind: Literal["cem", "random", "artifact"] = "cem"
+    """cem: tuned CEM weights (tuned on the fly when no artifact given); random: uniform weights; artifact: --policy"""
+    exploration_std: float = Field(default=0.1, ge=0)
+    """std of Gaussian noise added to every action weight (clipped to the action range)"""
+    sessions: int = Field(default=2000, ge=1)
+    """number of sessions to log"""
+    batch_size: int = Field(default=512, ge=1)
+    """sessions simulated in parallel"""
+    start_time: str = "2026-11-01T00:00:00Z"
+    """event time of the first session start"""
+
+
+class CEMConfig(_Strict):
+    """Cross-entropy search over non-personalised per-stage weights (the production baseline)."""
+
+    iterations: int = Field(default=12, ge=1)
+    """number of CEM iterations"""
+    population: int = Field(default=32, ge=2)
+    """candidates per iteration"""
+    elite_fraction: float = Field(default=0.25, gt=0, le=1)
+    """fraction of candidates kept to refit the sampling distribution"""
+    sessions_per_candidate: int = Field(default=48, ge=1)
+    """sessions simulated to score one candidate"""
+    init_std: float = Field(default=0.5, gt=0)
+    """initial std of the sampling distribution"""
+    min_std: float = Field(default=0.05, gt=0)
+    """floor on the sampling std, to keep exploring"""
+
+
+class EvaluationConfig(_Strict):
+    """Offline evaluation: rollouts on held-out seeds and bootstrap confidence intervals."""
+
+    sessions_per_seed: int = Field(default=1000, ge=1)
+    """sessions rolled out per evaluation seed (users drawn uniformly)"""
+    batch_size: int = Field(default=1000, ge=1)
+    """sessions simulated in parallel"""
+    bootstrap: int = Field(default=1000, ge=10)
+    """bootstrap resamples for 95% confidence intervals"""
+
+
+class SeedsConfig(_Strict):
+    """Random seeds, kept apart by purpose: tuning never sees an evaluation seed."""
+
+    world: int = 0
+    """seed of the world (users, items, stage models)"""
+    train: tuple[int, ...] = (1000, 1001, 1002, 1003)
+    """seeds for tuning, training and log simulation"""
+    validation: tuple[int, ...] = (2000, 2001)
+    """seeds for model selection"""
+    evaluation: tuple[int, ...] = (3000, 3001, 3002, 3003, 3004)
+    """held-out seeds for reported results"""
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> SeedsConfig:
+        groups = {"train": set(self.train), "validation": set(self.validation), "evaluation": set(self.evaluation)}
+        names = list(groups)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                common = groups[a] & groups[b]
+                if common:
+                    raise ValueError(f"seeds.{a} and seeds.{b} share {sorted(common)}: keep them apart")
+        if not all(groups.values()):
+            raise ValueError("seeds: train, validation and evaluation each need at least one seed")
+        return self
+
+
+class BenchConfig(_Strict):
+    """Benchmark sizes."""
+
+    sim_batch: int = Field(default=1024, ge=1)
+    """requests per batched simulator step"""
+    repeats: int = Field(default=20, ge=1)
+    """timed repetitions per measurement (median reported)"""
+
+
+class Config(_Strict):
+    """The whole configuration."""
+
+    name: str = "default"
+    """config name, recorded in every manifest"""
+    device: str = "cpu"
+    """torch device for simulation and evaluation"""
+    world: WorldConfig = WorldConfig()
+    cascade: CascadeConfig = CascadeConfig()
+    session: SessionConfig = SessionConfig()
+    logging: LoggingPolicyConfig = LoggingPolicyConfig()
+    cem: CEMConfig = CEMConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    seeds: SeedsConfig = SeedsConfig()
+    bench: BenchConfig = BenchConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node: Any = tree
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, parts[: i + 1])]
+            continue
+        if part not in node or not isinstance(node[part], (dict, list)):
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, parts)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list[Any], part: str, where: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {'.'.join(where)}: '{part}' is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value``; the value is parsed as YAML so numbers, booleans and lists keep their types."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config, apply ``dotted.key=value`` overrides, validate, and return the typed config."""
+    tree: dict[str, Any] = Config().to_dict()
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        tree = _merge(tree, loaded, ())
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        # JSON mode: YAML lists become tuples, ints are accepted for floats, nothing else is coerced.
+        return Config.model_validate_json(json.dumps(tree))
+    except ValidationError as err:
+        lines = [f"invalid config{f' {path}' if path else ''}:"]
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"  {where}: {e['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _merge(base: dict[str, Any], new: dict[str, Any], where: tuple[str, ...]) -> dict[str, Any]:
+    """Overlay ``new`` on the defaults; lists are replaced whole, unknown keys pass through to validation."""
+    out = dict(base)
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, (*where, key))
+        else:
+            out[key] = value
+    return out

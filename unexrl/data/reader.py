@@ -1,0 +1,315 @@
+"""Read and validate a logged-data directory, and turn transitions back into cascade inputs for replay.
+
+Logs may come from outside the simulator, so every rule of the contract is checked on read and a violation
+raises :class:`LogValidationError` naming the file, the column and the first bad rows. Nothing is dropped or
+repaired: a consumer either gets the whole log as written or an error it can act on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from pydantic import ValidationError
+from torch import Tensor
+
+from unexrl.config import Config
+from unexrl.data.schema import (
+    ITEMS_FILE,
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    TABLE_FILES,
+    TRANSITIONS_FILE,
+    USERS_FILE,
+    action_column,
+    candidates_column,
+    items_schema,
+    pred_column,
+    request_id,
+    sha256_file,
+    transitions_schema,
+    users_schema,
+)
+
+_MANIFEST_KEYS = ("schema_version", "created_at", "config", "seeds", "behaviour", "files")
+_SHOWN_ROWS = 5
+
+
+class LogValidationError(ValueError):
+    """A log that breaks the contract; ``file``, ``column`` and ``rows`` say where, the message says what."""
+
+    def __init__(self, file: str, column: str | None, problem: str, rows: np.ndarray | None = None) -> None:
+        self.file, self.column = file, column
+        self.rows = [] if rows is None else [int(r) for r in rows]
+        where = file if column is None else f"{file}, column '{column}'"
+        message = f"{where}: {problem}"
+        if self.rows:
+            first = ", ".join(str(r) for r in self.rows[:_SHOWN_ROWS])
+            more = f", ...] ({len(self.rows)} rows)" if len(self.rows) > _SHOWN_ROWS else "]"
+            message += f" at rows [{first}{more}"
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class LoggedData:
+    """A validated log: the three tables as written, the manifest, and the config used to check them."""
+
+    users: pa.Table
+    items: pa.Table
+    transitions: pa.Table
+    manifest: dict[str, Any]
+    config: Config
+
+
+def read_logs(path: Path, cfg: Config | None = None) -> LoggedData:
+    """Read a log directory and validate it against ``cfg`` (default: the config recorded in its manifest).
+
+    Content is checked before the manifest hashes, so a defective file reports its first bad rows rather than
+    only "file changed".
+    """
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if cfg is None:
+        try:
+            cfg = Config.model_validate_json(json.dumps(manifest["config"]))
+        except ValidationError as err:
+            raise LogValidationError(MANIFEST_FILE, None, f"'config' is not a valid config: {err}") from None
+    users = _read_table(path, USERS_FILE, users_schema())
+    items = _read_table(path, ITEMS_FILE, items_schema())
+    transitions = _read_table(path, TRANSITIONS_FILE, transitions_schema(cfg))
+    _check_users(users, cfg)
+    _check_items(items, cfg)
+    _check_transitions(transitions, users, items, cfg)
+    for name, table in ((USERS_FILE, users), (ITEMS_FILE, items), (TRANSITIONS_FILE, transitions)):
+        entry = manifest["files"][name]
+        if table.num_rows != entry["rows"]:
+            raise LogValidationError(
+                name, None, f"{table.num_rows} rows but the manifest says {entry['rows']}"
+            )
+        digest = sha256_file(path / name)
+        if digest != entry["sha256"]:
+            raise LogValidationError(
+                name,
+                None,
+                f"sha256 {digest} does not match the manifest's {entry['sha256']}: "
+                "the file changed after the manifest was written",
+            )
+    return LoggedData(users=users, items=items, transitions=transitions, manifest=manifest, config=cfg)
+
+
+def cascade_inputs(transitions: pa.Table, cfg: Config) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Per stage: predictions [B, P, d_i] float32, actions [B, d_i] float32, logged candidates [B, K_i] int64.
+
+    ``run_cascade(preds, keep, replay_actions(actions))`` then recomputes the candidate sets to compare with
+    the logged ones. Expects a table that passed :func:`read_logs`.
+    """
+    pool, n = cfg.cascade.pool_size, transitions.num_rows
+    preds, actions, candidates = [], [], []
+    for stage in cfg.cascade.stages:
+        d = len(stage.heads)
+        pred = _matrix(transitions, pred_column(stage.name), pool * d).astype(np.float32).reshape(n, pool, d)
+        preds.append(torch.from_numpy(pred))
+        actions.append(
+            torch.from_numpy(_matrix(transitions, action_column(stage.name), d).astype(np.float32))
+        )
+        kept = _matrix(transitions, candidates_column(stage.name), stage.keep).astype(np.int64)
+        candidates.append(torch.from_numpy(kept))
+    return preds, actions, candidates
+
+
+def _matrix(table: pa.Table, column: str, width: int) -> np.ndarray:
+    """A list column with ``width`` values per row as [rows, width] (list or fixed_size_list alike)."""
+    flat = pc.list_flatten(table[column]).to_numpy(zero_copy_only=False)
+    if flat.size != table.num_rows * width:
+        raise ValueError(f"column '{column}': {flat.size} values for {table.num_rows} rows of {width}")
+    return flat.reshape(table.num_rows, width)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST_FILE
+    if not file.is_file():
+        raise LogValidationError(MANIFEST_FILE, None, f"missing in {path}")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LogValidationError(MANIFEST_FILE, None, f"not valid JSON: {err}") from None
+    if not isinstance(manifest, dict):
+        raise LogValidationError(MANIFEST_FILE, None, "top level must be an object")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise LogValidationError(MANIFEST_FILE, None, f"missing keys {missing}")
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise LogValidationError(
+            MANIFEST_FILE,
+            None,
+            f"schema_version {manifest['schema_version']!r}, this reader reads {SCHEMA_VERSION}",
+        )
+    for name in TABLE_FILES:
+        entry = manifest["files"].get(name) if isinstance(manifest["files"], dict) else None
+        if not isinstance(entry, dict) or not {"rows", "sha256"} <= entry.keys():
+            raise LogValidationError(MANIFEST_FILE, None, f"'files' needs rows and sha256 of {name}")
+    return manifest
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _describe(t: pa.DataType) -> str:
+    if pa.types.is_fixed_size_list(t):
+        return f"fixed_size_list<{t.value_type}>[{t.list_size}] (or list<{t.value_type}>)"
+    if _is_list(t):
+        return f"list<{t.value_type}>"
+    return str(t)
+
+
+def _read_table(path: Path, name: str, schema: pa.Schema) -> pa.Table:
+    """Read one table and check every column of ``schema``: presence, dtype, nulls, list lengths, finiteness.
+
+    List columns may be list or fixed_size_list on disk (files can come from other writers); their lengths are
+    checked against the config either way. Extra columns are kept, not rejected.
+    """
+    file = path / name
+    if not file.is_file():
+        raise LogValidationError(name, None, f"missing in {path}")
+    try:
+        table = pq.read_table(file)
+    except (pa.ArrowException, OSError) as err:
+        raise LogValidationError(name, None, f"not a readable Parquet file: {err}") from None
+    for field in schema:
+        if field.name not in table.column_names:
+            raise LogValidationError(name, field.name, "missing column")
+        if table.column_names.count(field.name) > 1:
+            raise LogValidationError(name, field.name, "column appears more than once")
+        col = table[field.name]
+        expected = field.type
+        nested = _is_list(expected)
+        ok = (
+            col.type == expected
+            if not nested
+            else _is_list(col.type) and col.type.value_type == expected.value_type
+        )
+        if not ok:
+            raise LogValidationError(
+                name, field.name, f"wrong dtype: expected {_describe(expected)}, found {col.type}"
+            )
+        if not field.nullable and col.null_count:
+            raise LogValidationError(name, field.name, "null values", _nonzero(col.is_null()))
+        if nested:
+            _check_list(name, field, col)
+        elif pa.types.is_floating(expected):
+            values = col.to_numpy()
+            _require(name, field.name, np.isfinite(values), "NaN or infinite values")
+    return table
+
+
+def _check_list(name: str, field: pa.Field, col: pa.ChunkedArray) -> None:
+    flat = pc.list_flatten(col)
+    parents = pc.list_parent_indices(col).to_numpy()
+    if flat.null_count:
+        raise LogValidationError(
+            name, field.name, "null list elements", np.unique(parents[_nonzero(flat.is_null())])
+        )
+    if pa.types.is_fixed_size_list(field.type):
+        size = field.type.list_size
+        lengths = pc.list_value_length(col).to_numpy()
+        _require(name, field.name, lengths == size, f"ragged lists: expected {size} values per row")
+    if pa.types.is_floating(field.type.value_type):
+        bad = ~np.isfinite(flat.to_numpy())
+        if bad.any():
+            raise LogValidationError(name, field.name, "NaN or infinite values", np.unique(parents[bad]))
+
+
+def _nonzero(mask: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+
+
+def _require(file: str, column: str, ok: np.ndarray, problem: str) -> None:
+    """Raise naming the rows where ``ok`` (one flag per row) is False."""
+    if not ok.all():
+        raise LogValidationError(file, column, problem, np.flatnonzero(~ok))
+
+
+def _require_unique(file: str, column: str, values: np.ndarray) -> None:
+    """Raise naming the rows that repeat an earlier value."""
+    _, first = np.unique(values, return_index=True)
+    if first.size != values.size:
+        repeats = np.setdiff1d(np.arange(values.size), first)
+        raise LogValidationError(file, column, "duplicate values", repeats)
+
+
+def _require_ids(file: str, table: pa.Table, column: str, known: np.ndarray, what: str) -> None:
+    """Every id in ``column`` (scalar or list) must be one of ``known``."""
+    col = table[column]
+    if _is_list(col.type):
+        values, parents = pc.list_flatten(col).to_numpy(), pc.list_parent_indices(col).to_numpy()
+        bad_rows = np.unique(parents[~np.isin(values, known)])
+    else:
+        bad_rows = np.flatnonzero(~np.isin(col.to_numpy(), known))
+    if bad_rows.size:
+        raise LogValidationError(file, column, f"ids not in the {what} table", bad_rows)
+
+
+def _check_users(users: pa.Table, cfg: Config) -> None:
+    _require_unique(USERS_FILE, "user_id", users["user_id"].to_numpy())
+    group = users["activity_group"].to_numpy()
+    n_groups = len(cfg.world.user_types)
+    _require(USERS_FILE, "activity_group", (group >= 0) & (group < n_groups), f"outside [0, {n_groups})")
+
+
+def _check_items(items: pa.Table, cfg: Config) -> None:
+    _require_unique(ITEMS_FILE, "item_id", items["item_id"].to_numpy())
+    category = items["category"].to_numpy()
+    n_cat = cfg.world.n_categories
+    _require(ITEMS_FILE, "category", (category >= 0) & (category < n_cat), f"outside [0, {n_cat})")
+    _require(ITEMS_FILE, "duration_s", items["duration_s"].to_numpy() > 0, "durations must be positive")
+
+
+def _check_transitions(t: pa.Table, users: pa.Table, items: pa.Table, cfg: Config) -> None:
+    """Cross-row and cross-table rules: ids, positions, request chaining and the page shown."""
+    f = TRANSITIONS_FILE
+    ids = t["request_id"].to_numpy()
+    session, step = t["session_id"].to_numpy(), t["step"].to_numpy().astype(np.int64)
+    _require_unique(f, "request_id", ids)
+    _require(f, "session_id", session >= 0, "negative session ids")
+    max_requests = cfg.session.max_requests
+    _require(f, "step", (step >= 0) & (step < max_requests), f"outside [0, {max_requests})")
+    _require(
+        f, "request_id", ids == request_id(session, step, cfg), "not session_id * (max_requests + 1) + step"
+    )
+    _require_ids(f, t, "user_id", users["user_id"].to_numpy(), "users")
+    known_items = items["item_id"].to_numpy()
+    for column in ("pool_item_ids", "shown_item_ids", "history_item_ids"):
+        _require_ids(f, t, column, known_items, "items")
+    pool = cfg.cascade.pool_size
+    for stage in cfg.cascade.stages:
+        column = candidates_column(stage.name)
+        positions = _matrix(t, column, stage.keep)
+        _require(
+            f, column, ((positions >= 0) & (positions < pool)).all(1), f"pool positions outside [0, {pool})"
+        )
+    done = t["done"].to_numpy()
+    nxt = t["next_request_id"]
+    _require(
+        f,
+        "next_request_id",
+        nxt.is_null().to_numpy(zero_copy_only=False) == done,
+        "must be null exactly when done",
+    )
+    _require(f, "next_request_id", done | (nxt.fill_null(-1).to_numpy() == ids + 1), "must be request_id + 1")
+    _require(f, "next_request_id", done | np.isin(ids + 1, ids), "the next request is missing from the log")
+    page = _matrix(t, candidates_column(cfg.cascade.stages[-1].name), cfg.cascade.page_size)
+    shown = np.take_along_axis(_matrix(t, "pool_item_ids", pool), page.astype(np.int64), axis=1)
+    _require(
+        f,
+        "shown_item_ids",
+        (shown == _matrix(t, "shown_item_ids", cfg.cascade.page_size)).all(1),
+        "not the pool items at the last stage's candidates",
+    )

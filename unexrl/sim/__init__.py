@@ -1,0 +1,1 @@
+"""The multi-stage recommender simulator: world, retrieval, stage models, user model, sessions."""

@@ -1,0 +1,172 @@
+"""The batched simulator: sessions of requests through the cascade, answered by the user model.
+
+A request's randomness is keyed by (seed, session, step), a user by (seed, session): a rollout is reproducible
+whatever batch size simulates it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from unexrl.cascade import CascadeResult, StageView, run_cascade
+from unexrl.config import Config
+from unexrl.sim.hashing import hash_key, uniform
+from unexrl.sim.retrieval import retrieve_pool
+from unexrl.sim.stage_models import StageModels
+from unexrl.sim.user_model import PageResponse, UserModel
+from unexrl.sim.world import World, build_world
+
+_STREAM_USER = 5
+
+
+@dataclass(frozen=True)
+class Observation:
+    """tau^1 of a batch of requests: everything observable before the first stage acts."""
+
+    user: Tensor
+    """[B] user ids"""
+    activity_group: Tensor
+    """[B] observable activity group"""
+    session: Tensor
+    """[B] session ids"""
+    step: Tensor
+    """[B] requests already served in this session"""
+    items_watched: Tensor
+    """[B] items viewed so far in the session"""
+    watch_time: Tensor
+    """[B] seconds watched so far in the session"""
+    last_watch_fraction: Tensor
+    """[B] mean watch fraction of the previous page (0.5 at session start)"""
+    history_items: Tensor
+    """[B, W] recently watched item ids, oldest first, -1 padded"""
+    pool: Tensor
+    """[B, P] item ids of the retrieval pool"""
+    predictions: tuple[Tensor, ...]
+    """per stage, [B, P, d_i] predictions for the whole pool"""
+    oracle_type: Tensor
+    """[B] hidden behaviour type: simulator-only, for oracle baselines; never logged or served"""
+
+
+class Policy(Protocol):
+    """A multi-stage policy: one action per stage, chosen from tau^1 and the stage's own view."""
+
+    def act(self, obs: Observation, view: StageView) -> Tensor:
+        """Return stage ``view.stage``'s action, [B, d_i], within the configured bounds."""
+        ...
+
+
+@dataclass(frozen=True)
+class Step:
+    """One batched request: what was observed, what the cascade did, how users responded."""
+
+    obs: Observation
+    cascade: CascadeResult
+    page_items: Tensor
+    """[B, K] item ids shown, in order"""
+    response: PageResponse
+    reward: Tensor
+    """[B] page watch time in seconds"""
+    active: Tensor
+    """[B] the session was alive when the request came"""
+    done: Tensor
+    """[B] the session ended at this request (satisfaction spent or request cap)"""
+
+
+class Simulator:
+    """Holds the world, the stage models and the user model; state lives in :class:`SessionBatch`."""
+
+    def __init__(self, cfg: Config, world: World | None = None) -> None:
+        self.cfg = cfg
+        self.world = world if world is not None else build_world(cfg)
+        self.stage_models = StageModels(cfg, self.world)
+        self.user_model = UserModel(cfg, self.world)
+        self.keep = [s.keep for s in cfg.cascade.stages]
+
+    def start(self, seed: int, session: Tensor) -> SessionBatch:
+        """Start sessions ``session`` (global ids within this seed's rollout); their users come from the seed."""
+        device = self.world.item_category.device
+        session = session.to(device)
+        user = (uniform(hash_key(seed, _STREAM_USER, session)) * self.world.n_users).long()
+        b = session.shape[0]
+        zeros = torch.zeros(b, device=device)
+        return SessionBatch(
+            seed=seed,
+            user=user,
+            session=session,
+            step=torch.zeros(b, dtype=torch.long, device=device),
+            budget=self.user_model.initial_budget[self.world.user_type[user]].clone(),
+            items_watched=zeros.clone(),
+            watch_time=zeros.clone(),
+            last_watch_fraction=torch.full((b,), 0.5, device=device),
+            history_items=torch.full((b, self.cfg.session.history_window), -1, dtype=torch.long, device=device),
+            alive=torch.ones(b, dtype=torch.bool, device=device),
+        )
+
+    def observe(self, state: SessionBatch) -> Observation:
+        """Build tau^1: the pool from retrieval and every stage's predictions for it."""
+        pool = retrieve_pool(
+            self.world, state.seed, state.user, state.session, state.step,
+            self.cfg.cascade.pool_size, self.cfg.cascade.channel_shares,
+        )
+        hist_cats = torch.where(state.history_items >= 0, self.world.item_category[state.history_items.clamp_min(0)], -1)
+        predictions = self.stage_models.predict(state.user, pool, hist_cats)
+        return Observation(
+            user=state.user,
+            activity_group=self.world.user_activity_group[state.user],
+            session=state.session,
+            step=state.step,
+            items_watched=state.items_watched,
+            watch_time=state.watch_time,
+            last_watch_fraction=state.last_watch_fraction,
+            history_items=state.history_items,
+            pool=pool,
+            predictions=tuple(predictions),
+            oracle_type=self.world.user_type[state.user],
+        )
+
+    def step(self, state: SessionBatch, policy: Policy) -> Step:
+        """Serve one request to every session in ``state`` and advance it in place."""
+        obs = self.observe(state)
+        result = run_cascade(obs.predictions, self.keep, lambda view: policy.act(obs, view))
+        page_items = obs.pool.gather(1, result.page)
+        active = state.alive
+        response = self.user_model.respond(
+            state.seed, state.user, state.session, state.step, page_items, state.budget, state.history_items,
+            state.items_watched, active,
+        )
+        reward = response.watch_time.sum(1)
+        n_viewed = response.viewed.sum(1).float()
+        state.step = state.step + active.long()
+        state.budget = response.budget
+        state.items_watched = state.items_watched + n_viewed
+        state.watch_time = state.watch_time + reward
+        fraction = torch.where(response.viewed, response.watch_time / self.world.item_duration[page_items], 0.0)
+        state.last_watch_fraction = torch.where(
+            n_viewed > 0, fraction.sum(1) / n_viewed.clamp_min(1), state.last_watch_fraction
+        )
+        state.history_items = response.history_items
+        alive_after = active & (response.budget > 0) & (state.step < self.cfg.session.max_requests)
+        done = active & ~alive_after
+        state.alive = alive_after
+        return Step(obs=obs, cascade=result, page_items=page_items, response=response, reward=reward,
+                    active=active, done=done)
+
+
+@dataclass
+class SessionBatch:
+    """Mutable state of a batch of sessions."""
+
+    seed: int
+    user: Tensor
+    session: Tensor
+    step: Tensor
+    budget: Tensor
+    items_watched: Tensor
+    watch_time: Tensor
+    last_watch_fraction: Tensor
+    history_items: Tensor
+    alive: Tensor
