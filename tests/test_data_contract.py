@@ -19,8 +19,9 @@ import torch
 from unexrl.cascade import replay_actions, run_cascade
 from unexrl.config import Config, load_config
 from unexrl.data import LogValidationError, LogWriter, cascade_inputs, read_logs, transitions_schema
-from unexrl.data.schema import MANIFEST_FILE, TABLE_FILES, TRANSITIONS_FILE, USERS_FILE, sha256_file
+from unexrl.data.schema import MANIFEST_FILE, TABLE_FILES, TRANSITIONS_FILE, USERS_FILE
 from unexrl.evaluate.rollout import rollout
+from unexrl.io import sha256_file
 from unexrl.policies.weights import GaussianExploration, WeightPolicy
 from unexrl.sim.env import Simulator, Step
 

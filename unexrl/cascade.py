@@ -54,8 +54,12 @@ class CascadeResult:
 
 
 def stage_scores(predictions: Tensor, action: Tensor) -> Tensor:
-    """score_j = <a^i, v^i_j>: [B, n, d] x [B, d] -> [B, n] (a per-row reduction, batch-size invariant)."""
-    return (predictions * action.unsqueeze(1)).sum(-1)
+    """score_j = <a^i, v^i_j>: [B, n, d] x [B, d] -> [B, n], one batched mat-vec.
+
+    Each score is a d-term dot product of its own row, so it does not depend on the batch it is computed in
+    (tests replay logs in other batch sizes and compare exactly).
+    """
+    return torch.bmm(predictions, action.unsqueeze(-1)).squeeze(-1)
 
 
 def run_cascade(predictions: Sequence[Tensor], keep: Sequence[int], act: ActFn) -> CascadeResult:

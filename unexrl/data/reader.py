@@ -33,10 +33,10 @@ from unexrl.data.schema import (
     items_schema,
     pred_column,
     request_id,
-    sha256_file,
     transitions_schema,
     users_schema,
 )
+from unexrl.io import sha256_file
 
 _MANIFEST_KEYS = ("schema_version", "created_at", "config", "seeds", "behaviour", "files")
 _SHOWN_ROWS = 5

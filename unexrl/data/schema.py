@@ -6,8 +6,6 @@ store, trainer) agree on column names, dtypes and fixed list sizes without a han
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -114,12 +112,3 @@ def transitions_schema(cfg: Config) -> pa.Schema:
         pa.field("next_request_id", pa.int64(), nullable=True),
     ]
     return pa.schema(fields)
-
-
-def sha256_file(path: Path) -> str:
-    """Content hash recorded in the manifest, so a reader can tell a file changed after it was written."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -32,10 +32,10 @@ from unexrl.data.schema import (
     items_schema,
     pred_column,
     request_id,
-    sha256_file,
     transitions_schema,
     users_schema,
 )
+from unexrl.io import sha256_file
 from unexrl.sim.env import Step
 from unexrl.sim.world import World
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from unexrl.config import CEMConfig, CascadeConfig
+from unexrl.config import CascadeConfig, CEMConfig
 from unexrl.evaluate.rollout import rollout
 from unexrl.policies.weights import WeightPolicy
 from unexrl.sim.env import Simulator
@@ -44,7 +44,7 @@ def tune_cem(
     mean = torch.zeros(n_groups, dim) if init is None else init.clone().float().expand(n_groups, dim).clone()
     free = torch.ones(dim, dtype=torch.bool) if free is None else free
     std = torch.full((n_groups, dim), cem.init_std) * free
-    n_elite = max(2, int(round(cem.elite_fraction * cem.population)))
+    n_elite = max(2, round(cem.elite_fraction * cem.population))
     m = cem.sessions_per_candidate * n_groups  # each group's elite is judged on about the same number
     generator = torch.Generator().manual_seed(int(hash_key(*seeds, len(label)).item()) % (2**31))
     for it in tqdm(range(cem.iterations), desc=label, disable=not progress, leave=False):

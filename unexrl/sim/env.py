@@ -130,7 +130,11 @@ class Simulator:
 
     def step(self, state: SessionBatch, policy: Policy) -> Step:
         """Serve one request to every session in ``state`` and advance it in place."""
-        obs = self.observe(state)
+        return self.serve(state, self.observe(state), policy)
+
+    def serve(self, state: SessionBatch, obs: Observation, policy: Policy) -> Step:
+        """Run the cascade on tau^1 = ``obs``, let users respond, and advance ``state`` (fields are replaced,
+        never modified in place, so a shallow copy of a state can be served again)."""
         result = run_cascade(obs.predictions, self.keep, lambda view: policy.act(obs, view))
         page_items = obs.pool.gather(1, result.page)
         active = state.alive

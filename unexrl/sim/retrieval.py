@@ -24,8 +24,8 @@ def retrieve_pool(
     device = user.device
     slot = torch.arange(pool_size, device=device)
     key = hash_key(hash_key(seed, _STREAM_POOL, session, step)[:, None], slot[None, :])
-    n_interest = int(round(channel_shares[0] / sum(channel_shares) * pool_size))
-    n_popular = int(round(channel_shares[1] / sum(channel_shares) * pool_size))
+    n_interest = round(channel_shares[0] / sum(channel_shares) * pool_size)
+    n_popular = round(channel_shares[1] / sum(channel_shares) * pool_size)
 
     # user-interest channel: pick one of the user's categories by its mixing weight, then an item in it
     u_a, u_b = uniform_pair(key)

@@ -1,6 +1,6 @@
 """How a user responds to a page: watch fraction per item, click, like, and a satisfaction budget.
 
-Per shown item, in page order:
+Per shown item, in page order (repeats = the item's category in the recent window plus earlier items on the page):
     logit = w_aff * affinity + w_q * 2(q - 0.5) + w_short * shortness - fatigue * repeats + bonus * [repeats = 0] + noise
     watch = sigmoid(logit) * duration
     budget += gain * sigmoid(logit) * (floor + q) - cost * (0.5 + 0.5 * min(watch / median, 4)) - n / fatigue_items
@@ -81,28 +81,28 @@ class UserModel:
             + self.shortness_weight[t, None] * short
             + noise
         )
-        history = history_items.clone()
-        budget = budget.clone()
-        alive = alive.clone()
-        fractions, viewed_cols = [], []
-        for k in range(page.shape[1]):
-            hist_cats = torch.where(history >= 0, w.item_category[history.clamp_min(0)], -1)
-            repeats = category_repeats(w, hist_cats, page[:, k : k + 1]).squeeze(1)
-            logit = static[:, k] - self.fatigue[t] * repeats + self.novelty_bonus[t] * (repeats == 0)
-            fraction = torch.sigmoid(logit)
-            watched = fraction * duration[:, k]
-            drain = self.cost[t] * (0.5 + 0.5 * (watched / self.cfg.world.duration_median_s).clamp_max(4.0))
-            drain = drain + (items_watched + k) / s.fatigue_items
-            gain = self.gain[t] * fraction * (s.quality_gain_floor + quality[:, k])
-            viewed = alive
-            budget = torch.where(viewed, budget + gain - drain, budget)
-            shifted = torch.cat([history[:, 1:], page[:, k : k + 1]], dim=1)
-            history = torch.where(viewed[:, None], shifted, history)
-            alive = viewed & (budget > 0)
-            fractions.append(fraction)
-            viewed_cols.append(viewed)
-        fraction = torch.stack(fractions, 1)
-        viewed = torch.stack(viewed_cols, 1)
+        # repeats: the item's category in the history window, plus earlier items of this page. Users leave a
+        # page at some point and never come back to it, so an item that is viewed had every earlier item viewed.
+        hist_cats = torch.where(history_items >= 0, w.item_category[history_items.clamp_min(0)], -1)
+        category = w.item_category[page]
+        same = category[:, :, None] == category[:, None, :]
+        earlier = torch.ones_like(same[0]).tril(-1)
+        repeats = category_repeats(w, hist_cats, page) + (same & earlier).sum(-1)
+        logit = static - self.fatigue[t, None] * repeats + self.novelty_bonus[t, None] * (repeats == 0)
+        fraction = torch.sigmoid(logit)
+        watched = fraction * duration
+        drain = self.cost[t, None] * (0.5 + 0.5 * (watched / self.cfg.world.duration_median_s).clamp_max(4.0))
+        drain = drain + (items_watched[:, None] + position) / s.fatigue_items
+        gain = self.gain[t, None] * fraction * (s.quality_gain_floor + quality)
+        running = budget[:, None] + torch.cumsum(gain - drain, dim=1)  # budget after each item, if viewed
+        still_in = torch.cummin(running, dim=1).values > 0
+        viewed = torch.cat([alive[:, None], alive[:, None] & still_in[:, :-1]], dim=1)
+        n_viewed = viewed.sum(1)
+        last = (n_viewed - 1).clamp_min(0)
+        budget = torch.where(n_viewed > 0, running.gather(1, last[:, None]).squeeze(1), budget)
+        window = history_items.shape[1]
+        combined = torch.cat([history_items, page], dim=1)
+        history = combined.gather(1, torch.arange(window, device=page.device)[None, :] + n_viewed[:, None])
         return PageResponse(
             watch_time=torch.where(viewed, fraction * duration, 0.0),
             click=viewed & (fraction > 0.5),

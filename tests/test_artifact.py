@@ -1,0 +1,65 @@
+"""Policy artifacts round-trip, and tampered or mismatched ones are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from unexrl.config import Config, load_config
+from unexrl.policies.artifact import ArtifactError, load_policy, save_weight_policy
+from unexrl.policies.weights import WeightPolicy
+
+
+def _saved(cfg: Config, tmp_path: Path, group_by: str = "none") -> tuple[WeightPolicy, Path]:
+    groups = 1 if group_by == "none" else len(cfg.world.user_types)
+    policy = WeightPolicy(torch.linspace(-1, 1, groups * sum(cfg.cascade.action_dims)).view(groups, -1), cfg.cascade,
+                          group_by=group_by)  # type: ignore[arg-type]
+    return policy, save_weight_policy(policy, tmp_path / "artifact", cfg, algorithm="cem")
+
+
+@pytest.mark.parametrize("group_by", ["none", "oracle_type"])
+def test_round_trip(small_cfg: Config, tmp_path: Path, group_by: str) -> None:
+    policy, path = _saved(small_cfg, tmp_path, group_by)
+    loaded = load_policy(path, small_cfg)
+    assert torch.equal(loaded.weights, policy.weights)
+    assert loaded.group_by == group_by
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["algorithm"] == "cem" and manifest["stages"][0]["name"] == "matching"
+
+
+def test_tampered_weights_are_refused(small_cfg: Config, tmp_path: Path) -> None:
+    _, path = _saved(small_cfg, tmp_path)
+    torch.save({"weights": torch.zeros(1, sum(small_cfg.cascade.action_dims))}, path / "weights.pt")
+    with pytest.raises(ArtifactError, match="sha256.*tampered"):
+        load_policy(path, small_cfg)
+
+
+def test_missing_file_is_refused(small_cfg: Config, tmp_path: Path) -> None:
+    _, path = _saved(small_cfg, tmp_path)
+    (path / "weights.pt").unlink()
+    with pytest.raises(ArtifactError, match="weights.pt .*missing"):
+        load_policy(path, small_cfg)
+
+
+def test_artifact_for_another_cascade_is_refused(small_cfg: Config, tmp_path: Path) -> None:
+    _, path = _saved(small_cfg, tmp_path)
+    other = load_config(None, ["cascade.pool_size=100", "cascade.stages.0.keep=20", "cascade.stages.1.keep=8",
+                               "cascade.stages.2.keep=4", "cascade.stages.2.heads=[affinity, quality]"])
+    with pytest.raises(ArtifactError, match="built for stages"):
+        load_policy(path, other)
+
+
+def test_not_an_artifact(small_cfg: Config, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="not a policy artifact"):
+        load_policy(tmp_path, small_cfg)
+
+
+def test_existing_artifact_is_not_overwritten(small_cfg: Config, tmp_path: Path) -> None:
+    policy, path = _saved(small_cfg, tmp_path)
+    with pytest.raises(FileExistsError):
+        save_weight_policy(policy, path, small_cfg, algorithm="cem")
+    assert load_policy(path, small_cfg) is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact"], "no temporary directory left behind"
