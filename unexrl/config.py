@@ -74,7 +74,7 @@ class WorldConfig(_Strict):
     user_types: tuple[UserType, ...] = (
         UserType(name="quality", share=0.4, quality_weight=3.0, shortness_weight=-1.0, fatigue=0.25, budget=4.0, gain=1.6),
         UserType(name="novelty", share=0.3, quality_weight=0.5, fatigue=2.0, novelty_bonus=1.5, budget=3.0),
-        UserType(name="binger", share=0.3, quality_weight=0.5, shortness_weight=2.5, fatigue=0.3, budget=3.0),
+        UserType(name="binger", share=0.3, quality_weight=0.5, shortness_weight=3.5, fatigue=0.3, budget=3.0),
     )
     """hidden behaviour types; the activity group shown to agents is a noisy copy of the type index"""
 
@@ -98,8 +98,8 @@ class CascadeConfig(_Strict):
     pool_size: int = Field(default=300, ge=2)
     """items in the retrieval pool I^1"""
     stages: tuple[StageConfig, ...] = (
-        StageConfig(name="matching", keep=40, heads=("affinity", "popularity", "novelty", "shortness"), noise=0.9),
-        StageConfig(name="prerank", keep=12, heads=("affinity", "expected_watch", "quality", "novelty"), noise=0.5),
+        StageConfig(name="matching", keep=20, heads=("affinity", "popularity", "novelty", "shortness"), noise=0.9),
+        StageConfig(name="prerank", keep=10, heads=("affinity", "expected_watch", "quality", "novelty"), noise=0.5),
         StageConfig(
             name="ranking",
             keep=5,

@@ -78,7 +78,10 @@ def build_world(cfg: Config) -> World:
     quality_z = torch.randn(w.n_items, generator=g)
     quality = torch.sigmoid(1.2 * quality_z)
     duration = (w.duration_median_s * torch.exp(w.duration_sigma * torch.randn(w.n_items, generator=g))).clamp(3, 900)
-    log_pop = 0.6 * quality_z + 0.8 * torch.randn(w.n_items, generator=g)
+    # popularity follows the mainstream (big categories) more than quality: popular-only retrieval is narrow
+    category_z = torch.log(count.double())[category].float()
+    category_z = (category_z - category_z.mean()) / category_z.std().clamp_min(1e-6)
+    log_pop = 0.3 * quality_z + 1.0 * category_z + 0.7 * torch.randn(w.n_items, generator=g)
     log_pop = (log_pop - log_pop.mean()) / log_pop.std()
     n_popular = max(w.n_items // 20, 1)
     popular = torch.argsort(log_pop, descending=True)[:n_popular]
