@@ -232,6 +232,19 @@ class SeedsConfig(_Strict):
         return self
 
 
+class FeaturesConfig(_Strict):
+    """Feature computation from logs and the reward groups of CQR."""
+
+    repo: str = "feature_repo"
+    """Feast repository (definitions and feature_store.yaml), relative to the project root or absolute"""
+    duration_bucket_edges_s: tuple[float, ...] = (10.0, 20.0, 40.0, 80.0)
+    """item group G_i of CQR: duration bucket edges in seconds (len + 1 buckets)"""
+    cqr_knots: int = Field(default=101, ge=3)
+    """quantile knots per (user group, item group) cell, at levels 0, 1/(n-1), ..., 1"""
+    recent_items: int = Field(default=20, ge=1)
+    """length of the recent item / category id lists served as user features"""
+
+
 class BenchConfig(_Strict):
     """Benchmark sizes."""
 
@@ -255,6 +268,7 @@ class Config(_Strict):
     cem: CEMConfig = CEMConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     seeds: SeedsConfig = SeedsConfig()
+    features: FeaturesConfig = FeaturesConfig()
     bench: BenchConfig = BenchConfig()
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Reinforcement learning for the cascade: CQR reward rescaling, CIC replay, critics, actors, updates."""
