@@ -91,3 +91,25 @@ def test_sessions_end_and_rewards_are_page_watch_time(small_cfg: Config, small_s
         assert bool((v[:, 1:] <= v[:, :-1]).all())
     done = torch.stack([s.done for s in steps]).sum(0)
     assert bool((done == 1).all()), "every session ends exactly once"
+
+
+def test_two_to_five_stages(small_cfg: Config) -> None:
+    """The number of stages is configuration: a 2-stage and a 5-stage cascade simulate and replay."""
+    two = "[{name: retrieve, keep: 12, heads: [affinity, popularity], noise: 0.8}, " \
+          "{name: rank, keep: 4, heads: [affinity, quality, novelty], noise: 0.2}]"
+    five = "[" + ", ".join(
+        f"{{name: s{i}, keep: {k}, heads: [affinity, quality, novelty], noise: {n}}}"
+        for i, (k, n) in enumerate([(80, 1.0), (40, 0.8), (20, 0.6), (10, 0.4), (4, 0.2)])
+    ) + "]"
+    for stages, n in ((two, 2), (five, 5)):
+        cfg = load_config(None, ["world.n_users=200", "world.n_items=3000", "cascade.pool_size=150",
+                                 f"cascade.stages={stages}"])
+        sim = Simulator(cfg)
+        steps: list[Step] = []
+        policy = WeightPolicy(torch.full((1, sum(cfg.cascade.action_dims)), 0.5), cfg.cascade)
+        out = rollout(sim, policy, seed=1000, sessions=20, batch_size=20, on_step=steps.append)
+        assert len(steps[0].cascade.candidates) == n
+        assert steps[0].page_items.shape[1] == 4
+        assert (out.watch_time > 0).all()
+        replayed = run_cascade(steps[0].obs.predictions, sim.keep, replay_actions(steps[0].cascade.actions))
+        assert torch.equal(replayed.page, steps[0].cascade.page)
