@@ -243,6 +243,77 @@ class FeaturesConfig(_Strict):
     """quantile knots per (user group, item group) cell, at levels 0, 1/(n-1), ..., 1"""
     recent_items: int = Field(default=20, ge=1)
     """length of the recent item / category id lists served as user features"""
+    environment: str = Field(default="local", pattern=r"^[a-z][a-z0-9_-]*$")
+    """Feast environment: local = feature_repo/feature_store.yaml, else feature_repo/environments/<name>.yaml"""
+    cqr_refit_s: float = Field(default=3600.0, gt=0)
+    """CQR knots are refitted every this many seconds of event time, each fit on feedback logged before it"""
+    quality_prior_views: float = Field(default=5.0, ge=0)
+    """item quality estimate: mean watch fraction shrunk towards 0.5 with this many pseudo-views"""
+    bench_reads: int = Field(default=300, ge=10)
+    """`unexrl bench features`: timed online reads per store (p50 / p99 reported)"""
+    bench_candidates: int = Field(default=500, ge=1)
+    """`unexrl bench features`: candidate items per online read"""
+
+
+ALGOS = ("unexrl-cic", "unexrl-ctde", "td3", "ddpg", "independent-ddpg")
+
+
+class AlgoConfig(_Strict):
+    """The learning algorithm: UNEX-RL (CIC or CTDE) or a baseline, and its hyper-parameters."""
+
+    name: Literal[ALGOS] = "unexrl-cic"  # type: ignore[valid-type]
+    """unexrl-cic | unexrl-ctde | td3 | ddpg (single agent on the ranking stage) | independent-ddpg"""
+    agents: int | None = None
+    """learning stages, counted from the last (ranking) stage; the rest stay at CEM weights (None: all; td3/ddpg: 1)"""
+    sg: bool = True
+    """stopping gradient: actor i gets only the direct gradient of Q through a^i"""
+    cqr: bool = True
+    """train on category-quantile-rescaled rewards instead of raw watch time"""
+    gamma: float = Field(default=0.9, ge=0, lt=1)
+    """discount per request"""
+    polyak: float = Field(default=0.01, gt=0, le=1)
+    """target network update rate"""
+    actor_lr: float = Field(default=3e-4, gt=0)
+    """learning rate of the actors"""
+    critic_lr: float = Field(default=1e-3, gt=0)
+    """learning rate of the critics"""
+    batch_size: int = Field(default=256, ge=2)
+    """transitions per update"""
+    hidden: int = Field(default=128, ge=8)
+    """width of every MLP"""
+    embedding_dim: int = Field(default=16, ge=2)
+    """dimension of every embedding table"""
+    policy_noise: float = Field(default=0.2, ge=0)
+    """TD3 target-policy smoothing noise std (action units)"""
+    noise_clip: float = Field(default=0.5, ge=0)
+    """clip of the smoothing noise"""
+    policy_delay: int = Field(default=2, ge=1)
+    """critic updates per actor update (TD3; ddpg uses 1)"""
+    exploration_std: float = Field(default=0.2, ge=0)
+    """Gaussian exploration noise when collecting online"""
+
+
+class TrainConfig(_Strict):
+    """The training loop: online in the simulator, or offline from logs."""
+
+    regime: Literal["online", "offline"] = "online"
+    """online: collect with exploration, replay, update; offline: replay logged transitions only"""
+    updates: int = Field(default=2000, ge=1)
+    """gradient updates (critic steps)"""
+    warmup_sessions: int = Field(default=256, ge=1)
+    """online: sessions collected under CEM + exploration before learning (also fits the CQR knots)"""
+    sessions_per_collect: int = Field(default=32, ge=1)
+    """online: sessions collected between rounds of updates"""
+    updates_per_collect: int = Field(default=50, ge=1)
+    """online: updates between collections"""
+    buffer_size: int = Field(default=100_000, ge=100)
+    """replay capacity in transitions"""
+    eval_every: int = Field(default=500, ge=1)
+    """updates between validation rollouts (the learning curve)"""
+    eval_sessions: int = Field(default=200, ge=1)
+    """sessions per validation rollout"""
+    checkpoint_every: int = Field(default=500, ge=1)
+    """updates between checkpoints"""
 
 
 class BenchConfig(_Strict):
@@ -269,6 +340,8 @@ class Config(_Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     seeds: SeedsConfig = SeedsConfig()
     features: FeaturesConfig = FeaturesConfig()
+    algo: AlgoConfig = AlgoConfig()
+    train: TrainConfig = TrainConfig()
     bench: BenchConfig = BenchConfig()
 
     def to_dict(self) -> dict[str, Any]:

@@ -114,17 +114,17 @@ def cascade_inputs(transitions: pa.Table, cfg: Config) -> tuple[list[Tensor], li
     preds, actions, candidates = [], [], []
     for stage in cfg.cascade.stages:
         d = len(stage.heads)
-        pred = _matrix(transitions, pred_column(stage.name), pool * d).astype(np.float32).reshape(n, pool, d)
+        pred = list_matrix(transitions, pred_column(stage.name), pool * d).astype(np.float32).reshape(n, pool, d)
         preds.append(torch.from_numpy(pred))
         actions.append(
-            torch.from_numpy(_matrix(transitions, action_column(stage.name), d).astype(np.float32))
+            torch.from_numpy(list_matrix(transitions, action_column(stage.name), d).astype(np.float32))
         )
-        kept = _matrix(transitions, candidates_column(stage.name), stage.keep).astype(np.int64)
+        kept = list_matrix(transitions, candidates_column(stage.name), stage.keep).astype(np.int64)
         candidates.append(torch.from_numpy(kept))
     return preds, actions, candidates
 
 
-def _matrix(table: pa.Table, column: str, width: int) -> np.ndarray:
+def list_matrix(table: pa.Table, column: str, width: int) -> np.ndarray:
     """A list column with ``width`` values per row as [rows, width] (list or fixed_size_list alike)."""
     flat = pc.list_flatten(table[column]).to_numpy(zero_copy_only=False)
     if flat.size != table.num_rows * width:
@@ -291,7 +291,7 @@ def _check_transitions(t: pa.Table, users: pa.Table, items: pa.Table, cfg: Confi
     pool = cfg.cascade.pool_size
     for stage in cfg.cascade.stages:
         column = candidates_column(stage.name)
-        positions = _matrix(t, column, stage.keep)
+        positions = list_matrix(t, column, stage.keep)
         _require(
             f, column, ((positions >= 0) & (positions < pool)).all(1), f"pool positions outside [0, {pool})"
         )
@@ -305,11 +305,11 @@ def _check_transitions(t: pa.Table, users: pa.Table, items: pa.Table, cfg: Confi
     )
     _require(f, "next_request_id", done | (nxt.fill_null(-1).to_numpy() == ids + 1), "must be request_id + 1")
     _require(f, "next_request_id", done | np.isin(ids + 1, ids), "the next request is missing from the log")
-    page = _matrix(t, candidates_column(cfg.cascade.stages[-1].name), cfg.cascade.page_size)
-    shown = np.take_along_axis(_matrix(t, "pool_item_ids", pool), page.astype(np.int64), axis=1)
+    page = list_matrix(t, candidates_column(cfg.cascade.stages[-1].name), cfg.cascade.page_size)
+    shown = np.take_along_axis(list_matrix(t, "pool_item_ids", pool), page.astype(np.int64), axis=1)
     _require(
         f,
         "shown_item_ids",
-        (shown == _matrix(t, "shown_item_ids", cfg.cascade.page_size)).all(1),
+        (shown == list_matrix(t, "shown_item_ids", cfg.cascade.page_size)).all(1),
         "not the pool items at the last stage's candidates",
     )

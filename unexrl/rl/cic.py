@@ -1,0 +1,48 @@
+"""The cascading information chain (CIC): rebuild tau^2..tau^N from tau^1 and the actions.
+
+    a^1 = mu^1(tau^1)
+    for i in 1..N-1:  I^{i+1} = TopK(I^i, <a^i, v^i>);  tau^{i+1} = (tau^i, a^i, v^{i+1} over I^{i+1});  a^{i+1} = mu^{i+1}(tau^{i+1})
+
+It is :func:`unexrl.cascade.run_cascade` (the simulator's own selection function) with the actors as the
+stage policies, so replay is exact by construction. The same call gives CTDE's view of the data: selection
+follows the logged actions (the buffer's downstream observations) while the actors' actions are only recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor, nn
+from torchrec import KeyedJaggedTensor
+
+from unexrl.cascade import CascadeResult, StageView, run_cascade
+from unexrl.rl.observation import Tau1
+
+
+def cascade_with_actors(
+    tau: Tau1,
+    kjt: KeyedJaggedTensor,
+    keep: Sequence[int],
+    actors: Sequence[nn.Module],
+    *,
+    stop_gradient: bool,
+    select_with: Sequence[Tensor] | None = None,
+    perturb: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[CascadeResult, list[Tensor]]:
+    """Run the cascade on ``tau`` with ``actors`` choosing each stage's action; return it and the actors' actions.
+
+    stop_gradient: actor i sees sg(a^{<i}) (SG: no gradient path from downstream actors back into mu^i).
+    select_with: None for CIC (the actors' actions select the candidates); logged actions for CTDE.
+    perturb: applied to each action before use (exploration or target-policy smoothing).
+    """
+    actions: list[Tensor] = []
+
+    def act(view: StageView) -> Tensor:
+        upstream = [a.detach() for a in actions] if stop_gradient else list(actions)
+        a = actors[view.stage](kjt, tau.state, view.predictions, upstream)
+        if perturb is not None:
+            a = perturb(a)
+        actions.append(a)
+        return a if select_with is None else select_with[view.stage]
+
+    return run_cascade(tau.predictions, keep, act), actions

@@ -1,0 +1,194 @@
+"""Replay buffer of transitions (tau^1_t, a^{1:N}_t, r_t, done_t, tau^1_{t+1}).
+
+CIC needs only tau^1 (including every stage's predictions for the whole pool) and the logged actions; the next
+observation is the row ``next_index`` (the same session's next request), so each tau^1 is stored once.
+Per-item feedback is kept so the reward can be computed raw or CQR-rescaled at sampling time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from unexrl.config import Config
+from unexrl.rl.cqr import cqr_transform, duration_bucket
+from unexrl.data.reader import LoggedData, cascade_inputs, list_matrix
+from unexrl.rl.observation import Tau1, session_state, tau1_from_observation
+from unexrl.sim.env import Step
+from unexrl.sim.world import World
+
+
+@dataclass(frozen=True)
+class Batch:
+    tau: Tau1
+    actions: tuple[Tensor, ...]
+    """logged a^{1:N}, each [B, d_i]"""
+    reward: Tensor
+    """[B] training reward (CQR-rescaled or scaled raw watch time)"""
+    done: Tensor
+    """[B] float, 1 where the session ended"""
+    next_tau: Tau1
+    next_actions: tuple[Tensor, ...]
+    """the next request's logged actions (CTDE's downstream observations); arbitrary where done"""
+
+
+class ReplayBuffer:
+    """A ring buffer; whole sessions are added at once, so a stored transition's next row is always present."""
+
+    def __init__(self, cfg: Config, capacity: int) -> None:
+        c = cfg.cascade
+        w = cfg.session.history_window
+        n_groups = len(cfg.world.user_types)
+        self.cfg, self.capacity = cfg, capacity
+        self.user = torch.zeros(capacity, dtype=torch.long)
+        self.activity_group = torch.zeros(capacity, dtype=torch.long)
+        self.state = torch.zeros(capacity, 4 + n_groups)
+        self.history_items = torch.zeros(capacity, w, dtype=torch.long)
+        self.history_categories = torch.zeros(capacity, w, dtype=torch.long)
+        self.predictions = [torch.zeros(capacity, c.pool_size, d, dtype=torch.float16) for d in c.action_dims]
+        self.actions = [torch.zeros(capacity, d) for d in c.action_dims]
+        self.watch_time = torch.zeros(capacity, c.page_size)
+        self.viewed = torch.zeros(capacity, c.page_size, dtype=torch.bool)
+        self.item_group = torch.zeros(capacity, c.page_size, dtype=torch.long)
+        self.done = torch.zeros(capacity, dtype=torch.bool)
+        self.next_index = torch.zeros(capacity, dtype=torch.long)
+        self.size = 0
+        self._cursor = 0
+        self.cqr_knots: Tensor | None = None
+
+    def add_steps(self, steps: Sequence[Step], world: World) -> int:
+        """Add every active row of one finished batch of sessions (``steps`` of one rollout batch, in order)."""
+        cfg = self.cfg
+        n_groups = len(cfg.world.user_types)
+        rows = [torch.nonzero(s.active, as_tuple=True)[0] for s in steps]
+        # position of (step t, batch row b) among the rows added, to link a transition to its next request
+        position = torch.full((len(steps) + 1, steps[0].active.shape[0]), -1, dtype=torch.long)
+        offset = 0
+        for t, r in enumerate(rows):
+            position[t, r.cpu()] = offset + torch.arange(len(r))
+            offset += len(r)
+        fields: dict[str, list[Tensor]] = {}
+        next_row = []
+        for t, (s, r) in enumerate(zip(steps, rows)):
+            tau = tau1_from_observation(s.obs, world, cfg.session.max_requests, n_groups).index(r)
+            page = s.page_items[r]
+            for name, value in (
+                ("user", tau.user), ("activity_group", tau.activity_group), ("state", tau.state),
+                ("history_items", tau.history_items), ("history_categories", tau.history_categories),
+                ("watch_time", s.response.watch_time[r]), ("viewed", s.response.viewed[r]),
+                ("item_group", duration_bucket(world.item_duration[page], cfg.features.duration_bucket_edges_s)),
+                ("done", s.done[r]),
+                *((f"predictions{i}", p) for i, p in enumerate(tau.predictions)),
+                *((f"actions{i}", a[r].detach()) for i, a in enumerate(s.cascade.actions)),
+            ):
+                fields.setdefault(name, []).append(value.cpu())
+            here, after = position[t, r.cpu()], position[t + 1, r.cpu()]
+            next_row.append(torch.where(s.done[r].cpu() | (after < 0), here, after))
+        return self._append({k: torch.cat(v) for k, v in fields.items()}, torch.cat(next_row))
+
+    def add_logs(self, data: LoggedData) -> int:
+        """Add every transition of a validated log directory (the offline regime)."""
+        cfg = self.cfg
+        t = data.transitions
+        n = t.num_rows
+        user = torch.tensor(t["user_id"].to_numpy())
+        group_of = torch.tensor(data.users["activity_group"].to_numpy().astype(np.int64))
+        category_of = torch.tensor(data.items["category"].to_numpy().astype(np.int64))
+        duration_of = torch.tensor(data.items["duration_s"].to_numpy())
+        group = group_of[user]  # user and item ids are row positions: the reader checked they are 0..n-1
+        column = lambda name: torch.tensor(t[name].to_numpy())  # noqa: E731
+        history = _pad_left(t["history_item_ids"], cfg.session.history_window)
+        preds, actions, _ = cascade_inputs(t, cfg)
+        shown = torch.tensor(list_matrix(t, "shown_item_ids", cfg.cascade.page_size))
+        request = t["request_id"].to_numpy()
+        next_request = t["next_request_id"].fill_null(-1).to_numpy()
+        order = np.argsort(request)
+        found = order[np.searchsorted(request, next_request, sorter=order).clip(0, n - 1)]
+        has_next = (next_request >= 0) & (request[found] == next_request)
+        next_row = torch.from_numpy(np.where(has_next, found, np.arange(n)))
+        fields = {
+            "user": user,
+            "activity_group": group,
+            "state": session_state(column("step"), column("session_items_watched"), column("session_watch_time_s"),
+                                   column("last_watch_fraction"), group, cfg.session.max_requests,
+                                   len(cfg.world.user_types)),
+            "history_items": history,
+            "history_categories": torch.where(history >= 0, category_of[history.clamp_min(0)], -1),
+            "watch_time": torch.tensor(list_matrix(t, "watch_time_s", cfg.cascade.page_size)),
+            "viewed": torch.tensor(list_matrix(t, "viewed", cfg.cascade.page_size)),
+            "item_group": duration_bucket(duration_of[shown], cfg.features.duration_bucket_edges_s),
+            "done": column("done"),
+            **{f"predictions{i}": p for i, p in enumerate(preds)},
+            **{f"actions{i}": a for i, a in enumerate(actions)},
+        }
+        return self._append(fields, next_row)
+
+    def _append(self, fields: dict[str, Tensor], next_row: Tensor) -> int:
+        """Store n transitions; ``next_row[k]`` is the position (0..n-1) of row k's next request (itself if done)."""
+        n = int(next_row.shape[0])
+        if n > self.capacity:
+            raise ValueError(f"{n} transitions do not fit a buffer of {self.capacity} (train.buffer_size)")
+        slots = (self._cursor + torch.arange(n)) % self.capacity
+        for name, value in fields.items():
+            if name.startswith("predictions"):
+                self.predictions[int(name.removeprefix("predictions"))][slots] = value.half()
+            elif name.startswith("actions"):
+                self.actions[int(name.removeprefix("actions"))][slots] = value.float()
+            else:
+                getattr(self, name)[slots] = value.to(getattr(self, name).dtype)
+        self.next_index[slots] = slots[next_row]
+        self._cursor = (self._cursor + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+        return n
+
+    def viewed_items(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(watch time, user group, item group) of every viewed item stored: what CQR's knots are fitted on."""
+        n = self.size
+        viewed = self.viewed[:n]
+        groups = self.activity_group[:n, None].expand_as(viewed)
+        return self.watch_time[:n][viewed], groups[viewed], self.item_group[:n][viewed]
+
+    def reward(self, idx: Tensor) -> Tensor:
+        """Training reward of rows ``idx``: sum over viewed items of CQR(watch) when knots are set, else watch / median."""
+        watch, viewed = self.watch_time[idx], self.viewed[idx]
+        if self.cqr_knots is None:
+            return (watch * viewed).sum(1) / self.cfg.world.duration_median_s
+        groups = self.activity_group[idx, None].expand_as(watch)
+        return (cqr_transform(watch, groups, self.item_group[idx], self.cqr_knots) * viewed).sum(1)
+
+    def tau(self, idx: Tensor) -> Tau1:
+        return Tau1(
+            user=self.user[idx], activity_group=self.activity_group[idx], state=self.state[idx],
+            history_items=self.history_items[idx], history_categories=self.history_categories[idx],
+            predictions=tuple(p[idx].float() for p in self.predictions),
+        )
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        idx = torch.randint(0, self.size, (batch_size,), generator=generator)
+        nxt = self.next_index[idx]
+        return Batch(
+            tau=self.tau(idx),
+            actions=tuple(a[idx] for a in self.actions),
+            reward=self.reward(idx),
+            done=self.done[idx].float(),
+            next_tau=self.tau(nxt),
+            next_actions=tuple(a[nxt] for a in self.actions),
+        )
+
+
+def _pad_left(column: pa.ChunkedArray, width: int) -> Tensor:
+    """A list<int64> column of recent ids (oldest first, at most ``width``) as [rows, width], -1 padded on the left
+    like the simulator's history window."""
+    arr = column.combine_chunks()
+    lengths = arr.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    out = np.full((len(lengths), width), -1, dtype=np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, width - lengths[rows] + (np.arange(len(values)) - starts)] = values
+    return torch.from_numpy(out)

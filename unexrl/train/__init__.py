@@ -1,0 +1,1 @@
+"""Training entry points: the loop (`train(config)`), distribution, checkpoints and export."""
