@@ -118,27 +118,30 @@ class CascadeAgent(nn.Module):
             return [batch.reward + a.gamma * (1.0 - batch.done) * q for q in q_next]
 
     def _actor_step(self, batch: Batch, kjt: KeyedJaggedTensor) -> float:
-        """Actors act through CIC (or on the logged views for CTDE) and ascend Q.
-
-        SG on:  L = sum_i -Q_1(tau, sg(a^{<i}), mu^i(tau^i), sg(a^{>i}))   (actor i: only its direct gradient)
-        SG off: L = -Q_1(tau, a^{1:N}), gradients also flow through a^i's appearances in tau^{>i} and a^{>i}.
-        """
-        sg = self.cfg.algo.sg
-        out, actions = cascade_with_actors(
-            batch.tau, kjt, self.keep, self.actors, stop_gradient=sg, select_with=None if self.cic else batch.actions
-        )
-        views = [v.predictions for v in out.views]
-        state = batch.tau.state
-        if not self.global_critic:  # independent DDPG: each actor ascends its own stage critic
-            loss = sum(-critic(kjt, state, [views[i]], [actions[i]]).mean() for critic, i in zip(self.critics, self.learning))
-        elif sg:
-            loss = sum(-self.critics[0](kjt, state, views, self._only(actions, i)).mean() for i in self.learning)
-        else:
-            loss = -self.critics[0](kjt, state, views, actions).mean()
+        loss = sum(self.actor_losses(batch, kjt))
         self.actor_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.actor_optimizer.step()
         return loss.item()
+
+    def actor_losses(self, batch: Batch, kjt: KeyedJaggedTensor) -> list[Tensor]:
+        """One loss per learning actor; actors act through CIC (CTDE: on the logged views) and ascend Q.
+
+            L_i = -Q_1(tau, sg(a^{<i}), mu^i(tau^i), sg(a^{>i}))
+
+        With SG, mu^i sees sg(a^{<i}) when it acts, so L_i reaches only actor i. Without SG the actions are
+        chained (a^{i+1} depends on a^i), so L_i also reaches the upstream actors, and the summed loss is the full
+        gradient of Q through every appearance of a^i in tau^{>i} and a^{>i}.
+        """
+        out, actions = cascade_with_actors(
+            batch.tau, kjt, self.keep, self.actors, stop_gradient=self.cfg.algo.sg,
+            select_with=None if self.cic else batch.actions,
+        )
+        views = [v.predictions for v in out.views]
+        state = batch.tau.state
+        if not self.global_critic:  # independent DDPG: each actor ascends its own stage critic
+            return [-critic(kjt, state, [views[i]], [actions[i]]).mean() for critic, i in zip(self.critics, self.learning)]
+        return [-self.critics[0](kjt, state, views, self._only(actions, i)).mean() for i in self.learning]
 
     # --- helpers ---------------------------------------------------------------------------------------------
     def _q(self, critics: nn.ModuleList, kjt: KeyedJaggedTensor, state: Tensor, views: Sequence[Tensor], actions: Sequence[Tensor]) -> list[Tensor]:

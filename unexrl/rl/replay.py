@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from unexrl.config import Config
-from unexrl.rl.cqr import cqr_transform, duration_bucket
 from unexrl.data.reader import LoggedData, cascade_inputs, list_matrix
+from unexrl.rl.cqr import cqr_transform, duration_bucket
 from unexrl.rl.observation import Tau1, session_state, tau1_from_observation
 from unexrl.sim.env import Step
 from unexrl.sim.world import World
@@ -101,7 +101,7 @@ class ReplayBuffer:
         category_of = torch.tensor(data.items["category"].to_numpy().astype(np.int64))
         duration_of = torch.tensor(data.items["duration_s"].to_numpy())
         group = group_of[user]  # user and item ids are row positions: the reader checked they are 0..n-1
-        column = lambda name: torch.tensor(t[name].to_numpy())  # noqa: E731
+        column = lambda name: torch.tensor(t[name].to_numpy())
         history = _pad_left(t["history_item_ids"], cfg.session.history_window)
         preds, actions, _ = cascade_inputs(t, cfg)
         shown = torch.tensor(list_matrix(t, "shown_item_ids", cfg.cascade.page_size))
