@@ -45,7 +45,7 @@ def test_cic_replay_equals_the_simulator(small_cfg: Config, small_sim: Simulator
     with torch.no_grad():
         for step in steps:
             tau = tau1_from_observation(step.obs, small_sim.world, small_cfg.session.max_requests, n_groups)
-            out, actions = cascade_with_actors(tau, sparse_features(tau), small_sim.keep, agent.actors, stop_gradient=True)
+            out, actions, _ = cascade_with_actors(tau, sparse_features(tau), small_sim.keep, agent.actors, stop_gradient=True)
             for logged, again in zip(step.cascade.candidates, out.candidates):
                 assert torch.equal(logged, again)
             for logged, again in zip(step.cascade.actions, actions):

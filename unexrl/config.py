@@ -279,7 +279,7 @@ class AlgoConfig(_Strict):
     """learning rate of the critics"""
     batch_size: int = Field(default=256, ge=2)
     """transitions per update"""
-    hidden: int = Field(default=128, ge=8)
+    hidden: int = Field(default=64, ge=8)
     """width of every MLP"""
     embedding_dim: int = Field(default=16, ge=2)
     """dimension of every embedding table"""
@@ -316,6 +316,30 @@ class TrainConfig(_Strict):
     """updates between checkpoints"""
 
 
+class ExperimentConfig(_Strict):
+    """The paper's comparison on our simulator: algorithms x seeds, and the agents-count study."""
+
+    seeds: int = Field(default=5, ge=1)
+    """independent training runs per algorithm (each shifts seeds.train; evaluation seeds stay fixed)"""
+    variants: tuple[str, ...] = (
+        "cem", "ddpg", "td3", "unexrl-ctde", "unexrl-cic", "unexrl-cic-no-sg", "unexrl-cic-no-cqr",
+    )
+    """rows of the results table: an algo name, or unexrl-cic-no-sg / unexrl-cic-no-cqr (the ablations)"""
+    agents_algos: tuple[str, ...] = ("unexrl-cic", "unexrl-ctde", "independent-ddpg")
+    """algorithms of the agents-count study"""
+    agents_seeds: int = Field(default=3, ge=0)
+    """seeds per point of the agents-count study (0 skips the study)"""
+    agents_stages: tuple[StageConfig, ...] = (
+        StageConfig(name="matching", keep=40, heads=("affinity", "popularity", "novelty", "shortness"), noise=0.9),
+        StageConfig(name="prerank", keep=20, heads=("affinity", "expected_watch", "quality", "novelty"), noise=0.6),
+        StageConfig(name="rank1", keep=10, heads=("affinity", "expected_watch", "quality", "novelty"), noise=0.4),
+        StageConfig(name="ranking", keep=5, heads=("affinity", "expected_watch", "quality", "novelty", "shortness"), noise=0.25),
+    )
+    """the 4-stage cascade on which 1..4 agents learn (the rest stay at CEM)"""
+    eval_sessions_per_seed: int = Field(default=500, ge=1)
+    """sessions per evaluation seed for each trained policy"""
+
+
 class BenchConfig(_Strict):
     """Benchmark sizes."""
 
@@ -342,6 +366,7 @@ class Config(_Strict):
     features: FeaturesConfig = FeaturesConfig()
     algo: AlgoConfig = AlgoConfig()
     train: TrainConfig = TrainConfig()
+    experiment: ExperimentConfig = ExperimentConfig()
     bench: BenchConfig = BenchConfig()
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from unexrl.config import Config
 from unexrl.policies.weights import stage_slices
 from unexrl.rl.cic import cascade_with_actors
 from unexrl.rl.networks import Critic, FixedAction, SparseEncoder, StageActor, embedding_tables
-from unexrl.rl.observation import sparse_features
+from unexrl.rl.observation import candidate_summary, sparse_features
 from unexrl.rl.replay import Batch
 
 
@@ -84,8 +84,8 @@ class CascadeAgent(nn.Module):
 
         # Q_k is evaluated on tau^{1:N}_t replayed by CIC with the logged actions (equal to the logged views).
         replayed = run_cascade(batch.tau.predictions, self.keep, replay_actions(batch.actions))
-        views = [v.predictions for v in replayed.views]
-        q = self._q(self.critics, kjt, batch.tau.state, views, list(batch.actions))
+        summaries = [candidate_summary(v.predictions) for v in replayed.views]
+        q = self._q(self.critics, kjt, batch.tau.state, summaries, list(batch.actions))
         critic_loss = sum(F.mse_loss(q_k, y_k) for q_k, y_k in zip(q, y))
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
@@ -107,12 +107,11 @@ class CascadeAgent(nn.Module):
         a = self.cfg.algo
         with torch.no_grad():
             smooth = self._smoothing if self.twin else None
-            nxt, next_actions = cascade_with_actors(
+            _, next_actions, summaries = cascade_with_actors(
                 batch.next_tau, next_kjt, self.keep, self.target_actors, stop_gradient=True,
                 select_with=None if self.cic else batch.next_actions, perturb=smooth,
             )
-            views = [v.predictions for v in nxt.views]
-            q_next = self._q(self.target_critics, next_kjt, batch.next_tau.state, views, next_actions)
+            q_next = self._q(self.target_critics, next_kjt, batch.next_tau.state, summaries, next_actions)
             if self.global_critic:
                 q_next = [torch.min(torch.stack(q_next), dim=0).values] * len(self.critics)
             return [batch.reward + a.gamma * (1.0 - batch.done) * q for q in q_next]
@@ -133,21 +132,20 @@ class CascadeAgent(nn.Module):
         chained (a^{i+1} depends on a^i), so L_i also reaches the upstream actors, and the summed loss is the full
         gradient of Q through every appearance of a^i in tau^{>i} and a^{>i}.
         """
-        out, actions = cascade_with_actors(
+        _, actions, summaries = cascade_with_actors(
             batch.tau, kjt, self.keep, self.actors, stop_gradient=self.cfg.algo.sg,
             select_with=None if self.cic else batch.actions,
         )
-        views = [v.predictions for v in out.views]
         state = batch.tau.state
         if not self.global_critic:  # independent DDPG: each actor ascends its own stage critic
-            return [-critic(kjt, state, [views[i]], [actions[i]]).mean() for critic, i in zip(self.critics, self.learning)]
-        return [-self.critics[0](kjt, state, views, self._only(actions, i)).mean() for i in self.learning]
+            return [-critic(kjt, state, [summaries[i]], [actions[i]]).mean() for critic, i in zip(self.critics, self.learning)]
+        return [-self.critics[0](kjt, state, summaries, self._only(actions, i)).mean() for i in self.learning]
 
     # --- helpers ---------------------------------------------------------------------------------------------
-    def _q(self, critics: nn.ModuleList, kjt: KeyedJaggedTensor, state: Tensor, views: Sequence[Tensor], actions: Sequence[Tensor]) -> list[Tensor]:
+    def _q(self, critics: nn.ModuleList, kjt: KeyedJaggedTensor, state: Tensor, summaries: Sequence[Tensor], actions: Sequence[Tensor]) -> list[Tensor]:
         if self.global_critic:
-            return [critic(kjt, state, views, actions) for critic in critics]
-        return [critic(kjt, state, [views[i]], [actions[i]]) for critic, i in zip(critics, self.learning)]
+            return [critic(kjt, state, summaries, actions) for critic in critics]
+        return [critic(kjt, state, [summaries[i]], [actions[i]]) for critic, i in zip(critics, self.learning)]
 
     @staticmethod
     def _only(actions: Sequence[Tensor], i: int) -> list[Tensor]:

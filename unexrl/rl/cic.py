@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
 
 from unexrl.cascade import CascadeResult, StageView, run_cascade
-from unexrl.rl.observation import Tau1
+from unexrl.rl.observation import Tau1, candidate_summary
 
 
 def cascade_with_actors(
@@ -28,21 +28,25 @@ def cascade_with_actors(
     stop_gradient: bool,
     select_with: Sequence[Tensor] | None = None,
     perturb: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[CascadeResult, list[Tensor]]:
-    """Run the cascade on ``tau`` with ``actors`` choosing each stage's action; return it and the actors' actions.
+) -> tuple[CascadeResult, list[Tensor], list[Tensor]]:
+    """Run the cascade on ``tau`` with ``actors`` choosing each stage's action.
+
+    Returns the cascade, the actors' actions and each stage view's candidate summary (for the critic).
 
     stop_gradient: actor i sees sg(a^{<i}) (SG: no gradient path from downstream actors back into mu^i).
     select_with: None for CIC (the actors' actions select the candidates); logged actions for CTDE.
     perturb: applied to each action before use (exploration or target-policy smoothing).
     """
     actions: list[Tensor] = []
+    summaries: list[Tensor] = []
 
     def act(view: StageView) -> Tensor:
         upstream = [a.detach() for a in actions] if stop_gradient else list(actions)
-        a = actors[view.stage](kjt, tau.state, view.predictions, upstream)
+        summaries.append(candidate_summary(view.predictions))
+        a = actors[view.stage](kjt, tau.state, summaries[-1], upstream)
         if perturb is not None:
             a = perturb(a)
         actions.append(a)
         return a if select_with is None else select_with[view.stage]
 
-    return run_cascade(tau.predictions, keep, act), actions
+    return run_cascade(tau.predictions, keep, act), actions, summaries

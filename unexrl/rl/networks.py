@@ -14,7 +14,7 @@ import torchrec
 from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
-from unexrl.rl.observation import SPARSE_FEATURES, candidate_summary
+from unexrl.rl.observation import SPARSE_FEATURES
 
 _TABLE_OF = {"user_id": "users", "recent_items": "items", "recent_categories": "categories"}
 
@@ -49,7 +49,10 @@ def mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
 
 
 class StageActor(nn.Module):
-    """mu^i: (sparse tau^1, session state, summary of stage i's candidates, upstream actions) -> a^i in bounds."""
+    """mu^i: (sparse tau^1, session state, summary of stage i's candidates, upstream actions) -> a^i in bounds.
+
+    The summary is :func:`unexrl.rl.observation.candidate_summary` of the stage's view.
+    """
 
     def __init__(
         self, encoder: SparseEncoder, state_dim: int, action_dim: int, upstream_dim: int, hidden: int,
@@ -61,8 +64,8 @@ class StageActor(nn.Module):
         self.register_buffer("center", torch.tensor((high + low) / 2))
         self.register_buffer("half_range", torch.tensor((high - low) / 2))
 
-    def forward(self, kjt: KeyedJaggedTensor, state: Tensor, predictions: Tensor, upstream: Sequence[Tensor]) -> Tensor:
-        x = torch.cat([self.encoder(kjt), state, candidate_summary(predictions), *upstream], dim=1)
+    def forward(self, kjt: KeyedJaggedTensor, state: Tensor, summary: Tensor, upstream: Sequence[Tensor]) -> Tensor:
+        x = torch.cat([self.encoder(kjt), state, summary, *upstream], dim=1)
         return self.center + self.half_range * torch.tanh(self.net(x))
 
 
@@ -73,7 +76,7 @@ class FixedAction(nn.Module):
         super().__init__()
         self.register_buffer("weights", weights.detach().clone().float())
 
-    def forward(self, kjt: KeyedJaggedTensor, state: Tensor, predictions: Tensor, upstream: Sequence[Tensor]) -> Tensor:
+    def forward(self, kjt: KeyedJaggedTensor, state: Tensor, summary: Tensor, upstream: Sequence[Tensor]) -> Tensor:
         return self.weights.expand(state.shape[0], -1)
 
 
@@ -85,10 +88,10 @@ class Critic(nn.Module):
         self.encoder = encoder
         self.net = mlp(encoder.out_dim + state_dim + sum(4 * d for d in action_dims), hidden, 1)
 
-    def forward(self, kjt: KeyedJaggedTensor, state: Tensor, stage_predictions: Sequence[Tensor],
+    def forward(self, kjt: KeyedJaggedTensor, state: Tensor, summaries: Sequence[Tensor],
                 actions: Sequence[Tensor]) -> Tensor:
         parts = [self.encoder(kjt), state]
-        for v, a in zip(stage_predictions, actions):
-            parts += [candidate_summary(v), a]
+        for summary, a in zip(summaries, actions):
+            parts += [summary, a]
         return self.net(torch.cat(parts, dim=1)).squeeze(1)
 

@@ -105,5 +105,9 @@ def sparse_features(tau: Tau1) -> KeyedJaggedTensor:
 
 
 def candidate_summary(predictions: Tensor) -> Tensor:
-    """[B, n, d] -> [B, 3d]: per-head mean, std and max over the candidates (permutation-invariant)."""
-    return torch.cat([predictions.mean(1), predictions.std(1, unbiased=False), predictions.amax(1)], dim=1)
+    """[B, n, d] -> [B, 3d]: per-head mean, std and max over the candidates (permutation-invariant).
+
+    Computed once per stage view and shared by the actor and every critic that reads that view.
+    """
+    std, mean = torch.std_mean(predictions, dim=1, correction=0)
+    return torch.cat([mean, std, predictions.amax(1)], dim=1)

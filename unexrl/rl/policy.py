@@ -8,7 +8,7 @@ from torchrec import KeyedJaggedTensor
 
 from unexrl.cascade import StageView
 from unexrl.config import Config
-from unexrl.rl.observation import Tau1, sparse_features, tau1_from_observation
+from unexrl.rl.observation import Tau1, candidate_summary, sparse_features, tau1_from_observation
 from unexrl.sim.env import Observation
 from unexrl.sim.hashing import hash_key, normal
 from unexrl.sim.world import World
@@ -34,7 +34,7 @@ class ActorPolicy:
     @torch.no_grad()
     def act(self, obs: Observation, view: StageView) -> Tensor:
         tau, kjt = self._tau(obs)
-        a = self.actors[view.stage](kjt, tau.state, view.predictions, list(view.upstream_actions))
+        a = self.actors[view.stage](kjt, tau.state, candidate_summary(view.predictions), list(view.upstream_actions))
         if self.explore_std > 0:
             head = torch.arange(a.shape[1], device=a.device)
             key = hash_key(self.seed, _STREAM_ACTOR_EXPLORE, view.stage, obs.session[:, None], obs.step[:, None], head)

@@ -1,0 +1,264 @@
+"""`unexrl experiment`: the paper's Table 1 and its agents-count question, on our simulator.
+
+Every variant is trained ``experiment.seeds`` times (seed k shifts seeds.train by 100 k; the world and the
+evaluation seeds stay fixed), then rolled out on seeds.evaluation. Intervals are 95% bootstrap intervals over
+(training seed, evaluation seed) groups and sessions; uplifts are paired by session against CEM of the same
+training seed. Each finished run is saved under ``out/runs/`` and skipped when the experiment is re-run, so an
+interrupted experiment resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unexrl.config import Config
+from unexrl.evaluate.rollout import rollout
+from unexrl.evaluate.stats import Estimate, bootstrap_mean, bootstrap_uplift
+from unexrl.policies.cem import tune_cem
+from unexrl.rl.policy import ActorPolicy
+from unexrl.sim.env import Policy, Simulator
+from unexrl.sim.world import World
+from unexrl.train.loop import train
+
+log = logging.getLogger(__name__)
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ddpg": {"name": "ddpg"},
+    "td3": {"name": "td3"},
+    "unexrl-ctde": {"name": "unexrl-ctde"},
+    "unexrl-cic": {"name": "unexrl-cic"},
+    "unexrl-cic-no-sg": {"name": "unexrl-cic", "sg": False},
+    "unexrl-cic-no-cqr": {"name": "unexrl-cic", "cqr": False},
+    "independent-ddpg": {"name": "independent-ddpg"},
+}
+"""Experiment rows other than ``cem``: the algo config each one trains with."""
+
+METRICS = ("watch_time", "items", "requests")
+
+
+def seed_config(cfg: Config, k: int) -> Config:
+    """Training seed k: seeds.train shifted by 100 k (validated to stay apart from validation/evaluation)."""
+    seeds = cfg.seeds.model_copy(update={"train": tuple(s + 100 * k for s in cfg.seeds.train)})
+    return Config.model_validate_json(cfg.model_copy(update={"seeds": seeds}).model_dump_json())
+
+
+def variant_config(cfg: Config, variant: str, agents: int | None = None) -> Config:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown experiment variant {variant!r}; known: cem, {', '.join(VARIANTS)}")
+    algo = cfg.algo.model_copy(update={**VARIANTS[variant], "agents": agents})
+    return cfg.model_copy(update={"algo": algo})
+
+
+@dataclass
+class Run:
+    """One trained (or tuned) policy evaluated on the evaluation seeds."""
+
+    variant: str
+    seed: int
+    agents: int | None
+    outcomes: dict[str, list[np.ndarray]]
+    """metric -> one array of per-session values per evaluation seed"""
+    curve: list[dict[str, float]]
+    seconds: float
+
+    def save(self, path: Path) -> None:
+        arrays = {f"{m}_{i}": v for m, vs in self.outcomes.items() for i, v in enumerate(vs)}
+        np.savez(path.with_suffix(".npz"), **arrays)
+        meta = {"variant": self.variant, "seed": self.seed, "agents": self.agents, "curve": self.curve,
+                "seconds": self.seconds, "n_eval_seeds": len(self.outcomes["watch_time"])}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta))
+        tmp.rename(path.with_suffix(".json"))  # the .json appears last: its presence marks a complete run
+
+    @staticmethod
+    def load(path: Path) -> Run:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        arrays = np.load(path.with_suffix(".npz"))
+        outcomes = {m: [arrays[f"{m}_{i}"] for i in range(meta["n_eval_seeds"])] for m in METRICS}
+        return Run(meta["variant"], meta["seed"], meta["agents"], outcomes, meta["curve"], meta["seconds"])
+
+
+def _evaluate(cfg: Config, sim: Simulator, policy: Policy) -> dict[str, list[np.ndarray]]:
+    n = cfg.experiment.eval_sessions_per_seed
+    outs = [rollout(sim, policy, s, n, min(n, cfg.evaluation.batch_size)) for s in cfg.seeds.evaluation]
+    return {m: [getattr(o, m) for o in outs] for m in METRICS}
+
+
+def _run(cfg: Config, world: World, variant: str, k: int, agents: int | None, runs_dir: Path, cem_cache: dict) -> Run:
+    name = f"{variant}-seed{k}" + (f"-agents{agents}" if agents is not None else "")
+    path = runs_dir / name
+    if path.with_suffix(".json").exists():
+        return Run.load(path)
+    kcfg = seed_config(cfg, k)
+    started = time.perf_counter()
+    sim = Simulator(kcfg, world=world)
+    key = (k, len(kcfg.cascade.stages))
+    if key not in cem_cache:
+        cem_cache[key] = tune_cem(sim, kcfg.cem, kcfg.seeds.train, progress=False)
+    cem = cem_cache[key]
+    curve: list[dict[str, float]] = []
+    if variant == "cem":
+        policy: Policy = cem
+    else:
+        result = train(variant_config(kcfg, variant, agents), cem.weights, sim, progress=False)
+        policy, curve = ActorPolicy(result.agent.actors, kcfg, sim.world), result.curve
+    run = Run(variant, k, agents, _evaluate(kcfg, sim, policy), curve, time.perf_counter() - started)
+    run.save(path)
+    log.info("%s: watch time %.0f s (%.0f s)", name, np.concatenate(run.outcomes["watch_time"]).mean(), run.seconds)
+    return run
+
+
+def run_experiment(cfg: Config, out: Path) -> dict[str, Any]:
+    """Train and evaluate every variant (and the agents-count study); write results.json/.md and plots."""
+    from tqdm.auto import tqdm
+
+    e = cfg.experiment
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    world = Simulator(cfg).world
+    cem_cache: dict = {}
+    four = cfg.model_copy(update={"cascade": cfg.cascade.model_copy(update={"stages": e.agents_stages})})
+    four = Config.model_validate_json(four.model_dump_json())
+    main_jobs = [(v, k, None) for k in range(e.seeds) for v in e.variants]
+    study_jobs = [(v, k, n) for k in range(e.agents_seeds) for v in ("cem", *e.agents_algos)
+                  for n in ((None,) if v == "cem" else range(1, len(e.agents_stages) + 1))]
+    started = time.perf_counter()
+    bar = tqdm(total=len(main_jobs) + len(study_jobs), desc="experiment")
+    main_runs, study_runs = [], []
+    for runs, run_cfg, jobs, folder in ((main_runs, cfg, main_jobs, "main"), (study_runs, four, study_jobs, "agents")):
+        (runs_dir / folder).mkdir(exist_ok=True)
+        for variant, k, agents in jobs:
+            runs.append(_run(run_cfg, world, variant, k, agents, runs_dir / folder, cem_cache))
+            bar.update(1)
+    bar.close()
+    results = summarise(main_runs, study_runs, cfg, time.perf_counter() - started)
+    write_results(results, out)
+    return results
+
+
+def _group(runs: list[Run], metric: str) -> list[np.ndarray]:
+    return [v for r in sorted(runs, key=lambda r: r.seed) for v in r.outcomes[metric]]
+
+
+def summarise(main_runs: list[Run], agent_runs: list[Run], cfg: Config, seconds: float) -> dict[str, Any]:
+    n_boot = cfg.evaluation.bootstrap
+    table: dict[str, Any] = {}
+    by_variant: dict[str, list[Run]] = {}
+    for r in main_runs:
+        by_variant.setdefault(r.variant, []).append(r)
+    cem_runs = by_variant.get("cem", [])
+    for variant, runs in by_variant.items():
+        row = {m: bootstrap_mean(_group(runs, m), n_boot).as_dict() for m in METRICS}
+        if cem_runs and variant != "cem" and {r.seed for r in runs} == {r.seed for r in cem_runs}:
+            row["uplift_vs_cem_pct"] = bootstrap_uplift(_group(runs, "watch_time"), _group(cem_runs, "watch_time"), n_boot).as_dict()
+        row["train_seconds_mean"] = float(np.mean([r.seconds for r in runs]))
+        row["curve"] = _mean_curve(runs)
+        table[variant] = row
+    study: dict[str, Any] = {}
+    for r in agent_runs:
+        key = "cem" if r.agents is None else f"{r.variant}/{r.agents}"
+        study.setdefault(key, []).append(r)
+    study_rows = {key: bootstrap_mean(_group(runs, "watch_time"), n_boot).as_dict() for key, runs in study.items()}
+    return {
+        "config": cfg.name,
+        "seeds": cfg.experiment.seeds,
+        "evaluation_seeds": list(cfg.seeds.evaluation),
+        "eval_sessions_per_seed": cfg.experiment.eval_sessions_per_seed,
+        "train_updates": cfg.train.updates,
+        "seconds": round(seconds, 1),
+        "table": table,
+        "agents_study": study_rows,
+    }
+
+
+def _mean_curve(runs: list[Run]) -> list[dict[str, float]]:
+    if not runs or not runs[0].curve:
+        return []
+    points = min(len(r.curve) for r in runs)
+    return [
+        {"updates": runs[0].curve[i]["updates"],
+         "validation_watch_time": float(np.mean([r.curve[i]["validation_watch_time"] for r in runs]))}
+        for i in range(points)
+    ]
+
+
+def write_results(results: dict[str, Any], out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(results_markdown(results))
+    plot_results(results, out)
+
+
+def _fmt(e: dict[str, float], digits: int = 0) -> str:
+    return Estimate(**e).fmt(digits)
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"# Experiment: config `{results['config']}`",
+        "",
+        f"{results['seeds']} training seeds per row; evaluation on seeds {results['evaluation_seeds']} x "
+        f"{results['eval_sessions_per_seed']} sessions; 95% bootstrap CIs over (training seed, evaluation seed) and "
+        f"sessions; uplift paired by session against CEM of the same training seed. {results['train_updates']} "
+        f"updates per training run. Wall time {results['seconds']:.0f} s.",
+        "",
+        "| variant | watch time / session (s) | session length (items) | requests / session | uplift vs CEM (%) |",
+        "|---|---|---|---|---|",
+    ]
+    for variant, row in results["table"].items():
+        uplift = _fmt(row["uplift_vs_cem_pct"], 1) if "uplift_vs_cem_pct" in row else "-"
+        lines.append(f"| {variant} | {_fmt(row['watch_time'])} | {_fmt(row['items'], 1)} | {_fmt(row['requests'], 2)} | {uplift} |")
+    if results["agents_study"]:
+        lines += ["", "## Agents-count study (4-stage cascade; learning stages counted from ranking, rest at CEM)", "",
+                  "| algo / agents | watch time / session (s) |", "|---|---|"]
+        lines += [f"| {key} | {_fmt(e)} |" for key, e in results["agents_study"].items()]
+    lines += ["", "![learning curves](learning_curves.png)", "", "![agents](agents.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_results(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for variant, row in results["table"].items():
+        if row["curve"]:
+            ax.plot([p["updates"] for p in row["curve"]], [p["validation_watch_time"] for p in row["curve"]], label=variant)
+    if "cem" in results["table"]:
+        ax.axhline(results["table"]["cem"]["watch_time"]["mean"], color="k", ls="--", label="cem (evaluation)")
+    ax.set_xlabel("updates")
+    ax.set_ylabel("validation watch time / session (s)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=120)
+    plt.close(fig)
+
+    study = results["agents_study"]
+    if not study:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    algos = sorted({k.split("/")[0] for k in study if "/" in k})
+    for algo in algos:
+        pts = sorted((int(k.split("/")[1]), e) for k, e in study.items() if k.startswith(algo + "/"))
+        xs = [n for n, _ in pts]
+        ax.errorbar(xs, [e["mean"] for _, e in pts], yerr=[[e["mean"] - e["low"] for _, e in pts],
+                    [e["high"] - e["mean"] for _, e in pts]], marker="o", capsize=3, label=algo)
+    if "cem" in study:
+        ax.axhline(study["cem"]["mean"], color="k", ls="--", label="cem")
+    ax.set_xlabel("learning agents (from the ranking stage up)")
+    ax.set_ylabel("watch time / session (s)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "agents.png", dpi=120)
+    plt.close(fig)
