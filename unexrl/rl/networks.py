@@ -51,18 +51,28 @@ def mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
 class StageActor(nn.Module):
     """mu^i: (sparse tau^1, session state, summary of stage i's candidates, upstream actions) -> a^i in bounds.
 
-    The summary is :func:`unexrl.rl.observation.candidate_summary` of the stage's view.
+    The summary is :func:`unexrl.rl.observation.candidate_summary` of the stage's view. With ``initial`` (the
+    production weights, e.g. CEM's) the actor starts as that policy and moves at most ``radius`` from it per
+    dimension: RL personalises the fusion weights around what production runs, and a fresh actor is no worse.
     """
 
     def __init__(
         self, encoder: SparseEncoder, state_dim: int, action_dim: int, upstream_dim: int, hidden: int,
-        low: float, high: float,
+        low: float, high: float, initial: Tensor | None = None, radius: float | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.net = mlp(encoder.out_dim + state_dim + 3 * action_dim + upstream_dim, hidden, action_dim)
-        self.register_buffer("center", torch.tensor((high + low) / 2))
-        self.register_buffer("half_range", torch.tensor((high - low) / 2))
+        lo, hi = torch.full((action_dim,), float(low)), torch.full((action_dim,), float(high))
+        if initial is not None and radius is not None:
+            lo, hi = (initial - radius).clamp_min(low), (initial + radius).clamp_max(high)
+        self.register_buffer("center", (hi + lo) / 2)
+        self.register_buffer("half_range", (hi - lo) / 2)
+        if initial is not None:
+            last = self.net[-1]
+            with torch.no_grad():
+                last.weight.mul_(0.01)
+                last.bias.copy_(torch.atanh(((initial - self.center) / self.half_range).clamp(-0.95, 0.95)))
 
     def forward(self, kjt: KeyedJaggedTensor, state: Tensor, summary: Tensor, upstream: Sequence[Tensor]) -> Tensor:
         x = torch.cat([self.encoder(kjt), state, summary, *upstream], dim=1)
