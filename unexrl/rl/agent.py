@@ -14,12 +14,15 @@ Stages that do not learn keep CEM weights (``FixedAction``). The update reads as
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
+from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from unexrl.cascade import replay_actions, run_cascade
 from unexrl.config import Config
@@ -39,6 +42,29 @@ def learning_stages(cfg: Config) -> list[int]:
     return list(range(n - agents, n))
 
 
+def _encoder(cfg: Config, prefix: str, rows: tuple[int, int, int]) -> SparseEncoder:
+    return SparseEncoder(embedding_tables(prefix, *rows, cfg.algo.embedding_dim))
+
+
+def build_actors(cfg: Config, n_users: int, n_items: int, n_categories: int, cem_weights: Tensor) -> nn.ModuleList:
+    """mu^1..mu^N: a StageActor per learning stage, FixedAction (CEM weights) for the others.
+
+    Also how a trained-actors artifact is rebuilt before its weights are loaded (unexrl/policies/actors.py).
+    """
+    a, c = cfg.algo, cfg.cascade
+    learning = learning_stages(cfg)
+    actors: list[nn.Module] = []
+    for i, (d, part) in enumerate(zip(c.action_dims, stage_slices(c))):
+        if i in learning:
+            actors.append(StageActor(_encoder(cfg, f"actor{i}", (n_users, n_items, n_categories)),
+                                     4 + len(cfg.world.user_types), d, sum(c.action_dims[:i]), a.hidden,
+                                     c.action_low, c.action_high, initial=cem_weights.reshape(-1)[part].float(),
+                                     radius=a.action_radius))
+        else:
+            actors.append(FixedAction(cem_weights.reshape(-1)[part]))
+    return nn.ModuleList(actors)
+
+
 class CascadeAgent(nn.Module):
     """Stage actors, critics and their targets for one algorithm."""
 
@@ -52,18 +78,12 @@ class CascadeAgent(nn.Module):
         self.learning = learning_stages(cfg)
         self.keep = [s.keep for s in c.stages]
         state_dim = 4 + len(cfg.world.user_types)
+        rows = (n_users, n_items, n_categories)
 
         def encoder(prefix: str) -> SparseEncoder:
-            return SparseEncoder(embedding_tables(prefix, n_users, n_items, n_categories, a.embedding_dim))
+            return _encoder(cfg, prefix, rows)
 
-        actors: list[nn.Module] = []
-        for i, (d, part) in enumerate(zip(c.action_dims, stage_slices(c))):
-            if i in self.learning:
-                actors.append(StageActor(encoder(f"actor{i}"), state_dim, d, sum(c.action_dims[:i]), a.hidden,
-                                         c.action_low, c.action_high))
-            else:
-                actors.append(FixedAction(cem_weights.reshape(-1)[part]))
-        self.actors = nn.ModuleList(actors)
+        self.actors = build_actors(cfg, *rows, cem_weights)
         if self.global_critic:
             critics = [Critic(encoder(f"critic{k}"), state_dim, c.action_dims, a.hidden) for k in range(1 + self.twin)]
         else:
@@ -71,9 +91,25 @@ class CascadeAgent(nn.Module):
         self.critics = nn.ModuleList(critics)
         self.target_actors = copy.deepcopy(self.actors).requires_grad_(False)
         self.target_critics = copy.deepcopy(self.critics).requires_grad_(False)
-        self.actor_optimizer = torch.optim.Adam(self.actors.parameters(), lr=a.actor_lr)
-        self.critic_optimizer = torch.optim.Adam(self.critics.parameters(), lr=a.critic_lr)
+        self.build_optimizers()
         self.updates = 0
+
+    def build_optimizers(self, wrap: Callable[[KeyedOptimizer], KeyedOptimizer] | None = None) -> None:
+        """Adam for the actors and for the critics, over every parameter not trained inside backward.
+
+        In one process that is all of them. Once the tables are sharded (unexrl/train/distributed.py) they carry a
+        fused optimizer and drop out here, and ``wrap`` averages the dense gradients over ranks. Keyed by parameter
+        name, so the optimizer state checkpoints by name.
+        """
+        a = self.cfg.algo
+
+        def adam(module: nn.Module, lr: float) -> KeyedOptimizer:
+            params = dict(in_backward_optimizer_filter(module.named_parameters()))
+            optimizer = KeyedOptimizerWrapper(params, lambda ps: torch.optim.Adam(ps, lr=lr))
+            return wrap(optimizer) if wrap is not None else optimizer
+
+        self.actor_optimizer = adam(self.actors, a.actor_lr)
+        self.critic_optimizer = adam(self.critics, a.critic_lr)
 
     # --- the update step -------------------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, float]:
@@ -117,7 +153,8 @@ class CascadeAgent(nn.Module):
             return [batch.reward + a.gamma * (1.0 - batch.done) * q for q in q_next]
 
     def _actor_step(self, batch: Batch, kjt: KeyedJaggedTensor) -> float:
-        loss = sum(self.actor_losses(batch, kjt))
+        with self._critic_embeddings_detached():
+            loss = sum(self.actor_losses(batch, kjt))
         self.actor_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.actor_optimizer.step()
@@ -157,7 +194,24 @@ class CascadeAgent(nn.Module):
         noise = (torch.randn_like(action) * a.policy_noise).clamp(-a.noise_clip, a.noise_clip)
         return (action + noise).clamp(c.action_low, c.action_high)
 
+    @contextmanager
+    def _critic_embeddings_detached(self) -> Iterator[None]:
+        """Cut the critics' embeddings out of the actors' loss: that loss must move only the actors.
+
+        The dense critic gradients it leaves are cleared before the next critic step, but a sharded table applies
+        its fused optimizer inside backward, where a gradient that reached it would already be a step.
+        """
+        hooks = [c.encoder.register_forward_hook(lambda _module, _inputs, out: out.detach()) for c in self.critics]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
     def _soft_update(self, online: nn.Module, target: nn.Module) -> None:
+        """target <- lerp(target, online, polyak), paired by name. A sharded table's parameters are its local shards;
+        its target is placed like it (unexrl/train/distributed.py), so the shards pair up one to one."""
+        targets = dict(target.named_parameters())
         with torch.no_grad():
-            for p, tp in zip(online.parameters(), target.parameters()):
-                tp.lerp_(p, self.cfg.algo.polyak)
+            for name, p in online.named_parameters():
+                targets[name].lerp_(p, self.cfg.algo.polyak)

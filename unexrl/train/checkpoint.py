@@ -1,0 +1,157 @@
+"""Checkpoints of a training run with torch.distributed.checkpoint (DCP), written atomically; the last KEEP stay.
+
+    checkpoints/step-00000040/  .metadata, __<rank>_0.distcp   DCP: online and target networks (tables as shards),
+                                                                dense Adam and fused Adagrad states, CQR knots
+                                rng-rank<r>.pt                   each rank's torch RNG and sampling-generator states
+                                progress.json                    update count, next session, curve, world size
+
+Every rank writes into ``.step-<n>.tmp``; when all are done rank 0 adds progress.json and renames the directory,
+so a directory named ``step-*`` is complete and a killed run leaves at most a temporary one behind.
+
+The replay buffer is not saved (it can be gigabytes per rank). On resume it is refilled: offline from the same
+logs, which gives back exactly what it held; online by a re-warm-up of ``train.warmup_sessions`` fresh sessions
+under the restored actors with exploration. The CQR knots are restored, so the reward scale does not move.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torchrec.optim.keyed import KeyedOptimizer
+
+from unexrl.rl.agent import CascadeAgent
+from unexrl.train.distributed import Context, barrier
+
+log = logging.getLogger(__name__)
+
+KEEP = 2
+"""complete checkpoints kept; older ones are removed after each save"""
+PROGRESS = "progress.json"
+
+
+@dataclass
+class Progress:
+    """What a resumed run needs besides tensors."""
+
+    updates: int
+    next_session: int
+    """this rank's next local session index (session ids are index * world_size + rank)"""
+    curve: list[dict[str, float]]
+    """validation points so far (rank 0's)"""
+    world_size: int = 1
+
+
+def _state(agent: CascadeAgent, fused: KeyedOptimizer | None, knots: Tensor | None) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "model": agent.state_dict(),
+        "actor_optimizer": agent.actor_optimizer.state_dict(),
+        "critic_optimizer": agent.critic_optimizer.state_dict(),
+    }
+    if fused is not None:
+        state["fused_optimizer"] = fused.state_dict()
+    if knots is not None:
+        state["cqr_knots"] = knots
+    return state
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state(), "sampling": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+class Checkpoints:
+    """The checkpoints directory of one run."""
+
+    def __init__(self, root: Path, ctx: Context) -> None:
+        self.root, self.ctx = Path(root), ctx
+        if ctx.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".step-*.tmp"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint."""
+        done = sorted(p for p in self.root.glob("step-*") if (p / PROGRESS).is_file())
+        return done[-1] if done else None
+
+    def save(self, agent: CascadeAgent, fused: KeyedOptimizer | None, knots: Tensor | None, progress: Progress,
+             generator: torch.Generator) -> Path:
+        """Write a checkpoint (a collective: every rank calls it at the same update)."""
+        started = time.perf_counter()
+        name = f"step-{progress.updates:08d}"
+        tmp, final = self.root / f".{name}.tmp", self.root / name
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(self.ctx)
+        dcp.save(_state(agent, fused, knots), checkpoint_id=tmp, no_dist=not self.ctx.distributed)
+        torch.save(_rng_state(generator, self.ctx.device), tmp / f"rng-rank{self.ctx.rank}.pt")
+        barrier(self.ctx)
+        if self.ctx.is_main:
+            (tmp / PROGRESS).write_text(json.dumps(asdict(progress), indent=1))
+            if final.exists():  # the same update saved again (a resumed run that had finished)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in sorted(p for p in self.root.glob("step-*") if (p / PROGRESS).is_file())[:-KEEP]:
+                shutil.rmtree(old)
+            log.info("checkpoint saved updates=%d path=%s seconds=%.2f", progress.updates, final,
+                     time.perf_counter() - started)
+        barrier(self.ctx)
+        return final
+
+    def restore(self, agent: CascadeAgent, fused: KeyedOptimizer | None, knots: Tensor | None,
+                generator: torch.Generator) -> Progress | None:
+        """Load the newest complete checkpoint into ``agent``, ``fused``, ``knots`` (in place) and ``generator``.
+
+        Returns its progress, or None when there is none. Every rank calls it. A checkpoint from another world
+        size loads too (DCP reshards); then ranks without a saved RNG state are reseeded from the update count.
+        """
+        path = self.latest()
+        if path is None:
+            return None
+        saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+        for key, optimizer in (("actor_optimizer", agent.actor_optimizer), ("critic_optimizer", agent.critic_optimizer)):
+            _create_saved_state(optimizer, key, saved)
+        state = _state(agent, fused, knots)
+        dcp.load(state, checkpoint_id=path, no_dist=not self.ctx.distributed)  # in place: every tensor above is the live one
+        for key, optimizer in (("actor_optimizer", agent.actor_optimizer), ("critic_optimizer", agent.critic_optimizer)):
+            optimizer.load_state_dict(state[key])
+        progress = Progress(**json.loads((path / PROGRESS).read_text()))
+        agent.updates = progress.updates
+        rng_file = path / f"rng-rank{self.ctx.rank}.pt"
+        if progress.world_size == self.ctx.world_size and rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            generator.set_state(rng["sampling"])
+            if "cuda" in rng and self.ctx.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
+        else:
+            log.warning("checkpoint %s is from world size %d, this run has %d: RNG streams reseeded",
+                        path, progress.world_size, self.ctx.world_size)
+            torch.manual_seed(progress.updates * 1000 + self.ctx.rank)
+            generator.manual_seed(progress.updates * 1000 + self.ctx.rank)
+        log.info("resumed from %s updates=%d", path, progress.updates)
+        return progress
+
+
+def _create_saved_state(optimizer: KeyedOptimizer, key: str, saved: set[str]) -> None:
+    """Create the lazy Adam state of exactly the parameters that have one in the checkpoint, so it loads in place.
+
+    One zero-gradient step creates it and moves nothing; parameters without saved state keep none.
+    """
+    for name, param in optimizer.params.items():
+        has_state = any(k.startswith(f"{key}.state.{name}.") for k in saved)
+        param.grad = torch.zeros_like(param) if has_state else None  # type: ignore[arg-type]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

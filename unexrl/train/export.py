@@ -1,0 +1,95 @@
+"""Export for serving: the trained actors, whole (unsharded), as an ``actors`` artifact (unexrl/policies/actors.py).
+
+    export/actors.safetensors   every actor's state, each sharded table assembled from its shards
+    export/manifest.json        schema version, kind "actors", algorithm, config, stages (names, heads, sizes),
+                                feature schema and table sizes, training data hashes, evaluation summary,
+                                sha256 of every file
+
+The export is published in one rename, and only after it has been loaded back through the serving loader
+(hashes, compatibility) and has reproduced, on a fixed probe batch, the actions of the actors it was taken from.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from unexrl.cascade import StageView, run_cascade
+from unexrl.config import Config
+from unexrl.io import atomic_directory, sha256_file
+from unexrl.policies.actors import ACTORS_FILE, KIND, feature_schema, load_actor_policy
+from unexrl.policies.artifact import MANIFEST, SCHEMA_VERSION, stage_signature
+from unexrl.rl.agent import learning_stages
+from unexrl.sim.env import Policy, Simulator
+
+PROBE_SESSIONS = 16
+PROBE_TOLERANCE = 1e-5
+"""largest action difference allowed between the trained actors and their export on the probe batch"""
+
+
+def probe_actions(policy: Policy, sim: Simulator) -> list[Tensor]:
+    """Every stage's action on a fixed batch: the first request of sessions 0..15 of the first validation seed.
+
+    The same observation must give the same actions however the actors are stored (sharded, exported, served).
+    """
+    obs = sim.observe(sim.start(sim.cfg.seeds.validation[0], torch.arange(PROBE_SESSIONS)))
+    actions: list[Tensor] = []
+
+    def act(view: StageView) -> Tensor:
+        actions.append(policy.act(obs, view))
+        return actions[-1]
+
+    run_cascade(obs.predictions, sim.keep, act)
+    return [a.detach().cpu() for a in actions]
+
+
+def training_data(cfg: Config, logs: Path | None) -> dict[str, Any]:
+    """What the actors were trained on: the logs' sha256s (offline), or the simulator seeds (online)."""
+    if logs is None:
+        return {"regime": "online", "seeds": list(cfg.seeds.train), "world_seed": cfg.seeds.world}
+    manifest = json.loads((Path(logs) / "manifest.json").read_text())
+    return {"regime": "offline", "logs": str(logs),
+            "sha256": {name: entry["sha256"] for name, entry in manifest["files"].items()}}
+
+
+def export_actors(
+    state: dict[str, Tensor], out_dir: Path, cfg: Config, sim: Simulator, expected: list[Tensor],
+    provenance: dict[str, Any],
+) -> Path:
+    """Write the actors' whole ``state`` as an artifact in ``out_dir`` (replacing it), verified against ``expected``.
+
+    ``expected``: the trained actors' :func:`probe_actions`; ``provenance``: manifest sections that describe the run
+    (training_data, fixed_stages, training, evaluation).
+    """
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / ACTORS_FILE)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": KIND,
+            "algorithm": cfg.algo.name,
+            "stages": stage_signature(cfg),
+            "pool_size": cfg.cascade.pool_size,
+            "action_bounds": [cfg.cascade.action_low, cfg.cascade.action_high],
+            "learning_stages": learning_stages(cfg),
+            "features": {
+                **feature_schema(cfg),
+                "tables": {k.split(".")[-2]: list(v.shape) for k, v in state.items() if ".embedding_bags." in k},
+            },
+            "config": cfg.to_dict(),
+            "created_at": datetime.now(UTC).isoformat(),
+            **provenance,
+            "files": {ACTORS_FILE: sha256_file(tmp / ACTORS_FILE)},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        served = probe_actions(load_actor_policy(tmp, cfg, sim.world), sim)
+        worst = max(float((a - b).abs().max()) for a, b in zip(served, expected))
+        if worst > PROBE_TOLERANCE:
+            raise RuntimeError(f"the export's actions differ from the trained actors' by {worst:.3g} on the probe "
+                               f"batch (tolerance {PROBE_TOLERANCE}); not publishing {out_dir}")
+    return Path(out_dir)

@@ -1,0 +1,122 @@
+"""`unexrl train`: one training run in a run directory, in one process or on every rank under torchrun.
+
+    <out>/checkpoints/               DCP checkpoints, the last two (unexrl/train/checkpoint.py)
+    <out>/export/                    the trained actors for serving (unexrl/train/export.py)
+    <out>/curve.json                 the validation curve and a summary of the run (rank 0)
+    <out>/probe_actions.safetensors  the trained actors' actions on the probe batch, as the sharded model gave them
+
+A run is complete when export/manifest.json verifies and curve.json says ``updates == train.updates``; judge by
+that rather than by the exit code alone (a rare abort at interpreter exit after distributed training is known).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from unexrl.config import Config
+from unexrl.policies.artifact import ArtifactError, load_policy, read_manifest
+from unexrl.policies.cem import tune_cem
+from unexrl.rl.policy import ActorPolicy
+from unexrl.sim.env import Simulator
+from unexrl.train.distributed import Context, barrier, broadcast, destroy, full_state_dict, init
+from unexrl.train.export import export_actors, probe_actions, training_data
+from unexrl.train.loop import train
+
+log = logging.getLogger(__name__)
+
+EXPORT = "export"
+CURVE = "curve.json"
+PROBE = "probe_actions.safetensors"
+
+
+def run_training(cfg: Config, out: Path, logs: Path | None = None, cem: Path | None = None, resume: bool = False,
+                 progress: bool = True) -> Path:
+    """Train ``cfg.algo`` into ``out`` and export the actors; returns the export directory.
+
+    Under torchrun every rank calls this; it joins and leaves the process group itself.
+    """
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_quiet_libraries)
+    ctx = init(cfg.device)
+    try:
+        return _run(cfg, Path(out), logs, cem, resume, progress, ctx)
+    finally:
+        destroy(ctx)
+
+
+def _run(cfg: Config, out: Path, logs: Path | None, cem: Path | None, resume: bool, progress: bool,
+         ctx: Context) -> Path:
+    if not resume and any((out / "checkpoints").glob("step-*")):
+        raise FileExistsError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
+                              "or choose another --out")
+    sim = Simulator(cfg)
+    weights, fixed_stages = _fixed_stage_weights(cfg, sim, cem, ctx)
+    started = time.perf_counter()
+    result = train(cfg, weights, sim, logs, progress, ctx=ctx, run_dir=out, resume=resume)
+    seconds = time.perf_counter() - started
+    if resume and result.resumed_from is None:
+        log.warning("--resume: no checkpoint under %s, trained from the start", out / "checkpoints")
+
+    # both collectives: the sharded actors act on the probe batch, and their tables are assembled whole
+    expected = probe_actions(ActorPolicy(result.agent.actors, cfg, sim.world), sim)
+    state = full_state_dict(result.agent.actors, ctx.device)
+    if ctx.is_main:
+        final = result.curve[-1]["validation_watch_time"] if result.curve else None
+        summary: dict[str, Any] = {
+            "algorithm": cfg.algo.name,
+            "regime": cfg.train.regime,
+            "updates": result.agent.updates,
+            "resumed_from": result.resumed_from,
+            "world_size": ctx.world_size,
+            "seconds": round(seconds, 2),
+            "updates_per_s": round((result.agent.updates - (result.resumed_from or 0)) / result.update_seconds, 2)
+            if result.update_seconds else None,
+            "final_validation_watch_time": final,
+            "curve": result.curve,
+        }
+        provenance = {
+            "training_data": training_data(cfg, logs),
+            "fixed_stages": fixed_stages,
+            "training": {k: summary[k] for k in ("updates", "resumed_from", "world_size")} | {"sharding": result.sharding},
+            "evaluation": {"validation_seed": cfg.seeds.validation[0], "sessions": cfg.train.eval_sessions,
+                           "final_validation_watch_time": final, "curve": result.curve},
+        }
+        save_file({f"stage{i}": a.contiguous() for i, a in enumerate(expected)}, out / PROBE)
+        export_actors(state, out / EXPORT, cfg, sim, expected, provenance)
+        tmp = out / f".{CURVE}.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(out / CURVE)  # written last and whole: its presence marks a finished run
+        log.info("train done algo=%s updates=%d seconds=%.1f final_validation_watch_time=%s export=%s",
+                 cfg.algo.name, result.agent.updates, seconds, final, out / EXPORT)
+    barrier(ctx)
+    return out / EXPORT
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    """Keep TorchRec's and FBGEMM's INFO lines (several per table and per sharded forward) out of the run's log."""
+    return record.levelno >= logging.WARNING or not any(lib in record.pathname for lib in ("/torchrec/", "/fbgemm_gpu/"))
+
+
+def _fixed_stage_weights(cfg: Config, sim: Simulator, cem: Path | None, ctx: Context) -> tuple[Tensor, dict[str, Any]]:
+    """CEM weights for the stages that do not learn and for the warm-up, and where they came from.
+
+    Without an artifact rank 0 tunes them on seeds.train and every rank receives its result.
+    """
+    if cem is not None:
+        policy = load_policy(cem, cfg)
+        if policy.group_by != "none":
+            raise ArtifactError(f"{cem}: a CEM artifact per {policy.group_by}; --cem needs global weights (group_by none)")
+        return policy.weights.cpu(), {"source": "artifact", "path": str(cem), "sha256": read_manifest(cem)["files"]}
+    weights = torch.zeros(1, sum(cfg.cascade.action_dims))
+    if ctx.is_main:
+        log.info("no --cem given: tuning CEM on seeds.train %s first", list(cfg.seeds.train))
+        weights = tune_cem(sim, cfg.cem, cfg.seeds.train).weights.cpu().float()
+    return broadcast(weights, ctx), {"source": "tuned", "seeds": list(cfg.seeds.train)}
