@@ -8,7 +8,7 @@ CONFIG ?= configs/default.yaml
 OUT ?= runs/default
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench clean redis-server
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m unexrl run --config $(CONFIG) --out $(OUT)
 
-test: $(STAMP)
+test: $(STAMP) redis-server
 	$(PY) -m pytest -q
+
+# The feature store's Redis tests start their own redis-server on loopback: install it where missing (CI runs
+# as root on Debian). Where it cannot be installed, those tests are skipped and say why.
+redis-server:
+	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends redis-server >/dev/null) || \
+		echo "make: redis-server could not be installed; the Redis feature-store tests will be skipped"
 
 bench: $(STAMP)
 	$(PY) -m unexrl bench sim --config $(CONFIG) --json

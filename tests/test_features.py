@@ -1,0 +1,526 @@
+"""Feature store: feature computation, Feast workflow (SQLite), serving client, Redis, CLI and bench.
+
+One small log (configs/small.yaml, random behaviour weights) is simulated once; features are built once; each
+store gets its own copy of feature_repo/ (its own registry and online store) under tmp.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from unexrl.config import Config
+from unexrl.data import read_logs
+from unexrl.features import schema as fs
+from unexrl.features import store
+from unexrl.features.build import build_features, compute_feature_tables, feedback_us, read_manifest
+from unexrl.features.redis_server import local_redis, redis_server_path
+from unexrl.policies.weights import RandomPolicy
+from unexrl.sim.env import Simulator
+from unexrl.simulate import simulate_logs
+
+ROOT = Path(__file__).resolve().parents[1]
+SESSIONS = 200
+
+
+def _with_features(cfg: Config, **update: Any) -> Config:
+    return cfg.model_copy(update={"features": cfg.features.model_copy(update=update)})
+
+
+def _repo_copy(dest: Path) -> Path:
+    shutil.copytree(ROOT / "feature_repo", dest, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def cfg(small_cfg: Config) -> Config:
+    return small_cfg.model_copy(update={"logging": small_cfg.logging.model_copy(update={"sessions": SESSIONS})})
+
+
+@pytest.fixture(scope="module")
+def logs(cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sim = Simulator(cfg)
+    out = tmp_path_factory.mktemp("logs") / "run"
+    return simulate_logs(sim, RandomPolicy(cfg.cascade, seed=0), {"kind": "random"}, out, cfg.seeds.train[0],
+                         progress=False)
+
+
+@pytest.fixture(scope="module")
+def features(cfg: Config, logs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("features") / "features"
+    build_features(logs, out, cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tables(features: Path) -> dict[str, pa.Table]:
+    return {v.name: pq.read_table(features / v.file) for v in fs.VIEWS}
+
+
+class _Log:
+    """Plain numpy views of the log for brute-force references."""
+
+    def __init__(self, logs: Path) -> None:
+        data = read_logs(logs)
+        tr = data.transitions
+        k = data.config.cascade.page_size
+        self.k = k
+        self.request_id = np.asarray(tr["request_id"])
+        self.user = np.asarray(tr["user_id"])
+        self.session = np.asarray(tr["session_id"])
+        self.event_us = np.asarray(tr["event_timestamp"].cast(pa.int64()))
+        self.feedback_us = feedback_us(self.event_us, np.asarray(tr["reward"]))
+        self.shown = np.asarray(tr["shown_item_ids"].combine_chunks().flatten()).reshape(-1, k)
+        self.viewed = np.asarray(tr["viewed"].combine_chunks().flatten()).reshape(-1, k)
+        self.watch = np.asarray(tr["watch_time_s"].combine_chunks().flatten()).reshape(-1, k)
+        self.category = dict(zip(data.items["item_id"].to_pylist(), data.items["category"].to_pylist()))
+
+
+@pytest.fixture(scope="module")
+def log(logs: Path) -> _Log:
+    return _Log(logs)
+
+
+@pytest.fixture(scope="module")
+def sqlite_cfg(cfg: Config, features: Path, tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """A materialised embedded store (SQLite online, DuckDB offline)."""
+    repo = _repo_copy(tmp_path_factory.mktemp("sqlite") / "feature_repo")
+    local = _with_features(cfg, repo=str(repo))
+    store.materialize(local, features)
+    return local
+
+
+# ---------------------------------------------------------------- feature computation (no Feast) ---------
+
+
+def test_tables_match_the_contract(tables: dict[str, pa.Table], features: Path, cfg: Config) -> None:
+    manifest = read_manifest(features)
+    for view in fs.VIEWS:
+        table = tables[view.name]
+        assert table.schema.names == view.arrow_schema().names
+        assert table.num_rows == manifest["tables"][view.name]["rows"] > 0
+        keys = pd.DataFrame({"k": table[view.entity.join_key], "t": table[fs.TIMESTAMP]})
+        assert not keys.duplicated().any(), f"{view.name}: two rows for one (entity, timestamp)"
+    assert set(fs.defaults(cfg)) == set(fs.VIEWS_BY_NAME)
+    for view in fs.VIEWS:
+        assert list(fs.defaults(cfg)[view.name]) == [f.name for f in view.features]
+
+
+def test_behaviour_uses_only_requests_strictly_before(tables: dict[str, pa.Table], log: _Log, cfg: Config) -> None:
+    """Each user_behaviour row equals a brute-force aggregate of the requests with feedback <= its stamp,
+    and every request it includes happened strictly before the stamp."""
+    t = tables[fs.USER_BEHAVIOUR.name].to_pydict()
+    stamps = np.asarray(tables[fs.USER_BEHAVIOUR.name][fs.TIMESTAMP].cast(pa.int64()))
+    rng = np.random.default_rng(0)
+    recent = cfg.features.recent_items
+    for row in rng.choice(len(stamps), 60, replace=False):
+        user, stamp = t["user_id"][row], stamps[row]
+        mine = np.flatnonzero((log.user == user) & (log.feedback_us <= stamp))
+        assert (log.event_us[mine] < stamp).all()
+        assert t["requests"][row] == len(mine)
+        assert t["sessions"][row] == len(np.unique(log.session[mine]))
+        ordered = mine[np.argsort(log.feedback_us[mine], kind="stable")]
+        viewed_items = [i for r in ordered for i, v in zip(log.shown[r], log.viewed[r]) if v]
+        assert t["items_viewed"][row] == len(viewed_items)
+        assert t["watch_time_s"][row] == pytest.approx(float((log.watch[mine] * log.viewed[mine]).sum()), rel=1e-5)
+        assert t["recent_item_ids"][row] == viewed_items[-recent:]
+        assert t["recent_category_ids"][row] == [log.category[i] for i in viewed_items[-recent:]]
+        assert sum(t["category_watch_share"][row]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_item_stats_count_impressions_before_their_stamp(tables: dict[str, pa.Table], log: _Log) -> None:
+    t = tables[fs.ITEM_STATS.name].to_pydict()
+    stamps = np.asarray(tables[fs.ITEM_STATS.name][fs.TIMESTAMP].cast(pa.int64()))
+    for row in np.random.default_rng(1).choice(len(stamps), 60, replace=False):
+        shown = (log.shown == t["item_id"][row]) & (log.feedback_us[:, None] <= stamps[row])
+        assert t["impressions"][row] == shown.sum()
+        assert t["views"][row] == (shown & log.viewed).sum()
+
+
+def test_cqr_knots_fit_on_feedback_before_each_refit(tables: dict[str, pa.Table], log: _Log, cfg: Config) -> None:
+    t = tables[fs.CQR_KNOTS.name]
+    stamps = np.asarray(t[fs.TIMESTAMP].cast(pa.int64()))
+    assert stamps.max() == log.feedback_us.max()  # the last fit uses the whole log
+    n_cells = len(cfg.world.user_types) * fs.n_item_groups(cfg)
+    for stamp in np.unique(stamps):
+        rows = t.filter(pa.array(stamps == stamp))
+        assert rows.num_rows == n_cells
+        viewed_before = int((log.viewed & (log.feedback_us[:, None] <= stamp)).sum())
+        assert sum(rows["samples"].to_pylist()) == viewed_before
+        for knots in rows["knots"].to_pylist():
+            assert len(knots) == cfg.features.cqr_knots and knots == sorted(knots)
+
+
+def test_profiles_are_valid_from_the_first_request(tables: dict[str, pa.Table], log: _Log, logs: Path) -> None:
+    data = read_logs(logs)
+    for view, source in ((fs.USER_PROFILE, data.users), (fs.ITEM_PROFILE, data.items)):
+        table = tables[view.name]
+        assert table.num_rows == source.num_rows
+        assert set(np.asarray(table[fs.TIMESTAMP].cast(pa.int64()))) == {log.event_us.min()}
+
+
+def test_file_uris_are_accepted(cfg: Config, logs: Path, tmp_path: Path, tables: dict[str, pa.Table]) -> None:
+    out = tmp_path / "via-uri"
+    build_features(f"file://{logs}", f"file://{out}", cfg)
+    assert pq.read_table(out / "user_behaviour.parquet").equals(tables[fs.USER_BEHAVIOUR.name])
+
+
+def test_build_refuses_to_overwrite(cfg: Config, logs: Path, features: Path) -> None:
+    with pytest.raises(FileExistsError):
+        build_features(logs, features, cfg)
+
+
+def test_compute_rejects_an_empty_log(cfg: Config, logs: Path) -> None:
+    data = read_logs(logs)
+    empty = data.__class__(data.users, data.items, data.transitions.slice(0, 0), data.manifest, data.config)
+    with pytest.raises(ValueError, match="no transitions"):
+        compute_feature_tables(empty, cfg)
+
+
+def test_core_imports_and_builds_without_feast(logs: Path, tmp_path: Path) -> None:
+    """The core package (CLI included) imports without feast, and feature building needs none."""
+    script = f"""
+import sys
+class _NoFeast:
+    def find_spec(self, name, path=None, target=None):
+        if name == "feast" or name.startswith("feast."):
+            raise ImportError("feast is blocked in this test")
+sys.meta_path.insert(0, _NoFeast())
+import unexrl, unexrl.cli, unexrl.commands, unexrl.features.store, unexrl.features.client, unexrl.features.bench
+from unexrl.config import load_config
+from unexrl.features.build import build_features
+build_features({str(logs)!r}, {str(tmp_path / 'out')!r}, load_config(None, []))
+assert not any(m == "feast" or m.startswith("feast.") for m in sys.modules)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
+
+
+# ---------------------------------------------------------------- Feast definitions and environments -----
+
+
+def test_definitions_are_the_same_in_every_environment(cfg: Config, features: Path) -> None:
+    from feast import FeatureView, FileSource
+    from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
+
+    def views(env: str) -> dict[str, FeatureView]:
+        objects = store.definitions(_with_features(cfg, environment=env), features)
+        return {o.name: o for o in objects if isinstance(o, FeatureView)}
+
+    local, production = views("local"), views("production")
+    assert set(local) == set(production) == set(fs.VIEWS_BY_NAME)
+    for name, view in local.items():
+        assert [f.name for f in view.features] == [f.name for f in fs.VIEWS_BY_NAME[name].features]
+        assert view.features == production[name].features and view.entities == production[name].entities
+        assert isinstance(view.batch_source, FileSource)
+        assert isinstance(production[name].batch_source, SparkSource)
+        assert production[name].batch_source.path == view.batch_source.path == f"{features}/{name}.parquet"
+
+
+def test_environment_files(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = ROOT / "feature_repo"
+    ignored = (repo / ".feastignore").read_text().split()
+    assert "environments/" in ignored and "data/" in ignored
+    local = yaml.safe_load((repo / "feature_store.yaml").read_text())
+    assert local["online_store"]["type"] == "sqlite" and local["offline_store"]["type"] == "duckdb"
+    redis = yaml.safe_load((repo / "environments" / "redis.yaml").read_text())
+    assert redis["online_store"]["type"] == "redis" and redis["offline_store"]["type"] == "duckdb"
+    production = yaml.safe_load((repo / "environments" / "production.yaml").read_text())
+    assert production["online_store"]["type"] == "redis"
+    assert production["offline_store"]["type"] == "spark" and production["batch_engine"]["type"] == "spark.engine"
+    monkeypatch.delenv("UNEXRL_REDIS", raising=False)
+    with pytest.raises(ValueError, match="UNEXRL_REDIS"):
+        store.open_store(_with_features(cfg, environment="redis"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        store.store_yaml(_with_features(cfg, environment="nowhere"))
+
+
+def test_production_config_validates_with_pyspark(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feast validates the Spark offline store config by importing pyspark (feast[spark], ~500 MB): only then."""
+    pytest.importorskip("pyspark", reason="pyspark (feast[spark]) is not installed: the Spark config is not validated")
+    from feast.repo_config import load_repo_config
+
+    for var in ("UNEXRL_REDIS", "UNEXRL_FEAST_REGISTRY", "UNEXRL_SPARK_MASTER", "UNEXRL_SPARK_STAGING"):
+        monkeypatch.setenv(var, "s3://bucket/x" if "REGISTRY" in var or "STAGING" in var else "local[1]")
+    config = load_repo_config(ROOT / "feature_repo", store.store_yaml(_with_features(cfg, environment="production")))
+    assert config.offline_store.type == "spark"
+
+
+# ---------------------------------------------------------------- Feast workflow on the embedded store ----
+
+
+def _sqlite_dump(cfg: Config) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(store.repo_path(cfg) / "data" / "online_store.db") as conn:
+        return list(conn.iterdump())
+
+
+def test_materialising_twice_changes_nothing(sqlite_cfg: Config, features: Path) -> None:
+    before = _sqlite_dump(sqlite_cfg)
+    assert len(before) > 1000
+    again = store.materialize(sqlite_cfg, features)
+    assert again["first_materialised"] == [] and set(again["incremental"]) == set(fs.VIEWS_BY_NAME)
+    assert _sqlite_dump(sqlite_cfg) == before
+
+
+def _online(cfg: Config, view: fs.ViewSpec, ids: list[int]) -> dict[str, list[Any]]:
+    feast_store = store.open_store(cfg)
+    refs = [f"{view.name}:{f.name}" for f in view.features]
+    return feast_store.get_online_features(features=refs, entity_rows=[{view.entity.join_key: i} for i in ids]).to_dict()
+
+
+def _offline(cfg: Config, view: fs.ViewSpec, ids: list[int], at: pd.Timestamp) -> pa.Table:
+    feast_store = store.open_store(cfg)
+    entities = pd.DataFrame({view.entity.join_key: ids, fs.TIMESTAMP: [at] * len(ids)})
+    refs = [f"{view.name}:{f.name}" for f in view.features]
+    joined = feast_store.get_historical_features(entity_df=entities, features=refs).to_arrow()
+    return joined.sort_by(view.entity.join_key)
+
+
+def test_online_values_equal_offline_values_at_the_same_time(
+    sqlite_cfg: Config, features: Path, tables: dict[str, pa.Table]
+) -> None:
+    """After materialising up to the newest row, the online store holds what a point-in-time read at that
+    time returns offline, for every entity of every view (pushed session rows only while within their ttl)."""
+    end = max(pd.Timestamp(t["max_timestamp"]) for t in read_manifest(features)["tables"].values())
+    at = end + timedelta(microseconds=1)
+    for view in fs.VIEWS:
+        ids = sorted(set(tables[view.name][view.entity.join_key].to_pylist()))
+        online = _online(sqlite_cfg, view, ids)
+        offline = _offline(sqlite_cfg, view, ids, at)
+        assert offline[view.entity.join_key].to_pylist() == ids
+        for feature in view.features:
+            got, want = online[feature.name], offline[feature.name].to_pylist()
+            if view.ttl_s:
+                live = [w is not None for w in want]
+                assert 0 < sum(live) < len(ids)  # some sessions expired, some did not
+                got = [g for g, keep in zip(got, live) if keep]
+                want = [w for w in want if w is not None]
+            assert got == want, f"{view.name}.{feature.name}"
+
+
+def test_training_set_is_point_in_time_correct(sqlite_cfg: Config, logs: Path, log: _Log, tmp_path: Path) -> None:
+    target, table = store.training_set(sqlite_cfg, logs, tmp_path / "ts.parquet")
+    assert pq.read_table(target).equals(table)
+    assert table.num_rows == len(log.request_id)  # one row per logged request
+    assert table["request_id"].to_pylist() == sorted(log.request_id.tolist())
+    order = np.argsort(log.request_id)
+    requests = table["user_behaviour__requests"].to_pylist()
+    impressions = table["item_stats__impressions"].to_pylist()
+    for row, r in enumerate(order):
+        before = (log.user == log.user[r]) & (log.feedback_us <= log.event_us[r])
+        assert requests[row] == (before.sum() or None), "a behaviour row from after the request was joined"
+        for pos, item in enumerate(log.shown[r]):
+            n = int(((log.shown == item) & (log.feedback_us[:, None] <= log.event_us[r])).sum())
+            assert impressions[row][pos] == (n or None)
+    assert table["user_behaviour__requests"].null_count > 0  # first requests: nulls, not dropped rows
+    assert table["user_profile__activity_group"].null_count == 0
+    assert table["item_profile__category"].combine_chunks().flatten().null_count == 0
+
+
+def test_a_row_is_joined_from_its_timestamp_on_and_never_before(sqlite_cfg: Config, tables: dict[str, pa.Table]) -> None:
+    behaviour = tables[fs.USER_BEHAVIOUR.name]
+    users = np.asarray(behaviour["user_id"])
+    second = int(np.flatnonzero(users[1:] == users[:-1])[0] + 1)  # a user's second row
+    user, stamp = int(users[second]), behaviour[fs.TIMESTAMP][second].as_py()
+    first_stamp = behaviour[fs.TIMESTAMP][second - 1].as_py()
+    entities = pd.DataFrame({
+        "user_id": [user] * 4,
+        fs.TIMESTAMP: [first_stamp - timedelta(microseconds=1), stamp - timedelta(microseconds=1), stamp,
+                       stamp + timedelta(hours=1)],
+        "label": [0, 1, 2, 3],
+    })
+    joined = store.open_store(sqlite_cfg).get_historical_features(
+        entity_df=entities, features=["user_behaviour:requests"]
+    ).to_df().sort_values("label")
+    assert len(joined) == 4  # a request before any feature keeps its row, with a null
+    values = joined["requests"].tolist()
+    want = behaviour["requests"].to_pylist()
+    stamps = behaviour[fs.TIMESTAMP].to_pylist()
+    later = max(i for i in range(len(users)) if users[i] == user and stamps[i] <= stamp + timedelta(hours=1))
+    assert pd.isna(values[0]) and values[1:] == [want[second - 1], want[second], want[later]]
+
+
+# ---------------------------------------------------------------- serving client --------------------------
+
+
+def _fallbacks(reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("unexrl_feature_store_fallbacks_total", {"reason": reason}) or 0.0
+
+
+def test_client_reads_user_and_candidates(sqlite_cfg: Config, tables: dict[str, pa.Table]) -> None:
+    from unexrl.features.client import FeatureClient
+
+    behaviour = tables[fs.USER_BEHAVIOUR.name].to_pandas().groupby("user_id").last()
+    user = int(behaviour.index[0])
+    items = tables[fs.ITEM_STATS.name].to_pandas().groupby("item_id").last()
+    candidates = [int(i) for i in items.index[:50]]
+    got = FeatureClient(sqlite_cfg).fetch(user, candidates)
+    assert not got.degraded and got.cold_start["user_behaviour"] == 0 and got.cold_start["item_stats"] == 0
+    assert got.user["user_behaviour__requests"] == behaviour.loc[user, "requests"]
+    assert got.user["user_behaviour__recent_item_ids"] == list(behaviour.loc[user, "recent_item_ids"])
+    assert got.items["item_stats__views"] == items.loc[candidates, "views"].tolist()
+    assert len(got.items["item_profile__category"]) == 50
+
+
+def test_client_cold_start_serves_documented_defaults(sqlite_cfg: Config, tables: dict[str, pa.Table]) -> None:
+    from unexrl.features.client import FeatureClient
+
+    defaults = fs.defaults(sqlite_cfg)
+    known = int(tables[fs.ITEM_STATS.name]["item_id"][0].as_py())
+    never = 10**9
+    before = _fallbacks("cold_start")
+    got = FeatureClient(sqlite_cfg).fetch(never, [never, known])
+    assert not got.degraded
+    for view in fs.SERVICES[fs.USER_SERVING_SERVICE]:
+        for f in view.features:
+            assert got.user[f"{view.name}__{f.name}"] == defaults[view.name][f.name]
+    assert got.items["item_stats__views"][0] == defaults["item_stats"]["views"]
+    assert got.items["item_stats__views"][1] > 0
+    assert got.cold_start == {"user_profile": 1, "user_behaviour": 1, "user_session": 1, "item_profile": 1,
+                              "item_stats": 1}
+    assert _fallbacks("cold_start") - before == 5
+    got.user["user_behaviour__recent_item_ids"].append(1)  # defaults are copies
+    assert fs.defaults(sqlite_cfg)["user_behaviour"]["recent_item_ids"] == []
+    assert FeatureClient(sqlite_cfg).fetch(never, [])
+
+
+def test_client_degrades_when_the_store_is_missing(cfg: Config, tmp_path: Path) -> None:
+    from unexrl.features.client import FeatureClient
+
+    before = _fallbacks("unreachable")
+    got = FeatureClient(_with_features(cfg, repo=str(tmp_path / "no-repo"))).fetch(1, [1, 2, 3])
+    assert got.degraded and got.user["user_profile__activity_group"] == -1
+    assert got.items["item_stats__quality_estimate"] == [0.5] * 3
+    assert _fallbacks("unreachable") - before == 3 + 2 * 3
+
+
+def test_pushed_session_features_are_served(sqlite_cfg: Config, tables: dict[str, pa.Table]) -> None:
+    from unexrl.features.client import FeatureClient
+
+    client = FeatureClient(sqlite_cfg)
+    user = int(tables[fs.USER_SESSION.name]["user_id"][0].as_py())
+    at = pd.Timestamp("2030-01-01T00:00:00Z")
+    assert client.push_session(user, at, session_id=777, step=3, items_watched=9, watch_time_s=123.5,
+                               last_watch_fraction=0.25)
+    got = client.fetch(user, [])
+    assert got.user["user_session__session_id"] == 777 and got.user["user_session__session_step"] == 3
+    assert got.user["user_session__session_watch_time_s"] == 123.5
+
+
+# ---------------------------------------------------------------- Redis ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_address() -> Iterator[str]:
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not installed here and could not be installed (make test installs it)")
+    with local_redis() as address:
+        yield address
+
+
+def test_redis_store_serves_what_sqlite_serves(
+    redis_address: str, cfg: Config, features: Path, sqlite_cfg: Config, tables: dict[str, pa.Table],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from unexrl.features.client import FeatureClient
+
+    monkeypatch.setenv("UNEXRL_REDIS", redis_address)
+    redis_cfg = _with_features(cfg, repo=str(_repo_copy(tmp_path / "feature_repo")), environment="redis")
+    first = store.materialize(redis_cfg, features)
+    assert set(first["first_materialised"]) == set(fs.VIEWS_BY_NAME)
+    again = store.materialize(redis_cfg, features)
+    assert again["first_materialised"] == []
+    for view in (fs.USER_BEHAVIOUR, fs.ITEM_STATS, fs.CQR_KNOTS, fs.ITEM_PROFILE):
+        ids = sorted(set(tables[view.name][view.entity.join_key].to_pylist()))
+        assert _online(redis_cfg, view, ids) == _online(sqlite_cfg, view, ids), view.name
+
+    client = FeatureClient(redis_cfg)
+    user = int(tables[fs.USER_BEHAVIOUR.name]["user_id"][0].as_py())
+    candidates = list(range(30))
+    from_redis, from_sqlite = client.fetch(user, candidates), FeatureClient(sqlite_cfg).fetch(user, candidates)
+    assert not from_redis.degraded and from_redis.items == from_sqlite.items
+    assert from_redis.user["user_behaviour__requests"] == from_sqlite.user["user_behaviour__requests"]
+    assert client.push_session(user, pd.Timestamp("2030-01-01T00:00:00Z"), 5, 1, 2, 3.0, 0.75)
+    assert client.fetch(user, []).user["user_session__last_watch_fraction"] == 0.75
+
+
+def test_redis_down_degrades_without_raising(cfg: Config, features: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from unexrl.features.client import FeatureClient
+
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not installed here and could not be installed (make test installs it)")
+    redis_cfg = _with_features(cfg, repo=str(_repo_copy(tmp_path / "feature_repo")), environment="redis")
+    with local_redis() as address:
+        monkeypatch.setenv("UNEXRL_REDIS", address)
+        store.materialize(redis_cfg, features)
+        client = FeatureClient(redis_cfg)
+        assert not client.fetch(0, [1, 2]).degraded
+    before = _fallbacks("unreachable")
+    got = client.fetch(0, [1, 2])  # the server is gone
+    assert got.degraded and got.items["item_profile__category"] == [-1, -1]
+    assert _fallbacks("unreachable") - before == 3 + 2 * 2
+    assert not client.push_session(0, pd.Timestamp("2030-01-01T00:00:00Z"), 1, 1, 1, 1.0, 0.5)
+
+
+# ---------------------------------------------------------------- CLI and bench -----------------------------
+
+
+def test_cli_workflow_and_bench(logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from unexrl.cli import main
+
+    repo = _repo_copy(tmp_path / "feature_repo")
+    common = ["--config", str(ROOT / "configs" / "small.yaml"), "--set", f"features.repo={repo}"]
+    features = tmp_path / "features"
+    assert main(["features", "training-set", *common, "--logs", str(logs), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "materialize" in capsys.readouterr().err
+    assert main(["features", "build", *common, "--logs", str(logs), "--out", str(features)]) == 0
+    assert main(["features", "materialize", *common, "--features", str(features)]) == 0
+    assert main(["features", "materialize", *common, "--features", str(features)]) == 0
+    logs_copy = tmp_path / "logs"
+    shutil.copytree(logs, logs_copy)
+    assert main(["features", "training-set", *common, "--logs", str(logs_copy)]) == 0
+    table = pq.read_table(logs_copy / store.TRAINING_SET_FILE)
+    assert table.num_rows == read_logs(logs_copy).transitions.num_rows
+    capsys.readouterr()
+
+    bench_json = tmp_path / "bench.json"
+    assert main(["bench", "features", *common, "--logs", str(logs), "--json", str(bench_json),
+                 "--set", "features.bench_reads=10", "--set", "features.bench_candidates=50"]) == 0
+    result = json.loads(bench_json.read_text())
+    expected = {"sqlite", "redis"} if redis_server_path() else {"sqlite"}
+    measured = {name for name, r in result["stores"].items() if "skipped" not in r}
+    assert measured == expected
+    for name in measured:
+        r = result["stores"][name]
+        assert r["materialise_rows_per_s"] > 0 and r["reads"] == 10
+        assert 0 < r["online_read_ms"]["p50"] <= r["online_read_ms"]["p99"]
+
+
+def test_docs_name_every_view_feature_and_service() -> None:
+    text = (ROOT / "docs" / "features.md").read_text()
+    for view in fs.VIEWS:
+        assert f"`{view.name}`" in text, view.name
+        for feature in view.features:
+            assert f"`{feature.name}`" in text, f"{view.name}.{feature.name}"
+    for service in fs.SERVICES:
+        assert f"`{service}`" in text, service

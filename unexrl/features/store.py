@@ -1,0 +1,210 @@
+"""The Feast store around the feature tables: open an environment, apply, materialise, build training sets.
+
+Feast is imported inside the functions, so importing this module costs nothing without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from unexrl.config import Config
+from unexrl.data import read_logs
+from unexrl.features import schema as fs
+from unexrl.features.build import read_manifest
+from unexrl.features.storage import filesystem, join, local_directory, normalize
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+ENV_FEATURES_URI = "UNEXRL_FEATURES_URI"
+ENV_ENVIRONMENT = "UNEXRL_FEATURE_ENV"
+DEFINITIONS = "definitions.py"
+TRAINING_SET_FILE = "training_features.parquet"
+"""written next to the logs' transitions.parquet by default"""
+
+
+def repo_path(cfg: Config) -> Path:
+    """The Feast repository folder: ``features.repo``, absolute or relative to the project root."""
+    path = Path(cfg.features.repo)
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def store_yaml(cfg: Config) -> Path:
+    """feature_store.yaml of ``features.environment``: the repo's own for local, environments/<name>.yaml else."""
+    repo = repo_path(cfg)
+    env = cfg.features.environment
+    path = repo / "feature_store.yaml" if env == "local" else repo / "environments" / f"{env}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"features.environment={env}: no {path}")
+    return path
+
+
+def open_store(cfg: Config) -> FeatureStore:
+    """A FeatureStore for the configured environment; every ``${VAR}`` of its yaml must be set."""
+    from feast import FeatureStore
+
+    path = store_yaml(cfg)
+    settings = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+    missing = sorted({v for v in re.findall(r"\$\{(\w+)\}", settings) if v not in os.environ})
+    if missing:
+        raise ValueError(f"{path} needs the environment variable(s) {', '.join(missing)}")
+    return FeatureStore(repo_path=str(repo_path(cfg)), fs_yaml_file=path)
+
+
+def definitions(cfg: Config, features: str | Path) -> list[Any]:
+    """The Feast objects of the repository's definitions.py, with sources at ``features``.
+
+    The module is executed afresh (not imported from the module cache) with the variables ``feast apply``
+    would see, so one process can apply several feature locations.
+    """
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+
+    path = repo_path(cfg) / DEFINITIONS
+    spec = importlib.util.spec_from_file_location(f"unexrl_feast_definitions_{uuid.uuid4().hex}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"no Feast definitions at {path}")
+    module = importlib.util.module_from_spec(spec)
+    with environ({ENV_FEATURES_URI: normalize(features), ENV_ENVIRONMENT: cfg.features.environment}):
+        spec.loader.exec_module(module)
+    kinds = (Entity, FeatureView, FeatureService, DataSource)
+    objects: list[Any] = []
+    for value in vars(module).values():
+        if isinstance(value, kinds) and not any(value is o for o in objects):
+            objects.append(value)
+    return objects
+
+
+def apply(cfg: Config, features: str | Path) -> FeatureStore:
+    """Register the definitions with sources at ``features``; applying the same definitions again is a no-op."""
+    store = open_store(cfg)
+    store.apply(definitions(cfg, features))
+    return store
+
+
+def materialize(cfg: Config, features: str | Path) -> dict[str, Any]:
+    """Apply the definitions with sources at ``features``, then :func:`load_online`; idempotent."""
+    return load_online(apply(cfg, features), features)
+
+
+def load_online(store: FeatureStore, features: str | Path) -> dict[str, Any]:
+    """Load every view into the online store up to the newest feature row of ``features``.
+
+    A view never materialised is loaded from the oldest feature row on; after that each run continues where
+    the last stopped (``materialize_incremental``), so re-running over the same tables changes nothing.
+    The end is the data's newest timestamp, not the wall clock, so logs from any date load the same way.
+    """
+    tables = read_manifest(features)["tables"]
+    start = min(_parse(t["min_timestamp"]) for t in tables.values() if t["rows"])
+    end = max(_parse(t["max_timestamp"]) for t in tables.values() if t["rows"]) + timedelta(microseconds=1)
+    fresh = [v.name for v in fs.VIEWS if store.get_feature_view(v.name).most_recent_end_time is None]
+    known = [v.name for v in fs.VIEWS if v.name not in fresh]
+    if fresh:
+        store.materialize(start_date=start, end_date=end, feature_views=fresh)
+    if known:
+        store.materialize_incremental(end_date=end, feature_views=known)
+    return {"features": normalize(features), "start": start.isoformat(), "end": end.isoformat(),
+            "first_materialised": fresh, "incremental": known}
+
+
+def training_entities(transitions: pa.Table, page_size: int) -> pa.Table:
+    """One entity row per (logged request, shown position): the keys and timestamp Feast joins on."""
+    n = transitions.num_rows
+    shown = transitions["shown_item_ids"].combine_chunks().flatten()
+    return pa.table(
+        {
+            "request_id": np.repeat(np.asarray(transitions["request_id"]), page_size),
+            "position": np.tile(np.arange(page_size, dtype=np.int64), n),
+            fs.USER.join_key: np.repeat(np.asarray(transitions["user_id"]), page_size),
+            fs.ITEM.join_key: shown,
+            fs.TIMESTAMP: pa.chunked_array(
+                [transitions[fs.TIMESTAMP].combine_chunks().take(np.repeat(np.arange(n), page_size))]
+            ),
+        }
+    )
+
+
+def training_set(cfg: Config, logs: str | Path, out: str | Path | None = None) -> tuple[str, pa.Table]:
+    """Point-in-time features for every logged request, one row per request keyed by request_id.
+
+    User features as of the request's timestamp; item features of the page's shown items, as of the same
+    timestamp, as lists in page order. A request before any row of a view gets nulls for it, never a dropped
+    row. Written to ``out`` (default: training_features.parquet next to the logs' transitions).
+    """
+    with local_directory(logs) as local:
+        data = read_logs(local)
+    k = data.config.cascade.page_size
+    entities = training_entities(data.transitions, k)
+    store = open_store(cfg)
+    job = store.get_historical_features(
+        entity_df=entities.to_pandas(), features=store.get_feature_service(fs.TRAINING_SERVICE),
+        full_feature_names=True,
+    )
+    joined = job.to_arrow()
+    if joined.num_rows != entities.num_rows:
+        raise ValueError(f"the point-in-time join returned {joined.num_rows} rows for {entities.num_rows} entity rows")
+    joined = joined.sort_by([("request_id", "ascending"), ("position", "ascending")])
+    table = assemble_training_set(joined, k)
+    if table.num_rows != data.transitions.num_rows:
+        raise ValueError(f"training set has {table.num_rows} rows for {data.transitions.num_rows} logged requests")
+    target = normalize(out) if out is not None else join(logs, TRAINING_SET_FILE)
+    fsys, path = filesystem(target)
+    pq.write_table(table, path, filesystem=fsys, compression="zstd")
+    return target, table
+
+
+def assemble_training_set(joined: pa.Table, page_size: int) -> pa.Table:
+    """Per-position rows (sorted by request, position) -> one row per request; item columns become lists."""
+    first = np.arange(0, joined.num_rows, page_size)
+    columns: dict[str, pa.Array] = {}
+    for name in ("request_id", fs.TIMESTAMP, fs.USER.join_key):
+        columns[name] = joined[name].combine_chunks().take(first)
+    columns["shown_item_ids"] = _per_page(joined[fs.ITEM.join_key], page_size)
+    for view in fs.SERVICES[fs.TRAINING_SERVICE]:
+        for feature in view.features:
+            name = f"{view.name}__{feature.name}"
+            values = joined[name].combine_chunks().cast(fs.ARROW_TYPES[feature.dtype])
+            columns[name] = values.take(first) if view.entity is fs.USER else _per_page(values, page_size)
+    table = pa.table(columns)
+    return table.replace_schema_metadata({"feature_service": fs.TRAINING_SERVICE})
+
+
+def _per_page(values: pa.Array | pa.ChunkedArray, page_size: int) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return pa.FixedSizeListArray.from_arrays(values, page_size)
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+@contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
