@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from unexrl.config import ConfigError, load_config
+from unexrl.config import ALGOS, ConfigError, load_config
 
 log = logging.getLogger("unexrl")
 
@@ -62,11 +62,60 @@ def build_parser() -> argparse.ArgumentParser:
                        "under CEM with exploration, evaluate every policy on held-out seeds, write report.md/json/png.")
     p.add_argument("--out", type=Path, required=True, help="run directory (artifacts, logs, report)")
 
+    p = sub.add_parser("train", parents=[common], help="train one algorithm; single-process or under torchrun (sharded)",
+                       description="Train UNEX-RL or a baseline online in the simulator, or offline from logs (--logs). "
+                       "Under `torchrun --nproc_per_node N -m unexrl train ...` the embedding tables are sharded with TorchRec "
+                       "(gloo on CPU, NCCL on CUDA) and the dense networks are data-parallel. Writes DCP checkpoints, "
+                       "curve.json and an `actors` artifact for serving to --out (docs/training.md).")
+    p.add_argument("--algo", choices=ALGOS, help="algorithm (sets algo.name)")
+    p.add_argument("--logs", type=Path, help="train offline from this `unexrl simulate` log directory (sets train.regime=offline)")
+    p.add_argument("--cem", type=Path, help="CEM artifact for the fixed stages and the warm-up (default: tune CEM on seeds.train)")
+    p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints/, export/, curve.json")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+
+    p = sub.add_parser("experiment", parents=[common], help="the paper's comparison: every algorithm x seeds, and the agents-count study",
+                       description="Train CEM, DDPG, TD3, UNEX-RL-CTDE, UNEX-RL-CIC and the SG/CQR ablations (experiment.variants) "
+                       "--seeds times each, plus the agents-count study (CIC, CTDE, independent DDPG with 1..4 agents); evaluate "
+                       "on seeds.evaluation; write results.json, results.md and PNG plots. Re-running resumes finished runs.")
+    p.add_argument("--out", type=Path, required=True, help="experiment directory (runs/, results.*, plots)")
+    p.add_argument("--seeds", type=int, help="training seeds per algorithm (experiment.seeds)")
+
+    features = sub.add_parser("features", help="feature tables from logs, Feast materialisation, point-in-time training sets",
+                              description="Feature store workflow (docs/features.md): build -> materialize -> training-set. "
+                              "Logs and features are local paths or URIs (s3://...); features.environment picks the store.")
+    features_sub = features.add_subparsers(dest="features_command", required=True, metavar="STEP")
+    p = features_sub.add_parser("build", parents=[common], help="compute feature tables with event timestamps from a log",
+                                description="Read and validate a log directory and write one Parquet table per feature view "
+                                "plus a manifest; no value uses information from after its event timestamp.")
+    p.add_argument("--logs", required=True, help="log directory (local path or URI)")
+    p.add_argument("--out", required=True, help="feature directory to create (local path or URI)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing feature directory")
+    p = features_sub.add_parser("materialize", parents=[common], help="feast apply + incremental materialisation (idempotent)",
+                                description="Register the definitions with sources at --features and load the online store "
+                                "up to the newest feature row; running it again changes nothing.")
+    p.add_argument("--features", required=True, help="feature directory written by `features build` (local path or URI)")
+    p = features_sub.add_parser("training-set", parents=[common], help="point-in-time features for every logged request",
+                                description="get_historical_features for the logged requests: one row per request keyed by "
+                                "request_id, written next to the transitions unless --out is given.")
+    p.add_argument("--logs", required=True, help="log directory (local path or URI)")
+    p.add_argument("--out", help="Parquet file to write (default: LOGS/training_features.parquet)")
+
     bench = sub.add_parser("bench", help="benchmarks with same-run references (ratios, not timed assertions)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = bench_sub.add_parser("sim", parents=[common], help="simulator throughput vs a lean reference cascade and the memory bound",
                              description="Requests/s of the cascade function, the whole simulator step, a lean reference cascade "
                              "on the same shapes and a memory-bandwidth bound, measured in one run, with their ratios.")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="print JSON (or write it to PATH)")
+    p = bench_sub.add_parser("train", parents=[common], help="update throughput: UNEX-RL-CIC vs CTDE vs raw TorchRec EBC",
+                             description="Transitions/s of one UNEX-RL-CIC update and one UNEX-RL-CTDE update on the same batch "
+                             "(their ratio is CIC's overhead) and of a raw EmbeddingBagCollection forward+backward on the same "
+                             "tables and batch, measured in one run.")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="print JSON (or write it to PATH)")
+    p = bench_sub.add_parser("features", parents=[common], help="feature store: materialisation rows/s and online read latency",
+                             description="Materialise the same feature tables into SQLite and Redis and time online reads of a "
+                             "user plus features.bench_candidates candidates through the serving client, in one run.")
+    p.add_argument("--logs", type=Path, help="log directory to build features from (default: simulate one with random weights)")
+    p.add_argument("--redis", metavar="HOST:PORT", help="Redis to use (default: start redis-server on a free loopback port)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="print JSON (or write it to PATH)")
     return parser
 
@@ -86,11 +135,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "bench":
-            result = commands.bench_sim(cfg)
+            if args.bench == "features":
+                result, summary = commands.bench_features(cfg, args), commands.format_bench_features
+            elif args.bench == "train":
+                from unexrl.bench.train import bench_train, format_bench_train
+
+                result, summary = bench_train(cfg), format_bench_train
+            else:
+                result, summary = commands.bench_sim(cfg), commands.format_bench
             text = json.dumps(result, indent=2)
             if args.json and args.json != "-":
                 Path(args.json).write_text(text + "\n")
-            print(text if args.json else commands.format_bench(result))
+            print(text if args.json else summary(result))
             return 0
         handler = getattr(commands, args.command)
         return int(handler(cfg, args) or 0)

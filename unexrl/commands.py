@@ -12,14 +12,19 @@ from typing import Any
 from unexrl.bench.sim import bench_sim, format_bench
 from unexrl.config import Config
 from unexrl.evaluate.evaluation import evaluate_policies
-from unexrl.policies.artifact import load_policy, save_weight_policy
+from unexrl.features import store as feature_store
+from unexrl.features.bench import bench_features as _bench_features
+from unexrl.features.bench import format_bench as format_bench_features
+from unexrl.features.build import build_features
+from unexrl.policies.artifact import load_any_policy, load_policy, save_weight_policy
 from unexrl.policies.baselines import tune_baselines
 from unexrl.policies.cem import tune_cem
 from unexrl.policies.weights import RandomPolicy, WeightPolicy, greedy_weights
 from unexrl.sim.env import Policy, Simulator
 from unexrl.simulate import behaviour_policy, simulate_logs
 
-__all__ = ["bench_sim", "cem", "evaluate", "format_bench", "run", "simulate"]
+__all__ = ["bench_features", "bench_sim", "cem", "evaluate", "experiment", "features", "format_bench", "format_bench_features", "run",
+           "simulate", "train"]
 
 log = logging.getLogger("unexrl")
 
@@ -65,7 +70,7 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> int:
         name, sep, path = item.partition("=")
         if not sep:
             raise ValueError(f"--policy {item!r}: expected NAME=DIR")
-        policies[name] = load_policy(Path(path), cfg)
+        policies[name] = load_any_policy(Path(path), cfg, sim.world)
     if not policies:
         raise ValueError("nothing to evaluate: give --policy NAME=DIR or drop --no-references")
     seeds = cfg.seeds.evaluation if args.seeds == "evaluation" else cfg.seeds.validation
@@ -135,3 +140,49 @@ def _report_markdown(cfg: Config, table: str, summary: dict[str, Any]) -> str:
             "",
         ]
     )
+
+
+def features(cfg: Config, args: argparse.Namespace) -> int:
+    """`unexrl features build | materialize | training-set`: logs -> feature tables -> Feast -> training set."""
+    if args.features_command == "build":  # needs no Feast
+        manifest = build_features(args.logs, args.out, cfg, overwrite=args.overwrite)
+        log.info("wrote features to %s: %s", args.out, {k: v["rows"] for k, v in manifest["tables"].items()})
+        return 0
+    from feast.errors import FeastError
+
+    try:
+        if args.features_command == "materialize":
+            log.info("materialised %s", feature_store.materialize(cfg, args.features))
+        else:
+            target, table = feature_store.training_set(cfg, args.logs, args.out)
+            log.info("wrote the training set (%d requests, %d columns) to %s", table.num_rows, table.num_columns, target)
+    except FeastError as err:
+        raise ValueError(f"feature store: {err} (has `unexrl features materialize` run for this environment?)") from err
+    return 0
+
+
+def bench_features(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    return _bench_features(cfg, logs=args.logs, redis=args.redis)
+
+
+def experiment(cfg: Config, args: argparse.Namespace) -> int:
+    from unexrl.experiment import results_markdown, run_experiment
+
+    if args.seeds is not None:
+        cfg = cfg.model_copy(update={"experiment": cfg.experiment.model_copy(update={"seeds": args.seeds})})
+    results = run_experiment(cfg, args.out)
+    print(results_markdown(results))
+    log.info("results: %s", args.out / "results.md")
+    return 0
+
+
+def train(cfg: Config, args: argparse.Namespace) -> int:
+    """`unexrl train`: the same call in one process and on every rank under torchrun (unexrl/train/job.py)."""
+    from unexrl.train.job import run_training  # TorchRec: imported only for training
+
+    if args.algo:
+        cfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"name": args.algo})})
+    if args.logs:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"regime": "offline"})})
+    run_training(cfg, args.out, logs=args.logs, cem=args.cem, resume=args.resume)
+    return 0

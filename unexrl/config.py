@@ -273,7 +273,7 @@ class AlgoConfig(_Strict):
     """discount per request"""
     polyak: float = Field(default=0.01, gt=0, le=1)
     """target network update rate"""
-    actor_lr: float = Field(default=3e-4, gt=0)
+    actor_lr: float = Field(default=1e-4, gt=0)
     """learning rate of the actors"""
     critic_lr: float = Field(default=1e-3, gt=0)
     """learning rate of the critics"""
@@ -291,6 +291,8 @@ class AlgoConfig(_Strict):
     """critic updates per actor update (TD3; ddpg uses 1)"""
     exploration_std: float = Field(default=0.2, ge=0)
     """Gaussian exploration noise when collecting online"""
+    action_radius: float = Field(default=1.0, gt=0)
+    """actors start at the CEM weights and move at most this far from them per dimension"""
 
 
 class TrainConfig(_Strict):
@@ -314,6 +316,8 @@ class TrainConfig(_Strict):
     """sessions per validation rollout"""
     checkpoint_every: int = Field(default=500, ge=1)
     """updates between checkpoints"""
+    embedding_lr: float = Field(default=0.01, gt=0)
+    """distributed runs: learning rate of the fused row-wise Adagrad that trains the sharded embedding tables"""
 
 
 class ExperimentConfig(_Strict):

@@ -1,7 +1,8 @@
 """`unexrl experiment`: the paper's Table 1 and its agents-count question, on our simulator.
 
 Every variant is trained ``experiment.seeds`` times (seed k shifts seeds.train by 100 k; the world and the
-evaluation seeds stay fixed), then rolled out on seeds.evaluation. Intervals are 95% bootstrap intervals over
+evaluation seeds stay fixed); the actors of its best validation point (seeds.validation) are then rolled out on
+seeds.evaluation. Intervals are 95% bootstrap intervals over
 (training seed, evaluation seed) groups and sessions; uplifts are paired by session against CEM of the same
 training seed. Each finished run is saved under ``out/runs/`` and skipped when the experiment is re-run, so an
 interrupted experiment resumes where it stopped.
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from unexrl.config import Config
 from unexrl.evaluate.rollout import rollout
@@ -109,7 +109,9 @@ def _run(cfg: Config, world: World, variant: str, k: int, agents: int | None, ru
         policy: Policy = cem
     else:
         result = train(variant_config(kcfg, variant, agents), cem.weights, sim, progress=False)
-        policy, curve = ActorPolicy(result.agent.actors, kcfg, sim.world), result.curve
+        # model selection on seeds.validation: the actors of the best point of the learning curve
+        actors = result.best_actors if result.best_actors is not None else result.agent.actors
+        policy, curve = ActorPolicy(actors, kcfg, sim.world), result.curve
     run = Run(variant, k, agents, _evaluate(kcfg, sim, policy), curve, time.perf_counter() - started)
     run.save(path)
     log.info("%s: watch time %.0f s (%.0f s)", name, np.concatenate(run.outcomes["watch_time"]).mean(), run.seconds)
@@ -204,10 +206,13 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Experiment: config `{results['config']}`",
         "",
-        f"{results['seeds']} training seeds per row; evaluation on seeds {results['evaluation_seeds']} x "
-        f"{results['eval_sessions_per_seed']} sessions; 95% bootstrap CIs over (training seed, evaluation seed) and "
-        f"sessions; uplift paired by session against CEM of the same training seed. {results['train_updates']} "
-        f"updates per training run. Wall time {results['seconds']:.0f} s.",
+        (
+            f"{results['seeds']} training seeds per row; evaluation on seeds {results['evaluation_seeds']} x "
+            f"{results['eval_sessions_per_seed']} sessions; 95% bootstrap CIs over (training seed, evaluation seed) "
+            f"and sessions; uplift paired by session against CEM of the same training seed. "
+            f"{results['train_updates']} updates per training run; the actors of the best validation point are "
+            f"evaluated. Wall time {results['seconds']:.0f} s."
+        ),
         "",
         "| variant | watch time / session (s) | session length (items) | requests / session | uplift vs CEM (%) |",
         "|---|---|---|---|---|",
@@ -235,13 +240,7 @@ def plot_results(results: dict[str, Any], out: Path) -> None:
             ax.plot([p["updates"] for p in row["curve"]], [p["validation_watch_time"] for p in row["curve"]], label=variant)
     if "cem" in results["table"]:
         ax.axhline(results["table"]["cem"]["watch_time"]["mean"], color="k", ls="--", label="cem (evaluation)")
-    ax.set_xlabel("updates")
-    ax.set_ylabel("validation watch time / session (s)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=120)
-    plt.close(fig)
+    _save(fig, ax, "updates", "validation watch time / session (s)", out / "learning_curves.png")
 
     study = results["agents_study"]
     if not study:
@@ -255,10 +254,16 @@ def plot_results(results: dict[str, Any], out: Path) -> None:
                     [e["high"] - e["mean"] for _, e in pts]], marker="o", capsize=3, label=algo)
     if "cem" in study:
         ax.axhline(study["cem"]["mean"], color="k", ls="--", label="cem")
-    ax.set_xlabel("learning agents (from the ranking stage up)")
-    ax.set_ylabel("watch time / session (s)")
+    _save(fig, ax, "learning agents (from the ranking stage up)", "watch time / session (s)", out / "agents.png")
+
+
+def _save(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "agents.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -3,6 +3,9 @@
     <dir>/weights.pt       tensors only, loaded with torch.load(weights_only=True)
     <dir>/manifest.json    schema version, kind, algorithm, stage names and action dims, config, sha256 of files
 
+That is the ``weights`` kind (fixed fusion weights); trained stage actors are the ``actors`` kind
+(unexrl/policies/actors.py). :func:`load_any_policy` loads either.
+
 Loading checks every file's sha256 and that the artifact's stages match the config it will run under; a
 tampered or mismatched artifact is refused with an error that says what differs.
 """
@@ -19,6 +22,8 @@ import torch
 from unexrl.config import Config
 from unexrl.io import atomic_directory, sha256_file
 from unexrl.policies.weights import WeightPolicy
+from unexrl.sim.env import Policy
+from unexrl.sim.world import World
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -80,14 +85,22 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def check_compatible(manifest: dict[str, Any], cfg: Config, where: Path) -> None:
-    """Refuse an artifact whose stages, heads or sizes differ from the cascade it would run in."""
+def check_compatible(manifest: dict[str, Any], cfg: Config, where: Path, features: dict[str, Any] | None = None) -> None:
+    """Refuse an artifact whose stages, heads or sizes differ from the cascade it would run in.
+
+    ``features``: the serving side's feature schema, for kinds whose weights read features (trained actors).
+    """
     ours = stage_signature(cfg)
     theirs = manifest.get("stages")
     if theirs != ours:
         raise ArtifactError(f"{where}: built for stages {theirs}, but the config has {ours}")
     if manifest.get("pool_size") != cfg.cascade.pool_size:
         raise ArtifactError(f"{where}: built for pool size {manifest.get('pool_size')}, config has {cfg.cascade.pool_size}")
+    if features is not None:
+        theirs_features = manifest.get("features") or {}
+        differ = {k: (theirs_features.get(k), v) for k, v in features.items() if theirs_features.get(k) != v}
+        if differ:
+            raise ArtifactError(f"{where}: feature schema differs (artifact, config): {differ}")
 
 
 def load_policy(path: Path, cfg: Config) -> WeightPolicy:
@@ -103,3 +116,14 @@ def load_policy(path: Path, cfg: Config) -> WeightPolicy:
     if weights.shape != (n_groups, sum(cfg.cascade.action_dims)):
         raise ArtifactError(f"{path}: weights of shape {tuple(weights.shape)} do not fit {n_groups} groups x {sum(cfg.cascade.action_dims)} dims")
     return WeightPolicy(weights.float(), cfg.cascade, group_by=manifest["group_by"])
+
+
+def load_any_policy(path: Path, cfg: Config, world: World | None = None) -> Policy:
+    """Load a verified artifact of any kind: fixed weights, or trained actors (``world`` maps their ids)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest.get("kind") == "actors":
+        from unexrl.policies.actors import actor_policy  # TorchRec is imported only when actors are loaded
+
+        return actor_policy(path, manifest, cfg, world)
+    return load_policy(path, cfg)

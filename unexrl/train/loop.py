@@ -10,6 +10,7 @@ sessions, samples its own batches, and takes the same number of updates in locks
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -49,6 +50,10 @@ class TrainResult:
     """distributed runs: where each online table lives"""
     update_seconds: float = 0.0
     """wall time inside the update steps of this run (each ends in a host sync, so it is the real cost)"""
+    best_actors: nn.ModuleList | None = None
+    """rank 0: an unsharded copy of the actors at the best validation score (model selection on seeds.validation)"""
+    best_updates: int | None = None
+    """the update count of ``best_actors``"""
 
 
 def _collect(sim: Simulator, buffer: ReplayBuffer, policy: Policy, seed: int, sessions: Tensor) -> int:
@@ -160,6 +165,8 @@ def train(
             actors = acting.refresh(agent.actors, u)
             if ctx.is_main:
                 score = validate(sim, actors, t.eval_sessions)
+                if result.best_updates is None or score > max(p["validation_watch_time"] for p in result.curve):
+                    result.best_actors, result.best_updates = copy.deepcopy(actors), u
                 result.curve.append({"updates": u, "validation_watch_time": score, **stats})
                 bar.set_postfix(val=f"{score:.0f}s", q=f"{stats['q']:.2f}")
         if online and u % t.updates_per_collect == 0 and u < t.updates:
