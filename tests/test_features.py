@@ -250,17 +250,6 @@ def test_environment_files(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None
         store.store_yaml(_with_features(cfg, environment="nowhere"))
 
 
-def test_production_config_validates_with_pyspark(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Feast validates the Spark offline store config by importing pyspark (feast[spark], ~500 MB): only then."""
-    pytest.importorskip("pyspark", reason="pyspark (feast[spark]) is not installed: the Spark config is not validated")
-    from feast.repo_config import load_repo_config
-
-    for var in ("UNEXRL_REDIS", "UNEXRL_FEAST_REGISTRY", "UNEXRL_SPARK_MASTER", "UNEXRL_SPARK_STAGING"):
-        monkeypatch.setenv(var, "s3://bucket/x" if "REGISTRY" in var or "STAGING" in var else "local[1]")
-    config = load_repo_config(ROOT / "feature_repo", store.store_yaml(_with_features(cfg, environment="production")))
-    assert config.offline_store.type == "spark"
-
-
 # ---------------------------------------------------------------- Feast workflow on the embedded store ----
 
 

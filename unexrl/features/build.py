@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from unexrl.config import Config
 from unexrl.data import LoggedData, read_logs
+from unexrl.data.reader import list_matrix
 from unexrl.features import schema as fs
 from unexrl.features.storage import MANIFEST, filesystem, join, local_directory, normalize, publish_directory
 from unexrl.io import sha256_file
@@ -119,11 +120,11 @@ class _Log:
         self.feedback_us = feedback_us(self.event_us, _column(tr, "reward"))
         self.start_us = int(self.event_us.min())
         k = cfg.cascade.page_size
-        self.shown = _matrix(tr, "shown_item_ids", k)
-        self.viewed = _matrix(tr, "viewed", k)
-        self.watch = _matrix(tr, "watch_time_s", k).astype(np.float64) * self.viewed
-        self.click = _matrix(tr, "click", k) & self.viewed
-        self.like = _matrix(tr, "like", k) & self.viewed
+        self.shown = list_matrix(tr, "shown_item_ids", k)
+        self.viewed = list_matrix(tr, "viewed", k)
+        self.watch = list_matrix(tr, "watch_time_s", k).astype(np.float64) * self.viewed
+        self.click = list_matrix(tr, "click", k) & self.viewed
+        self.like = list_matrix(tr, "like", k) & self.viewed
         item_pos = _lookup(_column(self.items, "item_id"), self.shown)
         self.category = _column(self.items, "category").astype(np.int64)[item_pos]
         self.duration = _column(self.items, "duration_s").astype(np.float64)[item_pos]
@@ -282,10 +283,6 @@ class _Log:
 def _column(table: pa.Table, name: str, cast: pa.DataType | None = None) -> np.ndarray:
     column = table[name]
     return np.asarray(column.cast(cast) if cast is not None else column)
-
-
-def _matrix(table: pa.Table, name: str, width: int) -> np.ndarray:
-    return np.asarray(table[name].combine_chunks().flatten()).reshape(table.num_rows, width)
 
 
 def _lookup(column_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
