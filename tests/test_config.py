@@ -53,6 +53,11 @@ def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_exponent_without_a_dot_is_a_number() -> None:
+    assert load_config(None, ["algo.actor_lr=3e-5"]).algo.actor_lr == 3e-5
+    assert load_config(None, ["name=run-1"]).name == "run-1"
+
+
 def test_malformed_override() -> None:
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(None, ["no-equals-sign"])
