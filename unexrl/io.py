@@ -19,6 +19,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_publishable(out_dir: Path, overwrite: bool, what: str = "output directory") -> None:
+    """Refuse to replace anything but an absent or empty directory unless ``overwrite``; say what and why."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{what} {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{what} {out_dir} exists and is not empty; refusing to overwrite it "
+            "(allow overwriting to replace it, or choose another path)"
+        )
+
+
 @contextmanager
 def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out_dir`` to fill; on success it replaces ``out_dir`` in one rename.
@@ -27,8 +38,7 @@ def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     see a half-written artifact.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another path or allow overwriting")
+    check_publishable(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -35,7 +35,7 @@ from unexrl.data.schema import (
     transitions_schema,
     users_schema,
 )
-from unexrl.io import sha256_file
+from unexrl.io import check_publishable, sha256_file
 from unexrl.sim.env import Step
 from unexrl.sim.world import World
 
@@ -57,16 +57,6 @@ def _fixed(matrix: np.ndarray, type_: pa.DataType) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(values, type=type_)
 
 
-def _check_target(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"log directory {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"log directory {out_dir} exists and is not empty; refusing to overwrite it "
-            "(pass overwrite=True to replace it, or choose another directory)"
-        )
-
-
 class LogWriter:
     """Accumulates :class:`Step` batches into Parquet row groups and publishes the log directory on close.
 
@@ -81,7 +71,7 @@ class LogWriter:
         self.out_dir = Path(out_dir)
         self.overwrite = overwrite
         self.row_group_rows = row_group_rows
-        _check_target(self.out_dir, overwrite)
+        check_publishable(self.out_dir, overwrite, "log directory")
         self.schema = transitions_schema(cfg)
         self._start_us = _start_us(cfg.logging.start_time)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +180,7 @@ class LogWriter:
 
     def _publish(self) -> None:
         """Rename the finished temporary directory onto ``out_dir``, replacing it only when allowed."""
-        _check_target(self.out_dir, self.overwrite)
+        check_publishable(self.out_dir, self.overwrite, "log directory")
         if not self.out_dir.exists():
             self._tmp.rename(self.out_dir)
             return
