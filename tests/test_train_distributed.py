@@ -173,7 +173,9 @@ def test_a_second_run_into_the_same_directory_needs_resume(tmp_path: Path, cem_a
 def test_offline_resume_is_exact(tmp_path: Path, cem_artifact: Path, train_logs: Path) -> None:
     """Offline, the buffer comes back from the logs, so a run resumed from its middle checkpoint must end where the
     uninterrupted run ended: networks, targets, Adam states, RNG and CQR knots all restored (one process)."""
-    overrides = [*TINY, "train.updates=8", "train.checkpoint_every=4", "train.eval_every=4", "train.eval_sessions=4"]
+    # train.select=final: the actors of points before a resume are not kept, so only the final actors can match
+    overrides = [*TINY, "train.updates=8", "train.checkpoint_every=4", "train.eval_every=4", "train.eval_sessions=4",
+                 "train.select=final"]
     args = [*_args(overrides), "--algo", "unexrl-cic", "--logs", str(train_logs), "--cem", str(cem_artifact)]
     assert main(["train", *SMALL, *args, "--out", str(tmp_path / "whole")]) == 0
     (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
@@ -183,3 +185,21 @@ def test_offline_resume_is_exact(tmp_path: Path, cem_artifact: Path, train_logs:
     assert cut["resumed_from"] == 4 and cut["curve"] == whole["curve"]
     assert (tmp_path / "whole" / "export" / "actors.safetensors").read_bytes() == \
         (tmp_path / "cut" / "export" / "actors.safetensors").read_bytes()
+
+
+def test_export_holds_the_best_validation_point(tmp_path: Path, cem_artifact: Path, train_logs: Path) -> None:
+    """Model selection on seeds.validation: the export holds the actors of the best point of the curve."""
+    overrides = [*TINY, "train.updates=12", "train.eval_every=3", "train.eval_sessions=8"]
+    assert main(["train", *SMALL, *_args(overrides), "--algo", "unexrl-cic", "--logs", str(train_logs),
+                 "--cem", str(cem_artifact), "--out", str(tmp_path)]) == 0
+    points = json.loads((tmp_path / "curve.json").read_text())["curve"]
+    best = max(points, key=lambda p: p["validation_watch_time"])
+    manifest = read_manifest(tmp_path / "export")
+    assert manifest["selection"] == {"rule": "best_validation", "updates": best["updates"],
+                                     "validation_watch_time": best["validation_watch_time"]}
+    cfg = Config.model_validate_json(json.dumps(manifest["config"]))
+    sim = Simulator(cfg)
+    served = probe_actions(load_actor_policy(tmp_path / "export", cfg, sim.world), sim)
+    final = load_file(tmp_path / "probe_actions.safetensors")
+    same = all(torch.equal(a, final[f"stage{i}"]) for i, a in enumerate(served))
+    assert same == (best["updates"] == 12)  # the final actors only when the last point is the best

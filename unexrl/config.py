@@ -318,6 +318,8 @@ class TrainConfig(_Strict):
     """updates between checkpoints"""
     embedding_lr: float = Field(default=0.01, gt=0)
     """distributed runs: learning rate of the fused row-wise Adagrad that trains the sharded embedding tables"""
+    select: Literal["best_validation", "final"] = "best_validation"
+    """which actors the export and the experiment use: the best validation point (model selection) or the last"""
 
 
 class ExperimentConfig(_Strict):
@@ -342,6 +344,8 @@ class ExperimentConfig(_Strict):
     """the 4-stage cascade on which 1..4 agents learn (the rest stay at CEM)"""
     eval_sessions_per_seed: int = Field(default=500, ge=1)
     """sessions per evaluation seed for each trained policy"""
+    workers: int = Field(default=1, ge=1)
+    """processes that train and evaluate runs at once (one torch thread each); 1 runs them in this process"""
 
 
 class BenchConfig(_Strict):

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from unexrl.config import Config
 from unexrl.evaluate.rollout import rollout
 from unexrl.evaluate.stats import Estimate, bootstrap_mean, bootstrap_uplift
 from unexrl.policies.cem import tune_cem
+from unexrl.policies.weights import WeightPolicy
 from unexrl.rl.policy import ActorPolicy
 from unexrl.sim.env import Policy, Simulator
 from unexrl.sim.world import World
@@ -92,30 +97,50 @@ def _evaluate(cfg: Config, sim: Simulator, policy: Policy) -> dict[str, list[np.
     return {m: [getattr(o, m) for o in outs] for m in METRICS}
 
 
-def _run(cfg: Config, world: World, variant: str, k: int, agents: int | None, runs_dir: Path, cem_cache: dict) -> Run:
+def _cem(cfg: Config, sim: Simulator, k: int, folder: Path) -> WeightPolicy:
+    """CEM of training seed k, tuned once per cascade and kept in ``folder`` for the other runs and for a resume."""
+    path = folder / f"cem-seed{k}.pt"
+    if path.is_file():
+        return WeightPolicy(torch.load(path).to(sim.world.item_category.device), cfg.cascade)
+    policy = tune_cem(sim, cfg.cem, cfg.seeds.train, progress=False)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(policy.weights.cpu(), tmp)
+    tmp.replace(path)
+    return policy
+
+
+_WORLDS: dict[str, World] = {}
+"""this process's worlds by config name (a world depends only on the world config and seeds.world)"""
+
+
+def _run(cfg: Config, variant: str, k: int, agents: int | None, folder: Path) -> Run:
     name = f"{variant}-seed{k}" + (f"-agents{agents}" if agents is not None else "")
-    path = runs_dir / name
+    path = folder / name
     if path.with_suffix(".json").exists():
         return Run.load(path)
     kcfg = seed_config(cfg, k)
     started = time.perf_counter()
-    sim = Simulator(kcfg, world=world)
-    key = (k, len(kcfg.cascade.stages))
-    if key not in cem_cache:
-        cem_cache[key] = tune_cem(sim, kcfg.cem, kcfg.seeds.train, progress=False)
-    cem = cem_cache[key]
+    if cfg.name not in _WORLDS:
+        _WORLDS[cfg.name] = Simulator(cfg).world
+    sim = Simulator(kcfg, world=_WORLDS[cfg.name])
+    cem = _cem(kcfg, sim, k, folder)
     curve: list[dict[str, float]] = []
     if variant == "cem":
         policy: Policy = cem
     else:
         result = train(variant_config(kcfg, variant, agents), cem.weights, sim, progress=False)
-        # model selection on seeds.validation: the actors of the best point of the learning curve
-        actors = result.best_actors if result.best_actors is not None else result.agent.actors
+        # model selection on seeds.validation (train.select), as the export of `unexrl train` makes it
+        selected, _ = result.selected(kcfg.train.select)
+        actors = selected if selected is not None else result.agent.actors
         policy, curve = ActorPolicy(actors, kcfg, sim.world), result.curve
     run = Run(variant, k, agents, _evaluate(kcfg, sim, policy), curve, time.perf_counter() - started)
     run.save(path)
     log.info("%s: watch time %.0f s (%.0f s)", name, np.concatenate(run.outcomes["watch_time"]).mean(), run.seconds)
     return run
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # workers share the cores: one intra-op thread each
 
 
 def run_experiment(cfg: Config, out: Path) -> dict[str, Any]:
@@ -124,23 +149,33 @@ def run_experiment(cfg: Config, out: Path) -> dict[str, Any]:
 
     e = cfg.experiment
     runs_dir = out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    world = Simulator(cfg).world
-    cem_cache: dict = {}
-    four = cfg.model_copy(update={"cascade": cfg.cascade.model_copy(update={"stages": e.agents_stages})})
+    four = cfg.model_copy(update={"cascade": cfg.cascade.model_copy(update={"stages": e.agents_stages}),
+                                  "name": f"{cfg.name}-4stage"})
     four = Config.model_validate_json(four.model_dump_json())
-    main_jobs = [(v, k, None) for k in range(e.seeds) for v in e.variants]
-    study_jobs = [(v, k, n) for k in range(e.agents_seeds) for v in ("cem", *e.agents_algos)
-                  for n in ((None,) if v == "cem" else range(1, len(e.agents_stages) + 1))]
+    # CEM runs first: the other runs of a training seed read its tuned weights from disk
+    main_jobs = sorted(((v, k, None) for k in range(e.seeds) for v in e.variants), key=lambda j: j[0] != "cem")
+    study_jobs = sorted(((v, k, n) for k in range(e.agents_seeds) for v in ("cem", *e.agents_algos)
+                         for n in ((None,) if v == "cem" else range(1, len(e.agents_stages) + 1))),
+                        key=lambda j: j[0] != "cem")
+    jobs = [(cfg, *j, runs_dir / "main") for j in main_jobs] + [(four, *j, runs_dir / "agents") for j in study_jobs]
+    for folder in ("main", "agents"):
+        (runs_dir / folder).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    bar = tqdm(total=len(main_jobs) + len(study_jobs), desc="experiment")
-    main_runs, study_runs = [], []
-    for runs, run_cfg, jobs, folder in ((main_runs, cfg, main_jobs, "main"), (study_runs, four, study_jobs, "agents")):
-        (runs_dir / folder).mkdir(exist_ok=True)
-        for variant, k, agents in jobs:
-            runs.append(_run(run_cfg, world, variant, k, agents, runs_dir / folder, cem_cache))
-            bar.update(1)
-    bar.close()
+    with tqdm(total=len(jobs), desc="experiment") as bar:
+        if e.workers == 1:
+            runs = []
+            for job in jobs:
+                runs.append(_run(*job))
+                bar.update(1)
+        else:
+            spawn = multiprocessing.get_context("spawn")  # never fork a process whose torch threads have started
+            with ProcessPoolExecutor(e.workers, mp_context=spawn, initializer=_one_thread) as pool:
+                futures = [pool.submit(_run, *job) for job in jobs]
+                for done in as_completed(futures):
+                    done.result()  # a failed run stops the experiment here, with its error
+                    bar.update(1)
+                runs = [f.result() for f in futures]
+    main_runs, study_runs = runs[:len(main_jobs)], runs[len(main_jobs):]
     results = summarise(main_runs, study_runs, cfg, time.perf_counter() - started)
     write_results(results, out)
     return results
@@ -224,7 +259,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines += ["", "## Agents-count study (4-stage cascade; learning stages counted from ranking, rest at CEM)", "",
                   "| algo / agents | watch time / session (s) |", "|---|---|"]
         lines += [f"| {key} | {_fmt(e)} |" for key, e in results["agents_study"].items()]
-    lines += ["", "![learning curves](learning_curves.png)", "", "![agents](agents.png)", ""]
+    lines += ["", "![learning curves](learning_curves.png)", ""]
+    if results["agents_study"]:
+        lines += ["![agents](agents.png)", ""]
     return "\n".join(lines)
 
 

@@ -31,4 +31,4 @@ export PYTHONPATH=$site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 out=${OUT:-gpu-out}
 mkdir -p "$out"
-python3 benchmarks/gpu/gpu_checks.py --out "$out"
+python3 benchmarks/gpu/gpu_checks.py --out "$out" "$@"

@@ -24,6 +24,7 @@ from unexrl.rl.networks import embedding_tables
 from unexrl.rl.observation import sparse_features
 from unexrl.rl.replay import ReplayBuffer
 from unexrl.sim.env import Simulator, Step
+from unexrl.train.loop import on_device
 
 
 def bench_train(cfg: Config) -> dict[str, Any]:
@@ -38,19 +39,19 @@ def bench_train(cfg: Config) -> dict[str, Any]:
     rollout(sim, policy, cfg.seeds.train[0], 256, 256, on_step=steps.append)
     buffer = ReplayBuffer(cfg, 100_000)
     buffer.add_steps(steps, w)
-    batch = buffer.sample(cfg.algo.batch_size, torch.Generator().manual_seed(0))
+    batch = on_device(buffer.sample(cfg.algo.batch_size, torch.Generator().manual_seed(0)), device)
     repeats = cfg.bench.repeats
 
     seconds = {}
     for name in ("unexrl-cic", "unexrl-ctde"):
         algo_cfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"name": name, "policy_delay": 1})})
-        agent = CascadeAgent(algo_cfg, w.n_users, w.n_items, w.n_categories, cem)
-        seconds[name] = _median_seconds(lambda: agent.update(batch), repeats, device)
+        agent = CascadeAgent(algo_cfg, w.n_users, w.n_items, w.n_categories, cem).to(device)
+        seconds[name] = _median_seconds(lambda agent=agent: agent.update(batch), repeats, device)
 
     ebc = EmbeddingBagCollection(
         tables=embedding_tables("bench", w.n_users, w.n_items, w.n_categories, cfg.algo.embedding_dim), device=device
     )
-    kjt = sparse_features(batch.tau)
+    kjt = sparse_features(batch.tau).to(device)
 
     def raw_step() -> None:
         kt = ebc(kjt)
@@ -74,8 +75,8 @@ def bench_train(cfg: Config) -> dict[str, Any]:
 
 
 def format_bench_train(result: dict[str, Any]) -> str:
-    lines = [f"bench train: config {result['config']}, batch {result['batch']}, {result['device']} "
-             f"({result['torch_threads']} threads)"]
+    lines = [(f"bench train: config {result['config']}, batch {result['batch']}, {result['device']} "
+              f"({result['torch_threads']} threads)")]
     for name, value in result["transitions_per_s"].items():
         lines.append(f"  {name:14s} {value:12,.0f} transitions/s")
     for name, value in result["ratios"].items():

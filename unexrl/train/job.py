@@ -1,9 +1,10 @@
 """`unexrl train`: one training run in a run directory, in one process or on every rank under torchrun.
 
     <out>/checkpoints/               DCP checkpoints, the last two (unexrl/train/checkpoint.py)
-    <out>/export/                    the trained actors for serving (unexrl/train/export.py)
+    <out>/export/                    the actors train.select picks (default: the best validation point), for
+                                     serving (unexrl/train/export.py)
     <out>/curve.json                 the validation curve and a summary of the run (rank 0)
-    <out>/probe_actions.safetensors  the trained actors' actions on the probe batch, as the sharded model gave them
+    <out>/probe_actions.safetensors  the final actors' actions on the probe batch, as the sharded model gave them
 
 A run is complete when export/manifest.json verifies and curve.json says ``updates == train.updates``; judge by
 that rather than by the exit code alone (a rare abort at interpreter exit after distributed training is known).
@@ -66,9 +67,14 @@ def _run(cfg: Config, out: Path, logs: Path | None, cem: Path | None, resume: bo
         log.warning("--resume: no checkpoint under %s, trained from the start", out / "checkpoints")
 
     # both collectives: the sharded actors act on the probe batch, and their tables are assembled whole
-    expected = probe_actions(ActorPolicy(result.agent.actors, cfg, sim.world), sim)
+    final_actions = probe_actions(ActorPolicy(result.agent.actors, cfg, sim.world), sim)
     state = full_state_dict(result.agent.actors, ctx.device)
     if ctx.is_main:
+        selected, selected_updates = result.selected(cfg.train.select)
+        expected = final_actions
+        if selected is not None:  # rank 0's unsharded copy of the best validation point
+            state = selected.state_dict()
+            expected = probe_actions(ActorPolicy(selected, cfg, sim.world), sim)
         final = result.curve[-1]["validation_watch_time"] if result.curve else None
         summary: dict[str, Any] = {
             "algorithm": cfg.algo.name,
@@ -80,6 +86,7 @@ def _run(cfg: Config, out: Path, logs: Path | None, cem: Path | None, resume: bo
             "updates_per_s": round((result.agent.updates - (result.resumed_from or 0)) / result.update_seconds, 2)
             if result.update_seconds else None,
             "final_validation_watch_time": final,
+            "selected_updates": selected_updates,
             "curve": result.curve,
         }
         provenance = {
@@ -88,8 +95,10 @@ def _run(cfg: Config, out: Path, logs: Path | None, cem: Path | None, resume: bo
             "training": {k: summary[k] for k in ("updates", "resumed_from", "world_size")} | {"sharding": result.sharding},
             "evaluation": {"validation_seed": cfg.seeds.validation[0], "sessions": cfg.train.eval_sessions,
                            "final_validation_watch_time": final, "curve": result.curve},
+            "selection": {"rule": cfg.train.select, "updates": selected_updates,
+                          "validation_watch_time": result.best_score if selected is not None else final},
         }
-        save_file({f"stage{i}": a.contiguous() for i, a in enumerate(expected)}, out / PROBE)
+        save_file({f"stage{i}": a.contiguous() for i, a in enumerate(final_actions)}, out / PROBE)
         export_actors(state, out / EXPORT, cfg, sim, expected, provenance)
         tmp = out / f".{CURVE}.tmp"
         tmp.write_text(json.dumps(summary, indent=2))

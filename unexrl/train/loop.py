@@ -51,9 +51,18 @@ class TrainResult:
     update_seconds: float = 0.0
     """wall time inside the update steps of this run (each ends in a host sync, so it is the real cost)"""
     best_actors: nn.ModuleList | None = None
-    """rank 0: an unsharded copy of the actors at the best validation score (model selection on seeds.validation)"""
+    """rank 0: an unsharded copy of the actors at the best validation score of this run (after a resume: of the
+    points since the resume, as earlier points' actors are not kept); model selection on seeds.validation"""
     best_updates: int | None = None
     """the update count of ``best_actors``"""
+    best_score: float | None = None
+    """the validation watch time of ``best_actors``"""
+
+    def selected(self, select: str) -> tuple[nn.ModuleList | None, int]:
+        """The actors ``train.select`` picks and their update count; None: the online (final) actors."""
+        if select == "best_validation" and self.best_actors is not None and self.best_updates is not None:
+            return self.best_actors, self.best_updates
+        return None, self.agent.updates
 
 
 def _collect(sim: Simulator, buffer: ReplayBuffer, policy: Policy, seed: int, sessions: Tensor) -> int:
@@ -68,7 +77,7 @@ def validate(sim: Simulator, actors: nn.ModuleList, sessions: int) -> float:
     return float(out.watch_time.mean())
 
 
-def _on(batch: Batch, device: torch.device) -> Batch:
+def on_device(batch: Batch, device: torch.device) -> Batch:
     """The batch on the training device (the replay buffer lives in host memory)."""
     if device.type == "cpu":
         return batch
@@ -157,7 +166,7 @@ def train(
     bar = tqdm(total=t.updates, initial=agent.updates, desc=f"train {a.name}", disable=not (progress and ctx.is_main))
     while agent.updates < t.updates:
         started = time.perf_counter()
-        stats = agent.update(_on(buffer.sample(a.batch_size, generator), ctx.device))
+        stats = agent.update(on_device(buffer.sample(a.batch_size, generator), ctx.device))
         result.update_seconds += time.perf_counter() - started
         bar.update(1)
         u = agent.updates
@@ -165,8 +174,8 @@ def train(
             actors = acting.refresh(agent.actors, u)
             if ctx.is_main:
                 score = validate(sim, actors, t.eval_sessions)
-                if result.best_updates is None or score > max(p["validation_watch_time"] for p in result.curve):
-                    result.best_actors, result.best_updates = copy.deepcopy(actors), u
+                if result.best_score is None or score > result.best_score:
+                    result.best_actors, result.best_updates, result.best_score = copy.deepcopy(actors), u, score
                 result.curve.append({"updates": u, "validation_watch_time": score, **stats})
                 bar.set_postfix(val=f"{score:.0f}s", q=f"{stats['q']:.2f}")
         if online and u % t.updates_per_collect == 0 and u < t.updates:
