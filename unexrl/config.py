@@ -273,7 +273,7 @@ class AlgoConfig(_Strict):
     """discount per request"""
     polyak: float = Field(default=0.01, gt=0, le=1)
     """target network update rate"""
-    actor_lr: float = Field(default=1e-4, gt=0)
+    actor_lr: float = Field(default=3e-5, gt=0)
     """learning rate of the actors"""
     critic_lr: float = Field(default=1e-3, gt=0)
     """learning rate of the critics"""
@@ -287,11 +287,11 @@ class AlgoConfig(_Strict):
     """TD3 target-policy smoothing noise std (action units)"""
     noise_clip: float = Field(default=0.5, ge=0)
     """clip of the smoothing noise"""
-    policy_delay: int = Field(default=2, ge=1)
+    policy_delay: int = Field(default=8, ge=1)
     """critic updates per actor update (TD3; ddpg uses 1)"""
     exploration_std: float = Field(default=0.2, ge=0)
     """Gaussian exploration noise when collecting online"""
-    action_radius: float = Field(default=1.0, gt=0)
+    action_radius: float = Field(default=0.3, gt=0)
     """actors start at the CEM weights and move at most this far from them per dimension"""
 
 
@@ -302,7 +302,7 @@ class TrainConfig(_Strict):
     """online: collect with exploration, replay, update; offline: replay logged transitions only"""
     updates: int = Field(default=2000, ge=1)
     """gradient updates (critic steps)"""
-    warmup_sessions: int = Field(default=256, ge=1)
+    warmup_sessions: int = Field(default=1024, ge=1)
     """online: sessions collected under CEM + exploration before learning (also fits the CQR knots)"""
     sessions_per_collect: int = Field(default=32, ge=1)
     """online: sessions collected between rounds of updates"""

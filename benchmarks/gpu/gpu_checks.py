@@ -8,7 +8,7 @@ The checks, in order of what the docs need most, each bounded by its own timeout
   nccl_train    a short unexrl-cic run on configs/small.yaml, tables sharded over NCCL (one rank per GPU)
   bench_train   `unexrl bench train` on configs/paper.yaml (1M item rows): CIC vs CTDE vs raw EBC on the GPU
   bench_sim     `unexrl bench sim` on configs/paper.yaml (2000 -> 500 -> 100 -> 10)
-  paper_run     `unexrl experiment` on configs/paper.yaml: CEM, TD3 and UNEX-RL-CIC, one training seed, a budget
+  paper_run     `unexrl experiment` on configs/paper.yaml: CEM, TD3, UNEX-RL-CTDE and -CIC, one training seed, a budget
                 that fits the lease (PAPER_RUN), evaluated on seeds.evaluation
 """
 
@@ -33,7 +33,7 @@ PAPER = ["--config", "configs/paper.yaml", *CUDA]
 TRAIN = ["train.updates=300", "train.warmup_sessions=256", "train.sessions_per_collect=64",
          "train.updates_per_collect=100", "train.eval_every=300", "train.eval_sessions=200", "train.checkpoint_every=150",
          "algo.batch_size=256"]
-PAPER_RUN = ["experiment.variants=[cem,td3,unexrl-cic]", "experiment.agents_seeds=0", "experiment.eval_sessions_per_seed=2000",
+PAPER_RUN = ["experiment.variants=[cem,td3,unexrl-ctde,unexrl-cic]", "experiment.agents_seeds=0", "experiment.eval_sessions_per_seed=2000",
              "cem.iterations=10", "train.updates=1500", "train.eval_every=250", "train.eval_sessions=1000",
              "train.warmup_sessions=1024", "train.sessions_per_collect=128", "train.updates_per_collect=50"]
 """the paper-config run's budget: the paper's sizes, a training budget that fits a few minutes of one GPU"""
