@@ -159,7 +159,7 @@ def test_openapi_documents_every_field(service: str) -> None:
             assert spec.get("description"), f"{name}.{field} has no description"
 
 
-def test_schemathesis_finds_no_server_error(service: str) -> None:
+def test_schemathesis_finds_no_server_error(service: str, tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("schemathesis")
     if not exe.exists():
         pytest.skip("schemathesis is not installed (the serve-test extra)")
@@ -167,7 +167,7 @@ def test_schemathesis_finds_no_server_error(service: str) -> None:
         [str(exe), "run", f"{service}/docs.json", "--checks", "not_a_server_error", "--include-path-regex",
          "^/(recommend|feedback|version)$", "--max-examples", "20", "--max-time", "30", "--workers", "1",
          "--suppress-health-check", "all"],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,  # it writes .schemathesis/ there
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert httpx.get(f"{service}/readyz").status_code == 200  # the worker survived
