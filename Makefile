@@ -8,7 +8,7 @@ CONFIG ?= configs/default.yaml
 OUT ?= runs/default
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 
-.PHONY: run test install bench clean redis-server
+.PHONY: run test install bench clean redis-server prometheus
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m unexrl run --config $(CONFIG) --out $(OUT)
 
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server prometheus
 	$(PY) -m pytest -q
 
 # The feature store's Redis tests start their own redis-server on loopback: install it where missing (CI runs
@@ -35,6 +35,13 @@ redis-server:
 	@command -v redis-server >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends redis-server >/dev/null) || \
 		echo "make: redis-server could not be installed; the Redis feature-store tests will be skipped"
+
+# The serving tests start a real Prometheus (with promtool) and `unexrl bench serve` drives load with wrk: install
+# Debian's packages where missing. Where that is impossible, those tests are skipped and say why.
+prometheus:
+	@(command -v prometheus && command -v promtool && command -v wrk) >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus wrk >/dev/null) || \
+		echo "make: prometheus/wrk could not be installed; the Prometheus serving test and bench serve will be skipped"
 
 bench: $(STAMP)
 	$(PY) -m unexrl bench sim --config $(CONFIG) --json
