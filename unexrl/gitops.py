@@ -67,6 +67,8 @@ def set_release(kustomization: Path, *, model_version: str, image_tag: str) -> N
         raise GitOpsError(f"no overlay at {kustomization}: create k8s/overlays/<environment>/kustomization.yaml first")
     yaml = YAML()
     yaml.preserve_quotes = True
+    yaml.indent(mapping=2, sequence=4, offset=2)  # the Kustomize style: "  - name: ..." under a key
+    yaml.width = 4096  # never re-wrap long lines
     doc = yaml.load(kustomization.read_text())
     if not isinstance(doc, dict):
         raise GitOpsError(f"{kustomization}: not a YAML mapping")
