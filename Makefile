@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 CONFIG ?= configs/default.yaml
 OUT ?= runs/default
+CHECKOV_VENV ?= .venv-checkov
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 
 .PHONY: run test install bench clean redis-server prometheus
@@ -18,6 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 torchmetrics==1.0.3 pyre-extensions==0.0.32 iopath
 	$(PIP) install --no-deps torchrec==1.8.0
 	$(PIP) install -e ".[dev]"
+	# checkov (policy scan of k8s/, tests/test_k8s_checkov.py) in its own venv: it would downgrade packaging,
+	# networkx, python-dateutil, importlib-metadata and tabulate in this one.
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip --disable-pip-version-check -q install checkov==3.3.30
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -36,8 +41,9 @@ redis-server:
 		apt-get install -y -qq --no-install-recommends redis-server >/dev/null) || \
 		echo "make: redis-server could not be installed; the Redis feature-store tests will be skipped"
 
-# The serving tests start a real Prometheus (with promtool) and `unexrl bench serve` drives load with wrk: install
-# Debian's packages where missing. Where that is impossible, those tests are skipped and say why.
+# The serving tests start a real Prometheus, tests/test_k8s.py checks rules with its promtool, and
+# `unexrl bench serve` drives load with wrk: install Debian's packages where missing (CI runs as root on Debian).
+# Where that is impossible, those tests are skipped and say why.
 prometheus:
 	@(command -v prometheus && command -v promtool && command -v wrk) >/dev/null || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus wrk >/dev/null) || \
@@ -47,4 +53,4 @@ bench: $(STAMP)
 	$(PY) -m unexrl bench sim --config $(CONFIG) --json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) runs .pytest_cache

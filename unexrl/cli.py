@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "curve.json and an `actors` artifact for serving to --out (docs/training.md).")
     p.add_argument("--algo", choices=ALGOS, help="algorithm (sets algo.name)")
     p.add_argument("--logs", type=Path, help="train offline from this `unexrl simulate` log directory (sets train.regime=offline)")
+    p.add_argument("--training-set", type=Path, help="point-in-time training set of --logs (`unexrl features training-set`): "
+                   "checked against the logs, its sha256 recorded in the export")
     p.add_argument("--cem", type=Path, help="CEM artifact for the fixed stages and the warm-up (default: tune CEM on seeds.train)")
     p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints/, export/, curve.json")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")

@@ -184,7 +184,7 @@ def train(cfg: Config, args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"name": args.algo})})
     if args.logs:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"regime": "offline"})})
-    run_training(cfg, args.out, logs=args.logs, cem=args.cem, resume=args.resume)
+    run_training(cfg, args.out, logs=args.logs, cem=args.cem, resume=args.resume, training_set=args.training_set)
     return 0
 
 

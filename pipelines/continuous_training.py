@@ -1,0 +1,127 @@
+"""`unexrl_continuous_training`: logs -> features -> training set -> train -> evaluate -> gate -> package -> deploy.
+
+Compile (the checked-in YAML and manifests; tests/test_pipeline_compile.py fails when they are stale):
+
+    python -m pipelines.continuous_training --compile
+
+Run locally with kfp.local: `make run` (pipelines/local.py).
+"""
+
+
+import argparse
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+from kfp.compiler.compiler_utils import KubernetesManifestOptions
+
+from components import (build_features, build_training_set, deploy, evaluate, gate, ingest_logs, materialize_features,
+                        package, resolve_incumbent, simulate_logs, train)
+from components.images import TRAIN_GPU_IMAGE, VERSION
+
+HERE = Path(__file__).resolve().parent
+PIPELINE_YAML = HERE / "unexrl_continuous_training.yaml"
+MANIFESTS_YAML = HERE / "manifests" / "unexrl_continuous_training.k8s.yaml"
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+
+
+@dsl.pipeline(
+    name="unexrl-continuous-training",
+    description="UNEX-RL continuous training: logs -> Feast features -> point-in-time training set -> distributed "
+                "TorchRec training -> evaluation vs incumbent and CEM -> gate -> BentoML package -> GitOps deploy.",
+)
+def unexrl_continuous_training(
+    config: str = "default",
+    config_overrides: list = [],  # noqa: B006 (KFP parameters are declared by their defaults)
+    environment: str = "staging",
+    log_seed: int = -1,
+    evaluation_seeds: list = [],  # noqa: B006
+    logs_uri: str = "",
+    algo: str = "unexrl-cic",
+    train_nodes: int = 1,
+    train_workers: int = 2,
+    train_job_kind: str = "trainjob",
+    train_image: str = TRAIN_GPU_IMAGE,
+    gpu_type: str = "nvidia.com/gpu",
+    gpus_per_node: int = 1,
+    gpu_node_selector: dict = GPU_NODE_SELECTOR,  # noqa: B006
+    gpu_tolerations: list = GPU_TOLERATIONS,  # noqa: B006
+    namespace: str = "kubeflow",
+    data_pvc: str = "unexrl-data",
+    data_mount_path: str = "/data",
+    min_uplift_pct: float = 1.0,
+    latency_budget_ms: float = 50.0,
+    bentoml_home: str = "",
+    gitops_repo: str = "",
+    gitops_branch: str = "main",
+    registry: str = "/data/registry",
+):
+    """Parameters (README, "The continuous-training pipeline", explains each)."""
+    incumbent = resolve_incumbent(registry=registry, environment=environment).set_caching_options(False)
+    incumbent.set_display_name("resolve incumbent")
+
+    sim = simulate_logs(config=config, overrides=config_overrides, log_seed=log_seed, logs_uri=logs_uri,
+                        incumbent=incumbent.outputs["incumbent"])
+    sim.set_display_name("simulate logs").set_retry(num_retries=2, backoff_duration="30s")
+    logs = ingest_logs(config=config, overrides=config_overrides, logs_uri=logs_uri,
+                       simulated=sim.outputs["logs"]).set_display_name("ingest + validate logs")
+    logs.set_retry(num_retries=2, backoff_duration="30s")  # remote object stores are flaky
+    features = build_features(config=config, overrides=config_overrides, logs=logs.outputs["logs"])
+    features.set_display_name("build features")
+    store = materialize_features(config=config, overrides=config_overrides, features=features.outputs["features"])
+    store.set_display_name("materialize features (Feast)").set_retry(num_retries=2, backoff_duration="30s")
+    tset = build_training_set(config=config, overrides=config_overrides, logs=logs.outputs["logs"],
+                              feature_store=store.outputs["feature_store"]).set_display_name("point-in-time training set")
+
+    trained = train(config=config, overrides=config_overrides, algo=algo, nodes=train_nodes,
+                    processes_per_node=train_workers, job_kind=train_job_kind, image=train_image, namespace=namespace,
+                    pvc=data_pvc, mount_path=data_mount_path, node_selector=gpu_node_selector,
+                    tolerations=gpu_tolerations, logs=logs.outputs["logs"], training_set=tset.outputs["training_set"],
+                    cem=sim.outputs["cem"])
+    trained.set_display_name("train (TorchRec, torchrun / TrainJob)")
+    trained.set_retry(num_retries=1, backoff_duration="60s")  # a rare abort at exit; checkpoints make a retry cheap
+    trained.set_accelerator_type(gpu_type).set_accelerator_limit(gpus_per_node)
+    trained.set_cpu_request("4").set_memory_request("16G")
+    kubernetes.add_node_selector_json(trained, gpu_node_selector)
+    kubernetes.add_toleration_json(trained, gpu_tolerations)
+    kubernetes.mount_pvc(trained, pvc_name=data_pvc, mount_path="/data")
+
+    evaluated = evaluate(config=config, overrides=config_overrides, evaluation_seeds=evaluation_seeds,
+                         candidate=trained.outputs["model"], cem=sim.outputs["cem"],
+                         incumbent=incumbent.outputs["incumbent"]).set_display_name("evaluate vs incumbent and CEM")
+    decision = gate(evaluation=evaluated.outputs["evaluation"], min_uplift_pct=min_uplift_pct,
+                    latency_budget_ms=latency_budget_ms).set_display_name("gate")
+    decision.set_caching_options(False)
+
+    with dsl.If(decision.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition, not Python)
+        bento = package(model=trained.outputs["model"], bentoml_home=bentoml_home).set_display_name("package (BentoML)")
+        released = deploy(bento=bento.outputs["bento"], model=trained.outputs["model"], repo=gitops_repo,
+                          environment=environment, branch=gitops_branch, registry=registry)
+        released.set_display_name("deploy (GitOps commit)").set_caching_options(False)
+        released.set_retry(num_retries=2, backoff_duration="30s")  # git push races / network
+        kubernetes.mount_pvc(released, pvc_name=data_pvc, mount_path="/data")
+    kubernetes.mount_pvc(incumbent, pvc_name=data_pvc, mount_path="/data")
+
+
+def compile_all(pipeline_yaml: Path = PIPELINE_YAML, manifests_yaml: Path = MANIFESTS_YAML) -> None:
+    """The IR YAML for upload, and the Pipeline/PipelineVersion resources for a GitOps-managed Kubeflow."""
+    compiler.Compiler().compile(unexrl_continuous_training, str(pipeline_yaml))
+    manifests_yaml.parent.mkdir(parents=True, exist_ok=True)
+    options = KubernetesManifestOptions(pipeline_name="unexrl-continuous-training",
+                                        pipeline_version_name=f"unexrl-continuous-training-v{VERSION.replace('.', '-')}",
+                                        namespace="kubeflow", include_pipeline_manifest=True)
+    compiler.Compiler().compile(unexrl_continuous_training, str(manifests_yaml), kubernetes_manifest_format=True,
+                                kubernetes_manifest_options=options)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compile", action="store_true", help="write the YAML and the Kubernetes manifests")
+    args = parser.parse_args()
+    if args.compile:
+        compile_all()
+        print(f"wrote {PIPELINE_YAML.relative_to(HERE.parent)} and {MANIFESTS_YAML.relative_to(HERE.parent)}")
+
+
+if __name__ == "__main__":
+    main()
