@@ -25,6 +25,29 @@ GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "No
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 
 
+def release_steps(*, config, config_overrides, evaluation_seeds, candidate, cem, incumbent, min_uplift_pct,
+                  latency_budget_ms, bentoml_home, gitops_repo, environment, gitops_branch, registry, data_pvc) -> None:
+    """evaluate -> gate -> dsl.If(passed): package -> deploy, added to the pipeline being defined.
+
+    One definition of the release wiring, shared with the sabotage test (tests/test_pipeline_e2e.py), which feeds
+    it a deliberately bad candidate.
+    """
+    evaluated = evaluate(config=config, overrides=config_overrides, evaluation_seeds=evaluation_seeds,
+                         candidate=candidate, cem=cem, incumbent=incumbent)
+    evaluated.set_display_name("evaluate vs incumbent and CEM")
+    decision = gate(evaluation=evaluated.outputs["evaluation"], min_uplift_pct=min_uplift_pct,
+                    latency_budget_ms=latency_budget_ms).set_display_name("gate")
+    decision.set_caching_options(False)
+
+    with dsl.If(decision.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition, not Python)
+        bento = package(model=candidate, bentoml_home=bentoml_home).set_display_name("package (BentoML)")
+        released = deploy(bento=bento.outputs["bento"], model=candidate, repo=gitops_repo, environment=environment,
+                          branch=gitops_branch, registry=registry)
+        released.set_display_name("deploy (GitOps commit)").set_caching_options(False)
+        released.set_retry(num_retries=2, backoff_duration="30s")  # git push races / network
+        kubernetes.mount_pvc(released, pvc_name=data_pvc, mount_path="/data")
+
+
 @dsl.pipeline(
     name="unexrl-continuous-training",
     description="UNEX-RL continuous training: logs -> Feast features -> point-in-time training set -> distributed "
@@ -86,20 +109,11 @@ def unexrl_continuous_training(
     kubernetes.add_toleration_json(trained, gpu_tolerations)
     kubernetes.mount_pvc(trained, pvc_name=data_pvc, mount_path="/data")
 
-    evaluated = evaluate(config=config, overrides=config_overrides, evaluation_seeds=evaluation_seeds,
-                         candidate=trained.outputs["model"], cem=sim.outputs["cem"],
-                         incumbent=incumbent.outputs["incumbent"]).set_display_name("evaluate vs incumbent and CEM")
-    decision = gate(evaluation=evaluated.outputs["evaluation"], min_uplift_pct=min_uplift_pct,
-                    latency_budget_ms=latency_budget_ms).set_display_name("gate")
-    decision.set_caching_options(False)
-
-    with dsl.If(decision.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition, not Python)
-        bento = package(model=trained.outputs["model"], bentoml_home=bentoml_home).set_display_name("package (BentoML)")
-        released = deploy(bento=bento.outputs["bento"], model=trained.outputs["model"], repo=gitops_repo,
-                          environment=environment, branch=gitops_branch, registry=registry)
-        released.set_display_name("deploy (GitOps commit)").set_caching_options(False)
-        released.set_retry(num_retries=2, backoff_duration="30s")  # git push races / network
-        kubernetes.mount_pvc(released, pvc_name=data_pvc, mount_path="/data")
+    release_steps(config=config, config_overrides=config_overrides, evaluation_seeds=evaluation_seeds,
+                  candidate=trained.outputs["model"], cem=sim.outputs["cem"], incumbent=incumbent.outputs["incumbent"],
+                  min_uplift_pct=min_uplift_pct, latency_budget_ms=latency_budget_ms, bentoml_home=bentoml_home,
+                  gitops_repo=gitops_repo, environment=environment, gitops_branch=gitops_branch, registry=registry,
+                  data_pvc=data_pvc)
     kubernetes.mount_pvc(incumbent, pvc_name=data_pvc, mount_path="/data")
 
 
