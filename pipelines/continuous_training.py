@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 PIPELINE_YAML = HERE / "unexrl_continuous_training.yaml"
 MANIFESTS_YAML = HERE / "manifests" / "unexrl_continuous_training.k8s.yaml"
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+DATA_MOUNT = "/data"  # where data_pvc is mounted in the train, deploy and incumbent tasks (a compile-time path)
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 
 
@@ -45,7 +46,7 @@ def release_steps(*, config, config_overrides, evaluation_seeds, candidate, cem,
                           branch=gitops_branch, registry=registry)
         released.set_display_name("deploy (GitOps commit)").set_caching_options(False)
         released.set_retry(num_retries=2, backoff_duration="30s")  # git push races / network
-        kubernetes.mount_pvc(released, pvc_name=data_pvc, mount_path="/data")
+        kubernetes.mount_pvc(released, pvc_name=data_pvc, mount_path=DATA_MOUNT)
 
 
 @dsl.pipeline(
@@ -71,7 +72,6 @@ def unexrl_continuous_training(
     gpu_tolerations: list = GPU_TOLERATIONS,  # noqa: B006
     namespace: str = "kubeflow",
     data_pvc: str = "unexrl-data",
-    data_mount_path: str = "/data",
     min_uplift_pct: float = 1.0,
     latency_budget_ms: float = 50.0,
     bentoml_home: str = "",
@@ -98,7 +98,7 @@ def unexrl_continuous_training(
 
     trained = train(config=config, overrides=config_overrides, algo=algo, nodes=train_nodes,
                     processes_per_node=train_workers, job_kind=train_job_kind, image=train_image, namespace=namespace,
-                    pvc=data_pvc, mount_path=data_mount_path, node_selector=gpu_node_selector,
+                    pvc=data_pvc, mount_path=DATA_MOUNT, node_selector=gpu_node_selector,
                     tolerations=gpu_tolerations, logs=logs.outputs["logs"], training_set=tset.outputs["training_set"],
                     cem=sim.outputs["cem"])
     trained.set_display_name("train (TorchRec, torchrun / TrainJob)")
@@ -107,14 +107,14 @@ def unexrl_continuous_training(
     trained.set_cpu_request("4").set_memory_request("16G")
     kubernetes.add_node_selector_json(trained, gpu_node_selector)
     kubernetes.add_toleration_json(trained, gpu_tolerations)
-    kubernetes.mount_pvc(trained, pvc_name=data_pvc, mount_path="/data")
+    kubernetes.mount_pvc(trained, pvc_name=data_pvc, mount_path=DATA_MOUNT)
 
     release_steps(config=config, config_overrides=config_overrides, evaluation_seeds=evaluation_seeds,
                   candidate=trained.outputs["model"], cem=sim.outputs["cem"], incumbent=incumbent.outputs["incumbent"],
                   min_uplift_pct=min_uplift_pct, latency_budget_ms=latency_budget_ms, bentoml_home=bentoml_home,
                   gitops_repo=gitops_repo, environment=environment, gitops_branch=gitops_branch, registry=registry,
                   data_pvc=data_pvc)
-    kubernetes.mount_pvc(incumbent, pvc_name=data_pvc, mount_path="/data")
+    kubernetes.mount_pvc(incumbent, pvc_name=data_pvc, mount_path=DATA_MOUNT)
 
 
 def compile_all(pipeline_yaml: Path = PIPELINE_YAML, manifests_yaml: Path = MANIFESTS_YAML) -> None:
