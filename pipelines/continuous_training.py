@@ -14,8 +14,19 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 from kfp.compiler.compiler_utils import KubernetesManifestOptions
 
-from components import (build_features, build_training_set, deploy, evaluate, gate, ingest_logs, materialize_features,
-                        package, resolve_incumbent, simulate_logs, train)
+from components import (
+    build_features,
+    build_training_set,
+    deploy,
+    evaluate,
+    gate,
+    ingest_logs,
+    materialize_features,
+    package,
+    resolve_incumbent,
+    simulate_logs,
+    train,
+)
 from components.images import TRAIN_GPU_IMAGE, VERSION
 
 HERE = Path(__file__).resolve().parent
@@ -40,7 +51,7 @@ def release_steps(*, config, config_overrides, evaluation_seeds, candidate, cem,
                     latency_budget_ms=latency_budget_ms).set_display_name("gate")
     decision.set_caching_options(False)
 
-    with dsl.If(decision.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition, not Python)
+    with dsl.If(decision.outputs["Output"] == True, name="gate-passed"):
         bento = package(model=candidate, bentoml_home=bentoml_home).set_display_name("package (BentoML)")
         released = deploy(bento=bento.outputs["bento"], model=candidate, repo=gitops_repo, environment=environment,
                           branch=gitops_branch, registry=registry)
@@ -68,8 +79,8 @@ def unexrl_continuous_training(
     train_image: str = TRAIN_GPU_IMAGE,
     gpu_type: str = "nvidia.com/gpu",
     gpus_per_node: int = 1,
-    gpu_node_selector: dict = GPU_NODE_SELECTOR,  # noqa: B006
-    gpu_tolerations: list = GPU_TOLERATIONS,  # noqa: B006
+    gpu_node_selector: dict = GPU_NODE_SELECTOR,
+    gpu_tolerations: list = GPU_TOLERATIONS,
     namespace: str = "kubeflow",
     data_pvc: str = "unexrl-data",
     min_uplift_pct: float = 1.0,

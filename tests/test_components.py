@@ -97,7 +97,7 @@ def test_gate_package_deploy(chain: dict, tmp_path: Path) -> None:
     sha = c.deploy.python_func(bento=bento, model=chain["model"], repo=str(repo), environment=ENV, branch="release",
                                registry=str(tmp_path / "registry"))
     assert subprocess.run(["git", "--git-dir", str(repo), "rev-parse", "release"], capture_output=True,
-                          text=True).stdout.strip() == sha
+                          text=True, check=True).stdout.strip() == sha
     assert registry.deployed(tmp_path / "registry", ENV)["model_version"] == bento.metadata["model_version"]
     incumbent = art(Model, tmp_path / "incumbent")
     assert c.resolve_incumbent.python_func(registry=str(tmp_path / "registry"), environment=ENV, incumbent=incumbent)

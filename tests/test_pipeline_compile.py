@@ -6,7 +6,13 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.continuous_training import GPU_NODE_SELECTOR, GPU_TOLERATIONS, MANIFESTS_YAML, PIPELINE_YAML, compile_all
+from pipelines.continuous_training import (
+    GPU_NODE_SELECTOR,
+    GPU_TOLERATIONS,
+    MANIFESTS_YAML,
+    PIPELINE_YAML,
+    compile_all,
+)
 
 
 def docs(path: Path) -> list[dict]:

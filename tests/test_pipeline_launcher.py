@@ -8,16 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from unexrl.pipeline.launcher import JobSpec, TrainingFailed, job_state, render, torchrun_command, wait_for_job
+from unexrl.pipeline.launcher import (
+    JobSpec,
+    TrainingFailed,
+    job_state,
+    render,
+    torchrun_command,
+    wait_for_job,
+)
 
 DATA = Path(__file__).parent / "data" / "k8s"
 
 
 def spec(**kw) -> JobSpec:
-    base = dict(name="unexrl-train-x", namespace="kubeflow", image="ghcr.io/unexrl/unexrl-train-gpu:0.1.0",
-                args=["train", "--config", "/data/c.yaml", "--out", "/data/run"], nodes=3, gpus_per_node=8,
-                pvc="unexrl-data", node_selector={"nvidia.com/gpu.product": "NVIDIA-H200"},
-                tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    base = {"name": "unexrl-train-x", "namespace": "kubeflow", "image": "ghcr.io/unexrl/unexrl-train-gpu:0.1.0",
+            "args": ["train", "--config", "/data/c.yaml", "--out", "/data/run"], "nodes": 3, "gpus_per_node": 8,
+            "pvc": "unexrl-data", "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
     return JobSpec(**(base | kw))
 
 

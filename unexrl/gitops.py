@@ -89,7 +89,7 @@ def set_release(kustomization: Path, *, model_version: str, image_tag: str) -> N
 
 def _git(cwd: Path | None, *args: str) -> str:
     env = {**os.environ, **_AUTHOR, "GIT_TERMINAL_PROMPT": "0"}
-    done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise GitOpsError(f"git {' '.join(args)} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout
