@@ -103,6 +103,12 @@ def test_gate_package_deploy(chain: dict, tmp_path: Path) -> None:
     assert c.resolve_incumbent.python_func(registry=str(tmp_path / "registry"), environment=ENV, incumbent=incumbent)
     assert incumbent.metadata["commit"] == sha and registry.is_artifact(Path(incumbent.path))
 
+    # the next run logs with the deployed (trained actors) policy and its exploration
+    logs, cem = art(Dataset, tmp_path / "next_logs"), art(Model, tmp_path / "next_cem")
+    c.simulate_logs.python_func(config="small", overrides=TINY, log_seed=1001, logs_uri="", incumbent=incumbent,
+                                logs=logs, cem=cem)
+    assert logs.metadata["behaviour"] == "deployed-actors" and logs.metadata["seeds"] == [1001]
+
 
 def test_ingest_refuses_invalid_logs(chain: dict, tmp_path: Path) -> None:
     import shutil
