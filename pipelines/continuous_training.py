@@ -90,7 +90,33 @@ def unexrl_continuous_training(
     gitops_branch: str = "main",
     registry: str = "/data/registry",
 ):
-    """Parameters (README, "The continuous-training pipeline", explains each)."""
+    """UNEX-RL continuous training (README: "The continuous-training pipeline on a Kubeflow cluster").
+
+    Args:
+        config: Configuration: a name in configs/ (small, default, paper) or a YAML path inside the image.
+        config_overrides: --set items applied in every step, e.g. ["device=cuda", "train.updates=5000"].
+        environment: Deployment target: overlay k8s/overlays/<environment>/ and the registry entry of the incumbent.
+        log_seed: Rollout seed of the simulated logs, one of seeds.train (-1: the first).
+        evaluation_seeds: Held-out evaluation seeds ([]: the config's seeds.evaluation).
+        logs_uri: Production logs to ingest instead of simulating (path or s3:// / gs:// URI); empty: simulate.
+        algo: Algorithm to train: unexrl-cic, unexrl-ctde, td3, ddpg or independent-ddpg.
+        train_nodes: 1: torchrun inside the train task; more: a multi-node TrainJob or PyTorchJob.
+        train_workers: Training processes per node (one per GPU with device=cuda).
+        train_job_kind: Multi-node launcher: trainjob (Kubeflow Trainer v2) or pytorchjob (training operator).
+        train_image: Image of the multi-node job's pods.
+        gpu_type: Accelerator resource of the train task, e.g. nvidia.com/gpu.
+        gpus_per_node: Accelerator count of the train task.
+        gpu_node_selector: Node selector of the train task and of the job's pods.
+        gpu_tolerations: Tolerations of the train task and of the job's pods.
+        namespace: Namespace of the multi-node training job.
+        data_pvc: PVC mounted at /data in train, deploy and resolve-incumbent (job data, model registry).
+        min_uplift_pct: Gate: least uplift of watch time per session over the incumbent, percent.
+        latency_budget_ms: Gate: largest p99 decision latency for one request through all stages, ms.
+        bentoml_home: BentoML store the package step builds into (empty: BENTOML_HOME or the default).
+        gitops_repo: Git repository (URL or path) with k8s/overlays/; the deploy step commits there.
+        gitops_branch: Branch the deploy commit goes to (created when absent; Argo CD watches it).
+        registry: Model registry directory (on the PVC): the deployed version per environment.
+    """
     incumbent = resolve_incumbent(registry=registry, environment=environment).set_caching_options(False)
     incumbent.set_display_name("resolve incumbent")
 

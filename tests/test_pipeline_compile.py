@@ -65,3 +65,10 @@ def test_kubernetes_manifests() -> None:
     assert version["spec"]["pipelineName"] == pipeline["metadata"]["name"] == "unexrl-continuous-training"
     assert version["metadata"]["namespace"] == "kubeflow"
     assert "exec-train" in version["spec"]["platformSpec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_every_parameter_is_described_for_the_ui() -> None:
+    spec, _ = docs(PIPELINE_YAML)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"config", "environment", "min_uplift_pct", "train_workers", "gpu_type"} <= set(params)
+    assert [name for name, p in params.items() if len(p.get("description", "")) < 15] == []
