@@ -151,3 +151,32 @@ def test_bad_parameters_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="multi-node"):
         steps.train(steps.resolve_config("small"), logs=tmp_path, training_set=tmp_path, cem=tmp_path, out=tmp_path,
                     algo="td3", nodes=2, processes_per_node=1)
+
+
+def test_multi_node_path_runs_the_rendered_job_command(chain: dict, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """nodes > 1: inputs are staged on the shared volume and the job's own arguments are run; here the 'cluster'
+    runs them with one local process instead of submitting (the submission itself is not exercised)."""
+    from unexrl.pipeline import launcher, steps
+
+    ran = {}
+
+    def run_job_here(kind: str, spec: launcher.JobSpec, **_kw) -> dict:
+        manifest = launcher.render(kind, spec)
+        ran["manifest"] = manifest
+        args = manifest["spec"]["trainer"]["args"]
+        launcher.run_checked(launcher.torchrun_command(1, args), Path(args[args.index("--out") + 1]))
+        return {}
+
+    monkeypatch.setattr(launcher, "submit_and_wait", run_job_here)
+    out = tmp_path / "model"
+    job = {"kind": "trainjob", "name": "unexrl-train-test", "namespace": "kubeflow", "image": "img", "pvc": "unexrl-data",
+           "mount_path": str(tmp_path / "pvc"), "node_selector": {}, "tolerations": []}
+    summary = steps.train(steps.resolve_config("small", TINY), logs=Path(chain["logs"].path),
+                          training_set=Path(chain["tset"].path), cem=Path(chain["cem"].path), out=out, algo="unexrl-cic",
+                          nodes=2, processes_per_node=1, job=job)
+    shared = tmp_path / "pvc" / "unexrl-runs" / "unexrl-train-test"
+    assert ran["manifest"]["spec"]["trainer"]["numNodes"] == 2
+    assert all(str(shared) in a for a in ran["manifest"]["spec"]["trainer"]["args"] if a.startswith("/"))
+    assert (shared / "inputs" / "logs" / "manifest.json").is_file() and (shared / "run" / "curve.json").is_file()
+    assert summary["updates"] == 4 and (out / "manifest.json").is_file()
