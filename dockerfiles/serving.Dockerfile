@@ -1,7 +1,7 @@
 # unexrl-serving (pipeline role): the package step, `bentoml build` of serving/ around the candidate, offline.
 # The image that serves traffic is built from the Bento itself (`bentoml containerize unexrl-serving:<version>`,
 # in CI where Docker runs) and tagged with the Bento version the deploy step writes into the overlay.
-#   docker build -f docker/serving.Dockerfile -t ghcr.io/unexrl/unexrl-serving:0.1.0 .
+#   docker build -f dockerfiles/serving.Dockerfile -t ghcr.io/unexrl/unexrl-serving:0.1.0 .
 FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends git ca-certificates && rm -rf /var/lib/apt/lists/*
 WORKDIR /app

@@ -2,7 +2,7 @@
 # per GPU with device=cuda). The GPU stack is the combination checked on an H200 (stack.md): torch 2.11 (CUDA 12.8
 # wheels here), TorchRec 1.6.1, FBGEMM-GPU 1.6.0. The core's torch==2.13.0 pin is for CPU machines, so the project
 # is installed without dependencies and its other requirements are listed explicitly.
-#   docker build -f docker/train-gpu.Dockerfile -t ghcr.io/unexrl/unexrl-train-gpu:0.1.0 .
+#   docker build -f dockerfiles/train-gpu.Dockerfile -t ghcr.io/unexrl/unexrl-train-gpu:0.1.0 .
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 RUN apt-get update && apt-get install -y --no-install-recommends python3.12 python3.12-venv git ca-certificates \
  && rm -rf /var/lib/apt/lists/* && python3.12 -m venv /opt/venv

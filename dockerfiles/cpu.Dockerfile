@@ -1,6 +1,6 @@
 # unexrl-cpu: the pipeline's CPU steps (resolve incumbent, simulate/ingest logs, features, training set, evaluate,
 # gate, deploy). CPU torch + TorchRec (fbgemm-gpu-cpu), Feast, kfp, git for the GitOps commit.
-#   docker build -f docker/cpu.Dockerfile -t ghcr.io/unexrl/unexrl-cpu:0.1.0 .
+#   docker build -f dockerfiles/cpu.Dockerfile -t ghcr.io/unexrl/unexrl-cpu:0.1.0 .
 FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends git ca-certificates && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
