@@ -39,6 +39,8 @@ def deploy(repo: str, *, environment: str, model_version: str, image_tag: str, b
     ``repo`` is a local path or a URL git can push to. The branch is created from the default branch when absent.
     A deployment that changes nothing still commits (``--allow-empty``), so every release has its own sha.
     """
+    if not repo:
+        raise GitOpsError("no GitOps repository given (the pipeline parameter gitops_repo): nowhere to deploy")
     for name, value in (("environment", environment), ("branch", branch)):
         if not value or not _REF.match(value) or ".." in value:
             raise GitOpsError(f"{name} {value!r}: expected a plain name ([A-Za-z0-9._/-], no '..')")
