@@ -54,7 +54,9 @@ def torchrun_command(processes: int, args: list[str]) -> list[str]:
 
 def run_checked(command: list[str], run_dir: Path, env: dict[str, str] | None = None) -> int:
     """Run a training command; a nonzero exit is accepted only as SIGABRT at exit with a complete run directory."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    here = str(Path(__file__).resolve().parents[2])  # the child imports the same unexrl as this process
+    path = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            # a pod's log is not a terminal: one progress line per 30 s instead of one per update
            "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "30"), **(env or {})}
     log.info("launch: %s", " ".join(command))
