@@ -6,9 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 CONFIG ?= configs/default.yaml
 OUT ?= runs/pipeline
+CHECKOV_VENV ?= .venv-checkov
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 
-.PHONY: run test install bench clean redis-server
+.PHONY: run test install bench clean redis-server promtool
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 torchmetrics==1.0.3 pyre-extensions==0.0.32 iopath
 	$(PIP) install --no-deps torchrec==1.8.0
 	$(PIP) install -e ".[dev]"
+	# checkov (policy scan of k8s/, tests/test_k8s_checkov.py) in its own venv: it would downgrade packaging,
+	# networkx, python-dateutil, importlib-metadata and tabulate in this one.
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip --disable-pip-version-check -q install checkov==3.3.30
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -29,7 +34,7 @@ install: $(STAMP)
 run: $(STAMP)
 	PYTHONPATH=$(CURDIR) OMP_NUM_THREADS=1 $(PY) -m pipelines.local --config $(CONFIG) --out $(OUT) $(RUN_ARGS)
 
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server promtool
 	$(PY) -m pytest -q
 
 # The feature store's Redis tests start their own redis-server on loopback: install it where missing (CI runs
@@ -39,8 +44,15 @@ redis-server:
 		apt-get install -y -qq --no-install-recommends redis-server >/dev/null) || \
 		echo "make: redis-server could not be installed; the Redis feature-store tests will be skipped"
 
+# tests/test_k8s.py checks the rendered Prometheus rules and dashboard queries with promtool (Debian package
+# prometheus): install it where missing; where it cannot be installed, those checks are skipped and say why.
+promtool:
+	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus >/dev/null) || \
+		echo "make: promtool could not be installed; the promtool checks in tests/test_k8s.py will be skipped"
+
 bench: $(STAMP)
 	$(PY) -m unexrl bench sim --config $(CONFIG) --json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) runs .pytest_cache
