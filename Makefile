@@ -9,7 +9,7 @@ OUT ?= runs/pipeline
 CHECKOV_VENV ?= .venv-checkov
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 
-.PHONY: run test install bench clean redis-server promtool
+.PHONY: run test install bench clean redis-server promtool prometheus
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ install: $(STAMP)
 run: $(STAMP)
 	PYTHONPATH=$(CURDIR) OMP_NUM_THREADS=1 $(PY) -m pipelines.local --config $(CONFIG) --out $(OUT) $(RUN_ARGS)
 
-test: $(STAMP) redis-server promtool
+test: $(STAMP) redis-server promtool prometheus
 	$(PY) -m pytest -q
 
 # The feature store's Redis tests start their own redis-server on loopback: install it where missing (CI runs
@@ -50,6 +50,13 @@ promtool:
 	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends prometheus >/dev/null) || \
 		echo "make: promtool could not be installed; the promtool checks in tests/test_k8s.py will be skipped"
+
+# The serving tests start a real Prometheus (with promtool) and `unexrl bench serve` drives load with wrk: install
+# Debian's packages where missing. Where that is impossible, those tests are skipped and say why.
+prometheus:
+	@(command -v prometheus && command -v promtool && command -v wrk) >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus wrk >/dev/null) || \
+		echo "make: prometheus/wrk could not be installed; the Prometheus serving test and bench serve will be skipped"
 
 bench: $(STAMP)
 	$(PY) -m unexrl bench sim --config $(CONFIG) --json

@@ -11,8 +11,10 @@ BentoML's own /livez, /readyz and /metrics serve the probes and Prometheus.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import bentoml
 import torch
@@ -31,6 +33,25 @@ from unexrl.serve.api import (
 )
 from unexrl.serve.engine import Recommender, RequestError, UnknownRequest, serving_config
 from unexrl.serve.package import ARTIFACT_SUBDIR, DEFAULT_MODEL, ENV_MODEL, ENV_SHADOW_MODEL
+
+
+class JsonOnly:
+    """ASGI middleware: a POST whose body is not declared as JSON gets 415. BentoML itself answers a
+    multipart Content-Type without a boundary with a 500 (found by schemathesis); bad input must be a 4xx."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            declared = dict(scope["headers"]).get(b"content-type", b"application/json")
+            if declared.split(b";")[0].strip().lower() != b"application/json":
+                body = json.dumps({"error": "Content-Type must be application/json"}).encode()
+                await send({"type": "http.response.start", "status": 415,
+                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 @bentoml.service(name="unexrl", workers=1, traffic={"timeout": 30}, http={"port": 3000})
@@ -89,3 +110,6 @@ class Recommendation:
     def version(self) -> Health:
         """The served model version; also the framework floor that `unexrl bench serve` compares against."""
         return Health(status="ok", model_version=self.engine.version)
+
+
+Recommendation.add_asgi_middleware(JsonOnly)

@@ -123,8 +123,8 @@ def bench_serve(cfg: Config, *, requests: int = 400, load_seconds: float = 60.0,
 
 
 def format_bench_serve(result: dict[str, Any]) -> str:
-    lines = [f"bench serve ({result['config']}): {result['requests']} sequential requests per endpoint, "
-             f"load test {result['load_seconds']:.0f} s at 80% of peak"]
+    lines = [(f"bench serve ({result['config']}): {result['requests']} sequential requests per endpoint, "
+              f"load test {result['load_seconds']:.0f} s at 80% of peak")]
     for name, c in result["cases"].items():
         r, v, load = c["recommend"], c["version"], c["load"]
         lines.append(

@@ -291,7 +291,7 @@ class Recommender:
         shadow = self.shadow
         try:
             result = run_cascade(obs.predictions, self.sim.keep, lambda v: shadow.policy.act(obs, v))
-        except Exception:  # noqa: BLE001 - a failing shadow must never fail the served request
+        except Exception:
             log.exception("shadow model %s failed", shadow.version)
             return
         self._observe_actions(shadow.version, "shadow", [a[0].tolist() for a in result.actions])

@@ -63,7 +63,7 @@ def local_prometheus(targets: list[str], rules: Path | None = None, interval_s: 
         raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus; `make prometheus`)")
     with tempfile.TemporaryDirectory(prefix="unexrl-prometheus-") as tmp:
         config = {
-            "global": {"scrape_interval": f"{interval_s}s", "evaluation_interval": f"{interval_s}s"},
+            "global": {"scrape_interval": f"{round(interval_s * 1000)}ms", "evaluation_interval": f"{round(interval_s * 1000)}ms"},
             "scrape_configs": [{"job_name": "unexrl", "static_configs": [{"targets": targets}]}],
         }
         if rules is not None:

@@ -62,7 +62,7 @@ async def _drive(url: str, sim: Simulator, seed: int, sessions: int, seconds: fl
                     body = reply.json()
                     items[i] = torch.tensor(body["items"])
                     request_ids[i] = body["request_id"]
-                response, reward, active, done = sim.respond(state, items)
+                response, reward, _, done = sim.respond(state, items)
                 report.watch_time_s += float(reward.sum())
                 answers = await asyncio.gather(*(
                     client.post("/feedback", json={
