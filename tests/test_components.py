@@ -148,6 +148,9 @@ def test_bad_parameters_are_clear(tmp_path: Path) -> None:
 
         evaluate_release(steps.resolve_config("small"), candidate=tmp_path, cem=tmp_path, incumbent=None,
                          out=tmp_path / "e", seeds=[1000])
+    with pytest.raises(ValueError, match="job kind 'mpijob'"):
+        steps.train(steps.resolve_config("small"), logs=tmp_path, training_set=tmp_path, cem=tmp_path, out=tmp_path,
+                    algo="td3", nodes=2, processes_per_node=1, job={"kind": "mpijob"})
     with pytest.raises(ValueError, match="multi-node"):
         steps.train(steps.resolve_config("small"), logs=tmp_path, training_set=tmp_path, cem=tmp_path, out=tmp_path,
                     algo="td3", nodes=2, processes_per_node=1)

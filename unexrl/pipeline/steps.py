@@ -167,6 +167,8 @@ def train(cfg: Config, *, logs: Path, training_set: Path, cem: Path, out: Path, 
         raise ValueError(f"train nodes={nodes}: multi-node training needs the job settings (kind, image, pvc, ...)")
     job = dict(job)
     kind = job.pop("kind")
+    if kind not in launcher.JOB_KINDS:
+        raise ValueError(f"train job kind {kind!r}: expected one of {launcher.JOB_KINDS}")
     shared = Path(job.get("mount_path", "/data")) / "unexrl-runs" / job["name"]
     staged = launcher.stage_inputs({"logs": logs, "training_features.parquet": training_set, "cem": cem}, shared)
     config = write_config(cfg, shared / "inputs" / CONFIG_FILE)
