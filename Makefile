@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 CONFIG ?= configs/default.yaml
-OUT ?= runs/default
+OUT ?= runs/pipeline
 CHECKOV_VENV ?= .venv-checkov
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 
@@ -28,8 +28,11 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The continuous-training pipeline under kfp.local (pipelines/local.py): simulate -> features -> training set ->
+# train (torchrun, 2 CPU processes) -> evaluate -> gate -> package -> deploy into $(OUT)/manifests.git.
+# RUN_ARGS: more options, e.g. RUN_ARGS="--set train.updates=500 --param min_uplift_pct=2.0".
 run: $(STAMP)
-	$(PY) -m unexrl run --config $(CONFIG) --out $(OUT)
+	PYTHONPATH=$(CURDIR) OMP_NUM_THREADS=1 $(PY) -m pipelines.local --config $(CONFIG) --out $(OUT) $(RUN_ARGS)
 
 test: $(STAMP) redis-server prometheus
 	$(PY) -m pytest -q

@@ -1,7 +1,7 @@
 """Steps 1-3: logs (simulated or ingested), features (build + Feast materialisation), the point-in-time training set."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 from components.images import CPU_IMAGE
 

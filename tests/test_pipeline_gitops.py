@@ -74,6 +74,8 @@ def test_deploy_refuses_missing_overlay_or_image(tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "b", OVERLAY.replace("unexrl-serving", "someone-else"))
     with pytest.raises(GitOpsError, match="name: unexrl-serving"):
         deploy(str(repo), environment="staging", model_version="m", image_tag="t", branch="main")
+    with pytest.raises(GitOpsError, match="gitops_repo"):
+        deploy("", environment="staging", model_version="m", image_tag="t", branch="main")
     with pytest.raises(GitOpsError, match="image_tag"):
         deploy(str(repo), environment="staging", model_version="m", image_tag="has space", branch="main")
     assert len(git(repo, "log", "--oneline", "main").splitlines()) == 1  # nothing was pushed

@@ -39,6 +39,8 @@ def deploy(repo: str, *, environment: str, model_version: str, image_tag: str, b
     ``repo`` is a local path or a URL git can push to. The branch is created from the default branch when absent.
     A deployment that changes nothing still commits (``--allow-empty``), so every release has its own sha.
     """
+    if not repo:
+        raise GitOpsError("no GitOps repository given (the pipeline parameter gitops_repo): nowhere to deploy")
     for name, value in (("environment", environment), ("branch", branch)):
         if not value or not _REF.match(value) or ".." in value:
             raise GitOpsError(f"{name} {value!r}: expected a plain name ([A-Za-z0-9._/-], no '..')")
@@ -89,7 +91,7 @@ def set_release(kustomization: Path, *, model_version: str, image_tag: str) -> N
 
 def _git(cwd: Path | None, *args: str) -> str:
     env = {**os.environ, **_AUTHOR, "GIT_TERMINAL_PROMPT": "0"}
-    done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise GitOpsError(f"git {' '.join(args)} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout

@@ -78,7 +78,7 @@ def decision_latency(sim: Simulator, policy: Policy, probes: int = LATENCY_PROBE
         for i in range(probes):
             obs = sim.observe(sim.start(seed, torch.tensor([i])))
             started = time.perf_counter()
-            run_cascade(obs.predictions, sim.keep, lambda view: policy.act(obs, view))
+            run_cascade(obs.predictions, sim.keep, lambda view, obs=obs: policy.act(obs, view))
             times.append((time.perf_counter() - started) * 1000.0)
     ms = np.asarray(times[min(10, probes // 10):])  # the first calls warm caches
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "probes": probes}

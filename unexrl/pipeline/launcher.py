@@ -54,9 +54,13 @@ def torchrun_command(processes: int, args: list[str]) -> list[str]:
 
 def run_checked(command: list[str], run_dir: Path, env: dict[str, str] | None = None) -> int:
     """Run a training command; a nonzero exit is accepted only as SIGABRT at exit with a complete run directory."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    here = str(Path(__file__).resolve().parents[2])  # the child imports the same unexrl as this process
+    path = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           # a pod's log is not a terminal: one progress line per 30 s instead of one per update
+           "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "30"), **(env or {})}
     log.info("launch: %s", " ".join(command))
-    done = subprocess.run(command, env=env)
+    done = subprocess.run(command, env=env, check=False)  # the exit code alone does not decide
     if done.returncode == 0:
         return 0
     # torchrun reports a worker's SIGABRT at exit as 1, one process as -6: judge by the files (check_complete)
@@ -224,7 +228,7 @@ def wait_for_job(kind: str, get: Callable[[], dict[str, Any]], *, poll_s: float 
                 raise TrainingFailed(f"{kind} {obj.get('metadata', {}).get('name')} failed: {message}")
         except TrainingFailed:
             raise
-        except Exception as err:  # the API server may be briefly unreachable; keep polling until the deadline
+        except Exception as err:  # noqa: BLE001 (API server briefly unreachable: keep polling until the deadline)
             last_error = err
             log.warning("polling the %s failed (%s); retrying", kind, err)
         if clock() >= deadline:

@@ -22,13 +22,21 @@ def package(artifact: Path, out: Path, *, model_name: str = "unexrl-policy", ben
     ``out``/bento.json (bento_tag, model_tag, model_version, image_tag, bentoml_home) and returns it. The serving
     image is tagged with the Bento's version (``bentoml containerize`` in CI, where Docker is).
     """
-    if bentoml_home:
-        os.environ["BENTOML_HOME"] = str(Path(bentoml_home).resolve())
     from unexrl.serve.package import build_bento  # the serving engineer's packaging (unexrl/serve)
 
-    info = build_bento(Path(artifact), model_name=model_name)
+    saved = os.environ.get("BENTOML_HOME")
+    home = str(Path(bentoml_home).resolve()) if bentoml_home else (saved or "")
+    if home:  # read when bentoml is first imported: a component process imports it here, first
+        os.environ["BENTOML_HOME"] = home
+    try:
+        info = build_bento(Path(artifact), model_name=model_name)
+    finally:
+        if saved is None:
+            os.environ.pop("BENTOML_HOME", None)
+        else:
+            os.environ["BENTOML_HOME"] = saved
     record = {"bento_tag": info.bento_tag, "model_tag": info.model_tag, "model_version": info.model_version,
-              "image_tag": info.bento_tag.split(":", 1)[1], "bentoml_home": os.environ.get("BENTOML_HOME", "")}
+              "image_tag": info.bento_tag.split(":", 1)[1], "bentoml_home": home}
     out.mkdir(parents=True, exist_ok=True)
     (out / BENTO_FILE).write_text(json.dumps(record, indent=2))
     return record

@@ -45,13 +45,13 @@ def write_config(cfg: Config, path: Path) -> Path:
 
 # -- 1. logs ---------------------------------------------------------------------------------------------------
 
-def tune_cem_artifact(cfg: Config, out: Path) -> Any:
+def tune_cem_artifact(cfg: Config, out: Path, sim: Any = None) -> Any:
     """CEM tuned on seeds.train (the production baseline), saved as a weights artifact at ``out``; returns it."""
     from unexrl.policies.artifact import save_weight_policy
     from unexrl.policies.cem import tune_cem
     from unexrl.sim.env import Simulator
 
-    cem = tune_cem(Simulator(cfg), cfg.cem, cfg.seeds.train)
+    cem = tune_cem(sim or Simulator(cfg), cfg.cem, cfg.seeds.train)
     save_weight_policy(cem, out, cfg, algorithm="cem", overwrite=True)
     return cem
 
@@ -63,11 +63,12 @@ def simulate_logs(cfg: Config, out: Path, cem_out: Path, deployed: Path | None =
     from unexrl.policies.artifact import load_any_policy
     from unexrl.rl.policy import ActorPolicy
     from unexrl.sim.env import Simulator
-    from unexrl.simulate import behaviour_policy, simulate_logs as write_logs
+    from unexrl.simulate import behaviour_policy
+    from unexrl.simulate import simulate_logs as write_logs
 
     sim = Simulator(cfg)
     seed = cfg.seeds.train[0] if seed is None or seed < 0 else seed
-    cem = tune_cem_artifact(cfg, cem_out)
+    cem = tune_cem_artifact(cfg, cem_out, sim)
     base = load_any_policy(deployed, cfg, sim.world) if deployed is not None else cem
     if isinstance(base, ActorPolicy):  # a deployed RL policy explores with its own keyed noise
         base.explore_std, base.seed = cfg.logging.exploration_std, seed
@@ -166,6 +167,8 @@ def train(cfg: Config, *, logs: Path, training_set: Path, cem: Path, out: Path, 
         raise ValueError(f"train nodes={nodes}: multi-node training needs the job settings (kind, image, pvc, ...)")
     job = dict(job)
     kind = job.pop("kind")
+    if kind not in launcher.JOB_KINDS:
+        raise ValueError(f"train job kind {kind!r}: expected one of {launcher.JOB_KINDS}")
     shared = Path(job.get("mount_path", "/data")) / "unexrl-runs" / job["name"]
     staged = launcher.stage_inputs({"logs": logs, "training_features.parquet": training_set, "cem": cem}, shared)
     config = write_config(cfg, shared / "inputs" / CONFIG_FILE)
