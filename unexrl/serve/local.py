@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
+from unexrl.loopback import free_port, wait_http_ready
 from unexrl.serve.package import ENV_MODEL, PROJECT_ROOT
 
 SERVICE = "serving.service:Recommendation"
@@ -35,7 +32,7 @@ def local_service(model_tag: str, *, target: str = SERVICE, env: dict[str, str] 
                   log_file: Path | None = None, start_timeout_s: float = 120.0) -> Iterator[str]:
     """Yield ``http://127.0.0.1:PORT`` of ``bentoml serve target`` serving ``model_tag``; ``target`` may also
     be a bento tag. Raises RuntimeError (with the log's tail) if it exits or is not ready in time."""
-    port = _free_port()
+    port = free_port()
     child_env = {**os.environ, "BENTOML_HOME": bentoml_home(), ENV_MODEL: model_tag, "OMP_NUM_THREADS": "1",
                  "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
                  **(env or {})}
@@ -47,7 +44,7 @@ def local_service(model_tag: str, *, target: str = SERVICE, env: dict[str, str] 
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        if not _wait_ready(proc, url, start_timeout_s):
+        if not wait_http_ready(proc, f"{url}/readyz", start_timeout_s, interval_s=0.25):
             tail = Path(log_file).read_text(errors="replace")[-3000:] if log_file is not None else ""
             raise RuntimeError(f"the service did not become ready on {url} (exit code {proc.poll()})\n{tail}")
         yield url
@@ -69,21 +66,3 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             break
         except subprocess.TimeoutExpired:
             continue
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    return False

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from unexrl.loopback import free_port, wait_http_ready
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_RULE = PROJECT_ROOT / "k8s" / "monitoring" / "prometheusrule.yaml"
@@ -69,7 +69,7 @@ def local_prometheus(targets: list[str], rules: Path | None = None, interval_s: 
         if rules is not None:
             config["rule_files"] = [str(rules)]
         (Path(tmp) / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [exe, f"--config.file={tmp}/prometheus.yml", f"--storage.tsdb.path={tmp}/data",
              f"--web.listen-address=127.0.0.1:{port}"],
@@ -77,7 +77,7 @@ def local_prometheus(targets: list[str], rules: Path | None = None, interval_s: 
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            if not _wait_ready(proc, url):
+            if not wait_http_ready(proc, f"{url}/-/ready", START_TIMEOUT_S):
                 raise RuntimeError(f"prometheus did not become ready on {url}")
             yield url
         finally:
@@ -96,21 +96,3 @@ def query(url: str, expr: str) -> list[dict[str, Any]]:
     if body.get("status") != "success":
         raise ValueError(f"{expr}: {body.get('errorType')}: {body.get('error')}")
     return list(body["data"]["result"])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], url: str) -> bool:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/-/ready", timeout=0.5).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    return False
