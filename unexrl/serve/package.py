@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from unexrl.sim.world import build_world
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BENTOFILE = PROJECT_ROOT / "serving" / "bentofile.yaml"
+SERVICE_MODULE = "serving.service"
+"""the module bentofile.yaml names (service: "serving.service:Recommendation")"""
 ARTIFACT_SUBDIR = "artifact"
 """where the artifact's files sit inside a BentoML model directory"""
 ENV_MODEL = "UNEXRL_MODEL"
@@ -64,6 +67,7 @@ def build_bento(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> Ben
     model_tag, version = import_model(artifact_dir, model_name=model_name)
     saved = os.environ.get(ENV_MODEL)
     os.environ[ENV_MODEL] = model_tag  # the service class names its model at import: pin this version
+    sys.modules.pop(SERVICE_MODULE, None)  # BentoML reuses an imported module: an earlier build's model otherwise
     try:
         bento = bentoml.bentos.build_bentofile(str(BENTOFILE), build_ctx=str(PROJECT_ROOT), version=version)
     finally:
