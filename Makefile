@@ -5,10 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 CONFIG ?= configs/default.yaml
-OUT ?= runs/default
+OUT ?= runs/pipeline
+CHECKOV_VENV ?= .venv-checkov
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
 
-.PHONY: run test install bench clean redis-server
+.PHONY: run test install bench clean redis-server prometheus
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,15 +19,22 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 torchmetrics==1.0.3 pyre-extensions==0.0.32 iopath
 	$(PIP) install --no-deps torchrec==1.8.0
 	$(PIP) install -e ".[dev]"
+	# checkov (policy scan of k8s/, tests/test_k8s_checkov.py) in its own venv: it would downgrade packaging,
+	# networkx, python-dateutil, importlib-metadata and tabulate in this one.
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip --disable-pip-version-check -q install checkov==3.3.30
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 install: $(STAMP)
 
+# The continuous-training pipeline under kfp.local (pipelines/local.py): simulate -> features -> training set ->
+# train (torchrun, 2 CPU processes) -> evaluate -> gate -> package -> deploy into $(OUT)/manifests.git.
+# RUN_ARGS: more options, e.g. RUN_ARGS="--set train.updates=500 --param min_uplift_pct=2.0".
 run: $(STAMP)
-	$(PY) -m unexrl run --config $(CONFIG) --out $(OUT)
+	PYTHONPATH=$(CURDIR) OMP_NUM_THREADS=1 $(PY) -m pipelines.local --config $(CONFIG) --out $(OUT) $(RUN_ARGS)
 
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server prometheus
 	$(PY) -m pytest -q
 
 # The feature store's Redis tests start their own redis-server on loopback: install it where missing (CI runs
@@ -36,8 +44,16 @@ redis-server:
 		apt-get install -y -qq --no-install-recommends redis-server >/dev/null) || \
 		echo "make: redis-server could not be installed; the Redis feature-store tests will be skipped"
 
+# The serving tests start a real Prometheus, tests/test_k8s.py checks rules with its promtool, and
+# `unexrl bench serve` drives load with wrk: install Debian's packages where missing (CI runs as root on Debian).
+# Where that is impossible, those tests are skipped and say why.
+prometheus:
+	@(command -v prometheus && command -v promtool && command -v wrk) >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus wrk >/dev/null) || \
+		echo "make: prometheus/wrk could not be installed; the Prometheus serving test and bench serve will be skipped"
+
 bench: $(STAMP)
 	$(PY) -m unexrl bench sim --config $(CONFIG) --json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) runs .pytest_cache

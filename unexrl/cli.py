@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "curve.json and an `actors` artifact for serving to --out (docs/training.md).")
     p.add_argument("--algo", choices=ALGOS, help="algorithm (sets algo.name)")
     p.add_argument("--logs", type=Path, help="train offline from this `unexrl simulate` log directory (sets train.regime=offline)")
+    p.add_argument("--training-set", type=Path, help="point-in-time training set of --logs (`unexrl features training-set`): "
+                   "checked against the logs, its sha256 recorded in the export")
     p.add_argument("--cem", type=Path, help="CEM artifact for the fixed stages and the warm-up (default: tune CEM on seeds.train)")
     p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints/, export/, curve.json")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
@@ -100,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logs", required=True, help="log directory (local path or URI)")
     p.add_argument("--out", help="Parquet file to write (default: LOGS/training_features.parquet)")
 
+    p = sub.add_parser("traffic", parents=[common], help="simulated users browse a running service (/recommend + /feedback)",
+                       description="Sessions of simulated users (the config's world and user model) ask a running service for "
+                       "pages, respond to the pages it returns and send feedback, until --sessions have run or --seconds "
+                       "have passed. The config must be the one the served policy was trained with (docs/serving.md).")
+    p.add_argument("--url", required=True, help="base URL of the service, e.g. http://127.0.0.1:3000")
+    p.add_argument("--sessions", type=int, default=100, help="sessions to run (default 100)")
+    p.add_argument("--seconds", type=float, default=60.0, help="wall-clock bound in seconds (default 60)")
+    p.add_argument("--concurrency", type=int, default=8, help="sessions in flight at once (default 8)")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="print the report as JSON (or write it to PATH)")
+
     bench = sub.add_parser("bench", help="benchmarks with same-run references (ratios, not timed assertions)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = bench_sub.add_parser("sim", parents=[common], help="simulator throughput vs a lean reference cascade and the memory bound",
@@ -117,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logs", type=Path, help="log directory to build features from (default: simulate one with random weights)")
     p.add_argument("--redis", metavar="HOST:PORT", help="Redis to use (default: start redis-server on a free loopback port)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="print JSON (or write it to PATH)")
+    p = bench_sub.add_parser("serve", parents=[common], help="/recommend latency and throughput vs a trivial endpoint; load test",
+                             description="Starts the BentoML service on loopback for each pool size (the config's and the "
+                             "paper's 2000 -> 500 -> 100 -> 10), times /recommend and the trivial /version endpoint of the same "
+                             "service in one run (p50/p99, requests/s, ratio), measures peak requests/s with wrk and holds 80%% "
+                             "of it for --load-seconds, reporting the error rate.")
+    p.add_argument("--load-seconds", type=float, default=60.0, help="duration of the load test at 80%% of peak (default 60)")
+    p.add_argument("--requests", type=int, default=400, help="sequential requests per endpoint (default 400)")
+    p.add_argument("--config-pool-only", action="store_true", help="measure the config's pool size only (skip the paper's)")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="print JSON (or write it to PATH)")
     return parser
 
 
@@ -126,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown `traffic` and `bench serve`
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, OSError) as err:
@@ -135,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "bench":
-            if args.bench == "features":
+            if args.bench == "serve":
+                from unexrl.serve.bench import bench_serve, format_bench_serve
+
+                result, summary = bench_serve(cfg, requests=args.requests, load_seconds=args.load_seconds,
+                                              include_paper=not args.config_pool_only), format_bench_serve
+            elif args.bench == "features":
                 result, summary = commands.bench_features(cfg, args), commands.format_bench_features
             elif args.bench == "train":
                 from unexrl.bench.train import bench_train, format_bench_train

@@ -24,7 +24,7 @@ from unexrl.sim.env import Policy, Simulator
 from unexrl.simulate import behaviour_policy, simulate_logs
 
 __all__ = ["bench_features", "bench_sim", "cem", "evaluate", "experiment", "features", "format_bench", "format_bench_features", "run",
-           "simulate", "train"]
+           "simulate", "traffic", "train"]
 
 log = logging.getLogger("unexrl")
 
@@ -184,5 +184,17 @@ def train(cfg: Config, args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"name": args.algo})})
     if args.logs:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"regime": "offline"})})
-    run_training(cfg, args.out, logs=args.logs, cem=args.cem, resume=args.resume)
+    run_training(cfg, args.out, logs=args.logs, cem=args.cem, resume=args.resume, training_set=args.training_set)
     return 0
+
+
+def traffic(cfg: Config, args: argparse.Namespace) -> int:
+    from unexrl.serve.traffic import run_traffic
+
+    report = run_traffic(cfg, args.url, sessions=args.sessions, seconds=args.seconds, concurrency=args.concurrency)
+    text = json.dumps(report.to_dict(), indent=2)
+    if args.json and args.json != "-":
+        Path(args.json).write_text(text + "\n")
+    print(text if args.json else f"{report.sessions_ended}/{report.sessions_started} sessions ended, "
+          f"{report.requests} pages, {report.errors} errors, {report.watch_time_s:.0f} s watched in {report.seconds:.1f} s")
+    return 1 if report.errors else 0

@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from unexrl.loopback import free_port
+
 START_TIMEOUT_S = 10.0
 
 
@@ -28,7 +30,7 @@ def local_redis(attempts: int = 3) -> Iterator[str]:
     if exe is None:
         raise FileNotFoundError("redis-server is not installed (Debian: apt-get install redis-server)")
     for attempt in range(attempts):
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
              "--daemonize", "no", "--protected-mode", "yes"],
@@ -46,12 +48,6 @@ def local_redis(attempts: int = 3) -> Iterator[str]:
                 proc.kill()
                 proc.wait()
     raise RuntimeError(f"redis-server did not start on a free loopback port in {attempts} attempts")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], port: int) -> bool:

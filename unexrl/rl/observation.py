@@ -93,14 +93,18 @@ def tau1_from_observation(obs: Observation, world: World, max_requests: int, n_g
 
 
 def sparse_features(tau: Tau1) -> KeyedJaggedTensor:
-    """The KeyedJaggedTensor of SPARSE_FEATURES: one user id, and the variable-length recent history."""
+    """The KeyedJaggedTensor of SPARSE_FEATURES: one user id, and the variable-length recent history.
+
+    A negative user id (a user outside the trained id space, served cold by unexrl/serve) contributes no id,
+    so its user embedding pools to zero instead of reading another user's row.
+    """
     valid = tau.history_items >= 0
     lengths = valid.sum(1)
-    ones = torch.ones_like(tau.user)
+    known = tau.user >= 0
     return KeyedJaggedTensor.from_lengths_sync(
         keys=list(SPARSE_FEATURES),
-        values=torch.cat([tau.user, tau.history_items[valid], tau.history_categories[valid]]),
-        lengths=torch.cat([ones, lengths, lengths]),
+        values=torch.cat([tau.user[known], tau.history_items[valid], tau.history_categories[valid]]),
+        lengths=torch.cat([known.long(), lengths, lengths]),
     )
 
 

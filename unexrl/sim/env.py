@@ -106,12 +106,14 @@ class Simulator:
             alive=torch.ones(b, dtype=torch.bool, device=device),
         )
 
-    def observe(self, state: SessionBatch) -> Observation:
-        """Build tau^1: the pool from retrieval and every stage's predictions for it."""
-        pool = retrieve_pool(
-            self.world, state.seed, state.user, state.session, state.step,
-            self.cfg.cascade.pool_size, self.cfg.cascade.channel_shares,
-        )
+    def observe(self, state: SessionBatch, pool: Tensor | None = None) -> Observation:
+        """Build tau^1: the pool from retrieval (or ``pool``, [B, P] item ids a caller supplies, as a serving
+        request may) and every stage's predictions for it."""
+        if pool is None:
+            pool = retrieve_pool(
+                self.world, state.seed, state.user, state.session, state.step,
+                self.cfg.cascade.pool_size, self.cfg.cascade.channel_shares,
+            )
         hist_cats = torch.where(state.history_items >= 0, self.world.item_category[state.history_items.clamp_min(0)], -1)
         predictions = self.stage_models.predict(state.user, pool, hist_cats)
         return Observation(
@@ -137,6 +139,14 @@ class Simulator:
         never modified in place, so a shallow copy of a state can be served again)."""
         result = run_cascade(obs.predictions, self.keep, lambda view: policy.act(obs, view))
         page_items = obs.pool.gather(1, result.page)
+        response, reward, active, done = self.respond(state, page_items)
+        return Step(obs=obs, cascade=result, page_items=page_items, response=response, reward=reward,
+                    active=active, done=done)
+
+    def respond(self, state: SessionBatch, page_items: Tensor) -> tuple[PageResponse, Tensor, Tensor, Tensor]:
+        """Let users respond to pages ([B, K] item ids, shown order) and advance ``state``; returns the response,
+        the page watch time [B], and the active / done masks. Pages chosen elsewhere (a serving endpoint that
+        simulated users browse, unexrl/serve/traffic.py) are answered exactly as the simulator's own."""
         active = state.alive
         response = self.user_model.respond(
             state.seed, state.user, state.session, state.step, page_items, state.budget, state.history_items,
@@ -156,8 +166,7 @@ class Simulator:
         alive_after = active & (response.budget > 0) & (state.step < self.cfg.session.max_requests)
         done = active & ~alive_after
         state.alive = alive_after
-        return Step(obs=obs, cascade=result, page_items=page_items, response=response, reward=reward,
-                    active=active, done=done)
+        return response, reward, active, done
 
 
 @dataclass

@@ -49,13 +49,18 @@ def probe_actions(policy: Policy, sim: Simulator) -> list[Tensor]:
     return [a.detach().cpu() for a in actions]
 
 
-def training_data(cfg: Config, logs: Path | None) -> dict[str, Any]:
-    """What the actors were trained on: the logs' sha256s (offline), or the simulator seeds (online)."""
+def training_data(cfg: Config, logs: Path | None, training_set: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the actors were trained on: the logs' sha256s (offline), or the simulator seeds (online).
+
+    ``training_set``: the verified point-in-time training set that accompanied the logs
+    (unexrl.pipeline.training_set.verify_training_set), recorded with its sha256.
+    """
     if logs is None:
         return {"regime": "online", "seeds": list(cfg.seeds.train), "world_seed": cfg.seeds.world}
     manifest = json.loads((Path(logs) / "manifest.json").read_text())
-    return {"regime": "offline", "logs": str(logs),
-            "sha256": {name: entry["sha256"] for name, entry in manifest["files"].items()}}
+    record = {"regime": "offline", "logs": str(logs),
+              "sha256": {name: entry["sha256"] for name, entry in manifest["files"].items()}}
+    return record | ({"training_set": training_set} if training_set else {})
 
 
 def export_actors(

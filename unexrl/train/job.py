@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,22 +40,31 @@ PROBE = "probe_actions.safetensors"
 
 
 def run_training(cfg: Config, out: Path, logs: Path | None = None, cem: Path | None = None, resume: bool = False,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, training_set: Path | None = None) -> Path:
     """Train ``cfg.algo`` into ``out`` and export the actors; returns the export directory.
 
-    Under torchrun every rank calls this; it joins and leaves the process group itself.
+    Under torchrun every rank calls this; it joins and leaves the process group itself. ``training_set``: the
+    point-in-time training set of ``logs``; it is checked against them before training and its sha256 recorded.
     """
+    checked = None
+    if training_set is not None:
+        if logs is None:
+            raise ValueError("a training set accompanies logs: give --logs with --training-set")
+        if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes the export; a mismatch stops every rank
+            from unexrl.pipeline.training_set import verify_training_set
+
+            checked = verify_training_set(Path(training_set), Path(logs))
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_libraries)
     ctx = init(cfg.device)
     try:
-        return _run(cfg, Path(out), logs, cem, resume, progress, ctx)
+        return _run(cfg, Path(out), logs, cem, resume, progress, ctx, checked)
     finally:
         destroy(ctx)
 
 
 def _run(cfg: Config, out: Path, logs: Path | None, cem: Path | None, resume: bool, progress: bool,
-         ctx: Context) -> Path:
+         ctx: Context, checked_training_set: dict[str, Any] | None = None) -> Path:
     if not resume and any((out / "checkpoints").glob("step-*")):
         raise FileExistsError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
                               "or choose another --out")
@@ -90,7 +100,7 @@ def _run(cfg: Config, out: Path, logs: Path | None, cem: Path | None, resume: bo
             "curve": result.curve,
         }
         provenance = {
-            "training_data": training_data(cfg, logs),
+            "training_data": training_data(cfg, logs, checked_training_set),
             "fixed_stages": fixed_stages,
             "training": {k: summary[k] for k in ("updates", "resumed_from", "world_size")} | {"sharding": result.sharding},
             "evaluation": {"validation_seed": cfg.seeds.validation[0], "sessions": cfg.train.eval_sessions,

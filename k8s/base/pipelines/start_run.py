@@ -1,0 +1,52 @@
+"""Start one run of the continuous-training pipeline (the recurring run's CronJob calls this).
+
+Environment: KFP_HOST (KFP API), KFP_NAMESPACE (the profile namespace), KFP_PIPELINE (pipeline name),
+KFP_PIPELINE_VERSION (a PipelineVersion name; empty: the newest version), KFP_EXPERIMENT, KFP_PARAMS (JSON
+object of pipeline parameters). The KFP SDK authenticates with the projected token at
+KF_PIPELINES_SA_TOKEN_PATH. Exits non-zero if the pipeline or version does not exist, so the Job fails visibly.
+"""
+import json
+import os
+import sys
+import time
+
+
+def choose_version(versions, wanted):
+    """The version named ``wanted``, else (``wanted`` empty) the newest by creation time."""
+    if wanted:
+        for v in versions:
+            if v.display_name == wanted or getattr(v, "name", None) == wanted:
+                return v
+        raise LookupError(f"pipeline version {wanted!r} not found")
+    if not versions:
+        raise LookupError("the pipeline has no versions")
+    return max(versions, key=lambda v: v.created_at)
+
+
+def main(client=None) -> int:
+    import kfp
+
+    env = os.environ
+    namespace = env.get("KFP_NAMESPACE") or None
+    client = client or kfp.Client(host=env["KFP_HOST"], namespace=namespace)
+    pipeline_id = client.get_pipeline_id(env["KFP_PIPELINE"])
+    if pipeline_id is None:
+        print(f"pipeline {env['KFP_PIPELINE']!r} not found", file=sys.stderr)
+        return 2
+    versions = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=100).pipeline_versions or []
+    version = choose_version(versions, env.get("KFP_PIPELINE_VERSION", ""))
+    experiment = client.create_experiment(name=env.get("KFP_EXPERIMENT", "unexrl"), namespace=namespace)
+    run = client.run_pipeline(
+        experiment_id=experiment.experiment_id,
+        job_name=f"{env['KFP_PIPELINE']}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
+        pipeline_id=pipeline_id,
+        version_id=version.pipeline_version_id,
+        params=json.loads(env.get("KFP_PARAMS") or "{}"),
+        enable_caching=False,
+    )
+    print(f"started run {run.run_id} of {env['KFP_PIPELINE']} version {version.display_name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""`unexrl_continuous_training`: logs -> features -> training set -> train -> evaluate -> gate -> package -> deploy.
+
+Compile (the checked-in YAML and manifests; tests/test_pipeline_compile.py fails when they are stale):
+
+    python -m pipelines.continuous_training --compile
+
+Run locally with kfp.local: `make run` (pipelines/local.py).
+"""
+
+
+import argparse
+import shutil
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+from kfp.compiler.compiler_utils import KubernetesManifestOptions
+
+from components import (
+    build_features,
+    build_training_set,
+    deploy,
+    evaluate,
+    gate,
+    ingest_logs,
+    materialize_features,
+    package,
+    resolve_incumbent,
+    simulate_logs,
+    train,
+)
+from components.images import TRAIN_GPU_IMAGE, VERSION
+
+HERE = Path(__file__).resolve().parent
+PIPELINE_YAML = HERE / "unexrl_continuous_training.yaml"
+MANIFESTS_YAML = HERE / "manifests" / "unexrl_continuous_training.k8s.yaml"
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+DATA_MOUNT = "/data"  # where data_pvc is mounted in the train, deploy and incumbent tasks (a compile-time path)
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+
+
+def release_steps(*, config, config_overrides, evaluation_seeds, candidate, cem, incumbent, min_uplift_pct,
+                  latency_budget_ms, bentoml_home, gitops_repo, environment, gitops_branch, registry, data_pvc) -> None:
+    """evaluate -> gate -> dsl.If(passed): package -> deploy, added to the pipeline being defined.
+
+    One definition of the release wiring, shared with the sabotage test (tests/test_pipeline_e2e.py), which feeds
+    it a deliberately bad candidate.
+    """
+    evaluated = evaluate(config=config, overrides=config_overrides, evaluation_seeds=evaluation_seeds,
+                         candidate=candidate, cem=cem, incumbent=incumbent)
+    evaluated.set_display_name("evaluate vs incumbent and CEM")
+    decision = gate(evaluation=evaluated.outputs["evaluation"], min_uplift_pct=min_uplift_pct,
+                    latency_budget_ms=latency_budget_ms).set_display_name("gate")
+    decision.set_caching_options(False)
+
+    with dsl.If(decision.outputs["Output"] == True, name="gate-passed"):
+        bento = package(model=candidate, bentoml_home=bentoml_home).set_display_name("package (BentoML)")
+        released = deploy(bento=bento.outputs["bento"], model=candidate, repo=gitops_repo, environment=environment,
+                          branch=gitops_branch, registry=registry)
+        released.set_display_name("deploy (GitOps commit)").set_caching_options(False)
+        released.set_retry(num_retries=2, backoff_duration="30s")  # git push races / network
+        kubernetes.mount_pvc(released, pvc_name=data_pvc, mount_path=DATA_MOUNT)
+
+
+@dsl.pipeline(
+    name="unexrl-continuous-training",
+    description="UNEX-RL continuous training: logs -> Feast features -> point-in-time training set -> distributed "
+                "TorchRec training -> evaluation vs incumbent and CEM -> gate -> BentoML package -> GitOps deploy.",
+)
+def unexrl_continuous_training(
+    config: str = "default",
+    config_overrides: list = [],  # noqa: B006 (KFP parameters are declared by their defaults)
+    environment: str = "staging",
+    log_seed: int = -1,
+    evaluation_seeds: list = [],  # noqa: B006
+    logs_uri: str = "",
+    algo: str = "unexrl-cic",
+    train_nodes: int = 1,
+    train_workers: int = 2,
+    train_job_kind: str = "trainjob",
+    train_image: str = TRAIN_GPU_IMAGE,
+    gpu_type: str = "nvidia.com/gpu",
+    gpus_per_node: int = 1,
+    gpu_node_selector: dict = GPU_NODE_SELECTOR,
+    gpu_tolerations: list = GPU_TOLERATIONS,
+    namespace: str = "kubeflow",
+    data_pvc: str = "unexrl-data",
+    min_uplift_pct: float = 1.0,
+    latency_budget_ms: float = 50.0,
+    bentoml_home: str = "",
+    gitops_repo: str = "",
+    gitops_branch: str = "main",
+    registry: str = "/data/registry",
+):
+    """UNEX-RL continuous training (README: "The continuous-training pipeline on a Kubeflow cluster").
+
+    Args:
+        config: Configuration: a name in configs/ (small, default, paper) or a YAML path inside the image.
+        config_overrides: --set items applied in every step, e.g. ["device=cuda", "train.updates=5000"].
+        environment: Deployment target: overlay k8s/overlays/<environment>/ and the registry entry of the incumbent.
+        log_seed: Rollout seed of the simulated logs, one of seeds.train (-1: the first).
+        evaluation_seeds: Held-out evaluation seeds ([]: the config's seeds.evaluation).
+        logs_uri: Production logs to ingest instead of simulating (path or s3:// / gs:// URI); empty: simulate.
+        algo: Algorithm to train: unexrl-cic, unexrl-ctde, td3, ddpg or independent-ddpg.
+        train_nodes: 1: torchrun inside the train task; more: a multi-node TrainJob or PyTorchJob.
+        train_workers: Training processes per node (one per GPU with device=cuda).
+        train_job_kind: Multi-node launcher: trainjob (Kubeflow Trainer v2) or pytorchjob (training operator).
+        train_image: Image of the multi-node job's pods.
+        gpu_type: Accelerator resource of the train task, e.g. nvidia.com/gpu.
+        gpus_per_node: Accelerator count of the train task.
+        gpu_node_selector: Node selector of the train task and of the job's pods.
+        gpu_tolerations: Tolerations of the train task and of the job's pods.
+        namespace: Namespace of the multi-node training job.
+        data_pvc: PVC mounted at /data in train, deploy and resolve-incumbent (job data, model registry).
+        min_uplift_pct: Gate: least uplift of watch time per session over the incumbent, percent.
+        latency_budget_ms: Gate: largest p99 decision latency for one request through all stages, ms.
+        bentoml_home: BentoML store the package step builds into (empty: BENTOML_HOME or the default).
+        gitops_repo: Git repository (URL or path) with k8s/overlays/; the deploy step commits there.
+        gitops_branch: Branch the deploy commit goes to (created when absent; Argo CD watches it).
+        registry: Model registry directory (on the PVC): the deployed version per environment.
+    """
+    incumbent = resolve_incumbent(registry=registry, environment=environment).set_caching_options(False)
+    incumbent.set_display_name("resolve incumbent")
+
+    sim = simulate_logs(config=config, overrides=config_overrides, log_seed=log_seed, logs_uri=logs_uri,
+                        incumbent=incumbent.outputs["incumbent"])
+    sim.set_display_name("simulate logs").set_retry(num_retries=2, backoff_duration="30s")
+    logs = ingest_logs(config=config, overrides=config_overrides, logs_uri=logs_uri,
+                       simulated=sim.outputs["logs"]).set_display_name("ingest + validate logs")
+    logs.set_retry(num_retries=2, backoff_duration="30s")  # remote object stores are flaky
+    features = build_features(config=config, overrides=config_overrides, logs=logs.outputs["logs"])
+    features.set_display_name("build features")
+    store = materialize_features(config=config, overrides=config_overrides, features=features.outputs["features"])
+    store.set_display_name("materialize features (Feast)").set_retry(num_retries=2, backoff_duration="30s")
+    tset = build_training_set(config=config, overrides=config_overrides, logs=logs.outputs["logs"],
+                              feature_store=store.outputs["feature_store"]).set_display_name("point-in-time training set")
+
+    trained = train(config=config, overrides=config_overrides, algo=algo, nodes=train_nodes,
+                    processes_per_node=train_workers, job_kind=train_job_kind, image=train_image, namespace=namespace,
+                    pvc=data_pvc, mount_path=DATA_MOUNT, node_selector=gpu_node_selector,
+                    tolerations=gpu_tolerations, logs=logs.outputs["logs"], training_set=tset.outputs["training_set"],
+                    cem=sim.outputs["cem"])
+    trained.set_display_name("train (TorchRec, torchrun / TrainJob)")
+    trained.set_retry(num_retries=1, backoff_duration="60s")  # a rare abort at exit; checkpoints make a retry cheap
+    trained.set_accelerator_type(gpu_type).set_accelerator_limit(gpus_per_node)
+    trained.set_cpu_request("4").set_memory_request("16G")
+    kubernetes.add_node_selector_json(trained, gpu_node_selector)
+    kubernetes.add_toleration_json(trained, gpu_tolerations)
+    kubernetes.mount_pvc(trained, pvc_name=data_pvc, mount_path=DATA_MOUNT)
+
+    release_steps(config=config, config_overrides=config_overrides, evaluation_seeds=evaluation_seeds,
+                  candidate=trained.outputs["model"], cem=sim.outputs["cem"], incumbent=incumbent.outputs["incumbent"],
+                  min_uplift_pct=min_uplift_pct, latency_budget_ms=latency_budget_ms, bentoml_home=bentoml_home,
+                  gitops_repo=gitops_repo, environment=environment, gitops_branch=gitops_branch, registry=registry,
+                  data_pvc=data_pvc)
+    kubernetes.mount_pvc(incumbent, pvc_name=data_pvc, mount_path=DATA_MOUNT)
+
+
+def compile_all(pipeline_yaml: Path = PIPELINE_YAML, manifests_yaml: Path = MANIFESTS_YAML) -> None:
+    """The IR YAML for upload, and the Pipeline/PipelineVersion resources for a GitOps-managed Kubeflow."""
+    compiler.Compiler().compile(unexrl_continuous_training, str(pipeline_yaml))
+    manifests_yaml.parent.mkdir(parents=True, exist_ok=True)
+    options = KubernetesManifestOptions(pipeline_name="unexrl-continuous-training",
+                                        pipeline_version_name=f"unexrl-continuous-training-v{VERSION.replace('.', '-')}",
+                                        namespace="kubeflow", include_pipeline_manifest=True)
+    compiler.Compiler().compile(unexrl_continuous_training, str(manifests_yaml), kubernetes_manifest_format=True,
+                                kubernetes_manifest_options=options)
+    shipped = HERE.parent / "k8s" / "base" / "pipelines"  # the platform overlays ship the same bytes (tests/test_k8s.py)
+    if manifests_yaml == MANIFESTS_YAML and shipped.is_dir():
+        shutil.copyfile(manifests_yaml, shipped / manifests_yaml.name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compile", action="store_true", help="write the YAML and the Kubernetes manifests")
+    args = parser.parse_args()
+    if args.compile:
+        compile_all()
+        print(f"wrote {PIPELINE_YAML.relative_to(HERE.parent)} and {MANIFESTS_YAML.relative_to(HERE.parent)} "
+              "(and its copy in k8s/base/pipelines/)")
+
+
+if __name__ == "__main__":
+    main()

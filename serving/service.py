@@ -1,0 +1,115 @@
+"""The UNEX-RL recommendation service: a thin BentoML shell over unexrl.serve.engine (docs/serving.md).
+
+Environment:
+  UNEXRL_MODEL          model store tag of the served policy (default unexrl-policy:latest; pinned in a bento)
+  UNEXRL_SHADOW_MODEL   optional model store tag of a shadow policy: its actions become metrics, never pages
+  UNEXRL_ROLE           role label of the served model's metrics: stable (default) or canary
+  UNEXRL_FEATURE_ENV    feature store environment (features.environment: local, redis, production)
+  UNEXRL_FEATURE_REPO   optional Feast repository folder (features.repo)
+BentoML's own /livez, /readyz and /metrics serve the probes and Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import torch
+from bentoml.exceptions import InvalidArgument, NotFound
+
+from unexrl.policies.artifact import read_manifest
+from unexrl.serve.api import (
+    FeedbackItem,
+    FeedbackRequest,
+    FeedbackResponse,
+    Health,
+    RecommendRequest,
+    RecommendResponse,
+    RequestContext,
+    StageAction,
+)
+from unexrl.serve.engine import Recommender, RequestError, UnknownRequest, serving_config
+from unexrl.serve.package import ARTIFACT_SUBDIR, DEFAULT_MODEL, ENV_MODEL, ENV_SHADOW_MODEL
+
+
+class JsonOnly:
+    """ASGI middleware: a POST whose body is not declared as JSON gets 415. BentoML itself answers a
+    multipart Content-Type without a boundary with a 500 (found by schemathesis); bad input must be a 4xx."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            declared = dict(scope["headers"]).get(b"content-type", b"application/json")
+            if declared.split(b";")[0].strip().lower() != b"application/json":
+                body = json.dumps({"error": "Content-Type must be application/json"}).encode()
+                await send({"type": "http.response.start", "status": 415,
+                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+@bentoml.service(name="unexrl", workers=1, traffic={"timeout": 30}, http={"port": 3000})
+class Recommendation:
+    """Pages from the multi-stage cascade with the trained stage policies; feedback updates the session."""
+
+    model = bentoml.models.BentoModel(os.environ.get(ENV_MODEL, DEFAULT_MODEL))
+
+    def __init__(self) -> None:
+        # one request is a batch of one: intra-op threads only contend with the HTTP workers for the cores
+        torch.set_num_threads(1)
+        primary = Path(self.model.path) / ARTIFACT_SUBDIR
+        cfg = serving_config(read_manifest(primary), dict(os.environ))
+        shadow_tag = os.environ.get(ENV_SHADOW_MODEL)
+        shadow = bentoml.models.get(shadow_tag) if shadow_tag else None
+        self.engine = Recommender(
+            cfg, primary, primary_version=self.model.tag.version,
+            shadow=Path(shadow.path) / ARTIFACT_SUBDIR if shadow is not None else None,
+            shadow_version=shadow.tag.version if shadow is not None else None,
+            role=os.environ.get("UNEXRL_ROLE", "stable"),
+        )
+
+    @bentoml.api(input_spec=RecommendRequest, output_spec=RecommendResponse)
+    def recommend(self, user_id: int, context: RequestContext | None = None,
+                  candidates: list[int] | None = None) -> RecommendResponse:
+        """A page for the user: features, pool, then each stage's actor ranks and the last stage's order is shown."""
+        try:
+            page = self.engine.recommend(user_id, context.session_id if context else None, candidates)
+        except RequestError as err:
+            raise InvalidArgument(str(err)) from None
+        e = self.engine
+        return RecommendResponse(
+            request_id=page.request_id, model_version=e.version, user_id=user_id,
+            session_id=page.session.session_id, step=page.session.step, items=page.items,
+            actions=[StageAction(stage=name, candidates=n, weights=dict(zip(heads, action)))
+                     for name, heads, action, n in zip(e.stage_names, e.heads, page.actions, page.candidates)],
+            cold_start=page.cold_start, degraded=page.degraded,
+        )
+
+    @bentoml.api(input_spec=FeedbackRequest, output_spec=FeedbackResponse)
+    def feedback(self, request_id: str, items: list[FeedbackItem], session_end: bool = False) -> FeedbackResponse:
+        """What the user did with a page: updates the session state and the long-term reward metrics."""
+        try:
+            result = self.engine.feedback(request_id, items, session_end)
+        except RequestError as err:
+            raise InvalidArgument(str(err)) from None
+        except UnknownRequest as err:
+            raise NotFound(str(err)) from None
+        s = result.session
+        return FeedbackResponse(
+            request_id=request_id, session_id=s.session_id, step=s.step, session_items_watched=s.items_watched,
+            session_watch_time_s=s.watch_time_s, session_ended=result.ended, pushed=result.pushed,
+        )
+
+    @bentoml.api(route="/version")
+    def version(self) -> Health:
+        """The served model version; also the framework floor that `unexrl bench serve` compares against."""
+        return Health(status="ok", model_version=self.engine.version)
+
+
+Recommendation.add_asgi_middleware(JsonOnly)

@@ -1,0 +1,501 @@
+"""Offline validation of k8s/: every overlay renders with `kubectl kustomize`; core kinds validate against the
+Kubernetes API schema (kubernetes-validate, pinned version); custom resources against the fields their
+controllers require; security and contract invariants of the serving stack; the dashboard and the rules.
+
+No cluster is needed. kubectl (with its built-in kustomize) must be on PATH; without it these tests skip.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+ENVS = ("dev", "staging", "prod")
+SERVING = [f"overlays/{e}" for e in ENVS]
+PLATFORM = [f"overlays/{e}/platform" for e in ENVS]
+ALL = [*SERVING, *PLATFORM, "argocd"]
+K8S_VERSION = "1.32.0"  # the API version validated against: kubectl 1.32 on these machines
+SERVING_RULES = ("model_version:unexrl_session_watch_time_seconds:mean5m",
+                 "model_version:unexrl_recommend_latency_seconds:p99_5m")
+# API groups whose kinds kubernetes-validate knows (the rest are custom resources, checked below).
+CORE_GROUPS = {"", "apps", "batch", "policy", "autoscaling", "networking.k8s.io", "rbac.authorization.k8s.io"}
+
+needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+pytestmark = needs_kubectl
+
+
+@functools.cache
+def render(path: str) -> tuple[dict, ...]:
+    done = subprocess.run(["kubectl", "kustomize", str(K8S / path)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, f"kubectl kustomize k8s/{path} failed:\n{done.stderr}"
+    return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
+
+
+def group(doc: dict) -> str:
+    api = doc["apiVersion"]
+    return api.split("/")[0] if "/" in api else ""
+
+
+def find(docs, kind: str, name: str | None = None) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs, kind: str, name: str | None = None) -> dict:
+    found = find(docs, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def pod_specs(doc: dict) -> list[dict]:
+    """Every pod spec inside a workload (Deployment, CronJob, TrainingRuntime...)."""
+    out = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "containers" in node and isinstance(node["containers"], list):
+                out.append(node)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(doc.get("spec", {}))
+    return out
+
+
+def load_kustomization(path: str) -> dict:
+    return yaml.safe_load((K8S / path / "kustomization.yaml").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+@pytest.mark.parametrize("path", ALL)
+def test_every_overlay_renders_with_names_and_namespaces(path):
+    docs = render(path)
+    assert docs
+    keys = [(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs]
+    assert len(keys) == len(set(keys)), "duplicate objects"
+    if path != "argocd":
+        env = path.split("/")[1]
+        ns = load_kustomization(path)["namespace"]
+        assert ns == {"dev": "unexrl-dev", "staging": "unexrl-staging", "prod": "unexrl"}[env]
+        assert {d["metadata"].get("namespace") for d in docs} == {ns}
+
+
+@pytest.mark.parametrize("path", ALL)
+def test_core_kinds_validate_against_kubernetes_schema(path):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    checked = 0
+    for doc in render(path):
+        if group(doc) in CORE_GROUPS:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            checked += 1
+    assert checked or path == "argocd"
+
+
+def test_trainjob_example_validates():
+    job = yaml.safe_load((K8S / "base/training/trainjob-example.yaml").read_text())
+    check_custom(job)
+
+
+# ----------------------------------------------------------------------------------------- custom resources
+
+
+def require(doc: dict, *paths: str) -> None:
+    for path in paths:
+        node = doc
+        for key in path.split("."):
+            assert isinstance(node, dict) and node.get(key) not in (None, "", [], {}), \
+                f"{doc['kind']} {doc['metadata'].get('name', '')}: missing {path}"
+            node = node[key]
+
+
+def check_pod_template_containers(doc: dict) -> None:
+    specs = pod_specs(doc)
+    assert specs, f"{doc['kind']}: no pod template"
+    for spec in specs:
+        for c in spec["containers"]:
+            require(c, "name", "image")
+
+
+def check_custom(doc: dict) -> None:
+    kind, api = doc["kind"], doc["apiVersion"]
+    require(doc, "apiVersion", "kind")
+    assert doc.get("metadata", {}).get("name") or doc.get("metadata", {}).get("generateName"), "no name"
+    if kind == "Rollout":
+        assert api == "argoproj.io/v1alpha1"
+        require(doc, "spec.selector.matchLabels", "spec.strategy.canary.steps")
+        ref = doc["spec"].get("workloadRef")
+        assert ref or doc["spec"].get("template"), "Rollout needs spec.template or spec.workloadRef"
+        if ref:
+            require(ref, "apiVersion", "kind", "name")
+            assert ref.get("scaleDown", "never") in {"never", "onsuccess", "progressively"}
+        for step in doc["spec"]["strategy"]["canary"]["steps"]:
+            assert len(step) == 1 and next(iter(step)) in {"setWeight", "pause", "analysis", "setCanaryScale",
+                                                            "experiment", "setHeaderRoute", "setMirrorRoute",
+                                                            "plugin"}, step
+            if "setWeight" in step:
+                assert 0 <= step["setWeight"] <= 100
+            if "analysis" in step:
+                assert all(t.get("templateName") for t in step["analysis"]["templates"])
+    elif kind == "AnalysisTemplate":
+        assert api == "argoproj.io/v1alpha1"
+        require(doc, "spec.metrics")
+        declared = {a["name"] for a in doc["spec"].get("args", [])}
+        for m in doc["spec"]["metrics"]:
+            require(m, "name", "provider")
+            assert m.get("successCondition") or m.get("failureCondition"), m["name"]
+            if "prometheus" in m["provider"]:
+                require(m["provider"]["prometheus"], "address", "query")
+            used = set(re.findall(r"\{\{\s*args\.([\w-]+)\s*\}\}", json.dumps(m)))
+            assert used <= declared, f"{m['name']} uses undeclared args {used - declared}"
+    elif kind == "Application":
+        assert api == "argoproj.io/v1alpha1"
+        require(doc, "spec.project", "spec.source.repoURL", "spec.source.path", "spec.source.targetRevision",
+                "spec.destination.namespace")
+        dest = doc["spec"]["destination"]
+        assert bool(dest.get("server")) != bool(dest.get("name")), "destination needs exactly one of server/name"
+    elif kind == "AppProject":
+        require(doc, "spec.sourceRepos", "spec.destinations")
+    elif kind == "ServiceMonitor":
+        assert api == "monitoring.coreos.com/v1"
+        require(doc, "spec.selector", "spec.endpoints")
+        for ep in doc["spec"]["endpoints"]:
+            assert ep.get("port") or ep.get("targetPort"), "endpoint needs port"
+    elif kind == "PrometheusRule":
+        assert api == "monitoring.coreos.com/v1"
+        require(doc, "spec.groups")
+        for g in doc["spec"]["groups"]:
+            require(g, "name", "rules")
+            for r in g["rules"]:
+                assert bool(r.get("record")) != bool(r.get("alert")) and r.get("expr"), r
+    elif kind in {"TrainingRuntime", "ClusterTrainingRuntime"}:
+        assert api == "trainer.kubeflow.org/v1alpha1"
+        require(doc, "spec.template.spec.replicatedJobs")
+        for job in doc["spec"]["template"]["spec"]["replicatedJobs"]:
+            require(job, "name", "template.spec.template.spec.containers")
+        check_pod_template_containers(doc)
+    elif kind == "TrainJob":
+        assert api == "trainer.kubeflow.org/v1alpha1"
+        require(doc, "spec.runtimeRef.name")
+        assert doc["spec"]["runtimeRef"].get("kind", "ClusterTrainingRuntime") in {"TrainingRuntime",
+                                                                                   "ClusterTrainingRuntime"}
+    elif kind == "PyTorchJob":
+        assert api == "kubeflow.org/v1"
+        require(doc, "spec.pytorchReplicaSpecs")
+    elif kind == "Pipeline":
+        assert api == "pipelines.kubeflow.org/v2beta1"
+        require(doc, "spec.displayName")
+    elif kind == "PipelineVersion":
+        assert api == "pipelines.kubeflow.org/v2beta1"
+        require(doc, "spec.pipelineName", "spec.pipelineSpec.pipelineInfo.name", "spec.pipelineSpec.root",
+                "spec.pipelineSpec.schemaVersion")
+    else:
+        raise AssertionError(f"no validation for custom resource {api} {kind}")
+
+
+@pytest.mark.parametrize("path", ALL)
+def test_custom_resources_have_required_fields(path):
+    for doc in render(path):
+        if group(doc) not in CORE_GROUPS:
+            check_custom(doc)
+
+
+def test_each_environment_has_every_kind():
+    expected_serving = {"Deployment", "Rollout", "AnalysisTemplate", "Service", "HorizontalPodAutoscaler",
+                        "PodDisruptionBudget", "NetworkPolicy", "ServiceAccount", "ServiceMonitor",
+                        "PrometheusRule", "ConfigMap"}
+    expected_platform = {"TrainingRuntime", "CronJob", "ServiceAccount", "PersistentVolumeClaim", "ConfigMap",
+                         "Pipeline", "PipelineVersion"}
+    for env in ENVS:
+        assert expected_serving <= {d["kind"] for d in render(f"overlays/{env}")}
+        assert expected_platform <= {d["kind"] for d in render(f"overlays/{env}/platform")}
+    apps = find(render("argocd"), "Application")
+    assert sorted(a["spec"]["source"]["path"] for a in apps) == sorted(f"k8s/{p}" for p in SERVING + PLATFORM)
+    for a in apps:
+        assert (ROOT / a["spec"]["source"]["path"] / "kustomization.yaml").is_file()
+        ns = load_kustomization(a["spec"]["source"]["path"].removeprefix("k8s/"))["namespace"]
+        assert a["spec"]["destination"]["namespace"] == ns
+
+
+# ------------------------------------------------------------------------------------- serving invariants
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_serving_workload_is_hardened_and_probed(env):
+    docs = render(f"overlays/{env}")
+    dep = one(docs, "Deployment", "unexrl-serving")
+    spec = dep["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert one(docs, "ServiceAccount", "unexrl-serving")["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    (c,) = spec["containers"]
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    for key in ("cpu", "memory"):
+        assert c["resources"]["requests"][key] and c["resources"]["limits"][key]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["ports"] == [{"name": "http", "containerPort": 3000, "protocol": "TCP"}]
+    env_names = {e["name"] for e in c["env"]}
+    assert {"UNEXRL_MODEL", "UNEXRL_MODEL_VERSION"} <= env_names
+    # The model version is the pod template's annotation, and the model tag is derived from it.
+    version_env = next(e for e in c["env"] if e["name"] == "UNEXRL_MODEL_VERSION")
+    assert version_env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['unexrl.io/model-version']"
+    version = load_kustomization(f"overlays/{env}")["commonAnnotations"]["unexrl.io/model-version"]
+    assert dep["spec"]["template"]["metadata"]["annotations"]["unexrl.io/model-version"] == version
+    # Argo Rollouts owns the pods; HPA scales the Rollout; the PDB covers the pods.
+    rollout = one(docs, "Rollout", "unexrl-serving")
+    assert rollout["spec"]["workloadRef"]["name"] == "unexrl-serving" and dep["spec"]["replicas"] == 0
+    assert rollout["metadata"]["annotations"]["unexrl.io/model-version"] == version
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
+                                             "name": "unexrl-serving"}
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert hpa["spec"]["minReplicas"] >= 1
+    if "minAvailable" in pdb["spec"]:
+        assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"], "the PDB would block every drain"
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_only_ingress_and_prometheus_reach_serving(env):
+    docs = render(f"overlays/{env}")
+    (pol,) = [p for p in find(docs, "NetworkPolicy")
+              if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "unexrl-serving"]
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    peers = []
+    for rule in pol["spec"]["ingress"]:
+        assert [p["port"] for p in rule["ports"]] == [3000]
+        for peer in rule["from"]:
+            assert set(peer) == {"namespaceSelector", "podSelector"}, "each peer must name namespace and pods"
+            peers.append((peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+                          peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]))
+    assert sorted(peers) == [("ingress-nginx", "ingress-nginx"), ("monitoring", "prometheus")]
+
+
+@pytest.mark.parametrize("path", ALL)
+def test_secrets_only_by_reference(path):
+    docs = render(path)
+    assert not find(docs, "Secret"), "no Secret objects in git"
+    secretish = re.compile(r"(PASSWORD|TOKEN|SECRET|CREDENTIAL|ACCESS_KEY|API_KEY)", re.IGNORECASE)
+    for doc in docs:
+        for spec in pod_specs(doc):
+            for c in spec["containers"] + spec.get("initContainers", []):
+                for e in c.get("env", []):
+                    if secretish.search(e["name"]) and "value" in e:
+                        # A path to a projected token file is not a secret.
+                        assert e["value"].startswith("/var/run/secrets/"), f"{e['name']} set inline"
+        for cm in find([doc], "ConfigMap"):
+            for key, value in (cm.get("data") or {}).items():
+                assert not re.search(r"password=|://[^/\s:]+:[^@\s]+@", str(value)), f"{key}: credentials inline"
+
+
+def test_feature_store_redis_in_dev_external_reference_elsewhere():
+    def feature_env(docs):
+        cm = next(c for c in find(docs, "ConfigMap") if c["metadata"]["name"].startswith("unexrl-feature-store"))
+        dep = one(docs, "Deployment", "unexrl-serving")
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        assert [r["configMapRef"]["name"] for r in c["envFrom"]] == [cm["metadata"]["name"]]
+        return cm["data"], {e["name"]: e for e in c["env"]}
+
+    data, env = feature_env(render("overlays/dev"))
+    assert data["UNEXRL_FEATURE_ENV"] == "redis" and data["UNEXRL_REDIS"] == "feast-redis:6379"
+    assert "UNEXRL_REDIS" not in env
+    dev_platform = render("overlays/dev/platform")
+    redis = one(dev_platform, "Deployment", "feast-redis")
+    assert one(dev_platform, "Service", "feast-redis")["spec"]["ports"][0]["port"] == 6379
+    assert redis["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+    for env_name in ("staging", "prod"):
+        data, env = feature_env(render(f"overlays/{env_name}"))
+        assert data["UNEXRL_FEATURE_ENV"] == "production" and "UNEXRL_REDIS" not in data
+        ref = env["UNEXRL_REDIS"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "unexrl-feast-online-store", "key": "connection-string"}
+        assert not find(render(f"overlays/{env_name}/platform"), "Deployment", "feast-redis")
+        # every ${VAR} of the production Feast environment is provided
+        settings = yaml.safe_load((ROOT / "feature_repo/environments/production.yaml").read_text())
+        wanted = set(re.findall(r"\$\{(\w+)\}", json.dumps(settings)))
+        assert wanted <= set(data) | set(env)
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_training_runtime_targets_gpus_with_nccl(env):
+    rt = one(render(f"overlays/{env}/platform"), "TrainingRuntime", "unexrl-torchrec")
+    assert rt["spec"]["mlPolicy"]["torch"]
+    (spec,) = pod_specs(rt)
+    (c,) = spec["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    assert {e["name"] for e in c["env"]} >= {"NCCL_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
+    assert c["image"].endswith("/unexrl-train:" + next(
+        i["newTag"] for i in load_kustomization(f"overlays/{env}/platform")["images"] if i["name"] == "unexrl-train"))
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in spec["volumes"]), "/dev/shm for NCCL"
+    assert c["command"] == ["torchrun"] and c["args"][:3] == ["-m", "unexrl", "--"]
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_recurring_run_starts_the_continuous_training_pipeline(env):
+    docs = render(f"overlays/{env}/platform")
+    cron = one(docs, "CronJob", "unexrl-continuous-training")
+    spec = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    values = {e["name"]: e.get("value") for e in c["env"]}
+    assert values["KFP_PIPELINE"] == "unexrl-continuous-training"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert spec["automountServiceAccountToken"] is False
+    scripts = next(v for v in spec["volumes"] if v["name"] == "scripts")["configMap"]["name"]
+    cm = one(docs, "ConfigMap", scripts)
+    assert cm["data"]["start_run.py"] == (K8S / "base/pipelines/start_run.py").read_text()
+    assert cron["spec"].get("suspend", False) is (env == "dev")
+
+
+def test_start_run_picks_the_declared_version():
+    import importlib.util
+    from types import SimpleNamespace as NS
+
+    spec = importlib.util.spec_from_file_location("start_run", K8S / "base/pipelines/start_run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    versions = [NS(display_name="v1", created_at=1, pipeline_version_id="a"),
+                NS(display_name="v2", created_at=2, pipeline_version_id="b")]
+    assert mod.choose_version(versions, "").pipeline_version_id == "b"
+    assert mod.choose_version(versions, "v1").pipeline_version_id == "a"
+    with pytest.raises(LookupError):
+        mod.choose_version(versions, "v3")
+
+
+# ---------------------------------------------------------------------------------------------- monitoring
+
+
+def rendered_rules(env: str = "prod") -> dict:
+    return one(render(f"overlays/{env}"), "PrometheusRule")
+
+
+def test_promtool_check_rules_on_rendered_rules(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    for env in ENVS:
+        path = tmp_path / f"{env}.rules.yaml"
+        path.write_text(yaml.safe_dump({"groups": rendered_rules(env)["spec"]["groups"]}))
+        done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+    records = {r.get("record") for g in rendered_rules()["spec"]["groups"] for r in g["rules"]}
+    assert set(SERVING_RULES) <= records
+
+
+def test_analysis_queries_the_serving_recording_rules():
+    tmpl = one(render("overlays/prod"), "AnalysisTemplate", "unexrl-canary")
+    queries = {m["name"]: m["provider"]["prometheus"]["query"] for m in tmpl["spec"]["metrics"]}
+    reward = queries["long-term-reward-vs-stable"]
+    assert SERVING_RULES[0] in reward and 'model_version="{{args.canary-version}}"' in reward
+    assert 'model_version!="{{args.canary-version}}"' in reward
+    assert SERVING_RULES[1] in queries["p99-latency"]
+    for m in tmpl["spec"]["metrics"]:
+        assert m.get("failureLimit", 0) <= 1, "a regression must abort the rollout"
+    rollout = one(render("overlays/prod"), "Rollout")
+    steps = rollout["spec"]["strategy"]["canary"]["steps"]
+    analyses = [s["analysis"] for s in steps if "analysis" in s]
+    assert analyses and all(a["templates"] == [{"templateName": "unexrl-canary"}] for a in analyses)
+    for a in analyses:
+        (arg,) = a["args"]
+        assert arg["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['unexrl.io/model-version']"
+
+
+def dashboard_exprs(dashboard: dict) -> list[str]:
+    out = []
+
+    def panels(node):
+        for p in node.get("panels", []):
+            yield p
+            yield from panels(p)  # rows nest panels
+
+    for p in panels(dashboard):
+        out += [t["expr"] for t in p.get("targets", []) if t.get("expr")]
+    return out
+
+
+def test_dashboard_configmap_is_the_dashboard_file_byte_for_byte(tmp_path):
+    source = (K8S / "monitoring/dashboard.json").read_text()
+    dashboard = json.loads(source)
+    exprs = dashboard_exprs(dashboard)
+    assert exprs, "the dashboard has no panel queries"
+    for env in ENVS:
+        cm = one(render(f"overlays/{env}"), "ConfigMap", "unexrl-grafana-dashboard")
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert cm["data"] == {"unexrl-serving.json": source}
+    # Every panel query is valid PromQL (checked by promtool as recording rules; Grafana's interval variables
+    # replaced by a duration) and uses only unexrl metrics or their recording rules.
+    promtool = shutil.which("promtool")
+    if promtool:
+        rules = [{"record": f"dashboard:panel_{i}", "expr": re.sub(r"\$(__rate_interval|__interval|__range)\b",
+                                                                    "5m", e)} for i, e in enumerate(exprs)]
+        path = tmp_path / "panels.yaml"
+        path.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
+        done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+    for e in exprs:
+        names = set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{|\[|\)|$)", e)) - {"by", "without", "le"}
+        assert any(n.startswith("unexrl_") or ":unexrl_" in n for n in names), e
+
+
+# -------------------------------------------------------------------------------------- overlay contract
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_overlay_carries_the_deploy_fields(env):
+    k = load_kustomization(f"overlays/{env}")
+    (image,) = [i for i in k["images"] if i["name"] == "unexrl-serving"]
+    assert set(image) == {"name", "newName", "newTag"}
+    assert set(k["commonAnnotations"]) == {"unexrl.io/model-version"}
+    dep = one(render(f"overlays/{env}"), "Deployment", "unexrl-serving")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == f"{image['newName']}:{image['newTag']}"
+    # the base refers to the serving image by the bare name the overlay replaces
+    base = yaml.safe_load((K8S / "base/serving/deployment.yaml").read_text())
+    assert base["spec"]["template"]["spec"]["containers"][0]["image"] == "unexrl-serving"
+
+
+@pytest.mark.parametrize("path", [*SERVING, *PLATFORM])
+def test_every_pod_is_restricted(path):
+    """checkov does not see inside custom resources (TrainingRuntime): check every pod template here."""
+    for doc in render(path):
+        for spec in pod_specs(doc):
+            name = f"{doc['kind']}/{doc['metadata']['name']}"
+            assert spec["securityContext"]["runAsNonRoot"] is True, name
+            assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+            assert spec.get("automountServiceAccountToken") is False, name
+            for c in spec["containers"]:
+                sc = c["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, name
+                assert sc["capabilities"]["drop"] == ["ALL"], name
+                assert c["resources"]["limits"]["memory"] and c["resources"]["requests"]["cpu"], name
+
+
+def test_pipeline_manifests_are_the_compiled_ones():
+    compiled = ROOT / "pipelines/manifests/unexrl_continuous_training.k8s.yaml"
+    if not compiled.exists():
+        pytest.skip("pipelines/ (pipeline issue) not in this checkout")
+    assert (K8S / "base/pipelines/unexrl_continuous_training.k8s.yaml").read_bytes() == compiled.read_bytes(), \
+        "stale copy: cp pipelines/manifests/unexrl_continuous_training.k8s.yaml k8s/base/pipelines/"
+    for env in ENVS:
+        docs = render(f"overlays/{env}/platform")
+        pipeline = one(docs, "Pipeline")
+        version = one(docs, "PipelineVersion")
+        assert pipeline["metadata"]["name"] == "unexrl-continuous-training"
+        assert version["spec"]["pipelineName"] == pipeline["metadata"]["name"]
+        cron = one(docs, "CronJob", "unexrl-continuous-training")
+        (c,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+        assert {e["name"]: e.get("value") for e in c["env"]}["KFP_PIPELINE"] == pipeline["metadata"]["name"]

@@ -1,0 +1,74 @@
+"""The compiled pipeline: checked-in YAML and Kubernetes manifests are current, and the cluster settings are in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pipelines.continuous_training import (
+    GPU_NODE_SELECTOR,
+    GPU_TOLERATIONS,
+    MANIFESTS_YAML,
+    PIPELINE_YAML,
+    compile_all,
+)
+
+
+def docs(path: Path) -> list[dict]:
+    return list(yaml.safe_load_all(path.read_text()))
+
+
+def test_checked_in_yaml_is_current(tmp_path: Path) -> None:
+    """Recompile and compare the parsed documents (the header comment's dict order varies between runs)."""
+    compile_all(tmp_path / "p.yaml", tmp_path / "m.yaml")
+    assert docs(tmp_path / "p.yaml") == docs(PIPELINE_YAML), "stale: run `python -m pipelines.continuous_training --compile`"
+    assert docs(tmp_path / "m.yaml") == docs(MANIFESTS_YAML), "stale: run `python -m pipelines.continuous_training --compile`"
+
+
+def test_train_task_runs_on_gpu_nodes_with_the_data_pvc() -> None:
+    spec, platform = docs(PIPELINE_YAML)
+    executor = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    accel = executor["resources"]["accelerator"]
+    assert accel["resourceType"] == "{{$.inputs.parameters['pipelinechannel--gpu_type']}}"
+    assert accel["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--gpus_per_node']}}"
+    assert executor["image"].endswith("/unexrl-train-gpu:0.1.0")
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert k8s["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"] == "gpu_node_selector"
+    assert k8s["tolerations"][0]["tolerationJson"]["componentInputParameter"] == "gpu_tolerations"
+    assert k8s["pvcMount"][0]["mountPath"] == "/data"
+    assert k8s["pvcMount"][0]["pvcNameParameter"]["componentInputParameter"] == "data_pvc"
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["gpu_node_selector"]["defaultValue"] == GPU_NODE_SELECTOR
+    assert params["gpu_tolerations"]["defaultValue"] == GPU_TOLERATIONS
+    assert params["data_pvc"]["defaultValue"] == "unexrl-data"
+    train = spec["root"]["dag"]["tasks"]["train"]
+    assert train["retryPolicy"]["maxRetryCount"] == 1
+
+
+def test_gate_condition_guards_package_and_deploy() -> None:
+    spec, _ = docs(PIPELINE_YAML)
+    tasks = spec["root"]["dag"]["tasks"]
+    cond = tasks["condition-1"]
+    assert cond["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
+    assert "gate" in cond["dependentTasks"]
+    inner = spec["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(inner) == {"package", "deploy"}
+    assert "package" not in tasks and "deploy" not in tasks
+    assert not tasks["gate"]["cachingOptions"].get("enableCache", False)  # the registry may have moved on
+    assert tasks["build-features"]["cachingOptions"]["enableCache"] is True
+
+
+def test_kubernetes_manifests() -> None:
+    pipeline, version = docs(MANIFESTS_YAML)
+    assert (pipeline["kind"], version["kind"]) == ("Pipeline", "PipelineVersion")
+    assert version["spec"]["pipelineName"] == pipeline["metadata"]["name"] == "unexrl-continuous-training"
+    assert version["metadata"]["namespace"] == "kubeflow"
+    assert "exec-train" in version["spec"]["platformSpec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_every_parameter_is_described_for_the_ui() -> None:
+    spec, _ = docs(PIPELINE_YAML)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"config", "environment", "min_uplift_pct", "train_workers", "gpu_type"} <= set(params)
+    assert [name for name, p in params.items() if len(p.get("description", "")) < 15] == []

@@ -1,0 +1,97 @@
+"""GitOps deployment: a release is a commit to a Kustomize overlay, never a call to a cluster API.
+
+``deploy`` clones the manifests repository, sets two fields of ``k8s/overlays/<environment>/kustomization.yaml``
+(the ``unexrl-serving`` image's ``newTag`` and the ``unexrl.io/model-version`` annotation) on a branch, commits and
+pushes the branch back. Argo CD (k8s/) syncs the cluster from that branch. Comments and layout of the overlay are
+kept (ruamel round trip), so a reviewer's diff shows exactly the two changed lines.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+IMAGE_NAME = "unexrl-serving"
+ANNOTATION = "unexrl.io/model-version"
+_AUTHOR = {"GIT_AUTHOR_NAME": "unexrl-pipeline", "GIT_AUTHOR_EMAIL": "pipeline@unexrl.invalid",
+           "GIT_COMMITTER_NAME": "unexrl-pipeline", "GIT_COMMITTER_EMAIL": "pipeline@unexrl.invalid"}
+_REF = re.compile(r"^[A-Za-z0-9._/-]+$")
+
+
+class GitOpsError(RuntimeError):
+    """The repository, branch or overlay cannot take this deployment; the message says what is missing."""
+
+
+def overlay_path(environment: str) -> str:
+    """The only file a deployment edits, relative to the repository root."""
+    return f"k8s/overlays/{environment}/kustomization.yaml"
+
+
+def deploy(repo: str, *, environment: str, model_version: str, image_tag: str, branch: str,
+           message: str | None = None) -> str:
+    """Point ``environment``'s overlay at ``image_tag`` / ``model_version`` on ``branch`` of ``repo``; return the commit.
+
+    ``repo`` is a local path or a URL git can push to. The branch is created from the default branch when absent.
+    A deployment that changes nothing still commits (``--allow-empty``), so every release has its own sha.
+    """
+    if not repo:
+        raise GitOpsError("no GitOps repository given (the pipeline parameter gitops_repo): nowhere to deploy")
+    for name, value in (("environment", environment), ("branch", branch)):
+        if not value or not _REF.match(value) or ".." in value:
+            raise GitOpsError(f"{name} {value!r}: expected a plain name ([A-Za-z0-9._/-], no '..')")
+    for name, value in (("model_version", model_version), ("image_tag", image_tag)):
+        if not value or any(c.isspace() for c in value):
+            raise GitOpsError(f"{name} {value!r}: must be a non-empty string without spaces")
+    with tempfile.TemporaryDirectory(prefix="unexrl-gitops-") as tmp:
+        work = Path(tmp) / "repo"
+        _git(None, "clone", "--quiet", repo, str(work))
+        if _git(work, "ls-remote", "--heads", "origin", branch):
+            _git(work, "checkout", "--quiet", "-B", branch, f"origin/{branch}")
+        else:
+            _git(work, "checkout", "--quiet", "-b", branch)
+        target = work / overlay_path(environment)
+        set_release(target, model_version=model_version, image_tag=image_tag)
+        _git(work, "add", overlay_path(environment))
+        text = message or f"deploy {environment}: model {model_version}, image {IMAGE_NAME}:{image_tag}"
+        _git(work, "commit", "--quiet", "--allow-empty", "-m", text)
+        _git(work, "push", "--quiet", "origin", f"HEAD:refs/heads/{branch}")
+        return _git(work, "rev-parse", "HEAD").strip()
+
+
+def set_release(kustomization: Path, *, model_version: str, image_tag: str) -> None:
+    """Edit the two release fields of one overlay in place; refuse an overlay without the serving image entry."""
+    if not kustomization.is_file():
+        raise GitOpsError(f"no overlay at {kustomization}: create k8s/overlays/<environment>/kustomization.yaml first")
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.indent(mapping=2, sequence=4, offset=2)  # the Kustomize style: "  - name: ..." under a key
+    yaml.width = 4096  # never re-wrap long lines
+    doc = yaml.load(kustomization.read_text())
+    if not isinstance(doc, dict):
+        raise GitOpsError(f"{kustomization}: not a YAML mapping")
+    images = doc.get("images") or []
+    entries = [e for e in images if isinstance(e, dict) and e.get("name") == IMAGE_NAME]
+    if len(entries) != 1:
+        raise GitOpsError(f"{kustomization}: expected exactly one `images:` entry with name: {IMAGE_NAME}, "
+                          f"found {len(entries)}")
+    entries[0]["newTag"] = image_tag
+    if doc.get("commonAnnotations") is None:
+        doc["commonAnnotations"] = {}
+    doc["commonAnnotations"][ANNOTATION] = model_version
+    tmp = kustomization.with_name(f".{kustomization.name}.tmp")
+    with tmp.open("w") as f:
+        yaml.dump(doc, f)
+    os.replace(tmp, kustomization)
+
+
+def _git(cwd: Path | None, *args: str) -> str:
+    env = {**os.environ, **_AUTHOR, "GIT_TERMINAL_PROMPT": "0"}
+    done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise GitOpsError(f"git {' '.join(args)} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout

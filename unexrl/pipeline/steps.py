@@ -1,0 +1,177 @@
+"""One function per pipeline step: what each KFP component calls, with paths and plain values in and out.
+
+Every step resolves the same configuration from (config name or path, overrides), so a pipeline parameter means
+the same thing to every task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unexrl.config import Config, load_config
+from unexrl.io import atomic_directory
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_FILE = "config.yaml"
+
+
+def resolve_config(config: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """``config``: a name in configs/ (``small``, ``default``, ``paper``) or a YAML path; ``overrides``: --set items."""
+    if not config:
+        raise ValueError("config: give a config name (small, default, paper) or a path to a YAML file")
+    path = Path(config)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PROJECT_ROOT / "configs" / f"{config}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"config {config!r}: no file {path}")
+    return load_config(path, [str(o) for o in overrides])
+
+
+def write_config(cfg: Config, path: Path) -> Path:
+    """The resolved config as YAML (what a subprocess or a remote job is started with)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
+    return path
+
+
+# -- 1. logs ---------------------------------------------------------------------------------------------------
+
+def tune_cem_artifact(cfg: Config, out: Path, sim: Any = None) -> Any:
+    """CEM tuned on seeds.train (the production baseline), saved as a weights artifact at ``out``; returns it."""
+    from unexrl.policies.artifact import save_weight_policy
+    from unexrl.policies.cem import tune_cem
+    from unexrl.sim.env import Simulator
+
+    cem = tune_cem(sim or Simulator(cfg), cfg.cem, cfg.seeds.train)
+    save_weight_policy(cem, out, cfg, algorithm="cem", overwrite=True)
+    return cem
+
+
+def simulate_logs(cfg: Config, out: Path, cem_out: Path, deployed: Path | None = None,
+                  seed: int | None = None) -> dict[str, Any]:
+    """Tune CEM (the baseline, saved to ``cem_out``), then log sessions under the deployed policy, or CEM when
+    nothing is deployed, with the configured exploration. Returns the log manifest's summary."""
+    from unexrl.policies.artifact import load_any_policy
+    from unexrl.rl.policy import ActorPolicy
+    from unexrl.sim.env import Simulator
+    from unexrl.simulate import behaviour_policy
+    from unexrl.simulate import simulate_logs as write_logs
+
+    sim = Simulator(cfg)
+    seed = cfg.seeds.train[0] if seed is None or seed < 0 else seed
+    cem = tune_cem_artifact(cfg, cem_out, sim)
+    base = load_any_policy(deployed, cfg, sim.world) if deployed is not None else cem
+    if isinstance(base, ActorPolicy):  # a deployed RL policy explores with its own keyed noise
+        base.explore_std, base.seed = cfg.logging.exploration_std, seed
+        policy, description = base, {"kind": "deployed-actors", "artifact": str(deployed),
+                                     "exploration_std": cfg.logging.exploration_std}
+    else:
+        policy, description = behaviour_policy(sim, base, seed)
+        description["source"] = str(deployed) if deployed is not None else "cem"
+    write_logs(sim, policy, description, out, seed, progress=False, overwrite=True)
+    return json.loads((out / "manifest.json").read_text())
+
+
+def ingest_logs(source: str, out: Path, cfg: Config) -> dict[str, Any]:
+    """Validate logs that arrive from outside (local path or URI) against the log contract and ``cfg``, then copy
+    them in. An invalid log raises LogValidationError naming file, column and rows; nothing is copied."""
+    from unexrl.data import read_logs
+    from unexrl.features.storage import local_directory
+
+    with local_directory(source) as local:
+        read_logs(local, cfg)
+        with atomic_directory(out, overwrite=True) as tmp:
+            shutil.copytree(local, tmp, dirs_exist_ok=True)
+    return json.loads((out / "manifest.json").read_text())
+
+
+# -- 2.-3. features ----------------------------------------------------------------------------------------------
+
+def build_features(cfg: Config, logs: Path, out: Path) -> dict[str, Any]:
+    """Feature tables from the logs (point-in-time stamps; docs/features.md)."""
+    from unexrl.features.build import build_features as build
+
+    return build(logs, out, cfg, overwrite=True)
+
+
+def materialize_features(cfg: Config, features: Path, store_out: Path) -> dict[str, Any]:
+    """A Feast repository for this run at ``store_out`` (definitions + registry + online store), applied over
+    ``features`` and materialised. Each run gets its own registry, so runs never race on feature_repo/data."""
+    from unexrl.features import store
+
+    repo = store.repo_path(cfg)
+    with atomic_directory(store_out, overwrite=True) as tmp:
+        shutil.copytree(repo, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    return store.materialize(with_repo(cfg, store_out), features)
+
+
+def with_repo(cfg: Config, repo: Path) -> Config:
+    """``cfg`` with ``features.repo`` pointing at a run's Feast repository."""
+    return cfg.model_copy(update={"features": cfg.features.model_copy(update={"repo": str(Path(repo).resolve())})})
+
+
+def build_training_set(cfg: Config, logs: Path, feature_store: Path, out: Path) -> dict[str, Any]:
+    """Point-in-time join of every logged request with the training feature service; written to ``out``."""
+    from unexrl.features import store
+
+    target, table = store.training_set(with_repo(cfg, feature_store), logs, out)
+    return {"path": target, "rows": table.num_rows, "columns": table.num_columns}
+
+
+# -- 4. training (local launch; cluster launches are in launcher.py) --------------------------------------------
+
+def training_config(cfg: Config, algo: str) -> Config:
+    """``cfg`` for offline training of ``algo`` (the pipeline trains from the logs it just built)."""
+    return cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"name": algo}),
+                                  "train": cfg.train.model_copy(update={"regime": "offline"})})
+
+
+def train_args(config: Path, logs: Path, training_set: Path, cem: Path, run_dir: Path) -> list[str]:
+    """``unexrl train`` arguments: offline from the logs, beside the verified training set, CEM for fixed stages."""
+    return ["train", "--config", str(config), "--logs", str(logs), "--training-set", str(training_set),
+            "--cem", str(cem), "--out", str(run_dir)]
+
+
+def train(cfg: Config, *, logs: Path, training_set: Path, cem: Path, out: Path, algo: str, nodes: int,
+          processes_per_node: int, job: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train and publish the export to ``out``; returns curve.json's summary.
+
+    One node: torchrun with ``processes_per_node`` workers right here (CPU processes over gloo locally; one per
+    GPU with device=cuda in a GPU pod). Several nodes: a Kubeflow TrainJob or PyTorchJob (``job``: kind, name,
+    namespace, image, pvc, mount_path, node_selector, tolerations) over a shared volume, and wait for it.
+    """
+    from unexrl.pipeline import launcher
+
+    cfg = training_config(cfg, algo)
+    if nodes < 1:
+        raise ValueError(f"train nodes: {nodes}, need at least 1")
+    if nodes == 1:
+        with tempfile.TemporaryDirectory(prefix="unexrl-train-") as tmp:
+            run_dir = Path(tmp) / "run"
+            args = train_args(write_config(cfg, Path(tmp) / CONFIG_FILE), logs, training_set, cem, run_dir)
+            launcher.run_checked(launcher.torchrun_command(processes_per_node, args), run_dir)
+            summary = launcher.check_complete(run_dir, cfg)
+            with atomic_directory(out, overwrite=True) as publish:
+                shutil.copytree(run_dir / "export", publish, dirs_exist_ok=True)
+        return summary
+    if not job:
+        raise ValueError(f"train nodes={nodes}: multi-node training needs the job settings (kind, image, pvc, ...)")
+    job = dict(job)
+    kind = job.pop("kind")
+    if kind not in launcher.JOB_KINDS:
+        raise ValueError(f"train job kind {kind!r}: expected one of {launcher.JOB_KINDS}")
+    shared = Path(job.get("mount_path", "/data")) / "unexrl-runs" / job["name"]
+    staged = launcher.stage_inputs({"logs": logs, "training_features.parquet": training_set, "cem": cem}, shared)
+    config = write_config(cfg, shared / "inputs" / CONFIG_FILE)
+    args = train_args(config, staged["logs"], staged["training_features.parquet"], staged["cem"], shared / "run")
+    spec = launcher.JobSpec(args=args, nodes=nodes, gpus_per_node=processes_per_node, **job)
+    return launcher.train_on_cluster(cfg, kind=kind, job=spec, run_dir=shared / "run", out=out)

@@ -1,0 +1,1 @@
+"""Serving: the request path, session state and metrics of the BentoML service (serving/)."""

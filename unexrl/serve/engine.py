@@ -1,0 +1,366 @@
+"""The serving path as a library: request -> online features -> pool -> the cascade -> page, and feedback ->
+session state -> long-term reward metrics. The BentoML service (serving/service.py) is a thin shell over it.
+
+One request is tau^1 of a batch of one: the session state and history come from the feature store (falling
+back to defaults), the pool and every stage's predictions from :meth:`Simulator.observe` (the frozen stage
+models of the world the policy was trained in), and the page from :func:`unexrl.cascade.run_cascade` with the
+artifact's policy acting at each stage, exactly as in training and evaluation.
+
+Session state between pages lives in the feature store (pushed on every feedback, so replicas share it) and in
+a small per-process cache that also keeps the in-session watch history. Served pages wait for their feedback
+in a bounded per-process table: feedback must reach the replica that served the page (sticky sessions).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unexrl.cascade import ActFn, CascadeResult, StageView, run_cascade
+from unexrl.config import Config
+from unexrl.features import schema as fs
+from unexrl.features.client import FeatureClient, OnlineFeatures
+from unexrl.io import sha256_file
+from unexrl.policies.artifact import MANIFEST, ArtifactError, load_any_policy, read_manifest
+from unexrl.serve import metrics as m
+from unexrl.serve.api import FeedbackItem
+from unexrl.sim.env import Policy, SessionBatch, Simulator
+from unexrl.sim.world import World
+
+log = logging.getLogger(__name__)
+
+ENV_FEATURE_REPO = "UNEXRL_FEATURE_REPO"
+"""optional: the Feast repository folder to serve from (``features.repo``); the environment is UNEXRL_FEATURE_ENV"""
+MAX_PENDING_PAGES = 100_000
+MAX_CACHED_SESSIONS = 100_000
+
+
+class RequestError(ValueError):
+    """Bad input in a request: ``field`` names it (JSON path), the message says what is wrong. A 400."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class UnknownRequest(LookupError):
+    """Feedback for a request id this process did not serve, or already answered. A 404."""
+
+
+def artifact_version(path: Path) -> str:
+    """A policy artifact's version: the first 16 hex digits of its manifest's sha256. The manifest lists the
+    sha256 of every file, so this names the exact weights; the same artifact always gets the same version."""
+    return sha256_file(Path(path) / MANIFEST)[:16]
+
+
+def serving_config(manifest: dict[str, Any], environ: dict[str, str]) -> Config:
+    """The artifact's own config (the cascade and world it was trained for), with the feature store chosen by
+    the environment: UNEXRL_FEATURE_ENV (features.environment) and UNEXRL_FEATURE_REPO (features.repo)."""
+    from unexrl.features.store import ENV_ENVIRONMENT
+
+    tree = dict(manifest["config"])
+    features = dict(tree.get("features", {}))
+    if environ.get(ENV_ENVIRONMENT):
+        features["environment"] = environ[ENV_ENVIRONMENT]
+    if environ.get(ENV_FEATURE_REPO):
+        features["repo"] = environ[ENV_FEATURE_REPO]
+    tree["features"] = features
+    try:
+        return Config.model_validate_json(json.dumps(tree))
+    except ValueError as err:
+        raise ArtifactError(f"the artifact's config is not valid here: {err}") from None
+
+
+def with_anonymous_user(sim: Simulator) -> None:
+    """Append one neutral user row to every user table the serving path reads, so user id -1 (negative
+    indices read from the end) means "not in the id space": no interest vector, no user-item error,
+    retrieval from the largest categories, the most common activity group. The actors skip negative user
+    ids (``unexrl.rl.observation.sparse_features``), so a new user gets no one else's embedding."""
+    w = sim.world
+    k = w.user_interest_categories.shape[1]
+    biggest = w.category_count.topk(k).indices
+    world = replace(
+        w,
+        user_latent=torch.cat([w.user_latent, torch.zeros_like(w.user_latent[:1])]),
+        user_interest_categories=torch.cat([w.user_interest_categories, biggest[None].to(w.user_interest_categories)]),
+        user_interest_cdf=torch.cat([w.user_interest_cdf, torch.linspace(1.0 / k, 1.0, k)[None].to(w.user_interest_cdf)]),
+        user_type=torch.cat([w.user_type, w.user_type[:1].clone().zero_()]),
+        user_activity_group=torch.cat([w.user_activity_group, w.user_activity_group.mode().values[None]]),
+    )
+    sim.world = world
+    sim.stage_models.world = world
+    sim.stage_models.user_factor = [torch.cat([f, torch.zeros_like(f[:1])]) for f in sim.stage_models.user_factor]
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A verified policy artifact bound to the serving cascade."""
+
+    policy: Policy
+    version: str
+    algorithm: str
+    kind: str
+
+
+def load_serving_policy(path: Path, cfg: Config, world: World, version: str | None = None) -> LoadedPolicy:
+    """Verify (every file's sha256) and load an artifact for ``cfg``'s cascade; a tampered one raises."""
+    manifest = read_manifest(path)
+    policy = load_any_policy(path, cfg, world)
+    return LoadedPolicy(policy, version or artifact_version(path), str(manifest.get("algorithm")), str(manifest.get("kind")))
+
+
+@dataclass
+class SessionState:
+    session_id: int
+    step: int = 0
+    items_watched: int = 0
+    watch_time_s: float = 0.0
+    last_watch_fraction: float = 0.5
+    history: list[int] = field(default_factory=list)
+    """recently viewed item ids, oldest first, at most session.history_window"""
+    touched: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Page:
+    request_id: str
+    user_id: int
+    session: SessionState
+    """the session as it was when the page was chosen"""
+    items: list[int]
+    actions: list[list[float]]
+    candidates: list[int]
+    """how many candidates each stage ranked"""
+    cold_start: bool
+    degraded: bool
+    served_at: float
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    session: SessionState
+    """the session after the page"""
+    ended: bool
+    pushed: bool
+
+
+class Recommender:
+    """Serves pages with a primary policy (optionally computing a shadow policy's actions alongside)."""
+
+    def __init__(self, cfg: Config, primary: Path, *, shadow: Path | None = None, primary_version: str | None = None,
+                 shadow_version: str | None = None, features: FeatureClient | None = None,
+                 role: str = "stable") -> None:
+        self.cfg = cfg
+        self.sim = Simulator(cfg)
+        self.policy = load_serving_policy(primary, cfg, self.sim.world, primary_version)
+        self.shadow = load_serving_policy(shadow, cfg, self.sim.world, shadow_version) if shadow is not None else None
+        self.n_users = self.sim.world.n_users
+        with_anonymous_user(self.sim)
+        self.features = features if features is not None else FeatureClient(cfg)
+        self.features.fetch(0, [])  # warm up: import Feast and open the store now, not in the first request
+        self.role = role
+        self.seed = cfg.seeds.world
+        self.stage_names = [s.name for s in cfg.cascade.stages]
+        self.heads = [list(s.heads) for s in cfg.cascade.stages]
+        self._pages: OrderedDict[str, Page] = OrderedDict()
+        self._sessions: OrderedDict[int, SessionState] = OrderedDict()
+        self._lock = threading.Lock()
+        m.MODEL_INFO.labels(self.version, role, self.policy.algorithm, self.policy.kind).set(1)
+        if self.shadow is not None:
+            m.MODEL_INFO.labels(self.shadow.version, "shadow", self.shadow.algorithm, self.shadow.kind).set(1)
+
+    @property
+    def version(self) -> str:
+        return self.policy.version
+
+    # -- /recommend ---------------------------------------------------------------------------------------
+
+    def recommend(self, user_id: int, session_id: int | None = None, candidates: Sequence[int] | None = None) -> Page:
+        start = time.perf_counter()
+        known = 0 <= user_id < self.n_users
+        pool = self._pool(candidates)
+        online = self.features.fetch(user_id, [])
+        fetched = time.perf_counter()
+        session = self._session(user_id, session_id, online)
+        obs = self.sim.observe(self._batch(user_id if known else -1, session), pool)
+        group = int(online.user.get(f"{fs.USER_PROFILE.name}__activity_group", -1))
+        if known and 0 <= group < len(self.cfg.world.user_types):
+            obs = replace(obs, activity_group=torch.tensor([group]))
+        observed = time.perf_counter()
+        marks: list[float] = []
+        result = run_cascade(obs.predictions, self.sim.keep, _marking(lambda v: self.policy.policy.act(obs, v), marks))
+        marks.append(time.perf_counter())
+        items = obs.pool.gather(1, result.page)[0].tolist()
+        page = Page(
+            request_id=secrets.token_hex(12), user_id=user_id, session=session, items=items,
+            actions=[a[0].tolist() for a in result.actions],
+            candidates=[int(v.predictions.shape[1]) for v in result.views],
+            cold_start=not known, degraded=online.degraded, served_at=time.monotonic(),
+        )
+        with self._lock:
+            self._pages[page.request_id] = page
+            while len(self._pages) > MAX_PENDING_PAGES:
+                self._pages.popitem(last=False)
+        self._observe_request(page, result, start, fetched, observed, marks)
+        if self.shadow is not None:
+            self._run_shadow(obs, items)
+        return page
+
+    def _pool(self, candidates: Sequence[int] | None) -> torch.Tensor | None:
+        if candidates is None:
+            return None
+        n_items = self.sim.world.n_items
+        need = self.sim.keep[0]
+        if len(candidates) < need:
+            raise RequestError("candidates", f"{len(candidates)} items; the first stage keeps {need}, so at least {need} are needed")
+        seen: set[int] = set()
+        for i, item in enumerate(candidates):
+            if not 0 <= item < n_items:
+                raise RequestError(f"candidates[{i}]", f"item {item} is not in the catalogue (ids 0..{n_items - 1})")
+            if item in seen:
+                raise RequestError(f"candidates[{i}]", f"item {item} appears more than once")
+            seen.add(item)
+        return torch.tensor([list(candidates)], dtype=torch.long)
+
+    def _session(self, user_id: int, requested: int | None, online: OnlineFeatures) -> SessionState:
+        """The session this request belongs to: the process's cached state, else the feature store's, else new."""
+        u = online.user
+        stored_id = int(u[f"{fs.USER_SESSION.name}__session_id"])
+        with self._lock:
+            cached = self._sessions.get(user_id)
+        if cached is not None and time.monotonic() - cached.touched >= fs.SESSION_TTL_S:
+            cached = None
+        sid = next(s for s in (requested, cached and cached.session_id, stored_id if stored_id >= 0 else None,
+                               secrets.randbelow(2**62)) if s is not None)
+        if cached is not None and cached.session_id == sid:
+            return replace(cached, history=list(cached.history))
+        window = self.cfg.session.history_window
+        history = [int(i) for i in u[f"{fs.USER_BEHAVIOUR.name}__recent_item_ids"]][-window:]
+        if sid == stored_id:
+            return SessionState(
+                session_id=sid, step=int(u[f"{fs.USER_SESSION.name}__session_step"]),
+                items_watched=int(u[f"{fs.USER_SESSION.name}__session_items_watched"]),
+                watch_time_s=float(u[f"{fs.USER_SESSION.name}__session_watch_time_s"]),
+                last_watch_fraction=float(u[f"{fs.USER_SESSION.name}__last_watch_fraction"]), history=history,
+            )
+        return SessionState(session_id=sid, history=history)
+
+    def _batch(self, user: int, s: SessionState) -> SessionBatch:
+        window = self.cfg.session.history_window
+        history = [i for i in s.history if 0 <= i < self.sim.world.n_items][-window:]
+        return SessionBatch(
+            seed=self.seed, user=torch.tensor([user]), session=torch.tensor([s.session_id]),
+            step=torch.tensor([s.step]), budget=torch.zeros(1), items_watched=torch.tensor([float(s.items_watched)]),
+            watch_time=torch.tensor([s.watch_time_s]), last_watch_fraction=torch.tensor([s.last_watch_fraction]),
+            history_items=torch.tensor([[-1] * (window - len(history)) + history]),
+            alive=torch.ones(1, dtype=torch.bool),
+        )
+
+    def _observe_request(self, page: Page, result: CascadeResult, start: float, fetched: float, observed: float,
+                         marks: list[float]) -> None:
+        v = self.version
+        m.STAGE_LATENCY.labels(v, "features").observe(fetched - start)
+        m.STAGE_LATENCY.labels(v, "retrieval").observe(observed - fetched)
+        for name, t0, t1, n in zip(self.stage_names, marks, marks[1:], page.candidates):
+            m.STAGE_LATENCY.labels(v, name).observe(t1 - t0)
+            m.STAGE_CANDIDATES.labels(v, name).observe(n)
+        self._observe_actions(v, self.role, page.actions)
+        if page.cold_start:
+            m.COLD_START_REQUESTS.labels(v).inc()
+        m.RECOMMEND_LATENCY.labels(v).observe(time.perf_counter() - start)
+
+    def _observe_actions(self, version: str, role: str, actions: list[list[float]]) -> None:
+        for name, heads, action in zip(self.stage_names, self.heads, actions):
+            for head, value in zip(heads, action):
+                m.STAGE_ACTION.labels(version, role, name, head).observe(value)
+
+    def _run_shadow(self, obs: Any, served: list[int]) -> None:
+        """The shadow policy on the same tau^1: its actions and page overlap become metrics, never the response."""
+        assert self.shadow is not None
+        shadow = self.shadow
+        try:
+            result = run_cascade(obs.predictions, self.sim.keep, lambda v: shadow.policy.act(obs, v))
+        except Exception:
+            log.exception("shadow model %s failed", shadow.version)
+            return
+        self._observe_actions(shadow.version, "shadow", [a[0].tolist() for a in result.actions])
+        page = set(obs.pool.gather(1, result.page)[0].tolist())
+        m.SHADOW_OVERLAP.labels(self.version, shadow.version).observe(len(page.intersection(served)) / len(served))
+
+    # -- /feedback ----------------------------------------------------------------------------------------
+
+    def feedback(self, request_id: str, items: Sequence[FeedbackItem], session_end: bool) -> FeedbackResult:
+        with self._lock:
+            page = self._pages.get(request_id)
+            if page is None:
+                m.FEEDBACK_REJECTED.labels("unknown_request").inc()
+                raise UnknownRequest(f"request_id: {request_id!r} was not served by this replica, or its feedback "
+                                     "was already received")
+            _check_items(page, items)
+            del self._pages[request_id]
+        v = self.version
+        m.FEEDBACK_LAG.labels(v).observe(time.monotonic() - page.served_at)
+        watched = {it.item_id: it.watch_time_s for it in items}
+        viewed = [i for i in page.items if i in watched]  # page order, as the user scrolled
+        duration = self.sim.world.item_duration
+        fractions = [watched[i] / float(duration[i]) for i in viewed]
+        for i in viewed:
+            m.ITEM_WATCH_TIME.labels(v).observe(watched[i])
+        before = page.session
+        after = SessionState(
+            session_id=before.session_id, step=before.step + 1, items_watched=before.items_watched + len(viewed),
+            watch_time_s=before.watch_time_s + sum(watched[i] for i in viewed),
+            last_watch_fraction=sum(fractions) / len(fractions) if fractions else before.last_watch_fraction,
+            history=(before.history + viewed)[-self.cfg.session.history_window:],
+        )
+        if session_end:
+            m.SESSION_WATCH_TIME.labels(v).observe(after.watch_time_s)
+            m.SESSION_ITEMS.labels(v).observe(after.items_watched)
+            m.SESSION_REQUESTS.labels(v).observe(after.step)
+            m.SESSIONS_ENDED.labels(v).inc()
+            with self._lock:
+                self._sessions.pop(page.user_id, None)
+            pushed = self.features.push_session(page.user_id, datetime.now(UTC), -1, 0, 0, 0.0, 0.5)
+        else:
+            with self._lock:
+                self._sessions[page.user_id] = after
+                self._sessions.move_to_end(page.user_id)
+                while len(self._sessions) > MAX_CACHED_SESSIONS:
+                    self._sessions.popitem(last=False)
+            pushed = self.features.push_session(page.user_id, datetime.now(UTC), after.session_id, after.step,
+                                                after.items_watched, after.watch_time_s, after.last_watch_fraction)
+        return FeedbackResult(session=after, ended=session_end, pushed=pushed)
+
+
+def _check_items(page: Page, items: Sequence[FeedbackItem]) -> None:
+    shown = set(page.items)
+    seen: set[int] = set()
+    for i, it in enumerate(items):
+        if it.item_id not in shown:
+            m.FEEDBACK_REJECTED.labels("invalid").inc()
+            raise RequestError(f"items[{i}].item_id", f"item {it.item_id} was not on page {page.request_id}")
+        if it.item_id in seen:
+            m.FEEDBACK_REJECTED.labels("invalid").inc()
+            raise RequestError(f"items[{i}].item_id", f"item {it.item_id} appears more than once")
+        seen.add(it.item_id)
+
+
+def _marking(act: ActFn, marks: list[float]) -> ActFn:
+    """``act`` that records when each stage starts: consecutive marks time a stage's action plus its top-K."""
+
+    def timed(view: StageView) -> torch.Tensor:
+        marks.append(time.perf_counter())
+        return act(view)
+
+    return timed

@@ -1,0 +1,68 @@
+"""Run the BentoML service as a child process on loopback: for tests, `unexrl bench serve` and local use.
+
+``bentoml serve`` starts a supervisor with worker processes; it is started in its own process group and that
+group is stopped (SIGTERM, then SIGKILL) when the context exits, so no worker outlives the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from unexrl.loopback import free_port, wait_http_ready
+from unexrl.serve.package import ENV_MODEL, PROJECT_ROOT
+
+SERVICE = "serving.service:Recommendation"
+
+
+def bentoml_home() -> str:
+    """The BentoML home this process uses (BENTOML_HOME is read once, at first use)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return str(BentoMLContainer.bentoml_home.get())
+
+
+@contextmanager
+def local_service(model_tag: str, *, target: str = SERVICE, env: dict[str, str] | None = None,
+                  log_file: Path | None = None, start_timeout_s: float = 120.0) -> Iterator[str]:
+    """Yield ``http://127.0.0.1:PORT`` of ``bentoml serve target`` serving ``model_tag``; ``target`` may also
+    be a bento tag. Raises RuntimeError (with the log's tail) if it exits or is not ready in time."""
+    port = free_port()
+    child_env = {**os.environ, "BENTOML_HOME": bentoml_home(), ENV_MODEL: model_tag, "OMP_NUM_THREADS": "1",
+                 "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+                 **(env or {})}
+    exe = Path(sys.executable).with_name("bentoml")
+    log = open(log_file, "wb") if log_file is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [str(exe), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=PROJECT_ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_http_ready(proc, f"{url}/readyz", start_timeout_s, interval_s=0.25):
+            tail = Path(log_file).read_text(errors="replace")[-3000:] if log_file is not None else ""
+            raise RuntimeError(f"the service did not become ready on {url} (exit code {proc.poll()})\n{tail}")
+        yield url
+    finally:
+        _stop(proc)
+        if log_file is not None:
+            log.close()  # type: ignore[union-attr]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the supervisor's whole process group (its workers too, even if the supervisor already exited)."""
+    for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue

@@ -1,0 +1,78 @@
+"""Package a policy artifact for serving: the BentoML model store entry and the bento (offline, no Docker).
+
+The pipeline's ``package`` step calls :func:`build_bento`. The artifact is verified (every file's sha256)
+and loaded against its own config before anything is written, so a tampered or broken artifact never reaches
+the model store; the service verifies it again when it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from unexrl.policies.artifact import ArtifactError, read_manifest
+from unexrl.serve.engine import artifact_version, load_serving_policy, serving_config
+from unexrl.sim.world import build_world
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+BENTOFILE = PROJECT_ROOT / "serving" / "bentofile.yaml"
+SERVICE_MODULE = "serving.service"
+"""the module bentofile.yaml names (service: "serving.service:Recommendation")"""
+ARTIFACT_SUBDIR = "artifact"
+"""where the artifact's files sit inside a BentoML model directory"""
+ENV_MODEL = "UNEXRL_MODEL"
+ENV_SHADOW_MODEL = "UNEXRL_SHADOW_MODEL"
+DEFAULT_MODEL = "unexrl-policy:latest"
+
+
+@dataclass(frozen=True)
+class BentoInfo:
+    bento_tag: str
+    model_tag: str
+    model_version: str
+
+
+def import_model(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> tuple[str, str]:
+    """Verify ``artifact_dir`` and copy it into the BentoML model store as ``model_name:<artifact version>``;
+    importing the same artifact again reuses the entry. Returns (model tag, version)."""
+    import bentoml
+
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    if manifest.get("kind") not in ("actors", "weights"):
+        raise ArtifactError(f"{artifact_dir}: artifact kind {manifest.get('kind')!r} cannot be served")
+    cfg = serving_config(manifest, {})
+    load_serving_policy(artifact_dir, cfg, build_world(cfg))
+    version = artifact_version(artifact_dir)
+    tag = f"{model_name}:{version}"
+    try:
+        bentoml.models.get(tag)
+        return tag, version
+    except bentoml.exceptions.NotFound:
+        pass
+    labels = {"kind": str(manifest["kind"]), "algorithm": str(manifest.get("algorithm"))}
+    with bentoml.models.create(tag, labels=labels, metadata={"files": manifest["files"]}) as model:
+        shutil.copytree(artifact_dir, Path(model.path) / ARTIFACT_SUBDIR)
+    return tag, version
+
+
+def build_bento(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> BentoInfo:
+    """Import the artifact (:func:`import_model`) and build the service's bento around exactly that model
+    version, from serving/bentofile.yaml. Respects BENTOML_HOME (both stores live there)."""
+    import bentoml
+
+    model_tag, version = import_model(artifact_dir, model_name=model_name)
+    saved = os.environ.get(ENV_MODEL)
+    os.environ[ENV_MODEL] = model_tag  # the service class names its model at import: pin this version
+    sys.modules.pop(SERVICE_MODULE, None)  # BentoML reuses an imported module: an earlier build's model otherwise
+    try:
+        bento = bentoml.bentos.build_bentofile(str(BENTOFILE), build_ctx=str(PROJECT_ROOT), version=version)
+    finally:
+        if saved is None:
+            os.environ.pop(ENV_MODEL, None)
+        else:
+            os.environ[ENV_MODEL] = saved
+    return BentoInfo(bento_tag=str(bento.tag), model_tag=model_tag, model_version=version)
