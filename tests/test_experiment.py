@@ -1,0 +1,52 @@
+"""`unexrl experiment`: the same table whether runs go through one process or a pool of workers, and resumable."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import pytest
+
+from unexrl.config import load_config
+from unexrl.experiment import run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["experiment.variants=[cem,td3]", "experiment.seeds=1", "experiment.agents_seeds=1",
+        "experiment.agents_algos=[unexrl-cic]", "experiment.eval_sessions_per_seed=30", "seeds.evaluation=[3000,3001]",
+        "cem.iterations=2", "cem.population=6", "cem.sessions_per_candidate=8", "train.updates=4", "train.eval_every=2",
+        "train.eval_sessions=10", "train.warmup_sessions=16", "train.sessions_per_collect=8",
+        "train.updates_per_collect=2", "algo.batch_size=16", "algo.hidden=16", "evaluation.bootstrap=50"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread: Callable[[], AbstractContextManager[None]]) -> Iterator[None]:
+    with single_thread():
+        yield
+
+
+def test_workers_give_the_same_results_as_one_process_and_runs_resume(tmp_path: Path) -> None:
+    results = {}
+    for workers in (1, 2):
+        cfg = load_config(ROOT / "configs" / "small.yaml", [*TINY, f"experiment.workers={workers}"])
+        results[workers] = run_experiment(cfg, tmp_path / f"w{workers}")
+        assert (tmp_path / f"w{workers}" / "results.md").is_file()
+        assert (tmp_path / f"w{workers}" / "learning_curves.png").is_file()
+    one, two = results[1], results[2]
+    assert set(one["table"]) == {"cem", "td3"} and len(one["agents_study"]) == 5  # CEM + CIC with 1..4 agents
+    assert _measured(one) == _measured(two)  # seeds decide the results, not the process layout
+
+    # a re-run loads every finished run instead of training it again
+    runs = tmp_path / "w1" / "runs" / "main" / "td3-seed0.json"
+    stamp = runs.stat().st_mtime_ns
+    cfg = load_config(ROOT / "configs" / "small.yaml", TINY)
+    again = run_experiment(cfg, tmp_path / "w1")
+    assert runs.stat().st_mtime_ns == stamp
+    assert json.dumps(_measured(again), sort_keys=True) == json.dumps(_measured(one), sort_keys=True)
+
+
+def _measured(results: dict) -> dict:
+    """Everything but wall times."""
+    table = {k: {m: v for m, v in row.items() if m != "train_seconds_mean"} for k, row in results["table"].items()}
+    return {"table": table, "agents_study": results["agents_study"]}
