@@ -15,7 +15,7 @@ import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import torch
 from unexrl.config import Config
 from unexrl.evaluate.rollout import rollout
 from unexrl.evaluate.stats import Estimate, bootstrap_mean, bootstrap_uplift
+from unexrl.io import atomic_write_text
 from unexrl.policies.cem import tune_cem
 from unexrl.policies.weights import WeightPolicy
 from unexrl.rl.policy import ActorPolicy
@@ -79,9 +80,7 @@ class Run:
         np.savez(path.with_suffix(".npz"), **arrays)
         meta = {"variant": self.variant, "seed": self.seed, "agents": self.agents, "curve": self.curve,
                 "seconds": self.seconds, "n_eval_seeds": len(self.outcomes["watch_time"])}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta))
-        tmp.rename(path.with_suffix(".json"))  # the .json appears last: its presence marks a complete run
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta))  # last: its presence marks a complete run
 
     @staticmethod
     def load(path: Path) -> Run:
@@ -152,7 +151,8 @@ def run_experiment(cfg: Config, out: Path) -> dict[str, Any]:
     four = cfg.model_copy(update={"cascade": cfg.cascade.model_copy(update={"stages": e.agents_stages}),
                                   "name": f"{cfg.name}-4stage"})
     four = Config.model_validate_json(four.model_dump_json())
-    # CEM runs first: the other runs of a training seed read its tuned weights from disk
+    # CEM runs first (in one process by this order, with workers as a first wave): the other runs of a seed read
+    # its tuned weights from disk
     main_jobs = sorted(((v, k, None) for k in range(e.seeds) for v in e.variants), key=lambda j: j[0] != "cem")
     study_jobs = sorted(((v, k, n) for k in range(e.agents_seeds) for v in ("cem", *e.agents_algos)
                          for n in ((None,) if v == "cem" else range(1, len(e.agents_stages) + 1))),
@@ -170,11 +170,18 @@ def run_experiment(cfg: Config, out: Path) -> dict[str, Any]:
         else:
             spawn = multiprocessing.get_context("spawn")  # never fork a process whose torch threads have started
             with ProcessPoolExecutor(e.workers, mp_context=spawn, initializer=_one_thread) as pool:
-                futures = [pool.submit(_run, *job) for job in jobs]
-                for done in as_completed(futures):
-                    done.result()  # a failed run stops the experiment here, with its error
-                    bar.update(1)
-                runs = [f.result() for f in futures]
+                futures: dict[int, Future[Run]] = {}
+                waves = ([i for i, j in enumerate(jobs) if j[1] == "cem"], [i for i, j in enumerate(jobs) if j[1] != "cem"])
+                try:  # CEM runs as a first wave: every later run of a seed reads its tuned weights from disk
+                    for wave in waves:
+                        futures |= {i: pool.submit(_run, *jobs[i]) for i in wave}
+                        for done in as_completed([futures[i] for i in wave]):
+                            done.result()  # a failed run stops the experiment here, with its error
+                            bar.update(1)
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # do not wait for the queued runs
+                    raise
+                runs = [futures[i].result() for i in range(len(jobs))]
     main_runs, study_runs = runs[:len(main_jobs)], runs[len(main_jobs):]
     results = summarise(main_runs, study_runs, cfg, time.perf_counter() - started)
     write_results(results, out)
@@ -228,8 +235,8 @@ def _mean_curve(runs: list[Run]) -> list[dict[str, float]]:
 
 
 def write_results(results: dict[str, Any], out: Path) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(results_markdown(results))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(out / "results.md", results_markdown(results))
     plot_results(results, out)
 
 

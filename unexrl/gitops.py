@@ -42,15 +42,15 @@ def deploy(repo: str, *, environment: str, model_version: str, image_tag: str, b
     if not repo:
         raise GitOpsError("no GitOps repository given (the pipeline parameter gitops_repo): nowhere to deploy")
     for name, value in (("environment", environment), ("branch", branch)):
-        if not value or not _REF.match(value) or ".." in value:
-            raise GitOpsError(f"{name} {value!r}: expected a plain name ([A-Za-z0-9._/-], no '..')")
+        if not value or not _REF.match(value) or ".." in value or value.startswith("-"):
+            raise GitOpsError(f"{name} {value!r}: expected a plain name ([A-Za-z0-9._/-], no '..', not starting with '-')")
     for name, value in (("model_version", model_version), ("image_tag", image_tag)):
         if not value or any(c.isspace() for c in value):
             raise GitOpsError(f"{name} {value!r}: must be a non-empty string without spaces")
     with tempfile.TemporaryDirectory(prefix="unexrl-gitops-") as tmp:
         work = Path(tmp) / "repo"
         _git(None, "clone", "--quiet", repo, str(work))
-        if _git(work, "ls-remote", "--heads", "origin", branch):
+        if _git(work, "ls-remote", "origin", f"refs/heads/{branch}"):  # the full ref: no suffix matches
             _git(work, "checkout", "--quiet", "-B", branch, f"origin/{branch}")
         else:
             _git(work, "checkout", "--quiet", "-b", branch)

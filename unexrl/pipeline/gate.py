@@ -25,7 +25,10 @@ def decide(summary: dict[str, Any], *, min_uplift_pct: float, latency_budget_ms:
     nonfinite = sum(a["nonfinite"] for a in actions)
     outside = sum(a["out_of_bounds"] for a in actions)
     p99 = summary["latency"]["p99_ms"]
-    finite_metrics = all(math.isfinite(float(v)) for v in (up["mean"], up["low"], up["high"], p99))
+    for name, v in (("uplift mean", up["mean"]), ("uplift low", up["low"]), ("uplift high", up["high"]), ("p99", p99)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"evaluation summary: {name} is {v!r}, not a number")
+    finite_metrics = all(math.isfinite(v) for v in (up["mean"], up["low"], up["high"], p99))
     checks = [
         {"check": "metrics finite", "ok": finite_metrics, "detail": f"uplift {up}, p99 {p99}"},
         {"check": f"uplift >= {min_uplift_pct}%", "ok": finite_metrics and up["mean"] >= min_uplift_pct,

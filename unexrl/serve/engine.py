@@ -296,7 +296,8 @@ class Recommender:
             return
         self._observe_actions(shadow.version, "shadow", [a[0].tolist() for a in result.actions])
         page = set(obs.pool.gather(1, result.page)[0].tolist())
-        m.SHADOW_OVERLAP.labels(self.version, shadow.version).observe(len(page.intersection(served)) / len(served))
+        if served:
+            m.SHADOW_OVERLAP.labels(self.version, shadow.version).observe(len(page.intersection(served)) / len(served))
 
     # -- /feedback ----------------------------------------------------------------------------------------
 

@@ -70,7 +70,7 @@ def export_actors(
     """Write the actors' whole ``state`` as an artifact in ``out_dir`` (replacing it), verified against ``expected``.
 
     ``expected``: the trained actors' :func:`probe_actions`; ``provenance``: manifest sections that describe the run
-    (training_data, fixed_stages, training, evaluation).
+    (training_data, fixed_stages, training, evaluation, selection).
     """
     with atomic_directory(out_dir, overwrite=True) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / ACTORS_FILE)

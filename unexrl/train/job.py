@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -50,10 +49,10 @@ def run_training(cfg: Config, out: Path, logs: Path | None = None, cem: Path | N
     if training_set is not None:
         if logs is None:
             raise ValueError("a training set accompanies logs: give --logs with --training-set")
-        if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes the export; a mismatch stops every rank
-            from unexrl.pipeline.training_set import verify_training_set
+        from unexrl.pipeline.training_set import verify_training_set
 
-            checked = verify_training_set(Path(training_set), Path(logs))
+        # every rank checks (a read), so a mismatch stops each of them before any waits in the process group
+        checked = verify_training_set(Path(training_set), Path(logs))
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_libraries)
     ctx = init(cfg.device)
