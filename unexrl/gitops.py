@@ -8,6 +8,7 @@ kept (ruamel round trip), so a reviewer's diff shows exactly the two changed lin
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -15,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 from ruamel.yaml import YAML
+
+from unexrl.io import atomic_write_text
 
 IMAGE_NAME = "unexrl-serving"
 ANNOTATION = "unexrl.io/model-version"
@@ -83,10 +86,9 @@ def set_release(kustomization: Path, *, model_version: str, image_tag: str) -> N
     if doc.get("commonAnnotations") is None:
         doc["commonAnnotations"] = {}
     doc["commonAnnotations"][ANNOTATION] = model_version
-    tmp = kustomization.with_name(f".{kustomization.name}.tmp")
-    with tmp.open("w") as f:
-        yaml.dump(doc, f)
-    os.replace(tmp, kustomization)
+    text = io.StringIO()
+    yaml.dump(doc, text)
+    atomic_write_text(kustomization, text.getvalue())
 
 
 def _git(cwd: Path | None, *args: str) -> str:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from unexrl.cascade import StageView, run_cascade
 from unexrl.config import Config
+from unexrl.io import atomic_write_text
 from unexrl.sim.env import Observation, Policy, Simulator
 
 SUMMARY = "summary.json"
@@ -121,10 +122,8 @@ def evaluate_release(cfg: Config, *, candidate: Path, cem: Path, incumbent: Path
     }
     out.mkdir(parents=True, exist_ok=True)
     report.plot(out / PLOT)
-    (out / REPORT).write_text(report_markdown(summary, report.to_markdown()))
-    tmp = out / f".{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / SUMMARY)
+    atomic_write_text(out / REPORT, report_markdown(summary, report.to_markdown()))
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))  # last: the gate reads it
     return summary
 
 

@@ -11,13 +11,12 @@ registry records it so the pipeline can resolve the incumbent without a cluster 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from unexrl.io import atomic_directory
+from unexrl.io import atomic_directory, atomic_write_text
 from unexrl.policies.artifact import read_manifest
 
 
@@ -58,9 +57,7 @@ def register(root: str | Path, environment: str, artifact: Path, *, model_versio
               "deployed_at": datetime.now(UTC).isoformat(), **release}
     path = _record_path(root, environment)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_file = path.with_name(f".{path.name}.tmp")
-    tmp_file.write_text(json.dumps(record, indent=2))
-    os.replace(tmp_file, path)
+    atomic_write_text(path, json.dumps(record, indent=2))
     return record
 
 

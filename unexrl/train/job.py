@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from unexrl.config import Config
+from unexrl.io import atomic_write_text
 from unexrl.policies.artifact import ArtifactError, load_policy, read_manifest
 from unexrl.policies.cem import tune_cem
 from unexrl.rl.policy import ActorPolicy
@@ -109,9 +110,7 @@ def _run(cfg: Config, out: Path, logs: Path | None, cem: Path | None, resume: bo
         }
         save_file({f"stage{i}": a.contiguous() for i, a in enumerate(final_actions)}, out / PROBE)
         export_actors(state, out / EXPORT, cfg, sim, expected, provenance)
-        tmp = out / f".{CURVE}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(out / CURVE)  # written last and whole: its presence marks a finished run
+        atomic_write_text(out / CURVE, json.dumps(summary, indent=2))  # last and whole: it marks a finished run
         log.info("train done algo=%s updates=%d seconds=%.1f final_validation_watch_time=%s export=%s",
                  cfg.algo.name, result.agent.updates, seconds, final, out / EXPORT)
     barrier(ctx)
