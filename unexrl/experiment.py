@@ -126,6 +126,10 @@ def _run(cfg: Config, variant: str, k: int, agents: int | None, folder: Path) ->
     curve: list[dict[str, float]] = []
     if variant == "cem":
         policy: Policy = cem
+        # CEM on the validation sessions the learners' curves are measured on: the reference line of their plot
+        t = kcfg.train
+        validation = rollout(sim, cem, kcfg.seeds.validation[0], t.eval_sessions, t.eval_sessions)
+        curve = [{"updates": 0, "validation_watch_time": float(validation.watch_time.mean())}]
     else:
         result = train(variant_config(kcfg, variant, agents), cem.weights, sim, progress=False)
         # model selection on seeds.validation (train.select), as the export of `unexrl train` makes it
@@ -280,10 +284,11 @@ def plot_results(results: dict[str, Any], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for variant, row in results["table"].items():
-        if row["curve"]:
+        if row["curve"] and variant != "cem":
             ax.plot([p["updates"] for p in row["curve"]], [p["validation_watch_time"] for p in row["curve"]], label=variant)
-    if "cem" in results["table"]:
-        ax.axhline(results["table"]["cem"]["watch_time"]["mean"], color="k", ls="--", label="cem (evaluation)")
+    cem_curve = results["table"].get("cem", {}).get("curve")
+    if cem_curve:  # the same validation sessions as the curves
+        ax.axhline(cem_curve[0]["validation_watch_time"], color="k", ls="--", label="cem")
     _save(fig, ax, "updates", "validation watch time / session (s)", out / "learning_curves.png")
 
     study = results["agents_study"]
