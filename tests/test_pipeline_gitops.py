@@ -78,6 +78,8 @@ def test_deploy_refuses_missing_overlay_or_image(tmp_path: Path) -> None:
         deploy("", environment="staging", model_version="m", image_tag="t", branch="main")
     with pytest.raises(GitOpsError, match="image_tag"):
         deploy(str(repo), environment="staging", model_version="m", image_tag="has space", branch="main")
+    with pytest.raises(GitOpsError, match="not starting with '-'"):  # never an option to git
+        deploy(str(repo), environment="staging", model_version="m", image_tag="t", branch="-f")
     assert len(git(repo, "log", "--oneline", "main").splitlines()) == 1  # nothing was pushed
 
 
