@@ -84,9 +84,7 @@ def test_deploy_refuses_missing_overlay_or_image(tmp_path: Path) -> None:
 
 
 def test_project_overlays_take_a_deployment(tmp_path: Path) -> None:
-    """The k8s/ tree of this repository (k8s branch) honours the two fields for every environment."""
-    if not (ROOT / "k8s" / "overlays").is_dir():
-        pytest.skip("no k8s/overlays in this checkout")
+    """The k8s/ tree of this repository honours the two fields for every environment."""
     repo = init_manifests_repo(tmp_path / "m.git", ROOT / "k8s")
     for env in sorted(p.name for p in (ROOT / "k8s" / "overlays").iterdir() if (p / "kustomization.yaml").is_file()):
         sha = deploy(str(repo), environment=env, model_version="unexrl-policy:x1", image_tag="x1", branch="main")

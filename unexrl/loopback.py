@@ -27,3 +27,13 @@ def wait_http_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float, i
             pass
         time.sleep(interval_s)
     return False
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if the server has not exited within ``timeout_s``; always reaps it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

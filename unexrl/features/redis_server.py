@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from unexrl.loopback import free_port
+from unexrl.loopback import free_port, stop
 
 START_TIMEOUT_S = 10.0
 
@@ -41,12 +41,7 @@ def local_redis(attempts: int = 3) -> Iterator[str]:
                 yield f"127.0.0.1:{port}"
                 return
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, 5)
     raise RuntimeError(f"redis-server did not start on a free loopback port in {attempts} attempts")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import yaml
 
-from unexrl.loopback import free_port, wait_http_ready
+from unexrl.loopback import free_port, stop, wait_http_ready
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_RULE = PROJECT_ROOT / "k8s" / "monitoring" / "prometheusrule.yaml"
@@ -81,12 +81,7 @@ def local_prometheus(targets: list[str], rules: Path | None = None, interval_s: 
                 raise RuntimeError(f"prometheus did not become ready on {url}")
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, 10)
 
 
 def query(url: str, expr: str) -> list[dict[str, Any]]:
