@@ -51,7 +51,7 @@ def test_manifest_describes_what_serving_needs(export: Path, train_logs: Path, c
     features = manifest["features"]
     assert features["sparse"] == list(SPARSE_FEATURES) and features["state"] == list(STATE_FEATURES)
     assert features["id_space"] == {"world_seed": 0, "users": 600, "items": 6000, "categories": 12}
-    assert features["tables"]["actor2_items"] == [6000, 16]
+    assert features["tables"] == {"actors_users": [600, 16], "actors_items": [6000, 16], "actors_categories": [12, 16]}
     logs = json.loads((train_logs / "manifest.json").read_text())
     assert manifest["training_data"] == {"regime": "offline", "logs": str(train_logs),
                                          "sha256": {k: v["sha256"] for k, v in logs["files"].items()}}
@@ -61,7 +61,7 @@ def test_manifest_describes_what_serving_needs(export: Path, train_logs: Path, c
     assert evaluation["final_validation_watch_time"] == evaluation["curve"][-1]["validation_watch_time"] > 0
     # unsharded: every table whole, nothing but tensors
     state = load_file(export / ACTORS_FILE)
-    assert state["2.encoder.ebc.embedding_bags.actor2_users.weight"].shape == (600, 16)
+    assert state["encoder.ebc.embedding_bags.actors_users.weight"].shape == (600, 16)  # one encoder for every stage
 
 
 def test_loaded_actors_act_like_the_trained_ones(export: Path, cfg: Config, small_sim: Simulator) -> None:

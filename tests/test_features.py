@@ -158,8 +158,9 @@ def test_cqr_knots_fit_on_feedback_before_each_refit(tables: dict[str, pa.Table]
     for stamp in np.unique(stamps):
         rows = t.filter(pa.array(stamps == stamp))
         assert rows.num_rows == n_cells
-        viewed_before = int((log.viewed & (log.feedback_us[:, None] <= stamp)).sum())
-        assert sum(rows["samples"].to_pylist()) == viewed_before
+        before = log.feedback_us <= stamp
+        units = int(before.sum()) if cfg.features.cqr_unit == "page" else int((log.viewed & before[:, None]).sum())
+        assert sum(rows["samples"].to_pylist()) == units
         for knots in rows["knots"].to_pylist():
             assert len(knots) == cfg.features.cqr_knots and knots == sorted(knots)
 

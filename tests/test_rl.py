@@ -1,6 +1,9 @@
-"""CIC replays the simulator exactly, SG cuts exactly the gradient paths it should, CQR is uniform on held data."""
+"""CIC replays the simulator exactly, SG cuts exactly the gradient paths it should, the actor step is the spec's
+per-stage losses, the critic's slope is its action gradient, CQR is uniform on held data."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -9,12 +12,12 @@ from unexrl.cascade import replay_actions, run_cascade
 from unexrl.config import Config
 from unexrl.evaluate.rollout import rollout
 from unexrl.policies.weights import WeightPolicy
-from unexrl.rl.agent import CascadeAgent
+from unexrl.rl.agent import FIRST, CascadeAgent
 from unexrl.rl.cic import cascade_with_actors
 from unexrl.rl.cqr import cqr_transform, fit_cqr_knots
 from unexrl.rl.observation import sparse_features, tau1_from_observation
 from unexrl.rl.policy import ActorPolicy
-from unexrl.rl.replay import ReplayBuffer
+from unexrl.rl.replay import Batch, ReplayBuffer
 from unexrl.sim.env import Simulator, Step
 from unexrl.train.loop import train
 
@@ -45,7 +48,8 @@ def test_cic_replay_equals_the_simulator(small_cfg: Config, small_sim: Simulator
     with torch.no_grad():
         for step in steps:
             tau = tau1_from_observation(step.obs, small_sim.world, small_cfg.session.max_requests, n_groups)
-            out, actions, _ = cascade_with_actors(tau, sparse_features(tau), small_sim.keep, agent.actors, stop_gradient=True)
+            embedding = agent.actors.embed(sparse_features(tau))
+            out, actions, _ = cascade_with_actors(tau, embedding, small_sim.keep, agent.actors, stop_gradient=True)
             for logged, again in zip(step.cascade.candidates, out.candidates):
                 assert torch.equal(logged, again)
             for logged, again in zip(step.cascade.actions, actions):
@@ -67,43 +71,116 @@ def test_buffer_replay_equals_the_simulator(collected) -> None:  # type: ignore[
     assert bool((buffer.state[nxt[linked], 0] > buffer.state[idx[linked], 0]).all())
 
 
-def _grads(agent: CascadeAgent) -> list[bool]:
-    return [any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in actor.parameters()) for actor in agent.actors]
+def _head_grads(agent: CascadeAgent) -> list[bool]:
+    """Which stage heads a backward pass reached."""
+    return [any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in head.parameters())
+            for head in agent.actors.heads]
+
+
+def _trained(agent: CascadeAgent) -> CascadeAgent:
+    """Actors that have moved off their initial weights: a fresh head's last layer is zero, so no gradient
+    passes through its inputs yet."""
+    with torch.no_grad():
+        for head in agent.actors.heads:
+            if hasattr(head, "net"):
+                head.net[-1].weight.normal_(0, 0.1)
+    return agent
+
+
+def _stage_losses(agent: CascadeAgent, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The spec's L_i = -Q_1(tau, sg(a^{<i}), mu^i, sg(a^{>i})), one critic evaluation per stage, written out, and
+    mean |Q_1| at the actors' actions (the actor step's scale)."""
+    kjt = sparse_features(batch.tau)
+    actions, _ = agent.policy_actions(batch, agent.actors.embed(kjt))
+    critic = agent.critics[0]
+    dense = torch.cat([batch.tau.state, batch.first_summary], dim=1)
+    features = critic.head.state_features(critic.encoder(kjt).detach(), dense, FIRST).detach()
+    centre = [a.detach() for a in actions]
+    losses = [-critic.head(features, [a if j == i else a.detach() for j, a in enumerate(actions)], centre)[0].mean()
+              for i in range(len(actions))]
+    return losses, critic.head.value(features).abs().mean()
 
 
 @pytest.mark.parametrize("sg", [True, False])
 def test_stopping_gradient(small_cfg: Config, small_sim: Simulator, collected, sg: bool) -> None:  # type: ignore[no-untyped-def]
     _, _, buffer = collected
-    agent = _agent(small_cfg, small_sim, sg=sg)
+    agent = _trained(_agent(small_cfg, small_sim, sg=sg))
+    agent.fit_standardizers(buffer.sample(512, torch.Generator().manual_seed(1)))
     batch = buffer.sample(64, torch.Generator().manual_seed(0))
-    kjt = sparse_features(batch.tau)
-    n = len(agent.actors)
+    n = len(agent.actors.heads)
     for i in range(n):
         agent.zero_grad(set_to_none=True)
-        agent.actor_losses(batch, kjt)[i].backward()
-        reached = _grads(agent)
+        _stage_losses(agent, batch)[0][i].backward()
+        reached = _head_grads(agent)
         if sg:
             assert reached == [j == i for j in range(n)], f"SG on: actor {i}'s loss must reach only actor {i}"
         else:
             assert reached == [j <= i for j in range(n)], f"SG off: actor {i}'s loss must reach actors 0..{i}"
 
 
-def test_cqr_is_uniform_within_cells_on_held_data(small_cfg: Config, small_sim: Simulator) -> None:
+@pytest.mark.parametrize("sg", [True, False])
+def test_the_actor_step_is_the_sum_of_the_stage_losses(small_cfg: Config, small_sim: Simulator, collected,  # type: ignore[no-untyped-def]
+                                                       sg: bool) -> None:
+    """The update's single Q_1 evaluation has the gradient of sum_i L_i, with and without SG (proximal term off:
+    it is added beside the L_i)."""
+    _, _, buffer = collected
+    agent = _trained(_agent(small_cfg, small_sim, sg=sg, proximal=0.0))
+    agent.fit_standardizers(buffer.sample(512, torch.Generator().manual_seed(1)))
+    batch = buffer.sample(64, torch.Generator().manual_seed(0))
+    heads = [p for head in agent.actors.heads for p in head.parameters()]
+
+    def gradient(loss: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(loss, heads, allow_unused=True, retain_graph=True))
+
+    kjt = sparse_features(batch.tau)
+    actions, summaries = agent.policy_actions(batch, agent.actors.embed(kjt))
+    critic_embedding = [agent.critics[0].encoder(kjt).detach()]
+    # actor_loss divides Q_1 by its batch mean magnitude; the stage losses share that one constant
+    fused = agent.actor_loss(batch, actions, summaries, critic_embedding)
+    losses, scale = _stage_losses(agent, batch)
+    written_out = gradient(sum(losses) / scale)
+    for a, b in zip(gradient(fused), written_out):
+        assert (a is None) == (b is None) or bool((a if a is not None else b).abs().sum() == 0)
+        if a is not None and b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_critics_action_gradient_is_its_slope(small_cfg: Config, small_sim: Simulator, collected) -> None:  # type: ignore[no-untyped-def]
+    """dQ/da at the policy's own action is g(s) / sigma: what the actors ascend and the diagnostics compare."""
+    _, _, buffer = collected
+    agent = _agent(small_cfg, small_sim)
+    agent.fit_standardizers(buffer.sample(512, torch.Generator().manual_seed(1)))
+    batch = buffer.sample(32, torch.Generator().manual_seed(0))
+    kjt = sparse_features(batch.tau)
+    head = agent.critics[0].head
+    with torch.no_grad():  # a critic with a non-trivial slope and curvature
+        for layer in head.net.layers:
+            layer.weight.normal_(0, 0.3)
+    dense = torch.cat([batch.tau.state, batch.first_summary], dim=1)
+    features = head.state_features(agent.critics[0].encoder(kjt), dense, FIRST)
+    slope = features[0, :, 1 : 1 + head.action_dim] / head.actions.std
+    torch.testing.assert_close(agent.action_gradient(batch), slope, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("unit", ["page", "item"])
+def test_cqr_is_uniform_within_cells_on_held_data(small_cfg: Config, small_sim: Simulator, unit: str) -> None:
+    cfg = small_cfg.model_copy(update={"features": small_cfg.features.model_copy(update={"cqr_unit": unit})})
     steps: list[Step] = []
-    policy = WeightPolicy(torch.full((1, sum(small_cfg.cascade.action_dims)), 0.5), small_cfg.cascade)
+    policy = WeightPolicy(torch.full((1, sum(cfg.cascade.action_dims)), 0.5), cfg.cascade)
     rollout(small_sim, policy, 1000, 400, 400, on_step=steps.append)
-    buffer = ReplayBuffer(small_cfg, 20_000)
+    buffer = ReplayBuffer(cfg, 20_000)
     buffer.add_steps(steps, small_sim.world)
-    watch, user_group, item_group = buffer.viewed_items()
+    watch, user_group, item_group = buffer.cqr_samples()
     shuffled = torch.randperm(watch.numel(), generator=torch.Generator().manual_seed(0))
     watch, user_group, item_group = watch[shuffled], user_group[shuffled], item_group[shuffled]
     half = watch.numel() // 2
-    knots = fit_cqr_knots(watch[:half], user_group[:half], item_group[:half], 3, 5, 51)
+    n_item_groups = 1 if unit == "page" else len(cfg.features.duration_bucket_edges_s) + 1
+    knots = fit_cqr_knots(watch[:half], user_group[:half], item_group[:half], 3, n_item_groups, 51)
     held = cqr_transform(watch[half:], user_group[half:], item_group[half:], knots)
     assert float(held.min()) >= 0 and float(held.max()) <= 1
     checked = 0
     for g in range(3):
-        for h in range(5):
+        for h in range(n_item_groups):
             cell = held[(user_group[half:] == g) & (item_group[half:] == h)]
             if cell.numel() < 200:
                 continue
@@ -120,8 +197,12 @@ def test_every_algorithm_trains(small_cfg: Config, small_sim: Simulator, algo: s
         "algo": small_cfg.algo.model_copy(update={"name": algo, "hidden": 32, "embedding_dim": 4, "batch_size": 32}),
         "train": small_cfg.train.model_copy(update={"updates": 6, "warmup_sessions": 16, "sessions_per_collect": 8,
                                                      "updates_per_collect": 3, "eval_every": 6, "eval_sessions": 8}),
+        "diagnostics": small_cfg.diagnostics.model_copy(update={"sessions": 8, "gradient_sessions": 8}),
     })
     result = train(cfg, torch.full((1, sum(cfg.cascade.action_dims)), 0.5), small_sim, progress=False)
     assert result.agent.updates == 6
-    assert len(result.curve) == 1 and result.curve[0]["validation_watch_time"] > 0
-    assert all(torch.isfinite(torch.tensor(v)) for v in result.curve[0].values())
+    point = result.curve[0]
+    assert len(result.curve) == 1 and point["validation_watch_time"] > 0
+    assert all(math.isfinite(v) for k, v in point.items() if k != "diagnostics")
+    diagnostics = point["diagnostics"]  # the critic diagnostics ran at the validation point
+    assert math.isfinite(diagnostics["calibration"]["relative_bias"]) and -1 <= diagnostics["gradient"]["cosine"]["mean"] <= 1

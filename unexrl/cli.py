@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints/, export/, curve.json")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
 
+    p = sub.add_parser("diagnose", parents=[common], help="score a training run's critic against the simulator's truth",
+                       description="Load the newest checkpoint of an `unexrl train --out` directory and compare its critic "
+                       "with the simulator on fresh sessions of a validation seed: calibration (Q vs the Monte-Carlo return) "
+                       "and, per activity group, the critic's action gradient vs the true gradient of session watch time "
+                       "(finite differences, diagnostics.gradient_sessions per weight). Prints the table and writes "
+                       "diagnostics.json/.md/.png into the run (docs/training.md). --config/--set must be the run's own.")
+    p.add_argument("--run", type=Path, required=True, help="the run directory (checkpoints/, config.json)")
+
     p = sub.add_parser("experiment", parents=[common], help="the paper's comparison: every algorithm x seeds, and the agents-count study",
                        description="Train CEM, DDPG, TD3, UNEX-RL-CTDE, UNEX-RL-CIC and the SG/CQR ablations (experiment.variants) "
                        "--seeds times each, plus the agents-count study (CIC, CTDE, independent DDPG with 1..4 agents); evaluate "

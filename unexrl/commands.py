@@ -23,7 +23,8 @@ from unexrl.policies.weights import RandomPolicy, WeightPolicy, greedy_weights
 from unexrl.sim.env import Policy, Simulator
 from unexrl.simulate import behaviour_policy, simulate_logs
 
-__all__ = ["bench_features", "bench_sim", "cem", "evaluate", "experiment", "features", "format_bench", "format_bench_features", "run",
+__all__ = ["bench_features", "bench_sim", "cem", "diagnose", "evaluate", "experiment", "features", "format_bench",
+           "format_bench_features", "run",
            "simulate", "traffic", "train"]
 
 log = logging.getLogger("unexrl")
@@ -185,6 +186,17 @@ def train(cfg: Config, args: argparse.Namespace) -> int:
     if args.logs:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"regime": "offline"})})
     run_training(cfg, args.out, logs=args.logs, cem=args.cem, resume=args.resume, training_set=args.training_set)
+    return 0
+
+
+def diagnose(cfg: Config, args: argparse.Namespace) -> int:
+    """`unexrl diagnose --run DIR`: the run's critic against the simulator's truth (unexrl/train/diagnose.py)."""
+    from unexrl.rl.diagnostics import diagnostics_markdown
+    from unexrl.train.diagnose import diagnose_run
+
+    result = diagnose_run(cfg, args.run)
+    print(diagnostics_markdown(result, [t.name for t in cfg.world.user_types]))
+    log.info("wrote %s (.json, .md, .png)", args.run / "diagnostics")
     return 0
 
 

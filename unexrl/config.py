@@ -237,8 +237,11 @@ class FeaturesConfig(_Strict):
 
     repo: str = "feature_repo"
     """Feast repository (definitions and feature_store.yaml), relative to the project root or absolute"""
+    cqr_unit: Literal["page", "item"] = "page"
+    """what CQR rescales: page = the request's page watch time per user group; item = each viewed item's watch
+    time per (user group, duration bucket), summed over the page (unexrl/rl/cqr.py says why page is the default)"""
     duration_bucket_edges_s: tuple[float, ...] = (10.0, 20.0, 40.0, 80.0)
-    """item group G_i of CQR: duration bucket edges in seconds (len + 1 buckets)"""
+    """item duration buckets in seconds (len + 1 buckets): an item feature, and CQR's item group G_i at item level"""
     cqr_knots: int = Field(default=101, ge=3)
     """quantile knots per (user group, item group) cell, at levels 0, 1/(n-1), ..., 1"""
     recent_items: int = Field(default=20, ge=1)
@@ -269,30 +272,33 @@ class AlgoConfig(_Strict):
     """stopping gradient: actor i gets only the direct gradient of Q through a^i"""
     cqr: bool = True
     """train on category-quantile-rescaled rewards instead of raw watch time"""
-    gamma: float = Field(default=0.9, ge=0, lt=1)
-    """discount per request"""
-    polyak: float = Field(default=0.01, gt=0, le=1)
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    """discount per request (1: the session's total, which is what is reported; sessions always end)"""
+    polyak: float = Field(default=0.005, gt=0, le=1)
     """target network update rate"""
-    actor_lr: float = Field(default=3e-5, gt=0)
-    """learning rate of the actors"""
+    actor_lr: float = Field(default=1e-4, gt=0)
+    """learning rate of the actors' dense heads"""
     critic_lr: float = Field(default=1e-3, gt=0)
-    """learning rate of the critics"""
+    """learning rate of the critics' dense heads"""
     batch_size: int = Field(default=256, ge=2)
     """transitions per update"""
     hidden: int = Field(default=64, ge=8)
     """width of every MLP"""
     embedding_dim: int = Field(default=16, ge=2)
     """dimension of every embedding table"""
-    policy_noise: float = Field(default=0.2, ge=0)
-    """TD3 target-policy smoothing noise std (action units)"""
-    noise_clip: float = Field(default=0.5, ge=0)
-    """clip of the smoothing noise"""
-    policy_delay: int = Field(default=8, ge=1)
+    policy_delay: int = Field(default=2, ge=1)
     """critic updates per actor update (TD3; ddpg uses 1)"""
-    exploration_std: float = Field(default=0.2, ge=0)
+    proximal: float = Field(default=0.3, ge=0)
+    """weight of ||mu(tau) - a_logged||^2 beside -Q / mean|Q| in the actor loss (TD3+BC): holds the actors where the
+    critic has data; 0 is the paper's plain DDPG-style step"""
+    actor_start: int = Field(default=1000, ge=0)
+    """critic-only updates before the first actor step: the critic learns the behaviour policy's value first"""
+    n_step: int = Field(default=3, ge=1)
+    """requests the critic target looks ahead before bootstrapping: y = sum_{k<n} gamma^k r~_{t+k} + gamma^n Q'"""
+    exploration_std: float = Field(default=0.3, ge=0)
     """Gaussian exploration noise when collecting online"""
-    action_radius: float = Field(default=0.3, gt=0)
-    """actors start at the CEM weights and move at most this far from them per dimension"""
+    action_radius: float = Field(default=1.0, gt=0)
+    """how far an actor may move each weight from its initial (CEM) value; the action box bounds it as well"""
 
 
 class TrainConfig(_Strict):
@@ -322,15 +328,33 @@ class TrainConfig(_Strict):
     """which actors the export and the experiment use: the best validation point (model selection) or the last"""
 
 
+class DiagnosticsConfig(_Strict):
+    """Critic diagnostics against the simulator's truth (`unexrl diagnose`, unexrl/rl/diagnostics.py)."""
+
+    sessions: int = Field(default=400, ge=2)
+    """fresh sessions of the last validation seed whose transitions score the critic (calibration, dQ/da)"""
+    gradient_sessions: int = Field(default=600, ge=2)
+    """sessions per finite-difference rollout of the true gradient (two rollouts per action weight)"""
+    delta: float = Field(default=0.15, gt=0)
+    """finite-difference step per weight"""
+    batch_rows: int = Field(default=4000, ge=1)
+    """rows per batched finite-difference rollout"""
+    during_training: bool = True
+    """run them at every validation point of `unexrl train` (into curve.json); off: only `unexrl diagnose` and the
+    end of each experiment run"""
+
+
 class ExperimentConfig(_Strict):
     """The paper's comparison on our simulator: algorithms x seeds, and the agents-count study."""
 
     seeds: int = Field(default=5, ge=1)
     """independent training runs per algorithm (each shifts seeds.train; evaluation seeds stay fixed)"""
     variants: tuple[str, ...] = (
-        "cem", "ddpg", "td3", "unexrl-ctde", "unexrl-cic", "unexrl-cic-no-sg", "unexrl-cic-no-cqr",
+        "cem", "group-cem", "oracle-group-cem-ranking", "oracle-group-cem-all", "ddpg", "td3", "unexrl-ctde",
+        "unexrl-cic", "unexrl-cic-no-sg", "unexrl-cic-no-cqr", "unexrl-cic-plain-step",
     )
-    """rows of the results table: an algo name, or unexrl-cic-no-sg / unexrl-cic-no-cqr (the ablations)"""
+    """rows of the results table: a baseline (unexrl/policies/baselines.py), an algo name, or an ablation
+    (unexrl-cic-no-sg, unexrl-cic-no-cqr, unexrl-cic-plain-step: see unexrl/experiment.py)"""
     agents_algos: tuple[str, ...] = ("unexrl-cic", "unexrl-ctde", "independent-ddpg")
     """algorithms of the agents-count study"""
     agents_seeds: int = Field(default=3, ge=0)
@@ -346,6 +370,8 @@ class ExperimentConfig(_Strict):
     """sessions per evaluation seed for each trained policy"""
     workers: int = Field(default=1, ge=1)
     """processes that train and evaluate runs at once (one torch thread each); 1 runs them in this process"""
+    diagnose: bool = True
+    """diagnose every main-table learner's final critic against the simulator's truth (results.json)"""
 
 
 class BenchConfig(_Strict):
@@ -355,6 +381,8 @@ class BenchConfig(_Strict):
     """requests per batched simulator step"""
     repeats: int = Field(default=20, ge=1)
     """timed repetitions per measurement (median reported)"""
+    large_batch: int = Field(default=1024, ge=2)
+    """`unexrl bench train`: the larger batch measured beside algo.batch_size"""
 
 
 class Config(_Strict):
@@ -374,6 +402,7 @@ class Config(_Strict):
     features: FeaturesConfig = FeaturesConfig()
     algo: AlgoConfig = AlgoConfig()
     train: TrainConfig = TrainConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     experiment: ExperimentConfig = ExperimentConfig()
     bench: BenchConfig = BenchConfig()
 

@@ -2,7 +2,10 @@
 
 Every variant is trained ``experiment.seeds`` times (seed k shifts seeds.train by 100 k; the world and the
 evaluation seeds stay fixed); the actors of its best validation point (seeds.validation) are then rolled out on
-seeds.evaluation. Intervals are 95% bootstrap intervals over
+seeds.evaluation. The fixed-weight baselines (unexrl/policies/baselines.py: cem, group-cem and the two oracles)
+are tuned once per training seed and kept on disk. Every learner's final critic is diagnosed against the
+simulator's truth (unexrl/rl/diagnostics.py, on a validation seed), and every policy's mean action per activity
+group is recorded (does it personalise?). Intervals are 95% bootstrap intervals over
 (training seed, evaluation seed) groups and sessions; uplifts are paired by session against CEM of the same
 training seed. Each finished run is saved under ``out/runs/`` and skipped when the experiment is re-run, so an
 interrupted experiment resumes where it stopped.
@@ -27,10 +30,11 @@ from unexrl.config import Config
 from unexrl.evaluate.rollout import rollout
 from unexrl.evaluate.stats import Estimate, bootstrap_mean, bootstrap_uplift
 from unexrl.io import atomic_write_text
-from unexrl.policies.cem import tune_cem
+from unexrl.policies.baselines import BASELINES, tune_baseline
 from unexrl.policies.weights import WeightPolicy
+from unexrl.rl.diagnostics import diagnose
 from unexrl.rl.policy import ActorPolicy
-from unexrl.sim.env import Policy, Simulator
+from unexrl.sim.env import Policy, Simulator, Step
 from unexrl.sim.world import World
 from unexrl.train.loop import train
 
@@ -43,9 +47,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "unexrl-cic": {"name": "unexrl-cic"},
     "unexrl-cic-no-sg": {"name": "unexrl-cic", "sg": False},
     "unexrl-cic-no-cqr": {"name": "unexrl-cic", "cqr": False},
+    "unexrl-cic-plain-step": {"name": "unexrl-cic", "proximal": 0.0},
     "independent-ddpg": {"name": "independent-ddpg"},
 }
-"""Experiment rows other than ``cem``: the algo config each one trains with."""
+"""Learner rows: the algo config each one trains with (unexrl-cic-plain-step: the paper's DDPG-style actor step,
+without the proximal term)."""
 
 METRICS = ("watch_time", "items", "requests")
 
@@ -58,7 +64,7 @@ def seed_config(cfg: Config, k: int) -> Config:
 
 def variant_config(cfg: Config, variant: str, agents: int | None = None) -> Config:
     if variant not in VARIANTS:
-        raise ValueError(f"unknown experiment variant {variant!r}; known: cem, {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown experiment variant {variant!r}; known: {', '.join((*BASELINES, *VARIANTS))}")
     algo = cfg.algo.model_copy(update={**VARIANTS[variant], "agents": agents})
     return cfg.model_copy(update={"algo": algo})
 
@@ -72,14 +78,19 @@ class Run:
     agents: int | None
     outcomes: dict[str, list[np.ndarray]]
     """metric -> one array of per-session values per evaluation seed"""
-    curve: list[dict[str, float]]
+    curve: list[dict[str, Any]]
     seconds: float
+    group_actions: list[list[float]]
+    """[activity group][weight] mean action on the first evaluation seed's requests"""
+    diagnostics: dict[str, Any] | None = None
+    """the final critic's CriticDiagnostics (learners only)"""
 
     def save(self, path: Path) -> None:
         arrays = {f"{m}_{i}": v for m, vs in self.outcomes.items() for i, v in enumerate(vs)}
         np.savez(path.with_suffix(".npz"), **arrays)
         meta = {"variant": self.variant, "seed": self.seed, "agents": self.agents, "curve": self.curve,
-                "seconds": self.seconds, "n_eval_seeds": len(self.outcomes["watch_time"])}
+                "seconds": self.seconds, "n_eval_seeds": len(self.outcomes["watch_time"]),
+                "group_actions": self.group_actions, "diagnostics": self.diagnostics}
         atomic_write_text(path.with_suffix(".json"), json.dumps(meta))  # last: its presence marks a complete run
 
     @staticmethod
@@ -87,21 +98,38 @@ class Run:
         meta = json.loads(path.with_suffix(".json").read_text())
         arrays = np.load(path.with_suffix(".npz"))
         outcomes = {m: [arrays[f"{m}_{i}"] for i in range(meta["n_eval_seeds"])] for m in METRICS}
-        return Run(meta["variant"], meta["seed"], meta["agents"], outcomes, meta["curve"], meta["seconds"])
+        return Run(meta["variant"], meta["seed"], meta["agents"], outcomes, meta["curve"], meta["seconds"],
+                   meta["group_actions"], meta["diagnostics"])
 
 
-def _evaluate(cfg: Config, sim: Simulator, policy: Policy) -> dict[str, list[np.ndarray]]:
+def _evaluate(cfg: Config, sim: Simulator, policy: Policy) -> tuple[dict[str, list[np.ndarray]], list[list[float]]]:
+    """Outcomes on every evaluation seed, and the mean action per activity group on the first one."""
     n = cfg.experiment.eval_sessions_per_seed
-    outs = [rollout(sim, policy, s, n, min(n, cfg.evaluation.batch_size)) for s in cfg.seeds.evaluation]
-    return {m: [getattr(o, m) for o in outs] for m in METRICS}
+    n_groups = len(cfg.world.user_types)
+    sums = torch.zeros(n_groups, sum(cfg.cascade.action_dims), dtype=torch.float64)
+    counts = torch.zeros(n_groups, dtype=torch.float64)
+
+    def record(step: Step) -> None:
+        group = step.obs.activity_group[step.active].cpu()
+        sums.index_add_(0, group, torch.cat(step.cascade.actions, dim=1)[step.active].cpu().double())
+        counts.index_add_(0, group, torch.ones_like(group, dtype=torch.float64))
+
+    outs = [rollout(sim, policy, s, n, min(n, cfg.evaluation.batch_size), on_step=record if i == 0 else None)
+            for i, s in enumerate(cfg.seeds.evaluation)]
+    actions = (sums / counts.clamp_min(1)[:, None]).tolist()
+    return {m: [getattr(o, m) for o in outs] for m in METRICS}, actions
 
 
-def _cem(cfg: Config, sim: Simulator, k: int, folder: Path) -> WeightPolicy:
-    """CEM of training seed k, tuned once per cascade and kept in ``folder`` for the other runs and for a resume."""
-    path = folder / f"cem-seed{k}.pt"
+def _baseline(cfg: Config, sim: Simulator, name: str, k: int, folder: Path) -> WeightPolicy:
+    """Baseline ``name`` of training seed k, tuned once per cascade and kept in ``folder`` for the other runs and
+    for a resume (every baseline but CEM starts from this seed's CEM)."""
+    path = folder / f"{name}-seed{k}.pt"
+    group_by = {"group-cem": "activity_group", "oracle-group-cem-ranking": "oracle_type",
+                "oracle-group-cem-all": "oracle_type"}.get(name, "none")
     if path.is_file():
-        return WeightPolicy(torch.load(path).to(sim.world.item_category.device), cfg.cascade)
-    policy = tune_cem(sim, cfg.cem, cfg.seeds.train, progress=False)
+        return WeightPolicy(torch.load(path).to(sim.world.item_category.device), cfg.cascade, group_by=group_by)  # type: ignore[arg-type]
+    cem = None if name == "cem" else _baseline(cfg, sim, "cem", k, folder)
+    policy = tune_baseline(name, sim, cem, progress=False)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(policy.weights.cpu(), tmp)
     tmp.replace(path)
@@ -122,21 +150,25 @@ def _run(cfg: Config, variant: str, k: int, agents: int | None, folder: Path) ->
     if cfg.name not in _WORLDS:
         _WORLDS[cfg.name] = Simulator(cfg).world
     sim = Simulator(kcfg, world=_WORLDS[cfg.name])
-    cem = _cem(kcfg, sim, k, folder)
-    curve: list[dict[str, float]] = []
-    if variant == "cem":
-        policy: Policy = cem
-        # CEM on the validation sessions the learners' curves are measured on: the reference line of their plot
+    diagnostics = None
+    if variant in BASELINES:
+        policy: Policy = _baseline(kcfg, sim, variant, k, folder)
+        # on the validation sessions the learners' curves are measured on: the reference lines of their plot
         t = kcfg.train
-        validation = rollout(sim, cem, kcfg.seeds.validation[0], t.eval_sessions, t.eval_sessions)
-        curve = [{"updates": 0, "validation_watch_time": float(validation.watch_time.mean())}]
+        validation = rollout(sim, policy, kcfg.seeds.validation[0], t.eval_sessions, t.eval_sessions)
+        curve: list[dict[str, Any]] = [{"updates": 0, "validation_watch_time": float(validation.watch_time.mean())}]
     else:
-        result = train(variant_config(kcfg, variant, agents), cem.weights, sim, progress=False)
+        cem = _baseline(kcfg, sim, "cem", k, folder)
+        vcfg = variant_config(kcfg, variant, agents)
+        result = train(vcfg, cem.weights, sim, progress=False)
         # model selection on seeds.validation (train.select), as the export of `unexrl train` makes it
         selected, _ = result.selected(kcfg.train.select)
         actors = selected if selected is not None else result.agent.actors
         policy, curve = ActorPolicy(actors, kcfg, sim.world), result.curve
-    run = Run(variant, k, agents, _evaluate(kcfg, sim, policy), curve, time.perf_counter() - started)
+        if cfg.experiment.diagnose and agents is None:  # the final critic, with the final actors it was trained for
+            diagnostics = diagnose(result.agent, sim, result.agent.actors, result.knots).model_dump()
+    outcomes, group_actions = _evaluate(kcfg, sim, policy)
+    run = Run(variant, k, agents, outcomes, curve, time.perf_counter() - started, group_actions, diagnostics)
     run.save(path)
     log.info("%s: watch time %.0f s (%.0f s)", name, np.concatenate(run.outcomes["watch_time"]).mean(), run.seconds)
     return run
@@ -161,6 +193,8 @@ def run_experiment(cfg: Config, out: Path) -> dict[str, Any]:
     study_jobs = sorted(((v, k, n) for k in range(e.agents_seeds) for v in ("cem", *e.agents_algos)
                          for n in ((None,) if v == "cem" else range(1, len(e.agents_stages) + 1))),
                         key=lambda j: j[0] != "cem")
+    for variant in {*e.variants, *e.agents_algos} - {*BASELINES, *VARIANTS}:
+        raise ValueError(f"unknown experiment variant {variant!r}; known: {', '.join((*BASELINES, *VARIANTS))}")
     jobs = [(cfg, *j, runs_dir / "main") for j in main_jobs] + [(four, *j, runs_dir / "agents") for j in study_jobs]
     for folder in ("main", "agents"):
         (runs_dir / folder).mkdir(parents=True, exist_ok=True)
@@ -209,6 +243,10 @@ def summarise(main_runs: list[Run], agent_runs: list[Run], cfg: Config, seconds:
             row["uplift_vs_cem_pct"] = bootstrap_uplift(_group(runs, "watch_time"), _group(cem_runs, "watch_time"), n_boot).as_dict()
         row["train_seconds_mean"] = float(np.mean([r.seconds for r in runs]))
         row["curve"] = _mean_curve(runs)
+        row["group_actions"] = np.mean([r.group_actions for r in runs], axis=0).tolist()
+        diagnosed = [r.diagnostics for r in runs if r.diagnostics is not None]
+        if diagnosed:
+            row["diagnostics"] = {"per_seed": diagnosed, "mean": _diagnostics_mean(diagnosed)}
         table[variant] = row
     study: dict[str, Any] = {}
     for r in agent_runs:
@@ -222,8 +260,32 @@ def summarise(main_runs: list[Run], agent_runs: list[Run], cfg: Config, seconds:
         "eval_sessions_per_seed": cfg.experiment.eval_sessions_per_seed,
         "train_updates": cfg.train.updates,
         "seconds": round(seconds, 1),
+        "weights": [f"{st.name}.{h}" for st in cfg.cascade.stages for h in st.heads],
+        "groups": [t.name for t in cfg.world.user_types],
         "table": table,
         "agents_study": study_rows,
+    }
+
+
+def _diagnostics_mean(diagnosed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The headline diagnostics averaged over training seeds (each seed's full record stays in per_seed)."""
+    def mean(path: tuple[str, ...]) -> float:
+        values = []
+        for d in diagnosed:
+            for key in path:
+                d = d[key]
+            values.append(d)
+        return float(np.mean(values))
+
+    return {
+        "calibration.relative_bias": mean(("calibration", "relative_bias")),
+        "calibration.correlation": mean(("calibration", "correlation")),
+        "gradient.cosine": mean(("gradient", "cosine", "mean")),
+        "gradient.cosine_per_group": np.mean([d["gradient"]["cosine"]["per_group"] for d in diagnosed], 0).tolist(),
+        "gradient.sign_agreement": mean(("gradient", "sign_agreement", "mean")),
+        "gradient.cosine_training_return": mean(("gradient", "cosine_training_return", "mean")),
+        "gradient.truth_split_half_cosine": float(np.mean([d["gradient"]["truth_split_half_cosine"] for d in diagnosed])),
+        "reward_alignment": mean(("reward_alignment", "mean")),
     }
 
 
@@ -266,6 +328,26 @@ def results_markdown(results: dict[str, Any]) -> str:
     for variant, row in results["table"].items():
         uplift = _fmt(row["uplift_vs_cem_pct"], 1) if "uplift_vs_cem_pct" in row else "-"
         lines.append(f"| {variant} | {_fmt(row['watch_time'])} | {_fmt(row['items'], 1)} | {_fmt(row['requests'], 2)} | {uplift} |")
+    diagnosed = {v: row["diagnostics"]["mean"] for v, row in results["table"].items() if "diagnostics" in row}
+    if diagnosed:
+        header = ("| variant | relative bias | correlation | gradient cosine (mean; per group) | sign agreement "
+                  "| truth repeatability | cosine vs training return | reward alignment |")
+        lines += ["", "## Final critic diagnostics (validation seed; mean over training seeds)", "", header,
+                  "|---|---|---|---|---|---|---|---|"]
+        for v, d in diagnosed.items():
+            per_group = " / ".join(f"{x:+.2f}" for x in d["gradient.cosine_per_group"])
+            lines.append(f"| {v} | {d['calibration.relative_bias']:+.0%} | {d['calibration.correlation']:.2f} "
+                         f"| {d['gradient.cosine']:+.2f} ({per_group}) | {d['gradient.sign_agreement']:.2f} "
+                         f"| {d['gradient.truth_split_half_cosine']:.2f} | {d['gradient.cosine_training_return']:+.2f} "
+                         f"| {d['reward_alignment']:+.2f} |")
+    lines += ["", "## Mean action per activity group (first evaluation seed; mean over training seeds)", "",
+              ("Does a learner personalise? Each cell: the policy's mean weight for that group; group-cem's are its "
+               "tuned table."), "",
+              "| variant | group | " + " | ".join(results["weights"]) + " |",
+              "|---|---|" + "---|" * len(results["weights"])]
+    for variant, row in results["table"].items():
+        for g, actions in enumerate(row["group_actions"]):
+            lines.append(f"| {variant} | {results['groups'][g]} | " + " | ".join(f"{x:+.2f}" for x in actions) + " |")
     if results["agents_study"]:
         lines += ["", "## Agents-count study (4-stage cascade; learning stages counted from ranking, rest at CEM)", "",
                   "| algo / agents | watch time / session (s) |", "|---|---|"]
@@ -284,11 +366,12 @@ def plot_results(results: dict[str, Any], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for variant, row in results["table"].items():
-        if row["curve"] and variant != "cem":
+        if row["curve"] and variant not in BASELINES:
             ax.plot([p["updates"] for p in row["curve"]], [p["validation_watch_time"] for p in row["curve"]], label=variant)
-    cem_curve = results["table"].get("cem", {}).get("curve")
-    if cem_curve:  # the same validation sessions as the curves
-        ax.axhline(cem_curve[0]["validation_watch_time"], color="k", ls="--", label="cem")
+    for variant, style in (("cem", "--"), ("group-cem", ":")):
+        reference = results["table"].get(variant, {}).get("curve")
+        if reference:  # the same validation sessions as the curves
+            ax.axhline(reference[0]["validation_watch_time"], color="k", ls=style, label=variant)
     _save(fig, ax, "updates", "validation watch time / session (s)", out / "learning_curves.png")
 
     study = results["agents_study"]

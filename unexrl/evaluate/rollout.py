@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from unexrl.sim.env import Policy, Simulator, Step
+from unexrl.sim.env import Policy, SessionBatch, Simulator, Step
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,18 @@ class SessionOutcomes:
         )
 
 
+def _record(final: dict[str, torch.Tensor], done: SessionBatch) -> None:
+    """Write finished sessions' outcomes at their rows as the batch started."""
+    rows = done.row.cpu()
+    final["watch_time"][rows] = done.watch_time.cpu().double()
+    final["items"][rows] = done.items_watched.cpu().double()
+    final["requests"][rows] = done.step.cpu().double()
+
+
+COMPACT_BELOW = 0.75
+"""a rollout drops its finished sessions once fewer than this share of the rows it steps are still alive"""
+
+
 @torch.no_grad()
 def rollout(
     sim: Simulator,
@@ -49,24 +61,31 @@ def rollout(
 ) -> SessionOutcomes:
     """Simulate sessions of ``seed`` to their end: ids 0..sessions-1, or the given ids, ``batch_size`` at a time.
 
-    Rows keep their place in a batch, so a policy with ``group_by="row"`` sees row i of each batch as row i.
+    Finished sessions are dropped from the batch as it goes (sessions last from one request to the cap, and
+    stepping the finished ones cost most of a batch's time); ``Observation.row`` keeps each session's row as the
+    batch started, which a policy with ``group_by="row"`` reads. Outcomes come back in session order.
     """
     ids_all = torch.arange(sessions) if isinstance(sessions, int) else sessions
     parts = []
     chunks = range(0, ids_all.numel(), batch_size)
     for start in tqdm(chunks, desc=f"rollout seed {seed}", disable=not progress, leave=False):
         state = sim.start(seed, ids_all[start : start + batch_size])
+        n = state.user.shape[0]
+        final = {name: torch.zeros(n, dtype=torch.float64) for name in ("watch_time", "items", "requests")}
+        user = state.user.cpu().numpy()
         while bool(state.alive.any()):
             step = sim.step(state, policy)
             if on_step is not None:
                 on_step(step)
+            alive = state.alive
+            if int(alive.sum()) < COMPACT_BELOW * alive.numel():
+                _record(final, state.select(torch.nonzero(~alive).squeeze(1)))
+                state = state.select(torch.nonzero(alive).squeeze(1))
+        _record(final, state)
         parts.append(
             SessionOutcomes(
-                seed=seed,
-                user=state.user.cpu().numpy(),
-                watch_time=state.watch_time.cpu().double().numpy(),
-                items=state.items_watched.cpu().numpy(),
-                requests=state.step.cpu().numpy(),
+                seed=seed, user=user, watch_time=final["watch_time"].numpy(),
+                items=final["items"].numpy().astype(np.float32), requests=final["requests"].numpy().astype(np.int64),
             )
         )
     return SessionOutcomes.concat(parts)

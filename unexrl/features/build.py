@@ -249,12 +249,17 @@ class _Log:
         """Knots refitted every ``cqr_refit_s`` and once at the last feedback, each on feedback stamped <= it."""
         user_pos = _lookup(_column(self.users, "user_id"), self.user)
         user_group = _column(self.users, "activity_group").astype(np.int64)[user_pos]
-        viewed = self.viewed
-        watch = torch.from_numpy(self.watch[viewed])
-        groups_u = torch.from_numpy(np.broadcast_to(user_group[:, None], viewed.shape)[viewed])
-        groups_i = _item_group(self.duration[viewed], self.cfg)
-        groups_i_t = torch.from_numpy(groups_i)
-        stamps = np.broadcast_to(self.feedback_us[:, None], viewed.shape)[viewed]
+        if self.cfg.features.cqr_unit == "page":  # one unit per request: its page watch time, one item group
+            watch = torch.from_numpy(self.watch.sum(1))
+            groups_u = torch.from_numpy(user_group)
+            groups_i_t = torch.zeros_like(groups_u)
+            stamps = self.feedback_us
+        else:  # one unit per viewed item, grouped by duration bucket
+            viewed = self.viewed
+            watch = torch.from_numpy(self.watch[viewed])
+            groups_u = torch.from_numpy(np.broadcast_to(user_group[:, None], viewed.shape)[viewed])
+            groups_i_t = torch.from_numpy(_item_group(self.duration[viewed], self.cfg))
+            stamps = np.broadcast_to(self.feedback_us[:, None], viewed.shape)[viewed]
         n_u, n_i = len(self.cfg.world.user_types), fs.n_item_groups(self.cfg)
         step = int(self.cfg.features.cqr_refit_s * US)
         last = int(self.feedback_us.max())

@@ -14,6 +14,7 @@ import pyarrow as pa
 import torch
 
 from unexrl.config import Config
+from unexrl.rl import cqr
 from unexrl.rl.cqr import duration_bucket
 
 Dtype = Literal["int64", "float32", "int64_list", "float32_list"]
@@ -140,7 +141,7 @@ CQR_KNOTS = ViewSpec(
         FeatureSpec("user_group", "int64", "G_u"),
         FeatureSpec("item_group", "int64", "G_i"),
         FeatureSpec("knots", "float32_list", "`cqr_knots` watch-time quantiles at levels 0, 1/(n-1), ..., 1"),
-        FeatureSpec("samples", "int64", "viewed items in the cell the fit used (0: the knots of all data)"),
+        FeatureSpec("samples", "int64", "units (pages or viewed items, `cqr_unit`) in the cell the fit used"),
     ),
     "CQR quantile knots, refitted every `cqr_refit_s` on the feedback logged before the refit",
 )
@@ -162,7 +163,8 @@ SESSION_PUSH_SOURCE = "user_session_push"
 
 
 def n_item_groups(cfg: Config) -> int:
-    return len(cfg.features.duration_bucket_edges_s) + 1
+    """CQR's item groups G_i (unexrl.rl.cqr.n_item_groups): the cells of the cqr_knots view are G_u x G_i."""
+    return cqr.n_item_groups(cfg)
 
 
 def defaults(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -5,7 +5,7 @@ group at act time. ``group_by`` says what a group is:
   none            one vector for everyone (CEM, greedy)
   activity_group  the observable activity group
   oracle_type     the simulator's hidden behaviour type (oracle baselines only: not available in production)
-  row             one vector per batch row (scoring a CEM population in one batched rollout)
+  row             one vector per batch row as the rollout started (scoring a CEM population in one rollout)
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class WeightPolicy:
             return obs.activity_group
         if self.group_by == "oracle_type":
             return obs.oracle_type
-        return torch.arange(obs.user.shape[0], device=obs.user.device)
+        return obs.row
 
     def act(self, obs: Observation, view: StageView) -> Tensor:
         return self.weights[self.group(obs), self._slices[view.stage]]

@@ -1,36 +1,55 @@
 """UNEX-RL and its baselines as one agent with one update step.
 
-| algo             | downstream observations            | critic                    | TD3 tricks | learning stages |
-|------------------|------------------------------------|---------------------------|------------|-----------------|
-| unexrl-cic       | CIC replay (the actors select)     | global twin Q^g           | yes        | all             |
-| unexrl-ctde      | logged (logged actions select)     | global twin Q^g           | yes        | all             |
-| td3              | logged                             | global twin Q^g           | yes        | ranking only    |
-| ddpg             | logged                             | global Q^g                | no         | ranking only    |
-| independent-ddpg | logged                             | one Q_i per stage         | no         | all             |
+| algo             | stage observations the actors act on | critic                    | TD3 tricks | learning stages |
+|------------------|--------------------------------------|---------------------------|------------|-----------------|
+| unexrl-cic       | CIC replay (their own upstream picks)| global twin Q^g           | yes        | all             |
+| unexrl-ctde      | logged (logged actions select)       | global twin Q^g           | yes        | all             |
+| td3              | logged                               | global twin Q^g           | yes        | ranking only    |
+| ddpg             | logged                               | global Q^g                | no         | ranking only    |
+| independent-ddpg | logged                               | one Q_i per stage         | no         | all             |
 
-Stages that do not learn keep CEM weights (``FixedAction``). The update reads as the spec's equations.
+Stages that do not learn keep CEM weights (``FixedAction``). The update reads as the spec's equations, with the
+critic centred on the current policy (unexrl.rl.networks.CriticHead: Q(s, a) = V(s) + A(s, a - mu(s))):
+
+    actions: a^{1:N} = CIC(tau^1_t; current actors)  (CTDE: the actors act on the logged stage views)
+    critic:  y = r~ + gamma (1 - done) min_k Q'_k(tau^1_{t+1}, CIC(tau^1_{t+1}; target actors))
+               = r~ + gamma (1 - done) min_k V'_k(tau^1_{t+1})      (A'(s', mu'(s')) = 0: the target needs no cascade)
+             L(phi) = sum_k (Q_k(tau^1_t, a^{1:N}_logged; centred on a^{1:N}) - y)^2
+    actors:  L_i = -Q_1(tau^1_t, sg(a^{<i}), mu^i(tau^i_t), sg(a^{>i}))   (+ the proximal term, ``algo.proximal``)
+
+With algo.n_step = n, r~ is the discounted sum of n rewards, gamma^n, and t+n for t+1. Each role's encoder runs
+once per update over tau_t and tau_{t+1} together; the target critic reads those embeddings detached.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
-from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 
 from unexrl.cascade import replay_actions, run_cascade
 from unexrl.config import Config
 from unexrl.policies.weights import stage_slices
 from unexrl.rl.cic import cascade_with_actors
-from unexrl.rl.networks import Critic, FixedAction, SparseEncoder, StageActor, embedding_tables
+from unexrl.rl.networks import (
+    ACTOR_FEATURES,
+    CRITIC_FEATURES,
+    CriticHead,
+    FixedAction,
+    SparseEncoder,
+    StageActors,
+    StageHead,
+    embedding_tables,
+)
 from unexrl.rl.observation import candidate_summary, sparse_features
 from unexrl.rl.replay import Batch
+
+FIRST = slice(0, 1)
+"""the ensemble member Q_1: what the actors ascend and the diagnostics read"""
 
 
 def learning_stages(cfg: Config) -> list[int]:
@@ -42,33 +61,53 @@ def learning_stages(cfg: Config) -> list[int]:
     return list(range(n - agents, n))
 
 
-def _encoder(cfg: Config, prefix: str, rows: tuple[int, int, int]) -> SparseEncoder:
-    return SparseEncoder(embedding_tables(prefix, *rows, cfg.algo.embedding_dim))
+def state_dim(cfg: Config) -> int:
+    """Session state features plus the activity-group one-hot (unexrl.rl.observation.session_state)."""
+    return 4 + len(cfg.world.user_types)
 
 
-def build_actors(cfg: Config, n_users: int, n_items: int, n_categories: int, cem_weights: Tensor) -> nn.ModuleList:
-    """mu^1..mu^N: a StageActor per learning stage, FixedAction (CEM weights) for the others.
+def _encoder(cfg: Config, prefix: str, features: Sequence[str], rows: tuple[int, int, int],
+             fused_lr: float | None) -> SparseEncoder:
+    n_users, n_items, n_categories = rows
+    counts = {"users": n_users, "items": n_items, "categories": n_categories}
+    return SparseEncoder(embedding_tables(prefix, features, counts, cfg.algo.embedding_dim), fused_lr)
+
+
+def build_actors(cfg: Config, n_users: int, n_items: int, n_categories: int, cem_weights: Tensor,
+                 fused_lr: float | None = None) -> StageActors:
+    """mu^1..mu^N: a StageHead per learning stage over one shared encoder, FixedAction (CEM weights) for the others.
 
     Also how a trained-actors artifact is rebuilt before its weights are loaded (unexrl/policies/actors.py).
     """
     a, c = cfg.algo, cfg.cascade
     learning = learning_stages(cfg)
-    actors: list[nn.Module] = []
+    encoder = _encoder(cfg, "actors", ACTOR_FEATURES, (n_users, n_items, n_categories), fused_lr)
+    weights = cem_weights.reshape(-1).float()
+    heads: list[nn.Module] = []
     for i, (d, part) in enumerate(zip(c.action_dims, stage_slices(c))):
         if i in learning:
-            actors.append(StageActor(_encoder(cfg, f"actor{i}", (n_users, n_items, n_categories)),
-                                     4 + len(cfg.world.user_types), d, sum(c.action_dims[:i]), a.hidden,
-                                     c.action_low, c.action_high, initial=cem_weights.reshape(-1)[part].float(),
-                                     radius=a.action_radius))
+            heads.append(StageHead(encoder.out_dim, state_dim(cfg) + 3 * d, d, sum(c.action_dims[:i]), a.hidden,
+                                   c.action_low, c.action_high, initial=weights[part], radius=a.action_radius))
         else:
-            actors.append(FixedAction(cem_weights.reshape(-1)[part]))
-    return nn.ModuleList(actors)
+            heads.append(FixedAction(weights[part]))
+    return StageActors(encoder, heads)
+
+
+class Critic(nn.Module):
+    """A sparse encoder and the dense critic head(s) that read it (K twins as one ensemble)."""
+
+    def __init__(self, encoder: SparseEncoder, head: CriticHead) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
 
 
 class CascadeAgent(nn.Module):
-    """Stage actors, critics and their targets for one algorithm."""
+    """Stage actors, critics and their target heads for one algorithm."""
 
-    def __init__(self, cfg: Config, n_users: int, n_items: int, n_categories: int, cem_weights: Tensor) -> None:
+    def __init__(self, cfg: Config, n_users: int, n_items: int, n_categories: int, cem_weights: Tensor,
+                 fused_lr: float | None = None) -> None:
+        """``fused_lr``: train the embedding tables with fused row-wise Adagrad at this rate (one process); None
+        leaves plain tables for DMP to shard (unexrl/train/distributed.py)."""
         super().__init__()
         self.cfg = cfg
         a, c = cfg.algo, cfg.cascade
@@ -77,141 +116,203 @@ class CascadeAgent(nn.Module):
         self.global_critic = a.name != "independent-ddpg"
         self.learning = learning_stages(cfg)
         self.keep = [s.keep for s in c.stages]
-        state_dim = 4 + len(cfg.world.user_types)
         rows = (n_users, n_items, n_categories)
+        self.actors = build_actors(cfg, *rows, cem_weights, fused_lr)
+        k = 1 + self.twin
 
-        def encoder(prefix: str) -> SparseEncoder:
-            return _encoder(cfg, prefix, rows)
+        def critic(prefix: str, summary_stage: int, action_dim: int) -> Critic:
+            encoder = _encoder(cfg, prefix, CRITIC_FEATURES, rows, fused_lr)
+            dense = state_dim(cfg) + 3 * c.action_dims[summary_stage]
+            return Critic(encoder, CriticHead(encoder.out_dim, dense, action_dim, a.hidden, k))
 
-        self.actors = build_actors(cfg, *rows, cem_weights)
-        if self.global_critic:
-            critics = [Critic(encoder(f"critic{k}"), state_dim, c.action_dims, a.hidden) for k in range(1 + self.twin)]
-        else:
-            critics = [Critic(encoder(f"critic{i}"), state_dim, [c.action_dims[i]], a.hidden) for i in self.learning]
-        self.critics = nn.ModuleList(critics)
-        self.target_actors = copy.deepcopy(self.actors).requires_grad_(False)
-        self.target_critics = copy.deepcopy(self.critics).requires_grad_(False)
+        # the global critic reads tau^1 (the whole pool's summary) and every action; an independent stage critic
+        # reads its own stage's view and action
+        self.critic_stages = [0] if self.global_critic else self.learning
+        self.critics = nn.ModuleList(
+            [critic("critic", 0, sum(c.action_dims))] if self.global_critic
+            else [critic(f"critic{i}", i, c.action_dims[i]) for i in self.learning]
+        )
+        self.target_critics = nn.ModuleList([copy.deepcopy(q.head) for q in self.critics]).requires_grad_(False)
         self.build_optimizers()
         self.updates = 0
 
+    # --- optimisers ------------------------------------------------------------------------------------------
     def build_optimizers(self, wrap: Callable[[KeyedOptimizer], KeyedOptimizer] | None = None) -> None:
-        """Adam for the actors and for the critics, over every parameter not trained inside backward.
+        """Adam for the actors' and the critics' dense heads; the encoders train inside backward (fused).
 
-        In one process that is all of them. Once the tables are sharded (unexrl/train/distributed.py) they carry a
-        fused optimizer and drop out here, and ``wrap`` averages the dense gradients over ranks. Keyed by parameter
-        name, so the optimizer state checkpoints by name.
+        ``wrap`` averages the dense gradients over ranks once the tables are sharded. Keyed by parameter name, so
+        the optimizer state checkpoints by name.
         """
         a = self.cfg.algo
 
-        def adam(module: nn.Module, lr: float) -> KeyedOptimizer:
-            params = dict(in_backward_optimizer_filter(module.named_parameters()))
-            optimizer = KeyedOptimizerWrapper(params, lambda ps: torch.optim.Adam(ps, lr=lr))
+        def adam(module: nn.Module, prefix: str, lr: float) -> KeyedOptimizer:
+            params = {f"{prefix}.{name}": p for name, p in module.named_parameters()}
+            optimizer = KeyedOptimizerWrapper(params, lambda ps: torch.optim.Adam(ps, lr=lr, fused=True))
             return wrap(optimizer) if wrap is not None else optimizer
 
-        self.actor_optimizer = adam(self.actors, a.actor_lr)
-        self.critic_optimizer = adam(self.critics, a.critic_lr)
+        self.actor_optimizer = adam(self.actors.heads, "actors.heads", a.actor_lr)
+        self.critic_optimizer = adam(nn.ModuleList([q.head for q in self.critics]), "critics.heads", a.critic_lr)
+
+    def fused_optimizer(self) -> KeyedOptimizer | None:
+        """The in-backward optimizers of this process's fused tables (None when the tables are plain)."""
+        encoders = [e for e in (self.actors.encoder, *(q.encoder for q in self.critics)) if e.fused]
+        if not encoders:
+            return None
+        return CombinedOptimizer([(f"encoder{i}", e.ebc.fused_optimizer()) for i, e in enumerate(encoders)])
+
+    # --- input scaling ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_standardizers(self, batch: Batch) -> None:
+        """Fit every dense input's standardisation on one large batch of the first data, and copy it to the
+        targets. The stage views are those the logged actions selected."""
+        views = run_cascade(batch.tau.predictions, self.keep, replay_actions(batch.actions)).views
+        summaries = [batch.first_summary, *(candidate_summary(v.predictions) for v in views[1:])]
+        state = batch.tau.state
+        for i in self.learning:
+            self.actors.heads[i].dense.fit(torch.cat([state, summaries[i]], dim=1))
+        for q, i in zip(self.critics, self.critic_stages):
+            q.head.dense.fit(torch.cat([state, summaries[i]], dim=1))
+            q.head.actions.fit(torch.cat(list(batch.actions) if self.global_critic else [batch.actions[i]], dim=1))
+        self.sync_targets()
+
+    def sync_targets(self) -> None:
+        """Target critics equal to the online ones (at the start, and after the standardisation is fitted)."""
+        self.target_critics.load_state_dict(nn.ModuleList([q.head for q in self.critics]).state_dict())
 
     # --- the update step -------------------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, float]:
         """One critic step, and every ``policy_delay`` (TD3) steps one actor step and a target update."""
         a = self.cfg.algo
-        kjt, next_kjt = sparse_features(batch.tau), sparse_features(batch.next_tau)
-        y = self._critic_target(batch, next_kjt)
+        n = batch.reward.shape[0]
+        actor_step = self.updates >= a.actor_start and (self.updates + 1) % (a.policy_delay if self.twin else 1) == 0
+        kjt = sparse_features(batch.tau.cat(batch.next_tau))  # one encoder pass per role embeds t and t+1
+        critic_embeddings = [q.encoder(kjt) for q in self.critics]
+        with torch.set_grad_enabled(actor_step):
+            actions, summaries = self.policy_actions(batch, self.actors.embed(kjt)[:n])
+        centre = [x.detach() for x in actions]
 
-        # Q_k is evaluated on tau^{1:N}_t replayed by CIC with the logged actions (equal to the logged views).
-        replayed = run_cascade(batch.tau.predictions, self.keep, replay_actions(batch.actions))
-        summaries = [candidate_summary(v.predictions) for v in replayed.views]
-        q = self._q(self.critics, kjt, batch.tau.state, summaries, list(batch.actions))
-        critic_loss = sum(F.mse_loss(q_k, y_k) for q_k, y_k in zip(q, y))
+        y = self._critic_target(batch, [e[n:].detach() for e in critic_embeddings])
+        q = [critic.head(critic.head.state_features(e[:n], x), logged, c)
+             for critic, e, (x, logged, c) in zip(self.critics, critic_embeddings,
+                                                   self._critic_inputs(batch, batch.actions, centre, summaries))]
+        critic_loss = sum(((q_c - y_c) ** 2).mean(1).sum() for q_c, y_c in zip(q, y))
         self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
+        critic_loss.backward()  # type: ignore[union-attr]
         self.critic_optimizer.step()
         self.updates += 1
 
-        out = {"critic_loss": critic_loss.item(), "q": q[0].mean().item(), "target": y[0].mean().item()}
-        if self.updates % (a.policy_delay if self.twin else 1) == 0:
-            out["actor_loss"] = self._actor_step(batch, kjt)
-            self._soft_update(self.actors, self.target_actors)
-            self._soft_update(self.critics, self.target_critics)
+        out = {"critic_loss": float(critic_loss.detach()), "q": float(q[0][0].detach().mean()), "target": float(y[0].mean())}
+        if actor_step:
+            actor_loss = self.actor_loss(batch, actions, summaries, [e[:n].detach() for e in critic_embeddings])
+            self.actor_optimizer.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            self.actor_optimizer.step()
+            out["actor_loss"] = float(actor_loss.detach())
+            self._soft_update()
         return out
 
-    def _critic_target(self, batch: Batch, next_kjt: KeyedJaggedTensor) -> list[Tensor]:
-        """y = r~ + gamma (1 - done) min_k Q'_k(CIC(tau^1_{t+1}; target actors + smoothing noise)), per critic.
-
-        CTDE and the baselines read tau^{2:N}_{t+1} from the log instead (selection by the logged actions).
-        """
-        a = self.cfg.algo
-        with torch.no_grad():
-            smooth = self._smoothing if self.twin else None
-            _, next_actions, summaries = cascade_with_actors(
-                batch.next_tau, next_kjt, self.keep, self.target_actors, stop_gradient=True,
-                select_with=None if self.cic else batch.next_actions, perturb=smooth,
-            )
-            q_next = self._q(self.target_critics, next_kjt, batch.next_tau.state, summaries, next_actions)
-            if self.global_critic:
-                q_next = [torch.min(torch.stack(q_next), dim=0).values] * len(self.critics)
-            return [batch.reward + a.gamma * (1.0 - batch.done) * q for q in q_next]
-
-    def _actor_step(self, batch: Batch, kjt: KeyedJaggedTensor) -> float:
-        with self._critic_embeddings_detached():
-            loss = sum(self.actor_losses(batch, kjt))
-        self.actor_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.actor_optimizer.step()
-        return loss.item()
-
-    def actor_losses(self, batch: Batch, kjt: KeyedJaggedTensor) -> list[Tensor]:
-        """One loss per learning actor; actors act through CIC (CTDE: on the logged views) and ascend Q.
-
-            L_i = -Q_1(tau, sg(a^{<i}), mu^i(tau^i), sg(a^{>i}))
-
-        With SG, mu^i sees sg(a^{<i}) when it acts, so L_i reaches only actor i. Without SG the actions are
-        chained (a^{i+1} depends on a^i), so L_i also reaches the upstream actors, and the summed loss is the full
-        gradient of Q through every appearance of a^i in tau^{>i} and a^{>i}.
-        """
+    def policy_actions(self, batch: Batch, actor_embedding: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """The current actors' actions on tau_t and every stage view's summary: through CIC, each stage acting on
+        what its upstream actors selected (CTDE and the baselines: on the logged views). With SG each actor sees
+        sg(a^{<i})."""
         _, actions, summaries = cascade_with_actors(
-            batch.tau, kjt, self.keep, self.actors, stop_gradient=self.cfg.algo.sg,
-            select_with=None if self.cic else batch.actions,
+            batch.tau, actor_embedding, self.keep, self.actors, stop_gradient=self.cfg.algo.sg,
+            select_with=None if self.cic else batch.actions, first_summary=batch.first_summary,
         )
-        state = batch.tau.state
-        if not self.global_critic:  # independent DDPG: each actor ascends its own stage critic
-            return [-critic(kjt, state, [summaries[i]], [actions[i]]).mean() for critic, i in zip(self.critics, self.learning)]
-        return [-self.critics[0](kjt, state, summaries, self._only(actions, i)).mean() for i in self.learning]
+        return actions, summaries
 
-    # --- helpers ---------------------------------------------------------------------------------------------
-    def _q(self, critics: nn.ModuleList, kjt: KeyedJaggedTensor, state: Tensor, summaries: Sequence[Tensor], actions: Sequence[Tensor]) -> list[Tensor]:
-        if self.global_critic:
-            return [critic(kjt, state, summaries, actions) for critic in critics]
-        return [critic(kjt, state, [summaries[i]], [actions[i]]) for critic, i in zip(critics, self.learning)]
-
-    @staticmethod
-    def _only(actions: Sequence[Tensor], i: int) -> list[Tensor]:
-        """sg on every action but a^i."""
-        return [x if j == i else x.detach() for j, x in enumerate(actions)]
-
-    def _smoothing(self, action: Tensor) -> Tensor:
-        a, c = self.cfg.algo, self.cfg.cascade
-        noise = (torch.randn_like(action) * a.policy_noise).clamp(-a.noise_clip, a.noise_clip)
-        return (action + noise).clamp(c.action_low, c.action_high)
-
-    @contextmanager
-    def _critic_embeddings_detached(self) -> Iterator[None]:
-        """Cut the critics' embeddings out of the actors' loss: that loss must move only the actors.
-
-        The dense critic gradients it leaves are cleared before the next critic step, but a sharded table applies
-        its fused optimizer inside backward, where a gradient that reached it would already be a step.
-        """
-        hooks = [c.encoder.register_forward_hook(lambda _module, _inputs, out: out.detach()) for c in self.critics]
-        try:
-            yield
-        finally:
-            for hook in hooks:
-                hook.remove()
-
-    def _soft_update(self, online: nn.Module, target: nn.Module) -> None:
-        """target <- lerp(target, online, polyak), paired by name. A sharded table's parameters are its local shards;
-        its target is placed like it (unexrl/train/distributed.py), so the shards pair up one to one."""
-        targets = dict(target.named_parameters())
+    def _critic_target(self, batch: Batch, critic_embeddings: list[Tensor]) -> list[Tensor]:
+        """y = r~ + gamma^n (1 - done) min_k V'_k(tau^1_{t+n}), per critic (V' = Q' at the target policy's action)."""
+        gamma = self.cfg.algo.gamma ** self.cfg.algo.n_step
         with torch.no_grad():
-            for name, p in online.named_parameters():
-                targets[name].lerp_(p, self.cfg.algo.polyak)
+            out = []
+            for head, e, x in zip(self.target_critics, critic_embeddings, self._next_dense(batch)):
+                value = head.value(head.state_features(e, x)).min(0).values  # min over the twins
+                out.append(batch.reward + gamma * (1.0 - batch.done) * value)
+            return out
+
+    def actor_loss(self, batch: Batch, actions: list[Tensor], summaries: list[Tensor],
+                   critic_embeddings: list[Tensor]) -> Tensor:
+        """sum_i L_i over the actors' own actions ``actions`` (``policy_actions``, with their graph).
+
+            L_i = -Q_1(tau, sg(a^{<i}), mu^i(tau^i), sg(a^{>i})) / mean|Q_1|  +  w ||mu^i(tau^i) - a^i_logged||^2
+
+        One evaluation of Q_1 with every action live has the gradient of that sum: with SG, CIC already gave each
+        actor sg(a^{<i}) as input, so a^j carries no path back into mu^{i<j} and each actor gets only dQ/da^i.
+        Without SG the actions are chained (a^{i+1} depends on a^i), so mu^i also gets the gradient through every
+        downstream action it changes. Stages that do not learn have no parameters to receive anything.
+        Q_1 is centred on the actions themselves (detached), so dQ_1/da = g(s)/sigma; it is divided by its batch mean
+        magnitude (not differentiated), so the proximal weight w (``algo.proximal``, TD3+BC's 1/alpha) means the
+        same at any reward scale; w = 0 is the plain DDPG-style step.
+        """
+        centre = [x.detach() for x in actions]
+        losses = []
+        for critic, e, (x, acts, c) in zip(self.critics, critic_embeddings,
+                                           self._critic_inputs(batch, actions, centre, summaries)):
+            with torch.no_grad():
+                features = critic.head.state_features(e, x, FIRST)
+            q = critic.head(features, acts, c)[0]
+            losses.append(-q.mean() / q.detach().abs().mean().clamp_min(1e-6))
+        loss = torch.stack(losses).sum()
+        if self.cfg.algo.proximal > 0:
+            loss = loss + self.cfg.algo.proximal * sum(((actions[i] - batch.actions[i]) ** 2).sum(1).mean()
+                                                       for i in self.learning)
+        return loss
+
+    # --- what the diagnostics read (unexrl/rl/diagnostics.py) -------------------------------------------------
+    @torch.no_grad()
+    def q_values(self, batch: Batch) -> Tensor:
+        """[B] Q_1 of the logged actions (independent DDPG: the first learning stage's critic)."""
+        kjt = sparse_features(batch.tau)
+        actions, summaries = self.greedy_actions(batch, kjt)
+        critic = self.critics[0]
+        x, logged, centre = self._critic_inputs(batch, batch.actions, actions, summaries)[0]
+        return critic.head(critic.head.state_features(critic.encoder(kjt), x, FIRST), logged, centre)[0]
+
+    def action_gradient(self, batch: Batch) -> Tensor:
+        """[B, sum d_i] dQ_1/da at the actors' own actions (each stage acting on the candidates its upstream actors
+        selected, as at serving); NaN on the weights no critic reads (independent DDPG's fixed stages)."""
+        kjt = sparse_features(batch.tau)
+        actions, summaries = self.greedy_actions(batch, kjt)
+        actions = [x.detach().requires_grad_(True) for x in actions]
+        centre = [x.detach() for x in actions]
+        total = torch.zeros(())
+        for critic, (x, acts, c) in zip(self.critics, self._critic_inputs(batch, actions, centre, summaries)):
+            with torch.no_grad():
+                features = critic.head.state_features(critic.encoder(kjt), x, FIRST)
+            total = total + critic.head(features, acts, c)[0].sum()
+        grads = torch.autograd.grad(total, actions, allow_unused=True)
+        return torch.cat([g if g is not None else torch.full_like(x, float("nan")) for g, x in zip(grads, actions)], 1)
+
+    @torch.no_grad()
+    def greedy_actions(self, batch: Batch, kjt: KeyedJaggedTensor) -> tuple[list[Tensor], list[Tensor]]:
+        """The actors' actions as they act at serving (CIC, whatever the algorithm trains on) and the views' summaries."""
+        _, actions, summaries = cascade_with_actors(batch.tau, self.actors.embed(kjt), self.keep, self.actors,
+                                                    stop_gradient=True, first_summary=batch.first_summary)
+        return actions, summaries
+
+    # --- what the critics read -------------------------------------------------------------------------------
+    def _critic_inputs(self, batch: Batch, actions: Sequence[Tensor], centre: Sequence[Tensor],
+                       summaries: Sequence[Tensor]) -> list[tuple[Tensor, list[Tensor], list[Tensor]]]:
+        """(dense input, actions, centre) of each critic on tau_t: the global one reads [state, pool summary] and
+        a^{1:N}; stage critic i reads [state, summary of the view its actor acted on] and a^i."""
+        state = batch.tau.state
+        if self.global_critic:
+            return [(torch.cat([state, batch.first_summary], dim=1), list(actions), list(centre))]
+        return [(torch.cat([state, summaries[i]], dim=1), [actions[i]], [centre[i]]) for i in self.learning]
+
+    def _next_dense(self, batch: Batch) -> list[Tensor]:
+        """Each critic's dense input on tau_{t+n}; a stage critic reads the view the logged actions selected."""
+        state = batch.next_tau.state
+        if self.global_critic:
+            return [torch.cat([state, batch.next_first_summary], dim=1)]
+        views = run_cascade(batch.next_tau.predictions, self.keep, replay_actions(batch.next_actions)).views
+        return [torch.cat([state, batch.next_first_summary if i == 0 else candidate_summary(views[i].predictions)], dim=1)
+                for i in self.learning]
+
+    def _soft_update(self) -> None:
+        """target <- lerp(target, online, polyak) over the critics' dense heads (the targets own no tables)."""
+        targets = [p for target in self.target_critics for p in target.parameters()]
+        online = [p for q in self.critics for p in q.head.parameters()]
+        with torch.no_grad():
+            torch._foreach_lerp_(targets, online, self.cfg.algo.polyak)

@@ -12,38 +12,43 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from torch import Tensor, nn
-from torchrec import KeyedJaggedTensor
+import torch
+from torch import Tensor
 
 from unexrl.cascade import CascadeResult, StageView, run_cascade
+from unexrl.rl.networks import StageActors
 from unexrl.rl.observation import Tau1, candidate_summary
 
 
 def cascade_with_actors(
     tau: Tau1,
-    kjt: KeyedJaggedTensor,
+    embedding: Tensor,
     keep: Sequence[int],
-    actors: Sequence[nn.Module],
+    actors: StageActors,
     *,
     stop_gradient: bool,
     select_with: Sequence[Tensor] | None = None,
     perturb: Callable[[Tensor], Tensor] | None = None,
+    first_summary: Tensor | None = None,
 ) -> tuple[CascadeResult, list[Tensor], list[Tensor]]:
     """Run the cascade on ``tau`` with ``actors`` choosing each stage's action.
 
-    Returns the cascade, the actors' actions and each stage view's candidate summary (for the critic).
+    Returns the cascade, the actors' actions and each stage view's candidate summary.
 
+    embedding: the actors' embeddings of ``tau`` (``actors.embed``), computed once for every stage.
     stop_gradient: actor i sees sg(a^{<i}) (SG: no gradient path from downstream actors back into mu^i).
     select_with: None for CIC (the actors' actions select the candidates); logged actions for CTDE.
     perturb: applied to each action before use (exploration or target-policy smoothing).
+    first_summary: the whole pool's summary when already known (the replay buffer stores it).
     """
     actions: list[Tensor] = []
     summaries: list[Tensor] = []
 
     def act(view: StageView) -> Tensor:
         upstream = [a.detach() for a in actions] if stop_gradient else list(actions)
-        summaries.append(candidate_summary(view.predictions))
-        a = actors[view.stage](kjt, tau.state, summaries[-1], upstream)
+        known = first_summary is not None and view.stage == 0
+        summaries.append(first_summary if known else candidate_summary(view.predictions))
+        a = actors.act(view.stage, embedding, torch.cat([tau.state, summaries[-1]], dim=1), upstream)
         if perturb is not None:
             a = perturb(a)
         actions.append(a)

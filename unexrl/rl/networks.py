@@ -1,8 +1,15 @@
-"""Stage actors mu^i(tau^i) -> a^i and the global twin critic Q^g(tau^{1:N}, a^{1:N}).
+"""Stage actors mu^1..mu^N and the global twin critic Q^g, over TorchRec embeddings and standardised dense inputs.
 
-Sparse inputs (user id, recent items, recent categories) go through a TorchRec EmbeddingBagCollection; dense
-inputs through an MLP. Embeddings are read by key (``kt[key]``) in SPARSE_FEATURES order, never from
-``kt.values()``, whose key order differs between sharded and unsharded modules.
+Each role has one sparse encoder (a TorchRec EmbeddingBagCollection read by key, never through ``kt.values()``,
+whose key order differs once sharded), shared by everything in that role:
+- the actors' encoder embeds the user id, recent items and recent categories; every stage's head reads it;
+- the critic's encoder embeds recent items and categories only (no user id: a per-user row would memorise users'
+  returns, not learn how actions change them), and both twin critics read it.
+The target critic is a copy of the critic's dense head; it reads the online critic encoder's embeddings, detached.
+
+In one process an encoder is a FusedEmbeddingBagCollection: row-wise Adagrad applied inside backward to the rows a
+batch touched. Under torchrun it is a plain EmbeddingBagCollection that DMP shards with the same fused optimizer
+(unexrl/train/distributed.py), so both paths train the tables alike. Acting copies and exports hold plain ones.
 """
 
 from __future__ import annotations
@@ -13,70 +20,128 @@ import torch
 import torchrec
 from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+from torchrec.optim import RowWiseAdagrad
 
-from unexrl.rl.observation import SPARSE_FEATURES
-
+ACTOR_FEATURES = ("user_id", "recent_items", "recent_categories")
+"""sparse inputs of the actors, in the order their embeddings are concatenated"""
+CRITIC_FEATURES = ("recent_items", "recent_categories")
+"""sparse inputs of the critic (no user id)"""
 _TABLE_OF = {"user_id": "users", "recent_items": "items", "recent_categories": "categories"}
 
 
-def embedding_tables(prefix: str, n_users: int, n_items: int, n_categories: int, dim: int) -> list[EmbeddingBagConfig]:
-    """One table per sparse feature, named ``<prefix>_<table>`` so every network's tables are distinct."""
-    rows = {"users": n_users, "items": n_items, "categories": n_categories}
+def embedding_tables(prefix: str, features: Sequence[str], rows: dict[str, int], dim: int) -> list[EmbeddingBagConfig]:
+    """One table per feature, ``<prefix>_<table>``: sum-pooled user id, mean-pooled histories."""
     return [
         EmbeddingBagConfig(
             name=f"{prefix}_{_TABLE_OF[f]}", embedding_dim=dim, num_embeddings=rows[_TABLE_OF[f]], feature_names=[f],
-            pooling=torchrec.PoolingType.MEAN if f != "user_id" else torchrec.PoolingType.SUM,
+            pooling=torchrec.PoolingType.SUM if f == "user_id" else torchrec.PoolingType.MEAN,
         )
-        for f in SPARSE_FEATURES
+        for f in features
     ]
 
 
 class SparseEncoder(nn.Module):
-    """EmbeddingBagCollection over SPARSE_FEATURES -> [B, 3E] in a fixed key order."""
+    """An EmbeddingBagCollection over ``features`` -> [B, sum dims] in that fixed order.
 
-    def __init__(self, tables: list[EmbeddingBagConfig], device: torch.device | None = None) -> None:
+    ``fused_lr``: build a FusedEmbeddingBagCollection whose row-wise Adagrad steps inside backward (one process);
+    None: a plain collection (sharded by DMP under torchrun, or an acting copy / export that never trains).
+    """
+
+    def __init__(self, tables: list[EmbeddingBagConfig], fused_lr: float | None = None) -> None:
         super().__init__()
-        self.ebc = EmbeddingBagCollection(tables=tables, device=device or torch.device("cpu"))
+        self.features = tuple(f for t in tables for f in t.feature_names)
+        self.ebc: nn.Module = (
+            EmbeddingBagCollection(tables=tables) if fused_lr is None
+            else FusedEmbeddingBagCollection(tables=tables, optimizer_type=RowWiseAdagrad, optimizer_kwargs={"lr": fused_lr})
+        )
         self.out_dim = sum(t.embedding_dim for t in tables)
+
+    @property
+    def fused(self) -> bool:
+        return isinstance(self.ebc, FusedEmbeddingBagCollection)
 
     def forward(self, kjt: KeyedJaggedTensor) -> Tensor:
         kt = self.ebc(kjt)
-        return torch.cat([kt[f] for f in SPARSE_FEATURES], dim=1)
+        return torch.cat([kt[f] for f in self.features], dim=1)
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std per feature, with statistics fitted once on the first data (warm-up or logs) and then
+    frozen: part of the network's state, so a checkpoint or an export carries the scaling it was trained with."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor) -> None:
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0).clamp_min(1e-3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
 
 
 def mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
 
 
-class StageActor(nn.Module):
-    """mu^i: (sparse tau^1, session state, summary of stage i's candidates, upstream actions) -> a^i in bounds.
+class EnsembleLinear(nn.Module):
+    """K independent linear layers applied as one batched matmul: [K, B, n_in] -> [K, B, n_out]."""
 
-    The summary is :func:`unexrl.rl.observation.candidate_summary` of the stage's view. With ``initial`` (the
-    production weights, e.g. CEM's) the actor starts as that policy and moves at most ``radius`` from it per
-    dimension: RL personalises the fusion weights around what production runs, and a fresh actor is no worse.
+    def __init__(self, k: int, n_in: int, n_out: int) -> None:
+        super().__init__()
+        layers = [nn.Linear(n_in, n_out) for _ in range(k)]  # nn.Linear's initialisation, K times
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach().T for layer in layers]))
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach()[None] for layer in layers]))
+
+    def forward(self, x: Tensor, members: slice = slice(None)) -> Tensor:
+        return torch.baddbmm(self.bias[members], x, self.weight[members])
+
+
+class EnsembleMLP(nn.Module):
+    """K two-hidden-layer MLPs as batched matmuls; ``members`` evaluates a subset (e.g. only Q_1)."""
+
+    def __init__(self, k: int, n_in: int, hidden: int, n_out: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([EnsembleLinear(k, n_in, hidden), EnsembleLinear(k, hidden, hidden),
+                                     EnsembleLinear(k, hidden, n_out)])
+
+    def forward(self, x: Tensor, members: slice = slice(None)) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x if i == 0 else torch.relu(x), members)
+        return x
+
+
+def straight_through_clamp(x: Tensor, low: float, high: float) -> Tensor:
+    """clamp(x) forward, identity backward: an action held at the box's edge can still be pulled back inside."""
+    return x + (x.clamp(low, high) - x).detach()
+
+
+class StageHead(nn.Module):
+    """mu^i's dense part: (actor embeddings, standardised [state, stage-i candidate summary], upstream actions) -> a^i.
+
+        a^i = clamp(initial + radius * tanh(net(x)), box)
+
+    The last layer starts at zero, so an untrained actor is exactly the initial (production, e.g. CEM) weights,
+    with tanh's full slope there whatever those weights are; ``radius`` bounds how far it may personalise them.
     """
 
-    def __init__(
-        self, encoder: SparseEncoder, state_dim: int, action_dim: int, upstream_dim: int, hidden: int,
-        low: float, high: float, initial: Tensor | None = None, radius: float | None = None,
-    ) -> None:
+    def __init__(self, embedding_dim: int, dense_dim: int, action_dim: int, upstream_dim: int, hidden: int,
+                 low: float, high: float, initial: Tensor, radius: float) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.net = mlp(encoder.out_dim + state_dim + 3 * action_dim + upstream_dim, hidden, action_dim)
-        lo, hi = torch.full((action_dim,), float(low)), torch.full((action_dim,), float(high))
-        if initial is not None and radius is not None:
-            lo, hi = (initial - radius).clamp_min(low), (initial + radius).clamp_max(high)
-        self.register_buffer("center", (hi + lo) / 2)
-        self.register_buffer("half_range", (hi - lo) / 2)
-        if initial is not None:
-            last = self.net[-1]
-            with torch.no_grad():
-                last.weight.mul_(0.01)
-                last.bias.copy_(torch.atanh(((initial - self.center) / self.half_range).clamp(-0.95, 0.95)))
+        self.dense = Standardize(dense_dim)
+        self.net = mlp(embedding_dim + dense_dim + upstream_dim, hidden, action_dim)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+        self.register_buffer("initial", initial.detach().clone().float())
+        self.radius, self.low, self.high = radius, low, high
 
-    def forward(self, kjt: KeyedJaggedTensor, state: Tensor, summary: Tensor, upstream: Sequence[Tensor]) -> Tensor:
-        x = torch.cat([self.encoder(kjt), state, summary, *upstream], dim=1)
-        return self.center + self.half_range * torch.tanh(self.net(x))
+    def forward(self, embedding: Tensor, dense: Tensor, upstream: Sequence[Tensor]) -> Tensor:
+        x = torch.cat([embedding, self.dense(dense), *upstream], dim=1)
+        return straight_through_clamp(self.initial + self.radius * torch.tanh(self.net(x)), self.low, self.high)
 
 
 class FixedAction(nn.Module):
@@ -86,22 +151,61 @@ class FixedAction(nn.Module):
         super().__init__()
         self.register_buffer("weights", weights.detach().clone().float())
 
-    def forward(self, kjt: KeyedJaggedTensor, state: Tensor, summary: Tensor, upstream: Sequence[Tensor]) -> Tensor:
-        return self.weights.expand(state.shape[0], -1)
+    def forward(self, embedding: Tensor, dense: Tensor, upstream: Sequence[Tensor]) -> Tensor:
+        return self.weights.expand(dense.shape[0], -1)
 
 
-class Critic(nn.Module):
-    """Q(tau^{1:N}, a^{1:N}): sparse tau^1, session state, and for every stage its candidate summary and action."""
+class StageActors(nn.Module):
+    """mu^1..mu^N: one sparse encoder for every stage and a head per stage (StageHead or FixedAction)."""
 
-    def __init__(self, encoder: SparseEncoder, state_dim: int, action_dims: Sequence[int], hidden: int) -> None:
+    def __init__(self, encoder: SparseEncoder, heads: Sequence[nn.Module]) -> None:
         super().__init__()
         self.encoder = encoder
-        self.net = mlp(encoder.out_dim + state_dim + sum(4 * d for d in action_dims), hidden, 1)
+        self.heads = nn.ModuleList(heads)
 
-    def forward(self, kjt: KeyedJaggedTensor, state: Tensor, summaries: Sequence[Tensor],
-                actions: Sequence[Tensor]) -> Tensor:
-        parts = [self.encoder(kjt), state]
-        for summary, a in zip(summaries, actions):
-            parts += [summary, a]
-        return self.net(torch.cat(parts, dim=1)).squeeze(1)
+    def embed(self, kjt: KeyedJaggedTensor) -> Tensor:
+        """[B, E] actor embeddings of a batch of tau^1 (``unexrl.rl.observation.sparse_features``)."""
+        return self.encoder(kjt)
 
+    def act(self, stage: int, embedding: Tensor, dense: Tensor, upstream: Sequence[Tensor]) -> Tensor:
+        return self.heads[stage](embedding, dense, upstream)
+
+
+class CriticHead(nn.Module):
+    """K critics centred on the current policy, evaluated as one ensemble:
+
+        Q_k(tau^1, a) = V_k(s) + g_k(s) . delta - 1/2 sum_j softplus(h_k(s))_j delta_j^2,   delta = (a - mu(s)) / sigma
+
+    s: the critic's embeddings and its standardised dense input (session state, activity group, pool summary); a:
+    the concatenated actions a^1 | ... | a^N; mu(s): the current actors' own actions there (through CIC); sigma: the
+    actions' spread in the first data. This is the deterministic policy gradient's compatible critic (Silver et al.
+    2014) with a concave curvature term: dQ/da at the policy's action is exactly g(s)/sigma, learned from how the
+    returns of nearby actions differ, per state; a ReLU network over (s, a) instead extrapolates its slope linearly
+    past its data, so its gradient does not turn when the policy passes an optimum (docs/results.md). V(s) is the
+    value of acting as the policy does, Q(s, mu(s)); the curvature only absorbs actions far from mu in the data.
+    Downstream observations tau^{2:N} are functions of (tau^1, a^{1:N}) (the CIC theorem), so Q reads the actions.
+    """
+
+    def __init__(self, embedding_dim: int, dense_dim: int, action_dim: int, hidden: int, k: int) -> None:
+        super().__init__()
+        self.k, self.action_dim = k, action_dim
+        self.dense = Standardize(dense_dim)
+        self.actions = Standardize(action_dim)
+        self.net = EnsembleMLP(k, embedding_dim + dense_dim, hidden, 1 + 2 * action_dim)
+
+    def state_features(self, embedding: Tensor, dense: Tensor, members: slice = slice(None)) -> Tensor:
+        """[K, B, 1 + 2D]: V_k(s), g_k(s), h_k(s), computed once per state and shared by every action evaluated."""
+        x = torch.cat([embedding, self.dense(dense)], dim=1)
+        return self.net(x.expand(len(range(self.k)[members]), -1, -1), members)
+
+    @staticmethod
+    def value(state_features: Tensor) -> Tensor:
+        """[K, B] V_k(s) = Q_k(s, mu(s))."""
+        return state_features[..., 0]
+
+    def forward(self, state_features: Tensor, actions: Sequence[Tensor], centre: Sequence[Tensor]) -> Tensor:
+        """[K, B] Q values of ``actions`` around the policy's actions ``centre`` (both lists of a^i)."""
+        delta = (torch.cat(list(actions), dim=1) - torch.cat(list(centre), dim=1)) / self.actions.std
+        d = self.action_dim
+        slope, curvature = state_features[..., 1 : 1 + d], nn.functional.softplus(state_features[..., 1 + d :])
+        return state_features[..., 0] + (slope * delta).sum(-1) - 0.5 * (curvature * delta.square()).sum(-1)

@@ -47,9 +47,19 @@ class Tau1:
     def to(self, device: torch.device | str) -> Tau1:
         return Tau1(**{f.name: _move(getattr(self, f.name), device) for f in fields(self)})
 
+    def cat(self, other: Tau1) -> Tau1:
+        """This batch followed by ``other``: one encoder pass embeds both (e.g. tau_t and tau_{t+1})."""
+        return Tau1(**{f.name: _cat(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+
 
 def _take(value: Tensor | tuple[Tensor, ...], idx: Tensor) -> Tensor | tuple[Tensor, ...]:
     return tuple(v[idx] for v in value) if isinstance(value, tuple) else value[idx]
+
+
+def _cat(a: Tensor | tuple[Tensor, ...], b: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+    if isinstance(a, tuple):
+        return tuple(torch.cat([x, y]) for x, y in zip(a, b))  # type: ignore[arg-type]
+    return torch.cat([a, b])  # type: ignore[list-item]
 
 
 def _move(value: Tensor | tuple[Tensor, ...], device: torch.device | str) -> Tensor | tuple[Tensor, ...]:
@@ -113,5 +123,6 @@ def candidate_summary(predictions: Tensor) -> Tensor:
 
     Computed once per stage view and shared by the actor and every critic that reads that view.
     """
-    std, mean = torch.std_mean(predictions, dim=1, correction=0)
+    mean = predictions.mean(1)
+    std = (predictions - mean.unsqueeze(1)).square().mean(1).sqrt()  # ~6x faster than std_mean at these shapes
     return torch.cat([mean, std, predictions.amax(1)], dim=1)

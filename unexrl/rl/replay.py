@@ -17,8 +17,8 @@ from torch import Tensor
 
 from unexrl.config import Config
 from unexrl.data.reader import LoggedData, cascade_inputs, list_matrix
-from unexrl.rl.cqr import cqr_transform, duration_bucket
-from unexrl.rl.observation import Tau1, session_state, tau1_from_observation
+from unexrl.rl.cqr import duration_bucket, training_reward
+from unexrl.rl.observation import Tau1, candidate_summary, session_state, tau1_from_observation
 from unexrl.sim.env import Step
 from unexrl.sim.world import World
 
@@ -35,6 +35,20 @@ class Batch:
     next_tau: Tau1
     next_actions: tuple[Tensor, ...]
     """the next request's logged actions (CTDE's downstream observations); arbitrary where done"""
+    first_summary: Tensor
+    """[B, 3 d_1] the whole pool's candidate summary of tau (stage 1's view, which no action changes)"""
+    next_first_summary: Tensor
+    """[B, 3 d_1] the same for next_tau"""
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch on ``device`` (the replay buffer lives in host memory)."""
+        if device.type == "cpu":
+            return self
+        move = lambda x: x.to(device)
+        return Batch(tau=self.tau.to(device), actions=tuple(map(move, self.actions)), reward=move(self.reward),
+                     done=move(self.done), next_tau=self.next_tau.to(device),
+                     next_actions=tuple(map(move, self.next_actions)), first_summary=move(self.first_summary),
+                     next_first_summary=move(self.next_first_summary))
 
 
 class ReplayBuffer:
@@ -51,12 +65,15 @@ class ReplayBuffer:
         self.history_items = torch.zeros(capacity, w, dtype=torch.long)
         self.history_categories = torch.zeros(capacity, w, dtype=torch.long)
         self.predictions = [torch.zeros(capacity, c.pool_size, d, dtype=torch.float16) for d in c.action_dims]
+        self.first_summary = torch.zeros(capacity, 3 * c.action_dims[0])
         self.actions = [torch.zeros(capacity, d) for d in c.action_dims]
         self.watch_time = torch.zeros(capacity, c.page_size)
         self.viewed = torch.zeros(capacity, c.page_size, dtype=torch.bool)
         self.item_group = torch.zeros(capacity, c.page_size, dtype=torch.long)
         self.done = torch.zeros(capacity, dtype=torch.bool)
         self.next_index = torch.zeros(capacity, dtype=torch.long)
+        self.rewards = torch.zeros(capacity)
+        """each row's training reward, kept current with the knots (sampling reads it n times per transition)"""
         self.size = 0
         self._cursor = 0
         self.cqr_knots: Tensor | None = None
@@ -66,12 +83,14 @@ class ReplayBuffer:
         cfg = self.cfg
         n_groups = len(cfg.world.user_types)
         rows = [torch.nonzero(s.active, as_tuple=True)[0] for s in steps]
-        # position of (step t, batch row b) among the rows added, to link a transition to its next request
+        # position of (step t, session row b as the rollout started) among the rows added: links a transition to its
+        # next request (the rollout drops finished sessions, so batch positions move between steps; Observation.row not)
         position = torch.full((len(steps) + 1, steps[0].active.shape[0]), -1, dtype=torch.long)
+        started = [s.obs.row[r].cpu() for s, r in zip(steps, rows)]
         offset = 0
-        for t, r in enumerate(rows):
-            position[t, r.cpu()] = offset + torch.arange(len(r))
-            offset += len(r)
+        for t, b in enumerate(started):
+            position[t, b] = offset + torch.arange(len(b))
+            offset += len(b)
         fields: dict[str, list[Tensor]] = {}
         next_row = []
         for t, (s, r) in enumerate(zip(steps, rows)):
@@ -87,7 +106,7 @@ class ReplayBuffer:
                 *((f"actions{i}", a[r].detach()) for i, a in enumerate(s.cascade.actions)),
             ):
                 fields.setdefault(name, []).append(value.cpu())
-            here, after = position[t, r.cpu()], position[t + 1, r.cpu()]
+            here, after = position[t, started[t]], position[t + 1, started[t]]
             next_row.append(torch.where(s.done[r].cpu() | (after < 0), here, after))
         return self._append({k: torch.cat(v) for k, v in fields.items()}, torch.cat(next_row))
 
@@ -137,47 +156,79 @@ class ReplayBuffer:
         for name, value in fields.items():
             if name.startswith("predictions"):
                 self.predictions[int(name.removeprefix("predictions"))][slots] = value.half()
+                if name == "predictions0":  # from the stored (float16) values, as sampling will see them
+                    self.first_summary[slots] = candidate_summary(value.half().float())
             elif name.startswith("actions"):
                 self.actions[int(name.removeprefix("actions"))][slots] = value.float()
             else:
                 getattr(self, name)[slots] = value.to(getattr(self, name).dtype)
         self.next_index[slots] = slots[next_row]
+        self.rewards[slots] = self._training_reward(slots)
         self._cursor = (self._cursor + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
         return n
 
-    def viewed_items(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(watch time, user group, item group) of every viewed item stored: what CQR's knots are fitted on."""
+    def set_knots(self, knots: Tensor | None) -> None:
+        """Train on CQR with ``knots`` from now on (None: raw watch time); every stored reward is rescaled."""
+        self.cqr_knots = knots
+        self.rewards[: self.size] = self._training_reward(torch.arange(self.size))
+
+    def cqr_samples(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(watch time, user group, item group) of every unit stored, what CQR's knots are fitted on: every
+        request's page watch time (``features.cqr_unit=page``), or every viewed item's watch time (``item``)."""
         n = self.size
         viewed = self.viewed[:n]
+        if self.cfg.features.cqr_unit == "page":
+            group = self.activity_group[:n]
+            return (self.watch_time[:n] * viewed).sum(1), group, torch.zeros_like(group)
         groups = self.activity_group[:n, None].expand_as(viewed)
         return self.watch_time[:n][viewed], groups[viewed], self.item_group[:n][viewed]
 
     def reward(self, idx: Tensor) -> Tensor:
-        """Training reward of rows ``idx``: sum over viewed items of CQR(watch) when knots are set, else watch / median."""
-        watch, viewed = self.watch_time[idx], self.viewed[idx]
-        if self.cqr_knots is None:
-            return (watch * viewed).sum(1) / self.cfg.world.duration_median_s
-        groups = self.activity_group[idx, None].expand_as(watch)
-        return (cqr_transform(watch, groups, self.item_group[idx], self.cqr_knots) * viewed).sum(1)
+        """Training reward of rows ``idx`` (unexrl.rl.cqr.training_reward with this buffer's knots)."""
+        return self.rewards[idx]
+
+    def _training_reward(self, idx: Tensor) -> Tensor:
+        return training_reward(self.watch_time[idx], self.viewed[idx], self.activity_group[idx], self.item_group[idx],
+                               self.cqr_knots, self.cfg)
 
     def tau(self, idx: Tensor) -> Tau1:
+        rows = lambda x: x.index_select(0, idx)
         return Tau1(
-            user=self.user[idx], activity_group=self.activity_group[idx], state=self.state[idx],
-            history_items=self.history_items[idx], history_categories=self.history_categories[idx],
-            predictions=tuple(p[idx].float() for p in self.predictions),
+            user=rows(self.user), activity_group=rows(self.activity_group), state=rows(self.state),
+            history_items=rows(self.history_items), history_categories=rows(self.history_categories),
+            predictions=tuple(rows(p).float() for p in self.predictions),
         )
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        idx = torch.randint(0, self.size, (batch_size,), generator=generator)
-        nxt = self.next_index[idx]
+        """``batch_size`` transitions drawn uniformly with replacement."""
+        return self.batch(torch.randint(0, self.size, (batch_size,), generator=generator))
+
+    def batch(self, idx: Tensor) -> Batch:
+        """The transitions at rows ``idx``, each with the request ``algo.n_step`` ahead in its session.
+
+        reward: sum_{k<n} gamma^k r~_{t+k}, stopping at the session's end; done: the session ended within n;
+        next_*: the request n ahead (where the session ended: its last request, which done masks out).
+        """
+        gamma = self.cfg.algo.gamma
+        reward = torch.zeros(idx.shape[0])
+        alive = torch.ones(idx.shape[0])
+        row = idx
+        for k in range(self.cfg.algo.n_step):
+            reward += alive * gamma**k * self.rewards.index_select(0, row)
+            alive = alive * (~self.done.index_select(0, row)).float()
+            if k + 1 < self.cfg.algo.n_step:
+                row = torch.where(alive > 0, self.next_index.index_select(0, row), row)
+        nxt = self.next_index.index_select(0, row)
         return Batch(
             tau=self.tau(idx),
-            actions=tuple(a[idx] for a in self.actions),
-            reward=self.reward(idx),
-            done=self.done[idx].float(),
+            actions=tuple(a.index_select(0, idx) for a in self.actions),
+            reward=reward,
+            done=1.0 - alive,
             next_tau=self.tau(nxt),
-            next_actions=tuple(a[nxt] for a in self.actions),
+            next_actions=tuple(a.index_select(0, nxt) for a in self.actions),
+            first_summary=self.first_summary.index_select(0, idx),
+            next_first_summary=self.first_summary.index_select(0, nxt),
         )
 
 

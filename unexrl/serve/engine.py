@@ -264,7 +264,7 @@ class Recommender:
             step=torch.tensor([s.step]), budget=torch.zeros(1), items_watched=torch.tensor([float(s.items_watched)]),
             watch_time=torch.tensor([s.watch_time_s]), last_watch_fraction=torch.tensor([s.last_watch_fraction]),
             history_items=torch.tensor([[-1] * (window - len(history)) + history]),
-            alive=torch.ones(1, dtype=torch.bool),
+            alive=torch.ones(1, dtype=torch.bool), row=torch.zeros(1, dtype=torch.long),
         )
 
     def _observe_request(self, page: Page, result: CascadeResult, start: float, fetched: float, observed: float,

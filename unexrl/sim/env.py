@@ -6,7 +6,7 @@ whatever batch size simulates it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
@@ -49,6 +49,9 @@ class Observation:
     """per stage, [B, P, d_i] predictions for the whole pool"""
     oracle_type: Tensor
     """[B] hidden behaviour type: simulator-only, for oracle baselines; never logged or served"""
+    row: Tensor
+    """[B] each request's row in its batch as the rollout started (finished sessions are compacted away, so a
+    policy or consumer keyed by row reads this, not the position)"""
 
 
 class Policy(Protocol):
@@ -104,6 +107,7 @@ class Simulator:
             last_watch_fraction=torch.full((b,), 0.5, device=device),
             history_items=torch.full((b, self.cfg.session.history_window), -1, dtype=torch.long, device=device),
             alive=torch.ones(b, dtype=torch.bool, device=device),
+            row=torch.arange(b, device=device),
         )
 
     def observe(self, state: SessionBatch, pool: Tensor | None = None) -> Observation:
@@ -128,6 +132,7 @@ class Simulator:
             pool=pool,
             predictions=tuple(predictions),
             oracle_type=self.world.user_type[state.user],
+            row=state.row,
         )
 
     def step(self, state: SessionBatch, policy: Policy) -> Step:
@@ -183,3 +188,10 @@ class SessionBatch:
     last_watch_fraction: Tensor
     history_items: Tensor
     alive: Tensor
+    row: Tensor
+    """[B] each session's row in the batch as started (Observation.row)"""
+
+    def select(self, idx: Tensor) -> SessionBatch:
+        """The sessions at positions ``idx`` (a rollout drops finished ones; every draw is keyed by session and
+        step, not by position, so what the kept sessions see does not change)."""
+        return SessionBatch(seed=self.seed, **{f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "seed"})

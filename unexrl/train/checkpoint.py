@@ -73,9 +73,10 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Te
 class Checkpoints:
     """The checkpoints directory of one run."""
 
-    def __init__(self, root: Path, ctx: Context) -> None:
+    def __init__(self, root: Path, ctx: Context, read_only: bool = False) -> None:
+        """``read_only``: only restore (`unexrl diagnose`), never touch the directory of a run that may be going on."""
         self.root, self.ctx = Path(root), ctx
-        if ctx.is_main:
+        if ctx.is_main and not read_only:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".step-*.tmp"):  # left by a killed run
                 shutil.rmtree(stale, ignore_errors=True)

@@ -11,9 +11,9 @@ A plain process (no torchrun) trains alone: no process group, nothing sharded.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,10 +31,6 @@ from torchrec.optim.keyed import OptimizerWrapper
 from unexrl.rl.agent import CascadeAgent
 
 log = logging.getLogger(__name__)
-
-TARGET_PREFIX = "target_"
-"""The agent's target networks are ``target_<online name>`` (target_actors, target_critics)."""
-
 
 @dataclass(frozen=True)
 class Context:
@@ -141,25 +137,18 @@ class GradientAveraging(OptimizerWrapper):
 
 
 def sharding_plan(agent: CascadeAgent, ctx: Context) -> ShardingPlan:
-    """The planner's plan for every table, with each target table placed exactly like its online table.
-
-    The same placement makes the target soft update shard-local: target and online shards of a table hold the same
-    rows on the same rank. The plan is computed on rank 0 and shared, so every rank shards alike.
-    """
+    """The planner's plan for every table, computed on rank 0 and shared, so every rank shards alike. The target
+    critics own no tables (they read the online encoder's embeddings), so only the online tables are placed."""
     topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type,
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
-    plan = EmbeddingShardingPlanner(topology=topology).collective_plan(agent, [ModelParallelSharder()], dist.GroupMember.WORLD)
-    for path in plan.plan:
-        if path.startswith(TARGET_PREFIX):
-            plan.plan[path] = copy.deepcopy(plan.plan[path.removeprefix(TARGET_PREFIX)])
-    return plan
+    return EmbeddingShardingPlanner(topology=topology).collective_plan(agent, [ModelParallelSharder()], dist.GroupMember.WORLD)
 
 
 def describe(plan: ShardingPlan) -> dict[str, str]:
-    """``{table: "<sharding type> on ranks [..]"}`` for the online tables: what logs and manifests record."""
+    """``{table: "<sharding type> on ranks [..]"}``: what logs and manifests record."""
     return {
         table: f"{p.sharding_type} on ranks {p.ranks}"
-        for path, module_plan in sorted(plan.plan.items()) if not path.startswith(TARGET_PREFIX)
+        for _, module_plan in sorted(plan.plan.items())
         for table, p in module_plan.items()  # type: ignore[attr-defined]
     }
 
@@ -174,9 +163,8 @@ def shard(agent: CascadeAgent, ctx: Context, embedding_lr: float) -> tuple[Distr
     initial = agent.state_dict()
     for tensor in initial.values():
         dist.broadcast(tensor, 0)
-    for module in (*agent.actors, *agent.critics):
-        if hasattr(module, "encoder"):  # FixedAction stages have no tables
-            apply_optimizer_in_backward(RowWiseAdagrad, module.encoder.ebc.parameters(), {"lr": embedding_lr})
+    for encoder in (agent.actors.encoder, *(q.encoder for q in agent.critics)):
+        apply_optimizer_in_backward(RowWiseAdagrad, encoder.ebc.parameters(), {"lr": embedding_lr})
     plan = sharding_plan(agent, ctx)
     dmp = DistributedModelParallel(
         agent, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=ctx.device, plan=plan,
@@ -215,19 +203,20 @@ def full_state_dict(module: nn.Module, device: torch.device) -> dict[str, Tensor
 
 
 class ActingCopy:
-    """An unsharded replica of the actors for rollouts: collection on every rank, validation on rank 0.
+    """An unsharded, unfused replica of the actors for rollouts: collection on every rank, validation on rank 0.
 
     A rollout steps only this rank's sessions, which end at different times on different ranks, so it cannot drive
-    sharded tables (every sharded forward is a collective). The replica is refreshed from the online actors, a
-    collective, whenever they have changed since the last refresh; in one process that is a plain copy.
+    sharded tables (every sharded forward is a collective); nor can a copy share a fused table's kernel. The replica
+    is built plain (``build``) and refreshed from the online actors, a collective, whenever they have changed since
+    the last refresh; in one process that is a plain copy.
     """
 
-    def __init__(self, actors: nn.ModuleList, device: torch.device) -> None:
-        self.actors = copy.deepcopy(actors).requires_grad_(False)
+    def __init__(self, build: Callable[[], nn.Module], device: torch.device) -> None:
+        self.actors = build().to(device).requires_grad_(False)
         self.device = device
         self._version: int | None = None
 
-    def refresh(self, online: nn.ModuleList, version: int) -> nn.ModuleList:
+    def refresh(self, online: nn.Module, version: int) -> nn.Module:
         """The replica as of ``version`` (the update count); every rank calls it at the same versions."""
         if version != self._version:
             self.actors.load_state_dict(full_state_dict(online, self.device))

@@ -3,6 +3,7 @@
     <out>/checkpoints/               DCP checkpoints, the last two (unexrl/train/checkpoint.py)
     <out>/export/                    the actors train.select picks (default: the best validation point), for
                                      serving (unexrl/train/export.py)
+    <out>/config.json                the resolved config the run trains with (rank 0, first)
     <out>/curve.json                 the validation curve and a summary of the run (rank 0)
     <out>/probe_actions.safetensors  the final actors' actions on the probe batch, as the sharded model gave them
 
@@ -28,6 +29,7 @@ from unexrl.policies.artifact import ArtifactError, load_policy, read_manifest
 from unexrl.policies.cem import tune_cem
 from unexrl.rl.policy import ActorPolicy
 from unexrl.sim.env import Simulator
+from unexrl.train.diagnose import RUN_CONFIG
 from unexrl.train.distributed import Context, barrier, broadcast, destroy, full_state_dict, init
 from unexrl.train.export import export_actors, probe_actions, training_data
 from unexrl.train.loop import train
@@ -68,6 +70,9 @@ def _run(cfg: Config, out: Path, logs: Path | None, cem: Path | None, resume: bo
     if not resume and any((out / "checkpoints").glob("step-*")):
         raise FileExistsError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
                               "or choose another --out")
+    if ctx.is_main:  # what `unexrl diagnose` and a reader of the run need to know it was trained with
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / RUN_CONFIG, json.dumps(cfg.to_dict(), indent=1))
     sim = Simulator(cfg)
     weights, fixed_stages = _fixed_stage_weights(cfg, sim, cem, ctx)
     started = time.perf_counter()
@@ -93,8 +98,7 @@ def _run(cfg: Config, out: Path, logs: Path | None, cem: Path | None, resume: bo
             "resumed_from": result.resumed_from,
             "world_size": ctx.world_size,
             "seconds": round(seconds, 2),
-            "updates_per_s": round((result.agent.updates - (result.resumed_from or 0)) / result.update_seconds, 2)
-            if result.update_seconds else None,
+            **_throughput(result.agent.updates - (result.resumed_from or 0), result.seconds, seconds),
             "final_validation_watch_time": final,
             "selected_updates": selected_updates,
             "curve": result.curve,
@@ -115,6 +119,17 @@ def _run(cfg: Config, out: Path, logs: Path | None, cem: Path | None, resume: bo
                  cfg.algo.name, result.agent.updates, seconds, final, out / EXPORT)
     barrier(ctx)
     return out / EXPORT
+
+
+def _throughput(updates: int, parts: dict[str, float], total: float) -> dict[str, Any]:
+    """Updates per second inside the update step and over the whole run, and where the rest of the time went."""
+    inside = parts.get("update", 0.0)
+    return {
+        "updates_per_s": round(updates / inside, 2) if inside else None,
+        "run_updates_per_s": round(updates / total, 2) if total else None,
+        "seconds_by_part": {k: round(v, 2) for k, v in sorted(parts.items())},
+        "seconds_per_update_outside_update": round((total - inside) / updates, 5) if updates else None,
+    }
 
 
 def _quiet_libraries(record: logging.LogRecord) -> bool:

@@ -14,8 +14,11 @@ import copy
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,13 +30,15 @@ from unexrl.config import Config
 from unexrl.data import LoggedData, read_logs
 from unexrl.evaluate.rollout import rollout
 from unexrl.policies.weights import GaussianExploration, WeightPolicy
-from unexrl.rl.agent import CascadeAgent
-from unexrl.rl.cqr import fit_cqr_knots
+from unexrl.rl.agent import CascadeAgent, build_actors
+from unexrl.rl.cqr import fit_cqr_knots, n_item_groups
+from unexrl.rl.diagnostics import CriticDiagnostics, diagnose
+from unexrl.rl.networks import Standardize
 from unexrl.rl.policy import ActorPolicy
-from unexrl.rl.replay import Batch, ReplayBuffer
+from unexrl.rl.replay import ReplayBuffer
 from unexrl.sim.env import Policy, Simulator, Step
 from unexrl.train.checkpoint import Checkpoints, Progress
-from unexrl.train.distributed import ActingCopy, Context, average, describe, shard
+from unexrl.train.distributed import ActingCopy, Context, average, describe, full_state_dict, shard
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +46,61 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainResult:
     agent: CascadeAgent
-    curve: list[dict[str, float]] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)
     """validation watch time per session over updates (rank 0's; restored points included after a resume)"""
     transitions: int = 0
     resumed_from: int | None = None
     """update count of the checkpoint this run resumed from"""
     sharding: dict[str, str] = field(default_factory=dict)
     """distributed runs: where each online table lives"""
-    update_seconds: float = 0.0
-    """wall time inside the update steps of this run (each ends in a host sync, so it is the real cost)"""
-    best_actors: nn.ModuleList | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    """wall time of this run by part: update (inside the update steps; each ends in a host sync, so it is the
+    real cost), sample (drawing batches from the replay buffer), collect, validate, diagnose"""
+    best_actors: nn.Module | None = None
     """rank 0: an unsharded copy of the actors at the best validation score of this run (after a resume: of the
     points since the resume, as earlier points' actors are not kept); model selection on seeds.validation"""
     best_updates: int | None = None
     """the update count of ``best_actors``"""
     best_score: float | None = None
     """the validation watch time of ``best_actors``"""
+    knots: Tensor | None = None
+    """the CQR knots the run trained on (None without CQR)"""
 
-    def selected(self, select: str) -> tuple[nn.ModuleList | None, int]:
+    def selected(self, select: str) -> tuple[nn.Module | None, int]:
         """The actors ``train.select`` picks and their update count; None: the online (final) actors."""
         if select == "best_validation" and self.best_actors is not None and self.best_updates is not None:
             return self.best_actors, self.best_updates
         return None, self.agent.updates
+
+
+def _diagnose(agent: CascadeAgent, sim: Simulator, actors: nn.Module, knots: Tensor | None, ctx: Context,
+              rows: tuple[int, int, int], cem_weights: Tensor) -> CriticDiagnostics | None:
+    """Rank 0's critic diagnostics (unexrl/rl/diagnostics.py); every rank calls it. Sharded tables are assembled
+    whole first (a collective), so rank 0 scores an unsharded copy of the agent alone."""
+    if not ctx.distributed:
+        return diagnose(agent, sim, actors, knots)
+    state = full_state_dict(agent, ctx.device)
+    if not ctx.is_main:
+        return None
+    whole = CascadeAgent(agent.cfg, *rows, cem_weights.cpu()).to(ctx.device)
+    whole.load_state_dict(state)
+    whole.updates = agent.updates
+    return diagnose(whole, sim, actors, knots)
+
+
+class _Timer:
+    """``with timed("part"):`` adds the block's wall time to ``seconds["part"]``."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+
+    @contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - started
 
 
 def _collect(sim: Simulator, buffer: ReplayBuffer, policy: Policy, seed: int, sessions: Tensor) -> int:
@@ -71,21 +109,25 @@ def _collect(sim: Simulator, buffer: ReplayBuffer, policy: Policy, seed: int, se
     return buffer.add_steps(steps, sim.world)
 
 
-def validate(sim: Simulator, actors: nn.ModuleList, sessions: int) -> float:
+def validate(sim: Simulator, actors: nn.Module, sessions: int) -> float:
     """Mean session watch time of the greedy actors on the first validation seed."""
     out = rollout(sim, ActorPolicy(actors, sim.cfg, sim.world), sim.cfg.seeds.validation[0], sessions, sessions)
     return float(out.watch_time.mean())
 
 
-def on_device(batch: Batch, device: torch.device) -> Batch:
-    """The batch on the training device (the replay buffer lives in host memory)."""
-    if device.type == "cpu":
-        return batch
-    return Batch(
-        tau=batch.tau.to(device), actions=tuple(x.to(device) for x in batch.actions), reward=batch.reward.to(device),
-        done=batch.done.to(device), next_tau=batch.next_tau.to(device),
-        next_actions=tuple(x.to(device) for x in batch.next_actions),
-    )
+STANDARDIZE_ROWS = 20_000
+"""transitions the dense inputs' standardisation is fitted on (or the whole buffer, when smaller)"""
+
+
+def _fit_standardizers(agent: CascadeAgent, buffer: ReplayBuffer, generator: torch.Generator, ctx: Context) -> None:
+    """Fit the input standardisation on this rank's first data, average it over ranks (every rank then scales
+    alike) and copy it into the targets."""
+    agent.fit_standardizers(buffer.sample(min(buffer.size, STANDARDIZE_ROWS), generator).to(ctx.device))
+    for module in agent.modules():
+        if isinstance(module, Standardize):
+            module.mean.copy_(average(module.mean, ctx))
+            module.std.copy_(average(module.std, ctx))
+    agent.sync_targets()
 
 
 def _share(data: LoggedData, ctx: Context) -> LoggedData:
@@ -117,10 +159,13 @@ def train(
     w = sim.world
     seed = cfg.seeds.train[0]
     torch.manual_seed(seed)  # the same initial networks on every rank
-    agent = CascadeAgent(cfg, w.n_users, w.n_items, w.n_categories, cem_weights.cpu()).to(ctx.device)
-    acting = ActingCopy(agent.actors, ctx.device)
+    rows = (w.n_users, w.n_items, w.n_categories)
+    # one process: fused tables (row-wise Adagrad in backward); torchrun: plain tables that DMP shards and fuses
+    agent = CascadeAgent(cfg, *rows, cem_weights.cpu(), fused_lr=None if ctx.distributed else t.embedding_lr)
+    agent = agent.to(ctx.device)
+    acting = ActingCopy(lambda: build_actors(cfg, *rows, cem_weights.cpu()), ctx.device)
     result = TrainResult(agent=agent)
-    fused = None
+    fused = agent.fused_optimizer()
     if ctx.distributed:
         dmp, plan = shard(agent, ctx, t.embedding_lr)
         fused, result.sharding = dmp.fused_optimizer, describe(plan)
@@ -128,8 +173,7 @@ def train(
     generator = torch.Generator().manual_seed(seed + ctx.rank)
     knots = None
     if a.cqr:
-        knots = torch.zeros(len(cfg.world.user_types), len(cfg.features.duration_bucket_edges_s) + 1,
-                            cfg.features.cqr_knots)
+        knots = torch.zeros(len(cfg.world.user_types), n_item_groups(cfg), cfg.features.cqr_knots)
     checkpoints = Checkpoints(run_dir / "checkpoints", ctx) if run_dir is not None else None
     restored = checkpoints.restore(agent, fused, knots, generator) if checkpoints is not None and resume else None
     next_session = 0
@@ -149,6 +193,7 @@ def train(
         actors = acting.refresh(agent.actors, agent.updates)
         return ActorPolicy(actors, cfg, w, explore_std=a.exploration_std, seed=seed)
 
+    timed = _Timer(result.seconds)
     buffer = ReplayBuffer(cfg, t.buffer_size)
     if not online:
         buffer.add_logs(_share(read_logs(logs, cfg), ctx))  # type: ignore[arg-type]
@@ -156,32 +201,51 @@ def train(
         cem = WeightPolicy(cem_weights.to(w.item_category.device), cfg.cascade)
         warm = explore() if restored is not None else GaussianExploration(cem, a.exploration_std, seed=seed)
         chunk = t.sessions_per_collect * 4
-        for start in range(0, t.warmup_sessions, chunk):
-            _collect(sim, buffer, warm, seed, sessions(min(chunk, t.warmup_sessions - start)))
+        with timed("collect"):
+            for start in range(0, t.warmup_sessions, chunk):
+                _collect(sim, buffer, warm, seed, sessions(min(chunk, t.warmup_sessions - start)))
     if knots is not None and restored is None:  # knots fitted on training transitions only (rank mean: Vincentization)
-        watch, user_group, item_group = buffer.viewed_items()
+        watch, user_group, item_group = buffer.cqr_samples()
         knots.copy_(average(fit_cqr_knots(watch, user_group, item_group, *knots.shape), ctx))
-    buffer.cqr_knots = knots
+    buffer.set_knots(knots)
+    if restored is None:  # a resumed run keeps the standardisation it was trained with (it is in the checkpoint)
+        _fit_standardizers(agent, buffer, generator, ctx)
 
     bar = tqdm(total=t.updates, initial=agent.updates, desc=f"train {a.name}", disable=not (progress and ctx.is_main))
     while agent.updates < t.updates:
-        started = time.perf_counter()
-        stats = agent.update(on_device(buffer.sample(a.batch_size, generator), ctx.device))
-        result.update_seconds += time.perf_counter() - started
+        with timed("sample"):
+            batch = buffer.sample(a.batch_size, generator).to(ctx.device)
+        with timed("update"):
+            stats = agent.update(batch)
         bar.update(1)
         u = agent.updates
         if u % t.eval_every == 0 or u == t.updates:
-            actors = acting.refresh(agent.actors, u)
+            with timed("validate"):
+                actors = acting.refresh(agent.actors, u)
+                point: dict[str, Any] = {}
+                if ctx.is_main:
+                    score = validate(sim, actors, t.eval_sessions)
+                    if result.best_score is None or score > result.best_score:
+                        result.best_actors, result.best_updates, result.best_score = copy.deepcopy(actors), u, score
+                    point = {"updates": u, "validation_watch_time": score, **stats}
+                    bar.set_postfix(val=f"{score:.0f}s", q=f"{stats['q']:.2f}")
+            if cfg.diagnostics.during_training:
+                with timed("diagnose"):
+                    diagnostics = _diagnose(agent, sim, actors, knots, ctx, rows, cem_weights)
+                if diagnostics is not None:
+                    point["diagnostics"] = diagnostics.model_dump()
+                    bar.set_postfix(val=f"{point['validation_watch_time']:.0f}s",
+                                    cos=f"{diagnostics.gradient.cosine.mean:+.2f}",
+                                    bias=f"{diagnostics.calibration.relative_bias:+.0%}")
             if ctx.is_main:
-                score = validate(sim, actors, t.eval_sessions)
-                if result.best_score is None or score > result.best_score:
-                    result.best_actors, result.best_updates, result.best_score = copy.deepcopy(actors), u, score
-                result.curve.append({"updates": u, "validation_watch_time": score, **stats})
-                bar.set_postfix(val=f"{score:.0f}s", q=f"{stats['q']:.2f}")
+                result.curve.append(point)
         if online and u % t.updates_per_collect == 0 and u < t.updates:
-            _collect(sim, buffer, explore(), seed, sessions(t.sessions_per_collect))
+            with timed("collect"):
+                _collect(sim, buffer, explore(), seed, sessions(t.sessions_per_collect))
         if checkpoints is not None and (u % t.checkpoint_every == 0 or u == t.updates):
-            checkpoints.save(agent, fused, knots, Progress(u, next_session, result.curve, ctx.world_size), generator)
+            with timed("checkpoint"):
+                checkpoints.save(agent, fused, knots, Progress(u, next_session, result.curve, ctx.world_size), generator)
     bar.close()
+    result.knots = knots
     result.transitions = buffer.size
     return result

@@ -1,0 +1,266 @@
+"""Critic diagnostics against the simulator's truth, on fresh sessions of a validation seed.
+
+Two checks say whether a critic can guide its actors (spec: "how to check a critic"):
+
+- calibration: Q_1(tau_t, a_t) of logged transitions against the Monte-Carlo discounted training-reward return G_t
+  of the same transitions (relative bias of the means, correlation), overall and per activity group;
+- direction: per activity group, the mean critic gradient dQ/da at the behaviour policy's own actions against the
+  simulator's true gradient of mean session watch time with respect to that group's weights (unexrl/rl/truth.py):
+  cosine and sign agreement, per group and per stage.
+
+The same finite-difference rollouts give the true gradient of the discounted training return: its cosine with the
+watch-time gradient (``reward_alignment``) says whether the reward the critic learns points where watch time rises.
+Transitions use session ids from ``FRESH_SESSIONS`` and the finite differences from ``FD_SESSIONS`` of
+``seeds.validation[-1]``, apart from the validation curve's sessions (ids from 0); training and evaluation seeds
+are never used.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from unexrl.evaluate.rollout import rollout
+from unexrl.rl.agent import CascadeAgent
+from unexrl.rl.cqr import duration_bucket, training_reward
+from unexrl.rl.policy import ActorPolicy
+from unexrl.rl.replay import ReplayBuffer
+from unexrl.rl.truth import cosine, true_gradient
+from unexrl.sim.env import Simulator, Step
+
+FRESH_SESSIONS = 10_000_000
+"""first session id of the transitions the critic is scored on"""
+FD_SESSIONS = 20_000_000
+"""first session id of the finite-difference rollouts"""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PerGroup(_Model):
+    per_group: list[float]
+    """one value per activity group"""
+    mean: float
+    """mean over the groups"""
+
+    @staticmethod
+    def of(values: list[float]) -> PerGroup:
+        return PerGroup(per_group=values, mean=float(np.mean(values)))
+
+
+class GroupCalibration(_Model):
+    group: int
+    transitions: int
+    mean_q: float
+    mean_return: float
+    relative_bias: float
+    """(mean Q - mean G) / |mean G|"""
+    correlation: float
+
+
+class Calibration(_Model):
+    transitions: int
+    mean_q: float
+    mean_return: float
+    relative_bias: float
+    """(mean Q_1 - mean G) / |mean G| over all transitions"""
+    correlation: float
+    """Pearson correlation of Q_1 and G over all transitions"""
+    per_group: list[GroupCalibration]
+
+
+class GradientCheck(_Model):
+    cosine: PerGroup
+    """cosine of the mean critic gradient and the true watch-time gradient, per activity group"""
+    sign_agreement: PerGroup
+    """fraction of weights whose gradient sign the critic gets right, per activity group"""
+    stage_cosine: list[list[float]]
+    """[group][stage] cosine on each stage's weights"""
+    critic: list[list[float]]
+    """[group][weight] mean dQ/da (NaN where no critic reads that stage's action: independent DDPG)"""
+    truth: list[list[float]]
+    """[group][weight] true gradient, seconds of session watch time per unit weight"""
+    truth_split_half_cosine: list[float]
+    """[group] cosine of the truth estimated on each half of the sessions: how repeatable the truth is"""
+    cosine_training_return: PerGroup
+    """cosine of the critic's gradient and the true gradient of its own target, the discounted training return
+    (equal to ``cosine`` when that return is watch time): low here means the critic is wrong; high here but low in
+    ``cosine`` means the reward misleads (see ``reward_alignment``)"""
+    sessions: int
+    """sessions per finite-difference rollout"""
+    delta: float
+
+
+class CriticDiagnostics(_Model):
+    """What `unexrl diagnose` prints and curve.json / results.json record (keys: ``calibration.relative_bias``,
+    ``calibration.correlation``, ``gradient.cosine``, ``gradient.sign_agreement``, ``reward_alignment``)."""
+
+    seed: int
+    """the validation seed the diagnostics ran on"""
+    updates: int
+    calibration: Calibration
+    gradient: GradientCheck
+    reward_alignment: PerGroup
+    """cosine of the true gradient of the discounted training return with the true watch-time gradient"""
+    seconds: float
+
+
+def _returns(reward: Tensor, done: Tensor, next_index: Tensor, gamma: float, horizon: int) -> Tensor:
+    """Monte-Carlo discounted returns along the buffer's next-request links (``horizon`` >= any session's length)."""
+    g = reward.clone()
+    for _ in range(horizon):
+        g = reward + gamma * (1.0 - done) * g[next_index]
+    return g
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1]) if len(a) > 1 and a.std() > 0 and b.std() > 0 else 0.0
+
+
+def _calibration(q: np.ndarray, g: np.ndarray, groups: np.ndarray, n_groups: int) -> Calibration:
+    def one(mask: np.ndarray) -> tuple[int, float, float, float, float]:
+        mq, mg = float(q[mask].mean()), float(g[mask].mean())
+        return int(mask.sum()), mq, mg, (mq - mg) / max(abs(mg), 1e-9), _correlation(q[mask], g[mask])
+
+    per_group = []
+    for k in range(n_groups):
+        mask = groups == k
+        if mask.any():
+            n, mq, mg, bias, corr = one(mask)
+            per_group.append(GroupCalibration(group=k, transitions=n, mean_q=mq, mean_return=mg, relative_bias=bias,
+                                              correlation=corr))
+    n, mq, mg, bias, corr = one(np.ones_like(groups, dtype=bool))
+    return Calibration(transitions=n, mean_q=mq, mean_return=mg, relative_bias=bias, correlation=corr,
+                       per_group=per_group)
+
+
+def _masked_cosine(critic: np.ndarray, truth: np.ndarray) -> float:
+    known = ~np.isnan(critic)
+    return cosine(critic[known], truth[known])
+
+
+def diagnose(agent: CascadeAgent, sim: Simulator, actors: nn.Module, knots: Tensor | None) -> CriticDiagnostics:
+    """Score ``agent``'s critic on fresh validation sessions of its behaviour policy (``actors``, an unsharded copy
+    of the agent's actors, with the training exploration noise) against the simulator's truth."""
+    started = time.perf_counter()
+    cfg, d = agent.cfg, agent.cfg.diagnostics
+    w = sim.world
+    seed = cfg.seeds.validation[-1]
+    n_groups = len(cfg.world.user_types)
+
+    steps: list[Step] = []
+    behaviour = ActorPolicy(actors, cfg, w, explore_std=cfg.algo.exploration_std, seed=seed)
+    ids = FRESH_SESSIONS + torch.arange(d.sessions)
+    rollout(sim, behaviour, seed, ids, min(d.sessions, cfg.evaluation.batch_size), on_step=steps.append)
+    buffer = ReplayBuffer(cfg, d.sessions * cfg.session.max_requests)
+    buffer.add_steps(steps, w)
+    buffer.set_knots(knots)
+    idx = torch.arange(buffer.size)
+    batch = buffer.batch(idx)
+    g = _returns(buffer.reward(idx), buffer.done[idx].float(), buffer.next_index[idx], cfg.algo.gamma,
+                 cfg.session.max_requests)
+    device = next(agent.parameters()).device
+    batch = batch.to(device)
+    q = agent.q_values(batch).cpu().numpy()
+    grad = agent.action_gradient(batch).cpu().numpy()
+    groups = batch.tau.activity_group.cpu().numpy()
+
+    def step_reward(step: Step) -> Tensor:
+        item_group = duration_bucket(w.item_duration[step.page_items], cfg.features.duration_bucket_edges_s)
+        r = training_reward(step.response.watch_time, step.response.viewed, step.obs.activity_group, item_group,
+                            None if knots is None else knots.to(step.page_items.device), cfg)
+        return r * cfg.algo.gamma ** step.obs.step.float()
+
+    truth = true_gradient(sim, ActorPolicy(actors, cfg, w), seed, FD_SESSIONS + torch.arange(d.gradient_sessions),
+                          d.delta, d.batch_rows, training_reward=step_reward)
+    slices = [slice(sum(cfg.cascade.action_dims[:i]), sum(cfg.cascade.action_dims[: i + 1]))
+              for i in range(len(cfg.cascade.stages))]
+    critic = np.stack([grad[groups == k].mean(0) if (groups == k).any() else np.zeros(grad.shape[1])
+                       for k in range(n_groups)])
+    cos = [_masked_cosine(critic[k], truth.gradient[k]) for k in range(n_groups)]
+    signs = [float(np.mean(np.sign(critic[k][~np.isnan(critic[k])]) == np.sign(truth.gradient[k][~np.isnan(critic[k])])))
+             for k in range(n_groups)]
+    stage_cos = [[_masked_cosine(critic[k][s], truth.gradient[k][s]) if not np.isnan(critic[k][s]).all() else float("nan")
+                  for s in slices] for k in range(n_groups)]
+    assert truth.training_gradient is not None
+    alignment = [cosine(truth.training_gradient[k], truth.gradient[k]) for k in range(n_groups)]
+    own = [_masked_cosine(critic[k], truth.training_gradient[k]) for k in range(n_groups)]
+    return CriticDiagnostics(
+        seed=seed,
+        updates=agent.updates,
+        calibration=_calibration(q, g.numpy(), groups, n_groups),
+        gradient=GradientCheck(
+            cosine=PerGroup.of(cos), sign_agreement=PerGroup.of(signs), stage_cosine=stage_cos,
+            critic=critic.tolist(), truth=truth.gradient.tolist(),
+            truth_split_half_cosine=truth.split_half_cosine.tolist(), cosine_training_return=PerGroup.of(own),
+            sessions=truth.sessions, delta=truth.delta,
+        ),
+        reward_alignment=PerGroup.of(alignment),
+        seconds=round(time.perf_counter() - started, 1),
+    )
+
+
+def weight_names(cfg: Any) -> list[str]:
+    """``stage.head`` for every weight of the concatenated action."""
+    return [f"{s.name}.{h}" for s in cfg.cascade.stages for h in s.heads]
+
+
+def diagnostics_markdown(diag: CriticDiagnostics, group_names: list[str]) -> str:
+    """The diagnostics as a table a person reads: one row per activity group, then the overall line."""
+    c, gr = diag.calibration, diag.gradient
+    lines = [
+        (f"Critic diagnostics after {diag.updates} updates (validation seed {diag.seed}, {c.transitions} fresh "
+         f"transitions; truth from {gr.sessions} sessions per finite difference, +-{gr.delta})."),
+        "",
+        ("| group | transitions | mean Q | mean return | relative bias | correlation | gradient cosine | sign agreement "
+         "| stage cosines | truth repeatability | cosine vs training return | reward alignment |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, cal in enumerate(c.per_group):
+        stages = " / ".join("-" if np.isnan(x) else f"{x:+.2f}" for x in gr.stage_cosine[cal.group])
+        lines.append(
+            f"| {group_names[cal.group]} | {cal.transitions} | {cal.mean_q:.2f} | {cal.mean_return:.2f} "
+            f"| {cal.relative_bias:+.0%} | {cal.correlation:.2f} | {gr.cosine.per_group[cal.group]:+.2f} "
+            f"| {gr.sign_agreement.per_group[cal.group]:.2f} | {stages} | {gr.truth_split_half_cosine[cal.group]:.2f} "
+            f"| {gr.cosine_training_return.per_group[cal.group]:+.2f} | {diag.reward_alignment.per_group[cal.group]:+.2f} |"
+        )
+    lines.append(
+        f"| **all** | {c.transitions} | {c.mean_q:.2f} | {c.mean_return:.2f} | {c.relative_bias:+.0%} "
+        f"| {c.correlation:.2f} | {gr.cosine.mean:+.2f} | {gr.sign_agreement.mean:.2f} | | "
+        f"| {gr.cosine_training_return.mean:+.2f} | {diag.reward_alignment.mean:+.2f} |"
+    )
+    return "\n".join(lines)
+
+
+def plot_diagnostics(diag: CriticDiagnostics, names: list[str], group_names: list[str], path: Path) -> None:
+    """Per activity group: the critic's mean dQ/da against the true gradient, each scaled to unit length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(diag.gradient.truth)
+    fig, axes = plt.subplots(n, 1, figsize=(10, 2.6 * n), sharex=True)
+    x = np.arange(len(names))
+    for k, ax in enumerate(np.atleast_1d(axes)):
+        truth = np.asarray(diag.gradient.truth[k])
+        critic = np.nan_to_num(np.asarray(diag.gradient.critic[k]))
+        ax.bar(x - 0.2, truth / max(np.linalg.norm(truth), 1e-12), 0.4, label="simulator (true)")
+        ax.bar(x + 0.2, critic / max(np.linalg.norm(critic), 1e-12), 0.4, label="critic dQ/da")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_ylabel(group_names[k])
+        ax.set_title(f"{group_names[k]}: cosine {diag.gradient.cosine.per_group[k]:+.2f}", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.suptitle(f"Critic action gradient vs the simulator's truth ({diag.updates} updates)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
