@@ -160,6 +160,8 @@ def _run(cfg: Config, variant: str, k: int, agents: int | None, folder: Path) ->
     else:
         cem = _baseline(kcfg, sim, "cem", k, folder)
         vcfg = variant_config(kcfg, variant, agents)
+        # the final critic is diagnosed below; diagnoses at every validation point would double a run's cost
+        vcfg = vcfg.model_copy(update={"diagnostics": vcfg.diagnostics.model_copy(update={"during_training": False})})
         result = train(vcfg, cem.weights, sim, progress=False)
         # model selection on seeds.validation (train.select), as the export of `unexrl train` makes it
         selected, _ = result.selected(kcfg.train.select)
