@@ -48,6 +48,13 @@ def test_simulate_cem_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert read_logs(logs).transitions.num_rows == data.transitions.num_rows
 
 
+def test_evaluate_tunes_baselines_beside_the_artifacts(tmp_path: Path) -> None:
+    """`--baseline group-cem` puts the per-activity-group table beside CEM: one weight vector per group."""
+    assert main(["evaluate", *SMALL, *FAST, "--no-references", "--baseline", "cem", "--baseline", "group-cem",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    assert set(json.loads((tmp_path / "e.json").read_text())["policies"]) == {"cem", "group-cem"}
+
+
 def test_log_seed_must_be_a_training_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["simulate", *SMALL, *FAST, "--set", "logging.kind=random", "--seed", "3000", "--out", str(tmp_path / "l")])
     assert code == 2

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from unexrl.config import ALGOS, ConfigError, load_config
+from unexrl.config import ALGOS, BASELINES, ConfigError, load_config
 
 log = logging.getLogger("unexrl")
 
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Roll policies out on fresh sessions of the evaluation seeds (all policies see the same "
                        "sessions) and report watch time per session, session length and requests per session.")
     p.add_argument("--policy", action="append", default=[], metavar="NAME=DIR", help="a policy artifact to evaluate; repeatable")
+    p.add_argument("--baseline", action="append", default=[], choices=BASELINES, metavar="NAME",
+                   help=f"also tune this fixed-weight baseline on seeds.train and evaluate it; repeatable ({', '.join(BASELINES)})")
     p.add_argument("--no-references", action="store_true", help="skip the random and immediate-greedy reference policies")
     p.add_argument("--reference", default="cem", help="policy name that uplifts are computed against (default: cem)")
     p.add_argument("--seeds", default="evaluation", choices=["evaluation", "validation"], help="which seed set to roll out on")

@@ -17,7 +17,7 @@ from unexrl.features.bench import bench_features as _bench_features
 from unexrl.features.bench import format_bench as format_bench_features
 from unexrl.features.build import build_features
 from unexrl.policies.artifact import load_any_policy, load_policy, save_weight_policy
-from unexrl.policies.baselines import tune_baselines
+from unexrl.policies.baselines import tune_baseline, tune_baselines
 from unexrl.policies.cem import tune_cem
 from unexrl.policies.weights import RandomPolicy, WeightPolicy, greedy_weights
 from unexrl.sim.env import Policy, Simulator
@@ -72,6 +72,11 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--policy {item!r}: expected NAME=DIR")
         policies[name] = load_any_policy(Path(path), cfg, sim.world)
+    cem = None
+    for name in dict.fromkeys(args.baseline):  # e.g. --baseline cem --baseline group-cem: the table beside CEM
+        tuned = tune_baseline(name, sim, cem)
+        cem = tuned if name == "cem" else cem
+        policies[name] = tuned
     if not policies:
         raise ValueError("nothing to evaluate: give --policy NAME=DIR or drop --no-references")
     seeds = cfg.seeds.evaluation if args.seeds == "evaluation" else cfg.seeds.validation

@@ -259,6 +259,8 @@ class FeaturesConfig(_Strict):
 
 
 ALGOS = ("unexrl-cic", "unexrl-ctde", "td3", "ddpg", "independent-ddpg")
+BASELINES = ("cem", "group-cem", "oracle-group-cem-ranking", "oracle-group-cem-all", "popular-matching")
+"""the named fixed-weight baselines (unexrl/policies/baselines.py), in report order"""
 
 
 class AlgoConfig(_Strict):

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from unexrl.config import Config
+from unexrl.config import BASELINES, Config
 from unexrl.evaluate.rollout import rollout
 from unexrl.evaluate.stats import Estimate, bootstrap_mean, bootstrap_uplift
 from unexrl.io import atomic_write_text
-from unexrl.policies.baselines import BASELINES, tune_baseline
+from unexrl.policies.baselines import tune_baseline
 from unexrl.policies.weights import WeightPolicy
 from unexrl.rl.diagnostics import diagnose
 from unexrl.rl.policy import ActorPolicy

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from unexrl.config import CascadeConfig
+from unexrl.config import BASELINES, CascadeConfig
 from unexrl.policies.cem import tune_cem
 from unexrl.policies.weights import WeightPolicy, stage_slices
 from unexrl.sim.env import Simulator
@@ -41,8 +41,6 @@ def popular_matching_init(cascade: CascadeConfig, base: Tensor) -> Tensor:
     return out
 
 
-BASELINES = ("cem", "group-cem", "oracle-group-cem-ranking", "oracle-group-cem-all", "popular-matching")
-"""every named baseline, in report order; each but cem starts from CEM's weights"""
 _LABELS = {"oracle-group-cem-ranking": "oracle ranking-only", "oracle-group-cem-all": "oracle all-stages",
            "popular-matching": "popular matching"}
 """progress labels; a label also seeds its CEM's sampling, so these keep the documented baselines reproducible"""
