@@ -1,11 +1,16 @@
 """Run `unexrl_continuous_training` on this machine with kfp.local (what `make run` does).
 
-    python -m pipelines.local --config configs/default.yaml --out runs/default [--set key=value ...]
+    python -m pipelines.local --config configs/default.yaml --out runs/default [--set key=value ...] [--iterations N]
 
 Every task runs as a subprocess of this Python (SubprocessRunner, use_venv=False: no per-task installs), artifacts
 under <out>/kfp/. The GitOps repository is a bare git repository at <out>/manifests.git, seeded once from the
 project's k8s/ tree; the model registry is <out>/registry; the BentoML store is <out>/bentoml. Cluster settings
 (GPUs, node selectors, tolerations, PVCs) are ignored by kfp.local, with a warning.
+
+The continuous loop: the registry outlives a run, so the next run into the same <out> logs under the policy the last
+one deployed and evaluates its candidate against it. ``--iterations N`` runs that loop N times (iteration i logs on
+seeds.train[i mod len]) and writes <out>/iterations.json, .md and .png: the uplift of each iteration's candidate over
+its incumbent and over CEM.
 """
 
 import argparse
@@ -67,26 +72,73 @@ def locate(run: Path, seconds: float, repo: str, branch: str) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/default.yaml", help="config name (small, default) or YAML path")
-    parser.add_argument("--out", type=Path, default=Path("runs/pipeline"), help="run directory")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override passed to every step (the pipeline's config_overrides)")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
-                        help="a pipeline parameter, e.g. --param min_uplift_pct=2.0 (value parsed as JSON, else text)")
-    args = parser.parse_args(argv)
-    params: dict[str, Any] = {}
-    for item in args.param:
-        name, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--param {item!r}: expected NAME=VALUE")
-        try:
-            params[name] = json.loads(value)
-        except json.JSONDecodeError:
-            params[name] = value
-    result = run_local(args.config, args.out, args.overrides, **params)
-    (args.out / "pipeline.json").write_text(json.dumps(result, indent=2))
+def run_iterations(config: str, out: Path, iterations: int, overrides: list[str] | None = None,
+                   **params: Any) -> list[dict[str, Any]]:
+    """``iterations`` pipeline runs into ``out``, each logging under the last deployment; returns one row each."""
+    from unexrl.io import atomic_write_text
+    from unexrl.pipeline.steps import resolve_config
+
+    train_seeds = resolve_config(config, overrides or []).seeds.train
+    rows = []
+    for i in range(iterations):
+        result = run_local(config, out, overrides, **{"log_seed": train_seeds[i % len(train_seeds)], **params})
+        summary = json.loads(Path(result["evaluation"]).read_text())
+        rows.append({
+            "iteration": i + 1, "log_seed": train_seeds[i % len(train_seeds)], "seconds": result["seconds"],
+            "incumbent": "CEM (first release)" if summary["incumbent"]["first_release"]
+            else Path(summary["incumbent"]["artifact"]).name,
+            "uplift_vs_incumbent_pct": summary["uplift_vs_incumbent_pct"],
+            "uplift_vs_cem_pct": summary["uplift_vs_cem_pct"], "gate_passed": result["gate"]["passed"],
+            "model_version": result["bento"]["model_version"] if result["bento"] else None,
+            "bento": result["bento"]["bento_tag"] if result["bento"] else None,
+            "commit": result["deploy"]["commit"] if result["deploy"] else None, "run": result["run"],
+        })
+        _print(result)
+    atomic_write_text(Path(out) / "iterations.json", json.dumps(rows, indent=2))
+    atomic_write_text(Path(out) / "iterations.md", iterations_markdown(rows))
+    plot_iterations(rows, Path(out) / "iterations.png")
+    return rows
+
+
+def _pct(e: dict[str, float]) -> str:
+    return f"{e['mean']:+.1f}% [{e['low']:+.1f}, {e['high']:+.1f}]"
+
+
+def iterations_markdown(rows: list[dict[str, Any]]) -> str:
+    header = ["iteration", "log seed", "incumbent", "uplift vs incumbent", "uplift vs CEM", "gate", "released version",
+              "deploy commit", "minutes"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append(f"| {r['iteration']} | {r['log_seed']} | {r['incumbent']} | {_pct(r['uplift_vs_incumbent_pct'])} "
+                     f"| {_pct(r['uplift_vs_cem_pct'])} | {'pass' if r['gate_passed'] else 'refuse'} "
+                     f"| {r['model_version'] or '-'} | {(r['commit'] or '-')[:12]} | {r['seconds'] / 60:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_iterations(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = [r["iteration"] for r in rows]
+    for key, label in (("uplift_vs_cem_pct", "candidate vs CEM"), ("uplift_vs_incumbent_pct", "candidate vs incumbent")):
+        e = [r[key] for r in rows]
+        ax.errorbar(x, [v["mean"] for v in e], yerr=[[v["mean"] - v["low"] for v in e], [v["high"] - v["mean"] for v in e]],
+                    marker="o", capsize=3, label=label)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(x)
+    ax.set_xlabel("pipeline iteration (each logs under the last deployment)")
+    ax.set_ylabel("watch time / session uplift (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _print(result: dict[str, Any]) -> None:
     print(f"\npipeline finished in {result['seconds']} s (run {result['run']})")
     print(f"  report:  {result['report']}")
     print(f"  model:   {result['model']}")
@@ -97,6 +149,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  deploy:  commit {result['deploy']['commit']} on {result['deploy']['branch']} of {result['deploy']['repo']}")
     else:
         print("  bento:   none (gate refused)\n  deploy:  none (gate refused)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/default.yaml", help="config name (small, default) or YAML path")
+    parser.add_argument("--out", type=Path, default=Path("runs/pipeline"), help="run directory")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override passed to every step (the pipeline's config_overrides)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
+                        help="a pipeline parameter, e.g. --param min_uplift_pct=2.0 (value parsed as JSON, else text)")
+    parser.add_argument("--iterations", type=int, default=1, help="run the continuous loop this many times, each "
+                        "logging under the last deployment (default 1); writes <out>/iterations.md/.json/.png")
+    args = parser.parse_args(argv)
+    params: dict[str, Any] = {}
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--param {item!r}: expected NAME=VALUE")
+        try:
+            params[name] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name] = value
+    if args.iterations > 1:
+        rows = run_iterations(args.config, args.out, args.iterations, args.overrides, **params)
+        print(f"\n{args.iterations} iterations ({args.out / 'iterations.md'}):\n" + iterations_markdown(rows))
+        return 0
+    result = run_local(args.config, args.out, args.overrides, **params)
+    (args.out / "pipeline.json").write_text(json.dumps(result, indent=2))
+    _print(result)
     return 0
 
 

@@ -1,8 +1,9 @@
 """`unexrl bench train`: transitions/s of one update step, against references measured in the same run.
 
-- unexrl-cic: one UNEX-RL-CIC update with an actor step in every update (``policy_delay=1``: CIC with the target
-  actors for the critic target, the twin critics, every actor through CIC, the target update), on one fixed batch,
-  in one process with fused row-wise Adagrad tables, as `unexrl train` runs it;
+- unexrl-cic: one UNEX-RL-CIC update with an actor step in every update (``policy_delay=1``: the n-step target
+  from the target critics' state values, the twin centred critics around the CIC actions, every actor through CIC,
+  the target update), on one fixed batch, in one process with fused row-wise Adagrad tables, as `unexrl train`
+  runs it;
 - unexrl-ctde: the same networks and batch with the logged downstream observations: their ratio is CIC's cost;
 - raw EBC: forward + backward of a plain TorchRec EmbeddingBagCollection with the same three tables (users, items,
   categories) on the same batch's KeyedJaggedTensor, no optimizer step: the floor an embedding-bound step is held
