@@ -201,3 +201,26 @@ def test_prometheus_returns_data_for_every_dashboard_and_rule_expression(
         loaded = httpx.get(f"{url}/api/v1/rules").json()["data"]["groups"]
         assert sum(len(g["rules"]) for g in loaded) == sum(len(g["rules"]) for g in groups)
         assert all(r["health"] == "ok" for g in loaded for r in g["rules"]), loaded
+
+
+
+def test_bento_holds_the_project_sources_only(tmp_path: Path, actors: Path, cem_artifact: Path) -> None:
+    """make run keeps its BentoML store inside the build context (runs/<out>/bentoml): building there twice must
+    not copy the store, or the bentos already in it, into the new bento. Each build in its own process, as the
+    pipeline's package task runs it (BentoML reads BENTOML_HOME once, at import)."""
+    store = ROOT / "runs" / f".test-bento-store-{os.getpid()}"
+    store.mkdir(parents=True)
+    try:
+        for i, artifact in enumerate((cem_artifact, actors)):
+            code = ("import sys; from pathlib import Path; from unexrl.pipeline.release import package; "
+                    "package(Path(sys.argv[1]), Path(sys.argv[2]), bentoml_home=sys.argv[3])")
+            built = subprocess.run([sys.executable, "-c", code, str(artifact), str(tmp_path / f"b{i}"), str(store)],
+                                   cwd=ROOT, capture_output=True, text=True, check=False)
+            assert built.returncode == 0, built.stderr[-2000:]
+        bentos = sorted((store / "bentos" / "unexrl-serving").glob("*/src"))
+        assert len(bentos) == 2
+        for src in bentos:
+            # bentofile.yaml: BentoML writes the build file it used beside the sources
+            assert {p.name for p in src.iterdir()} == {"serving", "unexrl", "feature_repo", "pyproject.toml", "bentofile.yaml"}
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
