@@ -76,17 +76,20 @@ def run_iterations(config: str, out: Path, iterations: int, overrides: list[str]
                    **params: Any) -> list[dict[str, Any]]:
     """``iterations`` pipeline runs into ``out``, each logging under the last deployment; returns one row each."""
     from unexrl.io import atomic_write_text
+    from unexrl.pipeline import registry
     from unexrl.pipeline.steps import resolve_config
 
     train_seeds = resolve_config(config, overrides or []).seeds.train
+    registry_root = Path(params.get("registry", Path(out).resolve() / "registry"))
+    environment = params.get("environment", "staging")
     rows = []
     for i in range(iterations):
+        before = registry.deployed(registry_root, environment)  # the incumbent this iteration logs under
         result = run_local(config, out, overrides, **{"log_seed": train_seeds[i % len(train_seeds)], **params})
         summary = json.loads(Path(result["evaluation"]).read_text())
         rows.append({
             "iteration": i + 1, "log_seed": train_seeds[i % len(train_seeds)], "seconds": result["seconds"],
-            "incumbent": "CEM (first release)" if summary["incumbent"]["first_release"]
-            else Path(summary["incumbent"]["artifact"]).name,
+            "incumbent": before["model_version"] if before else "CEM (first release)",
             "uplift_vs_incumbent_pct": summary["uplift_vs_incumbent_pct"],
             "uplift_vs_cem_pct": summary["uplift_vs_cem_pct"], "gate_passed": result["gate"]["passed"],
             "model_version": result["bento"]["model_version"] if result["bento"] else None,
