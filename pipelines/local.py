@@ -97,9 +97,10 @@ def run_iterations(config: str, out: Path, iterations: int, overrides: list[str]
             "commit": result["deploy"]["commit"] if result["deploy"] else None, "run": result["run"],
         })
         _print(result)
-    atomic_write_text(Path(out) / "iterations.json", json.dumps(rows, indent=2))
-    atomic_write_text(Path(out) / "iterations.md", iterations_markdown(rows))
-    plot_iterations(rows, Path(out) / "iterations.png")
+        # after every iteration: a loop stopped by a failed run keeps the rows of the runs before it
+        atomic_write_text(Path(out) / "iterations.json", json.dumps(rows, indent=2))
+        atomic_write_text(Path(out) / "iterations.md", iterations_markdown(rows))
+        plot_iterations(rows, Path(out) / "iterations.png")
     return rows
 
 
