@@ -1,0 +1,37 @@
+"""Where one UNEX-RL-CIC update spends its time: torch.profiler over 50 updates at batch 256 on configs/default.yaml,
+with `unexrl bench train`'s setup (256 sessions of CEM + exploration, an actor step in every update), operators by
+self CPU time. The breakdown in docs/benchmarks.md comes from this script.
+
+    python benchmarks/cpu/profile_update.py
+"""
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from unexrl.config import load_config
+from unexrl.evaluate.rollout import rollout
+from unexrl.policies.weights import GaussianExploration, WeightPolicy
+from unexrl.rl.agent import CascadeAgent
+from unexrl.rl.replay import ReplayBuffer
+from unexrl.sim.env import Simulator
+
+torch.set_num_threads(2)
+cfg = load_config("configs/default.yaml")
+sim = Simulator(cfg)
+w = sim.world
+cem = torch.full((1, sum(cfg.cascade.action_dims)), 0.5)
+steps: list = []
+policy = GaussianExploration(WeightPolicy(cem, cfg.cascade), cfg.algo.exploration_std, seed=1)
+rollout(sim, policy, cfg.seeds.train[0], 256, 256, on_step=steps.append)
+buf = ReplayBuffer(cfg, 100_000)
+buf.add_steps(steps, w)
+g = torch.Generator().manual_seed(0)
+acfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"policy_delay": 1})})
+agent = CascadeAgent(acfg, w.n_users, w.n_items, w.n_categories, cem, fused_lr=cfg.train.embedding_lr)
+agent.fit_standardizers(buf.sample(4096, g))
+batch = buf.sample(256, g)
+for _ in range(20):
+    agent.update(batch)
+with profile(activities=[ProfilerActivity.CPU]) as p:
+    for _ in range(50):
+        agent.update(batch)
+print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
