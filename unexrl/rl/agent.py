@@ -185,7 +185,7 @@ class CascadeAgent(nn.Module):
         a = self.cfg.algo
         n = batch.reward.shape[0]
         actor_step = self.updates >= a.actor_start and (self.updates + 1) % (a.policy_delay if self.twin else 1) == 0
-        kjt = sparse_features(batch.tau.cat(batch.next_tau))  # one encoder pass per role embeds t and t+1
+        kjt = sparse_features(batch.tau, batch.next_tau)  # one encoder pass per role embeds t and t+1
         critic_embeddings = [q.encoder(kjt) for q in self.critics]
         with torch.set_grad_enabled(actor_step):
             actions, summaries = self.policy_actions(batch, self.actors.embed(kjt)[:n])

@@ -47,19 +47,9 @@ class Tau1:
     def to(self, device: torch.device | str) -> Tau1:
         return Tau1(**{f.name: _move(getattr(self, f.name), device) for f in fields(self)})
 
-    def cat(self, other: Tau1) -> Tau1:
-        """This batch followed by ``other``: one encoder pass embeds both (e.g. tau_t and tau_{t+1})."""
-        return Tau1(**{f.name: _cat(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
-
 
 def _take(value: Tensor | tuple[Tensor, ...], idx: Tensor) -> Tensor | tuple[Tensor, ...]:
     return tuple(v[idx] for v in value) if isinstance(value, tuple) else value[idx]
-
-
-def _cat(a: Tensor | tuple[Tensor, ...], b: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
-    if isinstance(a, tuple):
-        return tuple(torch.cat([x, y]) for x, y in zip(a, b))  # type: ignore[arg-type]
-    return torch.cat([a, b])  # type: ignore[list-item]
 
 
 def _move(value: Tensor | tuple[Tensor, ...], device: torch.device | str) -> Tensor | tuple[Tensor, ...]:
@@ -102,18 +92,22 @@ def tau1_from_observation(obs: Observation, world: World, max_requests: int, n_g
     )
 
 
-def sparse_features(tau: Tau1) -> KeyedJaggedTensor:
+def sparse_features(*taus: Tau1) -> KeyedJaggedTensor:
     """The KeyedJaggedTensor of SPARSE_FEATURES: one user id, and the variable-length recent history.
 
-    A negative user id (a user outside the trained id space, served cold by unexrl/serve) contributes no id,
-    so its user embedding pools to zero instead of reading another user's row.
+    Several batches give one KJT of their rows in order, so one encoder pass embeds e.g. tau_t and tau_{t+1}
+    (only the sparse fields are joined: the pool's predictions are the larger part of a Tau1 and no encoder reads
+    them). A negative user id (a user outside the trained id space, served cold by unexrl/serve) contributes no
+    id, so its user embedding pools to zero instead of reading another user's row.
     """
-    valid = tau.history_items >= 0
+    user, items, categories = (torch.cat([getattr(t, name) for t in taus])
+                               for name in ("user", "history_items", "history_categories"))
+    valid = items >= 0
     lengths = valid.sum(1)
-    known = tau.user >= 0
+    known = user >= 0
     return KeyedJaggedTensor.from_lengths_sync(
         keys=list(SPARSE_FEATURES),
-        values=torch.cat([tau.user[known], tau.history_items[valid], tau.history_categories[valid]]),
+        values=torch.cat([user[known], items[valid], categories[valid]]),
         lengths=torch.cat([known.long(), lengths, lengths]),
     )
 
