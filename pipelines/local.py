@@ -3,7 +3,9 @@
     python -m pipelines.local --config configs/default.yaml --out runs/default [--set key=value ...] [--iterations N]
 
 Every task runs as a subprocess of this Python (SubprocessRunner, use_venv=False: no per-task installs), artifacts
-under <out>/kfp/. The GitOps repository is a bare git repository at <out>/manifests.git, seeded once from the
+under <out>/kfp/. The terminal gets one line per task as it starts and finishes, a progress bar for training and a
+closing summary; kfp.local's own output (every task's log, its input and output dumps) goes to
+<out>/logs/pipeline-<time>.log (pipelines/console.py). The GitOps repository is a bare git repository at <out>/manifests.git, seeded once from the
 project's k8s/ tree; the model registry is <out>/registry; the BentoML store is <out>/bentoml. Cluster settings
 (GPUs, node selectors, tolerations, PVCs) are ignored by kfp.local, with a warning.
 
@@ -18,8 +20,11 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from pipelines.console import console
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,27 +49,37 @@ def run_local(config: str, out: Path, overrides: list[str] | None = None, **para
     params = {"registry": str(out / "registry"), "bentoml_home": str(out / "bentoml"), **params}
     root = out / "kfp"
     before = set(root.glob("*")) if root.is_dir() else set()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    log = out / "logs" / f"pipeline-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.log"
+    print(f"pipeline unexrl-continuous-training: config {config}, out {out}\n  kfp.local's log: {log}")
     started = time.perf_counter()
-    unexrl_continuous_training(config=config, config_overrides=list(overrides or []), **params)
+    with console(log):
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+        unexrl_continuous_training(config=config, config_overrides=list(overrides or []), **params)
     seconds = time.perf_counter() - started
     runs = sorted(set(root.glob("*")) - before)
     if len(runs) != 1:
         raise RuntimeError(f"expected one new run under {root}, found {runs}")
-    return locate(runs[0], seconds, params["gitops_repo"], params.get("gitops_branch", "main"))
+    return locate(runs[0], seconds, params["gitops_repo"], params.get("gitops_branch", "main")) | {"log": str(log)}
 
 
 def locate(run: Path, seconds: float, repo: str, branch: str) -> dict[str, Any]:
-    """Where a finished local run put its report, model, bento, decision and deploy commit (None when gated out)."""
+    """Where a finished local run put its report, model, bento, decision and deploy commit (None when gated out),
+    and the uplifts the gate read."""
     decision = json.loads((run / "gate" / "decision").read_text())
     deploy_out = run / "deploy" / "executor_output.json"
     commit = json.loads(deploy_out.read_text())["parameterValues"]["Output"] if deploy_out.is_file() else None
     bento = run / "package" / "bento" / "bento.json"
+    evaluation = run / "evaluate" / "evaluation"
+    summary = json.loads((evaluation / "summary.json").read_text())
     return {
         "run": str(run),
         "seconds": round(seconds, 1),
         "report": str(run / "evaluate" / "report"),
-        "evaluation": str(run / "evaluate" / "evaluation" / "summary.json"),
+        "evaluation": str(evaluation / "summary.json"),
+        "plot": str(evaluation / "evaluation.png"),
+        "incumbent": summary["incumbent"]["name"],
+        "uplift_vs_incumbent_pct": summary["uplift_vs_incumbent_pct"],
+        "uplift_vs_cem_pct": summary["uplift_vs_cem_pct"],
         "model": str(run / "train" / "model"),
         "gate": {"passed": decision["passed"], "reasons": decision["reasons"], "decision": str(run / "gate" / "decision")},
         "bento": json.loads(bento.read_text()) if bento.is_file() else None,
@@ -86,17 +101,16 @@ def run_iterations(config: str, out: Path, iterations: int, overrides: list[str]
     for i in range(iterations):
         before = registry.deployed(registry_root, environment)  # the incumbent this iteration logs under
         result = run_local(config, out, overrides, **{"log_seed": train_seeds[i % len(train_seeds)], **params})
-        summary = json.loads(Path(result["evaluation"]).read_text())
         rows.append({
             "iteration": i + 1, "log_seed": train_seeds[i % len(train_seeds)], "seconds": result["seconds"],
             "incumbent": before["model_version"] if before else "CEM (first release)",
-            "uplift_vs_incumbent_pct": summary["uplift_vs_incumbent_pct"],
-            "uplift_vs_cem_pct": summary["uplift_vs_cem_pct"], "gate_passed": result["gate"]["passed"],
+            "uplift_vs_incumbent_pct": result["uplift_vs_incumbent_pct"],
+            "uplift_vs_cem_pct": result["uplift_vs_cem_pct"], "gate_passed": result["gate"]["passed"],
             "model_version": result["bento"]["model_version"] if result["bento"] else None,
             "bento": result["bento"]["bento_tag"] if result["bento"] else None,
             "commit": result["deploy"]["commit"] if result["deploy"] else None, "run": result["run"],
         })
-        _print(result)
+        print("\n".join(summary_lines(result)))
         # after every iteration: a loop stopped by a failed run keeps the rows of the runs before it
         atomic_write_text(Path(out) / "iterations.json", json.dumps(rows, indent=2))
         atomic_write_text(Path(out) / "iterations.md", iterations_markdown(rows))
@@ -142,17 +156,21 @@ def plot_iterations(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _print(result: dict[str, Any]) -> None:
-    print(f"\npipeline finished in {result['seconds']} s (run {result['run']})")
-    print(f"  report:  {result['report']}")
-    print(f"  model:   {result['model']}")
-    print(f"  gate:    {'PASS' if result['gate']['passed'] else 'REFUSE ' + str(result['gate']['reasons'])}"
-          f" ({result['gate']['decision']})")
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The closing summary: uplift with its CI, the gate's decision and reasons, what was released, where to look."""
+    gate = result["gate"]
+    lines = [f"pipeline finished in {result['seconds']:.0f} s",
+             (f"  uplift vs {result['incumbent']}: {_pct(result['uplift_vs_incumbent_pct'])} watch time per session "
+              f"(vs CEM {_pct(result['uplift_vs_cem_pct'])}; 95% CIs)"),
+             f"  gate:    {'PASS' if gate['passed'] else 'REFUSE: ' + '; '.join(gate['reasons'])}  ({gate['decision']})"]
     if result["bento"]:
-        print(f"  bento:   {result['bento']['bento_tag']} (store {result['bento']['bentoml_home']})")
-        print(f"  deploy:  commit {result['deploy']['commit']} on {result['deploy']['branch']} of {result['deploy']['repo']}")
+        lines += [f"  bento:   {result['bento']['bento_tag']} (store {result['bento']['bentoml_home']})",
+                  (f"  deploy:  commit {result['deploy']['commit'][:12]} on {result['deploy']['branch']} of "
+                   f"{result['deploy']['repo']}")]
     else:
-        print("  bento:   none (gate refused)\n  deploy:  none (gate refused)")
+        lines += ["  bento:   none (gate refused)", "  deploy:  none (gate refused)"]
+    return lines + [f"  report:  {result['report']} (plot {result['plot']})", f"  model:   {result['model']}",
+                    f"  log:     {result['log']}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = run_local(args.config, args.out, args.overrides, **params)
     (args.out / "pipeline.json").write_text(json.dumps(result, indent=2))
-    _print(result)
+    print("\n".join(summary_lines(result)))
     return 0
 
 

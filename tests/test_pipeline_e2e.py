@@ -73,6 +73,8 @@ def test_pipeline_artifacts(passed_run: dict) -> None:
     assert {"candidate_watch_time_s", "uplift_vs_incumbent_pct_low", "latency_p99_ms"} <= set(logged)
     assert all(math.isfinite(v) for v in logged.values())
     assert Path(passed_run["report"]).read_text().startswith("# Candidate evaluation")
+    log = Path(passed_run["log"]).read_text()  # kfp.local's whole output, kept beside the run (pipelines/console.py)
+    assert "Executing task" in log and "finished with status" in log and "train unexrl-cic" in log
 
     # the export names the training set it was trained beside, by hash
     manifest = json.loads((Path(passed_run["model"]) / "manifest.json").read_text())

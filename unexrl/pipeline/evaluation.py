@@ -139,6 +139,15 @@ def report_markdown(summary: dict[str, Any], table: str) -> str:
              "", "## Candidate actions per stage", "",
              "| stage | requests | mean | std | min | max | non-finite | out of bounds |", "|---|---|---|---|---|---|---|---|"]
     for a in summary["actions"]:
-        lines.append(f"| {a['stage']} | {a['requests']} | {a['mean']} | {a['std']} | {a['min']} | {a['max']} "
-                     f"| {a['nonfinite']} | {a['out_of_bounds']} |")
+        lines.append(f"| {a['stage']} | {a['requests']:,} | {_weights(a['mean'])} | {_weights(a['std'])} "
+                     f"| {_weight(a['min'])} | {_weight(a['max'])} | {a['nonfinite']} | {a['out_of_bounds']} |")
     return "\n".join(lines) + "\n"
+
+
+def _weight(value: float | None) -> str:
+    """A stage weight to the 3 decimals an action's effect shows at (the summary keeps full precision)."""
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _weights(values: list[float]) -> str:
+    return ", ".join(map(_weight, values))
