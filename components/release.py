@@ -20,9 +20,17 @@ def resolve_incumbent(registry: str, environment: str, incumbent: Output[Model])
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def evaluate(config: str, overrides: list, evaluation_seeds: list, candidate: Input[Model], cem: Input[Model],
-             incumbent: Input[Model], evaluation: Output[Artifact], metrics: Output[Metrics],
-             report: Output[Markdown]):
+def evaluate(
+    config: str,
+    overrides: list,
+    evaluation_seeds: list,
+    candidate: Input[Model],
+    cem: Input[Model],
+    incumbent: Input[Model],
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+    report: Output[Markdown],
+):
     """Candidate vs incumbent and CEM on held-out seeds: long-term reward with 95% CIs, paired uplifts, per-stage
     action statistics, decision latency (``evaluation_seeds`` empty: the config's seeds.evaluation)."""
     from pathlib import Path
@@ -31,9 +39,14 @@ def evaluate(config: str, overrides: list, evaluation_seeds: list, candidate: In
     from unexrl.pipeline.evaluation import REPORT, evaluate_release
 
     inc = Path(incumbent.path)
-    summary = evaluate_release(steps.resolve_config(config, overrides), candidate=Path(candidate.path),
-                               cem=Path(cem.path), incumbent=inc if registry.is_artifact(inc) else None,
-                               out=Path(evaluation.path), seeds=[int(s) for s in evaluation_seeds])
+    summary = evaluate_release(
+        steps.resolve_config(config, overrides),
+        candidate=Path(candidate.path),
+        cem=Path(cem.path),
+        incumbent=inc if registry.is_artifact(inc) else None,
+        out=Path(evaluation.path),
+        seeds=[int(s) for s in evaluation_seeds],
+    )
     for name, result in summary["policies"].items():
         metrics.log_metric(f"{name}_watch_time_s", result["watch_time"]["mean"])
     for key in ("mean", "low", "high"):
@@ -44,8 +57,13 @@ def evaluate(config: str, overrides: list, evaluation_seeds: list, candidate: In
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def gate(evaluation: Input[Artifact], min_uplift_pct: float, latency_budget_ms: float,
-         decision: Output[Artifact], report: Output[Markdown]) -> bool:
+def gate(
+    evaluation: Input[Artifact],
+    min_uplift_pct: float,
+    latency_budget_ms: float,
+    decision: Output[Artifact],
+    report: Output[Markdown],
+) -> bool:
     """Pass only if uplift over the incumbent >= ``min_uplift_pct`` with the CI's lower bound > 0, every action
     finite and within bounds, and p99 decision latency <= ``latency_budget_ms``. The decision is recorded."""
     import json
@@ -54,8 +72,11 @@ def gate(evaluation: Input[Artifact], min_uplift_pct: float, latency_budget_ms: 
     from unexrl.pipeline.evaluation import SUMMARY
     from unexrl.pipeline.gate import decide, markdown
 
-    result = decide(json.loads((Path(evaluation.path) / SUMMARY).read_text()), min_uplift_pct=min_uplift_pct,
-                    latency_budget_ms=latency_budget_ms)
+    result = decide(
+        json.loads((Path(evaluation.path) / SUMMARY).read_text()),
+        min_uplift_pct=min_uplift_pct,
+        latency_budget_ms=latency_budget_ms,
+    )
     Path(decision.path).write_text(json.dumps(result, indent=2))
     decision.metadata.update({"passed": result["passed"], "reasons": result["reasons"]})
     Path(report.path).write_text(markdown(result))
@@ -73,8 +94,9 @@ def package(model: Input[Model], bentoml_home: str, bento: Output[Artifact]):
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def deploy(bento: Input[Artifact], model: Input[Model], repo: str, environment: str, branch: str,
-           registry: str) -> str:
+def deploy(
+    bento: Input[Artifact], model: Input[Model], repo: str, environment: str, branch: str, registry: str
+) -> str:
     """GitOps: commit the model version and image tag to the environment's overlay on ``branch`` of ``repo``
     (never the cluster API), then record the release in the model registry. Returns the commit sha."""
     import json
@@ -83,5 +105,6 @@ def deploy(bento: Input[Artifact], model: Input[Model], repo: str, environment: 
     from unexrl.pipeline import release
 
     info = json.loads((Path(bento.path) / release.BENTO_FILE).read_text())
-    return release.deploy(info, Path(model.path), repo=repo, environment=environment, branch=branch,
-                          registry_root=registry)["commit"]
+    return release.deploy(
+        info, Path(model.path), repo=repo, environment=environment, branch=branch, registry_root=registry
+    )["commit"]

@@ -23,7 +23,9 @@ from feast.types import Array, Float32, Int64
 
 from unexrl.features import schema as fs
 
-FEATURES_URI = os.environ.get("UNEXRL_FEATURES_URI", str(Path(__file__).resolve().parent / "data" / "features"))
+FEATURES_URI = os.environ.get(
+    "UNEXRL_FEATURES_URI", str(Path(__file__).resolve().parent / "data" / "features")
+)
 ENVIRONMENT = os.environ.get("UNEXRL_FEATURE_ENV", "local")
 SPARK_ENVIRONMENTS = frozenset({"production"})
 FEAST_TYPES = {"int64": Int64, "float32": Float32, "int64_list": Array(Int64), "float32_list": Array(Float32)}
@@ -38,8 +40,9 @@ def _batch_source(view: fs.ViewSpec) -> DataSource:
     if ENVIRONMENT in SPARK_ENVIRONMENTS:
         from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
 
-        return SparkSource(name=f"{view.name}_source", path=path, file_format="parquet",
-                           timestamp_field=fs.TIMESTAMP)
+        return SparkSource(
+            name=f"{view.name}_source", path=path, file_format="parquet", timestamp_field=fs.TIMESTAMP
+        )
     return FileSource(name=f"{view.name}_source", path=path, timestamp_field=fs.TIMESTAMP)
 
 
@@ -68,16 +71,21 @@ item_profile = _view(fs.ITEM_PROFILE, _batch_source(fs.ITEM_PROFILE), item)
 item_stats = _view(fs.ITEM_STATS, _batch_source(fs.ITEM_STATS), item)
 cqr_knots = _view(fs.CQR_KNOTS, _batch_source(fs.CQR_KNOTS), cqr_cell)
 
-_VIEWS = {v.name: v for v in (user_profile, user_behaviour, user_session, item_profile, item_stats, cqr_knots)}
+_VIEWS = {
+    v.name: v for v in (user_profile, user_behaviour, user_session, item_profile, item_stats, cqr_knots)
+}
 training = FeatureService(
-    name=fs.TRAINING_SERVICE, features=[_VIEWS[v.name] for v in fs.SERVICES[fs.TRAINING_SERVICE]],
+    name=fs.TRAINING_SERVICE,
+    features=[_VIEWS[v.name] for v in fs.SERVICES[fs.TRAINING_SERVICE]],
     description="point-in-time training sets: one row per logged request and shown item",
 )
 serving_user = FeatureService(
-    name=fs.USER_SERVING_SERVICE, features=[_VIEWS[v.name] for v in fs.SERVICES[fs.USER_SERVING_SERVICE]],
+    name=fs.USER_SERVING_SERVICE,
+    features=[_VIEWS[v.name] for v in fs.SERVICES[fs.USER_SERVING_SERVICE]],
     description="online: the requesting user",
 )
 serving_item = FeatureService(
-    name=fs.ITEM_SERVING_SERVICE, features=[_VIEWS[v.name] for v in fs.SERVICES[fs.ITEM_SERVING_SERVICE]],
+    name=fs.ITEM_SERVING_SERVICE,
+    features=[_VIEWS[v.name] for v in fs.SERVICES[fs.ITEM_SERVING_SERVICE]],
     description="online: the candidate items",
 )

@@ -23,8 +23,10 @@ from typing import TextIO
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '(?P<task>[^']+)'")
 _FINISH = re.compile(r"Task '(?P<task>[^']+)' finished with status (?P<status>\w+)")
-_PROGRESS = re.compile(r"train (?P<algo>[\w-]+):\s*\d+%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)"
-                       r"(?: \[(?P<inside>[^\]]*)\])?")
+_PROGRESS = re.compile(
+    r"train (?P<algo>[\w-]+):\s*\d+%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)"
+    r"(?: \[(?P<inside>[^\]]*)\])?"
+)
 """tqdm's bar: ``train unexrl-cic:  20%|##   | 1000/5000 [00:07<00:23, 170.74it/s, q=1.29, val=1183s]``"""
 TAIL_LINES = 40
 """how many of a failed task's last lines are shown on the terminal"""
@@ -87,7 +89,9 @@ class PipelineConsole(io.TextIOBase):
 
     def _progress(self, done: int, total: int, algo: str, postfix: str) -> None:
         filled = BAR_WIDTH * done // max(total, 1)
-        bar = f"    train {algo} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} updates  {postfix}"
+        bar = (
+            f"    train {algo} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} updates  {postfix}"
+        )
         if self.live:
             self.terminal.write("\r" + bar.ljust(100)[:100])
             self._bar_open = True

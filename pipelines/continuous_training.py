@@ -7,7 +7,6 @@ Compile (the checked-in YAML and manifests; tests/test_pipeline_compile.py fails
 Run locally with kfp.local: `make run` (pipelines/local.py).
 """
 
-
 import argparse
 import shutil
 from pathlib import Path
@@ -34,28 +33,60 @@ HERE = Path(__file__).resolve().parent
 PIPELINE_YAML = HERE / "unexrl_continuous_training.yaml"
 MANIFESTS_YAML = HERE / "manifests" / "unexrl_continuous_training.k8s.yaml"
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-DATA_MOUNT = "/data"  # where data_pvc is mounted in the train, deploy and incumbent tasks (a compile-time path)
+DATA_MOUNT = (
+    "/data"  # where data_pvc is mounted in the train, deploy and incumbent tasks (a compile-time path)
+)
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 
 
-def release_steps(*, config, config_overrides, evaluation_seeds, candidate, cem, incumbent, min_uplift_pct,
-                  latency_budget_ms, bentoml_home, gitops_repo, environment, gitops_branch, registry, data_pvc) -> None:
+def release_steps(
+    *,
+    config,
+    config_overrides,
+    evaluation_seeds,
+    candidate,
+    cem,
+    incumbent,
+    min_uplift_pct,
+    latency_budget_ms,
+    bentoml_home,
+    gitops_repo,
+    environment,
+    gitops_branch,
+    registry,
+    data_pvc,
+) -> None:
     """evaluate -> gate -> dsl.If(passed): package -> deploy, added to the pipeline being defined.
 
     One definition of the release wiring, shared with the sabotage test (tests/test_pipeline_e2e.py), which feeds
     it a deliberately bad candidate.
     """
-    evaluated = evaluate(config=config, overrides=config_overrides, evaluation_seeds=evaluation_seeds,
-                         candidate=candidate, cem=cem, incumbent=incumbent)
+    evaluated = evaluate(
+        config=config,
+        overrides=config_overrides,
+        evaluation_seeds=evaluation_seeds,
+        candidate=candidate,
+        cem=cem,
+        incumbent=incumbent,
+    )
     evaluated.set_display_name("evaluate vs incumbent and CEM")
-    decision = gate(evaluation=evaluated.outputs["evaluation"], min_uplift_pct=min_uplift_pct,
-                    latency_budget_ms=latency_budget_ms).set_display_name("gate")
+    decision = gate(
+        evaluation=evaluated.outputs["evaluation"],
+        min_uplift_pct=min_uplift_pct,
+        latency_budget_ms=latency_budget_ms,
+    ).set_display_name("gate")
     decision.set_caching_options(False)
 
     with dsl.If(decision.outputs["Output"] == True, name="gate-passed"):
         bento = package(model=candidate, bentoml_home=bentoml_home).set_display_name("package (BentoML)")
-        released = deploy(bento=bento.outputs["bento"], model=candidate, repo=gitops_repo, environment=environment,
-                          branch=gitops_branch, registry=registry)
+        released = deploy(
+            bento=bento.outputs["bento"],
+            model=candidate,
+            repo=gitops_repo,
+            environment=environment,
+            branch=gitops_branch,
+            registry=registry,
+        )
         released.set_display_name("deploy (GitOps commit)").set_caching_options(False)
         released.set_retry(num_retries=2, backoff_duration="30s")  # git push races / network
         kubernetes.mount_pvc(released, pvc_name=data_pvc, mount_path=DATA_MOUNT)
@@ -64,7 +95,7 @@ def release_steps(*, config, config_overrides, evaluation_seeds, candidate, cem,
 @dsl.pipeline(
     name="unexrl-continuous-training",
     description="UNEX-RL continuous training: logs -> Feast features -> point-in-time training set -> distributed "
-                "TorchRec training -> evaluation vs incumbent and CEM -> gate -> BentoML package -> GitOps deploy.",
+    "TorchRec training -> evaluation vs incumbent and CEM -> gate -> BentoML package -> GitOps deploy.",
 )
 def unexrl_continuous_training(
     config: str = "default",
@@ -121,37 +152,74 @@ def unexrl_continuous_training(
     incumbent = resolve_incumbent(registry=registry, environment=environment).set_caching_options(False)
     incumbent.set_display_name("resolve incumbent")
 
-    sim = simulate_logs(config=config, overrides=config_overrides, log_seed=log_seed, logs_uri=logs_uri,
-                        incumbent=incumbent.outputs["incumbent"])
+    sim = simulate_logs(
+        config=config,
+        overrides=config_overrides,
+        log_seed=log_seed,
+        logs_uri=logs_uri,
+        incumbent=incumbent.outputs["incumbent"],
+    )
     sim.set_display_name("simulate logs").set_retry(num_retries=2, backoff_duration="30s")
-    logs = ingest_logs(config=config, overrides=config_overrides, logs_uri=logs_uri,
-                       simulated=sim.outputs["logs"]).set_display_name("ingest + validate logs")
+    logs = ingest_logs(
+        config=config, overrides=config_overrides, logs_uri=logs_uri, simulated=sim.outputs["logs"]
+    ).set_display_name("ingest + validate logs")
     logs.set_retry(num_retries=2, backoff_duration="30s")  # remote object stores are flaky
     features = build_features(config=config, overrides=config_overrides, logs=logs.outputs["logs"])
     features.set_display_name("build features")
-    store = materialize_features(config=config, overrides=config_overrides, features=features.outputs["features"])
+    store = materialize_features(
+        config=config, overrides=config_overrides, features=features.outputs["features"]
+    )
     store.set_display_name("materialize features (Feast)").set_retry(num_retries=2, backoff_duration="30s")
-    tset = build_training_set(config=config, overrides=config_overrides, logs=logs.outputs["logs"],
-                              feature_store=store.outputs["feature_store"]).set_display_name("point-in-time training set")
+    tset = build_training_set(
+        config=config,
+        overrides=config_overrides,
+        logs=logs.outputs["logs"],
+        feature_store=store.outputs["feature_store"],
+    ).set_display_name("point-in-time training set")
 
-    trained = train(config=config, overrides=config_overrides, algo=algo, nodes=train_nodes,
-                    processes_per_node=train_workers, job_kind=train_job_kind, image=train_image, namespace=namespace,
-                    pvc=data_pvc, mount_path=DATA_MOUNT, node_selector=gpu_node_selector,
-                    tolerations=gpu_tolerations, logs=logs.outputs["logs"], training_set=tset.outputs["training_set"],
-                    cem=sim.outputs["cem"])
+    trained = train(
+        config=config,
+        overrides=config_overrides,
+        algo=algo,
+        nodes=train_nodes,
+        processes_per_node=train_workers,
+        job_kind=train_job_kind,
+        image=train_image,
+        namespace=namespace,
+        pvc=data_pvc,
+        mount_path=DATA_MOUNT,
+        node_selector=gpu_node_selector,
+        tolerations=gpu_tolerations,
+        logs=logs.outputs["logs"],
+        training_set=tset.outputs["training_set"],
+        cem=sim.outputs["cem"],
+    )
     trained.set_display_name("train (TorchRec, torchrun / TrainJob)")
-    trained.set_retry(num_retries=1, backoff_duration="60s")  # a rare abort at exit; checkpoints make a retry cheap
+    trained.set_retry(
+        num_retries=1, backoff_duration="60s"
+    )  # a rare abort at exit; checkpoints make a retry cheap
     trained.set_accelerator_type(gpu_type).set_accelerator_limit(gpus_per_node)
     trained.set_cpu_request("4").set_memory_request("16G")
     kubernetes.add_node_selector_json(trained, gpu_node_selector)
     kubernetes.add_toleration_json(trained, gpu_tolerations)
     kubernetes.mount_pvc(trained, pvc_name=data_pvc, mount_path=DATA_MOUNT)
 
-    release_steps(config=config, config_overrides=config_overrides, evaluation_seeds=evaluation_seeds,
-                  candidate=trained.outputs["model"], cem=sim.outputs["cem"], incumbent=incumbent.outputs["incumbent"],
-                  min_uplift_pct=min_uplift_pct, latency_budget_ms=latency_budget_ms, bentoml_home=bentoml_home,
-                  gitops_repo=gitops_repo, environment=environment, gitops_branch=gitops_branch, registry=registry,
-                  data_pvc=data_pvc)
+    release_steps(
+        config=config,
+        config_overrides=config_overrides,
+        evaluation_seeds=evaluation_seeds,
+        candidate=trained.outputs["model"],
+        cem=sim.outputs["cem"],
+        incumbent=incumbent.outputs["incumbent"],
+        min_uplift_pct=min_uplift_pct,
+        latency_budget_ms=latency_budget_ms,
+        bentoml_home=bentoml_home,
+        gitops_repo=gitops_repo,
+        environment=environment,
+        gitops_branch=gitops_branch,
+        registry=registry,
+        data_pvc=data_pvc,
+    )
     kubernetes.mount_pvc(incumbent, pvc_name=data_pvc, mount_path=DATA_MOUNT)
 
 
@@ -159,24 +227,37 @@ def compile_all(pipeline_yaml: Path = PIPELINE_YAML, manifests_yaml: Path = MANI
     """The IR YAML for upload, and the Pipeline/PipelineVersion resources for a GitOps-managed Kubeflow."""
     compiler.Compiler().compile(unexrl_continuous_training, str(pipeline_yaml))
     manifests_yaml.parent.mkdir(parents=True, exist_ok=True)
-    options = KubernetesManifestOptions(pipeline_name="unexrl-continuous-training",
-                                        pipeline_version_name=f"unexrl-continuous-training-v{VERSION.replace('.', '-')}",
-                                        namespace="kubeflow", include_pipeline_manifest=True)
-    compiler.Compiler().compile(unexrl_continuous_training, str(manifests_yaml), kubernetes_manifest_format=True,
-                                kubernetes_manifest_options=options)
-    shipped = HERE.parent / "k8s" / "base" / "pipelines"  # the platform overlays ship the same bytes (tests/test_k8s.py)
+    options = KubernetesManifestOptions(
+        pipeline_name="unexrl-continuous-training",
+        pipeline_version_name=f"unexrl-continuous-training-v{VERSION.replace('.', '-')}",
+        namespace="kubeflow",
+        include_pipeline_manifest=True,
+    )
+    compiler.Compiler().compile(
+        unexrl_continuous_training,
+        str(manifests_yaml),
+        kubernetes_manifest_format=True,
+        kubernetes_manifest_options=options,
+    )
+    shipped = (
+        HERE.parent / "k8s" / "base" / "pipelines"
+    )  # the platform overlays ship the same bytes (tests/test_k8s.py)
     if manifests_yaml == MANIFESTS_YAML and shipped.is_dir():
         shutil.copyfile(manifests_yaml, shipped / manifests_yaml.name)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--compile", action="store_true", help="write the YAML and the Kubernetes manifests")
     args = parser.parse_args()
     if args.compile:
         compile_all()
-        print(f"wrote {PIPELINE_YAML.relative_to(HERE.parent)} and {MANIFESTS_YAML.relative_to(HERE.parent)} "
-              "(and its copy in k8s/base/pipelines/)")
+        print(
+            f"wrote {PIPELINE_YAML.relative_to(HERE.parent)} and {MANIFESTS_YAML.relative_to(HERE.parent)} "
+            "(and its copy in k8s/base/pipelines/)"
+        )
 
 
 if __name__ == "__main__":

@@ -53,13 +53,17 @@ def run_local(config: str, out: Path, overrides: list[str] | None = None, **para
     print(f"pipeline unexrl-continuous-training: config {config}, out {out}\n  kfp.local's log: {log}")
     started = time.perf_counter()
     with console(log):
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+        local.init(
+            runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True
+        )
         unexrl_continuous_training(config=config, config_overrides=list(overrides or []), **params)
     seconds = time.perf_counter() - started
     runs = sorted(set(root.glob("*")) - before)
     if len(runs) != 1:
         raise RuntimeError(f"expected one new run under {root}, found {runs}")
-    return locate(runs[0], seconds, params["gitops_repo"], params.get("gitops_branch", "main")) | {"log": str(log)}
+    return locate(runs[0], seconds, params["gitops_repo"], params.get("gitops_branch", "main")) | {
+        "log": str(log)
+    }
 
 
 def locate(run: Path, seconds: float, repo: str, branch: str) -> dict[str, Any]:
@@ -81,14 +85,19 @@ def locate(run: Path, seconds: float, repo: str, branch: str) -> dict[str, Any]:
         "uplift_vs_incumbent_pct": summary["uplift_vs_incumbent_pct"],
         "uplift_vs_cem_pct": summary["uplift_vs_cem_pct"],
         "model": str(run / "train" / "model"),
-        "gate": {"passed": decision["passed"], "reasons": decision["reasons"], "decision": str(run / "gate" / "decision")},
+        "gate": {
+            "passed": decision["passed"],
+            "reasons": decision["reasons"],
+            "decision": str(run / "gate" / "decision"),
+        },
         "bento": json.loads(bento.read_text()) if bento.is_file() else None,
         "deploy": {"commit": commit, "repo": repo, "branch": branch} if commit else None,
     }
 
 
-def run_iterations(config: str, out: Path, iterations: int, overrides: list[str] | None = None,
-                   **params: Any) -> list[dict[str, Any]]:
+def run_iterations(
+    config: str, out: Path, iterations: int, overrides: list[str] | None = None, **params: Any
+) -> list[dict[str, Any]]:
     """``iterations`` pipeline runs into ``out``, each logging under the last deployment; returns one row each."""
     from unexrl.io import atomic_write_text
     from unexrl.pipeline import registry
@@ -100,16 +109,24 @@ def run_iterations(config: str, out: Path, iterations: int, overrides: list[str]
     rows = []
     for i in range(iterations):
         before = registry.deployed(registry_root, environment)  # the incumbent this iteration logs under
-        result = run_local(config, out, overrides, **{"log_seed": train_seeds[i % len(train_seeds)], **params})
-        rows.append({
-            "iteration": i + 1, "log_seed": train_seeds[i % len(train_seeds)], "seconds": result["seconds"],
-            "incumbent": before["model_version"] if before else "CEM (first release)",
-            "uplift_vs_incumbent_pct": result["uplift_vs_incumbent_pct"],
-            "uplift_vs_cem_pct": result["uplift_vs_cem_pct"], "gate_passed": result["gate"]["passed"],
-            "model_version": result["bento"]["model_version"] if result["bento"] else None,
-            "bento": result["bento"]["bento_tag"] if result["bento"] else None,
-            "commit": result["deploy"]["commit"] if result["deploy"] else None, "run": result["run"],
-        })
+        result = run_local(
+            config, out, overrides, **{"log_seed": train_seeds[i % len(train_seeds)], **params}
+        )
+        rows.append(
+            {
+                "iteration": i + 1,
+                "log_seed": train_seeds[i % len(train_seeds)],
+                "seconds": result["seconds"],
+                "incumbent": before["model_version"] if before else "CEM (first release)",
+                "uplift_vs_incumbent_pct": result["uplift_vs_incumbent_pct"],
+                "uplift_vs_cem_pct": result["uplift_vs_cem_pct"],
+                "gate_passed": result["gate"]["passed"],
+                "model_version": result["bento"]["model_version"] if result["bento"] else None,
+                "bento": result["bento"]["bento_tag"] if result["bento"] else None,
+                "commit": result["deploy"]["commit"] if result["deploy"] else None,
+                "run": result["run"],
+            }
+        )
         print("\n".join(summary_lines(result)))
         # after every iteration: a loop stopped by a failed run keeps the rows of the runs before it
         atomic_write_text(Path(out) / "iterations.json", json.dumps(rows, indent=2))
@@ -123,13 +140,24 @@ def _pct(e: dict[str, float]) -> str:
 
 
 def iterations_markdown(rows: list[dict[str, Any]]) -> str:
-    header = ["iteration", "log seed", "incumbent", "uplift vs incumbent", "uplift vs CEM", "gate", "released version",
-              "deploy commit", "minutes"]
+    header = [
+        "iteration",
+        "log seed",
+        "incumbent",
+        "uplift vs incumbent",
+        "uplift vs CEM",
+        "gate",
+        "released version",
+        "deploy commit",
+        "minutes",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lines.append(f"| {r['iteration']} | {r['log_seed']} | {r['incumbent']} | {_pct(r['uplift_vs_incumbent_pct'])} "
-                     f"| {_pct(r['uplift_vs_cem_pct'])} | {'pass' if r['gate_passed'] else 'refuse'} "
-                     f"| {r['model_version'] or '-'} | {(r['commit'] or '-')[:12]} | {r['seconds'] / 60:.1f} |")
+        lines.append(
+            f"| {r['iteration']} | {r['log_seed']} | {r['incumbent']} | {_pct(r['uplift_vs_incumbent_pct'])} "
+            f"| {_pct(r['uplift_vs_cem_pct'])} | {'pass' if r['gate_passed'] else 'refuse'} "
+            f"| {r['model_version'] or '-'} | {(r['commit'] or '-')[:12]} | {r['seconds'] / 60:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -141,10 +169,19 @@ def plot_iterations(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = [r["iteration"] for r in rows]
-    for key, label in (("uplift_vs_cem_pct", "candidate vs CEM"), ("uplift_vs_incumbent_pct", "candidate vs incumbent")):
+    for key, label in (
+        ("uplift_vs_cem_pct", "candidate vs CEM"),
+        ("uplift_vs_incumbent_pct", "candidate vs incumbent"),
+    ):
         e = [r[key] for r in rows]
-        ax.errorbar(x, [v["mean"] for v in e], yerr=[[v["mean"] - v["low"] for v in e], [v["high"] - v["mean"] for v in e]],
-                    marker="o", capsize=3, label=label)
+        ax.errorbar(
+            x,
+            [v["mean"] for v in e],
+            yerr=[[v["mean"] - v["low"] for v in e], [v["high"] - v["mean"] for v in e]],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks(x)
     ax.set_xlabel("pipeline iteration (each logs under the last deployment)")
@@ -159,30 +196,61 @@ def plot_iterations(rows: list[dict[str, Any]], path: Path) -> None:
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """The closing summary: uplift with its CI, the gate's decision and reasons, what was released, where to look."""
     gate = result["gate"]
-    lines = [f"pipeline finished in {result['seconds']:.0f} s",
-             (f"  uplift vs {result['incumbent']}: {_pct(result['uplift_vs_incumbent_pct'])} watch time per session "
-              f"(vs CEM {_pct(result['uplift_vs_cem_pct'])}; 95% CIs)"),
-             f"  gate:    {'PASS' if gate['passed'] else 'REFUSE: ' + '; '.join(gate['reasons'])}  ({gate['decision']})"]
+    lines = [
+        f"pipeline finished in {result['seconds']:.0f} s",
+        (
+            f"  uplift vs {result['incumbent']}: {_pct(result['uplift_vs_incumbent_pct'])} watch time per session "
+            f"(vs CEM {_pct(result['uplift_vs_cem_pct'])}; 95% CIs)"
+        ),
+        f"  gate:    {'PASS' if gate['passed'] else 'REFUSE: ' + '; '.join(gate['reasons'])}  ({gate['decision']})",
+    ]
     if result["bento"]:
-        lines += [f"  bento:   {result['bento']['bento_tag']} (store {result['bento']['bentoml_home']})",
-                  (f"  deploy:  commit {result['deploy']['commit'][:12]} on {result['deploy']['branch']} of "
-                   f"{result['deploy']['repo']}")]
+        lines += [
+            f"  bento:   {result['bento']['bento_tag']} (store {result['bento']['bentoml_home']})",
+            (
+                f"  deploy:  commit {result['deploy']['commit'][:12]} on {result['deploy']['branch']} of "
+                f"{result['deploy']['repo']}"
+            ),
+        ]
     else:
         lines += ["  bento:   none (gate refused)", "  deploy:  none (gate refused)"]
-    return lines + [f"  report:  {result['report']} (plot {result['plot']})", f"  model:   {result['model']}",
-                    f"  log:     {result['log']}"]
+    return lines + [
+        f"  report:  {result['report']} (plot {result['plot']})",
+        f"  model:   {result['model']}",
+        f"  log:     {result['log']}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/default.yaml", help="config name (small, default) or YAML path")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default="configs/default.yaml", help="config name (small, default) or YAML path"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/pipeline"), help="run directory")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override passed to every step (the pipeline's config_overrides)")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
-                        help="a pipeline parameter, e.g. --param min_uplift_pct=2.0 (value parsed as JSON, else text)")
-    parser.add_argument("--iterations", type=int, default=1, help="run the continuous loop this many times, each "
-                        "logging under the last deployment (default 1); writes <out>/iterations.md/.json/.png")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override passed to every step (the pipeline's config_overrides)",
+    )
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="a pipeline parameter, e.g. --param min_uplift_pct=2.0 (value parsed as JSON, else text)",
+    )
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=1,
+        help="run the continuous loop this many times, each "
+        "logging under the last deployment (default 1); writes <out>/iterations.md/.json/.png",
+    )
     args = parser.parse_args(argv)
     params: dict[str, Any] = {}
     for item in args.param:

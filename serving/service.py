@@ -47,8 +47,16 @@ class JsonOnly:
             declared = dict(scope["headers"]).get(b"content-type", b"application/json")
             if declared.split(b";")[0].strip().lower() != b"application/json":
                 body = json.dumps({"error": "Content-Type must be application/json"}).encode()
-                await send({"type": "http.response.start", "status": 415,
-                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 415,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
@@ -68,15 +76,18 @@ class Recommendation:
         shadow_tag = os.environ.get(ENV_SHADOW_MODEL)
         shadow = bentoml.models.get(shadow_tag) if shadow_tag else None
         self.engine = Recommender(
-            cfg, primary, primary_version=self.model.tag.version,
+            cfg,
+            primary,
+            primary_version=self.model.tag.version,
             shadow=Path(shadow.path) / ARTIFACT_SUBDIR if shadow is not None else None,
             shadow_version=shadow.tag.version if shadow is not None else None,
             role=os.environ.get("UNEXRL_ROLE", "stable"),
         )
 
     @bentoml.api(input_spec=RecommendRequest, output_spec=RecommendResponse)
-    def recommend(self, user_id: int, context: RequestContext | None = None,
-                  candidates: list[int] | None = None) -> RecommendResponse:
+    def recommend(
+        self, user_id: int, context: RequestContext | None = None, candidates: list[int] | None = None
+    ) -> RecommendResponse:
         """A page for the user: features, pool, then each stage's actor ranks and the last stage's order is shown."""
         try:
             page = self.engine.recommend(user_id, context.session_id if context else None, candidates)
@@ -84,15 +95,24 @@ class Recommendation:
             raise InvalidArgument(str(err)) from None
         e = self.engine
         return RecommendResponse(
-            request_id=page.request_id, model_version=e.version, user_id=user_id,
-            session_id=page.session.session_id, step=page.session.step, items=page.items,
-            actions=[StageAction(stage=name, candidates=n, weights=dict(zip(heads, action)))
-                     for name, heads, action, n in zip(e.stage_names, e.heads, page.actions, page.candidates)],
-            cold_start=page.cold_start, degraded=page.degraded,
+            request_id=page.request_id,
+            model_version=e.version,
+            user_id=user_id,
+            session_id=page.session.session_id,
+            step=page.session.step,
+            items=page.items,
+            actions=[
+                StageAction(stage=name, candidates=n, weights=dict(zip(heads, action)))
+                for name, heads, action, n in zip(e.stage_names, e.heads, page.actions, page.candidates)
+            ],
+            cold_start=page.cold_start,
+            degraded=page.degraded,
         )
 
     @bentoml.api(input_spec=FeedbackRequest, output_spec=FeedbackResponse)
-    def feedback(self, request_id: str, items: list[FeedbackItem], session_end: bool = False) -> FeedbackResponse:
+    def feedback(
+        self, request_id: str, items: list[FeedbackItem], session_end: bool = False
+    ) -> FeedbackResponse:
         """What the user did with a page: updates the session state and the long-term reward metrics."""
         try:
             result = self.engine.feedback(request_id, items, session_end)
@@ -102,8 +122,13 @@ class Recommendation:
             raise NotFound(str(err)) from None
         s = result.session
         return FeedbackResponse(
-            request_id=request_id, session_id=s.session_id, step=s.step, session_items_watched=s.items_watched,
-            session_watch_time_s=s.watch_time_s, session_ended=result.ended, pushed=result.pushed,
+            request_id=request_id,
+            session_id=s.session_id,
+            step=s.step,
+            session_items_watched=s.items_watched,
+            session_watch_time_s=s.watch_time_s,
+            session_ended=result.ended,
+            pushed=result.pushed,
         )
 
     @bentoml.api(route="/version")

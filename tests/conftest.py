@@ -62,6 +62,20 @@ def train_logs(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path) -> 
 
     out = tmp_path_factory.mktemp("logs") / "logs"
     with one_torch_thread():
-        assert main(["simulate", "--config", str(ROOT / "configs" / "small.yaml"), "--set", "logging.sessions=100",
-                     "--policy", str(cem_artifact), "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "simulate",
+                    "--config",
+                    str(ROOT / "configs" / "small.yaml"),
+                    "--set",
+                    "logging.sessions=100",
+                    "--policy",
+                    str(cem_artifact),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     return out

@@ -15,8 +15,11 @@ from unexrl.policies.weights import WeightPolicy
 
 def _saved(cfg: Config, tmp_path: Path, group_by: str = "none") -> tuple[WeightPolicy, Path]:
     groups = 1 if group_by == "none" else len(cfg.world.user_types)
-    policy = WeightPolicy(torch.linspace(-1, 1, groups * sum(cfg.cascade.action_dims)).view(groups, -1), cfg.cascade,
-                          group_by=group_by)  # type: ignore[arg-type]
+    policy = WeightPolicy(
+        torch.linspace(-1, 1, groups * sum(cfg.cascade.action_dims)).view(groups, -1),
+        cfg.cascade,
+        group_by=group_by,
+    )  # type: ignore[arg-type]
     return policy, save_weight_policy(policy, tmp_path / "artifact", cfg, algorithm="cem")
 
 
@@ -46,8 +49,16 @@ def test_missing_file_is_refused(small_cfg: Config, tmp_path: Path) -> None:
 
 def test_artifact_for_another_cascade_is_refused(small_cfg: Config, tmp_path: Path) -> None:
     _, path = _saved(small_cfg, tmp_path)
-    other = load_config(None, ["cascade.pool_size=100", "cascade.stages.0.keep=20", "cascade.stages.1.keep=8",
-                               "cascade.stages.2.keep=4", "cascade.stages.2.heads=[affinity, quality]"])
+    other = load_config(
+        None,
+        [
+            "cascade.pool_size=100",
+            "cascade.stages.0.keep=20",
+            "cascade.stages.1.keep=8",
+            "cascade.stages.2.keep=4",
+            "cascade.stages.2.heads=[affinity, quality]",
+        ],
+    )
     with pytest.raises(ArtifactError, match="built for stages"):
         load_policy(path, other)
 

@@ -14,13 +14,27 @@ from unexrl.data import read_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config", str(ROOT / "configs" / "small.yaml")]
-FAST = ["--set", "cem.iterations=2", "--set", "cem.population=4", "--set", "cem.sessions_per_candidate=4",
-        "--set", "logging.sessions=40", "--set", "evaluation.sessions_per_seed=40", "--set", "evaluation.bootstrap=50"]
+FAST = [
+    "--set",
+    "cem.iterations=2",
+    "--set",
+    "cem.population=4",
+    "--set",
+    "cem.sessions_per_candidate=4",
+    "--set",
+    "logging.sessions=40",
+    "--set",
+    "evaluation.sessions_per_seed=40",
+    "--set",
+    "evaluation.bootstrap=50",
+]
 
 
 @pytest.mark.parametrize("command", [[], ["simulate"], ["evaluate"], ["cem"], ["run"], ["bench", "sim"]])
 def test_help_explains_every_subcommand(command: list[str]) -> None:
-    out = subprocess.run([sys.executable, "-m", "unexrl", *command, "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "unexrl", *command, "--help"], capture_output=True, text=True, check=True
+    )
     assert "usage: unexrl" in out.stdout
     if command:
         assert "--config" in out.stdout and "--set" in out.stdout
@@ -34,8 +48,24 @@ def test_simulate_cem_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert data.manifest["behaviour"]["kind"] == "cem"
 
     assert main(["cem", *SMALL, *FAST, "--out", str(tmp_path / "cem")]) == 0
-    assert main(["evaluate", *SMALL, *FAST, "--policy", f"cem={tmp_path / 'cem'}", "--json", str(tmp_path / "e.json"),
-                 "--md", str(tmp_path / "e.md"), "--png", str(tmp_path / "e.png")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                *SMALL,
+                *FAST,
+                "--policy",
+                f"cem={tmp_path / 'cem'}",
+                "--json",
+                str(tmp_path / "e.json"),
+                "--md",
+                str(tmp_path / "e.md"),
+                "--png",
+                str(tmp_path / "e.png"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "e.json").read_text())
     assert set(result["policies"]) == {"random", "greedy", "cem"}
     assert result["seeds"] == [3000, 3001, 3002]
@@ -50,13 +80,40 @@ def test_simulate_cem_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_evaluate_tunes_baselines_beside_the_artifacts(tmp_path: Path) -> None:
     """`--baseline group-cem` puts the per-activity-group table beside CEM: one weight vector per group."""
-    assert main(["evaluate", *SMALL, *FAST, "--no-references", "--baseline", "cem", "--baseline", "group-cem",
-                 "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                *SMALL,
+                *FAST,
+                "--no-references",
+                "--baseline",
+                "cem",
+                "--baseline",
+                "group-cem",
+                "--json",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     assert set(json.loads((tmp_path / "e.json").read_text())["policies"]) == {"cem", "group-cem"}
 
 
 def test_log_seed_must_be_a_training_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["simulate", *SMALL, *FAST, "--set", "logging.kind=random", "--seed", "3000", "--out", str(tmp_path / "l")])
+    code = main(
+        [
+            "simulate",
+            *SMALL,
+            *FAST,
+            "--set",
+            "logging.kind=random",
+            "--seed",
+            "3000",
+            "--out",
+            str(tmp_path / "l"),
+        ]
+    )
     assert code == 2
     assert "seeds.train" in capsys.readouterr().err
     assert not (tmp_path / "l").exists()
@@ -76,9 +133,30 @@ def test_tampered_policy_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_bench_sim_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    assert main(["bench", "sim", *SMALL, "--set", "bench.repeats=2", "--set", "bench.sim_batch=64", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "sim",
+                *SMALL,
+                "--set",
+                "bench.repeats=2",
+                "--set",
+                "bench.sim_batch=64",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     rps = result["requests_per_s"]
-    assert set(rps) == {"memory_bound", "lean_reference", "cascade", "simulator_step", "full_step_with_observation"}
+    assert set(rps) == {
+        "memory_bound",
+        "lean_reference",
+        "cascade",
+        "simulator_step",
+        "full_step_with_observation",
+    }
     assert all(v > 0 for v in rps.values())
     assert result["ratios"]["cascade_vs_lean_reference"] > 0

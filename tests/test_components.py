@@ -16,9 +16,19 @@ from unexrl.pipeline import registry
 from unexrl.pipeline.release import init_manifests_repo
 from unexrl.pipeline.training_set import TrainingSetMismatch, verify_training_set
 
-TINY = ["cem.iterations=2", "cem.population=4", "cem.sessions_per_candidate=8", "logging.sessions=40",
-        "train.updates=4", "train.eval_every=2", "train.checkpoint_every=4", "train.eval_sessions=16",
-        "algo.batch_size=32", "evaluation.sessions_per_seed=40", "evaluation.bootstrap=50"]
+TINY = [
+    "cem.iterations=2",
+    "cem.population=4",
+    "cem.sessions_per_candidate=8",
+    "logging.sessions=40",
+    "train.updates=4",
+    "train.eval_every=2",
+    "train.checkpoint_every=4",
+    "train.eval_sessions=16",
+    "algo.batch_size=32",
+    "evaluation.sessions_per_seed=40",
+    "evaluation.bootstrap=50",
+]
 ENV = "staging"
 
 
@@ -31,36 +41,89 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """simulate -> ingest -> features -> materialize -> training set -> train -> evaluate, each via python_func."""
     d = tmp_path_factory.mktemp("components")
     torch.set_num_threads(1)
-    a = {"incumbent": art(Model, d / "incumbent"), "sim_logs": art(Dataset, d / "sim_logs"), "cem": art(Model, d / "cem"),
-         "logs": art(Dataset, d / "logs"), "features": art(Dataset, d / "features"),
-         "store": art(Artifact, d / "store"), "tset": art(Dataset, d / "training_set.parquet"),
-         "model": art(Model, d / "model"), "train_metrics": art(Metrics, d / "train_metrics"),
-         "evaluation": art(Artifact, d / "evaluation"), "eval_metrics": art(Metrics, d / "eval_metrics"),
-         "report": art(Markdown, d / "report.md")}
-    assert c.resolve_incumbent.python_func(registry=str(d / "registry"), environment=ENV, incumbent=a["incumbent"]) is False
-    c.simulate_logs.python_func(config="small", overrides=TINY, log_seed=-1, logs_uri="", incumbent=a["incumbent"],
-                                logs=a["sim_logs"], cem=a["cem"])
-    c.ingest_logs.python_func(config="small", overrides=TINY, logs_uri="", simulated=a["sim_logs"], logs=a["logs"])
+    a = {
+        "incumbent": art(Model, d / "incumbent"),
+        "sim_logs": art(Dataset, d / "sim_logs"),
+        "cem": art(Model, d / "cem"),
+        "logs": art(Dataset, d / "logs"),
+        "features": art(Dataset, d / "features"),
+        "store": art(Artifact, d / "store"),
+        "tset": art(Dataset, d / "training_set.parquet"),
+        "model": art(Model, d / "model"),
+        "train_metrics": art(Metrics, d / "train_metrics"),
+        "evaluation": art(Artifact, d / "evaluation"),
+        "eval_metrics": art(Metrics, d / "eval_metrics"),
+        "report": art(Markdown, d / "report.md"),
+    }
+    assert (
+        c.resolve_incumbent.python_func(
+            registry=str(d / "registry"), environment=ENV, incumbent=a["incumbent"]
+        )
+        is False
+    )
+    c.simulate_logs.python_func(
+        config="small",
+        overrides=TINY,
+        log_seed=-1,
+        logs_uri="",
+        incumbent=a["incumbent"],
+        logs=a["sim_logs"],
+        cem=a["cem"],
+    )
+    c.ingest_logs.python_func(
+        config="small", overrides=TINY, logs_uri="", simulated=a["sim_logs"], logs=a["logs"]
+    )
     c.build_features.python_func(config="small", overrides=TINY, logs=a["logs"], features=a["features"])
-    c.materialize_features.python_func(config="small", overrides=TINY, features=a["features"], feature_store=a["store"])
-    c.build_training_set.python_func(config="small", overrides=TINY, logs=a["logs"], feature_store=a["store"],
-                                     training_set=a["tset"])
-    c.train.python_func(config="small", overrides=TINY, algo="unexrl-cic", nodes=1, processes_per_node=1,
-                        job_kind="trainjob", image="unused", namespace="kubeflow", pvc="unexrl-data", mount_path="/data",
-                        node_selector={}, tolerations=[], logs=a["logs"], training_set=a["tset"], cem=a["cem"],
-                        model=a["model"], metrics=a["train_metrics"])
-    c.evaluate.python_func(config="small", overrides=TINY, evaluation_seeds=[], candidate=a["model"], cem=a["cem"],
-                           incumbent=a["incumbent"], evaluation=a["evaluation"], metrics=a["eval_metrics"],
-                           report=a["report"])
+    c.materialize_features.python_func(
+        config="small", overrides=TINY, features=a["features"], feature_store=a["store"]
+    )
+    c.build_training_set.python_func(
+        config="small", overrides=TINY, logs=a["logs"], feature_store=a["store"], training_set=a["tset"]
+    )
+    c.train.python_func(
+        config="small",
+        overrides=TINY,
+        algo="unexrl-cic",
+        nodes=1,
+        processes_per_node=1,
+        job_kind="trainjob",
+        image="unused",
+        namespace="kubeflow",
+        pvc="unexrl-data",
+        mount_path="/data",
+        node_selector={},
+        tolerations=[],
+        logs=a["logs"],
+        training_set=a["tset"],
+        cem=a["cem"],
+        model=a["model"],
+        metrics=a["train_metrics"],
+    )
+    c.evaluate.python_func(
+        config="small",
+        overrides=TINY,
+        evaluation_seeds=[],
+        candidate=a["model"],
+        cem=a["cem"],
+        incumbent=a["incumbent"],
+        evaluation=a["evaluation"],
+        metrics=a["eval_metrics"],
+        report=a["report"],
+    )
     return a | {"dir": d}
 
 
 def test_data_steps(chain: dict) -> None:
-    assert chain["sim_logs"].metadata["behaviour"] == "cem" and chain["logs"].metadata["source"] == "simulated"
+    assert (
+        chain["sim_logs"].metadata["behaviour"] == "cem" and chain["logs"].metadata["source"] == "simulated"
+    )
     assert chain["logs"].metadata["rows"]["transitions.parquet"] == chain["tset"].metadata["rows"] > 0
     assert set(chain["features"].metadata["rows"]) == {v.name for v in fs.VIEWS}
     assert (Path(chain["store"].path) / "definitions.py").is_file()
-    assert verify_training_set(Path(chain["tset"].path), Path(chain["logs"].path))["rows"] == chain["tset"].metadata["rows"]
+    assert (
+        verify_training_set(Path(chain["tset"].path), Path(chain["logs"].path))["rows"]
+        == chain["tset"].metadata["rows"]
+    )
 
 
 def test_train_and_evaluate(chain: dict) -> None:
@@ -78,14 +141,26 @@ def test_train_and_evaluate(chain: dict) -> None:
 def test_gate_package_deploy(chain: dict, tmp_path: Path) -> None:
     decision, report = art(Artifact, tmp_path / "decision.json"), art(Markdown, tmp_path / "gate.md")
     # a threshold of -100% leaves the CI and the guardrails to decide; the tiny candidate is close to CEM
-    passed = c.gate.python_func(evaluation=chain["evaluation"], min_uplift_pct=-100.0, latency_budget_ms=1e6,
-                                decision=decision, report=report)
+    passed = c.gate.python_func(
+        evaluation=chain["evaluation"],
+        min_uplift_pct=-100.0,
+        latency_budget_ms=1e6,
+        decision=decision,
+        report=report,
+    )
     recorded = json.loads(Path(decision.path).read_text())
     assert passed == recorded["passed"] == decision.metadata["passed"]
     assert Path(report.path).read_text().startswith("# Gate: ")
-    refused = c.gate.python_func(evaluation=chain["evaluation"], min_uplift_pct=1000.0, latency_budget_ms=1e-6,
-                                 decision=decision, report=report)
-    assert refused is False and {"uplift >= 1000.0%", "latency p99 <= 1e-06 ms"} <= set(decision.metadata["reasons"])
+    refused = c.gate.python_func(
+        evaluation=chain["evaluation"],
+        min_uplift_pct=1000.0,
+        latency_budget_ms=1e-6,
+        decision=decision,
+        report=report,
+    )
+    assert refused is False and {"uplift >= 1000.0%", "latency p99 <= 1e-06 ms"} <= set(
+        decision.metadata["reasons"]
+    )
 
     bento = art(Artifact, tmp_path / "bento")
     c.package.python_func(model=chain["model"], bentoml_home=str(tmp_path / "bentoml"), bento=bento)
@@ -94,19 +169,35 @@ def test_gate_package_deploy(chain: dict, tmp_path: Path) -> None:
     tree.mkdir(parents=True)
     (tree / "kustomization.yaml").write_text("images:\n  - name: unexrl-serving\n    newTag: old\n")
     repo = init_manifests_repo(tmp_path / "m.git", tmp_path / "k8s")
-    sha = c.deploy.python_func(bento=bento, model=chain["model"], repo=str(repo), environment=ENV, branch="release",
-                               registry=str(tmp_path / "registry"))
-    assert subprocess.run(["git", "--git-dir", str(repo), "rev-parse", "release"], capture_output=True,
-                          text=True, check=True).stdout.strip() == sha
+    sha = c.deploy.python_func(
+        bento=bento,
+        model=chain["model"],
+        repo=str(repo),
+        environment=ENV,
+        branch="release",
+        registry=str(tmp_path / "registry"),
+    )
+    assert (
+        subprocess.run(
+            ["git", "--git-dir", str(repo), "rev-parse", "release"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        == sha
+    )
     assert registry.deployed(tmp_path / "registry", ENV)["model_version"] == bento.metadata["model_version"]
     incumbent = art(Model, tmp_path / "incumbent")
-    assert c.resolve_incumbent.python_func(registry=str(tmp_path / "registry"), environment=ENV, incumbent=incumbent)
+    assert c.resolve_incumbent.python_func(
+        registry=str(tmp_path / "registry"), environment=ENV, incumbent=incumbent
+    )
     assert incumbent.metadata["commit"] == sha and registry.is_artifact(Path(incumbent.path))
 
     # the next run logs with the deployed (trained actors) policy and its exploration
     logs, cem = art(Dataset, tmp_path / "next_logs"), art(Model, tmp_path / "next_cem")
-    c.simulate_logs.python_func(config="small", overrides=TINY, log_seed=1001, logs_uri="", incumbent=incumbent,
-                                logs=logs, cem=cem)
+    c.simulate_logs.python_func(
+        config="small", overrides=TINY, log_seed=1001, logs_uri="", incumbent=incumbent, logs=logs, cem=cem
+    )
     assert logs.metadata["behaviour"] == "deployed-actors" and logs.metadata["seeds"] == [1001]
 
 
@@ -118,11 +209,14 @@ def test_ingest_refuses_invalid_logs(chain: dict, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(chain["logs"].path, bad)
     table = pq.read_table(bad / "users.parquet")
-    pq.write_table(table.set_column(1, "activity_group", table["activity_group"].cast("int64")), bad / "users.parquet")
+    pq.write_table(
+        table.set_column(1, "activity_group", table["activity_group"].cast("int64")), bad / "users.parquet"
+    )
     out = art(Dataset, tmp_path / "out")
     with pytest.raises(LogValidationError, match="activity_group"):
-        c.ingest_logs.python_func(config="small", overrides=TINY, logs_uri=str(bad), simulated=chain["sim_logs"],
-                                  logs=out)
+        c.ingest_logs.python_func(
+            config="small", overrides=TINY, logs_uri=str(bad), simulated=chain["sim_logs"], logs=out
+        )
     assert not Path(out.path).exists()
 
 
@@ -146,18 +240,42 @@ def test_bad_parameters_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="held-out"):
         from unexrl.pipeline.evaluation import evaluate_release
 
-        evaluate_release(steps.resolve_config("small"), candidate=tmp_path, cem=tmp_path, incumbent=None,
-                         out=tmp_path / "e", seeds=[1000])
+        evaluate_release(
+            steps.resolve_config("small"),
+            candidate=tmp_path,
+            cem=tmp_path,
+            incumbent=None,
+            out=tmp_path / "e",
+            seeds=[1000],
+        )
     with pytest.raises(ValueError, match="job kind 'mpijob'"):
-        steps.train(steps.resolve_config("small"), logs=tmp_path, training_set=tmp_path, cem=tmp_path, out=tmp_path,
-                    algo="td3", nodes=2, processes_per_node=1, job={"kind": "mpijob"})
+        steps.train(
+            steps.resolve_config("small"),
+            logs=tmp_path,
+            training_set=tmp_path,
+            cem=tmp_path,
+            out=tmp_path,
+            algo="td3",
+            nodes=2,
+            processes_per_node=1,
+            job={"kind": "mpijob"},
+        )
     with pytest.raises(ValueError, match="multi-node"):
-        steps.train(steps.resolve_config("small"), logs=tmp_path, training_set=tmp_path, cem=tmp_path, out=tmp_path,
-                    algo="td3", nodes=2, processes_per_node=1)
+        steps.train(
+            steps.resolve_config("small"),
+            logs=tmp_path,
+            training_set=tmp_path,
+            cem=tmp_path,
+            out=tmp_path,
+            algo="td3",
+            nodes=2,
+            processes_per_node=1,
+        )
 
 
-def test_multi_node_path_runs_the_rendered_job_command(chain: dict, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_multi_node_path_runs_the_rendered_job_command(
+    chain: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """nodes > 1: inputs are staged on the shared volume and the job's own arguments are run; here the 'cluster'
     runs them with one local process instead of submitting (the submission itself is not exercised)."""
     from unexrl.pipeline import launcher, steps
@@ -173,13 +291,31 @@ def test_multi_node_path_runs_the_rendered_job_command(chain: dict, tmp_path: Pa
 
     monkeypatch.setattr(launcher, "submit_and_wait", run_job_here)
     out = tmp_path / "model"
-    job = {"kind": "trainjob", "name": "unexrl-train-test", "namespace": "kubeflow", "image": "img", "pvc": "unexrl-data",
-           "mount_path": str(tmp_path / "pvc"), "node_selector": {}, "tolerations": []}
-    summary = steps.train(steps.resolve_config("small", TINY), logs=Path(chain["logs"].path),
-                          training_set=Path(chain["tset"].path), cem=Path(chain["cem"].path), out=out, algo="unexrl-cic",
-                          nodes=2, processes_per_node=1, job=job)
+    job = {
+        "kind": "trainjob",
+        "name": "unexrl-train-test",
+        "namespace": "kubeflow",
+        "image": "img",
+        "pvc": "unexrl-data",
+        "mount_path": str(tmp_path / "pvc"),
+        "node_selector": {},
+        "tolerations": [],
+    }
+    summary = steps.train(
+        steps.resolve_config("small", TINY),
+        logs=Path(chain["logs"].path),
+        training_set=Path(chain["tset"].path),
+        cem=Path(chain["cem"].path),
+        out=out,
+        algo="unexrl-cic",
+        nodes=2,
+        processes_per_node=1,
+        job=job,
+    )
     shared = tmp_path / "pvc" / "unexrl-runs" / "unexrl-train-test"
     assert ran["manifest"]["spec"]["trainer"]["numNodes"] == 2
     assert all(str(shared) in a for a in ran["manifest"]["spec"]["trainer"]["args"] if a.startswith("/"))
-    assert (shared / "inputs" / "logs" / "manifest.json").is_file() and (shared / "run" / "curve.json").is_file()
+    assert (shared / "inputs" / "logs" / "manifest.json").is_file() and (
+        shared / "run" / "curve.json"
+    ).is_file()
     assert summary["updates"] == 4 and (out / "manifest.json").is_file()

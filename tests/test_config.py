@@ -22,8 +22,15 @@ def test_paper_config_has_paper_sizes() -> None:
 
 
 def test_overrides_keep_types_and_reach_lists() -> None:
-    cfg = load_config(None, ["cascade.pool_size=500", "seeds.evaluation=[7, 8]", "cascade.stages.0.keep=50",
-                             "world.user_types.1.fatigue=0.5"])
+    cfg = load_config(
+        None,
+        [
+            "cascade.pool_size=500",
+            "seeds.evaluation=[7, 8]",
+            "cascade.stages.0.keep=50",
+            "world.user_types.1.fatigue=0.5",
+        ],
+    )
     assert cfg.cascade.pool_size == 500
     assert cfg.seeds.evaluation == (7, 8)
     assert cfg.cascade.stages[0].keep == 50

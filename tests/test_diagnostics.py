@@ -23,13 +23,22 @@ from unexrl.train.loop import train
 def _critic_after(cfg: Config, sim: Simulator, updates: int) -> CriticDiagnostics:
     """Diagnostics of a critic after ``updates`` critic steps; the actors never move (actor_start beyond the run),
     so it is plain policy evaluation of the starting weights: the simple case the critic must get right."""
-    cfg = cfg.model_copy(update={
-        "algo": cfg.algo.model_copy(update={"actor_start": 10**6, "batch_size": 256}),
-        "train": cfg.train.model_copy(update={"updates": updates, "eval_every": updates, "eval_sessions": 20,
-                                              "warmup_sessions": 1500, "sessions_per_collect": 100,
-                                              "updates_per_collect": 200}),
-        "diagnostics": cfg.diagnostics.model_copy(update={"sessions": 300, "gradient_sessions": 400}),
-    })
+    cfg = cfg.model_copy(
+        update={
+            "algo": cfg.algo.model_copy(update={"actor_start": 10**6, "batch_size": 256}),
+            "train": cfg.train.model_copy(
+                update={
+                    "updates": updates,
+                    "eval_every": updates,
+                    "eval_sessions": 20,
+                    "warmup_sessions": 1500,
+                    "sessions_per_collect": 100,
+                    "updates_per_collect": 200,
+                }
+            ),
+            "diagnostics": cfg.diagnostics.model_copy(update={"sessions": 300, "gradient_sessions": 400}),
+        }
+    )
     torch.manual_seed(0)
     weights = torch.full((1, sum(cfg.cascade.action_dims)), 0.5)
     result = train(cfg, weights, sim, progress=False)
@@ -37,13 +46,16 @@ def _critic_after(cfg: Config, sim: Simulator, updates: int) -> CriticDiagnostic
 
 
 @pytest.fixture(scope="module")
-def untrained_and_trained(small_cfg: Config, small_sim: Simulator,
-                          single_thread: Callable[[], AbstractContextManager[None]]) -> tuple[CriticDiagnostics, ...]:
+def untrained_and_trained(
+    small_cfg: Config, small_sim: Simulator, single_thread: Callable[[], AbstractContextManager[None]]
+) -> tuple[CriticDiagnostics, ...]:
     with single_thread():
         return _critic_after(small_cfg, small_sim, 1), _critic_after(small_cfg, small_sim, 1500)
 
 
-def test_diagnostics_tell_a_trained_critic_from_an_untrained_one(untrained_and_trained: tuple[CriticDiagnostics, ...]) -> None:
+def test_diagnostics_tell_a_trained_critic_from_an_untrained_one(
+    untrained_and_trained: tuple[CriticDiagnostics, ...],
+) -> None:
     untrained, trained = untrained_and_trained
     # calibration: the trained critic's values track the Monte-Carlo returns, an untrained one's do not
     assert abs(trained.calibration.relative_bias) < abs(untrained.calibration.relative_bias)
@@ -56,15 +68,24 @@ def test_diagnostics_tell_a_trained_critic_from_an_untrained_one(untrained_and_t
     assert min(trained.gradient.truth_split_half_cosine) > 0.5
 
 
-def test_the_true_gradient_predicts_a_step(small_cfg: Config, small_sim: Simulator,
-                                           single_thread: Callable[[], AbstractContextManager[None]]) -> None:
+def test_the_true_gradient_predicts_a_step(
+    small_cfg: Config, small_sim: Simulator, single_thread: Callable[[], AbstractContextManager[None]]
+) -> None:
     """A small step of every group's weights along its true gradient raises that group's session watch time, and a
     step against it lowers it, on other sessions than the gradient was estimated on."""
     base = torch.full((3, sum(small_cfg.cascade.action_dims)), 0.5)
     with single_thread():
-        truth = true_gradient(small_sim, WeightPolicy(base, small_cfg.cascade, group_by="activity_group"), 2000,
-                              torch.arange(400), delta=0.15, batch_rows=4000)
-        step = torch.tensor(truth.gradient / np.linalg.norm(truth.gradient, axis=1, keepdims=True), dtype=torch.float32)
+        truth = true_gradient(
+            small_sim,
+            WeightPolicy(base, small_cfg.cascade, group_by="activity_group"),
+            2000,
+            torch.arange(400),
+            delta=0.15,
+            batch_rows=4000,
+        )
+        step = torch.tensor(
+            truth.gradient / np.linalg.norm(truth.gradient, axis=1, keepdims=True), dtype=torch.float32
+        )
         ids = torch.arange(10_000, 11_500)
         watch = {}
         for sign in (-1, 1):
@@ -74,16 +95,27 @@ def test_the_true_gradient_predicts_a_step(small_cfg: Config, small_sim: Simulat
     assert cosine(truth.gradient[0], truth.gradient[0]) == pytest.approx(1.0)
 
 
-def test_diagnose_a_run_directory(tmp_path: Path, cem_artifact: Path,
-                                  single_thread: Callable[[], AbstractContextManager[None]]) -> None:
+def test_diagnose_a_run_directory(
+    tmp_path: Path, cem_artifact: Path, single_thread: Callable[[], AbstractContextManager[None]]
+) -> None:
     """`unexrl diagnose --run DIR` on a finished run: the table, the JSON fields the issue names, the plot; and a
     config that differs from the run's is refused."""
     from unexrl.cli import main
 
     root = Path(__file__).resolve().parents[1]
-    sets = ["train.updates=20", "train.eval_every=20", "train.warmup_sessions=32", "train.sessions_per_collect=8",
-            "train.updates_per_collect=10", "train.eval_sessions=8", "algo.batch_size=32", "algo.hidden=32",
-            "diagnostics.during_training=false", "diagnostics.sessions=30", "diagnostics.gradient_sessions=30"]
+    sets = [
+        "train.updates=20",
+        "train.eval_every=20",
+        "train.warmup_sessions=32",
+        "train.sessions_per_collect=8",
+        "train.updates_per_collect=10",
+        "train.eval_sessions=8",
+        "algo.batch_size=32",
+        "algo.hidden=32",
+        "diagnostics.during_training=false",
+        "diagnostics.sessions=30",
+        "diagnostics.gradient_sessions=30",
+    ]
     args = ["--config", str(root / "configs" / "small.yaml"), *(x for s in sets for x in ("--set", s))]
     with single_thread():
         assert main(["train", *args, "--cem", str(cem_artifact), "--out", str(tmp_path)]) == 0

@@ -24,14 +24,18 @@ def report(small_cfg: Config, small_sim: Simulator) -> EvaluationReport:
 
 
 def _uplift(report: EvaluationReport, candidate: str, reference: str) -> tuple[float, float]:
-    est = bootstrap_uplift(report.results[candidate].by_seed("watch_time"), report.results[reference].by_seed("watch_time"))
+    est = bootstrap_uplift(
+        report.results[candidate].by_seed("watch_time"), report.results[reference].by_seed("watch_time")
+    )
     return est.low, est.high
 
 
 def test_greedy_wins_the_item_but_loses_the_session(report: EvaluationReport) -> None:
     """Maximising predicted immediate watch time gets longer views per item and far shorter sessions."""
     per_item = {
-        name: float(np.sum(report.results[name].by_seed("watch_time")) / np.sum(report.results[name].by_seed("items")))
+        name: float(
+            np.sum(report.results[name].by_seed("watch_time")) / np.sum(report.results[name].by_seed("items"))
+        )
         for name in ("greedy", "cem")
     }
     assert per_item["greedy"] > per_item["cem"]

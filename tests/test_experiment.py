@@ -13,11 +13,26 @@ from unexrl.config import load_config
 from unexrl.experiment import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["experiment.variants=[cem,group-cem,td3]", "experiment.seeds=1", "experiment.agents_seeds=1",
-        "experiment.agents_algos=[unexrl-cic]", "experiment.eval_sessions_per_seed=30", "seeds.evaluation=[3000,3001]",
-        "cem.iterations=2", "cem.population=6", "cem.sessions_per_candidate=8", "train.updates=4", "train.eval_every=2",
-        "train.eval_sessions=10", "train.warmup_sessions=16", "train.sessions_per_collect=8",
-        "train.updates_per_collect=2", "algo.batch_size=16", "algo.hidden=16", "evaluation.bootstrap=50"]
+TINY = [
+    "experiment.variants=[cem,group-cem,td3]",
+    "experiment.seeds=1",
+    "experiment.agents_seeds=1",
+    "experiment.agents_algos=[unexrl-cic]",
+    "experiment.eval_sessions_per_seed=30",
+    "seeds.evaluation=[3000,3001]",
+    "cem.iterations=2",
+    "cem.population=6",
+    "cem.sessions_per_candidate=8",
+    "train.updates=4",
+    "train.eval_every=2",
+    "train.eval_sessions=10",
+    "train.warmup_sessions=16",
+    "train.sessions_per_collect=8",
+    "train.updates_per_collect=2",
+    "algo.batch_size=16",
+    "algo.hidden=16",
+    "evaluation.bootstrap=50",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +49,9 @@ def test_workers_give_the_same_results_as_one_process_and_runs_resume(tmp_path: 
         assert (tmp_path / f"w{workers}" / "results.md").is_file()
         assert (tmp_path / f"w{workers}" / "learning_curves.png").is_file()
     one, two = results[1], results[2]
-    assert set(one["table"]) == {"cem", "group-cem", "td3"} and len(one["agents_study"]) == 5  # CEM + CIC, 1..4 agents
+    assert (
+        set(one["table"]) == {"cem", "group-cem", "td3"} and len(one["agents_study"]) == 5
+    )  # CEM + CIC, 1..4 agents
     assert "diagnostics" in one["table"]["td3"] and "diagnostics" not in one["table"]["cem"]
     group_cem = one["table"]["group-cem"]["group_actions"]
     assert len(group_cem) == 3 and group_cem[0] != group_cem[1]  # a table per activity group
@@ -51,9 +68,12 @@ def test_workers_give_the_same_results_as_one_process_and_runs_resume(tmp_path: 
 
 def _measured(results: dict) -> dict:
     """Everything but wall times."""
+
     def without_seconds(value: object) -> object:
         if isinstance(value, dict):
-            return {k: without_seconds(v) for k, v in value.items() if k not in ("train_seconds_mean", "seconds")}
+            return {
+                k: without_seconds(v) for k, v in value.items() if k not in ("train_seconds_mean", "seconds")
+            }
         return [without_seconds(v) for v in value] if isinstance(value, list) else value
 
     return {"table": without_seconds(results["table"]), "agents_study": results["agents_study"]}

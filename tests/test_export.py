@@ -24,17 +24,43 @@ from unexrl.train.export import probe_actions
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config", str(ROOT / "configs" / "small.yaml")]
-TRAIN = ["train.updates=6", "train.eval_sessions=8", "train.buffer_size=2000", "algo.batch_size=32", "algo.hidden=32"]
+TRAIN = [
+    "train.updates=6",
+    "train.eval_sessions=8",
+    "train.buffer_size=2000",
+    "algo.batch_size=32",
+    "algo.hidden=32",
+]
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path, train_logs: Path,
-           single_thread: Callable[[], AbstractContextManager[None]]) -> Path:
+def export(
+    tmp_path_factory: pytest.TempPathFactory,
+    cem_artifact: Path,
+    train_logs: Path,
+    single_thread: Callable[[], AbstractContextManager[None]],
+) -> Path:
     run = tmp_path_factory.mktemp("export") / "run"
     sets = [x for o in TRAIN for x in ("--set", o)]
     with single_thread():
-        assert main(["train", *SMALL, *sets, "--algo", "unexrl-ctde", "--logs", str(train_logs), "--cem", str(cem_artifact),
-                     "--out", str(run)]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    *SMALL,
+                    *sets,
+                    "--algo",
+                    "unexrl-ctde",
+                    "--logs",
+                    str(train_logs),
+                    "--cem",
+                    str(cem_artifact),
+                    "--out",
+                    str(run),
+                ]
+            )
+            == 0
+        )
     return run / "export"
 
 
@@ -51,17 +77,27 @@ def test_manifest_describes_what_serving_needs(export: Path, train_logs: Path, c
     features = manifest["features"]
     assert features["sparse"] == list(SPARSE_FEATURES) and features["state"] == list(STATE_FEATURES)
     assert features["id_space"] == {"world_seed": 0, "users": 600, "items": 6000, "categories": 12}
-    assert features["tables"] == {"actors_users": [600, 16], "actors_items": [6000, 16], "actors_categories": [12, 16]}
+    assert features["tables"] == {
+        "actors_users": [600, 16],
+        "actors_items": [6000, 16],
+        "actors_categories": [12, 16],
+    }
     logs = json.loads((train_logs / "manifest.json").read_text())
-    assert manifest["training_data"] == {"regime": "offline", "logs": str(train_logs),
-                                         "sha256": {k: v["sha256"] for k, v in logs["files"].items()}}
+    assert manifest["training_data"] == {
+        "regime": "offline",
+        "logs": str(train_logs),
+        "sha256": {k: v["sha256"] for k, v in logs["files"].items()},
+    }
     assert manifest["fixed_stages"]["sha256"] == read_manifest(cem_artifact)["files"]
     evaluation = manifest["evaluation"]
     assert evaluation["curve"][-1]["updates"] == 6
     assert evaluation["final_validation_watch_time"] == evaluation["curve"][-1]["validation_watch_time"] > 0
     # unsharded: every table whole, nothing but tensors
     state = load_file(export / ACTORS_FILE)
-    assert state["encoder.ebc.embedding_bags.actors_users.weight"].shape == (600, 16)  # one encoder for every stage
+    assert state["encoder.ebc.embedding_bags.actors_users.weight"].shape == (
+        600,
+        16,
+    )  # one encoder for every stage
 
 
 def test_loaded_actors_act_like_the_trained_ones(export: Path, cfg: Config, small_sim: Simulator) -> None:
@@ -74,10 +110,32 @@ def test_loaded_actors_act_like_the_trained_ones(export: Path, cfg: Config, smal
 
 
 def test_evaluate_serves_actor_artifacts(export: Path, cem_artifact: Path, tmp_path: Path) -> None:
-    fast = ["--set", "evaluation.sessions_per_seed=20", "--set", "evaluation.bootstrap=20", "--set", "seeds.evaluation=[3000]"]
+    fast = [
+        "--set",
+        "evaluation.sessions_per_seed=20",
+        "--set",
+        "evaluation.bootstrap=20",
+        "--set",
+        "seeds.evaluation=[3000]",
+    ]
     out = tmp_path / "e.json"
-    assert main(["evaluate", *SMALL, *fast, "--no-references", "--policy", f"cem={cem_artifact}",
-                 "--policy", f"ctde={export}", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                *SMALL,
+                *fast,
+                "--no-references",
+                "--policy",
+                f"cem={cem_artifact}",
+                "--policy",
+                f"ctde={export}",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert set(result["policies"]) == {"cem", "ctde"}
 
@@ -86,8 +144,9 @@ def _copy(export: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(export, tmp_path / "copy"))
 
 
-def test_tampered_weights_are_refused(export: Path, cfg: Config, small_sim: Simulator, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_tampered_weights_are_refused(
+    export: Path, cfg: Config, small_sim: Simulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     copy = _copy(export, tmp_path)
     weights = bytearray((copy / ACTORS_FILE).read_bytes())
     weights[-1] ^= 0x01  # one bit of one weight
@@ -98,8 +157,9 @@ def test_tampered_weights_are_refused(export: Path, cfg: Config, small_sim: Simu
     assert "tampered" in capsys.readouterr().err
 
 
-def test_weights_that_do_not_fit_the_recorded_config_are_refused(export: Path, cfg: Config, small_sim: Simulator,
-                                                                   tmp_path: Path) -> None:
+def test_weights_that_do_not_fit_the_recorded_config_are_refused(
+    export: Path, cfg: Config, small_sim: Simulator, tmp_path: Path
+) -> None:
     copy = _copy(export, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["config"]["algo"]["hidden"] = 64  # the hashes still hold; the weights no longer fit the networks
@@ -108,19 +168,26 @@ def test_weights_that_do_not_fit_the_recorded_config_are_refused(export: Path, c
         load_actor_policy(copy, cfg, small_sim.world)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("cascade.stages.2.keep=3", "stages"),
-    ("cascade.stages.1.heads=[affinity,expected_watch,quality,popularity]", "stages"),
-    ("world.n_items=5000", "feature schema"),
-    ("seeds.world=7", "feature schema"),
-    ("session.max_requests=20", "feature schema"),
-])
-def test_mismatched_configs_are_refused(export: Path, small_sim: Simulator, override: str, message: str) -> None:
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cascade.stages.2.keep=3", "stages"),
+        ("cascade.stages.1.heads=[affinity,expected_watch,quality,popularity]", "stages"),
+        ("world.n_items=5000", "feature schema"),
+        ("seeds.world=7", "feature schema"),
+        ("session.max_requests=20", "feature schema"),
+    ],
+)
+def test_mismatched_configs_are_refused(
+    export: Path, small_sim: Simulator, override: str, message: str
+) -> None:
     other = load_config(ROOT / "configs" / "small.yaml", [override])
     with pytest.raises(ArtifactError, match=message):
         load_actor_policy(export, other, small_sim.world)  # refused before the world is used
 
 
-def test_a_weights_artifact_is_not_an_actors_artifact(cem_artifact: Path, cfg: Config, small_sim: Simulator) -> None:
+def test_a_weights_artifact_is_not_an_actors_artifact(
+    cem_artifact: Path, cfg: Config, small_sim: Simulator
+) -> None:
     with pytest.raises(ArtifactError, match="not trained actors"):
         load_actor_policy(cem_artifact, cfg, small_sim.world)

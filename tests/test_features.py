@@ -47,15 +47,18 @@ def _repo_copy(dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cfg(small_cfg: Config) -> Config:
-    return small_cfg.model_copy(update={"logging": small_cfg.logging.model_copy(update={"sessions": SESSIONS})})
+    return small_cfg.model_copy(
+        update={"logging": small_cfg.logging.model_copy(update={"sessions": SESSIONS})}
+    )
 
 
 @pytest.fixture(scope="module")
 def logs(cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
     sim = Simulator(cfg)
     out = tmp_path_factory.mktemp("logs") / "run"
-    return simulate_logs(sim, RandomPolicy(cfg.cascade, seed=0), {"kind": "random"}, out, cfg.seeds.train[0],
-                         progress=False)
+    return simulate_logs(
+        sim, RandomPolicy(cfg.cascade, seed=0), {"kind": "random"}, out, cfg.seeds.train[0], progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +122,9 @@ def test_tables_match_the_contract(tables: dict[str, pa.Table], features: Path, 
         assert list(fs.defaults(cfg)[view.name]) == [f.name for f in view.features]
 
 
-def test_behaviour_uses_only_requests_strictly_before(tables: dict[str, pa.Table], log: _Log, cfg: Config) -> None:
+def test_behaviour_uses_only_requests_strictly_before(
+    tables: dict[str, pa.Table], log: _Log, cfg: Config
+) -> None:
     """Each user_behaviour row equals a brute-force aggregate of the requests with feedback <= its stamp,
     and every request it includes happened strictly before the stamp."""
     t = tables[fs.USER_BEHAVIOUR.name].to_pydict()
@@ -135,7 +140,9 @@ def test_behaviour_uses_only_requests_strictly_before(tables: dict[str, pa.Table
         ordered = mine[np.argsort(log.feedback_us[mine], kind="stable")]
         viewed_items = [i for r in ordered for i, v in zip(log.shown[r], log.viewed[r]) if v]
         assert t["items_viewed"][row] == len(viewed_items)
-        assert t["watch_time_s"][row] == pytest.approx(float((log.watch[mine] * log.viewed[mine]).sum()), rel=1e-5)
+        assert t["watch_time_s"][row] == pytest.approx(
+            float((log.watch[mine] * log.viewed[mine]).sum()), rel=1e-5
+        )
         assert t["recent_item_ids"][row] == viewed_items[-recent:]
         assert t["recent_category_ids"][row] == [log.category[i] for i in viewed_items[-recent:]]
         assert sum(t["category_watch_share"][row]) == pytest.approx(1.0, abs=1e-4)
@@ -150,7 +157,9 @@ def test_item_stats_count_impressions_before_their_stamp(tables: dict[str, pa.Ta
         assert t["views"][row] == (shown & log.viewed).sum()
 
 
-def test_cqr_knots_fit_on_feedback_before_each_refit(tables: dict[str, pa.Table], log: _Log, cfg: Config) -> None:
+def test_cqr_knots_fit_on_feedback_before_each_refit(
+    tables: dict[str, pa.Table], log: _Log, cfg: Config
+) -> None:
     t = tables[fs.CQR_KNOTS.name]
     stamps = np.asarray(t[fs.TIMESTAMP].cast(pa.int64()))
     assert stamps.max() == log.feedback_us.max()  # the last fit uses the whole log
@@ -159,13 +168,19 @@ def test_cqr_knots_fit_on_feedback_before_each_refit(tables: dict[str, pa.Table]
         rows = t.filter(pa.array(stamps == stamp))
         assert rows.num_rows == n_cells
         before = log.feedback_us <= stamp
-        units = int(before.sum()) if cfg.features.cqr_unit == "page" else int((log.viewed & before[:, None]).sum())
+        units = (
+            int(before.sum())
+            if cfg.features.cqr_unit == "page"
+            else int((log.viewed & before[:, None]).sum())
+        )
         assert sum(rows["samples"].to_pylist()) == units
         for knots in rows["knots"].to_pylist():
             assert len(knots) == cfg.features.cqr_knots and knots == sorted(knots)
 
 
-def test_profiles_are_valid_from_the_first_request(tables: dict[str, pa.Table], log: _Log, logs: Path) -> None:
+def test_profiles_are_valid_from_the_first_request(
+    tables: dict[str, pa.Table], log: _Log, logs: Path
+) -> None:
     data = read_logs(logs)
     for view, source in ((fs.USER_PROFILE, data.users), (fs.ITEM_PROFILE, data.items)):
         table = tables[view.name]
@@ -203,11 +218,13 @@ sys.meta_path.insert(0, _NoFeast())
 import unexrl, unexrl.cli, unexrl.commands, unexrl.features.store, unexrl.features.client, unexrl.features.bench
 from unexrl.config import load_config
 from unexrl.features.build import build_features
-build_features({str(logs)!r}, {str(tmp_path / 'out')!r}, load_config(None, []))
+build_features({str(logs)!r}, {str(tmp_path / "out")!r}, load_config(None, []))
 assert not any(m == "feast" or m.startswith("feast.") for m in sys.modules)
 print("ok")
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("ok")
 
@@ -243,7 +260,10 @@ def test_environment_files(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None
     assert redis["online_store"]["type"] == "redis" and redis["offline_store"]["type"] == "duckdb"
     production = yaml.safe_load((repo / "environments" / "production.yaml").read_text())
     assert production["online_store"]["type"] == "redis"
-    assert production["offline_store"]["type"] == "spark" and production["batch_engine"]["type"] == "spark.engine"
+    assert (
+        production["offline_store"]["type"] == "spark"
+        and production["batch_engine"]["type"] == "spark.engine"
+    )
     monkeypatch.delenv("UNEXRL_REDIS", raising=False)
     with pytest.raises(ValueError, match="UNEXRL_REDIS"):
         store.open_store(_with_features(cfg, environment="redis"))
@@ -272,7 +292,9 @@ def test_materialising_twice_changes_nothing(sqlite_cfg: Config, features: Path)
 def _online(cfg: Config, view: fs.ViewSpec, ids: list[int]) -> dict[str, list[Any]]:
     feast_store = store.open_store(cfg)
     refs = [f"{view.name}:{f.name}" for f in view.features]
-    return feast_store.get_online_features(features=refs, entity_rows=[{view.entity.join_key: i} for i in ids]).to_dict()
+    return feast_store.get_online_features(
+        features=refs, entity_rows=[{view.entity.join_key: i} for i in ids]
+    ).to_dict()
 
 
 def _offline(cfg: Config, view: fs.ViewSpec, ids: list[int], at: pd.Timestamp) -> pa.Table:
@@ -305,7 +327,9 @@ def test_online_values_equal_offline_values_at_the_same_time(
             assert got == want, f"{view.name}.{feature.name}"
 
 
-def test_training_set_is_point_in_time_correct(sqlite_cfg: Config, logs: Path, log: _Log, tmp_path: Path) -> None:
+def test_training_set_is_point_in_time_correct(
+    sqlite_cfg: Config, logs: Path, log: _Log, tmp_path: Path
+) -> None:
     target, table = store.training_set(sqlite_cfg, logs, tmp_path / "ts.parquet")
     assert pq.read_table(target).equals(table)
     assert table.num_rows == len(log.request_id)  # one row per logged request
@@ -324,21 +348,32 @@ def test_training_set_is_point_in_time_correct(sqlite_cfg: Config, logs: Path, l
     assert table["item_profile__category"].combine_chunks().flatten().null_count == 0
 
 
-def test_a_row_is_joined_from_its_timestamp_on_and_never_before(sqlite_cfg: Config, tables: dict[str, pa.Table]) -> None:
+def test_a_row_is_joined_from_its_timestamp_on_and_never_before(
+    sqlite_cfg: Config, tables: dict[str, pa.Table]
+) -> None:
     behaviour = tables[fs.USER_BEHAVIOUR.name]
     users = np.asarray(behaviour["user_id"])
     second = int(np.flatnonzero(users[1:] == users[:-1])[0] + 1)  # a user's second row
     user, stamp = int(users[second]), behaviour[fs.TIMESTAMP][second].as_py()
     first_stamp = behaviour[fs.TIMESTAMP][second - 1].as_py()
-    entities = pd.DataFrame({
-        "user_id": [user] * 4,
-        fs.TIMESTAMP: [first_stamp - timedelta(microseconds=1), stamp - timedelta(microseconds=1), stamp,
-                       stamp + timedelta(hours=1)],
-        "label": [0, 1, 2, 3],
-    })
-    joined = store.open_store(sqlite_cfg).get_historical_features(
-        entity_df=entities, features=["user_behaviour:requests"]
-    ).to_df().sort_values("label")
+    entities = pd.DataFrame(
+        {
+            "user_id": [user] * 4,
+            fs.TIMESTAMP: [
+                first_stamp - timedelta(microseconds=1),
+                stamp - timedelta(microseconds=1),
+                stamp,
+                stamp + timedelta(hours=1),
+            ],
+            "label": [0, 1, 2, 3],
+        }
+    )
+    joined = (
+        store.open_store(sqlite_cfg)
+        .get_historical_features(entity_df=entities, features=["user_behaviour:requests"])
+        .to_df()
+        .sort_values("label")
+    )
     assert len(joined) == 4  # a request before any feature keeps its row, with a null
     values = joined["requests"].tolist()
     want = behaviour["requests"].to_pylist()
@@ -371,7 +406,9 @@ def test_client_reads_user_and_candidates(sqlite_cfg: Config, tables: dict[str, 
     assert len(got.items["item_profile__category"]) == 50
 
 
-def test_client_cold_start_serves_documented_defaults(sqlite_cfg: Config, tables: dict[str, pa.Table]) -> None:
+def test_client_cold_start_serves_documented_defaults(
+    sqlite_cfg: Config, tables: dict[str, pa.Table]
+) -> None:
     from unexrl.features.client import FeatureClient
 
     defaults = fs.defaults(sqlite_cfg)
@@ -385,8 +422,13 @@ def test_client_cold_start_serves_documented_defaults(sqlite_cfg: Config, tables
             assert got.user[f"{view.name}__{f.name}"] == defaults[view.name][f.name]
     assert got.items["item_stats__views"][0] == defaults["item_stats"]["views"]
     assert got.items["item_stats__views"][1] > 0
-    assert got.cold_start == {"user_profile": 1, "user_behaviour": 1, "user_session": 1, "item_profile": 1,
-                              "item_stats": 1}
+    assert got.cold_start == {
+        "user_profile": 1,
+        "user_behaviour": 1,
+        "user_session": 1,
+        "item_profile": 1,
+        "item_stats": 1,
+    }
     assert _fallbacks("cold_start") - before == 5
     got.user["user_behaviour__recent_item_ids"].append(1)  # defaults are copies
     assert fs.defaults(sqlite_cfg)["user_behaviour"]["recent_item_ids"] == []
@@ -409,8 +451,9 @@ def test_pushed_session_features_are_served(sqlite_cfg: Config, tables: dict[str
     client = FeatureClient(sqlite_cfg)
     user = int(tables[fs.USER_SESSION.name]["user_id"][0].as_py())
     at = pd.Timestamp("2030-01-01T00:00:00Z")
-    assert client.push_session(user, at, session_id=777, step=3, items_watched=9, watch_time_s=123.5,
-                               last_watch_fraction=0.25)
+    assert client.push_session(
+        user, at, session_id=777, step=3, items_watched=9, watch_time_s=123.5, last_watch_fraction=0.25
+    )
     got = client.fetch(user, [])
     assert got.user["user_session__session_id"] == 777 and got.user["user_session__session_step"] == 3
     assert got.user["user_session__session_watch_time_s"] == 123.5
@@ -428,8 +471,13 @@ def redis_address() -> Iterator[str]:
 
 
 def test_redis_store_serves_what_sqlite_serves(
-    redis_address: str, cfg: Config, features: Path, sqlite_cfg: Config, tables: dict[str, pa.Table],
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    redis_address: str,
+    cfg: Config,
+    features: Path,
+    sqlite_cfg: Config,
+    tables: dict[str, pa.Table],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from unexrl.features.client import FeatureClient
 
@@ -446,15 +494,19 @@ def test_redis_store_serves_what_sqlite_serves(
     client = FeatureClient(redis_cfg)
     user = int(tables[fs.USER_BEHAVIOUR.name]["user_id"][0].as_py())
     candidates = list(range(30))
-    from_redis, from_sqlite = client.fetch(user, candidates), FeatureClient(sqlite_cfg).fetch(user, candidates)
+    from_redis, from_sqlite = (
+        client.fetch(user, candidates),
+        FeatureClient(sqlite_cfg).fetch(user, candidates),
+    )
     assert not from_redis.degraded and from_redis.items == from_sqlite.items
     assert from_redis.user["user_behaviour__requests"] == from_sqlite.user["user_behaviour__requests"]
     assert client.push_session(user, pd.Timestamp("2030-01-01T00:00:00Z"), 5, 1, 2, 3.0, 0.75)
     assert client.fetch(user, []).user["user_session__last_watch_fraction"] == 0.75
 
 
-def test_redis_down_degrades_without_raising(cfg: Config, features: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_redis_down_degrades_without_raising(
+    cfg: Config, features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from unexrl.features.client import FeatureClient
 
     if redis_server_path() is None:
@@ -481,7 +533,10 @@ def test_cli_workflow_and_bench(logs: Path, tmp_path: Path, capsys: pytest.Captu
     repo = _repo_copy(tmp_path / "feature_repo")
     common = ["--config", str(ROOT / "configs" / "small.yaml"), "--set", f"features.repo={repo}"]
     features = tmp_path / "features"
-    assert main(["features", "training-set", *common, "--logs", str(logs), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert (
+        main(["features", "training-set", *common, "--logs", str(logs), "--out", str(tmp_path / "x.parquet")])
+        == 2
+    )
     assert "materialize" in capsys.readouterr().err
     assert main(["features", "build", *common, "--logs", str(logs), "--out", str(features)]) == 0
     assert main(["features", "materialize", *common, "--features", str(features)]) == 0
@@ -494,8 +549,24 @@ def test_cli_workflow_and_bench(logs: Path, tmp_path: Path, capsys: pytest.Captu
     capsys.readouterr()
 
     bench_json = tmp_path / "bench.json"
-    assert main(["bench", "features", *common, "--logs", str(logs), "--json", str(bench_json),
-                 "--set", "features.bench_reads=10", "--set", "features.bench_candidates=50"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "features",
+                *common,
+                "--logs",
+                str(logs),
+                "--json",
+                str(bench_json),
+                "--set",
+                "features.bench_reads=10",
+                "--set",
+                "features.bench_candidates=50",
+            ]
+        )
+        == 0
+    )
     result = json.loads(bench_json.read_text())
     expected = {"sqlite", "redis"} if redis_server_path() else {"sqlite"}
     measured = {name for name, r in result["stores"].items() if "skipped" not in r}

@@ -24,8 +24,10 @@ SERVING = [f"overlays/{e}" for e in ENVS]
 PLATFORM = [f"overlays/{e}/platform" for e in ENVS]
 ALL = [*SERVING, *PLATFORM, "argocd"]
 K8S_VERSION = "1.32.0"  # the API version validated against: kubectl 1.32 on these machines
-SERVING_RULES = ("model_version:unexrl_session_watch_time_seconds:mean5m",
-                 "model_version:unexrl_recommend_latency_seconds:p99_5m")
+SERVING_RULES = (
+    "model_version:unexrl_session_watch_time_seconds:mean5m",
+    "model_version:unexrl_recommend_latency_seconds:p99_5m",
+)
 # API groups whose kinds kubernetes-validate knows (the rest are custom resources, checked below).
 CORE_GROUPS = {"", "apps", "batch", "policy", "autoscaling", "networking.k8s.io", "rbac.authorization.k8s.io"}
 
@@ -35,7 +37,9 @@ pytestmark = needs_kubectl
 
 @functools.cache
 def render(path: str) -> tuple[dict, ...]:
-    done = subprocess.run(["kubectl", "kustomize", str(K8S / path)], capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(K8S / path)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0, f"kubectl kustomize k8s/{path} failed:\n{done.stderr}"
     return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
 
@@ -116,8 +120,9 @@ def require(doc: dict, *paths: str) -> None:
     for path in paths:
         node = doc
         for key in path.split("."):
-            assert isinstance(node, dict) and node.get(key) not in (None, "", [], {}), \
+            assert isinstance(node, dict) and node.get(key) not in (None, "", [], {}), (
                 f"{doc['kind']} {doc['metadata'].get('name', '')}: missing {path}"
+            )
             node = node[key]
 
 
@@ -142,9 +147,16 @@ def check_custom(doc: dict) -> None:
             require(ref, "apiVersion", "kind", "name")
             assert ref.get("scaleDown", "never") in {"never", "onsuccess", "progressively"}
         for step in doc["spec"]["strategy"]["canary"]["steps"]:
-            assert len(step) == 1 and next(iter(step)) in {"setWeight", "pause", "analysis", "setCanaryScale",
-                                                            "experiment", "setHeaderRoute", "setMirrorRoute",
-                                                            "plugin"}, step
+            assert len(step) == 1 and next(iter(step)) in {
+                "setWeight",
+                "pause",
+                "analysis",
+                "setCanaryScale",
+                "experiment",
+                "setHeaderRoute",
+                "setMirrorRoute",
+                "plugin",
+            }, step
             if "setWeight" in step:
                 assert 0 <= step["setWeight"] <= 100
             if "analysis" in step:
@@ -162,10 +174,18 @@ def check_custom(doc: dict) -> None:
             assert used <= declared, f"{m['name']} uses undeclared args {used - declared}"
     elif kind == "Application":
         assert api == "argoproj.io/v1alpha1"
-        require(doc, "spec.project", "spec.source.repoURL", "spec.source.path", "spec.source.targetRevision",
-                "spec.destination.namespace")
+        require(
+            doc,
+            "spec.project",
+            "spec.source.repoURL",
+            "spec.source.path",
+            "spec.source.targetRevision",
+            "spec.destination.namespace",
+        )
         dest = doc["spec"]["destination"]
-        assert bool(dest.get("server")) != bool(dest.get("name")), "destination needs exactly one of server/name"
+        assert bool(dest.get("server")) != bool(dest.get("name")), (
+            "destination needs exactly one of server/name"
+        )
     elif kind == "AppProject":
         require(doc, "spec.sourceRepos", "spec.destinations")
     elif kind == "ServiceMonitor":
@@ -189,8 +209,10 @@ def check_custom(doc: dict) -> None:
     elif kind == "TrainJob":
         assert api == "trainer.kubeflow.org/v1alpha1"
         require(doc, "spec.runtimeRef.name")
-        assert doc["spec"]["runtimeRef"].get("kind", "ClusterTrainingRuntime") in {"TrainingRuntime",
-                                                                                   "ClusterTrainingRuntime"}
+        assert doc["spec"]["runtimeRef"].get("kind", "ClusterTrainingRuntime") in {
+            "TrainingRuntime",
+            "ClusterTrainingRuntime",
+        }
     elif kind == "PyTorchJob":
         assert api == "kubeflow.org/v1"
         require(doc, "spec.pytorchReplicaSpecs")
@@ -199,8 +221,13 @@ def check_custom(doc: dict) -> None:
         require(doc, "spec.displayName")
     elif kind == "PipelineVersion":
         assert api == "pipelines.kubeflow.org/v2beta1"
-        require(doc, "spec.pipelineName", "spec.pipelineSpec.pipelineInfo.name", "spec.pipelineSpec.root",
-                "spec.pipelineSpec.schemaVersion")
+        require(
+            doc,
+            "spec.pipelineName",
+            "spec.pipelineSpec.pipelineInfo.name",
+            "spec.pipelineSpec.root",
+            "spec.pipelineSpec.schemaVersion",
+        )
     else:
         raise AssertionError(f"no validation for custom resource {api} {kind}")
 
@@ -213,11 +240,28 @@ def test_custom_resources_have_required_fields(path):
 
 
 def test_each_environment_has_every_kind():
-    expected_serving = {"Deployment", "Rollout", "AnalysisTemplate", "Service", "HorizontalPodAutoscaler",
-                        "PodDisruptionBudget", "NetworkPolicy", "ServiceAccount", "ServiceMonitor",
-                        "PrometheusRule", "ConfigMap"}
-    expected_platform = {"TrainingRuntime", "CronJob", "ServiceAccount", "PersistentVolumeClaim", "ConfigMap",
-                         "Pipeline", "PipelineVersion"}
+    expected_serving = {
+        "Deployment",
+        "Rollout",
+        "AnalysisTemplate",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceAccount",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "ConfigMap",
+    }
+    expected_platform = {
+        "TrainingRuntime",
+        "CronJob",
+        "ServiceAccount",
+        "PersistentVolumeClaim",
+        "ConfigMap",
+        "Pipeline",
+        "PipelineVersion",
+    }
     for env in ENVS:
         assert expected_serving <= {d["kind"] for d in render(f"overlays/{env}")}
         assert expected_platform <= {d["kind"] for d in render(f"overlays/{env}/platform")}
@@ -253,7 +297,9 @@ def test_serving_workload_is_hardened_and_probed(env):
     assert {"UNEXRL_MODEL", "UNEXRL_MODEL_VERSION"} <= env_names
     # The model version is the pod template's annotation, and the model tag is derived from it.
     version_env = next(e for e in c["env"] if e["name"] == "UNEXRL_MODEL_VERSION")
-    assert version_env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['unexrl.io/model-version']"
+    assert (
+        version_env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['unexrl.io/model-version']"
+    )
     version = load_kustomization(f"overlays/{env}")["commonAnnotations"]["unexrl.io/model-version"]
     assert dep["spec"]["template"]["metadata"]["annotations"]["unexrl.io/model-version"] == version
     # Argo Rollouts owns the pods; HPA scales the Rollout; the PDB covers the pods.
@@ -261,8 +307,11 @@ def test_serving_workload_is_hardened_and_probed(env):
     assert rollout["spec"]["workloadRef"]["name"] == "unexrl-serving" and dep["spec"]["replicas"] == 0
     assert rollout["metadata"]["annotations"]["unexrl.io/model-version"] == version
     hpa = one(docs, "HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
-                                             "name": "unexrl-serving"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Rollout",
+        "name": "unexrl-serving",
+    }
     labels = dep["spec"]["template"]["metadata"]["labels"]
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -274,16 +323,23 @@ def test_serving_workload_is_hardened_and_probed(env):
 @pytest.mark.parametrize("env", ENVS)
 def test_only_ingress_and_prometheus_reach_serving(env):
     docs = render(f"overlays/{env}")
-    (pol,) = [p for p in find(docs, "NetworkPolicy")
-              if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "unexrl-serving"]
+    (pol,) = [
+        p
+        for p in find(docs, "NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "unexrl-serving"
+    ]
     assert pol["spec"]["policyTypes"] == ["Ingress"]
     peers = []
     for rule in pol["spec"]["ingress"]:
         assert [p["port"] for p in rule["ports"]] == [3000]
         for peer in rule["from"]:
             assert set(peer) == {"namespaceSelector", "podSelector"}, "each peer must name namespace and pods"
-            peers.append((peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
-                          peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]))
+            peers.append(
+                (
+                    peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+                    peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+                )
+            )
     assert sorted(peers) == [("ingress-nginx", "ingress-nginx"), ("monitoring", "prometheus")]
 
 
@@ -301,12 +357,16 @@ def test_secrets_only_by_reference(path):
                         assert e["value"].startswith("/var/run/secrets/"), f"{e['name']} set inline"
         for cm in find([doc], "ConfigMap"):
             for key, value in (cm.get("data") or {}).items():
-                assert not re.search(r"password=|://[^/\s:]+:[^@\s]+@", str(value)), f"{key}: credentials inline"
+                assert not re.search(r"password=|://[^/\s:]+:[^@\s]+@", str(value)), (
+                    f"{key}: credentials inline"
+                )
 
 
 def test_feature_store_redis_in_dev_external_reference_elsewhere():
     def feature_env(docs):
-        cm = next(c for c in find(docs, "ConfigMap") if c["metadata"]["name"].startswith("unexrl-feature-store"))
+        cm = next(
+            c for c in find(docs, "ConfigMap") if c["metadata"]["name"].startswith("unexrl-feature-store")
+        )
         dep = one(docs, "Deployment", "unexrl-serving")
         c = dep["spec"]["template"]["spec"]["containers"][0]
         assert [r["configMapRef"]["name"] for r in c["envFrom"]] == [cm["metadata"]["name"]]
@@ -340,8 +400,14 @@ def test_training_runtime_targets_gpus_with_nccl(env):
     assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"]
     assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
     assert {e["name"] for e in c["env"]} >= {"NCCL_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
-    assert c["image"].endswith("/unexrl-train:" + next(
-        i["newTag"] for i in load_kustomization(f"overlays/{env}/platform")["images"] if i["name"] == "unexrl-train"))
+    assert c["image"].endswith(
+        "/unexrl-train:"
+        + next(
+            i["newTag"]
+            for i in load_kustomization(f"overlays/{env}/platform")["images"]
+            if i["name"] == "unexrl-train"
+        )
+    )
     assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in spec["volumes"]), "/dev/shm for NCCL"
     assert c["command"] == ["torchrun"] and c["args"][:3] == ["-m", "unexrl", "--"]
 
@@ -369,8 +435,10 @@ def test_start_run_picks_the_declared_version():
     spec = importlib.util.spec_from_file_location("start_run", K8S / "base/pipelines/start_run.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    versions = [NS(display_name="v1", created_at=1, pipeline_version_id="a"),
-                NS(display_name="v2", created_at=2, pipeline_version_id="b")]
+    versions = [
+        NS(display_name="v1", created_at=1, pipeline_version_id="a"),
+        NS(display_name="v2", created_at=2, pipeline_version_id="b"),
+    ]
     assert mod.choose_version(versions, "").pipeline_version_id == "b"
     assert mod.choose_version(versions, "v1").pipeline_version_id == "a"
     with pytest.raises(LookupError):
@@ -391,7 +459,9 @@ def test_promtool_check_rules_on_rendered_rules(tmp_path):
     for env in ENVS:
         path = tmp_path / f"{env}.rules.yaml"
         path.write_text(yaml.safe_dump({"groups": rendered_rules(env)["spec"]["groups"]}))
-        done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run(
+            [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
         assert done.returncode == 0, done.stdout + done.stderr
     records = {r.get("record") for g in rendered_rules()["spec"]["groups"] for r in g["rules"]}
     assert set(SERVING_RULES) <= records
@@ -441,11 +511,18 @@ def test_dashboard_configmap_is_the_dashboard_file_byte_for_byte(tmp_path):
     # replaced by a duration) and uses only unexrl metrics or their recording rules.
     promtool = shutil.which("promtool")
     if promtool:
-        rules = [{"record": f"dashboard:panel_{i}", "expr": re.sub(r"\$(__rate_interval|__interval|__range)\b",
-                                                                    "5m", e)} for i, e in enumerate(exprs)]
+        rules = [
+            {
+                "record": f"dashboard:panel_{i}",
+                "expr": re.sub(r"\$(__rate_interval|__interval|__range)\b", "5m", e),
+            }
+            for i, e in enumerate(exprs)
+        ]
         path = tmp_path / "panels.yaml"
         path.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
-        done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run(
+            [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60, check=False
+        )
         assert done.returncode == 0, done.stdout + done.stderr
     for e in exprs:
         names = set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{|\[|\)|$)", e)) - {"by", "without", "le"}
@@ -462,7 +539,9 @@ def test_overlay_carries_the_deploy_fields(env):
     assert set(image) == {"name", "newName", "newTag"}
     assert set(k["commonAnnotations"]) == {"unexrl.io/model-version"}
     dep = one(render(f"overlays/{env}"), "Deployment", "unexrl-serving")
-    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == f"{image['newName']}:{image['newTag']}"
+    assert (
+        dep["spec"]["template"]["spec"]["containers"][0]["image"] == f"{image['newName']}:{image['newTag']}"
+    )
     # the base refers to the serving image by the bare name the overlay replaces
     base = yaml.safe_load((K8S / "base/serving/deployment.yaml").read_text())
     assert base["spec"]["template"]["spec"]["containers"][0]["image"] == "unexrl-serving"
@@ -486,8 +565,11 @@ def test_every_pod_is_restricted(path):
 
 def test_pipeline_manifests_are_the_compiled_ones():
     compiled = ROOT / "pipelines/manifests/unexrl_continuous_training.k8s.yaml"
-    assert (K8S / "base/pipelines/unexrl_continuous_training.k8s.yaml").read_bytes() == compiled.read_bytes(), \
+    assert (
+        K8S / "base/pipelines/unexrl_continuous_training.k8s.yaml"
+    ).read_bytes() == compiled.read_bytes(), (
         "stale copy: cp pipelines/manifests/unexrl_continuous_training.k8s.yaml k8s/base/pipelines/"
+    )
     for env in ENVS:
         docs = render(f"overlays/{env}/platform")
         pipeline = one(docs, "Pipeline")

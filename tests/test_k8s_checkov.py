@@ -20,15 +20,24 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-PATHS = ["overlays/dev", "overlays/staging", "overlays/prod", "overlays/dev/platform", "overlays/staging/platform",
-         "overlays/prod/platform", "argocd"]
+PATHS = [
+    "overlays/dev",
+    "overlays/staging",
+    "overlays/prod",
+    "overlays/dev/platform",
+    "overlays/staging/platform",
+    "overlays/prod/platform",
+    "argocd",
+]
 
 
 def checkov_binary() -> str | None:
-    candidates = [os.environ.get("UNEXRL_CHECKOV"),
-                  str(Path(sys.prefix).parent / ".venv-checkov/bin/checkov"),
-                  str(ROOT / ".venv-checkov/bin/checkov"),
-                  shutil.which("checkov")]
+    candidates = [
+        os.environ.get("UNEXRL_CHECKOV"),
+        str(Path(sys.prefix).parent / ".venv-checkov/bin/checkov"),
+        str(ROOT / ".venv-checkov/bin/checkov"),
+        shutil.which("checkov"),
+    ]
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
@@ -38,7 +47,9 @@ def test_checkov_passes_on_every_rendered_overlay(tmp_path):
     if checkov is None:
         pytest.skip("checkov not installed (make install puts it in .venv-checkov)")
     for path in PATHS:
-        done = subprocess.run(["kubectl", "kustomize", str(K8S / path)], capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run(
+            ["kubectl", "kustomize", str(K8S / path)], capture_output=True, text=True, timeout=60, check=False
+        )
         assert done.returncode == 0, done.stderr
         (tmp_path / (path.replace("/", "-") + ".yaml")).write_text(done.stdout)
     (tmp_path / "trainjob-example.yaml").write_text((K8S / "base/training/trainjob-example.yaml").read_text())
@@ -46,9 +57,14 @@ def test_checkov_passes_on_every_rendered_overlay(tmp_path):
     text = (K8S / ".checkov.yaml").read_text()
     for check in config["skip-check"]:
         assert text.count(check) >= 2, f"{check} is skipped without a written reason"
-    done = subprocess.run([checkov, "-d", str(tmp_path), "--config-file", str(K8S / ".checkov.yaml"),
-                           "-o", "json"], capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"})
+    done = subprocess.run(
+        [checkov, "-d", str(tmp_path), "--config-file", str(K8S / ".checkov.yaml"), "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"},
+    )
     report = json.loads(done.stdout)
     reports = report if isinstance(report, list) else [report]
     failed = [(c["check_id"], c["resource"]) for r in reports for c in r["results"]["failed_checks"]]

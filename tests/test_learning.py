@@ -17,14 +17,19 @@ from unexrl.sim.env import Simulator
 from unexrl.train.loop import train
 
 
-def test_unexrl_cic_beats_cem(small_cfg: Config, small_sim: Simulator,
-                              single_thread: Callable[[], AbstractContextManager[None]]) -> None:
-    cfg = small_cfg.model_copy(update={"diagnostics": small_cfg.diagnostics.model_copy(update={"during_training": False})})
+def test_unexrl_cic_beats_cem(
+    small_cfg: Config, small_sim: Simulator, single_thread: Callable[[], AbstractContextManager[None]]
+) -> None:
+    cfg = small_cfg.model_copy(
+        update={"diagnostics": small_cfg.diagnostics.model_copy(update={"during_training": False})}
+    )
     with single_thread():
         torch.manual_seed(0)
         cem = tune_cem(small_sim, cfg.cem, cfg.seeds.train, progress=False)
         result = train(cfg, cem.weights, small_sim, progress=False)
-        actors, _ = result.selected(cfg.train.select)  # model selection on seeds.validation, as the experiment does
+        actors, _ = result.selected(
+            cfg.train.select
+        )  # model selection on seeds.validation, as the experiment does
         assert actors is not None
         learned = ActorPolicy(actors, cfg, small_sim.world)
         n = cfg.evaluation.sessions_per_seed

@@ -22,8 +22,12 @@ def docs(path: Path) -> list[dict]:
 def test_checked_in_yaml_is_current(tmp_path: Path) -> None:
     """Recompile and compare the parsed documents (the header comment's dict order varies between runs)."""
     compile_all(tmp_path / "p.yaml", tmp_path / "m.yaml")
-    assert docs(tmp_path / "p.yaml") == docs(PIPELINE_YAML), "stale: run `python -m pipelines.continuous_training --compile`"
-    assert docs(tmp_path / "m.yaml") == docs(MANIFESTS_YAML), "stale: run `python -m pipelines.continuous_training --compile`"
+    assert docs(tmp_path / "p.yaml") == docs(PIPELINE_YAML), (
+        "stale: run `python -m pipelines.continuous_training --compile`"
+    )
+    assert docs(tmp_path / "m.yaml") == docs(MANIFESTS_YAML), (
+        "stale: run `python -m pipelines.continuous_training --compile`"
+    )
 
 
 def test_train_task_runs_on_gpu_nodes_with_the_data_pvc() -> None:
@@ -50,7 +54,10 @@ def test_gate_condition_guards_package_and_deploy() -> None:
     spec, _ = docs(PIPELINE_YAML)
     tasks = spec["root"]["dag"]["tasks"]
     cond = tasks["condition-1"]
-    assert cond["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
+    assert (
+        cond["triggerPolicy"]["condition"]
+        == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
+    )
     assert "gate" in cond["dependentTasks"]
     inner = spec["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
     assert set(inner) == {"package", "deploy"}
@@ -64,7 +71,10 @@ def test_kubernetes_manifests() -> None:
     assert (pipeline["kind"], version["kind"]) == ("Pipeline", "PipelineVersion")
     assert version["spec"]["pipelineName"] == pipeline["metadata"]["name"] == "unexrl-continuous-training"
     assert version["metadata"]["namespace"] == "kubeflow"
-    assert "exec-train" in version["spec"]["platformSpec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert (
+        "exec-train"
+        in version["spec"]["platformSpec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    )
 
 
 def test_every_parameter_is_described_for_the_ui() -> None:

@@ -6,7 +6,6 @@ bad release), so a trained candidate must beat it by the CI and the release reac
 the same release wiring (pipelines.continuous_training.release_steps) fed CEM's weights with their sign flipped.
 """
 
-
 import json
 import math
 import subprocess
@@ -28,12 +27,19 @@ from unexrl.pipeline.release import init_manifests_repo
 from unexrl.policies.artifact import save_weight_policy
 from unexrl.policies.weights import WeightPolicy, greedy_weights
 
-FAST = ["train.updates=40", "train.eval_every=20", "train.checkpoint_every=40", "evaluation.sessions_per_seed=200"]
+FAST = [
+    "train.updates=40",
+    "train.eval_every=20",
+    "train.checkpoint_every=40",
+    "evaluation.sessions_per_seed=200",
+]
 ENV = "staging"
 
 
 def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "--git-dir", str(repo), *args], check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", "--git-dir", str(repo), *args], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def manifests_tree(tmp: Path) -> Path:
@@ -43,7 +49,8 @@ def manifests_tree(tmp: Path) -> Path:
     overlay = tmp / "k8s" / "overlays" / ENV
     overlay.mkdir(parents=True)
     (overlay / "kustomization.yaml").write_text(
-        "resources: []\nimages:\n  - name: unexrl-serving\n    newTag: \"0.0.0\"\ncommonAnnotations: {}\n")
+        'resources: []\nimages:\n  - name: unexrl-serving\n    newTag: "0.0.0"\ncommonAnnotations: {}\n'
+    )
     return tmp / "k8s"
 
 
@@ -51,8 +58,9 @@ def manifests_tree(tmp: Path) -> Path:
 def passed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("pipeline-pass")
     cfg = load_config(ROOT / "configs" / "small.yaml")
-    greedy = save_weight_policy(WeightPolicy(greedy_weights(cfg.cascade), cfg.cascade), out / "greedy", cfg,
-                                algorithm="greedy")
+    greedy = save_weight_policy(
+        WeightPolicy(greedy_weights(cfg.cascade), cfg.cascade), out / "greedy", cfg, algorithm="greedy"
+    )
     registry.register(out / "registry", ENV, greedy, model_version="greedy-0", release={"commit": None})
     repo = init_manifests_repo(out / "manifests.git", manifests_tree(out))
     result = run_local("small", out, FAST, environment=ENV, gitops_repo=str(repo))
@@ -73,7 +81,9 @@ def test_pipeline_artifacts(passed_run: dict) -> None:
     assert {"candidate_watch_time_s", "uplift_vs_incumbent_pct_low", "latency_p99_ms"} <= set(logged)
     assert all(math.isfinite(v) for v in logged.values())
     assert Path(passed_run["report"]).read_text().startswith("# Candidate evaluation")
-    log = Path(passed_run["log"]).read_text()  # kfp.local's whole output, kept beside the run (pipelines/console.py)
+    log = Path(
+        passed_run["log"]
+    ).read_text()  # kfp.local's whole output, kept beside the run (pipelines/console.py)
     assert "Executing task" in log and "finished with status" in log and "train unexrl-cic" in log
 
     # the export names the training set it was trained beside, by hash
@@ -108,17 +118,33 @@ def sabotaged_candidate(config: str, overrides: list, cem: Output[Model], candid
 
     cfg = steps.resolve_config(config, overrides)
     tuned = steps.tune_cem_artifact(cfg, Path(cem.path))
-    save_weight_policy(WeightPolicy(-tuned.weights, cfg.cascade), Path(candidate.path), cfg, algorithm="sabotaged")
+    save_weight_policy(
+        WeightPolicy(-tuned.weights, cfg.cascade), Path(candidate.path), cfg, algorithm="sabotaged"
+    )
 
 
 @dsl.pipeline
-def sabotage_pipeline(config: str, config_overrides: list, registry: str, gitops_repo: str, bentoml_home: str):
+def sabotage_pipeline(
+    config: str, config_overrides: list, registry: str, gitops_repo: str, bentoml_home: str
+):
     incumbent = resolve_incumbent(registry=registry, environment=ENV)
     bad = sabotaged_candidate(config=config, overrides=config_overrides)
-    release_steps(config=config, config_overrides=config_overrides, evaluation_seeds=[],
-                  candidate=bad.outputs["candidate"], cem=bad.outputs["cem"], incumbent=incumbent.outputs["incumbent"],
-                  min_uplift_pct=1.0, latency_budget_ms=50.0, bentoml_home=bentoml_home, gitops_repo=gitops_repo,
-                  environment=ENV, gitops_branch="main", registry=registry, data_pvc="unexrl-data")
+    release_steps(
+        config=config,
+        config_overrides=config_overrides,
+        evaluation_seeds=[],
+        candidate=bad.outputs["candidate"],
+        cem=bad.outputs["cem"],
+        incumbent=incumbent.outputs["incumbent"],
+        min_uplift_pct=1.0,
+        latency_budget_ms=50.0,
+        bentoml_home=bentoml_home,
+        gitops_repo=gitops_repo,
+        environment=ENV,
+        gitops_branch="main",
+        registry=registry,
+        data_pvc="unexrl-data",
+    )
 
 
 def test_sabotaged_candidate_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,15 +152,26 @@ def test_sabotaged_candidate_is_refused(tmp_path: Path, monkeypatch: pytest.Monk
     seeded = git(repo, "rev-parse", "main").strip()
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"), raise_on_error=True)
-    sabotage_pipeline(config="small", config_overrides=FAST, registry=str(tmp_path / "registry"),
-                      gitops_repo=str(repo), bentoml_home=str(tmp_path / "bentoml"))
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(tmp_path / "kfp"),
+        raise_on_error=True,
+    )
+    sabotage_pipeline(
+        config="small",
+        config_overrides=FAST,
+        registry=str(tmp_path / "registry"),
+        gitops_repo=str(repo),
+        bentoml_home=str(tmp_path / "bentoml"),
+    )
     (run,) = (tmp_path / "kfp").iterdir()
     result = locate(run, 0.0, str(repo), "main")
     assert not result["gate"]["passed"]
     assert {"uplift >= 1.0%", "uplift CI lower bound > 0"} <= set(result["gate"]["reasons"])
     summary = json.loads((run / "evaluate" / "evaluation" / "summary.json").read_text())
-    assert summary["uplift_vs_incumbent_pct"]["high"] < 0  # the flipped weights are clearly worse, not just noise
+    assert (
+        summary["uplift_vs_incumbent_pct"]["high"] < 0
+    )  # the flipped weights are clearly worse, not just noise
     assert result["bento"] is None and result["deploy"] is None
     assert not (run / "package").exists() and not (run / "deploy").exists()
     assert git(repo, "rev-parse", "main").strip() == seeded  # no deploy commit

@@ -42,8 +42,13 @@ def make_repo(tmp_path: Path, overlay: str | None = OVERLAY, environment: str = 
 
 def test_deploy_commits_two_fields_on_a_new_branch(tmp_path: Path) -> None:
     repo = make_repo(tmp_path)
-    sha = deploy(str(repo), environment="staging", model_version="unexrl-policy:abc123", image_tag="v42",
-                 branch="release/staging")
+    sha = deploy(
+        str(repo),
+        environment="staging",
+        model_version="unexrl-policy:abc123",
+        image_tag="v42",
+        branch="release/staging",
+    )
     assert git(repo, "rev-parse", "release/staging").strip() == sha
     assert git(repo, "rev-parse", "main").strip() != sha  # main untouched
     changed = git(repo, "diff", "--name-only", "main", "release/staging").split()
@@ -56,15 +61,30 @@ def test_deploy_commits_two_fields_on_a_new_branch(tmp_path: Path) -> None:
     assert images["other-image"]["newTag"] == "7"
     assert doc["commonAnnotations"] == {"team": "recsys", ANNOTATION: "unexrl-policy:abc123"}
     assert text.startswith("# staging overlay (comment kept by the deploy)")
-    diff = [line for line in git(repo, "diff", "main", "release/staging").splitlines()
-            if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))]
-    assert len([d for d in diff if d.startswith("-")]) == 1 and len([d for d in diff if d.startswith("+")]) == 2
+    diff = [
+        line
+        for line in git(repo, "diff", "main", "release/staging").splitlines()
+        if line.startswith(("+", "-")) and not line.startswith(("+++", "---"))
+    ]
+    assert (
+        len([d for d in diff if d.startswith("-")]) == 1 and len([d for d in diff if d.startswith("+")]) == 2
+    )
 
     # a second release stacks on the branch
-    sha2 = deploy(str(repo), environment="staging", model_version="unexrl-policy:def456", image_tag="v43",
-                  branch="release/staging")
+    sha2 = deploy(
+        str(repo),
+        environment="staging",
+        model_version="unexrl-policy:def456",
+        image_tag="v43",
+        branch="release/staging",
+    )
     assert git(repo, "rev-parse", "release/staging~1").strip() == sha
-    assert yaml.safe_load(git(repo, "show", f"{sha2}:k8s/overlays/staging/kustomization.yaml"))["images"][1]["newTag"] == "v43"
+    assert (
+        yaml.safe_load(git(repo, "show", f"{sha2}:k8s/overlays/staging/kustomization.yaml"))["images"][1][
+            "newTag"
+        ]
+        == "v43"
+    )
 
 
 def test_deploy_refuses_missing_overlay_or_image(tmp_path: Path) -> None:
@@ -86,8 +106,12 @@ def test_deploy_refuses_missing_overlay_or_image(tmp_path: Path) -> None:
 def test_project_overlays_take_a_deployment(tmp_path: Path) -> None:
     """The k8s/ tree of this repository honours the two fields for every environment."""
     repo = init_manifests_repo(tmp_path / "m.git", ROOT / "k8s")
-    for env in sorted(p.name for p in (ROOT / "k8s" / "overlays").iterdir() if (p / "kustomization.yaml").is_file()):
-        sha = deploy(str(repo), environment=env, model_version="unexrl-policy:x1", image_tag="x1", branch="main")
+    for env in sorted(
+        p.name for p in (ROOT / "k8s" / "overlays").iterdir() if (p / "kustomization.yaml").is_file()
+    ):
+        sha = deploy(
+            str(repo), environment=env, model_version="unexrl-policy:x1", image_tag="x1", branch="main"
+        )
         doc = yaml.safe_load(git(repo, "show", f"{sha}:k8s/overlays/{env}/kustomization.yaml"))
         assert [e["newTag"] for e in doc["images"] if e["name"] == "unexrl-serving"] == ["x1"]
         assert doc["commonAnnotations"][ANNOTATION] == "unexrl-policy:x1"

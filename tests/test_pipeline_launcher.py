@@ -21,10 +21,17 @@ DATA = Path(__file__).parent / "data" / "k8s"
 
 
 def spec(**kw) -> JobSpec:
-    base = {"name": "unexrl-train-x", "namespace": "kubeflow", "image": "ghcr.io/unexrl/unexrl-train-gpu:0.1.0",
-            "args": ["train", "--config", "/data/c.yaml", "--out", "/data/run"], "nodes": 3, "gpus_per_node": 8,
-            "pvc": "unexrl-data", "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+    base = {
+        "name": "unexrl-train-x",
+        "namespace": "kubeflow",
+        "image": "ghcr.io/unexrl/unexrl-train-gpu:0.1.0",
+        "args": ["train", "--config", "/data/c.yaml", "--out", "/data/run"],
+        "nodes": 3,
+        "gpus_per_node": 8,
+        "pvc": "unexrl-data",
+        "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    }
     return JobSpec(**(base | kw))
 
 
@@ -49,13 +56,19 @@ def test_trainjob_manifest() -> None:
     assert (m["apiVersion"], m["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
     t = m["spec"]["trainer"]
     assert m["spec"]["runtimeRef"]["name"] == "torch-distributed"
-    assert (t["numNodes"], t["numProcPerNode"], t["resourcesPerNode"]["limits"]) == (3, 8, {"nvidia.com/gpu": 8})
+    assert (t["numNodes"], t["numProcPerNode"], t["resourcesPerNode"]["limits"]) == (
+        3,
+        8,
+        {"nvidia.com/gpu": 8},
+    )
     assert t["command"] == ["torchrun", "-m", "unexrl", "--"] and t["args"][0] == "train"
     over = m["spec"]["podTemplateOverrides"][0]
     assert over["targetJobs"] == [{"name": "node"}]
     assert over["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
     assert over["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert over["spec"]["volumes"] == [{"name": "data", "persistentVolumeClaim": {"claimName": "unexrl-data"}}]
+    assert over["spec"]["volumes"] == [
+        {"name": "data", "persistentVolumeClaim": {"claimName": "unexrl-data"}}
+    ]
     assert over["spec"]["containers"][0]["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
 
 
@@ -67,7 +80,11 @@ def test_pytorchjob_manifest() -> None:
     assert m["spec"]["nprocPerNode"] == "8"
     pod = replicas["Worker"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 8}
-    assert pod["nodeSelector"] and pod["tolerations"] and pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "unexrl-data"
+    assert (
+        pod["nodeSelector"]
+        and pod["tolerations"]
+        and pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "unexrl-data"
+    )
     assert "Worker" not in render("pytorchjob", spec(nodes=1))["spec"]["pytorchReplicaSpecs"]
 
 
@@ -80,8 +97,10 @@ def test_bad_job_settings_are_refused() -> None:
         spec(pvc="")
 
 
-@pytest.mark.parametrize("name,kind,polls", [("trainjob_complete.json", "trainjob", 4),
-                                             ("pytorchjob_succeeded.json", "pytorchjob", 4)])
+@pytest.mark.parametrize(
+    "name,kind,polls",
+    [("trainjob_complete.json", "trainjob", 4), ("pytorchjob_succeeded.json", "pytorchjob", 4)],
+)
 def test_wait_until_success(name: str, kind: str, polls: int) -> None:
     get, sleep, calls = replay(name)
     obj = wait_for_job(kind, get, poll_s=1, sleep=sleep)
@@ -89,8 +108,13 @@ def test_wait_until_success(name: str, kind: str, polls: int) -> None:
     assert calls["get"] == polls and calls["sleep"] == polls - 1  # a Restarting PyTorchJob is not finished
 
 
-@pytest.mark.parametrize("name,kind,message", [("trainjob_failed.json", "trainjob", "BackoffLimitExceeded"),
-                                               ("pytorchjob_failed.json", "pytorchjob", "Master replica")])
+@pytest.mark.parametrize(
+    "name,kind,message",
+    [
+        ("trainjob_failed.json", "trainjob", "BackoffLimitExceeded"),
+        ("pytorchjob_failed.json", "pytorchjob", "Master replica"),
+    ],
+)
 def test_wait_raises_on_failure(name: str, kind: str, message: str) -> None:
     get, sleep, _ = replay(name)
     with pytest.raises(TrainingFailed, match=message):
@@ -122,8 +146,19 @@ def test_wait_times_out_and_survives_api_errors() -> None:
 
 def test_torchrun_command() -> None:
     cmd = torchrun_command(2, ["train", "--logs", "L"])
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "unexrl", "--",
-                       "train", "--logs", "L"]
+    assert cmd[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "unexrl",
+        "--",
+        "train",
+        "--logs",
+        "L",
+    ]
     assert torchrun_command(1, ["train"])[1:] == ["-m", "unexrl", "train"]
     with pytest.raises(ValueError):
         torchrun_command(0, [])

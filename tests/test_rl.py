@@ -25,17 +25,23 @@ SMALL_NETS = ["algo.hidden=32", "algo.embedding_dim=4", "algo.batch_size=64"]
 
 
 def _agent(cfg: Config, sim: Simulator, **algo: object) -> CascadeAgent:
-    cfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"hidden": 32, "embedding_dim": 4, **algo})})
+    cfg = cfg.model_copy(
+        update={"algo": cfg.algo.model_copy(update={"hidden": 32, "embedding_dim": 4, **algo})}
+    )
     torch.manual_seed(0)
     w = sim.world
-    return CascadeAgent(cfg, w.n_users, w.n_items, w.n_categories, torch.full((1, sum(cfg.cascade.action_dims)), 0.5))
+    return CascadeAgent(
+        cfg, w.n_users, w.n_items, w.n_categories, torch.full((1, sum(cfg.cascade.action_dims)), 0.5)
+    )
 
 
 @pytest.fixture(scope="module")
 def collected(small_cfg: Config, small_sim: Simulator) -> tuple[CascadeAgent, list[Step], ReplayBuffer]:
     agent = _agent(small_cfg, small_sim)
     steps: list[Step] = []
-    rollout(small_sim, ActorPolicy(agent.actors, small_cfg, small_sim.world), 1000, 64, 64, on_step=steps.append)
+    rollout(
+        small_sim, ActorPolicy(agent.actors, small_cfg, small_sim.world), 1000, 64, 64, on_step=steps.append
+    )
     buffer = ReplayBuffer(small_cfg, 10_000)
     buffer.add_steps(steps, small_sim.world)
     return agent, steps, buffer
@@ -49,7 +55,9 @@ def test_cic_replay_equals_the_simulator(small_cfg: Config, small_sim: Simulator
         for step in steps:
             tau = tau1_from_observation(step.obs, small_sim.world, small_cfg.session.max_requests, n_groups)
             embedding = agent.actors.embed(sparse_features(tau))
-            out, actions, _ = cascade_with_actors(tau, embedding, small_sim.keep, agent.actors, stop_gradient=True)
+            out, actions, _ = cascade_with_actors(
+                tau, embedding, small_sim.keep, agent.actors, stop_gradient=True
+            )
             for logged, again in zip(step.cascade.candidates, out.candidates):
                 assert torch.equal(logged, again)
             for logged, again in zip(step.cascade.actions, actions):
@@ -62,7 +70,11 @@ def test_buffer_replay_equals_the_simulator(collected) -> None:  # type: ignore[
     pages = torch.cat([s.cascade.page[s.active] for s in steps])
     idx = torch.arange(buffer.size)
     tau = buffer.tau(idx)
-    out = run_cascade(tau.predictions, [s.keep for s in buffer.cfg.cascade.stages], replay_actions([a[idx] for a in buffer.actions]))
+    out = run_cascade(
+        tau.predictions,
+        [s.keep for s in buffer.cfg.cascade.stages],
+        replay_actions([a[idx] for a in buffer.actions]),
+    )
     assert torch.equal(out.page, pages)
     # every non-final transition links to the same session's next request
     nxt = buffer.next_index[idx]
@@ -73,8 +85,10 @@ def test_buffer_replay_equals_the_simulator(collected) -> None:  # type: ignore[
 
 def _head_grads(agent: CascadeAgent) -> list[bool]:
     """Which stage heads a backward pass reached."""
-    return [any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in head.parameters())
-            for head in agent.actors.heads]
+    return [
+        any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in head.parameters())
+        for head in agent.actors.heads
+    ]
 
 
 def _trained(agent: CascadeAgent) -> CascadeAgent:
@@ -96,8 +110,10 @@ def _stage_losses(agent: CascadeAgent, batch: Batch) -> tuple[list[torch.Tensor]
     dense = torch.cat([batch.tau.state, batch.first_summary], dim=1)
     features = critic.head.state_features(critic.encoder(kjt).detach(), dense, FIRST).detach()
     centre = [a.detach() for a in actions]
-    losses = [-critic.head(features, [a if j == i else a.detach() for j, a in enumerate(actions)], centre)[0].mean()
-              for i in range(len(actions))]
+    losses = [
+        -critic.head(features, [a if j == i else a.detach() for j, a in enumerate(actions)], centre)[0].mean()
+        for i in range(len(actions))
+    ]
     return losses, critic.head.value(features).abs().mean()
 
 
@@ -119,8 +135,12 @@ def test_stopping_gradient(small_cfg: Config, small_sim: Simulator, collected, s
 
 
 @pytest.mark.parametrize("sg", [True, False])
-def test_the_actor_step_is_the_sum_of_the_stage_losses(small_cfg: Config, small_sim: Simulator, collected,  # type: ignore[no-untyped-def]
-                                                       sg: bool) -> None:
+def test_the_actor_step_is_the_sum_of_the_stage_losses(
+    small_cfg: Config,
+    small_sim: Simulator,
+    collected,  # type: ignore[no-untyped-def]
+    sg: bool,
+) -> None:
     """The update's single Q_1 evaluation has the gradient of sum_i L_i, with and without SG (proximal term off:
     it is added beside the L_i)."""
     _, _, buffer = collected
@@ -193,16 +213,31 @@ def test_cqr_is_uniform_within_cells_on_held_data(small_cfg: Config, small_sim: 
 
 @pytest.mark.parametrize("algo", ["unexrl-cic", "unexrl-ctde", "td3", "ddpg", "independent-ddpg"])
 def test_every_algorithm_trains(small_cfg: Config, small_sim: Simulator, algo: str) -> None:
-    cfg = small_cfg.model_copy(update={
-        "algo": small_cfg.algo.model_copy(update={"name": algo, "hidden": 32, "embedding_dim": 4, "batch_size": 32}),
-        "train": small_cfg.train.model_copy(update={"updates": 6, "warmup_sessions": 16, "sessions_per_collect": 8,
-                                                     "updates_per_collect": 3, "eval_every": 6, "eval_sessions": 8}),
-        "diagnostics": small_cfg.diagnostics.model_copy(update={"sessions": 8, "gradient_sessions": 8}),
-    })
+    cfg = small_cfg.model_copy(
+        update={
+            "algo": small_cfg.algo.model_copy(
+                update={"name": algo, "hidden": 32, "embedding_dim": 4, "batch_size": 32}
+            ),
+            "train": small_cfg.train.model_copy(
+                update={
+                    "updates": 6,
+                    "warmup_sessions": 16,
+                    "sessions_per_collect": 8,
+                    "updates_per_collect": 3,
+                    "eval_every": 6,
+                    "eval_sessions": 8,
+                }
+            ),
+            "diagnostics": small_cfg.diagnostics.model_copy(update={"sessions": 8, "gradient_sessions": 8}),
+        }
+    )
     result = train(cfg, torch.full((1, sum(cfg.cascade.action_dims)), 0.5), small_sim, progress=False)
     assert result.agent.updates == 6
     point = result.curve[0]
     assert len(result.curve) == 1 and point["validation_watch_time"] > 0
     assert all(math.isfinite(v) for k, v in point.items() if k != "diagnostics")
     diagnostics = point["diagnostics"]  # the critic diagnostics ran at the validation point
-    assert math.isfinite(diagnostics["calibration"]["relative_bias"]) and -1 <= diagnostics["gradient"]["cosine"]["mean"] <= 1
+    assert (
+        math.isfinite(diagnostics["calibration"]["relative_bias"])
+        and -1 <= diagnostics["gradient"]["cosine"]["mean"] <= 1
+    )

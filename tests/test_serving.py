@@ -28,17 +28,41 @@ from unexrl.serve.package import ARTIFACT_SUBDIR, ENV_SHADOW_MODEL, BentoInfo, b
 from unexrl.serve.traffic import run_traffic
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["train.updates=6", "train.eval_sessions=8", "train.buffer_size=2000", "algo.batch_size=32", "algo.hidden=32"]
+TRAIN = [
+    "train.updates=6",
+    "train.eval_sessions=8",
+    "train.buffer_size=2000",
+    "algo.batch_size=32",
+    "algo.hidden=32",
+]
 
 
 @pytest.fixture(scope="module")
-def actors(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path,
-           single_thread: Callable[[], AbstractContextManager[None]]) -> Path:
+def actors(
+    tmp_path_factory: pytest.TempPathFactory,
+    cem_artifact: Path,
+    single_thread: Callable[[], AbstractContextManager[None]],
+) -> Path:
     run = tmp_path_factory.mktemp("serve-train") / "run"
     sets = [x for o in TRAIN for x in ("--set", o)]
     with single_thread():
-        assert main(["train", "--config", str(ROOT / "configs" / "small.yaml"), *sets, "--algo", "unexrl-cic",
-                     "--cem", str(cem_artifact), "--out", str(run)]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--config",
+                    str(ROOT / "configs" / "small.yaml"),
+                    *sets,
+                    "--algo",
+                    "unexrl-cic",
+                    "--cem",
+                    str(cem_artifact),
+                    "--out",
+                    str(run),
+                ]
+            )
+            == 0
+        )
     return run / "export"
 
 
@@ -65,7 +89,9 @@ def test_build_bento_pins_the_verified_artifact(bento: BentoInfo, actors: Path) 
     assert bento.model_version == artifact_version(actors)
     assert bento.model_tag == f"unexrl-policy:{bento.model_version}"
     model = bentoml.models.get(bento.model_tag)
-    assert (Path(model.path) / ARTIFACT_SUBDIR / "manifest.json").read_bytes() == (actors / "manifest.json").read_bytes()
+    assert (Path(model.path) / ARTIFACT_SUBDIR / "manifest.json").read_bytes() == (
+        actors / "manifest.json"
+    ).read_bytes()
     built = bentoml.bentos.get(bento.bento_tag)
     assert [str(m.tag) for m in built.info.all_models] == [bento.model_tag]
 
@@ -83,8 +109,10 @@ def test_tampered_artifact_is_refused(tmp_path: Path, cem_artifact: Path, bento:
     tag, _ = import_model(cem_artifact, model_name="unexrl-tampered")
     with open(Path(bentoml.models.get(tag).path) / ARTIFACT_SUBDIR / "weights.pt", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(RuntimeError, match="tampered"), local_service(tag, log_file=tmp_path / "service.log",
-                                                                       start_timeout_s=90):
+    with (
+        pytest.raises(RuntimeError, match="tampered"),
+        local_service(tag, log_file=tmp_path / "service.log", start_timeout_s=90),
+    ):
         pass
 
 
@@ -109,7 +137,9 @@ def test_recommend_feedback_session(service: str, small_cfg: Config) -> None:
     assert again.status_code == 404 and "request_id" in again.text
     nxt = _post(service, "/recommend", {"user_id": 7}).json()
     assert (nxt["session_id"], nxt["step"]) == (42, 1)
-    end = _post(service, "/feedback", {"request_id": nxt["request_id"], "items": [], "session_end": True}).json()
+    end = _post(
+        service, "/feedback", {"request_id": nxt["request_id"], "items": [], "session_end": True}
+    ).json()
     assert end["session_ended"] and end["step"] == 2
     pool = list(range(100, 140))
     chosen = _post(service, "/recommend", {"user_id": 7, "candidates": pool}).json()
@@ -123,16 +153,19 @@ def test_unknown_users_get_cold_start_pages(service: str, small_cfg: Config) -> 
         assert reply.json()["cold_start"] and len(reply.json()["items"]) == small_cfg.cascade.page_size
 
 
-@pytest.mark.parametrize(("path", "body", "field"), [
-    ("/recommend", {"user_id": "seven"}, "user_id"),
-    ("/recommend", {"user_id": 2**70}, "user_id"),
-    ("/recommend", {"user_id": 1, "candidates": [1, 2, 3]}, "candidates"),
-    ("/recommend", {"user_id": 1, "candidates": list(range(15)) + [10**9]}, "candidates[15]"),
-    ("/recommend", {"user_id": 1, "context": {"session_id": -1}}, "session_id"),
-    ("/feedback", {"items": []}, "request_id"),
-    ("/feedback", {"request_id": "x", "items": [{"item_id": 1, "watch_time_s": -1}]}, "watch_time_s"),
-    ("/feedback", {"request_id": "x", "items": [{"item_id": 1}]}, "watch_time_s"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/recommend", {"user_id": "seven"}, "user_id"),
+        ("/recommend", {"user_id": 2**70}, "user_id"),
+        ("/recommend", {"user_id": 1, "candidates": [1, 2, 3]}, "candidates"),
+        ("/recommend", {"user_id": 1, "candidates": list(range(15)) + [10**9]}, "candidates[15]"),
+        ("/recommend", {"user_id": 1, "context": {"session_id": -1}}, "session_id"),
+        ("/feedback", {"items": []}, "request_id"),
+        ("/feedback", {"request_id": "x", "items": [{"item_id": 1, "watch_time_s": -1}]}, "watch_time_s"),
+        ("/feedback", {"request_id": "x", "items": [{"item_id": 1}]}, "watch_time_s"),
+    ],
+)
 def test_bad_input_is_a_4xx_naming_the_field(service: str, path: str, body: object, field: str) -> None:
     reply = _post(service, path, body)
     assert 400 <= reply.status_code < 500, reply.text
@@ -142,8 +175,10 @@ def test_bad_input_is_a_4xx_naming_the_field(service: str, path: str, body: obje
 def test_feedback_for_items_not_on_the_page_names_the_item(service: str) -> None:
     page = _post(service, "/recommend", {"user_id": 3}).json()
     stranger = next(i for i in range(10**4) if i not in page["items"])
-    for items, message in (([{"item_id": stranger, "watch_time_s": 1.0}], "items[0].item_id"),
-                           ([{"item_id": page["items"][0], "watch_time_s": 1.0}] * 2, "items[1].item_id")):
+    for items, message in (
+        ([{"item_id": stranger, "watch_time_s": 1.0}], "items[0].item_id"),
+        ([{"item_id": page["items"][0], "watch_time_s": 1.0}] * 2, "items[1].item_id"),
+    ):
         reply = _post(service, "/feedback", {"request_id": page["request_id"], "items": items})
         assert reply.status_code == 400 and message in reply.text, reply.text
     assert _post(service, "/feedback", {"request_id": page["request_id"], "items": []}).status_code == 200
@@ -151,8 +186,16 @@ def test_feedback_for_items_not_on_the_page_names_the_item(service: str) -> None
 
 def test_openapi_documents_every_field(service: str) -> None:
     schemas = httpx.get(f"{service}/docs.json").json()["components"]["schemas"]
-    ours = ["RecommendRequest", "RequestContext", "RecommendResponse", "StageAction", "FeedbackRequest",
-            "FeedbackItem", "FeedbackResponse", "Health"]
+    ours = [
+        "RecommendRequest",
+        "RequestContext",
+        "RecommendResponse",
+        "StageAction",
+        "FeedbackRequest",
+        "FeedbackItem",
+        "FeedbackResponse",
+        "Health",
+    ]
     for name in ours:
         schema = next(v for k, v in schemas.items() if k.startswith(name))
         for field, spec in schema["properties"].items():
@@ -164,21 +207,42 @@ def test_schemathesis_finds_no_server_error(service: str, tmp_path: Path) -> Non
     if not exe.exists():
         pytest.skip("schemathesis is not installed (the serve-test extra)")
     run = subprocess.run(
-        [str(exe), "run", f"{service}/docs.json", "--checks", "not_a_server_error", "--include-path-regex",
-         "^/(recommend|feedback|version)$", "--max-examples", "20", "--max-time", "30", "--workers", "1",
-         "--suppress-health-check", "all"],
-        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,  # it writes .schemathesis/ there
+        [
+            str(exe),
+            "run",
+            f"{service}/docs.json",
+            "--checks",
+            "not_a_server_error",
+            "--include-path-regex",
+            "^/(recommend|feedback|version)$",
+            "--max-examples",
+            "20",
+            "--max-time",
+            "30",
+            "--workers",
+            "1",
+            "--suppress-health-check",
+            "all",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,  # it writes .schemathesis/ there
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert httpx.get(f"{service}/readyz").status_code == 200  # the worker survived
 
 
 def test_prometheus_returns_data_for_every_dashboard_and_rule_expression(
-        service: str, small_cfg: Config, tmp_path: Path) -> None:
+    service: str, small_cfg: Config, tmp_path: Path
+) -> None:
     if prom.prometheus_path() is None or shutil.which("promtool") is None:
         pytest.skip("prometheus/promtool not installed (make prometheus installs Debian's package)")
     rules = prom.write_rules_file(tmp_path / "rules.yaml")
-    check = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True, text=True, check=False)
+    check = subprocess.run(
+        ["promtool", "check", "rules", str(rules)], capture_output=True, text=True, check=False
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     groups = yaml.safe_load(rules.read_text())["groups"]
     records = [r["expr"] for g in groups for r in g["rules"] if "record" in r]
@@ -203,7 +267,6 @@ def test_prometheus_returns_data_for_every_dashboard_and_rule_expression(
         assert all(r["health"] == "ok" for g in loaded for r in g["rules"]), loaded
 
 
-
 def test_bento_holds_the_project_sources_only(tmp_path: Path, actors: Path, cem_artifact: Path) -> None:
     """make run keeps its BentoML store inside the build context (runs/<out>/bentoml): building there twice must
     not copy the store, or the bentos already in it, into the new bento. Each build in its own process, as the
@@ -212,15 +275,28 @@ def test_bento_holds_the_project_sources_only(tmp_path: Path, actors: Path, cem_
     store.mkdir(parents=True)
     try:
         for i, artifact in enumerate((cem_artifact, actors)):
-            code = ("import sys; from pathlib import Path; from unexrl.pipeline.release import package; "
-                    "package(Path(sys.argv[1]), Path(sys.argv[2]), bentoml_home=sys.argv[3])")
-            built = subprocess.run([sys.executable, "-c", code, str(artifact), str(tmp_path / f"b{i}"), str(store)],
-                                   cwd=ROOT, capture_output=True, text=True, check=False)
+            code = (
+                "import sys; from pathlib import Path; from unexrl.pipeline.release import package; "
+                "package(Path(sys.argv[1]), Path(sys.argv[2]), bentoml_home=sys.argv[3])"
+            )
+            built = subprocess.run(
+                [sys.executable, "-c", code, str(artifact), str(tmp_path / f"b{i}"), str(store)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             assert built.returncode == 0, built.stderr[-2000:]
         bentos = sorted((store / "bentos" / "unexrl-serving").glob("*/src"))
         assert len(bentos) == 2
         for src in bentos:
             # bentofile.yaml: BentoML writes the build file it used beside the sources
-            assert {p.name for p in src.iterdir()} == {"serving", "unexrl", "feature_repo", "pyproject.toml", "bentofile.yaml"}
+            assert {p.name for p in src.iterdir()} == {
+                "serving",
+                "unexrl",
+                "feature_repo",
+                "pyproject.toml",
+                "bentofile.yaml",
+            }
     finally:
         shutil.rmtree(store, ignore_errors=True)

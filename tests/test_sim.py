@@ -37,10 +37,19 @@ def test_rollout_is_deterministic_and_batch_size_invariant(small_cfg: Config, sm
 
 def test_world_depends_only_on_world_seed(small_cfg: Config) -> None:
     w1 = Simulator(small_cfg).world
-    w2 = Simulator(load_config(None, [f"{k}={v}" for k, v in [("world.n_users", 600), ("world.n_items", 6000),
-                                                               ("world.n_categories", 12)]])).world
+    w2 = Simulator(
+        load_config(
+            None,
+            [
+                f"{k}={v}"
+                for k, v in [("world.n_users", 600), ("world.n_items", 6000), ("world.n_categories", 12)]
+            ],
+        )
+    ).world
     assert torch.equal(w1.item_quality, w2.item_quality)
-    w3 = Simulator(small_cfg.model_copy(update={"seeds": small_cfg.seeds.model_copy(update={"world": 1})})).world
+    w3 = Simulator(
+        small_cfg.model_copy(update={"seeds": small_cfg.seeds.model_copy(update={"world": 1})})
+    ).world
     assert not torch.equal(w1.item_quality, w3.item_quality)
 
 
@@ -69,7 +78,9 @@ def test_stage_models_get_more_accurate_downstream(small_cfg: Config, small_sim:
     assert corr[0] < corr[1] < corr[2]
 
 
-def test_replaying_observations_reproduces_every_candidate_set(small_cfg: Config, small_sim: Simulator) -> None:
+def test_replaying_observations_reproduces_every_candidate_set(
+    small_cfg: Config, small_sim: Simulator
+) -> None:
     steps: list[Step] = []
     rollout(small_sim, _policy(small_cfg), seed=1000, sessions=60, batch_size=60, on_step=steps.append)
     for step in steps:
@@ -100,15 +111,23 @@ def test_sessions_end_and_rewards_are_page_watch_time(small_cfg: Config, small_s
 
 def test_two_to_five_stages(small_cfg: Config) -> None:
     """The number of stages is configuration: a 2-stage and a 5-stage cascade simulate and replay."""
-    two = "[{name: retrieve, keep: 12, heads: [affinity, popularity], noise: 0.8}, " \
-          "{name: rank, keep: 4, heads: [affinity, quality, novelty], noise: 0.2}]"
-    five = "[" + ", ".join(
-        f"{{name: s{i}, keep: {k}, heads: [affinity, quality, novelty], noise: {n}}}"
-        for i, (k, n) in enumerate([(80, 1.0), (40, 0.8), (20, 0.6), (10, 0.4), (4, 0.2)])
-    ) + "]"
+    two = (
+        "[{name: retrieve, keep: 12, heads: [affinity, popularity], noise: 0.8}, "
+        "{name: rank, keep: 4, heads: [affinity, quality, novelty], noise: 0.2}]"
+    )
+    five = (
+        "["
+        + ", ".join(
+            f"{{name: s{i}, keep: {k}, heads: [affinity, quality, novelty], noise: {n}}}"
+            for i, (k, n) in enumerate([(80, 1.0), (40, 0.8), (20, 0.6), (10, 0.4), (4, 0.2)])
+        )
+        + "]"
+    )
     for stages, n in ((two, 2), (five, 5)):
-        cfg = load_config(None, ["world.n_users=200", "world.n_items=3000", "cascade.pool_size=150",
-                                 f"cascade.stages={stages}"])
+        cfg = load_config(
+            None,
+            ["world.n_users=200", "world.n_items=3000", "cascade.pool_size=150", f"cascade.stages={stages}"],
+        )
         sim = Simulator(cfg)
         steps: list[Step] = []
         policy = WeightPolicy(torch.full((1, sum(cfg.cascade.action_dims)), 0.5), cfg.cascade)

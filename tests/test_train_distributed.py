@@ -28,10 +28,26 @@ from unexrl.train.export import probe_actions
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config", str(ROOT / "configs" / "small.yaml")]
-TINY = ["train.updates=20", "train.warmup_sessions=32", "train.sessions_per_collect=8", "train.updates_per_collect=10",
-        "train.eval_sessions=20", "train.buffer_size=2000", "algo.batch_size=32", "algo.hidden=32",
-        "algo.actor_start=0"]  # the actors move from the first update, so there is something to export and compare
-TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m", "unexrl", "--"]
+TINY = [
+    "train.updates=20",
+    "train.warmup_sessions=32",
+    "train.sessions_per_collect=8",
+    "train.updates_per_collect=10",
+    "train.eval_sessions=20",
+    "train.buffer_size=2000",
+    "algo.batch_size=32",
+    "algo.hidden=32",
+    "algo.actor_start=0",
+]  # the actors move from the first update, so there is something to export and compare
+TORCHRUN = [
+    str(Path(sys.executable).with_name("torchrun")),
+    "--standalone",
+    "--nproc_per_node",
+    "2",
+    "-m",
+    "unexrl",
+    "--",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -47,8 +63,14 @@ def _args(overrides: list[str]) -> list[str]:
 def _torchrun(args: list[str]) -> subprocess.Popen[str]:
     # `--` ends torchrun's own options: it would read --logs as an abbreviation of its --logs-specs
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([*TORCHRUN, "train", *SMALL, *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [*TORCHRUN, "train", *SMALL, *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _finished(run: Path, proc: subprocess.Popen[str], timeout: float = 300) -> dict:
@@ -66,8 +88,19 @@ def _finished(run: Path, proc: subprocess.Popen[str], timeout: float = 300) -> d
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path, train_logs: Path) -> Path:
     run = tmp_path_factory.mktemp("dist") / "run"
-    proc = _torchrun([*_args([*TINY, "train.checkpoint_every=10"]), "--algo", "unexrl-cic", "--logs", str(train_logs),
-                      "--cem", str(cem_artifact), "--out", str(run)])
+    proc = _torchrun(
+        [
+            *_args([*TINY, "train.checkpoint_every=10"]),
+            "--algo",
+            "unexrl-cic",
+            "--logs",
+            str(train_logs),
+            "--cem",
+            str(cem_artifact),
+            "--out",
+            str(run),
+        ]
+    )
     curve = _finished(run, proc)
     assert curve["updates"] == 20 and curve["world_size"] == 2
     return run
@@ -78,11 +111,20 @@ def test_two_ranks_write_sharded_checkpoints(offline_run: Path) -> None:
     assert [c.name for c in checkpoints] == ["step-00000010", "step-00000020"]
     files = {f.name for f in checkpoints[-1].iterdir()}
     # each rank wrote its shards and its RNG state; the progress record is written last
-    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng-rank0.pt", "rng-rank1.pt", "progress.json"} <= files
+    assert {
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "rng-rank0.pt",
+        "rng-rank1.pt",
+        "progress.json",
+    } <= files
     assert json.loads((checkpoints[-1] / "progress.json").read_text())["updates"] == 20
 
 
-def test_export_loads_in_one_process_and_acts_like_the_sharded_model(offline_run: Path, train_logs: Path) -> None:
+def test_export_loads_in_one_process_and_acts_like_the_sharded_model(
+    offline_run: Path, train_logs: Path
+) -> None:
     manifest = read_manifest(offline_run / "export")
     assert manifest["kind"] == "actors" and manifest["algorithm"] == "unexrl-cic"
     assert manifest["training"]["world_size"] == 2
@@ -138,7 +180,9 @@ def test_killed_rank_resumes_to_the_same_update_count(tmp_path: Path, cem_artifa
     curve = _finished(run, _torchrun([*args, "--resume"]))
     assert curve["updates"] == 40 and curve["resumed_from"] == killed_at
     points = curve["curve"]
-    assert [p["updates"] for p in points] == list(range(10, 41, 10))  # the points before the kill were restored
+    assert [p["updates"] for p in points] == list(
+        range(10, 41, 10)
+    )  # the points before the kill were restored
     watch = [p["validation_watch_time"] for p in points]
     assert all(math.isfinite(v) and v > 0 for v in watch)
     assert 0.1 < watch[-1] / watch[0] < 10, watch  # comparable: the resumed run did not blow up or collapse
@@ -146,26 +190,60 @@ def test_killed_rank_resumes_to_the_same_update_count(tmp_path: Path, cem_artifa
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-def test_single_process_train_for_every_algorithm(algo: str, tmp_path: Path, cem_artifact: Path, train_logs: Path) -> None:
+def test_single_process_train_for_every_algorithm(
+    algo: str, tmp_path: Path, cem_artifact: Path, train_logs: Path
+) -> None:
     """No torchrun: one process, nothing sharded. unexrl-cic trains online, the rest offline from logs."""
     data = [] if algo == "unexrl-cic" else ["--logs", str(train_logs)]
     overrides = [*TINY, "train.updates=8", "train.eval_sessions=8", "train.warmup_sessions=16"]
-    assert main(["train", *SMALL, *_args(overrides), "--algo", algo, "--cem", str(cem_artifact), *data,
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *SMALL,
+                *_args(overrides),
+                "--algo",
+                algo,
+                "--cem",
+                str(cem_artifact),
+                *data,
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     curve = json.loads((tmp_path / "curve.json").read_text())
-    assert curve["updates"] == 8 and curve["world_size"] == 1 and curve["regime"] == ("online" if not data else "offline")
+    assert (
+        curve["updates"] == 8
+        and curve["world_size"] == 1
+        and curve["regime"] == ("online" if not data else "offline")
+    )
     point = curve["curve"][-1]
     assert all(math.isfinite(v) for k, v in point.items() if k != "diagnostics")
-    assert math.isfinite(point["diagnostics"]["gradient"]["cosine"]["mean"])  # diagnosed at the validation point
+    assert math.isfinite(
+        point["diagnostics"]["gradient"]["cosine"]["mean"]
+    )  # diagnosed at the validation point
     manifest = read_manifest(tmp_path / "export")  # published only after it reloaded and matched the probe
     assert manifest["algorithm"] == algo
     assert manifest["learning_stages"] == ([2] if algo in ("td3", "ddpg") else [0, 1, 2])
 
 
-def test_a_second_run_into_the_same_directory_needs_resume(tmp_path: Path, cem_artifact: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_second_run_into_the_same_directory_needs_resume(
+    tmp_path: Path, cem_artifact: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     overrides = [*TINY, "train.updates=2", "train.eval_sessions=4", "train.warmup_sessions=8"]
-    args = ["train", *SMALL, *_args(overrides), "--algo", "ddpg", "--cem", str(cem_artifact), "--out", str(tmp_path)]
+    args = [
+        "train",
+        *SMALL,
+        *_args(overrides),
+        "--algo",
+        "ddpg",
+        "--cem",
+        str(cem_artifact),
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err
@@ -177,31 +255,60 @@ def test_offline_resume_is_exact(tmp_path: Path, cem_artifact: Path, train_logs:
     """Offline, the buffer comes back from the logs, so a run resumed from its middle checkpoint must end where the
     uninterrupted run ended: networks, targets, Adam states, RNG and CQR knots all restored (one process)."""
     # train.select=final: the actors of points before a resume are not kept, so only the final actors can match
-    overrides = [*TINY, "train.updates=8", "train.checkpoint_every=4", "train.eval_every=4", "train.eval_sessions=4",
-                 "train.select=final"]
+    overrides = [
+        *TINY,
+        "train.updates=8",
+        "train.checkpoint_every=4",
+        "train.eval_every=4",
+        "train.eval_sessions=4",
+        "train.select=final",
+    ]
     args = [*_args(overrides), "--algo", "unexrl-cic", "--logs", str(train_logs), "--cem", str(cem_artifact)]
     assert main(["train", *SMALL, *args, "--out", str(tmp_path / "whole")]) == 0
     (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-00000004", tmp_path / "cut" / "checkpoints" / "step-00000004")
+    shutil.copytree(
+        tmp_path / "whole" / "checkpoints" / "step-00000004",
+        tmp_path / "cut" / "checkpoints" / "step-00000004",
+    )
     assert main(["train", *SMALL, *args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     whole, cut = (json.loads((tmp_path / r / "curve.json").read_text()) for r in ("whole", "cut"))
     for point in (*whole["curve"], *cut["curve"]):
         point["diagnostics"].pop("seconds")  # the only thing the resume may change: how long they took
     assert cut["resumed_from"] == 4 and cut["curve"] == whole["curve"]
-    assert (tmp_path / "whole" / "export" / "actors.safetensors").read_bytes() == \
-        (tmp_path / "cut" / "export" / "actors.safetensors").read_bytes()
+    assert (tmp_path / "whole" / "export" / "actors.safetensors").read_bytes() == (
+        tmp_path / "cut" / "export" / "actors.safetensors"
+    ).read_bytes()
 
 
 def test_export_holds_the_best_validation_point(tmp_path: Path, cem_artifact: Path, train_logs: Path) -> None:
     """Model selection on seeds.validation: the export holds the actors of the best point of the curve."""
     overrides = [*TINY, "train.updates=12", "train.eval_every=3", "train.eval_sessions=8"]
-    assert main(["train", *SMALL, *_args(overrides), "--algo", "unexrl-cic", "--logs", str(train_logs),
-                 "--cem", str(cem_artifact), "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *SMALL,
+                *_args(overrides),
+                "--algo",
+                "unexrl-cic",
+                "--logs",
+                str(train_logs),
+                "--cem",
+                str(cem_artifact),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     points = json.loads((tmp_path / "curve.json").read_text())["curve"]
     best = max(points, key=lambda p: p["validation_watch_time"])
     manifest = read_manifest(tmp_path / "export")
-    assert manifest["selection"] == {"rule": "best_validation", "updates": best["updates"],
-                                     "validation_watch_time": best["validation_watch_time"]}
+    assert manifest["selection"] == {
+        "rule": "best_validation",
+        "updates": best["updates"],
+        "validation_watch_time": best["validation_watch_time"],
+    }
     cfg = Config.model_validate_json(json.dumps(manifest["config"]))
     sim = Simulator(cfg)
     served = probe_actions(load_actor_policy(tmp_path / "export", cfg, sim.world), sim)

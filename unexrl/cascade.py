@@ -95,10 +95,13 @@ def _rows(predictions: Tensor, index: Tensor) -> Tensor:
     pool, about twice as fast on the CPU as ``gather`` along dim 1 with an expanded index; the same values)."""
     b, p, d = predictions.shape
     offsets = torch.arange(b, device=index.device).unsqueeze(1) * p
-    return predictions.reshape(b * p, d).index_select(0, (index + offsets).reshape(-1)).view(b, index.shape[1], d)
+    return (
+        predictions.reshape(b * p, d)
+        .index_select(0, (index + offsets).reshape(-1))
+        .view(b, index.shape[1], d)
+    )
 
 
 def replay_actions(actions: Sequence[Tensor]) -> ActFn:
     """An ActFn that returns logged actions: run_cascade(preds, keep, replay_actions(logged)) replays a log."""
     return lambda view: actions[view.stage]
-

@@ -23,9 +23,21 @@ from unexrl.policies.weights import RandomPolicy, WeightPolicy, greedy_weights
 from unexrl.sim.env import Policy, Simulator
 from unexrl.simulate import behaviour_policy, simulate_logs
 
-__all__ = ["bench_features", "bench_sim", "cem", "diagnose", "evaluate", "experiment", "features", "format_bench",
-           "format_bench_features", "run",
-           "simulate", "traffic", "train"]
+__all__ = [
+    "bench_features",
+    "bench_sim",
+    "cem",
+    "diagnose",
+    "evaluate",
+    "experiment",
+    "features",
+    "format_bench",
+    "format_bench_features",
+    "run",
+    "simulate",
+    "traffic",
+    "train",
+]
 
 log = logging.getLogger("unexrl")
 
@@ -59,7 +71,9 @@ def simulate(cfg: Config, args: argparse.Namespace) -> int:
 def cem(cfg: Config, args: argparse.Namespace) -> int:
     sim = Simulator(cfg)
     policy = tune_cem(sim, cfg.cem, cfg.seeds.train, group_by=args.group_by)
-    save_weight_policy(policy, args.out, cfg, algorithm="cem" if args.group_by == "none" else f"cem-{args.group_by}")
+    save_weight_policy(
+        policy, args.out, cfg, algorithm="cem" if args.group_by == "none" else f"cem-{args.group_by}"
+    )
     log.info("wrote CEM artifact to %s", args.out)
     return 0
 
@@ -73,7 +87,9 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> int:
             raise ValueError(f"--policy {item!r}: expected NAME=DIR")
         policies[name] = load_any_policy(Path(path), cfg, sim.world)
     cem = None
-    for name in dict.fromkeys(args.baseline):  # e.g. --baseline cem --baseline group-cem: the table beside CEM
+    for name in dict.fromkeys(
+        args.baseline
+    ):  # e.g. --baseline cem --baseline group-cem: the table beside CEM
         tuned = tune_baseline(name, sim, cem)
         cem = tuned if name == "cem" else cem
         policies[name] = tuned
@@ -92,7 +108,13 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     sim = Simulator(cfg)
-    log.info("config=%s world: %d users, %d items; cascade %s", cfg.name, sim.world.n_users, sim.world.n_items, cfg.cascade.sizes)
+    log.info(
+        "config=%s world: %d users, %d items; cascade %s",
+        cfg.name,
+        sim.world.n_users,
+        sim.world.n_items,
+        cfg.cascade.sizes,
+    )
 
     baselines = tune_baselines(sim)
     for name, policy in baselines.items():
@@ -126,9 +148,11 @@ def _report_markdown(cfg: Config, table: str, summary: dict[str, Any]) -> str:
         [
             f"# UNEX-RL run report: config `{cfg.name}`",
             "",
-            (f"World: {cfg.world.n_users} users, {cfg.world.n_items} items, {cfg.world.n_categories} categories; "
-            f"cascade {' -> '.join(str(s) for s in cfg.cascade.sizes)} "
-            f"({', '.join(s.name for s in cfg.cascade.stages)})."),
+            (
+                f"World: {cfg.world.n_users} users, {cfg.world.n_items} items, {cfg.world.n_categories} categories; "
+                f"cascade {' -> '.join(str(s) for s in cfg.cascade.sizes)} "
+                f"({', '.join(s.name for s in cfg.cascade.stages)})."
+            ),
             "",
             "## Held-out evaluation",
             "",
@@ -136,13 +160,17 @@ def _report_markdown(cfg: Config, table: str, summary: dict[str, Any]) -> str:
             "",
             "![evaluation](evaluation.png)",
             "",
-            ("Policies: `random` and `greedy` (maximise predicted immediate watch time) are references; `cem` is the "
-            "production baseline (global weights tuned by CEM on training seeds); the `oracle-*` policies know each "
-            "user's hidden type (not deployable) and bound what fixed per-group weights can reach; `popular-matching` "
-            "fixes the matching stage to popularity and re-tunes the rest."),
+            (
+                "Policies: `random` and `greedy` (maximise predicted immediate watch time) are references; `cem` is the "
+                "production baseline (global weights tuned by CEM on training seeds); the `oracle-*` policies know each "
+                "user's hidden type (not deployable) and bound what fixed per-group weights can reach; `popular-matching` "
+                "fixes the matching stage to popularity and re-tunes the rest."
+            ),
             "",
-            (f"Logs for training: `{summary['logs']}`. Time: {summary['seconds']['total']} s "
-            f"(baseline tuning {summary['seconds']['tuning']} s)."),
+            (
+                f"Logs for training: `{summary['logs']}`. Time: {summary['seconds']['total']} s "
+                f"(baseline tuning {summary['seconds']['tuning']} s)."
+            ),
             "",
         ]
     )
@@ -161,9 +189,16 @@ def features(cfg: Config, args: argparse.Namespace) -> int:
             log.info("materialised %s", feature_store.materialize(cfg, args.features))
         else:
             target, table = feature_store.training_set(cfg, args.logs, args.out)
-            log.info("wrote the training set (%d requests, %d columns) to %s", table.num_rows, table.num_columns, target)
+            log.info(
+                "wrote the training set (%d requests, %d columns) to %s",
+                table.num_rows,
+                table.num_columns,
+                target,
+            )
     except FeastError as err:
-        raise ValueError(f"feature store: {err} (has `unexrl features materialize` run for this environment?)") from err
+        raise ValueError(
+            f"feature store: {err} (has `unexrl features materialize` run for this environment?)"
+        ) from err
     return 0
 
 
@@ -190,7 +225,9 @@ def train(cfg: Config, args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"name": args.algo})})
     if args.logs:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"regime": "offline"})})
-    run_training(cfg, args.out, logs=args.logs, cem=args.cem, resume=args.resume, training_set=args.training_set)
+    run_training(
+        cfg, args.out, logs=args.logs, cem=args.cem, resume=args.resume, training_set=args.training_set
+    )
     return 0
 
 
@@ -208,10 +245,16 @@ def diagnose(cfg: Config, args: argparse.Namespace) -> int:
 def traffic(cfg: Config, args: argparse.Namespace) -> int:
     from unexrl.serve.traffic import run_traffic
 
-    report = run_traffic(cfg, args.url, sessions=args.sessions, seconds=args.seconds, concurrency=args.concurrency)
+    report = run_traffic(
+        cfg, args.url, sessions=args.sessions, seconds=args.seconds, concurrency=args.concurrency
+    )
     text = json.dumps(report.to_dict(), indent=2)
     if args.json and args.json != "-":
         Path(args.json).write_text(text + "\n")
-    print(text if args.json else f"{report.sessions_ended}/{report.sessions_started} sessions ended, "
-          f"{report.requests} pages, {report.errors} errors, {report.watch_time_s:.0f} s watched in {report.seconds:.1f} s")
+    print(
+        text
+        if args.json
+        else f"{report.sessions_ended}/{report.sessions_started} sessions ended, "
+        f"{report.requests} pages, {report.errors} errors, {report.watch_time_s:.0f} s watched in {report.seconds:.1f} s"
+    )
     return 1 if report.errors else 0

@@ -72,7 +72,15 @@ class WorldConfig(_Strict):
     duration_sigma: float = Field(default=0.8, gt=0)
     """log-normal sigma of durations"""
     user_types: tuple[UserType, ...] = (
-        UserType(name="quality", share=0.4, quality_weight=3.0, shortness_weight=-1.0, fatigue=0.25, budget=4.0, gain=1.6),
+        UserType(
+            name="quality",
+            share=0.4,
+            quality_weight=3.0,
+            shortness_weight=-1.0,
+            fatigue=0.25,
+            budget=4.0,
+            gain=1.6,
+        ),
         UserType(name="novelty", share=0.3, quality_weight=0.5, fatigue=2.0, novelty_bonus=1.5, budget=3.0),
         UserType(name="binger", share=0.3, quality_weight=0.5, shortness_weight=3.5, fatigue=0.3, budget=3.0),
     )
@@ -98,8 +106,12 @@ class CascadeConfig(_Strict):
     pool_size: int = Field(default=300, ge=2)
     """items in the retrieval pool I^1"""
     stages: tuple[StageConfig, ...] = (
-        StageConfig(name="matching", keep=20, heads=("affinity", "popularity", "novelty", "shortness"), noise=0.9),
-        StageConfig(name="prerank", keep=10, heads=("affinity", "expected_watch", "quality", "novelty"), noise=0.5),
+        StageConfig(
+            name="matching", keep=20, heads=("affinity", "popularity", "novelty", "shortness"), noise=0.9
+        ),
+        StageConfig(
+            name="prerank", keep=10, heads=("affinity", "expected_watch", "quality", "novelty"), noise=0.5
+        ),
         StageConfig(
             name="ranking",
             keep=5,
@@ -220,7 +232,11 @@ class SeedsConfig(_Strict):
 
     @model_validator(mode="after")
     def _disjoint(self) -> SeedsConfig:
-        groups = {"train": set(self.train), "validation": set(self.validation), "evaluation": set(self.evaluation)}
+        groups = {
+            "train": set(self.train),
+            "validation": set(self.validation),
+            "evaluation": set(self.evaluation),
+        }
         names = list(groups)
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
@@ -352,8 +368,17 @@ class ExperimentConfig(_Strict):
     seeds: int = Field(default=5, ge=1)
     """independent training runs per algorithm (each shifts seeds.train; evaluation seeds stay fixed)"""
     variants: tuple[str, ...] = (
-        "cem", "group-cem", "oracle-group-cem-ranking", "oracle-group-cem-all", "ddpg", "td3", "unexrl-ctde",
-        "unexrl-cic", "unexrl-cic-no-sg", "unexrl-cic-no-cqr", "unexrl-cic-plain-step",
+        "cem",
+        "group-cem",
+        "oracle-group-cem-ranking",
+        "oracle-group-cem-all",
+        "ddpg",
+        "td3",
+        "unexrl-ctde",
+        "unexrl-cic",
+        "unexrl-cic-no-sg",
+        "unexrl-cic-no-cqr",
+        "unexrl-cic-plain-step",
     )
     """rows of the results table: a baseline (unexrl/policies/baselines.py), an algo name, or an ablation
     (unexrl-cic-no-sg, unexrl-cic-no-cqr, unexrl-cic-plain-step: see unexrl/experiment.py)"""
@@ -362,10 +387,21 @@ class ExperimentConfig(_Strict):
     agents_seeds: int = Field(default=3, ge=0)
     """seeds per point of the agents-count study (0 skips the study)"""
     agents_stages: tuple[StageConfig, ...] = (
-        StageConfig(name="matching", keep=40, heads=("affinity", "popularity", "novelty", "shortness"), noise=0.9),
-        StageConfig(name="prerank", keep=20, heads=("affinity", "expected_watch", "quality", "novelty"), noise=0.6),
-        StageConfig(name="rank1", keep=10, heads=("affinity", "expected_watch", "quality", "novelty"), noise=0.4),
-        StageConfig(name="ranking", keep=5, heads=("affinity", "expected_watch", "quality", "novelty", "shortness"), noise=0.25),
+        StageConfig(
+            name="matching", keep=40, heads=("affinity", "popularity", "novelty", "shortness"), noise=0.9
+        ),
+        StageConfig(
+            name="prerank", keep=20, heads=("affinity", "expected_watch", "quality", "novelty"), noise=0.6
+        ),
+        StageConfig(
+            name="rank1", keep=10, heads=("affinity", "expected_watch", "quality", "novelty"), noise=0.4
+        ),
+        StageConfig(
+            name="ranking",
+            keep=5,
+            heads=("affinity", "expected_watch", "quality", "novelty", "shortness"),
+            noise=0.25,
+        ),
     )
     """the 4-stage cascade on which 1..4 agents learn (the rest stay at CEM)"""
     eval_sessions_per_seed: int = Field(default=500, ge=1)

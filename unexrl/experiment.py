@@ -64,7 +64,9 @@ def seed_config(cfg: Config, k: int) -> Config:
 
 def variant_config(cfg: Config, variant: str, agents: int | None = None) -> Config:
     if variant not in VARIANTS:
-        raise ValueError(f"unknown experiment variant {variant!r}; known: {', '.join((*BASELINES, *VARIANTS))}")
+        raise ValueError(
+            f"unknown experiment variant {variant!r}; known: {', '.join((*BASELINES, *VARIANTS))}"
+        )
     algo = cfg.algo.model_copy(update={**VARIANTS[variant], "agents": agents})
     return cfg.model_copy(update={"algo": algo})
 
@@ -88,21 +90,40 @@ class Run:
     def save(self, path: Path) -> None:
         arrays = {f"{m}_{i}": v for m, vs in self.outcomes.items() for i, v in enumerate(vs)}
         np.savez(path.with_suffix(".npz"), **arrays)
-        meta = {"variant": self.variant, "seed": self.seed, "agents": self.agents, "curve": self.curve,
-                "seconds": self.seconds, "n_eval_seeds": len(self.outcomes["watch_time"]),
-                "group_actions": self.group_actions, "diagnostics": self.diagnostics}
-        atomic_write_text(path.with_suffix(".json"), json.dumps(meta))  # last: its presence marks a complete run
+        meta = {
+            "variant": self.variant,
+            "seed": self.seed,
+            "agents": self.agents,
+            "curve": self.curve,
+            "seconds": self.seconds,
+            "n_eval_seeds": len(self.outcomes["watch_time"]),
+            "group_actions": self.group_actions,
+            "diagnostics": self.diagnostics,
+        }
+        atomic_write_text(
+            path.with_suffix(".json"), json.dumps(meta)
+        )  # last: its presence marks a complete run
 
     @staticmethod
     def load(path: Path) -> Run:
         meta = json.loads(path.with_suffix(".json").read_text())
         arrays = np.load(path.with_suffix(".npz"))
         outcomes = {m: [arrays[f"{m}_{i}"] for i in range(meta["n_eval_seeds"])] for m in METRICS}
-        return Run(meta["variant"], meta["seed"], meta["agents"], outcomes, meta["curve"], meta["seconds"],
-                   meta["group_actions"], meta["diagnostics"])
+        return Run(
+            meta["variant"],
+            meta["seed"],
+            meta["agents"],
+            outcomes,
+            meta["curve"],
+            meta["seconds"],
+            meta["group_actions"],
+            meta["diagnostics"],
+        )
 
 
-def _evaluate(cfg: Config, sim: Simulator, policy: Policy) -> tuple[dict[str, list[np.ndarray]], list[list[float]]]:
+def _evaluate(
+    cfg: Config, sim: Simulator, policy: Policy
+) -> tuple[dict[str, list[np.ndarray]], list[list[float]]]:
     """Outcomes on every evaluation seed, and the mean action per activity group on the first one."""
     n = cfg.experiment.eval_sessions_per_seed
     n_groups = len(cfg.world.user_types)
@@ -114,8 +135,10 @@ def _evaluate(cfg: Config, sim: Simulator, policy: Policy) -> tuple[dict[str, li
         sums.index_add_(0, group, torch.cat(step.cascade.actions, dim=1)[step.active].cpu().double())
         counts.index_add_(0, group, torch.ones_like(group, dtype=torch.float64))
 
-    outs = [rollout(sim, policy, s, n, min(n, cfg.evaluation.batch_size), on_step=record if i == 0 else None)
-            for i, s in enumerate(cfg.seeds.evaluation)]
+    outs = [
+        rollout(sim, policy, s, n, min(n, cfg.evaluation.batch_size), on_step=record if i == 0 else None)
+        for i, s in enumerate(cfg.seeds.evaluation)
+    ]
     actions = (sums / counts.clamp_min(1)[:, None]).tolist()
     return {m: [getattr(o, m) for o in outs] for m in METRICS}, actions
 
@@ -124,10 +147,15 @@ def _baseline(cfg: Config, sim: Simulator, name: str, k: int, folder: Path) -> W
     """Baseline ``name`` of training seed k, tuned once per cascade and kept in ``folder`` for the other runs and
     for a resume (every baseline but CEM starts from this seed's CEM)."""
     path = folder / f"{name}-seed{k}.pt"
-    group_by = {"group-cem": "activity_group", "oracle-group-cem-ranking": "oracle_type",
-                "oracle-group-cem-all": "oracle_type"}.get(name, "none")
+    group_by = {
+        "group-cem": "activity_group",
+        "oracle-group-cem-ranking": "oracle_type",
+        "oracle-group-cem-all": "oracle_type",
+    }.get(name, "none")
     if path.is_file():
-        return WeightPolicy(torch.load(path).to(sim.world.item_category.device), cfg.cascade, group_by=group_by)  # type: ignore[arg-type]
+        return WeightPolicy(
+            torch.load(path).to(sim.world.item_category.device), cfg.cascade, group_by=group_by
+        )  # type: ignore[arg-type]
     cem = None if name == "cem" else _baseline(cfg, sim, "cem", k, folder)
     policy = tune_baseline(name, sim, cem, progress=False)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -156,23 +184,31 @@ def _run(cfg: Config, variant: str, k: int, agents: int | None, folder: Path) ->
         # on the validation sessions the learners' curves are measured on: the reference lines of their plot
         t = kcfg.train
         validation = rollout(sim, policy, kcfg.seeds.validation[0], t.eval_sessions, t.eval_sessions)
-        curve: list[dict[str, Any]] = [{"updates": 0, "validation_watch_time": float(validation.watch_time.mean())}]
+        curve: list[dict[str, Any]] = [
+            {"updates": 0, "validation_watch_time": float(validation.watch_time.mean())}
+        ]
     else:
         cem = _baseline(kcfg, sim, "cem", k, folder)
         vcfg = variant_config(kcfg, variant, agents)
         # the final critic is diagnosed below; diagnoses at every validation point would double a run's cost
-        vcfg = vcfg.model_copy(update={"diagnostics": vcfg.diagnostics.model_copy(update={"during_training": False})})
+        vcfg = vcfg.model_copy(
+            update={"diagnostics": vcfg.diagnostics.model_copy(update={"during_training": False})}
+        )
         result = train(vcfg, cem.weights, sim, progress=False)
         # model selection on seeds.validation (train.select), as the export of `unexrl train` makes it
         selected, _ = result.selected(kcfg.train.select)
         actors = selected if selected is not None else result.agent.actors
         policy, curve = ActorPolicy(actors, kcfg, sim.world), result.curve
-        if cfg.experiment.diagnose and agents is None:  # the final critic, with the final actors it was trained for
+        if (
+            cfg.experiment.diagnose and agents is None
+        ):  # the final critic, with the final actors it was trained for
             diagnostics = diagnose(result.agent, sim, result.agent.actors, result.knots).model_dump()
     outcomes, group_actions = _evaluate(kcfg, sim, policy)
     run = Run(variant, k, agents, outcomes, curve, time.perf_counter() - started, group_actions, diagnostics)
     run.save(path)
-    log.info("%s: watch time %.0f s (%.0f s)", name, np.concatenate(run.outcomes["watch_time"]).mean(), run.seconds)
+    log.info(
+        "%s: watch time %.0f s (%.0f s)", name, np.concatenate(run.outcomes["watch_time"]).mean(), run.seconds
+    )
     return run
 
 
@@ -186,18 +222,34 @@ def run_experiment(cfg: Config, out: Path) -> dict[str, Any]:
 
     e = cfg.experiment
     runs_dir = out / "runs"
-    four = cfg.model_copy(update={"cascade": cfg.cascade.model_copy(update={"stages": e.agents_stages}),
-                                  "name": f"{cfg.name}-4stage"})
+    four = cfg.model_copy(
+        update={
+            "cascade": cfg.cascade.model_copy(update={"stages": e.agents_stages}),
+            "name": f"{cfg.name}-4stage",
+        }
+    )
     four = Config.model_validate_json(four.model_dump_json())
     # CEM runs first (in one process by this order, with workers as a first wave): the other runs of a seed read
     # its tuned weights from disk
-    main_jobs = sorted(((v, k, None) for k in range(e.seeds) for v in e.variants), key=lambda j: j[0] != "cem")
-    study_jobs = sorted(((v, k, n) for k in range(e.agents_seeds) for v in ("cem", *e.agents_algos)
-                         for n in ((None,) if v == "cem" else range(1, len(e.agents_stages) + 1))),
-                        key=lambda j: j[0] != "cem")
+    main_jobs = sorted(
+        ((v, k, None) for k in range(e.seeds) for v in e.variants), key=lambda j: j[0] != "cem"
+    )
+    study_jobs = sorted(
+        (
+            (v, k, n)
+            for k in range(e.agents_seeds)
+            for v in ("cem", *e.agents_algos)
+            for n in ((None,) if v == "cem" else range(1, len(e.agents_stages) + 1))
+        ),
+        key=lambda j: j[0] != "cem",
+    )
     for variant in {*e.variants, *e.agents_algos} - {*BASELINES, *VARIANTS}:
-        raise ValueError(f"unknown experiment variant {variant!r}; known: {', '.join((*BASELINES, *VARIANTS))}")
-    jobs = [(cfg, *j, runs_dir / "main") for j in main_jobs] + [(four, *j, runs_dir / "agents") for j in study_jobs]
+        raise ValueError(
+            f"unknown experiment variant {variant!r}; known: {', '.join((*BASELINES, *VARIANTS))}"
+        )
+    jobs = [(cfg, *j, runs_dir / "main") for j in main_jobs] + [
+        (four, *j, runs_dir / "agents") for j in study_jobs
+    ]
     for folder in ("main", "agents"):
         (runs_dir / folder).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -208,10 +260,15 @@ def run_experiment(cfg: Config, out: Path) -> dict[str, Any]:
                 runs.append(_run(*job))
                 bar.update(1)
         else:
-            spawn = multiprocessing.get_context("spawn")  # never fork a process whose torch threads have started
+            spawn = multiprocessing.get_context(
+                "spawn"
+            )  # never fork a process whose torch threads have started
             with ProcessPoolExecutor(e.workers, mp_context=spawn, initializer=_one_thread) as pool:
                 futures: dict[int, Future[Run]] = {}
-                waves = ([i for i, j in enumerate(jobs) if j[1] == "cem"], [i for i, j in enumerate(jobs) if j[1] != "cem"])
+                waves = (
+                    [i for i, j in enumerate(jobs) if j[1] == "cem"],
+                    [i for i, j in enumerate(jobs) if j[1] != "cem"],
+                )
                 try:  # CEM runs as a first wave: every later run of a seed reads its tuned weights from disk
                     for wave in waves:
                         futures |= {i: pool.submit(_run, *jobs[i]) for i in wave}
@@ -222,7 +279,7 @@ def run_experiment(cfg: Config, out: Path) -> dict[str, Any]:
                     pool.shutdown(cancel_futures=True)  # do not wait for the queued runs
                     raise
                 runs = [futures[i].result() for i in range(len(jobs))]
-    main_runs, study_runs = runs[:len(main_jobs)], runs[len(main_jobs):]
+    main_runs, study_runs = runs[: len(main_jobs)], runs[len(main_jobs) :]
     results = summarise(main_runs, study_runs, cfg, time.perf_counter() - started)
     write_results(results, out)
     return results
@@ -242,7 +299,9 @@ def summarise(main_runs: list[Run], agent_runs: list[Run], cfg: Config, seconds:
     for variant, runs in by_variant.items():
         row = {m: bootstrap_mean(_group(runs, m), n_boot).as_dict() for m in METRICS}
         if cem_runs and variant != "cem" and {r.seed for r in runs} == {r.seed for r in cem_runs}:
-            row["uplift_vs_cem_pct"] = bootstrap_uplift(_group(runs, "watch_time"), _group(cem_runs, "watch_time"), n_boot).as_dict()
+            row["uplift_vs_cem_pct"] = bootstrap_uplift(
+                _group(runs, "watch_time"), _group(cem_runs, "watch_time"), n_boot
+            ).as_dict()
         row["train_seconds_mean"] = float(np.mean([r.seconds for r in runs]))
         row["curve"] = _mean_curve(runs)
         row["group_actions"] = np.mean([r.group_actions for r in runs], axis=0).tolist()
@@ -254,7 +313,9 @@ def summarise(main_runs: list[Run], agent_runs: list[Run], cfg: Config, seconds:
     for r in agent_runs:
         key = "cem" if r.agents is None else f"{r.variant}/{r.agents}"
         study.setdefault(key, []).append(r)
-    study_rows = {key: bootstrap_mean(_group(runs, "watch_time"), n_boot).as_dict() for key, runs in study.items()}
+    study_rows = {
+        key: bootstrap_mean(_group(runs, "watch_time"), n_boot).as_dict() for key, runs in study.items()
+    }
     return {
         "config": cfg.name,
         "seeds": cfg.experiment.seeds,
@@ -271,6 +332,7 @@ def summarise(main_runs: list[Run], agent_runs: list[Run], cfg: Config, seconds:
 
 def _diagnostics_mean(diagnosed: list[dict[str, Any]]) -> dict[str, Any]:
     """The headline diagnostics averaged over training seeds (each seed's full record stays in per_seed)."""
+
     def mean(path: tuple[str, ...]) -> float:
         values = []
         for d in diagnosed:
@@ -283,10 +345,14 @@ def _diagnostics_mean(diagnosed: list[dict[str, Any]]) -> dict[str, Any]:
         "calibration.relative_bias": mean(("calibration", "relative_bias")),
         "calibration.correlation": mean(("calibration", "correlation")),
         "gradient.cosine": mean(("gradient", "cosine", "mean")),
-        "gradient.cosine_per_group": np.mean([d["gradient"]["cosine"]["per_group"] for d in diagnosed], 0).tolist(),
+        "gradient.cosine_per_group": np.mean(
+            [d["gradient"]["cosine"]["per_group"] for d in diagnosed], 0
+        ).tolist(),
         "gradient.sign_agreement": mean(("gradient", "sign_agreement", "mean")),
         "gradient.cosine_training_return": mean(("gradient", "cosine_training_return", "mean")),
-        "gradient.truth_split_half_cosine": float(np.mean([d["gradient"]["truth_split_half_cosine"] for d in diagnosed])),
+        "gradient.truth_split_half_cosine": float(
+            np.mean([d["gradient"]["truth_split_half_cosine"] for d in diagnosed])
+        ),
         "reward_alignment": mean(("reward_alignment", "mean")),
     }
 
@@ -296,8 +362,10 @@ def _mean_curve(runs: list[Run]) -> list[dict[str, float]]:
         return []
     points = min(len(r.curve) for r in runs)
     return [
-        {"updates": runs[0].curve[i]["updates"],
-         "validation_watch_time": float(np.mean([r.curve[i]["validation_watch_time"] for r in runs]))}
+        {
+            "updates": runs[0].curve[i]["updates"],
+            "validation_watch_time": float(np.mean([r.curve[i]["validation_watch_time"] for r in runs])),
+        }
         for i in range(points)
     ]
 
@@ -329,30 +397,55 @@ def results_markdown(results: dict[str, Any]) -> str:
     ]
     for variant, row in results["table"].items():
         uplift = _fmt(row["uplift_vs_cem_pct"], 1) if "uplift_vs_cem_pct" in row else "-"
-        lines.append(f"| {variant} | {_fmt(row['watch_time'])} | {_fmt(row['items'], 1)} | {_fmt(row['requests'], 2)} | {uplift} |")
+        lines.append(
+            f"| {variant} | {_fmt(row['watch_time'])} | {_fmt(row['items'], 1)} | {_fmt(row['requests'], 2)} | {uplift} |"
+        )
     diagnosed = {v: row["diagnostics"]["mean"] for v, row in results["table"].items() if "diagnostics" in row}
     if diagnosed:
-        header = ("| variant | relative bias | correlation | gradient cosine (mean; per group) | sign agreement "
-                  "| truth repeatability | cosine vs training return | reward alignment |")
-        lines += ["", "## Final critic diagnostics (validation seed; mean over training seeds)", "", header,
-                  "|---|---|---|---|---|---|---|---|"]
+        header = (
+            "| variant | relative bias | correlation | gradient cosine (mean; per group) | sign agreement "
+            "| truth repeatability | cosine vs training return | reward alignment |"
+        )
+        lines += [
+            "",
+            "## Final critic diagnostics (validation seed; mean over training seeds)",
+            "",
+            header,
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for v, d in diagnosed.items():
             per_group = " / ".join(f"{x:+.2f}" for x in d["gradient.cosine_per_group"])
-            lines.append(f"| {v} | {d['calibration.relative_bias']:+.0%} | {d['calibration.correlation']:.2f} "
-                         f"| {d['gradient.cosine']:+.2f} ({per_group}) | {d['gradient.sign_agreement']:.2f} "
-                         f"| {d['gradient.truth_split_half_cosine']:.2f} | {d['gradient.cosine_training_return']:+.2f} "
-                         f"| {d['reward_alignment']:+.2f} |")
-    lines += ["", "## Mean action per activity group (first evaluation seed; mean over training seeds)", "",
-              ("Does a learner personalise? Each cell: the policy's mean weight for that group; group-cem's are its "
-               "tuned table."), "",
-              "| variant | group | " + " | ".join(results["weights"]) + " |",
-              "|---|---|" + "---|" * len(results["weights"])]
+            lines.append(
+                f"| {v} | {d['calibration.relative_bias']:+.0%} | {d['calibration.correlation']:.2f} "
+                f"| {d['gradient.cosine']:+.2f} ({per_group}) | {d['gradient.sign_agreement']:.2f} "
+                f"| {d['gradient.truth_split_half_cosine']:.2f} | {d['gradient.cosine_training_return']:+.2f} "
+                f"| {d['reward_alignment']:+.2f} |"
+            )
+    lines += [
+        "",
+        "## Mean action per activity group (first evaluation seed; mean over training seeds)",
+        "",
+        (
+            "Does a learner personalise? Each cell: the policy's mean weight for that group; group-cem's are its "
+            "tuned table."
+        ),
+        "",
+        "| variant | group | " + " | ".join(results["weights"]) + " |",
+        "|---|---|" + "---|" * len(results["weights"]),
+    ]
     for variant, row in results["table"].items():
         for g, actions in enumerate(row["group_actions"]):
-            lines.append(f"| {variant} | {results['groups'][g]} | " + " | ".join(f"{x:+.2f}" for x in actions) + " |")
+            lines.append(
+                f"| {variant} | {results['groups'][g]} | " + " | ".join(f"{x:+.2f}" for x in actions) + " |"
+            )
     if results["agents_study"]:
-        lines += ["", "## Agents-count study (4-stage cascade; learning stages counted from ranking, rest at CEM)", "",
-                  "| algo / agents | watch time / session (s) |", "|---|---|"]
+        lines += [
+            "",
+            "## Agents-count study (4-stage cascade; learning stages counted from ranking, rest at CEM)",
+            "",
+            "| algo / agents | watch time / session (s) |",
+            "|---|---|",
+        ]
         lines += [f"| {key} | {_fmt(e)} |" for key, e in results["agents_study"].items()]
     lines += ["", "![learning curves](learning_curves.png)", ""]
     if results["agents_study"]:
@@ -369,7 +462,11 @@ def plot_results(results: dict[str, Any], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for variant, row in results["table"].items():
         if row["curve"] and variant not in BASELINES:
-            ax.plot([p["updates"] for p in row["curve"]], [p["validation_watch_time"] for p in row["curve"]], label=variant)
+            ax.plot(
+                [p["updates"] for p in row["curve"]],
+                [p["validation_watch_time"] for p in row["curve"]],
+                label=variant,
+            )
     for variant, style in (("cem", "--"), ("group-cem", ":")):
         reference = results["table"].get(variant, {}).get("curve")
         if reference:  # the same validation sessions as the curves
@@ -384,11 +481,19 @@ def plot_results(results: dict[str, Any], out: Path) -> None:
     for algo in algos:
         pts = sorted((int(k.split("/")[1]), e) for k, e in study.items() if k.startswith(algo + "/"))
         xs = [n for n, _ in pts]
-        ax.errorbar(xs, [e["mean"] for _, e in pts], yerr=[[e["mean"] - e["low"] for _, e in pts],
-                    [e["high"] - e["mean"] for _, e in pts]], marker="o", capsize=3, label=algo)
+        ax.errorbar(
+            xs,
+            [e["mean"] for _, e in pts],
+            yerr=[[e["mean"] - e["low"] for _, e in pts], [e["high"] - e["mean"] for _, e in pts]],
+            marker="o",
+            capsize=3,
+            label=algo,
+        )
     if "cem" in study:
         ax.axhline(study["cem"]["mean"], color="k", ls="--", label="cem")
-    _save(fig, ax, "learning agents (from the ranking stage up)", "watch time / session (s)", out / "agents.png")
+    _save(
+        fig, ax, "learning agents (from the ranking stage up)", "watch time / session (s)", out / "agents.png"
+    )
 
 
 def _save(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> None:

@@ -21,8 +21,12 @@ from unexrl.io import atomic_write_text
 
 IMAGE_NAME = "unexrl-serving"
 ANNOTATION = "unexrl.io/model-version"
-_AUTHOR = {"GIT_AUTHOR_NAME": "unexrl-pipeline", "GIT_AUTHOR_EMAIL": "pipeline@unexrl.invalid",
-           "GIT_COMMITTER_NAME": "unexrl-pipeline", "GIT_COMMITTER_EMAIL": "pipeline@unexrl.invalid"}
+_AUTHOR = {
+    "GIT_AUTHOR_NAME": "unexrl-pipeline",
+    "GIT_AUTHOR_EMAIL": "pipeline@unexrl.invalid",
+    "GIT_COMMITTER_NAME": "unexrl-pipeline",
+    "GIT_COMMITTER_EMAIL": "pipeline@unexrl.invalid",
+}
 _REF = re.compile(r"^[A-Za-z0-9._/-]+$")
 
 
@@ -35,18 +39,29 @@ def overlay_path(environment: str) -> str:
     return f"k8s/overlays/{environment}/kustomization.yaml"
 
 
-def deploy(repo: str, *, environment: str, model_version: str, image_tag: str, branch: str,
-           message: str | None = None) -> str:
+def deploy(
+    repo: str,
+    *,
+    environment: str,
+    model_version: str,
+    image_tag: str,
+    branch: str,
+    message: str | None = None,
+) -> str:
     """Point ``environment``'s overlay at ``image_tag`` / ``model_version`` on ``branch`` of ``repo``; return the commit.
 
     ``repo`` is a local path or a URL git can push to. The branch is created from the default branch when absent.
     A deployment that changes nothing still commits (``--allow-empty``), so every release has its own sha.
     """
     if not repo:
-        raise GitOpsError("no GitOps repository given (the pipeline parameter gitops_repo): nowhere to deploy")
+        raise GitOpsError(
+            "no GitOps repository given (the pipeline parameter gitops_repo): nowhere to deploy"
+        )
     for name, value in (("environment", environment), ("branch", branch)):
         if not value or not _REF.match(value) or ".." in value or value.startswith("-"):
-            raise GitOpsError(f"{name} {value!r}: expected a plain name ([A-Za-z0-9._/-], no '..', not starting with '-')")
+            raise GitOpsError(
+                f"{name} {value!r}: expected a plain name ([A-Za-z0-9._/-], no '..', not starting with '-')"
+            )
     for name, value in (("model_version", model_version), ("image_tag", image_tag)):
         if not value or any(c.isspace() for c in value):
             raise GitOpsError(f"{name} {value!r}: must be a non-empty string without spaces")
@@ -69,7 +84,9 @@ def deploy(repo: str, *, environment: str, model_version: str, image_tag: str, b
 def set_release(kustomization: Path, *, model_version: str, image_tag: str) -> None:
     """Edit the two release fields of one overlay in place; refuse an overlay without the serving image entry."""
     if not kustomization.is_file():
-        raise GitOpsError(f"no overlay at {kustomization}: create k8s/overlays/<environment>/kustomization.yaml first")
+        raise GitOpsError(
+            f"no overlay at {kustomization}: create k8s/overlays/<environment>/kustomization.yaml first"
+        )
     yaml = YAML()
     yaml.preserve_quotes = True
     yaml.indent(mapping=2, sequence=4, offset=2)  # the Kustomize style: "  - name: ..." under a key
@@ -80,8 +97,10 @@ def set_release(kustomization: Path, *, model_version: str, image_tag: str) -> N
     images = doc.get("images") or []
     entries = [e for e in images if isinstance(e, dict) and e.get("name") == IMAGE_NAME]
     if len(entries) != 1:
-        raise GitOpsError(f"{kustomization}: expected exactly one `images:` entry with name: {IMAGE_NAME}, "
-                          f"found {len(entries)}")
+        raise GitOpsError(
+            f"{kustomization}: expected exactly one `images:` entry with name: {IMAGE_NAME}, "
+            f"found {len(entries)}"
+        )
     entries[0]["newTag"] = image_tag
     if doc.get("commonAnnotations") is None:
         doc["commonAnnotations"] = {}
@@ -95,5 +114,7 @@ def _git(cwd: Path | None, *args: str) -> str:
     env = {**os.environ, **_AUTHOR, "GIT_TERMINAL_PROMPT": "0"}
     done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise GitOpsError(f"git {' '.join(args)} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+        raise GitOpsError(
+            f"git {' '.join(args)} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}"
+        )
     return done.stdout

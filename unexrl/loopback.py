@@ -14,7 +14,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float, interval_s: float = 0.1) -> bool:
+def wait_http_ready(
+    proc: subprocess.Popen[bytes], url: str, timeout_s: float, interval_s: float = 0.1
+) -> bool:
     """Poll ``url`` until it answers 200; False if ``proc`` exited first (e.g. the port was taken) or time ran out."""
     import httpx
 

@@ -28,13 +28,28 @@ def behaviour_policy(sim: Simulator, base: WeightPolicy | None, seed: int) -> tu
 
 
 def simulate_logs(
-    sim: Simulator, policy: Policy, description: dict[str, Any], out: Path, seed: int, progress: bool = True,
+    sim: Simulator,
+    policy: Policy,
+    description: dict[str, Any],
+    out: Path,
+    seed: int,
+    progress: bool = True,
     overwrite: bool = False,
 ) -> Path:
     """Roll ``policy`` out for ``cfg.logging.sessions`` sessions of ``seed`` and write the log directory."""
     cfg = sim.cfg
     if seed not in cfg.seeds.train:
-        raise ValueError(f"log seed {seed} is not one of seeds.train {list(cfg.seeds.train)}: logs are training data")
+        raise ValueError(
+            f"log seed {seed} is not one of seeds.train {list(cfg.seeds.train)}: logs are training data"
+        )
     with LogWriter(cfg, sim.world, out, overwrite=overwrite) as writer:
-        rollout(sim, policy, seed, cfg.logging.sessions, cfg.logging.batch_size, on_step=writer.add, progress=progress)
+        rollout(
+            sim,
+            policy,
+            seed,
+            cfg.logging.sessions,
+            cfg.logging.batch_size,
+            on_step=writer.add,
+            progress=progress,
+        )
         return writer.close(behaviour=description, seeds=[seed])

@@ -4,6 +4,7 @@ self CPU time. The breakdown in docs/benchmarks.md comes from this script.
 
     python benchmarks/cpu/profile_update.py
 """
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 

@@ -30,12 +30,28 @@ ROOT = Path(__file__).resolve().parents[2]
 CUDA = ["--set", "device=cuda"]
 SMALL = ["--config", "configs/small.yaml", *CUDA]
 PAPER = ["--config", "configs/paper.yaml", *CUDA]
-TRAIN = ["train.updates=300", "train.warmup_sessions=256", "train.sessions_per_collect=64",
-         "train.updates_per_collect=100", "train.eval_every=300", "train.eval_sessions=200", "train.checkpoint_every=150",
-         "algo.batch_size=256"]
-PAPER_RUN = ["experiment.variants=[cem,td3,unexrl-ctde,unexrl-cic]", "experiment.agents_seeds=0", "experiment.eval_sessions_per_seed=2000",
-             "cem.iterations=10", "train.updates=1500", "train.eval_every=250", "train.eval_sessions=1000",
-             "train.warmup_sessions=1024", "train.sessions_per_collect=128", "train.updates_per_collect=50"]
+TRAIN = [
+    "train.updates=300",
+    "train.warmup_sessions=256",
+    "train.sessions_per_collect=64",
+    "train.updates_per_collect=100",
+    "train.eval_every=300",
+    "train.eval_sessions=200",
+    "train.checkpoint_every=150",
+    "algo.batch_size=256",
+]
+PAPER_RUN = [
+    "experiment.variants=[cem,td3,unexrl-ctde,unexrl-cic]",
+    "experiment.agents_seeds=0",
+    "experiment.eval_sessions_per_seed=2000",
+    "cem.iterations=10",
+    "train.updates=1500",
+    "train.eval_every=250",
+    "train.eval_sessions=1000",
+    "train.warmup_sessions=1024",
+    "train.sessions_per_collect=128",
+    "train.updates_per_collect=50",
+]
 """the paper-config run's budget: the paper's sizes, a training budget that fits a few minutes of one GPU"""
 RUN_DIR = Path("/tmp/unexrl-gpu-run")  # checkpoints are deeper than what comes back from OUT
 PAPER_DIR = Path("/tmp/unexrl-gpu-paper")
@@ -45,7 +61,9 @@ def _sets(overrides: list[str]) -> list[str]:
     return [x for o in overrides for x in ("--set", o)]
 
 
-def _run(cmd: list[str], out: Path, name: str, timeout: float) -> tuple[subprocess.CompletedProcess[str] | None, float]:
+def _run(
+    cmd: list[str], out: Path, name: str, timeout: float
+) -> tuple[subprocess.CompletedProcess[str] | None, float]:
     """Run a command from the repo root with its output in OUT/<name>.log; None when it ran past ``timeout``."""
     started = time.perf_counter()
     try:
@@ -67,18 +85,42 @@ def environment() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     cuda = torch.cuda.is_available()
-    return {"python": sys.version.split()[0], "versions": versions, "cuda": cuda,
-            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []}
+    return {
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "cuda": cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+    }
 
 
 def nccl_train(out: Path, gpus: int, timeout: float) -> dict[str, Any]:
     """A short unexrl-cic run on the small config, tables sharded over NCCL; its curve, export and timings."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), "-m", "unexrl",
-           "--", "train", *SMALL, *_sets(TRAIN), "--algo", "unexrl-cic", "--out", str(RUN_DIR)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(gpus),
+        "-m",
+        "unexrl",
+        "--",
+        "train",
+        *SMALL,
+        *_sets(TRAIN),
+        "--algo",
+        "unexrl-cic",
+        "--out",
+        str(RUN_DIR),
+    ]
     proc, wall = _run(cmd, out, "nccl_train", timeout)
     log = (out / "nccl_train.log").read_text()
-    result: dict[str, Any] = {"command": " ".join(cmd[1:]), "returncode": proc.returncode if proc else None,
-                              "wall_s": wall, "backend_nccl": "backend=nccl" in log}
+    result: dict[str, Any] = {
+        "command": " ".join(cmd[1:]),
+        "returncode": proc.returncode if proc else None,
+        "wall_s": wall,
+        "backend_nccl": "backend=nccl" in log,
+    }
     if not (RUN_DIR / "curve.json").is_file():
         return result | {"error": "no curve.json written; see nccl_train.log"}
     from unexrl.policies.artifact import read_manifest
@@ -99,22 +141,43 @@ def nccl_train(out: Path, gpus: int, timeout: float) -> dict[str, Any]:
 def bench(kind: str, out: Path, timeout: float) -> dict[str, Any]:
     """`unexrl bench <kind>` on the paper config, on the GPU."""
     path = out / f"bench_{kind}.json"
-    proc, wall = _run([sys.executable, "-m", "unexrl", "bench", kind, *PAPER, "--json", str(path)], out, f"bench_{kind}",
-                      timeout)
+    proc, wall = _run(
+        [sys.executable, "-m", "unexrl", "bench", kind, *PAPER, "--json", str(path)],
+        out,
+        f"bench_{kind}",
+        timeout,
+    )
     if proc is None or proc.returncode != 0 or not path.is_file():
-        return {"returncode": proc.returncode if proc else None, "wall_s": wall,
-                "error": (out / f"bench_{kind}.log").read_text()[-3000:]}
+        return {
+            "returncode": proc.returncode if proc else None,
+            "wall_s": wall,
+            "error": (out / f"bench_{kind}.log").read_text()[-3000:],
+        }
     return json.loads(path.read_text()) | {"wall_s": wall}
 
 
 def paper_run(out: Path, timeout: float) -> dict[str, Any]:
     """CEM, TD3 and UNEX-RL-CIC on configs/paper.yaml, one training seed; results.md/json and plots into OUT."""
-    cmd = [sys.executable, "-m", "unexrl", "experiment", *PAPER, *_sets(PAPER_RUN), "--seeds", "1",
-           "--out", str(PAPER_DIR)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unexrl",
+        "experiment",
+        *PAPER,
+        *_sets(PAPER_RUN),
+        "--seeds",
+        "1",
+        "--out",
+        str(PAPER_DIR),
+    ]
     proc, wall = _run(cmd, out, "paper_run", timeout)
     finished = sorted(p.stem for p in (PAPER_DIR / "runs").glob("*.json"))
-    result: dict[str, Any] = {"command": " ".join(cmd[1:]), "returncode": proc.returncode if proc else None,
-                              "wall_s": wall, "finished_runs": finished}
+    result: dict[str, Any] = {
+        "command": " ".join(cmd[1:]),
+        "returncode": proc.returncode if proc else None,
+        "wall_s": wall,
+        "finished_runs": finished,
+    }
     for name in ("results.json", "results.md", "learning_curves.png"):
         if (PAPER_DIR / name).is_file():
             shutil.copy(PAPER_DIR / name, out / f"paper_{name}")
@@ -124,10 +187,16 @@ def paper_run(out: Path, timeout: float) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--budget-s", type=float, default=540, help="stop starting checks after this many seconds")
-    parser.add_argument("--checks", nargs="+", help="run only these checks (a paper_run resumes its finished runs)")
+    parser.add_argument(
+        "--budget-s", type=float, default=540, help="stop starting checks after this many seconds"
+    )
+    parser.add_argument(
+        "--checks", nargs="+", help="run only these checks (a paper_run resumes its finished runs)"
+    )
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

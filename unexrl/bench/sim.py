@@ -43,7 +43,9 @@ def _median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -
 
 def lean_reference_cascade(predictions: list[Tensor], keep: list[int], actions: list[Tensor]) -> Tensor:
     """Selection only: stage 1 scores the whole pool with one batched mat-vec, later stages gather survivors."""
-    index = torch.bmm(predictions[0], actions[0].unsqueeze(-1)).squeeze(-1).topk(keep[0], 1, sorted=False).indices
+    index = (
+        torch.bmm(predictions[0], actions[0].unsqueeze(-1)).squeeze(-1).topk(keep[0], 1, sorted=False).indices
+    )
     for pred, k, a in zip(predictions[1:], keep[1:], actions[1:]):
         v = pred.gather(1, index.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))
         index = index.gather(1, torch.bmm(v, a.unsqueeze(-1)).squeeze(-1).topk(k, 1, sorted=False).indices)
@@ -76,7 +78,9 @@ def bench_sim(cfg: Config) -> dict[str, Any]:
     per_request = cascade_bytes_per_request(cfg)
 
     lean_s = _median_seconds(lambda: lean_reference_cascade(preds, sim.keep, actions), repeats, device)
-    cascade_s = _median_seconds(lambda: run_cascade(preds, sim.keep, replay_actions(actions)), repeats, device)
+    cascade_s = _median_seconds(
+        lambda: run_cascade(preds, sim.keep, replay_actions(actions)), repeats, device
+    )
     step_s = _median_seconds(lambda: sim.serve(copy.copy(state), obs, policy), repeats, device)
     full_s = _median_seconds(lambda: sim.step(copy.copy(state), policy), max(3, repeats // 4), device)
 
@@ -108,8 +112,12 @@ def bench_sim(cfg: Config) -> dict[str, Any]:
 
 
 def format_bench(result: dict[str, Any]) -> str:
-    lines = [(f"bench sim: config {result['config']}, batch {result['batch']}, cascade {result['cascade_sizes']}, "
-             f"{result['device']} ({result['torch_threads']} threads)")]
+    lines = [
+        (
+            f"bench sim: config {result['config']}, batch {result['batch']}, cascade {result['cascade_sizes']}, "
+            f"{result['device']} ({result['torch_threads']} threads)"
+        )
+    ]
     for name, value in result["requests_per_s"].items():
         lines.append(f"  {name:28s} {value:14,.0f} requests/s")
     for name, value in result["ratios"].items():

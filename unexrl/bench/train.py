@@ -45,22 +45,30 @@ def bench_train(cfg: Config) -> dict[str, Any]:
     buffer.add_steps(steps, w)
     generator = torch.Generator().manual_seed(0)
     repeats = cfg.bench.repeats
-    ebc = EmbeddingBagCollection(tables=embedding_tables("bench", SPARSE_FEATURES, rows, cfg.algo.embedding_dim),
-                                 device=device)
+    ebc = EmbeddingBagCollection(
+        tables=embedding_tables("bench", SPARSE_FEATURES, rows, cfg.algo.embedding_dim), device=device
+    )
     agents = {}
     for name in ("unexrl-cic", "unexrl-ctde"):
-        algo_cfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"name": name, "policy_delay": 1})})
-        agents[name] = CascadeAgent(algo_cfg, w.n_users, w.n_items, w.n_categories, cem,
-                                    fused_lr=cfg.train.embedding_lr).to(device)
+        algo_cfg = cfg.model_copy(
+            update={"algo": cfg.algo.model_copy(update={"name": name, "policy_delay": 1})}
+        )
+        agents[name] = CascadeAgent(
+            algo_cfg, w.n_users, w.n_items, w.n_categories, cem, fused_lr=cfg.train.embedding_lr
+        ).to(device)
         agents[name].fit_standardizers(buffer.sample(4096, generator).to(device))
 
     per_batch = {}
     for size in (cfg.algo.batch_size, cfg.bench.large_batch):
         batch = buffer.sample(size, generator).to(device)
-        seconds = {name: _median_seconds(lambda agent=agent, batch=batch: agent.update(batch), repeats, device)
-                   for name, agent in agents.items()}
+        seconds = {
+            name: _median_seconds(lambda agent=agent, batch=batch: agent.update(batch), repeats, device)
+            for name, agent in agents.items()
+        }
         kjt = sparse_features(batch.tau).to(device)
-        seconds["raw_ebc"] = _median_seconds(lambda kjt=kjt: ebc(kjt).values().sum().backward(), repeats, device)
+        seconds["raw_ebc"] = _median_seconds(
+            lambda kjt=kjt: ebc(kjt).values().sum().backward(), repeats, device
+        )
         per_batch[size] = {k: size / v for k, v in seconds.items()}
     tps = per_batch[cfg.algo.batch_size]
     return {
@@ -71,24 +79,32 @@ def bench_train(cfg: Config) -> dict[str, Any]:
         "large_batch": cfg.bench.large_batch,
         "tables": {**rows, "dim": cfg.algo.embedding_dim},
         "transitions_per_s": {k: round(v, 1) for k, v in tps.items()},
-        "transitions_per_s_large_batch": {k: round(v, 1) for k, v in per_batch[cfg.bench.large_batch].items()},
+        "transitions_per_s_large_batch": {
+            k: round(v, 1) for k, v in per_batch[cfg.bench.large_batch].items()
+        },
         "ratios": {
             "cic_vs_ctde": tps["unexrl-cic"] / tps["unexrl-ctde"],
             "cic_update_vs_raw_ebc": tps["unexrl-cic"] / tps["raw_ebc"],
             "ctde_update_vs_raw_ebc": tps["unexrl-ctde"] / tps["raw_ebc"],
-            "cic_update_vs_raw_ebc_large_batch": (per_batch[cfg.bench.large_batch]["unexrl-cic"]
-                                                  / per_batch[cfg.bench.large_batch]["raw_ebc"]),
+            "cic_update_vs_raw_ebc_large_batch": (
+                per_batch[cfg.bench.large_batch]["unexrl-cic"] / per_batch[cfg.bench.large_batch]["raw_ebc"]
+            ),
         },
     }
 
 
 def format_bench_train(result: dict[str, Any]) -> str:
-    lines = [(f"bench train: config {result['config']}, batch {result['batch']}, {result['device']} "
-              f"({result['torch_threads']} threads)")]
+    lines = [
+        (
+            f"bench train: config {result['config']}, batch {result['batch']}, {result['device']} "
+            f"({result['torch_threads']} threads)"
+        )
+    ]
     for name, value in result["transitions_per_s"].items():
         large = result["transitions_per_s_large_batch"][name]
-        lines.append(f"  {name:14s} {value:12,.0f} transitions/s  (batch {result['large_batch']}: {large:12,.0f})")
+        lines.append(
+            f"  {name:14s} {value:12,.0f} transitions/s  (batch {result['large_batch']}: {large:12,.0f})"
+        )
     for name, value in result["ratios"].items():
         lines.append(f"  {name:24s} {value:6.3f}")
     return "\n".join(lines)
-

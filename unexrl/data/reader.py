@@ -114,7 +114,9 @@ def cascade_inputs(transitions: pa.Table, cfg: Config) -> tuple[list[Tensor], li
     preds, actions, candidates = [], [], []
     for stage in cfg.cascade.stages:
         d = len(stage.heads)
-        pred = list_matrix(transitions, pred_column(stage.name), pool * d).astype(np.float32).reshape(n, pool, d)
+        pred = (
+            list_matrix(transitions, pred_column(stage.name), pool * d).astype(np.float32).reshape(n, pool, d)
+        )
         preds.append(torch.from_numpy(pred))
         actions.append(
             torch.from_numpy(list_matrix(transitions, action_column(stage.name), d).astype(np.float32))

@@ -65,7 +65,11 @@ class EvaluationReport:
         head = ["policy", *METRICS.values(), ref]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, r in self.results.items():
-            cells = [r.estimates["watch_time"].fmt(0), r.estimates["items"].fmt(1), r.estimates["requests"].fmt(2)]
+            cells = [
+                r.estimates["watch_time"].fmt(0),
+                r.estimates["items"].fmt(1),
+                r.estimates["requests"].fmt(2),
+            ]
             cells.append(r.uplift.fmt(1) if r.uplift else "-")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -75,7 +79,9 @@ class EvaluationReport:
         )
         return "\n".join(lines)
 
-    def write(self, json_path: Path | None = None, md_path: Path | None = None, png_path: Path | None = None) -> None:
+    def write(
+        self, json_path: Path | None = None, md_path: Path | None = None, png_path: Path | None = None
+    ) -> None:
         if json_path:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(self.to_dict(), indent=2))
@@ -103,7 +109,9 @@ class EvaluationReport:
             ax.invert_yaxis()
             ax.grid(axis="x", alpha=0.3)
         axes[1].set_yticklabels([])
-        fig.suptitle(f"Held-out evaluation ({len(self.seeds)} seeds x {self.sessions_per_seed} sessions, 95% CI)")
+        fig.suptitle(
+            f"Held-out evaluation ({len(self.seeds)} seeds x {self.sessions_per_seed} sessions, 95% CI)"
+        )
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
@@ -122,7 +130,9 @@ def evaluate_policies(
     cfg = sim.cfg
     seeds = tuple(seeds if seeds is not None else cfg.seeds.evaluation)
     n = sessions_per_seed or cfg.evaluation.sessions_per_seed
-    report = EvaluationReport(seeds=seeds, sessions_per_seed=n, reference=reference if reference in policies else None)
+    report = EvaluationReport(
+        seeds=seeds, sessions_per_seed=n, reference=reference if reference in policies else None
+    )
     for name, policy in tqdm(policies.items(), desc="evaluate", disable=not progress):
         outcomes = [rollout(sim, policy, s, n, cfg.evaluation.batch_size) for s in seeds]
         by_seed = {m: [getattr(o, m) for o in outcomes] for m in METRICS}

@@ -84,8 +84,11 @@ def rollout(
         _record(final, state)
         parts.append(
             SessionOutcomes(
-                seed=seed, user=user, watch_time=final["watch_time"].numpy(),
-                items=final["items"].numpy().astype(np.float32), requests=final["requests"].numpy().astype(np.int64),
+                seed=seed,
+                user=user,
+                watch_time=final["watch_time"].numpy(),
+                items=final["items"].numpy().astype(np.float32),
+                requests=final["requests"].numpy().astype(np.int64),
             )
         )
     return SessionOutcomes.concat(parts)

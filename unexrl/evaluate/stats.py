@@ -60,7 +60,10 @@ def bootstrap_uplift(
     """
     if [len(c) for c in candidate] != [len(r) for r in reference]:
         raise ValueError("paired uplift needs the same sessions per seed for both policies")
-    pairs = [np.stack([np.asarray(c, np.float64), np.asarray(r, np.float64)], axis=1) for c, r in zip(candidate, reference)]
+    pairs = [
+        np.stack([np.asarray(c, np.float64), np.asarray(r, np.float64)], axis=1)
+        for c, r in zip(candidate, reference)
+    ]
     reps = _replicate_means(pairs, n_boot, seed)
     pooled = np.concatenate(pairs).mean(0)
     return _interval(100.0 * (pooled[0] / pooled[1] - 1.0), 100.0 * (reps[:, 0] / reps[:, 1] - 1.0))

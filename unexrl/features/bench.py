@@ -46,33 +46,43 @@ def bench_features(cfg: Config, logs: Path | None = None, redis: str | None = No
         root = Path(tmp)
         if logs is None:
             sim = Simulator(cfg)
-            logs = simulate_logs(sim, RandomPolicy(cfg.cascade, seed=0), {"kind": "random"}, root / "logs",
-                                 cfg.seeds.train[0])
+            logs = simulate_logs(
+                sim, RandomPolicy(cfg.cascade, seed=0), {"kind": "random"}, root / "logs", cfg.seeds.train[0]
+            )
         features = root / "features"
         manifest = build_features(logs, features, cfg)
         tables = manifest["tables"]
         result["log"] = str(logs)
         result["offline_rows"] = {name: t["rows"] for name, t in tables.items()}
-        result["online_rows"] = {name: _entities(features / t["file"], fs.VIEWS_BY_NAME[name]) for name, t in tables.items()}
+        result["online_rows"] = {
+            name: _entities(features / t["file"], fs.VIEWS_BY_NAME[name]) for name, t in tables.items()
+        }
         world = manifest["config"]["world"]
         requests = _requests(cfg, world["n_users"], world["n_items"])
         environments = {"sqlite": "local"}
         if redis is None and redis_server_path() is None:
-            result["stores"]["redis"] = {"skipped": "redis-server is not installed and no --redis address given"}
+            result["stores"]["redis"] = {
+                "skipped": "redis-server is not installed and no --redis address given"
+            }
         else:
             stack.enter_context(environ({"UNEXRL_REDIS": redis or stack.enter_context(local_redis())}))
             environments["redis"] = "redis"
         for store_name, env in tqdm(environments.items(), desc="stores", leave=False):
             repo = root / f"repo-{store_name}"
             shutil.copytree(repo_path(cfg), repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
-            env_cfg = cfg.model_copy(update={"features": cfg.features.model_copy(
-                update={"repo": str(repo), "environment": env})})
-            result["stores"][store_name] = _measure(env_cfg, features, sum(result["online_rows"].values()), requests)
+            env_cfg = cfg.model_copy(
+                update={"features": cfg.features.model_copy(update={"repo": str(repo), "environment": env})}
+            )
+            result["stores"][store_name] = _measure(
+                env_cfg, features, sum(result["online_rows"].values()), requests
+            )
     result["machine"]["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     return result
 
 
-def _measure(cfg: Config, features: Path, online_rows: int, requests: list[tuple[int, list[int]]]) -> dict[str, Any]:
+def _measure(
+    cfg: Config, features: Path, online_rows: int, requests: list[tuple[int, list[int]]]
+) -> dict[str, Any]:
     """Materialise into a fresh store, then time reads through the client and through Feast alone."""
     from unexrl.features.client import FeatureClient
 
@@ -88,10 +98,13 @@ def _measure(cfg: Config, features: Path, online_rows: int, requests: list[tuple
             raise RuntimeError("the feature store became unreachable during the benchmark")
 
     def feast_alone(user: int, items: list[int]) -> None:
-        for service, key, ids in ((fs.USER_SERVING_SERVICE, fs.USER.join_key, [user]),
-                                  (fs.ITEM_SERVING_SERVICE, fs.ITEM.join_key, items)):
-            store.get_online_features(features=services[service], entity_rows=[{key: i} for i in ids],
-                                      full_feature_names=True).to_dict()
+        for service, key, ids in (
+            (fs.USER_SERVING_SERVICE, fs.USER.join_key, [user]),
+            (fs.ITEM_SERVING_SERVICE, fs.ITEM.join_key, items),
+        ):
+            store.get_online_features(
+                features=services[service], entity_rows=[{key: i} for i in ids], full_feature_names=True
+            ).to_dict()
 
     client_s, feast_s = _latencies(requests, served), _latencies(requests, feast_alone)
     return {
@@ -108,16 +121,22 @@ def _measure(cfg: Config, features: Path, online_rows: int, requests: list[tuple
 def format_bench(result: dict[str, Any]) -> str:
     m = result["machine"]
     rows = sum(result["online_rows"].values())
-    lines = [(f"bench features: config {result['config']}, {rows:,} online rows, {m['cpus']} CPUs (load average "
-              f"{m['load_average_1m_before']} -> {m['load_average_1m_after']}), feast {m['feast']}")]
+    lines = [
+        (
+            f"bench features: config {result['config']}, {rows:,} online rows, {m['cpus']} CPUs (load average "
+            f"{m['load_average_1m_before']} -> {m['load_average_1m_after']}), feast {m['feast']}"
+        )
+    ]
     for name, r in result["stores"].items():
         if "skipped" in r:
             lines.append(f"  {name:7s} skipped: {r['skipped']}")
             continue
         ms, raw = r["online_read_ms"], r["feast_read_ms"]
-        lines.append(f"  {name:7s} materialise {r['materialise_rows_per_s']:>9,} rows/s ({r['materialise_s']} s)   "
-                     f"read user + {r['candidates']} candidates: p50 {ms['p50']} ms, p99 {ms['p99']} ms "
-                     f"(Feast alone: p50 {raw['p50']} ms, p99 {raw['p99']} ms)")
+        lines.append(
+            f"  {name:7s} materialise {r['materialise_rows_per_s']:>9,} rows/s ({r['materialise_s']} s)   "
+            f"read user + {r['candidates']} candidates: p50 {ms['p50']} ms, p99 {ms['p99']} ms "
+            f"(Feast alone: p50 {raw['p50']} ms, p99 {raw['p99']} ms)"
+        )
     return "\n".join(lines)
 
 
@@ -129,8 +148,13 @@ def _entities(path: Path, view: fs.ViewSpec) -> int:
 def _requests(cfg: Config, n_users: int, n_items: int) -> list[tuple[int, list[int]]]:
     """Warm-up plus timed reads: a random user and distinct random catalogue items each."""
     rng = np.random.default_rng(0)
-    return [(int(rng.integers(n_users)), rng.choice(n_items, cfg.features.bench_candidates, replace=False).tolist())
-            for _ in range(WARMUP_READS + cfg.features.bench_reads)]
+    return [
+        (
+            int(rng.integers(n_users)),
+            rng.choice(n_items, cfg.features.bench_candidates, replace=False).tolist(),
+        )
+        for _ in range(WARMUP_READS + cfg.features.bench_reads)
+    ]
 
 
 def _latencies(requests: list[tuple[int, list[int]]], read: Callable[[int, list[int]], None]) -> list[float]:
@@ -145,12 +169,20 @@ def _latencies(requests: list[tuple[int, list[int]]], read: Callable[[int, list[
 
 def _summary(latencies: list[float]) -> dict[str, float]:
     ms = np.asarray(latencies) * 1e3
-    return {"p50": round(float(np.percentile(ms, 50)), 2), "p99": round(float(np.percentile(ms, 99)), 2),
-            "mean": round(float(ms.mean()), 2)}
+    return {
+        "p50": round(float(np.percentile(ms, 50)), 2),
+        "p99": round(float(np.percentile(ms, 99)), 2),
+        "mean": round(float(ms.mean()), 2),
+    }
 
 
 def _machine() -> dict[str, Any]:
     from importlib.metadata import version
 
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "feast": version("feast"), "load_average_1m_before": round(os.getloadavg()[0], 2)}
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "feast": version("feast"),
+        "load_average_1m_before": round(os.getloadavg()[0], 2),
+    }

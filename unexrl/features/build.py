@@ -78,7 +78,9 @@ def read_manifest(features: str | Path) -> dict[str, Any]:
     with fsys.open_input_stream(path) as f:
         manifest = json.loads(f.read())
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{features}: feature tables of schema {manifest.get('schema_version')}, expected {SCHEMA_VERSION}")
+        raise ValueError(
+            f"{features}: feature tables of schema {manifest.get('schema_version')}, expected {SCHEMA_VERSION}"
+        )
     return manifest
 
 
@@ -196,7 +198,9 @@ class _Log:
         def mean(total: np.ndarray, name: str) -> np.ndarray:
             return np.where(seen, total / np.maximum(views, 1), default[name]).astype(np.float32)
 
-        share = np.where(total_watch[:, None] > 0, cat_watch / np.maximum(total_watch, 1e-12)[:, None], 1.0 / n_cat)
+        share = np.where(
+            total_watch[:, None] > 0, cat_watch / np.maximum(total_watch, 1e-12)[:, None], 1.0 / n_cat
+        )
         item_pos = _lookup(_column(self.items, "item_id"), flat_items)
         flat_categories = _column(self.items, "category").astype(np.int64)[item_pos]
         columns = {
@@ -216,7 +220,9 @@ class _Log:
             "recent_watch_fraction": np.where(
                 lengths > 0, recent_fraction, default["recent_watch_fraction"]
             ).astype(np.float32),
-            "category_watch_share": _lists(np.arange(0, share.size + 1, n_cat), share.astype(np.float32).ravel()),
+            "category_watch_share": _lists(
+                np.arange(0, share.size + 1, n_cat), share.astype(np.float32).ravel()
+            ),
             "recent_item_ids": _lists(offsets, flat_items[idx]),
             "recent_category_ids": _lists(offsets, flat_categories[idx]),
         }
@@ -232,7 +238,9 @@ class _Log:
         fraction = _grouped_cumsum(self.fraction.ravel()[order], start)
         likes = _grouped_cumsum(self.like.ravel()[order].astype(np.int64), start)
         prior = self.cfg.features.quality_prior_views
-        quality = np.where(views + prior > 0, (fraction + 0.5 * prior) / np.maximum(views + prior, 1e-12), 0.5)
+        quality = np.where(
+            views + prior > 0, (fraction + 0.5 * prior) / np.maximum(views + prior, 1e-12), 0.5
+        )
         columns = {
             "item_id": item[order],
             fs.TIMESTAMP: _timestamps(stamp[order]),
@@ -268,10 +276,10 @@ class _Log:
         columns: dict[str, list[Any]] = {name: [] for name in fs.CQR_KNOTS.arrow_schema().names}
         for t in tqdm(fits, desc="cqr knots", leave=False):
             use = torch.from_numpy(stamps <= t)
-            knots = fit_cqr_knots(watch[use], groups_u[use], groups_i_t[use], n_u, n_i, self.cfg.features.cqr_knots)
-            counts = np.bincount(
-                (groups_u[use] * n_i + groups_i_t[use]).numpy(), minlength=n_u * n_i
+            knots = fit_cqr_knots(
+                watch[use], groups_u[use], groups_i_t[use], n_u, n_i, self.cfg.features.cqr_knots
             )
+            counts = np.bincount((groups_u[use] * n_i + groups_i_t[use]).numpy(), minlength=n_u * n_i)
             columns["cqr_cell_id"].extend(range(n_u * n_i))
             columns[fs.TIMESTAMP].extend([t] * (n_u * n_i))
             columns["user_group"].extend(cell_u.tolist())
@@ -280,8 +288,11 @@ class _Log:
             columns["samples"].extend(counts.tolist())
         order = np.lexsort((np.asarray(columns[fs.TIMESTAMP]), np.asarray(columns["cqr_cell_id"])))
         types = fs.CQR_KNOTS.arrow_schema()
-        out = {name: pa.array(values, type=types.field(name).type).take(order) for name, values in columns.items()
-               if name != fs.TIMESTAMP}
+        out = {
+            name: pa.array(values, type=types.field(name).type).take(order)
+            for name, values in columns.items()
+            if name != fs.TIMESTAMP
+        }
         return {**out, fs.TIMESTAMP: _timestamps(np.asarray(columns[fs.TIMESTAMP], dtype=np.int64)[order])}
 
 
@@ -298,7 +309,11 @@ def _lookup(column_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def _item_group(duration_s: np.ndarray, cfg: Config) -> np.ndarray:
     edges = cfg.features.duration_bucket_edges_s
-    return duration_bucket(torch.from_numpy(np.asarray(duration_s, dtype=np.float64)), edges).numpy().astype(np.int64)
+    return (
+        duration_bucket(torch.from_numpy(np.asarray(duration_s, dtype=np.float64)), edges)
+        .numpy()
+        .astype(np.int64)
+    )
 
 
 def _timestamps(us: np.ndarray) -> pa.Array:

@@ -79,14 +79,24 @@ class FeatureClient:
         return OnlineFeatures(user={k: v[0] for k, v in user.items()}, items=items, cold_start=cold)
 
     def push_session(
-        self, user_id: int, at: datetime, session_id: int, step: int, items_watched: int, watch_time_s: float,
+        self,
+        user_id: int,
+        at: datetime,
+        session_id: int,
+        step: int,
+        items_watched: int,
+        watch_time_s: float,
         last_watch_fraction: float,
     ) -> bool:
         """Write the user's fresh session state to the online store; False (logged) if the store is down."""
         row = {
-            fs.USER.join_key: [int(user_id)], fs.TIMESTAMP: [at], "session_id": [int(session_id)],
-            "session_step": [int(step)], "session_items_watched": [int(items_watched)],
-            "session_watch_time_s": [float(watch_time_s)], "last_watch_fraction": [float(last_watch_fraction)],
+            fs.USER.join_key: [int(user_id)],
+            fs.TIMESTAMP: [at],
+            "session_id": [int(session_id)],
+            "session_step": [int(step)],
+            "session_items_watched": [int(items_watched)],
+            "session_watch_time_s": [float(watch_time_s)],
+            "last_watch_fraction": [float(last_watch_fraction)],
         }
         try:
             import pandas as pd

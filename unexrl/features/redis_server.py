@@ -32,9 +32,23 @@ def local_redis(attempts: int = 3) -> Iterator[str]:
     for attempt in range(attempts):
         port = free_port()
         proc = subprocess.Popen(
-            [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             if _wait_ready(proc, port):

@@ -72,17 +72,21 @@ class ViewSpec:
 USER = EntitySpec("user", "user_id", "a user (users.user_id of the logs)")
 ITEM = EntitySpec("item", "item_id", "an item (items.item_id of the logs)")
 CQR_CELL = EntitySpec(
-    "cqr_cell", "cqr_cell_id", "a CQR cell (user group G_u, item group G_i): cqr_cell_id = G_u * n_item_groups + G_i"
+    "cqr_cell",
+    "cqr_cell_id",
+    "a CQR cell (user group G_u, item group G_i): cqr_cell_id = G_u * n_item_groups + G_i",
 )
 ENTITIES = (USER, ITEM, CQR_CELL)
 
 USER_PROFILE = ViewSpec(
-    "user_profile", USER,
+    "user_profile",
+    USER,
     (FeatureSpec("activity_group", "int64", "observable activity group G_u (users.activity_group)"),),
     "static user attributes, valid from the log's first request",
 )
 USER_BEHAVIOUR = ViewSpec(
-    "user_behaviour", USER,
+    "user_behaviour",
+    USER,
     (
         FeatureSpec("requests", "int64", "requests of this user whose feedback was complete"),
         FeatureSpec("sessions", "int64", "sessions those requests belong to"),
@@ -93,16 +97,22 @@ USER_BEHAVIOUR = ViewSpec(
         FeatureSpec("mean_viewed_duration_s", "float32", "mean duration of viewed items (short-video taste)"),
         FeatureSpec("click_rate", "float32", "clicks per viewed item"),
         FeatureSpec("like_rate", "float32", "likes per viewed item"),
-        FeatureSpec("recent_watch_fraction", "float32", "mean watch fraction of the last `recent_items` viewed items"),
-        FeatureSpec("category_watch_share", "float32_list",
-                    "share of watch time per category, n_categories values summing to 1"),
+        FeatureSpec(
+            "recent_watch_fraction", "float32", "mean watch fraction of the last `recent_items` viewed items"
+        ),
+        FeatureSpec(
+            "category_watch_share",
+            "float32_list",
+            "share of watch time per category, n_categories values summing to 1",
+        ),
         FeatureSpec("recent_item_ids", "int64_list", "last `recent_items` viewed item ids, oldest first"),
         FeatureSpec("recent_category_ids", "int64_list", "categories of recent_item_ids"),
     ),
     "behaviour aggregates; a row is stamped when a request's feedback is complete (see docs/features.md)",
 )
 USER_SESSION = ViewSpec(
-    "user_session", USER,
+    "user_session",
+    USER,
     (
         FeatureSpec("session_id", "int64", "the user's current session"),
         FeatureSpec("session_step", "int64", "requests already served in the session"),
@@ -111,10 +121,12 @@ USER_SESSION = ViewSpec(
         FeatureSpec("last_watch_fraction", "float32", "mean watch fraction of the previous page"),
     ),
     "session state at request time; serving pushes fresh rows, the batch table replays the logged ones",
-    ttl_s=SESSION_TTL_S, pushed=True,
+    ttl_s=SESSION_TTL_S,
+    pushed=True,
 )
 ITEM_PROFILE = ViewSpec(
-    "item_profile", ITEM,
+    "item_profile",
+    ITEM,
     (
         FeatureSpec("category", "int64", "item category"),
         FeatureSpec("duration_s", "float32", "duration in seconds"),
@@ -123,20 +135,25 @@ ITEM_PROFILE = ViewSpec(
     "static item attributes, valid from the log's first request",
 )
 ITEM_STATS = ViewSpec(
-    "item_stats", ITEM,
+    "item_stats",
+    ITEM,
     (
         FeatureSpec("impressions", "int64", "times shown on a page whose feedback was complete"),
         FeatureSpec("views", "int64", "times viewed"),
         FeatureSpec("view_rate", "float32", "views / impressions"),
-        FeatureSpec("quality_estimate", "float32",
-                    "mean watch fraction of views, shrunk to 0.5 with `quality_prior_views` pseudo-views"),
+        FeatureSpec(
+            "quality_estimate",
+            "float32",
+            "mean watch fraction of views, shrunk to 0.5 with `quality_prior_views` pseudo-views",
+        ),
         FeatureSpec("popularity_estimate", "float32", "log(1 + views)"),
         FeatureSpec("like_rate", "float32", "likes per view"),
     ),
     "item statistics from logged feedback; a row is stamped when a page's feedback is complete",
 )
 CQR_KNOTS = ViewSpec(
-    "cqr_knots", CQR_CELL,
+    "cqr_knots",
+    CQR_CELL,
     (
         FeatureSpec("user_group", "int64", "G_u"),
         FeatureSpec("item_group", "int64", "G_i"),
@@ -180,18 +197,34 @@ def defaults(cfg: Config) -> dict[str, dict[str, Any]]:
     return {
         USER_PROFILE.name: {"activity_group": -1},
         USER_BEHAVIOUR.name: {
-            "requests": 0, "sessions": 0, "items_viewed": 0, "watch_time_s": 0.0, "mean_watch_time_s": 0.0,
-            "mean_watch_fraction": 0.5, "mean_viewed_duration_s": median, "click_rate": 0.0, "like_rate": 0.0,
-            "recent_watch_fraction": 0.5, "category_watch_share": [1.0 / n_cat] * n_cat,
-            "recent_item_ids": [], "recent_category_ids": [],
+            "requests": 0,
+            "sessions": 0,
+            "items_viewed": 0,
+            "watch_time_s": 0.0,
+            "mean_watch_time_s": 0.0,
+            "mean_watch_fraction": 0.5,
+            "mean_viewed_duration_s": median,
+            "click_rate": 0.0,
+            "like_rate": 0.0,
+            "recent_watch_fraction": 0.5,
+            "category_watch_share": [1.0 / n_cat] * n_cat,
+            "recent_item_ids": [],
+            "recent_category_ids": [],
         },
         USER_SESSION.name: {
-            "session_id": -1, "session_step": 0, "session_items_watched": 0, "session_watch_time_s": 0.0,
+            "session_id": -1,
+            "session_step": 0,
+            "session_items_watched": 0,
+            "session_watch_time_s": 0.0,
             "last_watch_fraction": 0.5,
         },
         ITEM_PROFILE.name: {"category": -1, "duration_s": median, "duration_bucket": bucket},
         ITEM_STATS.name: {
-            "impressions": 0, "views": 0, "view_rate": 0.0, "quality_estimate": 0.5, "popularity_estimate": 0.0,
+            "impressions": 0,
+            "views": 0,
+            "view_rate": 0.0,
+            "quality_estimate": 0.5,
+            "popularity_estimate": 0.0,
             "like_rate": 0.0,
         },
         CQR_KNOTS.name: {"user_group": -1, "item_group": -1, "knots": [], "samples": 0},

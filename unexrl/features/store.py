@@ -119,8 +119,13 @@ def load_online(store: FeatureStore, features: str | Path) -> dict[str, Any]:
         store.materialize(start_date=start, end_date=end, feature_views=fresh)
     if known:
         store.materialize_incremental(end_date=end, feature_views=known)
-    return {"features": normalize(features), "start": start.isoformat(), "end": end.isoformat(),
-            "first_materialised": fresh, "incremental": known}
+    return {
+        "features": normalize(features),
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "first_materialised": fresh,
+        "incremental": known,
+    }
 
 
 def training_entities(transitions: pa.Table, page_size: int) -> pa.Table:
@@ -153,16 +158,21 @@ def training_set(cfg: Config, logs: str | Path, out: str | Path | None = None) -
     entities = training_entities(data.transitions, k)
     store = open_store(cfg)
     job = store.get_historical_features(
-        entity_df=entities.to_pandas(), features=store.get_feature_service(fs.TRAINING_SERVICE),
+        entity_df=entities.to_pandas(),
+        features=store.get_feature_service(fs.TRAINING_SERVICE),
         full_feature_names=True,
     )
     joined = job.to_arrow()
     if joined.num_rows != entities.num_rows:
-        raise ValueError(f"the point-in-time join returned {joined.num_rows} rows for {entities.num_rows} entity rows")
+        raise ValueError(
+            f"the point-in-time join returned {joined.num_rows} rows for {entities.num_rows} entity rows"
+        )
     joined = joined.sort_by([("request_id", "ascending"), ("position", "ascending")])
     table = assemble_training_set(joined, k)
     if table.num_rows != data.transitions.num_rows:
-        raise ValueError(f"training set has {table.num_rows} rows for {data.transitions.num_rows} logged requests")
+        raise ValueError(
+            f"training set has {table.num_rows} rows for {data.transitions.num_rows} logged requests"
+        )
     target = normalize(out) if out is not None else join(logs, TRAINING_SET_FILE)
     fsys, path = filesystem(target)
     pq.write_table(table, path, filesystem=fsys, compression="zstd")
@@ -207,4 +217,3 @@ def environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-

@@ -42,12 +42,22 @@ class ActionRecorder:
         a = self.policy.act(obs, view)
         x = a.detach().double().cpu()
         finite = torch.isfinite(x)
-        s = self.stats.setdefault(view.stage, {"n": 0, "sum": 0.0, "sumsq": 0.0, "min": math.inf, "max": -math.inf,
-                                               "nonfinite": 0, "out_of_bounds": 0})
+        s = self.stats.setdefault(
+            view.stage,
+            {
+                "n": 0,
+                "sum": 0.0,
+                "sumsq": 0.0,
+                "min": math.inf,
+                "max": -math.inf,
+                "nonfinite": 0,
+                "out_of_bounds": 0,
+            },
+        )
         clean = torch.where(finite, x, torch.zeros_like(x))
         s["n"] += x.shape[0]
         s["sum"] = s["sum"] + clean.sum(0)
-        s["sumsq"] = s["sumsq"] + (clean ** 2).sum(0)
+        s["sumsq"] = s["sumsq"] + (clean**2).sum(0)
         s["nonfinite"] += int((~finite).sum())
         s["out_of_bounds"] += int(((x < self.low) | (x > self.high)).sum())
         if finite.any():
@@ -62,12 +72,20 @@ class ActionRecorder:
             if s is None or s["n"] == 0:
                 raise RuntimeError(f"stage {stage.name}: the policy never acted during evaluation")
             mean = s["sum"] / s["n"]
-            std = torch.sqrt(torch.clamp(s["sumsq"] / s["n"] - mean ** 2, min=0))
-            out.append({"stage": stage.name, "requests": s["n"], "heads": list(stage.heads),
-                        "mean": [round(float(v), 4) for v in mean], "std": [round(float(v), 4) for v in std],
-                        "min": s["min"] if math.isfinite(s["min"]) else None,
-                        "max": s["max"] if math.isfinite(s["max"]) else None, "nonfinite": s["nonfinite"],
-                        "out_of_bounds": s["out_of_bounds"]})
+            std = torch.sqrt(torch.clamp(s["sumsq"] / s["n"] - mean**2, min=0))
+            out.append(
+                {
+                    "stage": stage.name,
+                    "requests": s["n"],
+                    "heads": list(stage.heads),
+                    "mean": [round(float(v), 4) for v in mean],
+                    "std": [round(float(v), 4) for v in std],
+                    "min": s["min"] if math.isfinite(s["min"]) else None,
+                    "max": s["max"] if math.isfinite(s["max"]) else None,
+                    "nonfinite": s["nonfinite"],
+                    "out_of_bounds": s["out_of_bounds"],
+                }
+            )
         return out
 
 
@@ -81,12 +99,19 @@ def decision_latency(sim: Simulator, policy: Policy, probes: int = LATENCY_PROBE
             started = time.perf_counter()
             run_cascade(obs.predictions, sim.keep, lambda view, obs=obs: policy.act(obs, view))
             times.append((time.perf_counter() - started) * 1000.0)
-    ms = np.asarray(times[min(10, probes // 10):])  # the first calls warm caches
+    ms = np.asarray(times[min(10, probes // 10) :])  # the first calls warm caches
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "probes": probes}
 
 
-def evaluate_release(cfg: Config, *, candidate: Path, cem: Path, incumbent: Path | None, out: Path,
-                     seeds: list[int] | None = None) -> dict[str, Any]:
+def evaluate_release(
+    cfg: Config,
+    *,
+    candidate: Path,
+    cem: Path,
+    incumbent: Path | None,
+    out: Path,
+    seeds: list[int] | None = None,
+) -> dict[str, Any]:
     """Evaluate and write ``out``/summary.json, report.md and evaluation.png; returns the summary.
 
     Without an incumbent (a first release) the incumbent is CEM, the production baseline.
@@ -98,10 +123,14 @@ def evaluate_release(cfg: Config, *, candidate: Path, cem: Path, incumbent: Path
     seeds = [int(s) for s in seeds] if seeds else list(cfg.seeds.evaluation)
     used = set(cfg.seeds.train) | set(cfg.seeds.validation)
     if used & set(seeds):
-        raise ValueError(f"evaluation seeds {sorted(used & set(seeds))} are training or validation seeds: "
-                         "evaluate on held-out seeds only")
+        raise ValueError(
+            f"evaluation seeds {sorted(used & set(seeds))} are training or validation seeds: "
+            "evaluate on held-out seeds only"
+        )
     sim = Simulator(cfg)
-    recorder = ActionRecorder(load_any_policy(candidate, cfg, sim.world), cfg.cascade.action_low, cfg.cascade.action_high)
+    recorder = ActionRecorder(
+        load_any_policy(candidate, cfg, sim.world), cfg.cascade.action_low, cfg.cascade.action_high
+    )
     policies: dict[str, Policy] = {"candidate": recorder, "cem": load_any_policy(cem, cfg, sim.world)}
     if incumbent is not None:
         policies["incumbent"] = load_any_policy(incumbent, cfg, sim.world)
@@ -112,7 +141,11 @@ def evaluate_release(cfg: Config, *, candidate: Path, cem: Path, incumbent: Path
     summary: dict[str, Any] = {
         "seeds": seeds,
         "sessions_per_seed": report.sessions_per_seed,
-        "incumbent": {"name": reference, "artifact": str(incumbent or cem), "first_release": incumbent is None},
+        "incumbent": {
+            "name": reference,
+            "artifact": str(incumbent or cem),
+            "first_release": incumbent is None,
+        },
         "policies": report.to_dict()["policies"],
         "uplift_vs_incumbent_pct": report.results["candidate"].uplift.as_dict(),
         "uplift_vs_cem_pct": uplift_cem.as_dict(),
@@ -130,17 +163,28 @@ def evaluate_release(cfg: Config, *, candidate: Path, cem: Path, incumbent: Path
 def report_markdown(summary: dict[str, Any], table: str) -> str:
     """The evaluation as the Markdown the Kubeflow UI shows."""
     up, upc, lat = summary["uplift_vs_incumbent_pct"], summary["uplift_vs_cem_pct"], summary["latency"]
-    lines = ["# Candidate evaluation", "",
-             f"Incumbent: `{summary['incumbent']['name']}`" + (" (first release: CEM)" if summary["incumbent"]["first_release"] else ""),
-             "", table, "",
-             f"- uplift vs incumbent: **{up['mean']:+.2f}%** [{up['low']:+.2f}, {up['high']:+.2f}]",
-             f"- uplift vs CEM: {upc['mean']:+.2f}% [{upc['low']:+.2f}, {upc['high']:+.2f}]",
-             f"- decision latency (one request, all stages): p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms",
-             "", "## Candidate actions per stage", "",
-             "| stage | requests | mean | std | min | max | non-finite | out of bounds |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Candidate evaluation",
+        "",
+        f"Incumbent: `{summary['incumbent']['name']}`"
+        + (" (first release: CEM)" if summary["incumbent"]["first_release"] else ""),
+        "",
+        table,
+        "",
+        f"- uplift vs incumbent: **{up['mean']:+.2f}%** [{up['low']:+.2f}, {up['high']:+.2f}]",
+        f"- uplift vs CEM: {upc['mean']:+.2f}% [{upc['low']:+.2f}, {upc['high']:+.2f}]",
+        f"- decision latency (one request, all stages): p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms",
+        "",
+        "## Candidate actions per stage",
+        "",
+        "| stage | requests | mean | std | min | max | non-finite | out of bounds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for a in summary["actions"]:
-        lines.append(f"| {a['stage']} | {a['requests']:,} | {_weights(a['mean'])} | {_weights(a['std'])} "
-                     f"| {_weight(a['min'])} | {_weight(a['max'])} | {a['nonfinite']} | {a['out_of_bounds']} |")
+        lines.append(
+            f"| {a['stage']} | {a['requests']:,} | {_weights(a['mean'])} | {_weights(a['std'])} "
+            f"| {_weight(a['min'])} | {_weight(a['max'])} | {a['nonfinite']} | {a['out_of_bounds']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

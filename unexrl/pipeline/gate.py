@@ -25,25 +25,48 @@ def decide(summary: dict[str, Any], *, min_uplift_pct: float, latency_budget_ms:
     nonfinite = sum(a["nonfinite"] for a in actions)
     outside = sum(a["out_of_bounds"] for a in actions)
     p99 = summary["latency"]["p99_ms"]
-    for name, v in (("uplift mean", up["mean"]), ("uplift low", up["low"]), ("uplift high", up["high"]), ("p99", p99)):
+    for name, v in (
+        ("uplift mean", up["mean"]),
+        ("uplift low", up["low"]),
+        ("uplift high", up["high"]),
+        ("p99", p99),
+    ):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"evaluation summary: {name} is {v!r}, not a number")
     finite_metrics = all(math.isfinite(v) for v in (up["mean"], up["low"], up["high"], p99))
     checks = [
         {"check": "metrics finite", "ok": finite_metrics, "detail": f"uplift {up}, p99 {p99}"},
-        {"check": f"uplift >= {min_uplift_pct}%", "ok": finite_metrics and up["mean"] >= min_uplift_pct,
-         "detail": f"{up['mean']:+.3f}% vs {summary['incumbent']['name']}"},
-        {"check": "uplift CI lower bound > 0", "ok": finite_metrics and up["low"] > 0,
-         "detail": f"95% CI [{up['low']:+.3f}, {up['high']:+.3f}]%"},
+        {
+            "check": f"uplift >= {min_uplift_pct}%",
+            "ok": finite_metrics and up["mean"] >= min_uplift_pct,
+            "detail": f"{up['mean']:+.3f}% vs {summary['incumbent']['name']}",
+        },
+        {
+            "check": "uplift CI lower bound > 0",
+            "ok": finite_metrics and up["low"] > 0,
+            "detail": f"95% CI [{up['low']:+.3f}, {up['high']:+.3f}]%",
+        },
         {"check": "actions finite", "ok": nonfinite == 0, "detail": f"{nonfinite} non-finite values"},
-        {"check": f"actions within [{low}, {high}]", "ok": outside == 0, "detail": f"{outside} values outside"},
-        {"check": f"latency p99 <= {latency_budget_ms} ms", "ok": finite_metrics and p99 <= latency_budget_ms,
-         "detail": f"p99 {p99:.3f} ms, p50 {summary['latency']['p50_ms']:.3f} ms"},
+        {
+            "check": f"actions within [{low}, {high}]",
+            "ok": outside == 0,
+            "detail": f"{outside} values outside",
+        },
+        {
+            "check": f"latency p99 <= {latency_budget_ms} ms",
+            "ok": finite_metrics and p99 <= latency_budget_ms,
+            "detail": f"p99 {p99:.3f} ms, p50 {summary['latency']['p50_ms']:.3f} ms",
+        },
     ]
     passed = all(c["ok"] for c in checks)
-    return {"passed": passed, "min_uplift_pct": min_uplift_pct, "latency_budget_ms": latency_budget_ms,
-            "uplift_vs_incumbent_pct": up, "checks": checks,
-            "reasons": [c["check"] for c in checks if not c["ok"]]}
+    return {
+        "passed": passed,
+        "min_uplift_pct": min_uplift_pct,
+        "latency_budget_ms": latency_budget_ms,
+        "uplift_vs_incumbent_pct": up,
+        "checks": checks,
+        "reasons": [c["check"] for c in checks if not c["ok"]],
+    }
 
 
 def markdown(decision: dict[str, Any]) -> str:

@@ -39,6 +39,7 @@ class TrainingFailed(RuntimeError):
 
 # -- local ------------------------------------------------------------------------------------------------------
 
+
 def torchrun_command(processes: int, args: list[str]) -> list[str]:
     """``python -m unexrl train ...`` for one process, else torchrun with ``processes`` workers on this machine.
 
@@ -48,17 +49,32 @@ def torchrun_command(processes: int, args: list[str]) -> list[str]:
         raise ValueError(f"training processes: {processes}, need at least 1")
     if processes == 1:
         return [sys.executable, "-m", "unexrl", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-            "-m", "unexrl", "--", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+        "-m",
+        "unexrl",
+        "--",
+        *args,
+    ]
 
 
 def run_checked(command: list[str], run_dir: Path, env: dict[str, str] | None = None) -> int:
     """Run a training command; a nonzero exit is accepted only as SIGABRT at exit with a complete run directory."""
     here = str(Path(__file__).resolve().parents[2])  # the child imports the same unexrl as this process
     path = os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           # a pod's log is not a terminal: one progress line per 30 s instead of one per update
-           "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "30"), **(env or {})}
+    env = {
+        **os.environ,
+        "PYTHONPATH": path,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        # a pod's log is not a terminal: one progress line per 30 s instead of one per update
+        "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "30"),
+        **(env or {}),
+    }
     log.info("launch: %s", " ".join(command))
     done = subprocess.run(command, env=env, check=False)  # the exit code alone does not decide
     if done.returncode == 0:
@@ -86,6 +102,7 @@ def check_complete(run_dir: Path, cfg: Config) -> dict[str, Any]:
 
 # -- cluster: rendering -----------------------------------------------------------------------------------------
 
+
 @dataclass
 class JobSpec:
     """What a multi-node training job needs; every field lands in the rendered manifest."""
@@ -105,7 +122,9 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
-            raise ValueError(f"job {self.name}: nodes={self.nodes}, gpus_per_node={self.gpus_per_node}; need >= 1")
+            raise ValueError(
+                f"job {self.name}: nodes={self.nodes}, gpus_per_node={self.gpus_per_node}; need >= 1"
+            )
         if not self.pvc:
             raise ValueError(f"job {self.name}: a PVC is needed (logs in, run directory out)")
 
@@ -120,8 +139,10 @@ def render(kind: str, spec: JobSpec) -> dict[str, Any]:
 
 
 def _volume(spec: JobSpec) -> tuple[dict[str, Any], dict[str, Any]]:
-    return ({"name": "data", "persistentVolumeClaim": {"claimName": spec.pvc}},
-            {"name": "data", "mountPath": spec.mount_path})
+    return (
+        {"name": "data", "persistentVolumeClaim": {"claimName": spec.pvc}},
+        {"name": "data", "mountPath": spec.mount_path},
+    )
 
 
 def render_trainjob(spec: JobSpec) -> dict[str, Any]:
@@ -131,9 +152,17 @@ def render_trainjob(spec: JobSpec) -> dict[str, Any]:
     return {
         "apiVersion": f"{TRAINJOB[0]}/{TRAINJOB[1]}",
         "kind": "TrainJob",
-        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/part-of": "unexrl"}},
+        "metadata": {
+            "name": spec.name,
+            "namespace": spec.namespace,
+            "labels": {"app.kubernetes.io/part-of": "unexrl"},
+        },
         "spec": {
-            "runtimeRef": {"name": "torch-distributed", "kind": "ClusterTrainingRuntime", "apiGroup": TRAINJOB[0]},
+            "runtimeRef": {
+                "name": "torch-distributed",
+                "kind": "ClusterTrainingRuntime",
+                "apiGroup": TRAINJOB[0],
+            },
             "trainer": {
                 "image": spec.image,
                 "command": ["torchrun", "-m", "unexrl", "--"],
@@ -142,15 +171,17 @@ def render_trainjob(spec: JobSpec) -> dict[str, Any]:
                 "numProcPerNode": spec.gpus_per_node,
                 "resourcesPerNode": {"limits": {spec.gpu_resource: spec.gpus_per_node}},
             },
-            "podTemplateOverrides": [{
-                "targetJobs": [{"name": "node"}],
-                "spec": {
-                    "nodeSelector": spec.node_selector,
-                    "tolerations": spec.tolerations,
-                    "volumes": [volume],
-                    "containers": [{"name": "node", "volumeMounts": [mount]}],
-                },
-            }],
+            "podTemplateOverrides": [
+                {
+                    "targetJobs": [{"name": "node"}],
+                    "spec": {
+                        "nodeSelector": spec.node_selector,
+                        "tolerations": spec.tolerations,
+                        "volumes": [volume],
+                        "containers": [{"name": "node", "volumeMounts": [mount]}],
+                    },
+                }
+            ],
         },
     }
 
@@ -163,19 +194,23 @@ def render_pytorchjob(spec: JobSpec) -> dict[str, Any]:
         return {
             "replicas": n,
             "restartPolicy": "OnFailure",
-            "template": {"spec": {
-                "containers": [{
-                    "name": "pytorch",
-                    "image": spec.image,
-                    "command": ["torchrun", "-m", "unexrl", "--"],
-                    "args": spec.args,
-                    "resources": {"limits": {spec.gpu_resource: spec.gpus_per_node}},
-                    "volumeMounts": [mount],
-                }],
-                "nodeSelector": spec.node_selector,
-                "tolerations": spec.tolerations,
-                "volumes": [volume],
-            }},
+            "template": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "pytorch",
+                            "image": spec.image,
+                            "command": ["torchrun", "-m", "unexrl", "--"],
+                            "args": spec.args,
+                            "resources": {"limits": {spec.gpu_resource: spec.gpus_per_node}},
+                            "volumeMounts": [mount],
+                        }
+                    ],
+                    "nodeSelector": spec.node_selector,
+                    "tolerations": spec.tolerations,
+                    "volumes": [volume],
+                }
+            },
         }
 
     specs = {"Master": replicas(1)}
@@ -184,13 +219,21 @@ def render_pytorchjob(spec: JobSpec) -> dict[str, Any]:
     return {
         "apiVersion": f"{PYTORCHJOB[0]}/{PYTORCHJOB[1]}",
         "kind": "PyTorchJob",
-        "metadata": {"name": spec.name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/part-of": "unexrl"}},
-        "spec": {"nprocPerNode": str(spec.gpus_per_node), "runPolicy": {"backoffLimit": 2, "cleanPodPolicy": "None"},
-                 "pytorchReplicaSpecs": specs},
+        "metadata": {
+            "name": spec.name,
+            "namespace": spec.namespace,
+            "labels": {"app.kubernetes.io/part-of": "unexrl"},
+        },
+        "spec": {
+            "nprocPerNode": str(spec.gpus_per_node),
+            "runPolicy": {"backoffLimit": 2, "cleanPodPolicy": "None"},
+            "pytorchReplicaSpecs": specs,
+        },
     }
 
 
 # -- cluster: status --------------------------------------------------------------------------------------------
+
 
 def job_state(kind: str, obj: dict[str, Any]) -> tuple[str, str]:
     """(``running`` | ``succeeded`` | ``failed``, message) from a job's status conditions.
@@ -209,8 +252,15 @@ def job_state(kind: str, obj: dict[str, Any]) -> tuple[str, str]:
     return "running", ""
 
 
-def wait_for_job(kind: str, get: Callable[[], dict[str, Any]], *, poll_s: float = 30.0, timeout_s: float = 86_400.0,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+def wait_for_job(
+    kind: str,
+    get: Callable[[], dict[str, Any]],
+    *,
+    poll_s: float = 30.0,
+    timeout_s: float = 86_400.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
     """Poll ``get()`` (the job object) until it succeeds; raise TrainingFailed when it fails or times out.
 
     Transient API errors (``get`` raising) are retried until the timeout, like a not-yet-finished job.
@@ -232,12 +282,16 @@ def wait_for_job(kind: str, get: Callable[[], dict[str, Any]], *, poll_s: float 
             last_error = err
             log.warning("polling the %s failed (%s); retrying", kind, err)
         if clock() >= deadline:
-            raise TrainingFailed(f"{kind} did not finish within {timeout_s:.0f} s" +
-                                 (f" (last error: {last_error})" if last_error else ""))
+            raise TrainingFailed(
+                f"{kind} did not finish within {timeout_s:.0f} s"
+                + (f" (last error: {last_error})" if last_error else "")
+            )
         sleep(poll_s)
 
 
-def submit_and_wait(kind: str, spec: JobSpec, *, poll_s: float = 30.0, timeout_s: float = 86_400.0) -> dict[str, Any]:
+def submit_and_wait(
+    kind: str, spec: JobSpec, *, poll_s: float = 30.0, timeout_s: float = 86_400.0
+) -> dict[str, Any]:
     """Create the job with the in-cluster service account, wait for it, and return the final object."""
     from kubernetes import client, config
 
@@ -246,9 +300,20 @@ def submit_and_wait(kind: str, spec: JobSpec, *, poll_s: float = 30.0, timeout_s
     group, version, plural = TRAINJOB if kind == "trainjob" else PYTORCHJOB
     body = render(kind, spec)
     api.create_namespaced_custom_object(group, version, spec.namespace, plural, body)
-    log.info("submitted %s %s/%s (%d nodes x %d GPUs)", kind, spec.namespace, spec.name, spec.nodes, spec.gpus_per_node)
-    return wait_for_job(kind, lambda: api.get_namespaced_custom_object(group, version, spec.namespace, plural, spec.name),
-                        poll_s=poll_s, timeout_s=timeout_s)
+    log.info(
+        "submitted %s %s/%s (%d nodes x %d GPUs)",
+        kind,
+        spec.namespace,
+        spec.name,
+        spec.nodes,
+        spec.gpus_per_node,
+    )
+    return wait_for_job(
+        kind,
+        lambda: api.get_namespaced_custom_object(group, version, spec.namespace, plural, spec.name),
+        poll_s=poll_s,
+        timeout_s=timeout_s,
+    )
 
 
 def stage_inputs(inputs: dict[str, Path], shared: Path) -> dict[str, Path]:

@@ -44,8 +44,9 @@ def incumbent(root: str | Path, environment: str) -> Path | None:
     return path
 
 
-def register(root: str | Path, environment: str, artifact: Path, *, model_version: str,
-             release: dict[str, Any]) -> dict[str, Any]:
+def register(
+    root: str | Path, environment: str, artifact: Path, *, model_version: str, release: dict[str, Any]
+) -> dict[str, Any]:
     """Store ``artifact`` as ``model_version`` and make it ``environment``'s deployed model; returns the record."""
     root = Path(root)
     read_manifest(artifact)
@@ -53,8 +54,12 @@ def register(root: str | Path, environment: str, artifact: Path, *, model_versio
     if not target.is_dir():
         with atomic_directory(target) as tmp:
             shutil.copytree(artifact, tmp, dirs_exist_ok=True)
-    record = {"environment": environment, "model_version": model_version,
-              "deployed_at": datetime.now(UTC).isoformat(), **release}
+    record = {
+        "environment": environment,
+        "model_version": model_version,
+        "deployed_at": datetime.now(UTC).isoformat(),
+        **release,
+    }
     path = _record_path(root, environment)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=2))

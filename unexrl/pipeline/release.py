@@ -15,7 +15,9 @@ from unexrl.pipeline import registry
 BENTO_FILE = "bento.json"
 
 
-def package(artifact: Path, out: Path, *, model_name: str = "unexrl-policy", bentoml_home: str = "") -> dict[str, Any]:
+def package(
+    artifact: Path, out: Path, *, model_name: str = "unexrl-policy", bentoml_home: str = ""
+) -> dict[str, Any]:
     """Import the verified policy into the BentoML model store and build the serving Bento (offline).
 
     ``bentoml_home``: the BentoML store to build into (empty: BENTOML_HOME or BentoML's default). Writes
@@ -35,24 +37,42 @@ def package(artifact: Path, out: Path, *, model_name: str = "unexrl-policy", ben
             os.environ.pop("BENTOML_HOME", None)
         else:
             os.environ["BENTOML_HOME"] = saved
-    record = {"bento_tag": info.bento_tag, "model_tag": info.model_tag, "model_version": info.model_version,
-              "image_tag": info.bento_tag.split(":", 1)[1], "bentoml_home": home}
+    record = {
+        "bento_tag": info.bento_tag,
+        "model_tag": info.model_tag,
+        "model_version": info.model_version,
+        "image_tag": info.bento_tag.split(":", 1)[1],
+        "bentoml_home": home,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / BENTO_FILE).write_text(json.dumps(record, indent=2))
     return record
 
 
-def deploy(bento: dict[str, Any], artifact: Path, *, repo: str, environment: str, branch: str,
-           registry_root: str) -> dict[str, Any]:
+def deploy(
+    bento: dict[str, Any], artifact: Path, *, repo: str, environment: str, branch: str, registry_root: str
+) -> dict[str, Any]:
     """Commit the release to the environment's overlay (GitOps), then make it the registry's deployed model."""
     from unexrl.gitops import deploy as git_deploy
 
-    commit = git_deploy(repo, environment=environment, model_version=bento["model_version"],
-                        image_tag=bento["image_tag"], branch=branch)
-    release = {"bento_tag": bento["bento_tag"], "image_tag": bento["image_tag"], "commit": commit,
-               "branch": branch, "repo": repo}
+    commit = git_deploy(
+        repo,
+        environment=environment,
+        model_version=bento["model_version"],
+        image_tag=bento["image_tag"],
+        branch=branch,
+    )
+    release = {
+        "bento_tag": bento["bento_tag"],
+        "image_tag": bento["image_tag"],
+        "commit": commit,
+        "branch": branch,
+        "repo": repo,
+    }
     if registry_root:
-        registry.register(registry_root, environment, artifact, model_version=bento["model_version"], release=release)
+        registry.register(
+            registry_root, environment, artifact, model_version=bento["model_version"], release=release
+        )
     return {"model_version": bento["model_version"], **release}
 
 
@@ -65,15 +85,30 @@ def init_manifests_repo(path: Path, k8s_tree: Path) -> Path:
     if (path / "HEAD").is_file():
         return path
     if not (Path(k8s_tree) / "overlays").is_dir():
-        raise FileNotFoundError(f"no Kustomize overlays under {k8s_tree}: the manifests repository is seeded from the "
-                                "project's k8s/ tree (k8s/overlays/<environment>/kustomization.yaml)")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "unexrl", "GIT_AUTHOR_EMAIL": "unexrl@unexrl.invalid",
-           "GIT_COMMITTER_NAME": "unexrl", "GIT_COMMITTER_EMAIL": "unexrl@unexrl.invalid"}
+        raise FileNotFoundError(
+            f"no Kustomize overlays under {k8s_tree}: the manifests repository is seeded from the "
+            "project's k8s/ tree (k8s/overlays/<environment>/kustomization.yaml)"
+        )
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "unexrl",
+        "GIT_AUTHOR_EMAIL": "unexrl@unexrl.invalid",
+        "GIT_COMMITTER_NAME": "unexrl",
+        "GIT_COMMITTER_EMAIL": "unexrl@unexrl.invalid",
+    }
     with tempfile.TemporaryDirectory(prefix="unexrl-manifests-") as tmp:
         work = Path(tmp)
         shutil.copytree(k8s_tree, work / "k8s")
-        for args in (["init", "--quiet", "-b", "main"], ["add", "k8s"], ["commit", "--quiet", "-m", "seed manifests"]):
+        for args in (
+            ["init", "--quiet", "-b", "main"],
+            ["add", "k8s"],
+            ["commit", "--quiet", "-m", "seed manifests"],
+        ):
             subprocess.run(["git", *args], cwd=work, env=env, check=True, capture_output=True)
-        subprocess.run(["git", "clone", "--quiet", "--bare", str(work), str(path)], env=env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "clone", "--quiet", "--bare", str(work), str(path)],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     return path

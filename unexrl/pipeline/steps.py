@@ -45,6 +45,7 @@ def write_config(cfg: Config, path: Path) -> Path:
 
 # -- 1. logs ---------------------------------------------------------------------------------------------------
 
+
 def tune_cem_artifact(cfg: Config, out: Path, sim: Any = None) -> Any:
     """CEM tuned on seeds.train (the production baseline), saved as a weights artifact at ``out``; returns it."""
     from unexrl.policies.artifact import save_weight_policy
@@ -56,8 +57,9 @@ def tune_cem_artifact(cfg: Config, out: Path, sim: Any = None) -> Any:
     return cem
 
 
-def simulate_logs(cfg: Config, out: Path, cem_out: Path, deployed: Path | None = None,
-                  seed: int | None = None) -> dict[str, Any]:
+def simulate_logs(
+    cfg: Config, out: Path, cem_out: Path, deployed: Path | None = None, seed: int | None = None
+) -> dict[str, Any]:
     """Tune CEM (the baseline, saved to ``cem_out``), then log sessions under the deployed policy, or CEM when
     nothing is deployed, with the configured exploration. Returns the log manifest's summary."""
     from unexrl.policies.artifact import load_any_policy
@@ -72,8 +74,14 @@ def simulate_logs(cfg: Config, out: Path, cem_out: Path, deployed: Path | None =
     base = load_any_policy(deployed, cfg, sim.world) if deployed is not None else cem
     if isinstance(base, ActorPolicy):  # a deployed RL policy explores with its own keyed noise
         base.explore_std, base.seed = cfg.logging.exploration_std, seed
-        policy, description = base, {"kind": "deployed-actors", "artifact": str(deployed),
-                                     "exploration_std": cfg.logging.exploration_std}
+        policy, description = (
+            base,
+            {
+                "kind": "deployed-actors",
+                "artifact": str(deployed),
+                "exploration_std": cfg.logging.exploration_std,
+            },
+        )
     else:
         policy, description = behaviour_policy(sim, base, seed)
         description["source"] = str(deployed) if deployed is not None else "cem"
@@ -96,6 +104,7 @@ def ingest_logs(source: str, out: Path, cfg: Config) -> dict[str, Any]:
 
 # -- 2.-3. features ----------------------------------------------------------------------------------------------
 
+
 def build_features(cfg: Config, logs: Path, out: Path) -> dict[str, Any]:
     """Feature tables from the logs (point-in-time stamps; docs/features.md)."""
     from unexrl.features.build import build_features as build
@@ -116,7 +125,9 @@ def materialize_features(cfg: Config, features: Path, store_out: Path) -> dict[s
 
 def with_repo(cfg: Config, repo: Path) -> Config:
     """``cfg`` with ``features.repo`` pointing at a run's Feast repository."""
-    return cfg.model_copy(update={"features": cfg.features.model_copy(update={"repo": str(Path(repo).resolve())})})
+    return cfg.model_copy(
+        update={"features": cfg.features.model_copy(update={"repo": str(Path(repo).resolve())})}
+    )
 
 
 def build_training_set(cfg: Config, logs: Path, feature_store: Path, out: Path) -> dict[str, Any]:
@@ -129,20 +140,46 @@ def build_training_set(cfg: Config, logs: Path, feature_store: Path, out: Path) 
 
 # -- 4. training (local launch; cluster launches are in launcher.py) --------------------------------------------
 
+
 def training_config(cfg: Config, algo: str) -> Config:
     """``cfg`` for offline training of ``algo`` (the pipeline trains from the logs it just built)."""
-    return cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"name": algo}),
-                                  "train": cfg.train.model_copy(update={"regime": "offline"})})
+    return cfg.model_copy(
+        update={
+            "algo": cfg.algo.model_copy(update={"name": algo}),
+            "train": cfg.train.model_copy(update={"regime": "offline"}),
+        }
+    )
 
 
 def train_args(config: Path, logs: Path, training_set: Path, cem: Path, run_dir: Path) -> list[str]:
     """``unexrl train`` arguments: offline from the logs, beside the verified training set, CEM for fixed stages."""
-    return ["train", "--config", str(config), "--logs", str(logs), "--training-set", str(training_set),
-            "--cem", str(cem), "--out", str(run_dir)]
+    return [
+        "train",
+        "--config",
+        str(config),
+        "--logs",
+        str(logs),
+        "--training-set",
+        str(training_set),
+        "--cem",
+        str(cem),
+        "--out",
+        str(run_dir),
+    ]
 
 
-def train(cfg: Config, *, logs: Path, training_set: Path, cem: Path, out: Path, algo: str, nodes: int,
-          processes_per_node: int, job: dict[str, Any] | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    *,
+    logs: Path,
+    training_set: Path,
+    cem: Path,
+    out: Path,
+    algo: str,
+    nodes: int,
+    processes_per_node: int,
+    job: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train and publish the export to ``out``; returns curve.json's summary.
 
     One node: torchrun with ``processes_per_node`` workers right here (CPU processes over gloo locally; one per
@@ -164,14 +201,20 @@ def train(cfg: Config, *, logs: Path, training_set: Path, cem: Path, out: Path, 
                 shutil.copytree(run_dir / "export", publish, dirs_exist_ok=True)
         return summary
     if not job:
-        raise ValueError(f"train nodes={nodes}: multi-node training needs the job settings (kind, image, pvc, ...)")
+        raise ValueError(
+            f"train nodes={nodes}: multi-node training needs the job settings (kind, image, pvc, ...)"
+        )
     job = dict(job)
     kind = job.pop("kind")
     if kind not in launcher.JOB_KINDS:
         raise ValueError(f"train job kind {kind!r}: expected one of {launcher.JOB_KINDS}")
     shared = Path(job.get("mount_path", "/data")) / "unexrl-runs" / job["name"]
-    staged = launcher.stage_inputs({"logs": logs, "training_features.parquet": training_set, "cem": cem}, shared)
+    staged = launcher.stage_inputs(
+        {"logs": logs, "training_features.parquet": training_set, "cem": cem}, shared
+    )
     config = write_config(cfg, shared / "inputs" / CONFIG_FILE)
-    args = train_args(config, staged["logs"], staged["training_features.parquet"], staged["cem"], shared / "run")
+    args = train_args(
+        config, staged["logs"], staged["training_features.parquet"], staged["cem"], shared / "run"
+    )
     spec = launcher.JobSpec(args=args, nodes=nodes, gpus_per_node=processes_per_node, **job)
     return launcher.train_on_cluster(cfg, kind=kind, job=spec, run_dir=shared / "run", out=out)

@@ -35,23 +35,36 @@ def verify_training_set(path: Path, logs: Path) -> dict[str, Any]:
     if service != fs.TRAINING_SERVICE:
         raise TrainingSetMismatch(f"{path}: feature_service {service!r}, expected {fs.TRAINING_SERVICE!r}")
     wanted = ["request_id", fs.TIMESTAMP, fs.USER.join_key, "shown_item_ids"] + [
-        f"{view.name}__{feature.name}" for view in fs.SERVICES[fs.TRAINING_SERVICE] for feature in view.features
+        f"{view.name}__{feature.name}"
+        for view in fs.SERVICES[fs.TRAINING_SERVICE]
+        for feature in view.features
     ]
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise TrainingSetMismatch(f"{path}: missing columns {missing}")
     transitions = read_logs(Path(logs)).transitions.sort_by("request_id")
     if table.num_rows != transitions.num_rows:
-        raise TrainingSetMismatch(f"{path}: {table.num_rows} rows for {transitions.num_rows} logged requests in {logs}")
+        raise TrainingSetMismatch(
+            f"{path}: {table.num_rows} rows for {transitions.num_rows} logged requests in {logs}"
+        )
     for column in ("request_id", fs.TIMESTAMP, fs.USER.join_key, "shown_item_ids"):
         got = table[column].combine_chunks()
         want = transitions[column].combine_chunks()
         if column == "shown_item_ids":
             got, want = got.flatten(), want.flatten()
-        bad = np.flatnonzero(np.asarray(got.to_numpy(zero_copy_only=False)) != np.asarray(want.to_numpy(zero_copy_only=False)))
+        bad = np.flatnonzero(
+            np.asarray(got.to_numpy(zero_copy_only=False)) != np.asarray(want.to_numpy(zero_copy_only=False))
+        )
         if column == "shown_item_ids":  # flattened pages: positions -> rows
             bad = np.unique(bad // max(1, len(got) // max(1, table.num_rows)))
         if bad.size:
-            raise TrainingSetMismatch(f"{path}: column {column!r} differs from the logs' transitions at rows {bad[:5].tolist()}"
-                                      f" ({bad.size} in all): built from other logs?")
-    return {"file": str(path), "sha256": sha256_file(path), "rows": table.num_rows, "feature_service": service}
+            raise TrainingSetMismatch(
+                f"{path}: column {column!r} differs from the logs' transitions at rows {bad[:5].tolist()}"
+                f" ({bad.size} in all): built from other logs?"
+            )
+    return {
+        "file": str(path),
+        "sha256": sha256_file(path),
+        "rows": table.num_rows,
+        "feature_service": service,
+    }

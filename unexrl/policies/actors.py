@@ -35,12 +35,18 @@ def feature_schema(cfg: Config) -> dict[str, Any]:
         "state": list(STATE_FEATURES),
         "activity_groups": len(cfg.world.user_types),
         "max_requests": cfg.session.max_requests,
-        "id_space": {"world_seed": cfg.seeds.world, "users": cfg.world.n_users, "items": cfg.world.n_items,
-                     "categories": cfg.world.n_categories},
+        "id_space": {
+            "world_seed": cfg.seeds.world,
+            "users": cfg.world.n_users,
+            "items": cfg.world.n_items,
+            "categories": cfg.world.n_categories,
+        },
     }
 
 
-def actor_policy(path: Path, manifest: dict[str, Any], cfg: Config, world: World | None = None) -> ActorPolicy:
+def actor_policy(
+    path: Path, manifest: dict[str, Any], cfg: Config, world: World | None = None
+) -> ActorPolicy:
     """The greedy actors of a verified manifest (``read_manifest``) for ``cfg``'s cascade and world."""
     if manifest.get("kind") != KIND:
         raise ArtifactError(f"{path}: artifact kind {manifest.get('kind')!r}, not trained {KIND}")
@@ -59,7 +65,9 @@ def actor_policy(path: Path, manifest: dict[str, Any], cfg: Config, world: World
     except RuntimeError as err:
         raise ArtifactError(f"{path}: weights do not fit the actors of its own config: {err}") from None
     device = torch.device(cfg.device)
-    return ActorPolicy(actors.to(device).eval().requires_grad_(False), cfg, world if world is not None else build_world(cfg))
+    return ActorPolicy(
+        actors.to(device).eval().requires_grad_(False), cfg, world if world is not None else build_world(cfg)
+    )
 
 
 def load_actor_policy(path: Path, cfg: Config, world: World | None = None) -> ActorPolicy:

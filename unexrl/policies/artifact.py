@@ -40,7 +40,11 @@ def stage_signature(cfg: Config) -> list[dict[str, Any]]:
 
 
 def save_weight_policy(
-    policy: WeightPolicy, out_dir: Path, cfg: Config, algorithm: str, extra: dict[str, Any] | None = None,
+    policy: WeightPolicy,
+    out_dir: Path,
+    cfg: Config,
+    algorithm: str,
+    extra: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a fixed-weight policy as an artifact (atomically)."""
@@ -74,18 +78,24 @@ def read_manifest(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{manifest_path}: not valid JSON ({err})") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ArtifactError(f"{manifest_path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+        raise ArtifactError(
+            f"{manifest_path}: schema_version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+        )
     for name, expected in manifest.get("files", {}).items():
         file = path / name
         if not file.is_file():
             raise ArtifactError(f"{path}: file {name} listed in the manifest is missing")
         actual = sha256_file(file)
         if actual != expected:
-            raise ArtifactError(f"{file}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...; refusing a tampered artifact")
+            raise ArtifactError(
+                f"{file}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...; refusing a tampered artifact"
+            )
     return manifest
 
 
-def check_compatible(manifest: dict[str, Any], cfg: Config, where: Path, features: dict[str, Any] | None = None) -> None:
+def check_compatible(
+    manifest: dict[str, Any], cfg: Config, where: Path, features: dict[str, Any] | None = None
+) -> None:
     """Refuse an artifact whose stages, heads or sizes differ from the cascade it would run in.
 
     ``features``: the serving side's feature schema, for kinds whose weights read features (trained actors).
@@ -95,7 +105,9 @@ def check_compatible(manifest: dict[str, Any], cfg: Config, where: Path, feature
     if theirs != ours:
         raise ArtifactError(f"{where}: built for stages {theirs}, but the config has {ours}")
     if manifest.get("pool_size") != cfg.cascade.pool_size:
-        raise ArtifactError(f"{where}: built for pool size {manifest.get('pool_size')}, config has {cfg.cascade.pool_size}")
+        raise ArtifactError(
+            f"{where}: built for pool size {manifest.get('pool_size')}, config has {cfg.cascade.pool_size}"
+        )
     if features is not None:
         theirs_features = manifest.get("features") or {}
         differ = {k: (theirs_features.get(k), v) for k, v in features.items() if theirs_features.get(k) != v}
@@ -114,7 +126,9 @@ def load_policy(path: Path, cfg: Config) -> WeightPolicy:
     weights = state["weights"]
     n_groups = 1 if manifest["group_by"] == "none" else len(cfg.world.user_types)
     if weights.shape != (n_groups, sum(cfg.cascade.action_dims)):
-        raise ArtifactError(f"{path}: weights of shape {tuple(weights.shape)} do not fit {n_groups} groups x {sum(cfg.cascade.action_dims)} dims")
+        raise ArtifactError(
+            f"{path}: weights of shape {tuple(weights.shape)} do not fit {n_groups} groups x {sum(cfg.cascade.action_dims)} dims"
+        )
     return WeightPolicy(weights.float(), cfg.cascade, group_by=manifest["group_by"])
 
 

@@ -41,12 +41,17 @@ def popular_matching_init(cascade: CascadeConfig, base: Tensor) -> Tensor:
     return out
 
 
-_LABELS = {"oracle-group-cem-ranking": "oracle ranking-only", "oracle-group-cem-all": "oracle all-stages",
-           "popular-matching": "popular matching"}
+_LABELS = {
+    "oracle-group-cem-ranking": "oracle ranking-only",
+    "oracle-group-cem-all": "oracle all-stages",
+    "popular-matching": "popular matching",
+}
 """progress labels; a label also seeds its CEM's sampling, so these keep the documented baselines reproducible"""
 
 
-def tune_baseline(name: str, sim: Simulator, cem: WeightPolicy | None = None, progress: bool = True) -> WeightPolicy:
+def tune_baseline(
+    name: str, sim: Simulator, cem: WeightPolicy | None = None, progress: bool = True
+) -> WeightPolicy:
     """Tune baseline ``name`` on ``cfg.seeds.train``; every one but ``cem`` starts from ``cem`` (tuned when None)."""
     cfg = sim.cfg
     cascade, seeds = cfg.cascade, cfg.seeds.train
@@ -57,12 +62,27 @@ def tune_baseline(name: str, sim: Simulator, cem: WeightPolicy | None = None, pr
     start = (cem if cem is not None else tune_baseline("cem", sim, progress=progress)).weights.cpu()
     last = len(cascade.stages) - 1
     if name == "popular-matching":
-        return tune_cem(sim, cfg.cem, seeds, init=popular_matching_init(cascade, start),
-                        free=stage_mask(cascade, list(range(1, last + 1))), progress=progress, label=_LABELS[name])
+        return tune_cem(
+            sim,
+            cfg.cem,
+            seeds,
+            init=popular_matching_init(cascade, start),
+            free=stage_mask(cascade, list(range(1, last + 1))),
+            progress=progress,
+            label=_LABELS[name],
+        )
     group_by = "activity_group" if name == "group-cem" else "oracle_type"
     free = stage_mask(cascade, [last]) if name == "oracle-group-cem-ranking" else None
-    return tune_cem(sim, cfg.cem, seeds, init=start, free=free, group_by=group_by, progress=progress,
-                    label=_LABELS.get(name, name))
+    return tune_cem(
+        sim,
+        cfg.cem,
+        seeds,
+        init=start,
+        free=free,
+        group_by=group_by,
+        progress=progress,
+        label=_LABELS.get(name, name),
+    )
 
 
 def tune_baselines(sim: Simulator, progress: bool = True) -> dict[str, WeightPolicy]:

@@ -71,7 +71,9 @@ class RandomPolicy:
     def act(self, obs: Observation, view: StageView) -> Tensor:
         d = self.cascade.action_dims[view.stage]
         head = torch.arange(d, device=obs.user.device)
-        u = uniform(hash_key(self.seed, _STREAM_EXPLORE, view.stage, obs.session[:, None], obs.step[:, None], head))
+        u = uniform(
+            hash_key(self.seed, _STREAM_EXPLORE, view.stage, obs.session[:, None], obs.step[:, None], head)
+        )
         return self.cascade.action_low + (self.cascade.action_high - self.cascade.action_low) * u
 
 
@@ -88,7 +90,11 @@ class GaussianExploration:
         if self.std == 0:
             return a
         head = torch.arange(a.shape[1], device=a.device)
-        eps = normal(hash_key(self.seed, _STREAM_EXPLORE + 1, view.stage, obs.session[:, None], obs.step[:, None], head))
+        eps = normal(
+            hash_key(
+                self.seed, _STREAM_EXPLORE + 1, view.stage, obs.session[:, None], obs.step[:, None], head
+            )
+        )
         c = self.base.cascade
         return (a + self.std * eps).clamp(c.action_low, c.action_high)
 

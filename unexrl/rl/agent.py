@@ -55,7 +55,9 @@ FIRST = slice(0, 1)
 def learning_stages(cfg: Config) -> list[int]:
     """Indices of the stages whose actors learn: the last ``algo.agents`` (td3/ddpg: the ranking stage)."""
     n = len(cfg.cascade.stages)
-    agents = cfg.algo.agents if cfg.algo.agents is not None else (1 if cfg.algo.name in ("td3", "ddpg") else n)
+    agents = (
+        cfg.algo.agents if cfg.algo.agents is not None else (1 if cfg.algo.name in ("td3", "ddpg") else n)
+    )
     if not 1 <= agents <= n:
         raise ValueError(f"algo.agents={agents}: must be between 1 and the {n} stages")
     return list(range(n - agents, n))
@@ -66,15 +68,22 @@ def state_dim(cfg: Config) -> int:
     return 4 + len(cfg.world.user_types)
 
 
-def _encoder(cfg: Config, prefix: str, features: Sequence[str], rows: tuple[int, int, int],
-             fused_lr: float | None) -> SparseEncoder:
+def _encoder(
+    cfg: Config, prefix: str, features: Sequence[str], rows: tuple[int, int, int], fused_lr: float | None
+) -> SparseEncoder:
     n_users, n_items, n_categories = rows
     counts = {"users": n_users, "items": n_items, "categories": n_categories}
     return SparseEncoder(embedding_tables(prefix, features, counts, cfg.algo.embedding_dim), fused_lr)
 
 
-def build_actors(cfg: Config, n_users: int, n_items: int, n_categories: int, cem_weights: Tensor,
-                 fused_lr: float | None = None) -> StageActors:
+def build_actors(
+    cfg: Config,
+    n_users: int,
+    n_items: int,
+    n_categories: int,
+    cem_weights: Tensor,
+    fused_lr: float | None = None,
+) -> StageActors:
     """mu^1..mu^N: a StageHead per learning stage over one shared encoder, FixedAction (CEM weights) for the others.
 
     Also how a trained-actors artifact is rebuilt before its weights are loaded (unexrl/policies/actors.py).
@@ -86,8 +95,19 @@ def build_actors(cfg: Config, n_users: int, n_items: int, n_categories: int, cem
     heads: list[nn.Module] = []
     for i, (d, part) in enumerate(zip(c.action_dims, stage_slices(c))):
         if i in learning:
-            heads.append(StageHead(encoder.out_dim, state_dim(cfg) + 3 * d, d, sum(c.action_dims[:i]), a.hidden,
-                                   c.action_low, c.action_high, initial=weights[part], radius=a.action_radius))
+            heads.append(
+                StageHead(
+                    encoder.out_dim,
+                    state_dim(cfg) + 3 * d,
+                    d,
+                    sum(c.action_dims[:i]),
+                    a.hidden,
+                    c.action_low,
+                    c.action_high,
+                    initial=weights[part],
+                    radius=a.action_radius,
+                )
+            )
         else:
             heads.append(FixedAction(weights[part]))
     return StageActors(encoder, heads)
@@ -104,8 +124,15 @@ class Critic(nn.Module):
 class CascadeAgent(nn.Module):
     """Stage actors, critics and their target heads for one algorithm."""
 
-    def __init__(self, cfg: Config, n_users: int, n_items: int, n_categories: int, cem_weights: Tensor,
-                 fused_lr: float | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        n_users: int,
+        n_items: int,
+        n_categories: int,
+        cem_weights: Tensor,
+        fused_lr: float | None = None,
+    ) -> None:
         """``fused_lr``: train the embedding tables with fused row-wise Adagrad at this rate (one process); None
         leaves plain tables for DMP to shard (unexrl/train/distributed.py)."""
         super().__init__()
@@ -129,10 +156,13 @@ class CascadeAgent(nn.Module):
         # reads its own stage's view and action
         self.critic_stages = [0] if self.global_critic else self.learning
         self.critics = nn.ModuleList(
-            [critic("critic", 0, sum(c.action_dims))] if self.global_critic
+            [critic("critic", 0, sum(c.action_dims))]
+            if self.global_critic
             else [critic(f"critic{i}", i, c.action_dims[i]) for i in self.learning]
         )
-        self.target_critics = nn.ModuleList([copy.deepcopy(q.head) for q in self.critics]).requires_grad_(False)
+        self.target_critics = nn.ModuleList([copy.deepcopy(q.head) for q in self.critics]).requires_grad_(
+            False
+        )
         self.build_optimizers()
         self.updates = 0
 
@@ -151,7 +181,9 @@ class CascadeAgent(nn.Module):
             return wrap(optimizer) if wrap is not None else optimizer
 
         self.actor_optimizer = adam(self.actors.heads, "actors.heads", a.actor_lr)
-        self.critic_optimizer = adam(nn.ModuleList([q.head for q in self.critics]), "critics.heads", a.critic_lr)
+        self.critic_optimizer = adam(
+            nn.ModuleList([q.head for q in self.critics]), "critics.heads", a.critic_lr
+        )
 
     def fused_optimizer(self) -> KeyedOptimizer | None:
         """The in-backward optimizers of this process's fused tables (None when the tables are plain)."""
@@ -172,7 +204,9 @@ class CascadeAgent(nn.Module):
             self.actors.heads[i].dense.fit(torch.cat([state, summaries[i]], dim=1))
         for q, i in zip(self.critics, self.critic_stages):
             q.head.dense.fit(torch.cat([state, summaries[i]], dim=1))
-            q.head.actions.fit(torch.cat(list(batch.actions) if self.global_critic else [batch.actions[i]], dim=1))
+            q.head.actions.fit(
+                torch.cat(list(batch.actions) if self.global_critic else [batch.actions[i]], dim=1)
+            )
         self.sync_targets()
 
     def sync_targets(self) -> None:
@@ -184,7 +218,9 @@ class CascadeAgent(nn.Module):
         """One critic step, and every ``policy_delay`` (TD3) steps one actor step and a target update."""
         a = self.cfg.algo
         n = batch.reward.shape[0]
-        actor_step = self.updates >= a.actor_start and (self.updates + 1) % (a.policy_delay if self.twin else 1) == 0
+        actor_step = (
+            self.updates >= a.actor_start and (self.updates + 1) % (a.policy_delay if self.twin else 1) == 0
+        )
         kjt = sparse_features(batch.tau, batch.next_tau)  # one encoder pass per role embeds t and t+1
         critic_embeddings = [q.encoder(kjt) for q in self.critics]
         with torch.set_grad_enabled(actor_step):
@@ -192,18 +228,27 @@ class CascadeAgent(nn.Module):
         centre = [x.detach() for x in actions]
 
         y = self._critic_target(batch, [e[n:].detach() for e in critic_embeddings])
-        q = [critic.head(critic.head.state_features(e[:n], x), logged, c)
-             for critic, e, (x, logged, c) in zip(self.critics, critic_embeddings,
-                                                   self._critic_inputs(batch, batch.actions, centre, summaries))]
+        q = [
+            critic.head(critic.head.state_features(e[:n], x), logged, c)
+            for critic, e, (x, logged, c) in zip(
+                self.critics, critic_embeddings, self._critic_inputs(batch, batch.actions, centre, summaries)
+            )
+        ]
         critic_loss = sum(((q_c - y_c) ** 2).mean(1).sum() for q_c, y_c in zip(q, y))
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()  # type: ignore[union-attr]
         self.critic_optimizer.step()
         self.updates += 1
 
-        out = {"critic_loss": float(critic_loss.detach()), "q": float(q[0][0].detach().mean()), "target": float(y[0].mean())}
+        out = {
+            "critic_loss": float(critic_loss.detach()),
+            "q": float(q[0][0].detach().mean()),
+            "target": float(y[0].mean()),
+        }
         if actor_step:
-            actor_loss = self.actor_loss(batch, actions, summaries, [e[:n].detach() for e in critic_embeddings])
+            actor_loss = self.actor_loss(
+                batch, actions, summaries, [e[:n].detach() for e in critic_embeddings]
+            )
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward()
             self.actor_optimizer.step()
@@ -216,14 +261,19 @@ class CascadeAgent(nn.Module):
         what its upstream actors selected (CTDE and the baselines: on the logged views). With SG each actor sees
         sg(a^{<i})."""
         _, actions, summaries = cascade_with_actors(
-            batch.tau, actor_embedding, self.keep, self.actors, stop_gradient=self.cfg.algo.sg,
-            select_with=None if self.cic else batch.actions, first_summary=batch.first_summary,
+            batch.tau,
+            actor_embedding,
+            self.keep,
+            self.actors,
+            stop_gradient=self.cfg.algo.sg,
+            select_with=None if self.cic else batch.actions,
+            first_summary=batch.first_summary,
         )
         return actions, summaries
 
     def _critic_target(self, batch: Batch, critic_embeddings: list[Tensor]) -> list[Tensor]:
         """y = r~ + gamma^n (1 - done) min_k V'_k(tau^1_{t+n}), per critic (V' = Q' at the target policy's action)."""
-        gamma = self.cfg.algo.gamma ** self.cfg.algo.n_step
+        gamma = self.cfg.algo.gamma**self.cfg.algo.n_step
         with torch.no_grad():
             out = []
             for head, e, x in zip(self.target_critics, critic_embeddings, self._next_dense(batch)):
@@ -231,8 +281,9 @@ class CascadeAgent(nn.Module):
                 out.append(batch.reward + gamma * (1.0 - batch.done) * value)
             return out
 
-    def actor_loss(self, batch: Batch, actions: list[Tensor], summaries: list[Tensor],
-                   critic_embeddings: list[Tensor]) -> Tensor:
+    def actor_loss(
+        self, batch: Batch, actions: list[Tensor], summaries: list[Tensor], critic_embeddings: list[Tensor]
+    ) -> Tensor:
         """sum_i L_i over the actors' own actions ``actions`` (``policy_actions``, with their graph).
 
             L_i = -Q_1(tau, sg(a^{<i}), mu^i(tau^i), sg(a^{>i})) / mean|Q_1|  +  w ||mu^i(tau^i) - a^i_logged||^2
@@ -247,16 +298,18 @@ class CascadeAgent(nn.Module):
         """
         centre = [x.detach() for x in actions]
         losses = []
-        for critic, e, (x, acts, c) in zip(self.critics, critic_embeddings,
-                                           self._critic_inputs(batch, actions, centre, summaries)):
+        for critic, e, (x, acts, c) in zip(
+            self.critics, critic_embeddings, self._critic_inputs(batch, actions, centre, summaries)
+        ):
             with torch.no_grad():
                 features = critic.head.state_features(e, x, FIRST)
             q = critic.head(features, acts, c)[0]
             losses.append(-q.mean() / q.detach().abs().mean().clamp_min(1e-6))
         loss = torch.stack(losses).sum()
         if self.cfg.algo.proximal > 0:
-            loss = loss + self.cfg.algo.proximal * sum(((actions[i] - batch.actions[i]) ** 2).sum(1).mean()
-                                                       for i in self.learning)
+            loss = loss + self.cfg.algo.proximal * sum(
+                ((actions[i] - batch.actions[i]) ** 2).sum(1).mean() for i in self.learning
+            )
         return loss
 
     # --- what the diagnostics read (unexrl/rl/diagnostics.py) -------------------------------------------------
@@ -282,18 +335,27 @@ class CascadeAgent(nn.Module):
                 features = critic.head.state_features(critic.encoder(kjt), x, FIRST)
             total = total + critic.head(features, acts, c)[0].sum()
         grads = torch.autograd.grad(total, actions, allow_unused=True)
-        return torch.cat([g if g is not None else torch.full_like(x, float("nan")) for g, x in zip(grads, actions)], 1)
+        return torch.cat(
+            [g if g is not None else torch.full_like(x, float("nan")) for g, x in zip(grads, actions)], 1
+        )
 
     @torch.no_grad()
     def greedy_actions(self, batch: Batch, kjt: KeyedJaggedTensor) -> tuple[list[Tensor], list[Tensor]]:
         """The actors' actions as they act at serving (CIC, whatever the algorithm trains on) and the views' summaries."""
-        _, actions, summaries = cascade_with_actors(batch.tau, self.actors.embed(kjt), self.keep, self.actors,
-                                                    stop_gradient=True, first_summary=batch.first_summary)
+        _, actions, summaries = cascade_with_actors(
+            batch.tau,
+            self.actors.embed(kjt),
+            self.keep,
+            self.actors,
+            stop_gradient=True,
+            first_summary=batch.first_summary,
+        )
         return actions, summaries
 
     # --- what the critics read -------------------------------------------------------------------------------
-    def _critic_inputs(self, batch: Batch, actions: Sequence[Tensor], centre: Sequence[Tensor],
-                       summaries: Sequence[Tensor]) -> list[tuple[Tensor, list[Tensor], list[Tensor]]]:
+    def _critic_inputs(
+        self, batch: Batch, actions: Sequence[Tensor], centre: Sequence[Tensor], summaries: Sequence[Tensor]
+    ) -> list[tuple[Tensor, list[Tensor], list[Tensor]]]:
         """(dense input, actions, centre) of each critic on tau_t: the global one reads [state, pool summary] and
         a^{1:N}; stage critic i reads [state, summary of the view its actor acted on] and a^i."""
         state = batch.tau.state
@@ -307,8 +369,13 @@ class CascadeAgent(nn.Module):
         if self.global_critic:
             return [torch.cat([state, batch.next_first_summary], dim=1)]
         views = run_cascade(batch.next_tau.predictions, self.keep, replay_actions(batch.next_actions)).views
-        return [torch.cat([state, batch.next_first_summary if i == 0 else candidate_summary(views[i].predictions)], dim=1)
-                for i in self.learning]
+        return [
+            torch.cat(
+                [state, batch.next_first_summary if i == 0 else candidate_summary(views[i].predictions)],
+                dim=1,
+            )
+            for i in self.learning
+        ]
 
     def _soft_update(self) -> None:
         """target <- lerp(target, online, polyak) over the critics' dense heads (the targets own no tables)."""

@@ -32,11 +32,18 @@ def n_item_groups(cfg: Config) -> int:
 
 def duration_bucket(duration_s: Tensor, edges_s: Sequence[float]) -> Tensor:
     """Item group G_i: index of the duration bucket (0 .. len(edges))."""
-    return torch.bucketize(duration_s, torch.tensor(list(edges_s), dtype=duration_s.dtype, device=duration_s.device))
+    return torch.bucketize(
+        duration_s, torch.tensor(list(edges_s), dtype=duration_s.dtype, device=duration_s.device)
+    )
 
 
 def fit_cqr_knots(
-    watch_time: Tensor, user_group: Tensor, item_group: Tensor, n_user_groups: int, n_item_groups: int, n_knots: int
+    watch_time: Tensor,
+    user_group: Tensor,
+    item_group: Tensor,
+    n_user_groups: int,
+    n_item_groups: int,
+    n_knots: int,
 ) -> Tensor:
     """[G_u, G_i, n_knots] quantiles of ``watch_time`` per cell (1-D inputs, one entry per viewed item).
 
@@ -58,15 +65,25 @@ def cqr_transform(reward: Tensor, user_group: Tensor, item_group: Tensor, knots:
     """Phi(r | G_u, G_i): the empirical CDF at ``reward`` by linear interpolation between the cell's knots."""
     cell = knots[user_group, item_group]  # [..., n_knots]
     n = cell.shape[-1]
-    idx = torch.searchsorted(cell.contiguous(), reward.unsqueeze(-1).contiguous(), right=True).squeeze(-1).clamp(1, n - 1)
+    idx = (
+        torch.searchsorted(cell.contiguous(), reward.unsqueeze(-1).contiguous(), right=True)
+        .squeeze(-1)
+        .clamp(1, n - 1)
+    )
     lo = cell.gather(-1, (idx - 1).unsqueeze(-1)).squeeze(-1)
     hi = cell.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
     frac = ((reward - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
     return ((idx - 1).to(reward.dtype) + frac) / (n - 1)
 
 
-def training_reward(watch_time: Tensor, viewed: Tensor, user_group: Tensor, item_group: Tensor,
-                    knots: Tensor | None, cfg: Config) -> Tensor:
+def training_reward(
+    watch_time: Tensor,
+    viewed: Tensor,
+    user_group: Tensor,
+    item_group: Tensor,
+    knots: Tensor | None,
+    cfg: Config,
+) -> Tensor:
     """[B] training reward of requests from their pages' per-item ``watch_time`` and ``viewed`` ([B, K]): CQR with
     ``knots`` (``features.cqr_unit``), else the page's watch time in pages of median-length videos (about one).
 

@@ -134,11 +134,15 @@ def _calibration(q: np.ndarray, g: np.ndarray, groups: np.ndarray, n_groups: int
         mask = groups == k
         if mask.any():
             n, mq, mg, bias, corr = one(mask)
-            per_group.append(GroupCalibration(group=k, transitions=n, mean_q=mq, mean_return=mg, relative_bias=bias,
-                                              correlation=corr))
+            per_group.append(
+                GroupCalibration(
+                    group=k, transitions=n, mean_q=mq, mean_return=mg, relative_bias=bias, correlation=corr
+                )
+            )
     n, mq, mg, bias, corr = one(np.ones_like(groups, dtype=bool))
-    return Calibration(transitions=n, mean_q=mq, mean_return=mg, relative_bias=bias, correlation=corr,
-                       per_group=per_group)
+    return Calibration(
+        transitions=n, mean_q=mq, mean_return=mg, relative_bias=bias, correlation=corr, per_group=per_group
+    )
 
 
 def _masked_cosine(critic: np.ndarray, truth: np.ndarray) -> float:
@@ -146,7 +150,9 @@ def _masked_cosine(critic: np.ndarray, truth: np.ndarray) -> float:
     return cosine(critic[known], truth[known])
 
 
-def diagnose(agent: CascadeAgent, sim: Simulator, actors: nn.Module, knots: Tensor | None) -> CriticDiagnostics:
+def diagnose(
+    agent: CascadeAgent, sim: Simulator, actors: nn.Module, knots: Tensor | None
+) -> CriticDiagnostics:
     """Score ``agent``'s critic on fresh validation sessions of its behaviour policy (``actors``, an unsharded copy
     of the agent's actors, with the training exploration noise) against the simulator's truth."""
     started = time.perf_counter()
@@ -164,8 +170,13 @@ def diagnose(agent: CascadeAgent, sim: Simulator, actors: nn.Module, knots: Tens
     buffer.set_knots(knots)
     idx = torch.arange(buffer.size)
     batch = buffer.batch(idx)
-    g = _returns(buffer.reward(idx), buffer.done[idx].float(), buffer.next_index[idx], cfg.algo.gamma,
-                 cfg.session.max_requests)
+    g = _returns(
+        buffer.reward(idx),
+        buffer.done[idx].float(),
+        buffer.next_index[idx],
+        cfg.algo.gamma,
+        cfg.session.max_requests,
+    )
     device = next(agent.parameters()).device
     batch = batch.to(device)
     q = agent.q_values(batch).cpu().numpy()
@@ -174,21 +185,53 @@ def diagnose(agent: CascadeAgent, sim: Simulator, actors: nn.Module, knots: Tens
 
     def step_reward(step: Step) -> Tensor:
         item_group = duration_bucket(w.item_duration[step.page_items], cfg.features.duration_bucket_edges_s)
-        r = training_reward(step.response.watch_time, step.response.viewed, step.obs.activity_group, item_group,
-                            None if knots is None else knots.to(step.page_items.device), cfg)
+        r = training_reward(
+            step.response.watch_time,
+            step.response.viewed,
+            step.obs.activity_group,
+            item_group,
+            None if knots is None else knots.to(step.page_items.device),
+            cfg,
+        )
         return r * cfg.algo.gamma ** step.obs.step.float()
 
-    truth = true_gradient(sim, ActorPolicy(actors, cfg, w), seed, FD_SESSIONS + torch.arange(d.gradient_sessions),
-                          d.delta, d.batch_rows, training_reward=step_reward)
-    slices = [slice(sum(cfg.cascade.action_dims[:i]), sum(cfg.cascade.action_dims[: i + 1]))
-              for i in range(len(cfg.cascade.stages))]
-    critic = np.stack([grad[groups == k].mean(0) if (groups == k).any() else np.zeros(grad.shape[1])
-                       for k in range(n_groups)])
+    truth = true_gradient(
+        sim,
+        ActorPolicy(actors, cfg, w),
+        seed,
+        FD_SESSIONS + torch.arange(d.gradient_sessions),
+        d.delta,
+        d.batch_rows,
+        training_reward=step_reward,
+    )
+    slices = [
+        slice(sum(cfg.cascade.action_dims[:i]), sum(cfg.cascade.action_dims[: i + 1]))
+        for i in range(len(cfg.cascade.stages))
+    ]
+    critic = np.stack(
+        [
+            grad[groups == k].mean(0) if (groups == k).any() else np.zeros(grad.shape[1])
+            for k in range(n_groups)
+        ]
+    )
     cos = [_masked_cosine(critic[k], truth.gradient[k]) for k in range(n_groups)]
-    signs = [float(np.mean(np.sign(critic[k][~np.isnan(critic[k])]) == np.sign(truth.gradient[k][~np.isnan(critic[k])])))
-             for k in range(n_groups)]
-    stage_cos = [[_masked_cosine(critic[k][s], truth.gradient[k][s]) if not np.isnan(critic[k][s]).all() else float("nan")
-                  for s in slices] for k in range(n_groups)]
+    signs = [
+        float(
+            np.mean(
+                np.sign(critic[k][~np.isnan(critic[k])]) == np.sign(truth.gradient[k][~np.isnan(critic[k])])
+            )
+        )
+        for k in range(n_groups)
+    ]
+    stage_cos = [
+        [
+            _masked_cosine(critic[k][s], truth.gradient[k][s])
+            if not np.isnan(critic[k][s]).all()
+            else float("nan")
+            for s in slices
+        ]
+        for k in range(n_groups)
+    ]
     assert truth.training_gradient is not None
     alignment = [cosine(truth.training_gradient[k], truth.gradient[k]) for k in range(n_groups)]
     own = [_masked_cosine(critic[k], truth.training_gradient[k]) for k in range(n_groups)]
@@ -197,10 +240,15 @@ def diagnose(agent: CascadeAgent, sim: Simulator, actors: nn.Module, knots: Tens
         updates=agent.updates,
         calibration=_calibration(q, g.numpy(), groups, n_groups),
         gradient=GradientCheck(
-            cosine=PerGroup.of(cos), sign_agreement=PerGroup.of(signs), stage_cosine=stage_cos,
-            critic=critic.tolist(), truth=truth.gradient.tolist(),
-            truth_split_half_cosine=truth.split_half_cosine.tolist(), cosine_training_return=PerGroup.of(own),
-            sessions=truth.sessions, delta=truth.delta,
+            cosine=PerGroup.of(cos),
+            sign_agreement=PerGroup.of(signs),
+            stage_cosine=stage_cos,
+            critic=critic.tolist(),
+            truth=truth.gradient.tolist(),
+            truth_split_half_cosine=truth.split_half_cosine.tolist(),
+            cosine_training_return=PerGroup.of(own),
+            sessions=truth.sessions,
+            delta=truth.delta,
         ),
         reward_alignment=PerGroup.of(alignment),
         seconds=round(time.perf_counter() - started, 1),
@@ -216,11 +264,15 @@ def diagnostics_markdown(diag: CriticDiagnostics, group_names: list[str]) -> str
     """The diagnostics as a table a person reads: one row per activity group, then the overall line."""
     c, gr = diag.calibration, diag.gradient
     lines = [
-        (f"Critic diagnostics after {diag.updates} updates (validation seed {diag.seed}, {c.transitions} fresh "
-         f"transitions; truth from {gr.sessions} sessions per finite difference, +-{gr.delta})."),
+        (
+            f"Critic diagnostics after {diag.updates} updates (validation seed {diag.seed}, {c.transitions} fresh "
+            f"transitions; truth from {gr.sessions} sessions per finite difference, +-{gr.delta})."
+        ),
         "",
-        ("| group | transitions | mean Q | mean return | relative bias | correlation | gradient cosine | sign agreement "
-         "| stage cosines | truth repeatability | cosine vs training return | reward alignment |"),
+        (
+            "| group | transitions | mean Q | mean return | relative bias | correlation | gradient cosine | sign agreement "
+            "| stage cosines | truth repeatability | cosine vs training return | reward alignment |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, cal in enumerate(c.per_group):

@@ -30,11 +30,16 @@ CRITIC_FEATURES = ("recent_items", "recent_categories")
 _TABLE_OF = {"user_id": "users", "recent_items": "items", "recent_categories": "categories"}
 
 
-def embedding_tables(prefix: str, features: Sequence[str], rows: dict[str, int], dim: int) -> list[EmbeddingBagConfig]:
+def embedding_tables(
+    prefix: str, features: Sequence[str], rows: dict[str, int], dim: int
+) -> list[EmbeddingBagConfig]:
     """One table per feature, ``<prefix>_<table>``: sum-pooled user id, mean-pooled histories."""
     return [
         EmbeddingBagConfig(
-            name=f"{prefix}_{_TABLE_OF[f]}", embedding_dim=dim, num_embeddings=rows[_TABLE_OF[f]], feature_names=[f],
+            name=f"{prefix}_{_TABLE_OF[f]}",
+            embedding_dim=dim,
+            num_embeddings=rows[_TABLE_OF[f]],
+            feature_names=[f],
             pooling=torchrec.PoolingType.SUM if f == "user_id" else torchrec.PoolingType.MEAN,
         )
         for f in features
@@ -52,8 +57,11 @@ class SparseEncoder(nn.Module):
         super().__init__()
         self.features = tuple(f for t in tables for f in t.feature_names)
         self.ebc: nn.Module = (
-            EmbeddingBagCollection(tables=tables) if fused_lr is None
-            else FusedEmbeddingBagCollection(tables=tables, optimizer_type=RowWiseAdagrad, optimizer_kwargs={"lr": fused_lr})
+            EmbeddingBagCollection(tables=tables)
+            if fused_lr is None
+            else FusedEmbeddingBagCollection(
+                tables=tables, optimizer_type=RowWiseAdagrad, optimizer_kwargs={"lr": fused_lr}
+            )
         )
         self.out_dim = sum(t.embedding_dim for t in tables)
 
@@ -85,7 +93,9 @@ class Standardize(nn.Module):
 
 
 def mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
+    return nn.Sequential(
+        nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_out)
+    )
 
 
 class EnsembleLinear(nn.Module):
@@ -106,8 +116,13 @@ class EnsembleMLP(nn.Module):
 
     def __init__(self, k: int, n_in: int, hidden: int, n_out: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([EnsembleLinear(k, n_in, hidden), EnsembleLinear(k, hidden, hidden),
-                                     EnsembleLinear(k, hidden, n_out)])
+        self.layers = nn.ModuleList(
+            [
+                EnsembleLinear(k, n_in, hidden),
+                EnsembleLinear(k, hidden, hidden),
+                EnsembleLinear(k, hidden, n_out),
+            ]
+        )
 
     def forward(self, x: Tensor, members: slice = slice(None)) -> Tensor:
         for i, layer in enumerate(self.layers):
@@ -129,8 +144,18 @@ class StageHead(nn.Module):
     with tanh's full slope there whatever those weights are; ``radius`` bounds how far it may personalise them.
     """
 
-    def __init__(self, embedding_dim: int, dense_dim: int, action_dim: int, upstream_dim: int, hidden: int,
-                 low: float, high: float, initial: Tensor, radius: float) -> None:
+    def __init__(
+        self,
+        embedding_dim: int,
+        dense_dim: int,
+        action_dim: int,
+        upstream_dim: int,
+        hidden: int,
+        low: float,
+        high: float,
+        initial: Tensor,
+        radius: float,
+    ) -> None:
         super().__init__()
         self.dense = Standardize(dense_dim)
         self.net = mlp(embedding_dim + dense_dim + upstream_dim, hidden, action_dim)
@@ -141,7 +166,9 @@ class StageHead(nn.Module):
 
     def forward(self, embedding: Tensor, dense: Tensor, upstream: Sequence[Tensor]) -> Tensor:
         x = torch.cat([embedding, self.dense(dense), *upstream], dim=1)
-        return straight_through_clamp(self.initial + self.radius * torch.tanh(self.net(x)), self.low, self.high)
+        return straight_through_clamp(
+            self.initial + self.radius * torch.tanh(self.net(x)), self.low, self.high
+        )
 
 
 class FixedAction(nn.Module):
@@ -207,5 +234,8 @@ class CriticHead(nn.Module):
         """[K, B] Q values of ``actions`` around the policy's actions ``centre`` (both lists of a^i)."""
         delta = (torch.cat(list(actions), dim=1) - torch.cat(list(centre), dim=1)) / self.actions.std
         d = self.action_dim
-        slope, curvature = state_features[..., 1 : 1 + d], nn.functional.softplus(state_features[..., 1 + d :])
+        slope, curvature = (
+            state_features[..., 1 : 1 + d],
+            nn.functional.softplus(state_features[..., 1 + d :]),
+        )
         return state_features[..., 0] + (slope * delta).sum(-1) - 0.5 * (curvature * delta.square()).sum(-1)

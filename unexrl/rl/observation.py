@@ -57,8 +57,13 @@ def _move(value: Tensor | tuple[Tensor, ...], device: torch.device | str) -> Ten
 
 
 def session_state(
-    step: Tensor, items_watched: Tensor, watch_time: Tensor, last_watch_fraction: Tensor, activity_group: Tensor,
-    max_requests: int, n_groups: int,
+    step: Tensor,
+    items_watched: Tensor,
+    watch_time: Tensor,
+    last_watch_fraction: Tensor,
+    activity_group: Tensor,
+    max_requests: int,
+    n_groups: int,
 ) -> Tensor:
     """[B, 4 + n_groups] scaled session state; the same function serves the simulator, logs and serving."""
     return torch.cat(
@@ -84,8 +89,15 @@ def tau1_from_observation(obs: Observation, world: World, max_requests: int, n_g
     return Tau1(
         user=obs.user,
         activity_group=obs.activity_group,
-        state=session_state(obs.step, obs.items_watched, obs.watch_time, obs.last_watch_fraction,
-                            obs.activity_group, max_requests, n_groups),
+        state=session_state(
+            obs.step,
+            obs.items_watched,
+            obs.watch_time,
+            obs.last_watch_fraction,
+            obs.activity_group,
+            max_requests,
+            n_groups,
+        ),
         history_items=hist,
         history_categories=torch.where(hist >= 0, world.item_category[hist.clamp_min(0)], -1),
         predictions=obs.predictions,
@@ -100,8 +112,10 @@ def sparse_features(*taus: Tau1) -> KeyedJaggedTensor:
     them). A negative user id (a user outside the trained id space, served cold by unexrl/serve) contributes no
     id, so its user embedding pools to zero instead of reading another user's row.
     """
-    user, items, categories = (torch.cat([getattr(t, name) for t in taus])
-                               for name in ("user", "history_items", "history_categories"))
+    user, items, categories = (
+        torch.cat([getattr(t, name) for t in taus])
+        for name in ("user", "history_items", "history_categories")
+    )
     valid = items >= 0
     lengths = valid.sum(1)
     known = user >= 0
@@ -118,5 +132,7 @@ def candidate_summary(predictions: Tensor) -> Tensor:
     Computed once per stage view and shared by the actor and every critic that reads that view.
     """
     mean = predictions.mean(1)
-    std = (predictions - mean.unsqueeze(1)).square().mean(1).sqrt()  # ~6x faster than std_mean at these shapes
+    std = (
+        (predictions - mean.unsqueeze(1)).square().mean(1).sqrt()
+    )  # ~6x faster than std_mean at these shapes
     return torch.cat([mean, std, predictions.amax(1)], dim=1)

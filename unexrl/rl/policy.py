@@ -19,7 +19,9 @@ _STREAM_ACTOR_EXPLORE = 59
 class ActorPolicy:
     """Each stage's actor acts on its view; optional keyed Gaussian exploration noise, clipped to the box."""
 
-    def __init__(self, actors: StageActors, cfg: Config, world: World, explore_std: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self, actors: StageActors, cfg: Config, world: World, explore_std: float = 0.0, seed: int = 0
+    ) -> None:
         self.actors, self.cfg, self.world = actors, cfg, world
         self.explore_std, self.seed = explore_std, seed
         self._cached: tuple[Observation, Tensor, Tensor] | None = None
@@ -27,7 +29,9 @@ class ActorPolicy:
     def _inputs(self, obs: Observation) -> tuple[Tensor, Tensor]:
         # act() is called once per stage with the same observation: embed tau^1 once
         if self._cached is None or self._cached[0] is not obs:
-            tau = tau1_from_observation(obs, self.world, self.cfg.session.max_requests, len(self.cfg.world.user_types))
+            tau = tau1_from_observation(
+                obs, self.world, self.cfg.session.max_requests, len(self.cfg.world.user_types)
+            )
             self._cached = (obs, tau.state, self.actors.embed(sparse_features(tau)))
         return self._cached[1], self._cached[2]
 
@@ -38,7 +42,9 @@ class ActorPolicy:
         a = self.actors.act(view.stage, embedding, dense, list(view.upstream_actions))
         if self.explore_std > 0:
             head = torch.arange(a.shape[1], device=a.device)
-            key = hash_key(self.seed, _STREAM_ACTOR_EXPLORE, view.stage, obs.session[:, None], obs.step[:, None], head)
+            key = hash_key(
+                self.seed, _STREAM_ACTOR_EXPLORE, view.stage, obs.session[:, None], obs.step[:, None], head
+            )
             c = self.cfg.cascade
             a = (a + self.explore_std * normal(key)).clamp(c.action_low, c.action_high)
         return a

@@ -45,10 +45,16 @@ class Batch:
         if device.type == "cpu":
             return self
         move = lambda x: x.to(device)
-        return Batch(tau=self.tau.to(device), actions=tuple(map(move, self.actions)), reward=move(self.reward),
-                     done=move(self.done), next_tau=self.next_tau.to(device),
-                     next_actions=tuple(map(move, self.next_actions)), first_summary=move(self.first_summary),
-                     next_first_summary=move(self.next_first_summary))
+        return Batch(
+            tau=self.tau.to(device),
+            actions=tuple(map(move, self.actions)),
+            reward=move(self.reward),
+            done=move(self.done),
+            next_tau=self.next_tau.to(device),
+            next_actions=tuple(map(move, self.next_actions)),
+            first_summary=move(self.first_summary),
+            next_first_summary=move(self.next_first_summary),
+        )
 
 
 class ReplayBuffer:
@@ -97,10 +103,17 @@ class ReplayBuffer:
             tau = tau1_from_observation(s.obs, world, cfg.session.max_requests, n_groups).index(r)
             page = s.page_items[r]
             for name, value in (
-                ("user", tau.user), ("activity_group", tau.activity_group), ("state", tau.state),
-                ("history_items", tau.history_items), ("history_categories", tau.history_categories),
-                ("watch_time", s.response.watch_time[r]), ("viewed", s.response.viewed[r]),
-                ("item_group", duration_bucket(world.item_duration[page], cfg.features.duration_bucket_edges_s)),
+                ("user", tau.user),
+                ("activity_group", tau.activity_group),
+                ("state", tau.state),
+                ("history_items", tau.history_items),
+                ("history_categories", tau.history_categories),
+                ("watch_time", s.response.watch_time[r]),
+                ("viewed", s.response.viewed[r]),
+                (
+                    "item_group",
+                    duration_bucket(world.item_duration[page], cfg.features.duration_bucket_edges_s),
+                ),
                 ("done", s.done[r]),
                 *((f"predictions{i}", p) for i, p in enumerate(tau.predictions)),
                 *((f"actions{i}", a[r].detach()) for i, a in enumerate(s.cascade.actions)),
@@ -133,9 +146,15 @@ class ReplayBuffer:
         fields = {
             "user": user,
             "activity_group": group,
-            "state": session_state(column("step"), column("session_items_watched"), column("session_watch_time_s"),
-                                   column("last_watch_fraction"), group, cfg.session.max_requests,
-                                   len(cfg.world.user_types)),
+            "state": session_state(
+                column("step"),
+                column("session_items_watched"),
+                column("session_watch_time_s"),
+                column("last_watch_fraction"),
+                group,
+                cfg.session.max_requests,
+                len(cfg.world.user_types),
+            ),
             "history_items": history,
             "history_categories": torch.where(history >= 0, category_of[history.clamp_min(0)], -1),
             "watch_time": torch.tensor(list_matrix(t, "watch_time_s", cfg.cascade.page_size)),
@@ -189,14 +208,23 @@ class ReplayBuffer:
         return self.rewards[idx]
 
     def _training_reward(self, idx: Tensor) -> Tensor:
-        return training_reward(self.watch_time[idx], self.viewed[idx], self.activity_group[idx], self.item_group[idx],
-                               self.cqr_knots, self.cfg)
+        return training_reward(
+            self.watch_time[idx],
+            self.viewed[idx],
+            self.activity_group[idx],
+            self.item_group[idx],
+            self.cqr_knots,
+            self.cfg,
+        )
 
     def tau(self, idx: Tensor) -> Tau1:
         rows = lambda x: x.index_select(0, idx)
         return Tau1(
-            user=rows(self.user), activity_group=rows(self.activity_group), state=rows(self.state),
-            history_items=rows(self.history_items), history_categories=rows(self.history_categories),
+            user=rows(self.user),
+            activity_group=rows(self.activity_group),
+            state=rows(self.state),
+            history_items=rows(self.history_items),
+            history_categories=rows(self.history_categories),
             predictions=tuple(rows(p).float() for p in self.predictions),
         )
 

@@ -58,8 +58,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def true_gradient(sim: Simulator, policy: Policy, seed: int, session_ids: Tensor, delta: float, batch_rows: int,
-                  training_reward: Callable[[Step], Tensor] | None = None) -> TrueGradient:
+def true_gradient(
+    sim: Simulator,
+    policy: Policy,
+    seed: int,
+    session_ids: Tensor,
+    delta: float,
+    batch_rows: int,
+    training_reward: Callable[[Step], Tensor] | None = None,
+) -> TrueGradient:
     """Central differences of per-group mean session watch time, +-``delta`` on every weight, on ``session_ids``.
 
     ``batch_rows``: rows per batched rollout; each batch holds whole blocks of the sessions under one nudge each.
@@ -86,8 +93,14 @@ def true_gradient(sim: Simulator, policy: Policy, seed: int, session_ids: Tensor
             if training_reward is not None:
                 total.index_add_(0, step.obs.row, torch.where(step.active, training_reward(step), 0.0))
 
-        out = rollout(sim, OffsetPolicy(policy, offsets, stage_slices(cascade)), seed, ids, batch_size=len(ids),
-                      on_step=add)
+        out = rollout(
+            sim,
+            OffsetPolicy(policy, offsets, stage_slices(cascade)),
+            seed,
+            ids,
+            batch_size=len(ids),
+            on_step=add,
+        )
         watch[start : start + len(block)] = out.watch_time.reshape(len(block), n)
         training[start : start + len(block)] = total.cpu().numpy().reshape(len(block), n)
 
@@ -103,6 +116,10 @@ def true_gradient(sim: Simulator, policy: Policy, seed: int, session_ids: Tensor
         return gradient, split
 
     gradient, split = per_group(watch)
-    return TrueGradient(gradient=gradient, split_half_cosine=split,
-                        training_gradient=per_group(training)[0] if training_reward is not None else None,
-                        sessions=n, delta=delta)
+    return TrueGradient(
+        gradient=gradient,
+        split_half_cosine=split,
+        training_gradient=per_group(training)[0] if training_reward is not None else None,
+        sessions=n,
+        delta=delta,
+    )

@@ -17,7 +17,9 @@ class _Strict(BaseModel):
 
 class RequestContext(_Strict):
     session_id: int | None = Field(
-        default=None, ge=0, le=SESSION_ID_MAX,
+        default=None,
+        ge=0,
+        le=SESSION_ID_MAX,
         description="The client's session id. Omitted: the user's current session from the feature store, or a new "
         "one. An id other than the current session's starts that session at step 0.",
     )
@@ -25,13 +27,15 @@ class RequestContext(_Strict):
 
 class RecommendRequest(_Strict):
     user_id: int = Field(
-        ge=INT64_MIN, le=INT64_MAX,
+        ge=INT64_MIN,
+        le=INT64_MAX,
         description="The user. Ids outside the model's id space (new users) get a cold-start page: no user "
         "embedding, non-personalised retrieval.",
     )
     context: RequestContext | None = Field(default=None, description="Optional request context.")
     candidates: list[int] | None = Field(
-        default=None, max_length=MAX_CANDIDATES,
+        default=None,
+        max_length=MAX_CANDIDATES,
         description="Optional candidate pool (distinct catalogue item ids, at least as many as the first stage "
         "keeps). Omitted: the pool comes from the retrieval channels (user interest, popular, random).",
     )
@@ -55,7 +59,9 @@ class RecommendResponse(_Strict):
     items: list[int] = Field(description="The page: item ids in the order to show them.")
     actions: list[StageAction] = Field(description="Each stage's action, in cascade order.")
     cold_start: bool = Field(description="The user is outside the model's id space and was served cold.")
-    degraded: bool = Field(description="The feature store was unreachable; session and history took defaults.")
+    degraded: bool = Field(
+        description="The feature store was unreachable; session and history took defaults."
+    )
 
 
 class FeedbackItem(_Strict):
@@ -66,7 +72,9 @@ class FeedbackItem(_Strict):
 
 
 class FeedbackRequest(_Strict):
-    request_id: str = Field(min_length=1, max_length=64, description="request_id of the page, from /recommend.")
+    request_id: str = Field(
+        min_length=1, max_length=64, description="request_id of the page, from /recommend."
+    )
     items: list[FeedbackItem] = Field(
         max_length=MAX_FEEDBACK_ITEMS,
         description="The viewed items of the page, each at most once; items not listed were not viewed.",

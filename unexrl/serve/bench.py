@@ -63,15 +63,43 @@ def _sequential(url: str, n: int, users: int) -> dict[str, dict[str, float]]:
                 reply.raise_for_status()
                 if i >= 20:  # warm-up excluded
                     times[name].append(dt)
-    return {name: {"p50_ms": 1e3 * statistics.median(t), "p99_ms": 1e3 * _percentile(t, 99),
-                   "sequential_rps": len(t) / sum(t)} for name, t in times.items()}
+    return {
+        name: {
+            "p50_ms": 1e3 * statistics.median(t),
+            "p99_ms": 1e3 * _percentile(t, 99),
+            "sequential_rps": len(t) / sum(t),
+        }
+        for name, t in times.items()
+    }
 
 
-def _wrk(url: str, seconds: float, connections: int, delay_ms: float, users: int, script: Path) -> dict[str, float]:
-    env = {**os.environ, "UNEXRL_BENCH_USERS": str(users), "UNEXRL_BENCH_DELAY_MS": str(int(max(delay_ms, 0)))}
+def _wrk(
+    url: str, seconds: float, connections: int, delay_ms: float, users: int, script: Path
+) -> dict[str, float]:
+    env = {
+        **os.environ,
+        "UNEXRL_BENCH_USERS": str(users),
+        "UNEXRL_BENCH_DELAY_MS": str(int(max(delay_ms, 0))),
+    }
     out = subprocess.run(
-        ["wrk", "-t", "2", "-c", str(connections), "-d", f"{max(int(seconds), 1)}s", "--timeout", "10s",
-         "-s", str(script), f"{url}/recommend"], env=env, capture_output=True, text=True, check=True,
+        [
+            "wrk",
+            "-t",
+            "2",
+            "-c",
+            str(connections),
+            "-d",
+            f"{max(int(seconds), 1)}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            f"{url}/recommend",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -91,45 +119,70 @@ def _load_test(url: str, users: int, load_seconds: float, p50_ms: float, script:
         probe = _wrk(url, 3, connections, delay, users, script)
         delay += connections * 1000.0 * (1 / target - 1 / max(probe["rps"], 1e-9))
     held = _wrk(url, load_seconds, connections, delay, users, script)
-    return {"peak_rps": peak["rps"], "target_rps": target, "delay_ms": max(delay, 0.0), "held": held,
-            "held_fraction_of_peak": held["rps"] / peak["rps"]}
+    return {
+        "peak_rps": peak["rps"],
+        "target_rps": target,
+        "delay_ms": max(delay, 0.0),
+        "held": held,
+        "held_fraction_of_peak": held["rps"] / peak["rps"],
+    }
 
 
-def bench_serve(cfg: Config, *, requests: int = 400, load_seconds: float = 60.0,
-                include_paper: bool = True) -> dict[str, Any]:
+def bench_serve(
+    cfg: Config, *, requests: int = 400, load_seconds: float = 60.0, include_paper: bool = True
+) -> dict[str, Any]:
     """Latency, throughput and the load test per pool size; see the module docstring."""
     if shutil.which("wrk") is None:
         raise FileNotFoundError("wrk is not installed (Debian: apt-get install wrk; `make prometheus`)")
     cases = [("config", cfg)] + ([("paper", paper_pool(cfg))] if include_paper else [])
-    out: dict[str, Any] = {"config": cfg.name, "requests": requests, "load_seconds": load_seconds, "cases": {}}
+    out: dict[str, Any] = {
+        "config": cfg.name,
+        "requests": requests,
+        "load_seconds": load_seconds,
+        "cases": {},
+    }
     with tempfile.TemporaryDirectory(prefix="unexrl-bench-serve-") as tmp:
-        os.environ.setdefault("BENTOML_HOME", f"{tmp}/bentoml")  # takes effect unless BentoML is already in use
+        os.environ.setdefault(
+            "BENTOML_HOME", f"{tmp}/bentoml"
+        )  # takes effect unless BentoML is already in use
         script = Path(tmp) / "recommend.lua"
         script.write_text(_WRK_SCRIPT)
         for name, case in cases:
-            artifact = save_weight_policy(WeightPolicy(greedy_weights(case.cascade), case.cascade),
-                                          Path(tmp) / name, case, algorithm="greedy")
+            artifact = save_weight_policy(
+                WeightPolicy(greedy_weights(case.cascade), case.cascade),
+                Path(tmp) / name,
+                case,
+                algorithm="greedy",
+            )
             tag, _ = import_model(artifact, model_name=f"unexrl-bench-{name}")
             env = {"UNEXRL_FEATURE_REPO": str(Path(tmp) / "no-feature-store")}
             with local_service(tag, env=env, log_file=Path(tmp) / f"{name}.log") as url:
                 seq = _sequential(url, requests, case.world.n_users)
                 load = _load_test(url, case.world.n_users, load_seconds, seq["recommend"]["p50_ms"], script)
             out["cases"][name] = {
-                "pool_size": case.cascade.pool_size, "keep": [s.keep for s in case.cascade.stages], **seq,
+                "pool_size": case.cascade.pool_size,
+                "keep": [s.keep for s in case.cascade.stages],
+                **seq,
                 "p50_ratio": seq["recommend"]["p50_ms"] / seq["version"]["p50_ms"],
-                "p99_ratio": seq["recommend"]["p99_ms"] / seq["version"]["p99_ms"], "load": load,
+                "p99_ratio": seq["recommend"]["p99_ms"] / seq["version"]["p99_ms"],
+                "load": load,
             }
     return out
 
 
 def format_bench_serve(result: dict[str, Any]) -> str:
-    lines = [(f"bench serve ({result['config']}): {result['requests']} sequential requests per endpoint, "
-              f"load test {result['load_seconds']:.0f} s at 80% of peak")]
+    lines = [
+        (
+            f"bench serve ({result['config']}): {result['requests']} sequential requests per endpoint, "
+            f"load test {result['load_seconds']:.0f} s at 80% of peak"
+        )
+    ]
     for name, c in result["cases"].items():
         r, v, load = c["recommend"], c["version"], c["load"]
         lines.append(
             f"  {name} pool {c['pool_size']} keep {c['keep']}: /recommend p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms "
             f"({r['sequential_rps']:.0f} req/s); /version p50 {v['p50_ms']:.2f} ms p99 {v['p99_ms']:.2f} ms; "
             f"p50 ratio {c['p50_ratio']:.2f}; peak {load['peak_rps']:.0f} req/s, held {load['held']['rps']:.0f} req/s "
-            f"({load['held_fraction_of_peak']:.0%}) with {load['held']['errors']} errors in {load['held']['requests']}")
+            f"({load['held_fraction_of_peak']:.0%}) with {load['held']['errors']} errors in {load['held']['requests']}"
+        )
     return "\n".join(lines)

@@ -93,14 +93,20 @@ def with_anonymous_user(sim: Simulator) -> None:
     world = replace(
         w,
         user_latent=torch.cat([w.user_latent, torch.zeros_like(w.user_latent[:1])]),
-        user_interest_categories=torch.cat([w.user_interest_categories, biggest[None].to(w.user_interest_categories)]),
-        user_interest_cdf=torch.cat([w.user_interest_cdf, torch.linspace(1.0 / k, 1.0, k)[None].to(w.user_interest_cdf)]),
+        user_interest_categories=torch.cat(
+            [w.user_interest_categories, biggest[None].to(w.user_interest_categories)]
+        ),
+        user_interest_cdf=torch.cat(
+            [w.user_interest_cdf, torch.linspace(1.0 / k, 1.0, k)[None].to(w.user_interest_cdf)]
+        ),
         user_type=torch.cat([w.user_type, w.user_type[:1].clone().zero_()]),
         user_activity_group=torch.cat([w.user_activity_group, w.user_activity_group.mode().values[None]]),
     )
     sim.world = world
     sim.stage_models.world = world
-    sim.stage_models.user_factor = [torch.cat([f, torch.zeros_like(f[:1])]) for f in sim.stage_models.user_factor]
+    sim.stage_models.user_factor = [
+        torch.cat([f, torch.zeros_like(f[:1])]) for f in sim.stage_models.user_factor
+    ]
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,9 @@ def load_serving_policy(path: Path, cfg: Config, world: World, version: str | No
     """Verify (every file's sha256) and load an artifact for ``cfg``'s cascade; a tampered one raises."""
     manifest = read_manifest(path)
     policy = load_any_policy(path, cfg, world)
-    return LoadedPolicy(policy, version or artifact_version(path), str(manifest.get("algorithm")), str(manifest.get("kind")))
+    return LoadedPolicy(
+        policy, version or artifact_version(path), str(manifest.get("algorithm")), str(manifest.get("kind"))
+    )
 
 
 @dataclass
@@ -158,13 +166,23 @@ class FeedbackResult:
 class Recommender:
     """Serves pages with a primary policy (optionally computing a shadow policy's actions alongside)."""
 
-    def __init__(self, cfg: Config, primary: Path, *, shadow: Path | None = None, primary_version: str | None = None,
-                 shadow_version: str | None = None, features: FeatureClient | None = None,
-                 role: str = "stable") -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        primary: Path,
+        *,
+        shadow: Path | None = None,
+        primary_version: str | None = None,
+        shadow_version: str | None = None,
+        features: FeatureClient | None = None,
+        role: str = "stable",
+    ) -> None:
         self.cfg = cfg
         self.sim = Simulator(cfg)
         self.policy = load_serving_policy(primary, cfg, self.sim.world, primary_version)
-        self.shadow = load_serving_policy(shadow, cfg, self.sim.world, shadow_version) if shadow is not None else None
+        self.shadow = (
+            load_serving_policy(shadow, cfg, self.sim.world, shadow_version) if shadow is not None else None
+        )
         self.n_users = self.sim.world.n_users
         with_anonymous_user(self.sim)
         self.features = features if features is not None else FeatureClient(cfg)
@@ -186,7 +204,9 @@ class Recommender:
 
     # -- /recommend ---------------------------------------------------------------------------------------
 
-    def recommend(self, user_id: int, session_id: int | None = None, candidates: Sequence[int] | None = None) -> Page:
+    def recommend(
+        self, user_id: int, session_id: int | None = None, candidates: Sequence[int] | None = None
+    ) -> Page:
         start = time.perf_counter()
         known = 0 <= user_id < self.n_users
         pool = self._pool(candidates)
@@ -199,14 +219,21 @@ class Recommender:
             obs = replace(obs, activity_group=torch.tensor([group]))
         observed = time.perf_counter()
         marks: list[float] = []
-        result = run_cascade(obs.predictions, self.sim.keep, _marking(lambda v: self.policy.policy.act(obs, v), marks))
+        result = run_cascade(
+            obs.predictions, self.sim.keep, _marking(lambda v: self.policy.policy.act(obs, v), marks)
+        )
         marks.append(time.perf_counter())
         items = obs.pool.gather(1, result.page)[0].tolist()
         page = Page(
-            request_id=secrets.token_hex(12), user_id=user_id, session=session, items=items,
+            request_id=secrets.token_hex(12),
+            user_id=user_id,
+            session=session,
+            items=items,
             actions=[a[0].tolist() for a in result.actions],
             candidates=[int(v.predictions.shape[1]) for v in result.views],
-            cold_start=not known, degraded=online.degraded, served_at=time.monotonic(),
+            cold_start=not known,
+            degraded=online.degraded,
+            served_at=time.monotonic(),
         )
         with self._lock:
             self._pages[page.request_id] = page
@@ -223,11 +250,16 @@ class Recommender:
         n_items = self.sim.world.n_items
         need = self.sim.keep[0]
         if len(candidates) < need:
-            raise RequestError("candidates", f"{len(candidates)} items; the first stage keeps {need}, so at least {need} are needed")
+            raise RequestError(
+                "candidates",
+                f"{len(candidates)} items; the first stage keeps {need}, so at least {need} are needed",
+            )
         seen: set[int] = set()
         for i, item in enumerate(candidates):
             if not 0 <= item < n_items:
-                raise RequestError(f"candidates[{i}]", f"item {item} is not in the catalogue (ids 0..{n_items - 1})")
+                raise RequestError(
+                    f"candidates[{i}]", f"item {item} is not in the catalogue (ids 0..{n_items - 1})"
+                )
             if item in seen:
                 raise RequestError(f"candidates[{i}]", f"item {item} appears more than once")
             seen.add(item)
@@ -241,18 +273,28 @@ class Recommender:
             cached = self._sessions.get(user_id)
         if cached is not None and time.monotonic() - cached.touched >= fs.SESSION_TTL_S:
             cached = None
-        sid = next(s for s in (requested, cached and cached.session_id, stored_id if stored_id >= 0 else None,
-                               secrets.randbelow(2**62)) if s is not None)
+        sid = next(
+            s
+            for s in (
+                requested,
+                cached and cached.session_id,
+                stored_id if stored_id >= 0 else None,
+                secrets.randbelow(2**62),
+            )
+            if s is not None
+        )
         if cached is not None and cached.session_id == sid:
             return replace(cached, history=list(cached.history))
         window = self.cfg.session.history_window
         history = [int(i) for i in u[f"{fs.USER_BEHAVIOUR.name}__recent_item_ids"]][-window:]
         if sid == stored_id:
             return SessionState(
-                session_id=sid, step=int(u[f"{fs.USER_SESSION.name}__session_step"]),
+                session_id=sid,
+                step=int(u[f"{fs.USER_SESSION.name}__session_step"]),
                 items_watched=int(u[f"{fs.USER_SESSION.name}__session_items_watched"]),
                 watch_time_s=float(u[f"{fs.USER_SESSION.name}__session_watch_time_s"]),
-                last_watch_fraction=float(u[f"{fs.USER_SESSION.name}__last_watch_fraction"]), history=history,
+                last_watch_fraction=float(u[f"{fs.USER_SESSION.name}__last_watch_fraction"]),
+                history=history,
             )
         return SessionState(session_id=sid, history=history)
 
@@ -260,15 +302,28 @@ class Recommender:
         window = self.cfg.session.history_window
         history = [i for i in s.history if 0 <= i < self.sim.world.n_items][-window:]
         return SessionBatch(
-            seed=self.seed, user=torch.tensor([user]), session=torch.tensor([s.session_id]),
-            step=torch.tensor([s.step]), budget=torch.zeros(1), items_watched=torch.tensor([float(s.items_watched)]),
-            watch_time=torch.tensor([s.watch_time_s]), last_watch_fraction=torch.tensor([s.last_watch_fraction]),
+            seed=self.seed,
+            user=torch.tensor([user]),
+            session=torch.tensor([s.session_id]),
+            step=torch.tensor([s.step]),
+            budget=torch.zeros(1),
+            items_watched=torch.tensor([float(s.items_watched)]),
+            watch_time=torch.tensor([s.watch_time_s]),
+            last_watch_fraction=torch.tensor([s.last_watch_fraction]),
             history_items=torch.tensor([[-1] * (window - len(history)) + history]),
-            alive=torch.ones(1, dtype=torch.bool), row=torch.zeros(1, dtype=torch.long),
+            alive=torch.ones(1, dtype=torch.bool),
+            row=torch.zeros(1, dtype=torch.long),
         )
 
-    def _observe_request(self, page: Page, result: CascadeResult, start: float, fetched: float, observed: float,
-                         marks: list[float]) -> None:
+    def _observe_request(
+        self,
+        page: Page,
+        result: CascadeResult,
+        start: float,
+        fetched: float,
+        observed: float,
+        marks: list[float],
+    ) -> None:
         v = self.version
         m.STAGE_LATENCY.labels(v, "features").observe(fetched - start)
         m.STAGE_LATENCY.labels(v, "retrieval").observe(observed - fetched)
@@ -297,7 +352,9 @@ class Recommender:
         self._observe_actions(shadow.version, "shadow", [a[0].tolist() for a in result.actions])
         page = set(obs.pool.gather(1, result.page)[0].tolist())
         if served:
-            m.SHADOW_OVERLAP.labels(self.version, shadow.version).observe(len(page.intersection(served)) / len(served))
+            m.SHADOW_OVERLAP.labels(self.version, shadow.version).observe(
+                len(page.intersection(served)) / len(served)
+            )
 
     # -- /feedback ----------------------------------------------------------------------------------------
 
@@ -306,8 +363,10 @@ class Recommender:
             page = self._pages.get(request_id)
             if page is None:
                 m.FEEDBACK_REJECTED.labels("unknown_request").inc()
-                raise UnknownRequest(f"request_id: {request_id!r} was not served by this replica, or its feedback "
-                                     "was already received")
+                raise UnknownRequest(
+                    f"request_id: {request_id!r} was not served by this replica, or its feedback "
+                    "was already received"
+                )
             _check_items(page, items)
             del self._pages[request_id]
         v = self.version
@@ -320,10 +379,12 @@ class Recommender:
             m.ITEM_WATCH_TIME.labels(v).observe(watched[i])
         before = page.session
         after = SessionState(
-            session_id=before.session_id, step=before.step + 1, items_watched=before.items_watched + len(viewed),
+            session_id=before.session_id,
+            step=before.step + 1,
+            items_watched=before.items_watched + len(viewed),
             watch_time_s=before.watch_time_s + sum(watched[i] for i in viewed),
             last_watch_fraction=sum(fractions) / len(fractions) if fractions else before.last_watch_fraction,
-            history=(before.history + viewed)[-self.cfg.session.history_window:],
+            history=(before.history + viewed)[-self.cfg.session.history_window :],
         )
         if session_end:
             m.SESSION_WATCH_TIME.labels(v).observe(after.watch_time_s)
@@ -339,8 +400,15 @@ class Recommender:
                 self._sessions.move_to_end(page.user_id)
                 while len(self._sessions) > MAX_CACHED_SESSIONS:
                     self._sessions.popitem(last=False)
-            pushed = self.features.push_session(page.user_id, datetime.now(UTC), after.session_id, after.step,
-                                                after.items_watched, after.watch_time_s, after.last_watch_fraction)
+            pushed = self.features.push_session(
+                page.user_id,
+                datetime.now(UTC),
+                after.session_id,
+                after.step,
+                after.items_watched,
+                after.watch_time_s,
+                after.last_watch_fraction,
+            )
         return FeedbackResult(session=after, ended=session_end, pushed=pushed)
 
 

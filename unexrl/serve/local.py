@@ -28,19 +28,34 @@ def bentoml_home() -> str:
 
 
 @contextmanager
-def local_service(model_tag: str, *, target: str = SERVICE, env: dict[str, str] | None = None,
-                  log_file: Path | None = None, start_timeout_s: float = 120.0) -> Iterator[str]:
+def local_service(
+    model_tag: str,
+    *,
+    target: str = SERVICE,
+    env: dict[str, str] | None = None,
+    log_file: Path | None = None,
+    start_timeout_s: float = 120.0,
+) -> Iterator[str]:
     """Yield ``http://127.0.0.1:PORT`` of ``bentoml serve target`` serving ``model_tag``; ``target`` may also
     be a bento tag. Raises RuntimeError (with the log's tail) if it exits or is not ready in time."""
     port = free_port()
-    child_env = {**os.environ, "BENTOML_HOME": bentoml_home(), ENV_MODEL: model_tag, "OMP_NUM_THREADS": "1",
-                 "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-                 **(env or {})}
+    child_env = {
+        **os.environ,
+        "BENTOML_HOME": bentoml_home(),
+        ENV_MODEL: model_tag,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
     exe = Path(sys.executable).with_name("bentoml")
     log = open(log_file, "wb") if log_file is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [str(exe), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=PROJECT_ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=PROJECT_ROOT,
+        env=child_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

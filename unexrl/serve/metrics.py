@@ -11,7 +11,23 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.006,
+    0.008,
+    0.012,
+    0.016,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 _WATCH_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
 _SESSION_WATCH_BUCKETS = (10, 30, 60, 120, 240, 480, 900, 1800, 3600, 7200)
 _COUNT_BUCKETS = (1, 2, 3, 5, 8, 12, 20, 30, 50, 80, 120, 200, 400)
@@ -21,53 +37,79 @@ _LAG_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 900, 1800)
 _RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 MODEL_INFO = Gauge(
-    "unexrl_model_info", "Loaded policy artifacts (value 1), by version and role",
-    ["model_version", "role", "algorithm", "kind"], multiprocess_mode="max",
+    "unexrl_model_info",
+    "Loaded policy artifacts (value 1), by version and role",
+    ["model_version", "role", "algorithm", "kind"],
+    multiprocess_mode="max",
 )
 RECOMMEND_LATENCY = Histogram(
-    "unexrl_recommend_latency_seconds", "Time to answer /recommend inside the service (features to page)",
-    ["model_version"], buckets=_LATENCY_BUCKETS,
+    "unexrl_recommend_latency_seconds",
+    "Time to answer /recommend inside the service (features to page)",
+    ["model_version"],
+    buckets=_LATENCY_BUCKETS,
 )
 STAGE_LATENCY = Histogram(
     "unexrl_stage_latency_seconds",
     "Time per step of /recommend: features, retrieval (pool and stage predictions), then each cascade stage",
-    ["model_version", "stage"], buckets=_LATENCY_BUCKETS,
+    ["model_version", "stage"],
+    buckets=_LATENCY_BUCKETS,
 )
 STAGE_CANDIDATES = Histogram(
-    "unexrl_stage_candidates", "Candidates each cascade stage ranks", ["model_version", "stage"],
+    "unexrl_stage_candidates",
+    "Candidates each cascade stage ranks",
+    ["model_version", "stage"],
     buckets=_CANDIDATE_BUCKETS,
 )
 STAGE_ACTION = Histogram(
-    "unexrl_stage_action", "Action value per stage and dimension (fusion weight of one head), for drift",
-    ["model_version", "role", "stage", "dimension"], buckets=_ACTION_BUCKETS,
+    "unexrl_stage_action",
+    "Action value per stage and dimension (fusion weight of one head), for drift",
+    ["model_version", "role", "stage", "dimension"],
+    buckets=_ACTION_BUCKETS,
 )
 COLD_START_REQUESTS = Counter(
-    "unexrl_cold_start_requests_total", "Requests of users outside the model's id space, served cold",
+    "unexrl_cold_start_requests_total",
+    "Requests of users outside the model's id space, served cold",
     ["model_version"],
 )
 ITEM_WATCH_TIME = Histogram(
-    "unexrl_item_watch_time_seconds", "Seconds watched per viewed item, from /feedback", ["model_version"],
+    "unexrl_item_watch_time_seconds",
+    "Seconds watched per viewed item, from /feedback",
+    ["model_version"],
     buckets=_WATCH_BUCKETS,
 )
 SESSION_WATCH_TIME = Histogram(
-    "unexrl_session_watch_time_seconds", "Seconds watched per ended session: the long-term reward",
-    ["model_version"], buckets=_SESSION_WATCH_BUCKETS,
+    "unexrl_session_watch_time_seconds",
+    "Seconds watched per ended session: the long-term reward",
+    ["model_version"],
+    buckets=_SESSION_WATCH_BUCKETS,
 )
 SESSION_ITEMS = Histogram(
-    "unexrl_session_items", "Items viewed per ended session", ["model_version"], buckets=_COUNT_BUCKETS,
+    "unexrl_session_items",
+    "Items viewed per ended session",
+    ["model_version"],
+    buckets=_COUNT_BUCKETS,
 )
 SESSION_REQUESTS = Histogram(
-    "unexrl_session_requests", "Requests (pages) per ended session", ["model_version"], buckets=_COUNT_BUCKETS,
+    "unexrl_session_requests",
+    "Requests (pages) per ended session",
+    ["model_version"],
+    buckets=_COUNT_BUCKETS,
 )
 SESSIONS_ENDED = Counter("unexrl_sessions_ended_total", "Sessions ended by /feedback", ["model_version"])
 FEEDBACK_LAG = Histogram(
-    "unexrl_feedback_lag_seconds", "Seconds from serving a page to receiving its feedback", ["model_version"],
+    "unexrl_feedback_lag_seconds",
+    "Seconds from serving a page to receiving its feedback",
+    ["model_version"],
     buckets=_LAG_BUCKETS,
 )
 FEEDBACK_REJECTED = Counter(
-    "unexrl_feedback_rejected_total", "Feedback refused with a 4xx, by reason", ["reason"],
+    "unexrl_feedback_rejected_total",
+    "Feedback refused with a 4xx, by reason",
+    ["reason"],
 )
 SHADOW_OVERLAP = Histogram(
-    "unexrl_shadow_page_overlap_ratio", "Share of the served page that the shadow model would also have shown",
-    ["model_version", "shadow_version"], buckets=_RATIO_BUCKETS,
+    "unexrl_shadow_page_overlap_ratio",
+    "Share of the served page that the shadow model would also have shown",
+    ["model_version", "shadow_version"],
+    buckets=_RATIO_BUCKETS,
 )

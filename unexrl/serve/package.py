@@ -67,7 +67,9 @@ def build_bento(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> Ben
     model_tag, version = import_model(artifact_dir, model_name=model_name)
     saved = os.environ.get(ENV_MODEL)
     os.environ[ENV_MODEL] = model_tag  # the service class names its model at import: pin this version
-    sys.modules.pop(SERVICE_MODULE, None)  # BentoML reuses an imported module: an earlier build's model otherwise
+    sys.modules.pop(
+        SERVICE_MODULE, None
+    )  # BentoML reuses an imported module: an earlier build's model otherwise
     try:
         bento = bentoml.bentos.build_bentofile(str(BENTOFILE), build_ctx=str(PROJECT_ROOT), version=version)
     finally:

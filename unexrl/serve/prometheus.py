@@ -60,10 +60,15 @@ def local_prometheus(targets: list[str], rules: Path | None = None, interval_s: 
     evaluating ``rules`` as often."""
     exe = prometheus_path()
     if exe is None:
-        raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus; `make prometheus`)")
+        raise FileNotFoundError(
+            "prometheus is not installed (Debian: apt-get install prometheus; `make prometheus`)"
+        )
     with tempfile.TemporaryDirectory(prefix="unexrl-prometheus-") as tmp:
         config = {
-            "global": {"scrape_interval": f"{round(interval_s * 1000)}ms", "evaluation_interval": f"{round(interval_s * 1000)}ms"},
+            "global": {
+                "scrape_interval": f"{round(interval_s * 1000)}ms",
+                "evaluation_interval": f"{round(interval_s * 1000)}ms",
+            },
             "scrape_configs": [{"job_name": "unexrl", "static_configs": [{"targets": targets}]}],
         }
         if rules is not None:
@@ -71,9 +76,14 @@ def local_prometheus(targets: list[str], rules: Path | None = None, interval_s: 
         (Path(tmp) / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()
         proc = subprocess.Popen(
-            [exe, f"--config.file={tmp}/prometheus.yml", f"--storage.tsdb.path={tmp}/data",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                f"--config.file={tmp}/prometheus.yml",
+                f"--storage.tsdb.path={tmp}/data",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         url = f"http://127.0.0.1:{port}"
         try:

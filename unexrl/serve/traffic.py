@@ -34,8 +34,15 @@ class TrafficReport:
         return asdict(self)
 
 
-async def _drive(url: str, sim: Simulator, seed: int, sessions: int, seconds: float, concurrency: int,
-                 report: TrafficReport) -> None:
+async def _drive(
+    url: str,
+    sim: Simulator,
+    seed: int,
+    sessions: int,
+    seconds: float,
+    concurrency: int,
+    report: TrafficReport,
+) -> None:
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=30.0, limits=limits) as client:
@@ -47,10 +54,18 @@ async def _drive(url: str, sim: Simulator, seed: int, sessions: int, seconds: fl
             state = sim.start(seed, ids)
             while bool(state.alive.any()) and time.monotonic() < deadline:
                 live = state.alive.nonzero().squeeze(1).tolist()
-                pages = await asyncio.gather(*(
-                    client.post("/recommend", json={"user_id": int(state.user[i]),
-                                                    "context": {"session_id": int(state.session[i])}})
-                    for i in live))
+                pages = await asyncio.gather(
+                    *(
+                        client.post(
+                            "/recommend",
+                            json={
+                                "user_id": int(state.user[i]),
+                                "context": {"session_id": int(state.session[i])},
+                            },
+                        )
+                        for i in live
+                    )
+                )
                 report.requests += len(live)
                 items = torch.zeros(len(ids), sim.cfg.cascade.page_size, dtype=torch.long)
                 request_ids: dict[int, str] = {}
@@ -64,22 +79,36 @@ async def _drive(url: str, sim: Simulator, seed: int, sessions: int, seconds: fl
                     request_ids[i] = body["request_id"]
                 response, reward, _, done = sim.respond(state, items)
                 report.watch_time_s += float(reward.sum())
-                answers = await asyncio.gather(*(
-                    client.post("/feedback", json={
-                        "request_id": rid,
-                        "items": [{"item_id": int(items[i, k]), "watch_time_s": float(response.watch_time[i, k]),
-                                   "click": bool(response.click[i, k]), "like": bool(response.like[i, k])}
-                                  for k in range(items.shape[1]) if response.viewed[i, k]],
-                        "session_end": bool(done[i]),
-                    })
-                    for i, rid in request_ids.items()))
+                answers = await asyncio.gather(
+                    *(
+                        client.post(
+                            "/feedback",
+                            json={
+                                "request_id": rid,
+                                "items": [
+                                    {
+                                        "item_id": int(items[i, k]),
+                                        "watch_time_s": float(response.watch_time[i, k]),
+                                        "click": bool(response.click[i, k]),
+                                        "like": bool(response.like[i, k]),
+                                    }
+                                    for k in range(items.shape[1])
+                                    if response.viewed[i, k]
+                                ],
+                                "session_end": bool(done[i]),
+                            },
+                        )
+                        for i, rid in request_ids.items()
+                    )
+                )
                 report.feedbacks += len(answers)
                 report.errors += sum(a.status_code != 200 for a in answers)
                 report.sessions_ended += int(done[list(request_ids)].sum()) if request_ids else 0
 
 
-def run_traffic(cfg: Config, url: str, *, sessions: int, seconds: float, concurrency: int = 8,
-                seed: int | None = None) -> TrafficReport:
+def run_traffic(
+    cfg: Config, url: str, *, sessions: int, seconds: float, concurrency: int = 8, seed: int | None = None
+) -> TrafficReport:
     """Drive ``url`` with up to ``sessions`` simulated sessions for at most ``seconds``.
 
     The config must describe the world the served policy was trained in (same ``seeds.world`` and sizes),
@@ -90,7 +119,16 @@ def run_traffic(cfg: Config, url: str, *, sessions: int, seconds: float, concurr
     sim = Simulator(cfg)
     report = TrafficReport()
     start = time.monotonic()
-    asyncio.run(_drive(url, sim, seed if seed is not None else cfg.seeds.evaluation[0], sessions, seconds,
-                       concurrency, report))
+    asyncio.run(
+        _drive(
+            url,
+            sim,
+            seed if seed is not None else cfg.seeds.evaluation[0],
+            sessions,
+            seconds,
+            concurrency,
+            report,
+        )
+    )
     report.seconds = time.monotonic() - start
     return report

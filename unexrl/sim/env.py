@@ -105,7 +105,9 @@ class Simulator:
             items_watched=zeros.clone(),
             watch_time=zeros.clone(),
             last_watch_fraction=torch.full((b,), 0.5, device=device),
-            history_items=torch.full((b, self.cfg.session.history_window), -1, dtype=torch.long, device=device),
+            history_items=torch.full(
+                (b, self.cfg.session.history_window), -1, dtype=torch.long, device=device
+            ),
             alive=torch.ones(b, dtype=torch.bool, device=device),
             row=torch.arange(b, device=device),
         )
@@ -115,10 +117,17 @@ class Simulator:
         request may) and every stage's predictions for it."""
         if pool is None:
             pool = retrieve_pool(
-                self.world, state.seed, state.user, state.session, state.step,
-                self.cfg.cascade.pool_size, self.cfg.cascade.channel_shares,
+                self.world,
+                state.seed,
+                state.user,
+                state.session,
+                state.step,
+                self.cfg.cascade.pool_size,
+                self.cfg.cascade.channel_shares,
             )
-        hist_cats = torch.where(state.history_items >= 0, self.world.item_category[state.history_items.clamp_min(0)], -1)
+        hist_cats = torch.where(
+            state.history_items >= 0, self.world.item_category[state.history_items.clamp_min(0)], -1
+        )
         predictions = self.stage_models.predict(state.user, pool, hist_cats)
         return Observation(
             user=state.user,
@@ -145,8 +154,15 @@ class Simulator:
         result = run_cascade(obs.predictions, self.keep, lambda view: policy.act(obs, view))
         page_items = obs.pool.gather(1, result.page)
         response, reward, active, done = self.respond(state, page_items)
-        return Step(obs=obs, cascade=result, page_items=page_items, response=response, reward=reward,
-                    active=active, done=done)
+        return Step(
+            obs=obs,
+            cascade=result,
+            page_items=page_items,
+            response=response,
+            reward=reward,
+            active=active,
+            done=done,
+        )
 
     def respond(self, state: SessionBatch, page_items: Tensor) -> tuple[PageResponse, Tensor, Tensor, Tensor]:
         """Let users respond to pages ([B, K] item ids, shown order) and advance ``state``; returns the response,
@@ -154,8 +170,15 @@ class Simulator:
         simulated users browse, unexrl/serve/traffic.py) are answered exactly as the simulator's own."""
         active = state.alive
         response = self.user_model.respond(
-            state.seed, state.user, state.session, state.step, page_items, state.budget, state.history_items,
-            state.items_watched, active,
+            state.seed,
+            state.user,
+            state.session,
+            state.step,
+            page_items,
+            state.budget,
+            state.history_items,
+            state.items_watched,
+            active,
         )
         reward = response.watch_time.sum(1)
         n_viewed = response.viewed.sum(1).float()
@@ -163,7 +186,9 @@ class Simulator:
         state.budget = response.budget
         state.items_watched = state.items_watched + n_viewed
         state.watch_time = state.watch_time + reward
-        fraction = torch.where(response.viewed, response.watch_time / self.world.item_duration[page_items], 0.0)
+        fraction = torch.where(
+            response.viewed, response.watch_time / self.world.item_duration[page_items], 0.0
+        )
         state.last_watch_fraction = torch.where(
             n_viewed > 0, fraction.sum(1) / n_viewed.clamp_min(1), state.last_watch_fraction
         )
@@ -194,4 +219,6 @@ class SessionBatch:
     def select(self, idx: Tensor) -> SessionBatch:
         """The sessions at positions ``idx`` (a rollout drops finished ones; every draw is keyed by session and
         step, not by position, so what the kept sessions see does not change)."""
-        return SessionBatch(seed=self.seed, **{f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "seed"})
+        return SessionBatch(
+            seed=self.seed, **{f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "seed"}
+        )

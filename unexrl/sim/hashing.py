@@ -47,7 +47,9 @@ def uniform_pair(key: Tensor) -> tuple[Tensor, Tensor]:
     """Two independent uniforms in (0, 1) from one mix (two disjoint 23-bit fields)."""
     x = _mix(key)
     scale = 1.0 / (1 << 23)
-    return ((x >> 39).to(torch.float32) + 0.5) * scale, (((x >> 9) & 0x7FFFFF).to(torch.float32) + 0.5) * scale
+    return ((x >> 39).to(torch.float32) + 0.5) * scale, (
+        ((x >> 9) & 0x7FFFFF).to(torch.float32) + 0.5
+    ) * scale
 
 
 def normal(key: Tensor) -> Tensor:

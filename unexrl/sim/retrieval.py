@@ -17,7 +17,12 @@ _MAX_DEDUP_ROUNDS = 16
 
 
 def retrieve_pool(
-    world: World, seed: int, user: Tensor, session: Tensor, step: Tensor, pool_size: int,
+    world: World,
+    seed: int,
+    user: Tensor,
+    session: Tensor,
+    step: Tensor,
+    pool_size: int,
     channel_shares: tuple[float, float, float],
 ) -> Tensor:
     """Return [B, pool_size] distinct item ids, sorted ascending, for each (user, session, step) row."""
@@ -37,7 +42,9 @@ def retrieve_pool(
     interest = world.category_offset[cat] + in_cat
     popular = world.popular_items[(u_a * world.popular_items.numel()).long()]
     random = (u_b * world.n_items).long()
-    pool = torch.where(slot < n_interest, interest, torch.where(slot < n_interest + n_popular, popular, random))
+    pool = torch.where(
+        slot < n_interest, interest, torch.where(slot < n_interest + n_popular, popular, random)
+    )
     return _deduplicate(pool, key, world.n_items)
 
 

@@ -50,8 +50,10 @@ class StageModels:
     def __init__(self, cfg: Config, world: World) -> None:
         self.cfg = cfg
         self.world = world
-        self.heads = [torch.tensor([HEADS.index(h) for h in s.heads], device=world.item_category.device)
-                      for s in cfg.cascade.stages]
+        self.heads = [
+            torch.tensor([HEADS.index(h) for h in s.heads], device=world.item_category.device)
+            for s in cfg.cascade.stages
+        ]
         self.noise = [s.noise for s in cfg.cascade.stages]
         device = world.item_category.device
         dim = cfg.world.latent_dim
@@ -70,8 +72,12 @@ class StageModels:
             exact = torch.tensor([h in _EXACT_HEADS for h in stage.heads])
             columns.append((torch.randn(world.n_items, d, generator=g) * ~exact).to(device))
             columns.append(torch.randn(world.n_items, _ERROR_RANK, generator=g).to(device))
-            self.user_factor.append((torch.randn(world.n_users, _ERROR_RANK, generator=g) / _ERROR_RANK**0.5).to(device))
-            self.user_item_mask.append(torch.tensor([h in _USER_ITEM_HEADS for h in stage.heads], device=device))
+            self.user_factor.append(
+                (torch.randn(world.n_users, _ERROR_RANK, generator=g) / _ERROR_RANK**0.5).to(device)
+            )
+            self.user_item_mask.append(
+                torch.tensor([h in _USER_ITEM_HEADS for h in stage.heads], device=device)
+            )
             self._stage_columns.append((width, width + d, width + d + _ERROR_RANK))
             width += d + _ERROR_RANK
         self.item_table = torch.cat(columns, dim=1).contiguous()
@@ -85,7 +91,9 @@ class StageModels:
         dim = wc.latent_dim
         cosine = torch.bmm(rows[..., :dim], w.user_latent[user].unsqueeze(-1)).squeeze(-1)
         quality_logit, log_duration = rows[..., dim], rows[..., dim + 1]
-        population_watch = torch.sigmoid(wc.affinity_scale * cosine + 2.0 * (torch.sigmoid(quality_logit) - 0.5))
+        population_watch = torch.sigmoid(
+            wc.affinity_scale * cosine + 2.0 * (torch.sigmoid(quality_logit) - 0.5)
+        )
         return torch.stack(
             [
                 cosine,
@@ -107,7 +115,9 @@ class StageModels:
         device = self.world.item_category.device
         user = torch.randint(0, self.world.n_users, (256,), generator=g).to(device)
         items = torch.randint(0, self.world.n_items, (256, 64), generator=g).to(device)
-        history = self.world.item_category[torch.randint(0, self.world.n_items, (256, 10), generator=g).to(device)]
+        history = self.world.item_category[
+            torch.randint(0, self.world.n_items, (256, 10), generator=g).to(device)
+        ]
         raw = self._raw_heads(user, items, self._gather(items), history).reshape(-1, len(HEADS))
         self._mean = raw.mean(0)
         self._std = raw.std(0).clamp_min(1e-3)

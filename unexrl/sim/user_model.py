@@ -61,8 +61,16 @@ class UserModel:
         self.gain = per_type("gain")
 
     def respond(
-        self, seed: int, user: Tensor, session: Tensor, step: Tensor, page: Tensor, budget: Tensor,
-        history_items: Tensor, items_watched: Tensor, alive: Tensor,
+        self,
+        seed: int,
+        user: Tensor,
+        session: Tensor,
+        step: Tensor,
+        page: Tensor,
+        budget: Tensor,
+        history_items: Tensor,
+        items_watched: Tensor,
+        alive: Tensor,
     ) -> PageResponse:
         """Respond to ``page`` ([B, K] item ids, in shown order) for users alive at the request."""
         w, s = self.world, self.cfg.session

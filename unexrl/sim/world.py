@@ -77,7 +77,9 @@ def build_world(cfg: Config) -> World:
     latent = _unit(centroid[category] + w.item_spread * torch.randn(w.n_items, dim, generator=g) / dim**0.5)
     quality_z = torch.randn(w.n_items, generator=g)
     quality = torch.sigmoid(1.2 * quality_z)
-    duration = (w.duration_median_s * torch.exp(w.duration_sigma * torch.randn(w.n_items, generator=g))).clamp(3, 900)
+    duration = (
+        w.duration_median_s * torch.exp(w.duration_sigma * torch.randn(w.n_items, generator=g))
+    ).clamp(3, 900)
     # popularity follows the mainstream (big categories) more than quality: popular-only retrieval is narrow
     category_z = torch.log(count.double())[category].float()
     category_z = (category_z - category_z.mean()) / category_z.std().clamp_min(1e-6)
@@ -92,7 +94,10 @@ def build_world(cfg: Config) -> World:
         [torch.multinomial(zipf, k, replacement=False, generator=g) for _ in range(w.n_users)]
     )
     mix = torch.softmax(torch.randn(w.n_users, k, generator=g), dim=1)
-    user_latent = _unit((mix.unsqueeze(-1) * centroid[interests]).sum(1) + 0.3 * torch.randn(w.n_users, dim, generator=g) / dim**0.5)
+    user_latent = _unit(
+        (mix.unsqueeze(-1) * centroid[interests]).sum(1)
+        + 0.3 * torch.randn(w.n_users, dim, generator=g) / dim**0.5
+    )
     shares = torch.tensor([t.share for t in w.user_types], dtype=torch.float64)
     user_type = torch.multinomial(shares, w.n_users, replacement=True, generator=g)
     accuracy = torch.tensor([t.activity_group_accuracy for t in w.user_types])[user_type]

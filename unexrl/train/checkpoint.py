@@ -86,8 +86,14 @@ class Checkpoints:
         done = sorted(p for p in self.root.glob("step-*") if (p / PROGRESS).is_file())
         return done[-1] if done else None
 
-    def save(self, agent: CascadeAgent, fused: KeyedOptimizer | None, knots: Tensor | None, progress: Progress,
-             generator: torch.Generator) -> Path:
+    def save(
+        self,
+        agent: CascadeAgent,
+        fused: KeyedOptimizer | None,
+        knots: Tensor | None,
+        progress: Progress,
+        generator: torch.Generator,
+    ) -> Path:
         """Write a checkpoint (a collective: every rank calls it at the same update)."""
         started = time.perf_counter()
         name = f"step-{progress.updates:08d}"
@@ -106,13 +112,22 @@ class Checkpoints:
             tmp.rename(final)
             for old in sorted(p for p in self.root.glob("step-*") if (p / PROGRESS).is_file())[:-KEEP]:
                 shutil.rmtree(old)
-            log.info("checkpoint saved updates=%d path=%s seconds=%.2f", progress.updates, final,
-                     time.perf_counter() - started)
+            log.info(
+                "checkpoint saved updates=%d path=%s seconds=%.2f",
+                progress.updates,
+                final,
+                time.perf_counter() - started,
+            )
         barrier(self.ctx)
         return final
 
-    def restore(self, agent: CascadeAgent, fused: KeyedOptimizer | None, knots: Tensor | None,
-                generator: torch.Generator) -> Progress | None:
+    def restore(
+        self,
+        agent: CascadeAgent,
+        fused: KeyedOptimizer | None,
+        knots: Tensor | None,
+        generator: torch.Generator,
+    ) -> Progress | None:
         """Load the newest complete checkpoint into ``agent``, ``fused``, ``knots`` (in place) and ``generator``.
 
         Returns its progress, or None when there is none. Every rank calls it. A checkpoint from another world
@@ -122,11 +137,19 @@ class Checkpoints:
         if path is None:
             return None
         saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
-        for key, optimizer in (("actor_optimizer", agent.actor_optimizer), ("critic_optimizer", agent.critic_optimizer)):
+        for key, optimizer in (
+            ("actor_optimizer", agent.actor_optimizer),
+            ("critic_optimizer", agent.critic_optimizer),
+        ):
             _create_saved_state(optimizer, key, saved)
         state = _state(agent, fused, knots)
-        dcp.load(state, checkpoint_id=path, no_dist=not self.ctx.distributed)  # in place: every tensor above is the live one
-        for key, optimizer in (("actor_optimizer", agent.actor_optimizer), ("critic_optimizer", agent.critic_optimizer)):
+        dcp.load(
+            state, checkpoint_id=path, no_dist=not self.ctx.distributed
+        )  # in place: every tensor above is the live one
+        for key, optimizer in (
+            ("actor_optimizer", agent.actor_optimizer),
+            ("critic_optimizer", agent.critic_optimizer),
+        ):
             optimizer.load_state_dict(state[key])
         progress = Progress(**json.loads((path / PROGRESS).read_text()))
         agent.updates = progress.updates
@@ -138,8 +161,12 @@ class Checkpoints:
             if "cuda" in rng and self.ctx.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
         else:
-            log.warning("checkpoint %s is from world size %d, this run has %d: RNG streams reseeded",
-                        path, progress.world_size, self.ctx.world_size)
+            log.warning(
+                "checkpoint %s is from world size %d, this run has %d: RNG streams reseeded",
+                path,
+                progress.world_size,
+                self.ctx.world_size,
+            )
             torch.manual_seed(progress.updates * 1000 + self.ctx.rank)
             generator.manual_seed(progress.updates * 1000 + self.ctx.rank)
         log.info("resumed from %s updates=%d", path, progress.updates)

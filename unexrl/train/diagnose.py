@@ -43,8 +43,10 @@ def check_run_config(cfg: Config, run: Path) -> None:
     given = cfg.to_dict()
     differ = [k for k in TRAINED_WITH if trained.get(k) != given.get(k)]
     if differ:
-        raise ValueError(f"{run} was trained with other {', '.join(differ)} settings than --config/--set give "
-                         f"(see {path}); pass the run's own config")
+        raise ValueError(
+            f"{run} was trained with other {', '.join(differ)} settings than --config/--set give "
+            f"(see {path}); pass the run's own config"
+        )
 
 
 def diagnose_run(cfg: Config, run: Path) -> CriticDiagnostics:
@@ -55,8 +57,14 @@ def diagnose_run(cfg: Config, run: Path) -> CriticDiagnostics:
     w = sim.world
     # the fixed stages' weights are buffers in the checkpoint: the placeholder is overwritten on load
     agent = CascadeAgent(cfg, w.n_users, w.n_items, w.n_categories, torch.zeros(sum(cfg.cascade.action_dims)))
-    knots = torch.zeros(len(cfg.world.user_types), n_item_groups(cfg), cfg.features.cqr_knots) if cfg.algo.cqr else None
-    restored = Checkpoints(run / "checkpoints", Context(), read_only=True).restore(agent, None, knots, torch.Generator())
+    knots = (
+        torch.zeros(len(cfg.world.user_types), n_item_groups(cfg), cfg.features.cqr_knots)
+        if cfg.algo.cqr
+        else None
+    )
+    restored = Checkpoints(run / "checkpoints", Context(), read_only=True).restore(
+        agent, None, knots, torch.Generator()
+    )
     if restored is None:
         raise FileNotFoundError(f"{run}: no complete checkpoint under {run / 'checkpoints'}")
     result = diagnose(agent.eval(), sim, agent.actors, knots)

@@ -32,6 +32,7 @@ from unexrl.rl.agent import CascadeAgent
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Context:
     """Where this process stands: its rank, the world, its device and the backend (None: no process group)."""
@@ -70,7 +71,9 @@ def init(device: str) -> Context:
     dev, backend = device_and_backend(device, int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, device_id=dev if backend == "nccl" else None)
     ctx = Context(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev, backend=backend)
-    log.info("process group up rank=%d world_size=%d backend=%s device=%s", ctx.rank, ctx.world_size, backend, dev)
+    log.info(
+        "process group up rank=%d world_size=%d backend=%s device=%s", ctx.rank, ctx.world_size, backend, dev
+    )
     return ctx
 
 
@@ -139,9 +142,14 @@ class GradientAveraging(OptimizerWrapper):
 def sharding_plan(agent: CascadeAgent, ctx: Context) -> ShardingPlan:
     """The planner's plan for every table, computed on rank 0 and shared, so every rank shards alike. The target
     critics own no tables (they read the online encoder's embeddings), so only the online tables are placed."""
-    topology = Topology(world_size=ctx.world_size, compute_device=ctx.device.type,
-                        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)))
-    return EmbeddingShardingPlanner(topology=topology).collective_plan(agent, [ModelParallelSharder()], dist.GroupMember.WORLD)
+    topology = Topology(
+        world_size=ctx.world_size,
+        compute_device=ctx.device.type,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size)),
+    )
+    return EmbeddingShardingPlanner(topology=topology).collective_plan(
+        agent, [ModelParallelSharder()], dist.GroupMember.WORLD
+    )
 
 
 def describe(plan: ShardingPlan) -> dict[str, str]:
@@ -153,7 +161,9 @@ def describe(plan: ShardingPlan) -> dict[str, str]:
     }
 
 
-def shard(agent: CascadeAgent, ctx: Context, embedding_lr: float) -> tuple[DistributedModelParallel, ShardingPlan]:
+def shard(
+    agent: CascadeAgent, ctx: Context, embedding_lr: float
+) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Shard ``agent`` (already on ``ctx.device``) in place: fused row-wise Adagrad for the online tables,
     rank-averaged Adam for the dense rest.
 
@@ -167,8 +177,12 @@ def shard(agent: CascadeAgent, ctx: Context, embedding_lr: float) -> tuple[Distr
         apply_optimizer_in_backward(RowWiseAdagrad, encoder.ebc.parameters(), {"lr": embedding_lr})
     plan = sharding_plan(agent, ctx)
     dmp = DistributedModelParallel(
-        agent, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=ctx.device, plan=plan,
-        sharders=[ModelParallelSharder()], data_parallel_wrapper=_NoDataParallel(),
+        agent,
+        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        device=ctx.device,
+        plan=plan,
+        sharders=[ModelParallelSharder()],
+        data_parallel_wrapper=_NoDataParallel(),
     )
     with torch.no_grad():
         for name, value in agent.state_dict().items():

@@ -49,7 +49,9 @@ def probe_actions(policy: Policy, sim: Simulator) -> list[Tensor]:
     return [a.detach().cpu() for a in actions]
 
 
-def training_data(cfg: Config, logs: Path | None, training_set: dict[str, Any] | None = None) -> dict[str, Any]:
+def training_data(
+    cfg: Config, logs: Path | None, training_set: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What the actors were trained on: the logs' sha256s (offline), or the simulator seeds (online).
 
     ``training_set``: the verified point-in-time training set that accompanied the logs
@@ -58,13 +60,20 @@ def training_data(cfg: Config, logs: Path | None, training_set: dict[str, Any] |
     if logs is None:
         return {"regime": "online", "seeds": list(cfg.seeds.train), "world_seed": cfg.seeds.world}
     manifest = json.loads((Path(logs) / "manifest.json").read_text())
-    record = {"regime": "offline", "logs": str(logs),
-              "sha256": {name: entry["sha256"] for name, entry in manifest["files"].items()}}
+    record = {
+        "regime": "offline",
+        "logs": str(logs),
+        "sha256": {name: entry["sha256"] for name, entry in manifest["files"].items()},
+    }
     return record | ({"training_set": training_set} if training_set else {})
 
 
 def export_actors(
-    state: dict[str, Tensor], out_dir: Path, cfg: Config, sim: Simulator, expected: list[Tensor],
+    state: dict[str, Tensor],
+    out_dir: Path,
+    cfg: Config,
+    sim: Simulator,
+    expected: list[Tensor],
     provenance: dict[str, Any],
 ) -> Path:
     """Write the actors' whole ``state`` as an artifact in ``out_dir`` (replacing it), verified against ``expected``.
@@ -84,7 +93,9 @@ def export_actors(
             "learning_stages": learning_stages(cfg),
             "features": {
                 **feature_schema(cfg),
-                "tables": {k.split(".")[-2]: list(v.shape) for k, v in state.items() if ".embedding_bags." in k},
+                "tables": {
+                    k.split(".")[-2]: list(v.shape) for k, v in state.items() if ".embedding_bags." in k
+                },
             },
             "config": cfg.to_dict(),
             "created_at": datetime.now(UTC).isoformat(),
@@ -95,6 +106,8 @@ def export_actors(
         served = probe_actions(load_actor_policy(tmp, cfg, sim.world), sim)
         worst = max(float((a - b).abs().max()) for a, b in zip(served, expected))
         if worst > PROBE_TOLERANCE:
-            raise RuntimeError(f"the export's actions differ from the trained actors' by {worst:.3g} on the probe "
-                               f"batch (tolerance {PROBE_TOLERANCE}); not publishing {out_dir}")
+            raise RuntimeError(
+                f"the export's actions differ from the trained actors' by {worst:.3g} on the probe "
+                f"batch (tolerance {PROBE_TOLERANCE}); not publishing {out_dir}"
+            )
     return Path(out_dir)

@@ -41,8 +41,15 @@ CURVE = "curve.json"
 PROBE = "probe_actions.safetensors"
 
 
-def run_training(cfg: Config, out: Path, logs: Path | None = None, cem: Path | None = None, resume: bool = False,
-                 progress: bool = True, training_set: Path | None = None) -> Path:
+def run_training(
+    cfg: Config,
+    out: Path,
+    logs: Path | None = None,
+    cem: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    training_set: Path | None = None,
+) -> Path:
     """Train ``cfg.algo`` into ``out`` and export the actors; returns the export directory.
 
     Under torchrun every rank calls this; it joins and leaves the process group itself. ``training_set``: the
@@ -65,11 +72,21 @@ def run_training(cfg: Config, out: Path, logs: Path | None = None, cem: Path | N
         destroy(ctx)
 
 
-def _run(cfg: Config, out: Path, logs: Path | None, cem: Path | None, resume: bool, progress: bool,
-         ctx: Context, checked_training_set: dict[str, Any] | None = None) -> Path:
+def _run(
+    cfg: Config,
+    out: Path,
+    logs: Path | None,
+    cem: Path | None,
+    resume: bool,
+    progress: bool,
+    ctx: Context,
+    checked_training_set: dict[str, Any] | None = None,
+) -> Path:
     if not resume and any((out / "checkpoints").glob("step-*")):
-        raise FileExistsError(f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
-                              "or choose another --out")
+        raise FileExistsError(
+            f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
+            "or choose another --out"
+        )
     if ctx.is_main:  # what `unexrl diagnose` and a reader of the run need to know it was trained with
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / RUN_CONFIG, json.dumps(cfg.to_dict(), indent=1))
@@ -106,17 +123,33 @@ def _run(cfg: Config, out: Path, logs: Path | None, cem: Path | None, resume: bo
         provenance = {
             "training_data": training_data(cfg, logs, checked_training_set),
             "fixed_stages": fixed_stages,
-            "training": {k: summary[k] for k in ("updates", "resumed_from", "world_size")} | {"sharding": result.sharding},
-            "evaluation": {"validation_seed": cfg.seeds.validation[0], "sessions": cfg.train.eval_sessions,
-                           "final_validation_watch_time": final, "curve": result.curve},
-            "selection": {"rule": cfg.train.select, "updates": selected_updates,
-                          "validation_watch_time": result.best_score if selected is not None else final},
+            "training": {k: summary[k] for k in ("updates", "resumed_from", "world_size")}
+            | {"sharding": result.sharding},
+            "evaluation": {
+                "validation_seed": cfg.seeds.validation[0],
+                "sessions": cfg.train.eval_sessions,
+                "final_validation_watch_time": final,
+                "curve": result.curve,
+            },
+            "selection": {
+                "rule": cfg.train.select,
+                "updates": selected_updates,
+                "validation_watch_time": result.best_score if selected is not None else final,
+            },
         }
         save_file({f"stage{i}": a.contiguous() for i, a in enumerate(final_actions)}, out / PROBE)
         export_actors(state, out / EXPORT, cfg, sim, expected, provenance)
-        atomic_write_text(out / CURVE, json.dumps(summary, indent=2))  # last and whole: it marks a finished run
-        log.info("train done algo=%s updates=%d seconds=%.1f final_validation_watch_time=%s export=%s",
-                 cfg.algo.name, result.agent.updates, seconds, final, out / EXPORT)
+        atomic_write_text(
+            out / CURVE, json.dumps(summary, indent=2)
+        )  # last and whole: it marks a finished run
+        log.info(
+            "train done algo=%s updates=%d seconds=%.1f final_validation_watch_time=%s export=%s",
+            cfg.algo.name,
+            result.agent.updates,
+            seconds,
+            final,
+            out / EXPORT,
+        )
     barrier(ctx)
     return out / EXPORT
 
@@ -134,10 +167,14 @@ def _throughput(updates: int, parts: dict[str, float], total: float) -> dict[str
 
 def _quiet_libraries(record: logging.LogRecord) -> bool:
     """Keep TorchRec's and FBGEMM's INFO lines (several per table and per sharded forward) out of the run's log."""
-    return record.levelno >= logging.WARNING or not any(lib in record.pathname for lib in ("/torchrec/", "/fbgemm_gpu/"))
+    return record.levelno >= logging.WARNING or not any(
+        lib in record.pathname for lib in ("/torchrec/", "/fbgemm_gpu/")
+    )
 
 
-def _fixed_stage_weights(cfg: Config, sim: Simulator, cem: Path | None, ctx: Context) -> tuple[Tensor, dict[str, Any]]:
+def _fixed_stage_weights(
+    cfg: Config, sim: Simulator, cem: Path | None, ctx: Context
+) -> tuple[Tensor, dict[str, Any]]:
     """CEM weights for the stages that do not learn and for the warm-up, and where they came from.
 
     Without an artifact rank 0 tunes them on seeds.train and every rank receives its result.
@@ -145,8 +182,14 @@ def _fixed_stage_weights(cfg: Config, sim: Simulator, cem: Path | None, ctx: Con
     if cem is not None:
         policy = load_policy(cem, cfg)
         if policy.group_by != "none":
-            raise ArtifactError(f"{cem}: a CEM artifact per {policy.group_by}; --cem needs global weights (group_by none)")
-        return policy.weights.cpu(), {"source": "artifact", "path": str(cem), "sha256": read_manifest(cem)["files"]}
+            raise ArtifactError(
+                f"{cem}: a CEM artifact per {policy.group_by}; --cem needs global weights (group_by none)"
+            )
+        return policy.weights.cpu(), {
+            "source": "artifact",
+            "path": str(cem),
+            "sha256": read_manifest(cem)["files"],
+        }
     weights = torch.zeros(1, sum(cfg.cascade.action_dims))
     if ctx.is_main:
         log.info("no --cem given: tuning CEM on seeds.train %s first", list(cfg.seeds.train))

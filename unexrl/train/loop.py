@@ -73,8 +73,15 @@ class TrainResult:
         return None, self.agent.updates
 
 
-def _diagnose(agent: CascadeAgent, sim: Simulator, actors: nn.Module, knots: Tensor | None, ctx: Context,
-              rows: tuple[int, int, int], cem_weights: Tensor) -> CriticDiagnostics | None:
+def _diagnose(
+    agent: CascadeAgent,
+    sim: Simulator,
+    actors: nn.Module,
+    knots: Tensor | None,
+    ctx: Context,
+    rows: tuple[int, int, int],
+    cem_weights: Tensor,
+) -> CriticDiagnostics | None:
     """Rank 0's critic diagnostics (unexrl/rl/diagnostics.py); every rank calls it. Sharded tables are assembled
     whole first (a collective), so rank 0 scores an unsharded copy of the agent alone."""
     if not ctx.distributed:
@@ -111,7 +118,9 @@ def _collect(sim: Simulator, buffer: ReplayBuffer, policy: Policy, seed: int, se
 
 def validate(sim: Simulator, actors: nn.Module, sessions: int) -> float:
     """Mean session watch time of the greedy actors on the first validation seed."""
-    out = rollout(sim, ActorPolicy(actors, sim.cfg, sim.world), sim.cfg.seeds.validation[0], sessions, sessions)
+    out = rollout(
+        sim, ActorPolicy(actors, sim.cfg, sim.world), sim.cfg.seeds.validation[0], sessions, sessions
+    )
     return float(out.watch_time.mean())
 
 
@@ -119,7 +128,9 @@ STANDARDIZE_ROWS = 20_000
 """transitions the dense inputs' standardisation is fitted on (or the whole buffer, when smaller)"""
 
 
-def _fit_standardizers(agent: CascadeAgent, buffer: ReplayBuffer, generator: torch.Generator, ctx: Context) -> None:
+def _fit_standardizers(
+    agent: CascadeAgent, buffer: ReplayBuffer, generator: torch.Generator, ctx: Context
+) -> None:
     """Fit the input standardisation on this rank's first data, average it over ranks (every rank then scales
     alike) and copy it into the targets."""
     agent.fit_standardizers(buffer.sample(min(buffer.size, STANDARDIZE_ROWS), generator).to(ctx.device))
@@ -139,8 +150,15 @@ def _share(data: LoggedData, ctx: Context) -> LoggedData:
 
 
 def train(
-    cfg: Config, cem_weights: Tensor, sim: Simulator | None = None, logs: Path | None = None, progress: bool = True,
-    *, ctx: Context | None = None, run_dir: Path | None = None, resume: bool = False,
+    cfg: Config,
+    cem_weights: Tensor,
+    sim: Simulator | None = None,
+    logs: Path | None = None,
+    progress: bool = True,
+    *,
+    ctx: Context | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train ``cfg.algo`` for ``cfg.train.updates`` updates; stages that do not learn use ``cem_weights``.
 
@@ -175,12 +193,25 @@ def train(
     if a.cqr:
         knots = torch.zeros(len(cfg.world.user_types), n_item_groups(cfg), cfg.features.cqr_knots)
     checkpoints = Checkpoints(run_dir / "checkpoints", ctx) if run_dir is not None else None
-    restored = checkpoints.restore(agent, fused, knots, generator) if checkpoints is not None and resume else None
+    restored = (
+        checkpoints.restore(agent, fused, knots, generator) if checkpoints is not None and resume else None
+    )
     next_session = 0
     if restored is not None:
-        result.resumed_from, result.curve, next_session = restored.updates, restored.curve, restored.next_session
-    log.info("train start algo=%s regime=%s updates=%d rank=%d world_size=%d resumed_from=%s", a.name, t.regime,
-             t.updates, ctx.rank, ctx.world_size, result.resumed_from)
+        result.resumed_from, result.curve, next_session = (
+            restored.updates,
+            restored.curve,
+            restored.next_session,
+        )
+    log.info(
+        "train start algo=%s regime=%s updates=%d rank=%d world_size=%d resumed_from=%s",
+        a.name,
+        t.regime,
+        t.updates,
+        ctx.rank,
+        ctx.world_size,
+        result.resumed_from,
+    )
 
     def sessions(n: int) -> Tensor:
         """This rank's next ``n`` session ids, disjoint from every other rank's."""
@@ -204,14 +235,20 @@ def train(
         with timed("collect"):
             for start in range(0, t.warmup_sessions, chunk):
                 _collect(sim, buffer, warm, seed, sessions(min(chunk, t.warmup_sessions - start)))
-    if knots is not None and restored is None:  # knots fitted on training transitions only (rank mean: Vincentization)
+    if (
+        knots is not None and restored is None
+    ):  # knots fitted on training transitions only (rank mean: Vincentization)
         watch, user_group, item_group = buffer.cqr_samples()
         knots.copy_(average(fit_cqr_knots(watch, user_group, item_group, *knots.shape), ctx))
     buffer.set_knots(knots)
-    if restored is None:  # a resumed run keeps the standardisation it was trained with (it is in the checkpoint)
+    if (
+        restored is None
+    ):  # a resumed run keeps the standardisation it was trained with (it is in the checkpoint)
         _fit_standardizers(agent, buffer, generator, ctx)
 
-    bar = tqdm(total=t.updates, initial=agent.updates, desc=f"train {a.name}", disable=not (progress and ctx.is_main))
+    bar = tqdm(
+        total=t.updates, initial=agent.updates, desc=f"train {a.name}", disable=not (progress and ctx.is_main)
+    )
     while agent.updates < t.updates:
         with timed("sample"):
             batch = buffer.sample(a.batch_size, generator).to(ctx.device)
@@ -226,7 +263,11 @@ def train(
                 if ctx.is_main:
                     score = validate(sim, actors, t.eval_sessions)
                     if result.best_score is None or score > result.best_score:
-                        result.best_actors, result.best_updates, result.best_score = copy.deepcopy(actors), u, score
+                        result.best_actors, result.best_updates, result.best_score = (
+                            copy.deepcopy(actors),
+                            u,
+                            score,
+                        )
                     point = {"updates": u, "validation_watch_time": score, **stats}
                     bar.set_postfix(val=f"{score:.0f}s", q=f"{stats['q']:.2f}")
             if cfg.diagnostics.during_training:
@@ -234,9 +275,11 @@ def train(
                     diagnostics = _diagnose(agent, sim, actors, knots, ctx, rows, cem_weights)
                 if diagnostics is not None:
                     point["diagnostics"] = diagnostics.model_dump()
-                    bar.set_postfix(val=f"{point['validation_watch_time']:.0f}s",
-                                    cos=f"{diagnostics.gradient.cosine.mean:+.2f}",
-                                    bias=f"{diagnostics.calibration.relative_bias:+.0%}")
+                    bar.set_postfix(
+                        val=f"{point['validation_watch_time']:.0f}s",
+                        cos=f"{diagnostics.gradient.cosine.mean:+.2f}",
+                        bias=f"{diagnostics.calibration.relative_bias:+.0%}",
+                    )
             if ctx.is_main:
                 result.curve.append(point)
         if online and u % t.updates_per_collect == 0 and u < t.updates:
@@ -244,7 +287,9 @@ def train(
                 _collect(sim, buffer, explore(), seed, sessions(t.sessions_per_collect))
         if checkpoints is not None and (u % t.checkpoint_every == 0 or u == t.updates):
             with timed("checkpoint"):
-                checkpoints.save(agent, fused, knots, Progress(u, next_session, result.curve, ctx.world_size), generator)
+                checkpoints.save(
+                    agent, fused, knots, Progress(u, next_session, result.curve, ctx.world_size), generator
+                )
     bar.close()
     result.knots = knots
     result.transitions = buffer.size

@@ -5,6 +5,7 @@ KFP_PIPELINE_VERSION (a PipelineVersion name; empty: the newest version), KFP_EX
 object of pipeline parameters). The KFP SDK authenticates with the projected token at
 KF_PIPELINES_SA_TOKEN_PATH. Exits non-zero if the pipeline or version does not exist, so the Job fails visibly.
 """
+
 import json
 import os
 import sys
