@@ -34,7 +34,10 @@ install: $(STAMP)
 run: $(STAMP)
 	PYTHONPATH=$(CURDIR) OMP_NUM_THREADS=1 $(PY) -m pipelines.local --config $(CONFIG) --out $(OUT) $(RUN_ARGS)
 
+# Lint first (seconds): ruff's rules and its formatting, as configured in pyproject.toml.
 test: $(STAMP) redis-server prometheus
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 # The feature store's Redis tests start their own redis-server on loopback: install it where missing (CI runs
