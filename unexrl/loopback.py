@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -31,11 +33,23 @@ def wait_http_ready(
     return False
 
 
-def stop(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    """SIGTERM, then SIGKILL if the server has not exited within ``timeout_s``; always reaps it."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def stop(proc: subprocess.Popen[bytes], timeout_s: float, *, group: bool = False) -> None:
+    """SIGTERM, then SIGKILL if the server has not exited within ``timeout_s``; always reaps it.
+
+    ``group``: signal the process group the server leads (started with ``start_new_session``), so its workers stop
+    too, even if the leader has already exited.
+    """
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=timeout_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()

@@ -27,10 +27,11 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from unexrl.config import Config
+from unexrl.environ import environ
 from unexrl.features import schema as fs
 from unexrl.features.build import build_features
 from unexrl.features.redis_server import local_redis, redis_server_path
-from unexrl.features.store import apply, environ, load_online, repo_path
+from unexrl.features.store import apply, load_online, repo_path
 from unexrl.policies.weights import RandomPolicy
 from unexrl.sim.env import Simulator
 from unexrl.simulate import simulate_logs

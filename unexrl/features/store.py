@@ -10,8 +10,6 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +20,7 @@ import pyarrow.parquet as pq
 
 from unexrl.config import Config
 from unexrl.data import read_logs
+from unexrl.environ import environ
 from unexrl.features import schema as fs
 from unexrl.features.build import read_manifest
 from unexrl.features.storage import filesystem, join, local_directory, normalize
@@ -203,17 +202,3 @@ def _per_page(values: pa.Array | pa.ChunkedArray, page_size: int) -> pa.Array:
 
 def _parse(text: str) -> datetime:
     return datetime.fromisoformat(text)
-
-
-@contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

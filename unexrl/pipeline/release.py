@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from unexrl.environ import environ
+from unexrl.gitops import git
 from unexrl.pipeline import registry
 
 BENTO_FILE = "bento.json"
@@ -26,17 +27,10 @@ def package(
     """
     from unexrl.serve.package import build_bento  # the serving engineer's packaging (unexrl/serve)
 
-    saved = os.environ.get("BENTOML_HOME")
-    home = str(Path(bentoml_home).resolve()) if bentoml_home else (saved or "")
-    if home:  # read when bentoml is first imported: a component process imports it here, first
-        os.environ["BENTOML_HOME"] = home
-    try:
+    home = str(Path(bentoml_home).resolve()) if bentoml_home else os.environ.get("BENTOML_HOME", "")
+    # read when bentoml is first imported: a component process imports it here, first
+    with environ({"BENTOML_HOME": home} if home else {}):
         info = build_bento(Path(artifact), model_name=model_name)
-    finally:
-        if saved is None:
-            os.environ.pop("BENTOML_HOME", None)
-        else:
-            os.environ["BENTOML_HOME"] = saved
     record = {
         "bento_tag": info.bento_tag,
         "model_tag": info.model_tag,
@@ -89,26 +83,11 @@ def init_manifests_repo(path: Path, k8s_tree: Path) -> Path:
             f"no Kustomize overlays under {k8s_tree}: the manifests repository is seeded from the "
             "project's k8s/ tree (k8s/overlays/<environment>/kustomization.yaml)"
         )
-    env = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "unexrl",
-        "GIT_AUTHOR_EMAIL": "unexrl@unexrl.invalid",
-        "GIT_COMMITTER_NAME": "unexrl",
-        "GIT_COMMITTER_EMAIL": "unexrl@unexrl.invalid",
-    }
     with tempfile.TemporaryDirectory(prefix="unexrl-manifests-") as tmp:
         work = Path(tmp)
         shutil.copytree(k8s_tree, work / "k8s")
-        for args in (
-            ["init", "--quiet", "-b", "main"],
-            ["add", "k8s"],
-            ["commit", "--quiet", "-m", "seed manifests"],
-        ):
-            subprocess.run(["git", *args], cwd=work, env=env, check=True, capture_output=True)
-        subprocess.run(
-            ["git", "clone", "--quiet", "--bare", str(work), str(path)],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        git(work, "init", "--quiet", "-b", "main")
+        git(work, "add", "--", "k8s")
+        git(work, "commit", "--quiet", "-m", "seed manifests")
+        git(None, "clone", "--quiet", "--bare", "--", str(work), str(path))
     return path

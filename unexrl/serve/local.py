@@ -7,14 +7,13 @@ group is stopped (SIGTERM, then SIGKILL) when the context exits, so no worker ou
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from unexrl.loopback import free_port, wait_http_ready
+from unexrl.loopback import free_port, stop, wait_http_ready
 from unexrl.serve.package import ENV_MODEL, PROJECT_ROOT
 
 SERVICE = "serving.service:Recommendation"
@@ -64,20 +63,6 @@ def local_service(
             raise RuntimeError(f"the service did not become ready on {url} (exit code {proc.poll()})\n{tail}")
         yield url
     finally:
-        _stop(proc)
+        stop(proc, 15.0, group=True)
         if log_file is not None:
             log.close()  # type: ignore[union-attr]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the supervisor's whole process group (its workers too, even if the supervisor already exited)."""
-    for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue

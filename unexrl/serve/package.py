@@ -7,12 +7,12 @@ the model store; the service verifies it again when it starts.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from unexrl.environ import environ
 from unexrl.policies.artifact import ArtifactError, read_manifest
 from unexrl.serve.engine import artifact_version, load_serving_policy, serving_config
 from unexrl.sim.world import build_world
@@ -65,16 +65,9 @@ def build_bento(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> Ben
     import bentoml
 
     model_tag, version = import_model(artifact_dir, model_name=model_name)
-    saved = os.environ.get(ENV_MODEL)
-    os.environ[ENV_MODEL] = model_tag  # the service class names its model at import: pin this version
     sys.modules.pop(
         SERVICE_MODULE, None
     )  # BentoML reuses an imported module: an earlier build's model otherwise
-    try:
+    with environ({ENV_MODEL: model_tag}):  # the service class names its model at import: pin this version
         bento = bentoml.bentos.build_bentofile(str(BENTOFILE), build_ctx=str(PROJECT_ROOT), version=version)
-    finally:
-        if saved is None:
-            os.environ.pop(ENV_MODEL, None)
-        else:
-            os.environ[ENV_MODEL] = saved
     return BentoInfo(bento_tag=str(bento.tag), model_tag=model_tag, model_version=version)
