@@ -103,6 +103,35 @@ def test_deploy_refuses_missing_overlay_or_image(tmp_path: Path) -> None:
     assert len(git(repo, "log", "--oneline", "main").splitlines()) == 1  # nothing was pushed
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("image_tag", "-latest"),  # a tag cannot start with '-' or '.'
+        ("image_tag", "v1;rm"),
+        ("image_tag", "x" * 129),  # at most 128 characters
+        ("model_version", "Unexrl-Policy:abc"),  # BentoML names are lowercase
+        ("model_version", "unexrl-policy:abc:def"),
+        ("model_version", "../policy"),
+    ],
+)
+def test_deploy_checks_image_tag_and_model_version_grammar(tmp_path: Path, field: str, value: str) -> None:
+    repo = make_repo(tmp_path)
+    fields = {"model_version": "unexrl-policy:abc123", "image_tag": "v42"} | {field: value}
+    with pytest.raises(GitOpsError, match=f"{field} .*does not match"):
+        deploy(str(repo), environment="staging", branch="main", **fields)
+    assert len(git(repo, "log", "--oneline", "main").splitlines()) == 1
+
+
+def test_a_repository_argument_is_never_a_git_option(tmp_path: Path) -> None:
+    """``--upload-pack=<command>`` as the repository would run the command on a clone from a real repository; after
+    ``--`` git reads it as a repository path that does not exist."""
+    pwned = tmp_path / "pwned"
+    repo = f"--upload-pack=touch {pwned}"
+    with pytest.raises(GitOpsError, match="repository '--upload-pack=touch .*' does not exist"):
+        deploy(repo, environment="staging", model_version="m", image_tag="t", branch="main")
+    assert not pwned.exists()
+
+
 def test_project_overlays_take_a_deployment(tmp_path: Path) -> None:
     """The k8s/ tree of this repository honours the two fields for every environment."""
     repo = init_manifests_repo(tmp_path / "m.git", ROOT / "k8s")

@@ -28,6 +28,10 @@ _AUTHOR = {
     "GIT_COMMITTER_EMAIL": "pipeline@unexrl.invalid",
 }
 _REF = re.compile(r"^[A-Za-z0-9._/-]+$")
+IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+"""an OCI image tag (the distribution spec's grammar)"""
+MODEL_VERSION = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$")
+"""a BentoML model version or tag: a lowercase name, optionally ``:`` and a version"""
 
 
 class GitOpsError(RuntimeError):
@@ -62,23 +66,26 @@ def deploy(
             raise GitOpsError(
                 f"{name} {value!r}: expected a plain name ([A-Za-z0-9._/-], no '..', not starting with '-')"
             )
-    for name, value in (("model_version", model_version), ("image_tag", image_tag)):
-        if not value or any(c.isspace() for c in value):
-            raise GitOpsError(f"{name} {value!r}: must be a non-empty string without spaces")
+    for name, value, grammar in (
+        ("model_version", model_version, MODEL_VERSION),
+        ("image_tag", image_tag, IMAGE_TAG),
+    ):
+        if not grammar.match(value):
+            raise GitOpsError(f"{name} {value!r}: does not match {grammar.pattern}")
     with tempfile.TemporaryDirectory(prefix="unexrl-gitops-") as tmp:
         work = Path(tmp) / "repo"
-        _git(None, "clone", "--quiet", repo, str(work))
-        if _git(work, "ls-remote", "origin", f"refs/heads/{branch}"):  # the full ref: no suffix matches
-            _git(work, "checkout", "--quiet", "-B", branch, f"origin/{branch}")
+        git(None, "clone", "--quiet", "--", repo, str(work))
+        if git(work, "ls-remote", "origin", f"refs/heads/{branch}"):  # the full ref: no suffix matches
+            git(work, "checkout", "--quiet", "-B", branch, f"origin/{branch}")
         else:
-            _git(work, "checkout", "--quiet", "-b", branch)
+            git(work, "checkout", "--quiet", "-b", branch)
         target = work / overlay_path(environment)
         set_release(target, model_version=model_version, image_tag=image_tag)
-        _git(work, "add", overlay_path(environment))
+        git(work, "add", "--", overlay_path(environment))
         text = message or f"deploy {environment}: model {model_version}, image {IMAGE_NAME}:{image_tag}"
-        _git(work, "commit", "--quiet", "--allow-empty", "-m", text)
-        _git(work, "push", "--quiet", "origin", f"HEAD:refs/heads/{branch}")
-        return _git(work, "rev-parse", "HEAD").strip()
+        git(work, "commit", "--quiet", "--allow-empty", "-m", text)
+        git(work, "push", "--quiet", "origin", f"HEAD:refs/heads/{branch}")
+        return git(work, "rev-parse", "HEAD").strip()
 
 
 def set_release(kustomization: Path, *, model_version: str, image_tag: str) -> None:
@@ -110,7 +117,11 @@ def set_release(kustomization: Path, *, model_version: str, image_tag: str) -> N
     atomic_write_text(kustomization, text.getvalue())
 
 
-def _git(cwd: Path | None, *args: str) -> str:
+def git(cwd: Path | None, *args: str) -> str:
+    """Run git in ``cwd`` as the pipeline's author, never prompting; stdout, or GitOpsError with git's message.
+
+    Callers put ``--`` before positional arguments that come from outside (a repository URL, a path), so a value
+    starting with ``-`` cannot reach git as an option."""
     env = {**os.environ, **_AUTHOR, "GIT_TERMINAL_PROMPT": "0"}
     done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
