@@ -35,25 +35,20 @@ def evaluate(
     action statistics, decision latency (``evaluation_seeds`` empty: the config's seeds.evaluation)."""
     from pathlib import Path
 
-    from unexrl.pipeline import registry, steps
-    from unexrl.pipeline.evaluation import REPORT, evaluate_release
+    from unexrl.contracts import files
+    from unexrl.pipeline import steps
 
-    inc = Path(incumbent.path)
-    summary = evaluate_release(
+    summary = steps.evaluate(
         steps.resolve_config(config, overrides),
         candidate=Path(candidate.path),
         cem=Path(cem.path),
-        incumbent=inc if registry.is_artifact(inc) else None,
+        incumbent=Path(incumbent.path),
         out=Path(evaluation.path),
         seeds=[int(s) for s in evaluation_seeds],
     )
-    for name, result in summary["policies"].items():
-        metrics.log_metric(f"{name}_watch_time_s", result["watch_time"]["mean"])
-    for key in ("mean", "low", "high"):
-        metrics.log_metric(f"uplift_vs_incumbent_pct_{key}", summary["uplift_vs_incumbent_pct"][key])
-    metrics.log_metric("uplift_vs_cem_pct", summary["uplift_vs_cem_pct"]["mean"])
-    metrics.log_metric("latency_p99_ms", summary["latency"]["p99_ms"])
-    Path(report.path).write_text((Path(evaluation.path) / REPORT).read_text())
+    for name, value in steps.evaluation_metrics(summary).items():
+        metrics.log_metric(name, value)
+    Path(report.path).write_text((Path(evaluation.path) / files.REPORT).read_text())
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -66,21 +61,19 @@ def gate(
 ) -> bool:
     """Pass only if uplift over the incumbent >= ``min_uplift_pct`` with the CI's lower bound > 0, every action
     finite and within bounds, and p99 decision latency <= ``latency_budget_ms``. The decision is recorded."""
-    import json
     from pathlib import Path
 
-    from unexrl.pipeline.evaluation import SUMMARY
-    from unexrl.pipeline.gate import decide, markdown
+    from unexrl.pipeline import steps
 
-    result = decide(
-        json.loads((Path(evaluation.path) / SUMMARY).read_text()),
+    result = steps.gate(
+        Path(evaluation.path),
         min_uplift_pct=min_uplift_pct,
         latency_budget_ms=latency_budget_ms,
+        decision_out=Path(decision.path),
+        report_out=Path(report.path),
     )
-    Path(decision.path).write_text(json.dumps(result, indent=2))
-    decision.metadata.update({"passed": result["passed"], "reasons": result["reasons"]})
-    Path(report.path).write_text(markdown(result))
-    return result["passed"]
+    decision.metadata.update({"passed": result.passed, "reasons": result.reasons})
+    return result.passed
 
 
 @dsl.component(base_image=SERVING_IMAGE, install_kfp_package=False)

@@ -69,25 +69,28 @@ def run_local(config: str, out: Path, overrides: list[str] | None = None, **para
 def locate(run: Path, seconds: float, repo: str, branch: str) -> dict[str, Any]:
     """Where a finished local run put its report, model, bento, decision and deploy commit (None when gated out),
     and the uplifts the gate read."""
-    decision = json.loads((run / "gate" / "decision").read_text())
+    from unexrl.contracts import files
+    from unexrl.contracts.evaluation import EvaluationSummary, GateDecision
+
+    decision = GateDecision.read(run / "gate" / "decision")
     deploy_out = run / "deploy" / "executor_output.json"
     commit = json.loads(deploy_out.read_text())["parameterValues"]["Output"] if deploy_out.is_file() else None
-    bento = run / "package" / "bento" / "bento.json"
+    bento = run / "package" / "bento" / files.BENTO
     evaluation = run / "evaluate" / "evaluation"
-    summary = json.loads((evaluation / "summary.json").read_text())
+    summary = EvaluationSummary.read(evaluation / files.SUMMARY)
     return {
         "run": str(run),
         "seconds": round(seconds, 1),
         "report": str(run / "evaluate" / "report"),
-        "evaluation": str(evaluation / "summary.json"),
-        "plot": str(evaluation / "evaluation.png"),
-        "incumbent": summary["incumbent"]["name"],
-        "uplift_vs_incumbent_pct": summary["uplift_vs_incumbent_pct"],
-        "uplift_vs_cem_pct": summary["uplift_vs_cem_pct"],
+        "evaluation": str(evaluation / files.SUMMARY),
+        "plot": str(evaluation / files.EVALUATION_PLOT),
+        "incumbent": summary.incumbent.name,
+        "uplift_vs_incumbent_pct": summary.uplift_vs_incumbent_pct.as_dict(),
+        "uplift_vs_cem_pct": summary.uplift_vs_cem_pct.as_dict(),
         "model": str(run / "train" / "model"),
         "gate": {
-            "passed": decision["passed"],
-            "reasons": decision["reasons"],
+            "passed": decision.passed,
+            "reasons": decision.reasons,
             "decision": str(run / "gate" / "decision"),
         },
         "bento": json.loads(bento.read_text()) if bento.is_file() else None,

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
-@dataclass(frozen=True)
-class Estimate:
-    """A point estimate with its 95% bootstrap interval."""
+class Estimate(BaseModel):
+    """A point estimate with its 95% bootstrap interval. NaN stands where a metric could not be computed (the
+    release gate refuses it); an interval whose low exceeds its high is impossible and refused here."""
+
+    model_config = ConfigDict(frozen=True, strict=True)
 
     mean: float
     low: float
     high: float
 
+    @model_validator(mode="after")
+    def _ordered(self) -> Estimate:
+        if math.isfinite(self.low) and math.isfinite(self.high) and self.low > self.high:
+            raise ValueError(f"interval low {self.low} exceeds its high {self.high}")
+        return self
+
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return self.model_dump()
 
     def fmt(self, digits: int = 1) -> str:
         return f"{self.mean:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
@@ -41,7 +50,9 @@ def _replicate_means(by_seed: Sequence[np.ndarray], n_boot: int, seed: int) -> n
 
 
 def _interval(point: float, reps: np.ndarray) -> Estimate:
-    return Estimate(float(point), float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5)))
+    return Estimate(
+        mean=float(point), low=float(np.percentile(reps, 2.5)), high=float(np.percentile(reps, 97.5))
+    )
 
 
 def bootstrap_mean(by_seed: Sequence[np.ndarray], n_boot: int = 1000, seed: int = 0) -> Estimate:

@@ -7,7 +7,6 @@ evaluation) and its decision latency for one request through the whole cascade.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,12 +19,18 @@ from torch import Tensor
 
 from unexrl.cascade import StageView, run_cascade
 from unexrl.config import Config
+from unexrl.contracts import files
+from unexrl.contracts.evaluation import (
+    EvaluationSummary,
+    IncumbentRef,
+    Latency,
+    PolicyEstimates,
+    StageActions,
+)
+from unexrl.evaluate.evaluation import METRICS
 from unexrl.io import atomic_write_text
 from unexrl.sim.env import Observation, Policy, Simulator
 
-SUMMARY = "summary.json"
-REPORT = "report.md"
-PLOT = "evaluation.png"
 LATENCY_PROBES = 200
 
 
@@ -65,7 +70,7 @@ class ActionRecorder:
             s["max"] = max(s["max"], float(x[finite].max()))
         return a
 
-    def summary(self, cfg: Config) -> list[dict[str, Any]]:
+    def summary(self, cfg: Config) -> list[StageActions]:
         out = []
         for i, stage in enumerate(cfg.cascade.stages):
             s = self.stats.get(i)
@@ -74,22 +79,22 @@ class ActionRecorder:
             mean = s["sum"] / s["n"]
             std = torch.sqrt(torch.clamp(s["sumsq"] / s["n"] - mean**2, min=0))
             out.append(
-                {
-                    "stage": stage.name,
-                    "requests": s["n"],
-                    "heads": list(stage.heads),
-                    "mean": [round(float(v), 4) for v in mean],
-                    "std": [round(float(v), 4) for v in std],
-                    "min": s["min"] if math.isfinite(s["min"]) else None,
-                    "max": s["max"] if math.isfinite(s["max"]) else None,
-                    "nonfinite": s["nonfinite"],
-                    "out_of_bounds": s["out_of_bounds"],
-                }
+                StageActions(
+                    stage=stage.name,
+                    requests=s["n"],
+                    heads=list(stage.heads),
+                    mean=[float(v) for v in mean],
+                    std=[float(v) for v in std],
+                    min=s["min"] if math.isfinite(s["min"]) else None,
+                    max=s["max"] if math.isfinite(s["max"]) else None,
+                    nonfinite=s["nonfinite"],
+                    out_of_bounds=s["out_of_bounds"],
+                )
             )
         return out
 
 
-def decision_latency(sim: Simulator, policy: Policy, probes: int = LATENCY_PROBES) -> dict[str, float]:
+def decision_latency(sim: Simulator, policy: Policy, probes: int = LATENCY_PROBES) -> Latency:
     """Milliseconds for the policy to act at every stage of one request (tau^1 given), p50 / p99 over probes."""
     seed = sim.cfg.seeds.evaluation[0]
     times = []
@@ -100,7 +105,7 @@ def decision_latency(sim: Simulator, policy: Policy, probes: int = LATENCY_PROBE
             run_cascade(obs.predictions, sim.keep, lambda view, obs=obs: policy.act(obs, view))
             times.append((time.perf_counter() - started) * 1000.0)
     ms = np.asarray(times[min(10, probes // 10) :])  # the first calls warm caches
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "probes": probes}
+    return Latency(p50_ms=float(np.percentile(ms, 50)), p99_ms=float(np.percentile(ms, 99)), probes=probes)
 
 
 def evaluate_release(
@@ -111,7 +116,7 @@ def evaluate_release(
     incumbent: Path | None,
     out: Path,
     seeds: list[int] | None = None,
-) -> dict[str, Any]:
+) -> EvaluationSummary:
     """Evaluate and write ``out``/summary.json, report.md and evaluation.png; returns the summary.
 
     Without an incumbent (a first release) the incumbent is CEM, the production baseline.
@@ -138,52 +143,53 @@ def evaluate_release(
     report = evaluate_policies(sim, policies, seeds=tuple(seeds), reference=reference, progress=False)
     cand = report.results["candidate"].by_seed("watch_time")
     uplift_cem = bootstrap_uplift(cand, report.results["cem"].by_seed("watch_time"), cfg.evaluation.bootstrap)
-    summary: dict[str, Any] = {
-        "seeds": seeds,
-        "sessions_per_seed": report.sessions_per_seed,
-        "incumbent": {
-            "name": reference,
-            "artifact": str(incumbent or cem),
-            "first_release": incumbent is None,
+    summary = EvaluationSummary(
+        seeds=seeds,
+        sessions_per_seed=report.sessions_per_seed,
+        incumbent=IncumbentRef(
+            name=reference, artifact=str(incumbent or cem), first_release=incumbent is None
+        ),
+        policies={
+            name: PolicyEstimates(**{m: r.estimates[m] for m in METRICS}, uplift_vs_reference_pct=r.uplift)
+            for name, r in report.results.items()
         },
-        "policies": report.to_dict()["policies"],
-        "uplift_vs_incumbent_pct": report.results["candidate"].uplift.as_dict(),
-        "uplift_vs_cem_pct": uplift_cem.as_dict(),
-        "actions": recorder.summary(cfg),
-        "action_bounds": [cfg.cascade.action_low, cfg.cascade.action_high],
-        "latency": decision_latency(sim, recorder.policy),
-    }
+        uplift_vs_incumbent_pct=report.results["candidate"].uplift,
+        uplift_vs_cem_pct=uplift_cem,
+        actions=recorder.summary(cfg),
+        action_bounds=(cfg.cascade.action_low, cfg.cascade.action_high),
+        latency=decision_latency(sim, recorder.policy),
+    )
     out.mkdir(parents=True, exist_ok=True)
-    report.plot(out / PLOT)
-    atomic_write_text(out / REPORT, report_markdown(summary, report.to_markdown()))
-    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))  # last: the gate reads it
+    report.plot(out / files.EVALUATION_PLOT)
+    atomic_write_text(out / files.REPORT, report_markdown(summary, report.to_markdown()))
+    summary.write(out / files.SUMMARY)  # last: the gate reads it
     return summary
 
 
-def report_markdown(summary: dict[str, Any], table: str) -> str:
+def report_markdown(summary: EvaluationSummary, table: str) -> str:
     """The evaluation as the Markdown the Kubeflow UI shows."""
-    up, upc, lat = summary["uplift_vs_incumbent_pct"], summary["uplift_vs_cem_pct"], summary["latency"]
+    up, upc, lat = summary.uplift_vs_incumbent_pct, summary.uplift_vs_cem_pct, summary.latency
     lines = [
         "# Candidate evaluation",
         "",
-        f"Incumbent: `{summary['incumbent']['name']}`"
-        + (" (first release: CEM)" if summary["incumbent"]["first_release"] else ""),
+        f"Incumbent: `{summary.incumbent.name}`"
+        + (" (first release: CEM)" if summary.incumbent.first_release else ""),
         "",
         table,
         "",
-        f"- uplift vs incumbent: **{up['mean']:+.2f}%** [{up['low']:+.2f}, {up['high']:+.2f}]",
-        f"- uplift vs CEM: {upc['mean']:+.2f}% [{upc['low']:+.2f}, {upc['high']:+.2f}]",
-        f"- decision latency (one request, all stages): p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms",
+        f"- uplift vs incumbent: **{up.mean:+.2f}%** [{up.low:+.2f}, {up.high:+.2f}]",
+        f"- uplift vs CEM: {upc.mean:+.2f}% [{upc.low:+.2f}, {upc.high:+.2f}]",
+        f"- decision latency (one request, all stages): p50 {lat.p50_ms:.2f} ms, p99 {lat.p99_ms:.2f} ms",
         "",
         "## Candidate actions per stage",
         "",
         "| stage | requests | mean | std | min | max | non-finite | out of bounds |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for a in summary["actions"]:
+    for a in summary.actions:
         lines.append(
-            f"| {a['stage']} | {a['requests']:,} | {_weights(a['mean'])} | {_weights(a['std'])} "
-            f"| {_weight(a['min'])} | {_weight(a['max'])} | {a['nonfinite']} | {a['out_of_bounds']} |"
+            f"| {a.stage} | {a.requests:,} | {_weights(a.mean)} | {_weights(a.std)} "
+            f"| {_weight(a.min)} | {_weight(a.max)} | {a.nonfinite} | {a.out_of_bounds} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -10,67 +10,45 @@ Pass = every check holds:
 from __future__ import annotations
 
 import math
-from typing import Any
+
+from unexrl.contracts.evaluation import EvaluationSummary, GateCheck, GateDecision
 
 
-def decide(summary: dict[str, Any], *, min_uplift_pct: float, latency_budget_ms: float) -> dict[str, Any]:
-    """The gate's decision on an evaluation summary (unexrl.pipeline.evaluation): passed, and every check."""
+def decide(summary: EvaluationSummary, *, min_uplift_pct: float, latency_budget_ms: float) -> GateDecision:
+    """The gate's decision on an evaluation summary (validated when it was read: unexrl.contracts.evaluation)."""
     if not math.isfinite(min_uplift_pct):
         raise ValueError(f"min_uplift_pct={min_uplift_pct}: must be a finite percentage")
-    if not latency_budget_ms > 0:
-        raise ValueError(f"latency_budget_ms={latency_budget_ms}: must be positive")
-    up = summary["uplift_vs_incumbent_pct"]
-    low, high = summary["action_bounds"]
-    actions = summary["actions"]
-    nonfinite = sum(a["nonfinite"] for a in actions)
-    outside = sum(a["out_of_bounds"] for a in actions)
-    p99 = summary["latency"]["p99_ms"]
-    for name, v in (
-        ("uplift mean", up["mean"]),
-        ("uplift low", up["low"]),
-        ("uplift high", up["high"]),
-        ("p99", p99),
-    ):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"evaluation summary: {name} is {v!r}, not a number")
-    finite_metrics = all(math.isfinite(v) for v in (up["mean"], up["low"], up["high"], p99))
+    if not (math.isfinite(latency_budget_ms) and latency_budget_ms > 0):
+        raise ValueError(f"latency_budget_ms={latency_budget_ms}: must be a positive number of milliseconds")
+    up = summary.uplift_vs_incumbent_pct
+    low, high = summary.action_bounds
+    nonfinite = sum(a.nonfinite for a in summary.actions)
+    outside = sum(a.out_of_bounds for a in summary.actions)
+    p50, p99 = summary.latency.p50_ms, summary.latency.p99_ms
+    finite = all(math.isfinite(v) for v in (up.mean, up.low, up.high, p99))
     checks = [
-        {"check": "metrics finite", "ok": finite_metrics, "detail": f"uplift {up}, p99 {p99}"},
-        {
-            "check": f"uplift >= {min_uplift_pct}%",
-            "ok": finite_metrics and up["mean"] >= min_uplift_pct,
-            "detail": f"{up['mean']:+.3f}% vs {summary['incumbent']['name']}",
-        },
-        {
-            "check": "uplift CI lower bound > 0",
-            "ok": finite_metrics and up["low"] > 0,
-            "detail": f"95% CI [{up['low']:+.3f}, {up['high']:+.3f}]%",
-        },
-        {"check": "actions finite", "ok": nonfinite == 0, "detail": f"{nonfinite} non-finite values"},
-        {
-            "check": f"actions within [{low}, {high}]",
-            "ok": outside == 0,
-            "detail": f"{outside} values outside",
-        },
-        {
-            "check": f"latency p99 <= {latency_budget_ms} ms",
-            "ok": finite_metrics and p99 <= latency_budget_ms,
-            "detail": f"p99 {p99:.3f} ms, p50 {summary['latency']['p50_ms']:.3f} ms",
-        },
-    ]
-    passed = all(c["ok"] for c in checks)
-    return {
-        "passed": passed,
-        "min_uplift_pct": min_uplift_pct,
-        "latency_budget_ms": latency_budget_ms,
-        "uplift_vs_incumbent_pct": up,
-        "checks": checks,
-        "reasons": [c["check"] for c in checks if not c["ok"]],
-    }
+        ("metrics finite", finite, f"uplift {up.fmt(3)}%, p99 {p99} ms"),
+        (f"uplift >= {min_uplift_pct}%", finite and up.mean >= min_uplift_pct,
+         f"{up.mean:+.3f}% vs {summary.incumbent.name}"),
+        ("uplift CI lower bound > 0", finite and up.low > 0, f"95% CI [{up.low:+.3f}, {up.high:+.3f}]%"),
+        ("actions finite", nonfinite == 0, f"{nonfinite} non-finite values"),
+        (f"actions within [{low}, {high}]", outside == 0, f"{outside} values outside"),
+        (f"latency p99 <= {latency_budget_ms} ms", finite and p99 <= latency_budget_ms,
+         f"p99 {p99:.3f} ms, p50 {p50:.3f} ms"),
+    ]  # fmt: skip
+    failed = [name for name, ok, _ in checks if not ok]
+    return GateDecision(
+        passed=not failed,
+        min_uplift_pct=min_uplift_pct,
+        latency_budget_ms=latency_budget_ms,
+        uplift_vs_incumbent_pct=up,
+        checks=[GateCheck(check=name, ok=ok, detail=detail) for name, ok, detail in checks],
+        reasons=failed,
+    )
 
 
-def markdown(decision: dict[str, Any]) -> str:
+def markdown(decision: GateDecision) -> str:
     """The decision as Markdown: verdict and every check with its figures."""
-    lines = [f"# Gate: {'PASS' if decision['passed'] else 'REFUSE'}", ""]
-    lines += [f"- {'ok' if c['ok'] else 'FAIL'}: {c['check']} ({c['detail']})" for c in decision["checks"]]
+    lines = [f"# Gate: {'PASS' if decision.passed else 'REFUSE'}", ""]
+    lines += [f"- {'ok' if c.ok else 'FAIL'}: {c.check} ({c.detail})" for c in decision.checks]
     return "\n".join(lines) + "\n"

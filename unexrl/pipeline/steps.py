@@ -16,7 +16,9 @@ from typing import Any
 import yaml
 
 from unexrl.config import Config, load_config
-from unexrl.io import atomic_directory
+from unexrl.contracts import files
+from unexrl.contracts.evaluation import EvaluationSummary, GateDecision
+from unexrl.io import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -218,3 +220,51 @@ def train(
     )
     spec = launcher.JobSpec(args=args, nodes=nodes, gpus_per_node=processes_per_node, **job)
     return launcher.train_on_cluster(cfg, kind=kind, job=spec, run_dir=shared / "run", out=out)
+
+
+# -- 5. evaluate and gate --------------------------------------------------------------------------------------
+
+
+def evaluate(
+    cfg: Config, *, candidate: Path, cem: Path, incumbent: Path, out: Path, seeds: list[int]
+) -> EvaluationSummary:
+    """The release evaluation into ``out`` (summary.json, report.md, evaluation.png); ``incumbent``: the resolved
+    incumbent directory, empty on a first release (CEM stands in); ``seeds`` empty: the config's evaluation seeds."""
+    from unexrl.pipeline import registry
+    from unexrl.pipeline.evaluation import evaluate_release
+
+    return evaluate_release(
+        cfg,
+        candidate=candidate,
+        cem=cem,
+        incumbent=incumbent if registry.is_artifact(incumbent) else None,
+        out=out,
+        seeds=seeds,
+    )
+
+
+def evaluation_metrics(summary: EvaluationSummary) -> dict[str, float]:
+    """The figures the Kubeflow UI shows for the evaluation task (its Metrics artifact)."""
+    up = summary.uplift_vs_incumbent_pct
+    return {
+        **{f"{name}_watch_time_s": p.watch_time.mean for name, p in summary.policies.items()},
+        "uplift_vs_incumbent_pct_mean": up.mean,
+        "uplift_vs_incumbent_pct_low": up.low,
+        "uplift_vs_incumbent_pct_high": up.high,
+        "uplift_vs_cem_pct": summary.uplift_vs_cem_pct.mean,
+        "latency_p99_ms": summary.latency.p99_ms,
+    }
+
+
+def gate(
+    evaluation: Path, *, min_uplift_pct: float, latency_budget_ms: float, decision_out: Path, report_out: Path
+) -> GateDecision:
+    """Decide on the summary in ``evaluation`` (refused, naming the field, if it is not a valid summary); write the
+    decision to ``decision_out`` and its Markdown to ``report_out``."""
+    from unexrl.pipeline.gate import decide, markdown
+
+    summary = EvaluationSummary.read(evaluation / files.SUMMARY)
+    decision = decide(summary, min_uplift_pct=min_uplift_pct, latency_budget_ms=latency_budget_ms)
+    decision.write(decision_out)
+    atomic_write_text(report_out, markdown(decision))
+    return decision

@@ -1,0 +1,7 @@
+"""The documents that pass between the system's parts, as typed models: one module per family, every one read and
+written through :mod:`unexrl.contracts.base` (atomic write, schema version, sha256), its file names in
+:mod:`unexrl.contracts.files`.
+
+- :mod:`~unexrl.contracts.evaluation`: the release evaluation's summary and the gate's decision;
+- :mod:`~unexrl.contracts.release`: the packaged bento and the registry's release record.
+"""

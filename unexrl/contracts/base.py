@@ -1,0 +1,57 @@
+"""One way to read and write a contract: JSON validated against its model, with a schema version, written
+atomically, its sha256 returned so a reader downstream can pin exactly what it was given."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from unexrl.io import atomic_write_text
+
+
+class ContractError(ValueError):
+    """A contract file is missing, is not JSON, or breaks its model; the message names the file and the field."""
+
+
+class Contract(BaseModel):
+    """A document one part writes and another reads. Unknown fields are refused (a typo is not silently dropped),
+    types are strict (``"1"`` or ``true`` is not a number); ``schema_version`` says which model wrote it, and a
+    reader refuses another version instead of guessing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    schema_version: int = 1
+
+    @model_validator(mode="after")
+    def _known_version(self) -> Self:
+        if self.schema_version != self.SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {self.schema_version}: this code reads version {self.SCHEMA_VERSION} "
+                f"of {type(self).__name__}"
+            )
+        return self
+
+    def write(self, path: Path) -> str:
+        """Write the contract to ``path`` (temporary file, then one rename); returns the file's sha256."""
+        text = self.model_dump_json(indent=2) + "\n"
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(path), text)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @classmethod
+    def read(cls, path: Path) -> Self:
+        """The contract at ``path``, validated; ContractError names the file and every field that is wrong."""
+        path = Path(path)
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise ContractError(f"{path}: no {cls.__name__} here") from None
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '(document)'}: {e['msg']}" for e in err.errors()
+            )
+            raise ContractError(f"{path}: not a valid {cls.__name__}: {problems}") from None
