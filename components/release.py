@@ -15,7 +15,7 @@ def resolve_incumbent(registry: str, environment: str, incumbent: Output[Model])
     from unexrl.pipeline import registry as reg
 
     record = reg.resolve_incumbent(registry, environment, Path(incumbent.path))
-    incumbent.metadata.update(record or {"deployed": False})
+    incumbent.metadata.update(record.model_dump(mode="json") if record else {"deployed": False})
     return record is not None
 
 
@@ -83,7 +83,8 @@ def package(model: Input[Model], bentoml_home: str, bento: Output[Artifact]):
 
     from unexrl.pipeline import release
 
-    bento.metadata.update(release.package(Path(model.path), Path(bento.path), bentoml_home=bentoml_home))
+    record = release.package(Path(model.path), Path(bento.path), bentoml_home=bentoml_home)
+    bento.metadata.update(record.model_dump(mode="json"))
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -92,12 +93,16 @@ def deploy(
 ) -> str:
     """GitOps: commit the model version and image tag to the environment's overlay on ``branch`` of ``repo``
     (never the cluster API), then record the release in the model registry. Returns the commit sha."""
-    import json
     from pathlib import Path
 
     from unexrl.pipeline import release
 
-    info = json.loads((Path(bento.path) / release.BENTO_FILE).read_text())
-    return release.deploy(
-        info, Path(model.path), repo=repo, environment=environment, branch=branch, registry_root=registry
-    )["commit"]
+    record = release.deploy(
+        Path(bento.path),
+        Path(model.path),
+        repo=repo,
+        environment=environment,
+        branch=branch,
+        registry_root=registry,
+    )
+    return record.commit

@@ -71,6 +71,7 @@ def locate(run: Path, seconds: float, repo: str, branch: str) -> dict[str, Any]:
     and the uplifts the gate read."""
     from unexrl.contracts import files
     from unexrl.contracts.evaluation import EvaluationSummary, GateDecision
+    from unexrl.contracts.release import BentoRecord
 
     decision = GateDecision.read(run / "gate" / "decision")
     deploy_out = run / "deploy" / "executor_output.json"
@@ -93,7 +94,7 @@ def locate(run: Path, seconds: float, repo: str, branch: str) -> dict[str, Any]:
             "reasons": decision.reasons,
             "decision": str(run / "gate" / "decision"),
         },
-        "bento": json.loads(bento.read_text()) if bento.is_file() else None,
+        "bento": BentoRecord.read(bento).model_dump(mode="json") if bento.is_file() else None,
         "deploy": {"commit": commit, "repo": repo, "branch": branch} if commit else None,
     }
 
@@ -120,7 +121,7 @@ def run_iterations(
                 "iteration": i + 1,
                 "log_seed": train_seeds[i % len(train_seeds)],
                 "seconds": result["seconds"],
-                "incumbent": before["model_version"] if before else "CEM (first release)",
+                "incumbent": before.model_version if before else "CEM (first release)",
                 "uplift_vs_incumbent_pct": result["uplift_vs_incumbent_pct"],
                 "uplift_vs_cem_pct": result["uplift_vs_cem_pct"],
                 "gate_passed": result["gate"]["passed"],

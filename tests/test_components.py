@@ -186,7 +186,7 @@ def test_gate_package_deploy(chain: dict, tmp_path: Path) -> None:
         ).stdout.strip()
         == sha
     )
-    assert registry.deployed(tmp_path / "registry", ENV)["model_version"] == bento.metadata["model_version"]
+    assert registry.deployed(tmp_path / "registry", ENV).model_version == bento.metadata["model_version"]
     incumbent = art(Model, tmp_path / "incumbent")
     assert c.resolve_incumbent.python_func(
         registry=str(tmp_path / "registry"), environment=ENV, incumbent=incumbent

@@ -20,6 +20,7 @@ from components import resolve_incumbent
 from pipelines.continuous_training import release_steps
 from pipelines.local import ROOT, locate, run_local
 from unexrl.config import load_config
+from unexrl.contracts.release import ReleaseRecord
 from unexrl.gitops import ANNOTATION
 from unexrl.io import sha256_file
 from unexrl.pipeline import registry
@@ -61,7 +62,7 @@ def passed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     greedy = save_weight_policy(
         WeightPolicy(greedy_weights(cfg.cascade), cfg.cascade), out / "greedy", cfg, algorithm="greedy"
     )
-    registry.register(out / "registry", ENV, greedy, model_version="greedy-0", release={"commit": None})
+    registry.register(out / "registry", greedy, ReleaseRecord(environment=ENV, model_version="greedy-0"))
     repo = init_manifests_repo(out / "manifests.git", manifests_tree(out))
     result = run_local("small", out, FAST, environment=ENV, gitops_repo=str(repo))
     return result | {"repo_path": repo, "out": out}
@@ -104,7 +105,7 @@ def test_gate_passes_and_deploy_commits(passed_run: dict) -> None:
     assert [i["newTag"] for i in overlay["images"] if i["name"] == "unexrl-serving"] == [bento["image_tag"]]
     assert overlay["commonAnnotations"][ANNOTATION] == bento["model_version"]
     record = registry.deployed(passed_run["out"] / "registry", ENV)
-    assert record["commit"] == commit and record["model_version"] == bento["model_version"]
+    assert record.commit == commit and record.model_version == bento["model_version"]
 
 
 @dsl.component

@@ -10,13 +10,12 @@ registry records it so the pipeline can resolve the incumbent without a cluster 
 
 from __future__ import annotations
 
-import json
 import shutil
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from unexrl.io import atomic_directory, atomic_write_text
+from unexrl.contracts import files
+from unexrl.contracts.release import ReleaseRecord
+from unexrl.io import atomic_directory
 from unexrl.policies.artifact import read_manifest
 
 
@@ -24,14 +23,15 @@ def _record_path(root: Path, environment: str) -> Path:
     return Path(root) / "environments" / f"{environment}.json"
 
 
-def deployed(root: str | Path, environment: str) -> dict[str, Any] | None:
+def model_path(root: str | Path, record: ReleaseRecord) -> Path:
+    """Where the registry keeps the artifact a record released."""
+    return Path(root) / "models" / record.model_version
+
+
+def deployed(root: str | Path, environment: str) -> ReleaseRecord | None:
     """The release record of ``environment``, or None when nothing was deployed there yet."""
     path = _record_path(Path(root), environment)
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    record["artifact"] = str(Path(root) / "models" / record["model_version"])
-    return record
+    return ReleaseRecord.read(path) if path.is_file() else None
 
 
 def incumbent(root: str | Path, environment: str) -> Path | None:
@@ -39,34 +39,24 @@ def incumbent(root: str | Path, environment: str) -> Path | None:
     record = deployed(root, environment)
     if record is None:
         return None
-    path = Path(record["artifact"])
+    path = model_path(root, record)
     read_manifest(path)  # a registry entry whose files changed is refused, not served as the incumbent
     return path
 
 
-def register(
-    root: str | Path, environment: str, artifact: Path, *, model_version: str, release: dict[str, Any]
-) -> dict[str, Any]:
-    """Store ``artifact`` as ``model_version`` and make it ``environment``'s deployed model; returns the record."""
+def register(root: str | Path, artifact: Path, record: ReleaseRecord) -> ReleaseRecord:
+    """Store ``artifact`` as ``record.model_version`` and make it ``record.environment``'s deployed model."""
     root = Path(root)
     read_manifest(artifact)
-    target = root / "models" / model_version
+    target = model_path(root, record)
     if not target.is_dir():
         with atomic_directory(target) as tmp:
             shutil.copytree(artifact, tmp, dirs_exist_ok=True)
-    record = {
-        "environment": environment,
-        "model_version": model_version,
-        "deployed_at": datetime.now(UTC).isoformat(),
-        **release,
-    }
-    path = _record_path(root, environment)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=2))
+    record.write(_record_path(root, record.environment))
     return record
 
 
-def resolve_incumbent(root: str, environment: str, out: Path) -> dict[str, Any] | None:
+def resolve_incumbent(root: str, environment: str, out: Path) -> ReleaseRecord | None:
     """Copy ``environment``'s deployed policy into ``out`` (the run's incumbent artifact) and return its record;
     on a first release (no registry or nothing deployed) leave ``out`` an empty directory and return None."""
     out = Path(out)
@@ -79,4 +69,4 @@ def resolve_incumbent(root: str, environment: str, out: Path) -> dict[str, Any] 
 
 def is_artifact(path: Path) -> bool:
     """Whether a resolved incumbent directory holds a policy (False: first release)."""
-    return (Path(path) / "manifest.json").is_file()
+    return (Path(path) / files.MANIFEST).is_file()

@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
+from unexrl.contracts import files
+from unexrl.contracts.release import BentoRecord, ReleaseRecord
 from unexrl.environ import environ
 from unexrl.gitops import git
 from unexrl.pipeline import registry
 
-BENTO_FILE = "bento.json"
-
 
 def package(
     artifact: Path, out: Path, *, model_name: str = "unexrl-policy", bentoml_home: str = ""
-) -> dict[str, Any]:
+) -> BentoRecord:
     """Import the verified policy into the BentoML model store and build the serving Bento (offline).
 
     ``bentoml_home``: the BentoML store to build into (empty: BENTOML_HOME or BentoML's default). Writes
-    ``out``/bento.json (bento_tag, model_tag, model_version, image_tag, bentoml_home) and returns it. The serving
-    image is tagged with the Bento's version (``bentoml containerize`` in CI, where Docker is).
+    ``out``/bento.json and returns it. The serving image is tagged with the Bento's version (``bentoml
+    containerize`` in CI, where Docker is).
     """
     from unexrl.serve.package import build_bento  # the serving engineer's packaging (unexrl/serve)
 
@@ -31,43 +29,42 @@ def package(
     # read when bentoml is first imported: a component process imports it here, first
     with environ({"BENTOML_HOME": home} if home else {}):
         info = build_bento(Path(artifact), model_name=model_name)
-    record = {
-        "bento_tag": info.bento_tag,
-        "model_tag": info.model_tag,
-        "model_version": info.model_version,
-        "image_tag": info.bento_tag.split(":", 1)[1],
-        "bentoml_home": home,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / BENTO_FILE).write_text(json.dumps(record, indent=2))
+    record = BentoRecord(
+        bento_tag=info.bento_tag,
+        model_tag=info.model_tag,
+        model_version=info.model_version,
+        image_tag=info.bento_tag.split(":", 1)[1],
+        bentoml_home=home,
+    )
+    record.write(Path(out) / files.BENTO)
     return record
 
 
 def deploy(
-    bento: dict[str, Any], artifact: Path, *, repo: str, environment: str, branch: str, registry_root: str
-) -> dict[str, Any]:
-    """Commit the release to the environment's overlay (GitOps), then make it the registry's deployed model."""
+    bento_dir: Path, artifact: Path, *, repo: str, environment: str, branch: str, registry_root: str
+) -> ReleaseRecord:
+    """Commit the bento ``package`` wrote into ``bento_dir`` to the environment's overlay (GitOps), then make it
+    the registry's deployed model (when ``registry_root`` is given); returns the release record."""
     from unexrl.gitops import deploy as git_deploy
 
+    bento = BentoRecord.read(Path(bento_dir) / files.BENTO)
     commit = git_deploy(
         repo,
         environment=environment,
-        model_version=bento["model_version"],
-        image_tag=bento["image_tag"],
+        model_version=bento.model_version,
+        image_tag=bento.image_tag,
         branch=branch,
     )
-    release = {
-        "bento_tag": bento["bento_tag"],
-        "image_tag": bento["image_tag"],
-        "commit": commit,
-        "branch": branch,
-        "repo": repo,
-    }
-    if registry_root:
-        registry.register(
-            registry_root, environment, artifact, model_version=bento["model_version"], release=release
-        )
-    return {"model_version": bento["model_version"], **release}
+    record = ReleaseRecord(
+        environment=environment,
+        model_version=bento.model_version,
+        bento_tag=bento.bento_tag,
+        image_tag=bento.image_tag,
+        commit=commit,
+        branch=branch,
+        repo=repo,
+    )
+    return registry.register(registry_root, artifact, record) if registry_root else record
 
 
 def init_manifests_repo(path: Path, k8s_tree: Path) -> Path:

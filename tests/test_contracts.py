@@ -1,0 +1,51 @@
+"""The contract helper (unexrl/contracts/base.py) and the release records: what a reader refuses, and that a
+write is all or nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from unexrl.contracts.base import ContractError
+from unexrl.contracts.release import BentoRecord, ReleaseRecord
+from unexrl.pipeline import registry
+
+
+def test_write_is_atomic_and_returns_the_files_sha256(tmp_path: Path) -> None:
+    record = BentoRecord(
+        bento_tag="unexrl-serving:abc",
+        model_tag="unexrl-policy:v1",
+        model_version="v1",
+        image_tag="abc",
+        bentoml_home="",
+    )
+    digest = record.write(tmp_path / "bento.json")
+    assert digest == hashlib.sha256((tmp_path / "bento.json").read_bytes()).hexdigest()
+    assert [p.name for p in tmp_path.iterdir()] == ["bento.json"]  # no temporary file left
+    assert BentoRecord.read(tmp_path / "bento.json") == record
+
+
+def test_a_missing_or_malformed_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ContractError, match=f"{tmp_path / 'nothing.json'}: no ReleaseRecord here"):
+        ReleaseRecord.read(tmp_path / "nothing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ContractError, match="bad.json: not a valid ReleaseRecord: .*Invalid JSON"):
+        ReleaseRecord.read(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("version", ["../../outside", "/abs", "-rf", ".hidden", ""])
+def test_a_registry_record_cannot_point_outside_the_registry(tmp_path: Path, version: str) -> None:
+    """The record names the released artifact's directory under <registry>/models/: one plain path component."""
+    record = {
+        "schema_version": 1,
+        "environment": "staging",
+        "model_version": version,
+        "deployed_at": "2026-12-02T00:00:00Z",
+    }
+    (tmp_path / "environments").mkdir()
+    (tmp_path / "environments" / "staging.json").write_text(json.dumps(record))
+    with pytest.raises(ContractError, match="model_version: String should match pattern"):
+        registry.incumbent(tmp_path, "staging")
