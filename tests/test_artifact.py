@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from unexrl.config import Config, load_config
-from unexrl.policies.artifact import ArtifactError, load_policy, save_weight_policy
+from unexrl.contracts.artifact import ArtifactError
+from unexrl.policies.artifact import load_policy, save_weight_policy
 from unexrl.policies.weights import WeightPolicy
 
 
@@ -74,3 +75,57 @@ def test_existing_artifact_is_not_overwritten(small_cfg: Config, tmp_path: Path)
         save_weight_policy(policy, path, small_cfg, algorithm="cem")
     assert load_policy(path, small_cfg) is not None
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"], "no temporary directory left behind"
+
+
+def _relist(path: Path, listed: dict[str, str]) -> None:
+    """Rewrite the manifest's file list, as someone who can write the artifact directory could."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps(manifest | {"files": listed}))
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["../outside.pt", "/etc/passwd", "sub/../../x", "a\\..\\b", "manifest.json"])
+def test_a_listed_path_that_leaves_the_directory_is_refused(
+    small_cfg: Config, tmp_path: Path, name: str
+) -> None:
+    _, path = _saved(small_cfg, tmp_path)
+    _relist(path, {"weights.pt": _sha(path / "weights.pt"), name: "0" * 64})
+    with pytest.raises(ArtifactError, match="a listed file must be a plain path inside the artifact"):
+        load_policy(path, small_cfg)
+
+
+def test_a_symlinked_file_is_refused_even_with_its_hash(small_cfg: Config, tmp_path: Path) -> None:
+    _, path = _saved(small_cfg, tmp_path)
+    outside = _saved(small_cfg, tmp_path / "elsewhere")[1] / "weights.pt"
+    (path / "weights.pt").unlink()
+    (path / "weights.pt").symlink_to(outside)
+    _relist(path, {"weights.pt": _sha(outside)})
+    with pytest.raises(ArtifactError, match="weights.pt is a symbolic link"):
+        load_policy(path, small_cfg)
+
+
+def test_unlisted_files_are_refused(small_cfg: Config, tmp_path: Path) -> None:
+    _, path = _saved(small_cfg, tmp_path)
+    (path / "sub").mkdir()
+    (path / "sub" / "payload.pkl").write_bytes(b"not listed")
+    with pytest.raises(ArtifactError, match=r"files \['sub/payload.pkl'\] are not in the manifest"):
+        load_policy(path, small_cfg)
+
+
+def test_weights_the_manifest_does_not_list_are_never_loaded(small_cfg: Config, tmp_path: Path) -> None:
+    """A manifest that lists another file and hashes it, with the weights present but unlisted (or absent)."""
+    _, path = _saved(small_cfg, tmp_path)
+    (path / "notes.txt").write_text("harmless")
+    _relist(path, {"notes.txt": _sha(path / "notes.txt")})
+    with pytest.raises(ArtifactError, match=r"files \['weights.pt'\] are not in the manifest"):
+        load_policy(path, small_cfg)
+    (path / "weights.pt").unlink()
+    with pytest.raises(
+        ArtifactError, match="weights.pt is not listed in the manifest; nothing unlisted is loaded"
+    ):
+        load_policy(path, small_cfg)

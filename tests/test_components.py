@@ -12,9 +12,9 @@ from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model
 import components as c
 from unexrl.data import LogValidationError
 from unexrl.features import schema as fs
+from unexrl.features.training_set import TrainingSetMismatch, verify_training_set
 from unexrl.pipeline import registry
 from unexrl.pipeline.release import init_manifests_repo
-from unexrl.pipeline.training_set import TrainingSetMismatch, verify_training_set
 
 TINY = [
     "cem.iterations=2",

@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from unexrl.artifacts import load_any_policy
 from unexrl.cli import main
 from unexrl.config import Config, load_config
-from unexrl.policies.actors import ACTORS_FILE, load_actor_policy
-from unexrl.policies.artifact import ArtifactError, load_any_policy, read_manifest
+from unexrl.contracts.artifact import ArtifactError, read_artifact
+from unexrl.rl.actors import ACTORS_FILE, ActorsManifest, load_actor_policy
 from unexrl.rl.observation import SPARSE_FEATURES, STATE_FEATURES
 from unexrl.rl.policy import ActorPolicy
 from unexrl.sim.env import Simulator
@@ -70,11 +71,11 @@ def cfg() -> Config:
 
 
 def test_manifest_describes_what_serving_needs(export: Path, train_logs: Path, cem_artifact: Path) -> None:
-    manifest = read_manifest(export)
-    assert manifest["kind"] == "actors" and manifest["schema_version"] == 1
-    assert set(manifest["files"]) == {ACTORS_FILE}
-    assert [s["name"] for s in manifest["stages"]] == ["matching", "prerank", "ranking"]
-    features = manifest["features"]
+    manifest = read_artifact(export, ActorsManifest)
+    assert manifest.kind == "actors" and manifest.schema_version == 1
+    assert set(manifest.files) == {ACTORS_FILE}
+    assert [s.name for s in manifest.stages] == ["matching", "prerank", "ranking"]
+    features = manifest.features
     assert features["sparse"] == list(SPARSE_FEATURES) and features["state"] == list(STATE_FEATURES)
     assert features["id_space"] == {"world_seed": 0, "users": 600, "items": 6000, "categories": 12}
     assert features["tables"] == {
@@ -83,13 +84,13 @@ def test_manifest_describes_what_serving_needs(export: Path, train_logs: Path, c
         "actors_categories": [12, 16],
     }
     logs = json.loads((train_logs / "manifest.json").read_text())
-    assert manifest["training_data"] == {
+    assert manifest.training_data == {
         "regime": "offline",
         "logs": str(train_logs),
         "sha256": {k: v["sha256"] for k, v in logs["files"].items()},
     }
-    assert manifest["fixed_stages"]["sha256"] == read_manifest(cem_artifact)["files"]
-    evaluation = manifest["evaluation"]
+    assert manifest.fixed_stages["sha256"] == read_artifact(cem_artifact).files
+    evaluation = manifest.evaluation
     assert evaluation["curve"][-1]["updates"] == 6
     assert evaluation["final_validation_watch_time"] == evaluation["curve"][-1]["validation_watch_time"] > 0
     # unsharded: every table whole, nothing but tensors
@@ -189,5 +190,5 @@ def test_mismatched_configs_are_refused(
 def test_a_weights_artifact_is_not_an_actors_artifact(
     cem_artifact: Path, cfg: Config, small_sim: Simulator
 ) -> None:
-    with pytest.raises(ArtifactError, match="not trained actors"):
+    with pytest.raises(ArtifactError, match="artifact kind 'weights', not actors"):
         load_actor_policy(cem_artifact, cfg, small_sim.world)

@@ -20,7 +20,7 @@ import yaml
 
 from unexrl.cli import main
 from unexrl.config import Config
-from unexrl.policies.artifact import ArtifactError
+from unexrl.contracts.artifact import ArtifactError
 from unexrl.serve import prometheus as prom
 from unexrl.serve.engine import artifact_version
 from unexrl.serve.local import local_service

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from unexrl.cli import main
 from unexrl.config import ALGOS, Config
-from unexrl.policies.actors import load_actor_policy
-from unexrl.policies.artifact import read_manifest
+from unexrl.contracts.artifact import read_artifact
+from unexrl.rl.actors import ActorsManifest, load_actor_policy
 from unexrl.sim.env import Simulator
 from unexrl.train.export import probe_actions
 
@@ -81,7 +81,7 @@ def _finished(run: Path, proc: subprocess.Popen[str], timeout: float = 300) -> d
     assert (run / "curve.json").is_file(), output[-4000:]
     if proc.returncode != 0:
         assert "SIGABRT" in output, output[-4000:]
-    read_manifest(run / "export")  # every file's sha256
+    read_artifact(run / "export", ActorsManifest)  # every file's sha256
     return json.loads((run / "curve.json").read_text())
 
 
@@ -125,14 +125,14 @@ def test_two_ranks_write_sharded_checkpoints(offline_run: Path) -> None:
 def test_export_loads_in_one_process_and_acts_like_the_sharded_model(
     offline_run: Path, train_logs: Path
 ) -> None:
-    manifest = read_manifest(offline_run / "export")
-    assert manifest["kind"] == "actors" and manifest["algorithm"] == "unexrl-cic"
-    assert manifest["training"]["world_size"] == 2
-    assert all("on ranks [0, 1]" in placement for placement in manifest["training"]["sharding"].values())
+    manifest = read_artifact(offline_run / "export", ActorsManifest)
+    assert manifest.kind == "actors" and manifest.algorithm == "unexrl-cic"
+    assert manifest.training["world_size"] == 2
+    assert all("on ranks [0, 1]" in placement for placement in manifest.training["sharding"].values())
     logs = json.loads((train_logs / "manifest.json").read_text())
-    assert manifest["training_data"]["sha256"] == {k: v["sha256"] for k, v in logs["files"].items()}
+    assert manifest.training_data["sha256"] == {k: v["sha256"] for k, v in logs["files"].items()}
 
-    cfg = Config.model_validate_json(json.dumps(manifest["config"]))
+    cfg = Config.model_validate_json(json.dumps(manifest.config))
     sim = Simulator(cfg)
     served = probe_actions(load_actor_policy(offline_run / "export", cfg, sim.world), sim)
     sharded = load_file(offline_run / "probe_actions.safetensors")
@@ -186,7 +186,7 @@ def test_killed_rank_resumes_to_the_same_update_count(tmp_path: Path, cem_artifa
     watch = [p["validation_watch_time"] for p in points]
     assert all(math.isfinite(v) and v > 0 for v in watch)
     assert 0.1 < watch[-1] / watch[0] < 10, watch  # comparable: the resumed run did not blow up or collapse
-    assert read_manifest(run / "export")["training"]["resumed_from"] == killed_at
+    assert read_artifact(run / "export", ActorsManifest).training["resumed_from"] == killed_at
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -224,9 +224,11 @@ def test_single_process_train_for_every_algorithm(
     assert math.isfinite(
         point["diagnostics"]["gradient"]["cosine"]["mean"]
     )  # diagnosed at the validation point
-    manifest = read_manifest(tmp_path / "export")  # published only after it reloaded and matched the probe
-    assert manifest["algorithm"] == algo
-    assert manifest["learning_stages"] == ([2] if algo in ("td3", "ddpg") else [0, 1, 2])
+    manifest = read_artifact(
+        tmp_path / "export", ActorsManifest
+    )  # published only after it reloaded and matched the probe
+    assert manifest.algorithm == algo
+    assert manifest.learning_stages == ([2] if algo in ("td3", "ddpg") else [0, 1, 2])
 
 
 def test_a_second_run_into_the_same_directory_needs_resume(
@@ -303,13 +305,13 @@ def test_export_holds_the_best_validation_point(tmp_path: Path, cem_artifact: Pa
     )
     points = json.loads((tmp_path / "curve.json").read_text())["curve"]
     best = max(points, key=lambda p: p["validation_watch_time"])
-    manifest = read_manifest(tmp_path / "export")
-    assert manifest["selection"] == {
+    manifest = read_artifact(tmp_path / "export", ActorsManifest)
+    assert manifest.selection == {
         "rule": "best_validation",
         "updates": best["updates"],
         "validation_watch_time": best["validation_watch_time"],
     }
-    cfg = Config.model_validate_json(json.dumps(manifest["config"]))
+    cfg = Config.model_validate_json(json.dumps(manifest.config))
     sim = Simulator(cfg)
     served = probe_actions(load_actor_policy(tmp_path / "export", cfg, sim.world), sim)
     final = load_file(tmp_path / "probe_actions.safetensors")

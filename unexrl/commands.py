@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from unexrl.artifacts import load_any_policy
 from unexrl.bench.sim import bench_sim, format_bench
 from unexrl.config import Config
 from unexrl.evaluate.evaluation import evaluate_policies
@@ -16,7 +17,7 @@ from unexrl.features import store as feature_store
 from unexrl.features.bench import bench_features as _bench_features
 from unexrl.features.bench import format_bench as format_bench_features
 from unexrl.features.build import build_features
-from unexrl.policies.artifact import load_any_policy, load_policy, save_weight_policy
+from unexrl.policies.artifact import load_policy, save_weight_policy
 from unexrl.policies.baselines import tune_baseline, tune_baselines
 from unexrl.policies.cem import tune_cem
 from unexrl.policies.weights import RandomPolicy, WeightPolicy, greedy_weights

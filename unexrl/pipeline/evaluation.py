@@ -121,9 +121,9 @@ def evaluate_release(
 
     Without an incumbent (a first release) the incumbent is CEM, the production baseline.
     """
+    from unexrl.artifacts import load_any_policy
     from unexrl.evaluate.evaluation import evaluate_policies
     from unexrl.evaluate.stats import bootstrap_uplift
-    from unexrl.policies.artifact import load_any_policy
 
     seeds = [int(s) for s in seeds] if seeds else list(cfg.seeds.evaluation)
     used = set(cfg.seeds.train) | set(cfg.seeds.validation)

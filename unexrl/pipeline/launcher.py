@@ -88,7 +88,7 @@ def run_checked(command: list[str], run_dir: Path, env: dict[str, str] | None = 
 
 def check_complete(run_dir: Path, cfg: Config) -> dict[str, Any]:
     """curve.json reports ``train.updates`` and the export verifies (every file's sha256); returns curve.json."""
-    from unexrl.policies.artifact import read_manifest
+    from unexrl.contracts.artifact import read_artifact
 
     curve = run_dir / "curve.json"
     if not curve.is_file():
@@ -96,7 +96,7 @@ def check_complete(run_dir: Path, cfg: Config) -> dict[str, Any]:
     summary = json.loads(curve.read_text())
     if summary.get("updates") != cfg.train.updates:
         raise TrainingFailed(f"{run_dir}: {summary.get('updates')} updates of {cfg.train.updates}")
-    read_manifest(run_dir / "export")
+    read_artifact(run_dir / "export")
     return summary
 
 

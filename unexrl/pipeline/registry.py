@@ -14,9 +14,9 @@ import shutil
 from pathlib import Path
 
 from unexrl.contracts import files
+from unexrl.contracts.artifact import read_artifact
 from unexrl.contracts.release import ReleaseRecord
 from unexrl.io import atomic_directory
-from unexrl.policies.artifact import read_manifest
 
 
 def _record_path(root: Path, environment: str) -> Path:
@@ -40,14 +40,14 @@ def incumbent(root: str | Path, environment: str) -> Path | None:
     if record is None:
         return None
     path = model_path(root, record)
-    read_manifest(path)  # a registry entry whose files changed is refused, not served as the incumbent
+    read_artifact(path)  # a registry entry whose files changed is refused, not served as the incumbent
     return path
 
 
 def register(root: str | Path, artifact: Path, record: ReleaseRecord) -> ReleaseRecord:
     """Store ``artifact`` as ``record.model_version`` and make it ``record.environment``'s deployed model."""
     root = Path(root)
-    read_manifest(artifact)
+    read_artifact(artifact)
     target = model_path(root, record)
     if not target.is_dir():
         with atomic_directory(target) as tmp:

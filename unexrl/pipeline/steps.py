@@ -64,7 +64,7 @@ def simulate_logs(
 ) -> dict[str, Any]:
     """Tune CEM (the baseline, saved to ``cem_out``), then log sessions under the deployed policy, or CEM when
     nothing is deployed, with the configured exploration. Returns the log manifest's summary."""
-    from unexrl.policies.artifact import load_any_policy
+    from unexrl.artifacts import load_any_policy
     from unexrl.rl.policy import ActorPolicy
     from unexrl.sim.env import Simulator
     from unexrl.simulate import behaviour_policy

@@ -86,7 +86,7 @@ def build_actors(
 ) -> StageActors:
     """mu^1..mu^N: a StageHead per learning stage over one shared encoder, FixedAction (CEM weights) for the others.
 
-    Also how a trained-actors artifact is rebuilt before its weights are loaded (unexrl/policies/actors.py).
+    Also how a trained-actors artifact is rebuilt before its weights are loaded (unexrl/rl/actors.py).
     """
     a, c = cfg.algo, cfg.cascade
     learning = learning_stages(cfg)

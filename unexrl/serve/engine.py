@@ -27,12 +27,14 @@ from typing import Any
 
 import torch
 
+from unexrl.artifacts import load_any_policy
 from unexrl.cascade import ActFn, CascadeResult, StageView, run_cascade
 from unexrl.config import Config
+from unexrl.contracts import files
+from unexrl.contracts.artifact import ArtifactError, ArtifactManifest, read_artifact
 from unexrl.features import schema as fs
 from unexrl.features.client import FeatureClient, OnlineFeatures
 from unexrl.io import sha256_file
-from unexrl.policies.artifact import MANIFEST, ArtifactError, load_any_policy, read_manifest
 from unexrl.serve import metrics as m
 from unexrl.serve.api import FeedbackItem
 from unexrl.sim.env import Policy, SessionBatch, Simulator
@@ -61,15 +63,15 @@ class UnknownRequest(LookupError):
 def artifact_version(path: Path) -> str:
     """A policy artifact's version: the first 16 hex digits of its manifest's sha256. The manifest lists the
     sha256 of every file, so this names the exact weights; the same artifact always gets the same version."""
-    return sha256_file(Path(path) / MANIFEST)[:16]
+    return sha256_file(Path(path) / files.MANIFEST)[:16]
 
 
-def serving_config(manifest: dict[str, Any], environ: dict[str, str]) -> Config:
+def serving_config(manifest: ArtifactManifest, environ: dict[str, str]) -> Config:
     """The artifact's own config (the cascade and world it was trained for), with the feature store chosen by
     the environment: UNEXRL_FEATURE_ENV (features.environment) and UNEXRL_FEATURE_REPO (features.repo)."""
     from unexrl.features.store import ENV_ENVIRONMENT
 
-    tree = dict(manifest["config"])
+    tree = dict(manifest.config)
     features = dict(tree.get("features", {}))
     if environ.get(ENV_ENVIRONMENT):
         features["environment"] = environ[ENV_ENVIRONMENT]
@@ -121,11 +123,9 @@ class LoadedPolicy:
 
 def load_serving_policy(path: Path, cfg: Config, world: World, version: str | None = None) -> LoadedPolicy:
     """Verify (every file's sha256) and load an artifact for ``cfg``'s cascade; a tampered one raises."""
-    manifest = read_manifest(path)
+    manifest = read_artifact(path)
     policy = load_any_policy(path, cfg, world)
-    return LoadedPolicy(
-        policy, version or artifact_version(path), str(manifest.get("algorithm")), str(manifest.get("kind"))
-    )
+    return LoadedPolicy(policy, version or artifact_version(path), manifest.algorithm, manifest.kind)
 
 
 @dataclass

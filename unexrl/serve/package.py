@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from unexrl.contracts.artifact import read_artifact
 from unexrl.environ import environ
-from unexrl.policies.artifact import ArtifactError, read_manifest
 from unexrl.serve.engine import artifact_version, load_serving_policy, serving_config
 from unexrl.sim.world import build_world
 
@@ -41,11 +41,9 @@ def import_model(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> tu
     import bentoml
 
     artifact_dir = Path(artifact_dir)
-    manifest = read_manifest(artifact_dir)
-    if manifest.get("kind") not in ("actors", "weights"):
-        raise ArtifactError(f"{artifact_dir}: artifact kind {manifest.get('kind')!r} cannot be served")
+    manifest = read_artifact(artifact_dir)
     cfg = serving_config(manifest, {})
-    load_serving_policy(artifact_dir, cfg, build_world(cfg))
+    load_serving_policy(artifact_dir, cfg, build_world(cfg))  # refuses a kind this version cannot serve
     version = artifact_version(artifact_dir)
     tag = f"{model_name}:{version}"
     try:
@@ -53,8 +51,8 @@ def import_model(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> tu
         return tag, version
     except bentoml.exceptions.NotFound:
         pass
-    labels = {"kind": str(manifest["kind"]), "algorithm": str(manifest.get("algorithm"))}
-    with bentoml.models.create(tag, labels=labels, metadata={"files": manifest["files"]}) as model:
+    labels = {"kind": manifest.kind, "algorithm": manifest.algorithm}
+    with bentoml.models.create(tag, labels=labels, metadata={"files": manifest.files}) as model:
         shutil.copytree(artifact_dir, Path(model.path) / ARTIFACT_SUBDIR)
     return tag, version
 

@@ -1,4 +1,4 @@
-"""Export for serving: the trained actors, whole (unsharded), as an ``actors`` artifact (unexrl/policies/actors.py).
+"""Export for serving: the trained actors, whole (unsharded), as an ``actors`` artifact (unexrl/rl/actors.py).
 
     export/actors.safetensors   every actor's state, each sharded table assembled from its shards
     export/manifest.json        schema version, kind "actors", algorithm, config, stages (names, heads, sizes),
@@ -12,7 +12,6 @@ The export is published in one rename, and only after it has been loaded back th
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,9 @@ from torch import Tensor
 
 from unexrl.cascade import StageView, run_cascade
 from unexrl.config import Config
+from unexrl.contracts import files
 from unexrl.io import atomic_directory, sha256_file
-from unexrl.policies.actors import ACTORS_FILE, KIND, feature_schema, load_actor_policy
-from unexrl.policies.artifact import MANIFEST, SCHEMA_VERSION, stage_signature
+from unexrl.rl.actors import ACTORS_FILE, ActorsManifest, feature_schema, load_actor_policy
 from unexrl.rl.agent import learning_stages
 from unexrl.sim.env import Policy, Simulator
 
@@ -55,7 +54,7 @@ def training_data(
     """What the actors were trained on: the logs' sha256s (offline), or the simulator seeds (online).
 
     ``training_set``: the verified point-in-time training set that accompanied the logs
-    (unexrl.pipeline.training_set.verify_training_set), recorded with its sha256.
+    (unexrl.features.training_set.verify_training_set), recorded with its sha256.
     """
     if logs is None:
         return {"regime": "online", "seeds": list(cfg.seeds.train), "world_seed": cfg.seeds.world}
@@ -83,26 +82,15 @@ def export_actors(
     """
     with atomic_directory(out_dir, overwrite=True) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / ACTORS_FILE)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "kind": KIND,
-            "algorithm": cfg.algo.name,
-            "stages": stage_signature(cfg),
-            "pool_size": cfg.cascade.pool_size,
-            "action_bounds": [cfg.cascade.action_low, cfg.cascade.action_high],
-            "learning_stages": learning_stages(cfg),
-            "features": {
-                **feature_schema(cfg),
-                "tables": {
-                    k.split(".")[-2]: list(v.shape) for k, v in state.items() if ".embedding_bags." in k
-                },
-            },
-            "config": cfg.to_dict(),
-            "created_at": datetime.now(UTC).isoformat(),
+        tables = {k.split(".")[-2]: list(v.shape) for k, v in state.items() if ".embedding_bags." in k}
+        ActorsManifest.for_config(
+            cfg,
+            algorithm=cfg.algo.name,
+            files={ACTORS_FILE: sha256_file(tmp / ACTORS_FILE)},
+            learning_stages=learning_stages(cfg),
+            features={**feature_schema(cfg), "tables": tables},
             **provenance,
-            "files": {ACTORS_FILE: sha256_file(tmp / ACTORS_FILE)},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        ).write(tmp / files.MANIFEST)
         served = probe_actions(load_actor_policy(tmp, cfg, sim.world), sim)
         worst = max(float((a - b).abs().max()) for a, b in zip(served, expected))
         if worst > PROBE_TOLERANCE:

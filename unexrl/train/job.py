@@ -24,8 +24,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from unexrl.config import Config
+from unexrl.contracts.artifact import ArtifactError, read_artifact
 from unexrl.io import atomic_write_text
-from unexrl.policies.artifact import ArtifactError, load_policy, read_manifest
+from unexrl.policies.artifact import load_policy
 from unexrl.policies.cem import tune_cem
 from unexrl.rl.policy import ActorPolicy
 from unexrl.sim.env import Simulator
@@ -59,7 +60,7 @@ def run_training(
     if training_set is not None:
         if logs is None:
             raise ValueError("a training set accompanies logs: give --logs with --training-set")
-        from unexrl.pipeline.training_set import verify_training_set
+        from unexrl.features.training_set import verify_training_set
 
         # every rank checks (a read), so a mismatch stops each of them before any waits in the process group
         checked = verify_training_set(Path(training_set), Path(logs))
@@ -188,7 +189,7 @@ def _fixed_stage_weights(
         return policy.weights.cpu(), {
             "source": "artifact",
             "path": str(cem),
-            "sha256": read_manifest(cem)["files"],
+            "sha256": read_artifact(cem).files,
         }
     weights = torch.zeros(1, sum(cfg.cascade.action_dims))
     if ctx.is_main:

@@ -1,0 +1,37 @@
+"""Every policy artifact kind and its loader: the one place that knows them all, above the packages that define
+them (the manifest layer, unexrl/contracts/artifact.py, knows none)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from unexrl.config import Config
+from unexrl.contracts.artifact import ArtifactError, read_artifact
+from unexrl.policies.artifact import WeightsManifest, load_policy
+from unexrl.sim.env import Policy
+from unexrl.sim.world import World
+
+Loader = Callable[[Path, Config, World | None], Policy]
+
+
+def _weights(path: Path, cfg: Config, world: World | None) -> Policy:
+    return load_policy(path, cfg)
+
+
+def _actors(path: Path, cfg: Config, world: World | None) -> Policy:
+    from unexrl.rl.actors import load_actor_policy  # TorchRec is imported only when actors are loaded
+
+    return load_actor_policy(path, cfg, world)
+
+
+LOADERS: dict[str, Loader] = {WeightsManifest.KIND: _weights, "actors": _actors}  # type: ignore[dict-item]
+"""kind -> loader; a new kind adds its entry here"""
+
+
+def load_any_policy(path: Path, cfg: Config, world: World | None = None) -> Policy:
+    """Load a verified artifact of any known kind (``world`` maps trained actors' ids)."""
+    kind = read_artifact(Path(path)).kind
+    if kind not in LOADERS:
+        raise ArtifactError(f"{path}: artifact kind {kind!r}; this version loads {sorted(LOADERS)}")
+    return LOADERS[kind](Path(path), cfg, world)

@@ -1,0 +1,166 @@
+"""A policy artifact's manifest: what every kind shares, and how an artifact directory is verified before any of
+its files is opened.
+
+    <dir>/manifest.json    ArtifactManifest (a kind's own model adds its fields: unexrl/artifacts.py lists the kinds)
+    <dir>/<file>           every other file, listed in the manifest's ``files`` with its sha256
+
+The manifest layer knows no kind: it checks the common fields and the files; a kind's loader validates the same
+document with its own model (a subclass here) and opens only the files it lists.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from unexrl.config import Config
+from unexrl.contracts import files
+from unexrl.contracts.base import Contract, ContractError
+from unexrl.io import sha256_file
+
+
+class ArtifactError(ContractError):
+    """An artifact that is incomplete, tampered with, or built for another cascade."""
+
+
+class StageSignature(BaseModel):
+    """What a policy is bound to at one stage: its name, heads (the action's order) and candidate count."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: str
+    heads: list[str]
+    keep: int
+
+
+def stage_signature(cfg: Config) -> list[StageSignature]:
+    return [StageSignature(name=s.name, heads=list(s.heads), keep=s.keep) for s in cfg.cascade.stages]
+
+
+class ArtifactManifest(Contract):
+    """The fields every artifact kind has. Read generically, fields of the kind are kept as they are (``extra``
+    allowed here only); a kind's subclass forbids anything it does not declare."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+    KIND: ClassVar[str | None] = None
+    """a kind's subclass: the ``kind`` it reads"""
+
+    kind: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    algorithm: str
+    stages: list[StageSignature] = Field(min_length=1)
+    pool_size: int = Field(gt=0)
+    action_bounds: tuple[float, float]
+    config: dict[str, Any]
+    """the full config the policy was built with (unexrl.config.Config)"""
+    created_at: datetime
+    files: dict[str, str] = Field(min_length=1)
+    """every file of the artifact but the manifest, by its path relative to the directory: sha256"""
+
+    @field_validator("files")
+    @classmethod
+    def _plain_paths(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, digest in value.items():
+            path = PurePosixPath(name)
+            if path.is_absolute() or ".." in path.parts or "\\" in name or name in ("", ".", files.MANIFEST):
+                raise ValueError(f"{name!r}: a listed file must be a plain path inside the artifact")
+            if not _is_sha256(digest):
+                raise ValueError(f"{name!r}: {digest!r} is not a sha256 hex digest")
+        return value
+
+    @classmethod
+    def for_config(cls, cfg: Config, *, algorithm: str, files: dict[str, str], **fields: Any) -> Self:
+        """The manifest of a policy built for ``cfg``: the common fields from the config, the kind's ``fields``."""
+        return cls(
+            kind=cls.KIND,
+            algorithm=algorithm,
+            stages=stage_signature(cfg),
+            pool_size=cfg.cascade.pool_size,
+            action_bounds=(cfg.cascade.action_low, cfg.cascade.action_high),
+            config=cfg.to_dict(),
+            created_at=datetime.now(UTC),
+            files=files,
+            **fields,
+        )
+
+    def listed(self, directory: Path, name: str) -> Path:
+        """``directory``/``name``: a loader opens a file only through this, so only what the manifest lists (and
+        read_artifact verified)."""
+        if name not in self.files:
+            raise ArtifactError(
+                f"{directory}: {name} is not listed in the manifest; nothing unlisted is loaded"
+            )
+        return Path(directory) / name
+
+    def trained_config(self) -> Config:
+        """The config the policy was built with, validated."""
+        try:
+            return Config.model_validate_json(json.dumps(self.config))
+        except ValueError as err:
+            raise ArtifactError(f"the artifact's config is not a valid config: {err}") from None
+
+    def check_compatible(self, cfg: Config, where: Path) -> None:
+        """Refuse an artifact whose stages, heads or sizes differ from the cascade it would run in."""
+        ours = stage_signature(cfg)
+        if self.stages != ours:
+            theirs = [s.model_dump() for s in self.stages]
+            raise ArtifactError(
+                f"{where}: built for stages {theirs}, but the config has {[s.model_dump() for s in ours]}"
+            )
+        if self.pool_size != cfg.cascade.pool_size:
+            raise ArtifactError(
+                f"{where}: built for pool size {self.pool_size}, config has {cfg.cascade.pool_size}"
+            )
+
+
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+M = TypeVar("M", bound=ArtifactManifest)
+
+
+def read_artifact(path: Path, model: type[M] = ArtifactManifest) -> M:  # type: ignore[assignment]
+    """Read ``path``/manifest.json as ``model`` and verify the directory against it, before any file is used:
+    every file listed is a regular file inside the directory (no symlink, no way out), its sha256 matches, and
+    nothing else is there. ``model``: a kind's manifest (refused unless the artifact is of that kind)."""
+    path = Path(path)
+    if not (path / files.MANIFEST).is_file():
+        raise ArtifactError(f"{path}: no {files.MANIFEST}; not a policy artifact")
+    try:
+        manifest = ArtifactManifest.read(path / files.MANIFEST)
+        if model.KIND is not None and manifest.kind != model.KIND:
+            raise ArtifactError(f"{path}: artifact kind {manifest.kind!r}, not {model.KIND}")
+        _verify_files(path, manifest.files)
+        return manifest if model is ArtifactManifest else model.read(path / files.MANIFEST)  # type: ignore[return-value]
+    except ArtifactError:
+        raise
+    except ContractError as err:
+        raise ArtifactError(str(err)) from None
+
+
+def _verify_files(path: Path, listed: dict[str, str]) -> None:
+    root = path.resolve()
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()} - {files.MANIFEST}
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        raise ArtifactError(
+            f"{path}: files {unlisted} are not in the manifest; refusing an artifact with extra files"
+        )
+    for name, expected in listed.items():
+        file = path / name
+        if file.is_symlink():
+            raise ArtifactError(f"{path}: {name} is a symbolic link; an artifact holds its own files")
+        if not file.is_file():
+            raise ArtifactError(f"{path}: file {name} listed in the manifest is missing")
+        if not file.resolve().is_relative_to(root):
+            raise ArtifactError(f"{path}: {name} resolves outside the artifact")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise ArtifactError(
+                f"{file}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...; "
+                "refusing a tampered artifact"
+            )
