@@ -9,17 +9,17 @@ from components.images import TRAIN_GPU_IMAGE
 @dsl.component(base_image=TRAIN_GPU_IMAGE, install_kfp_package=False)
 def train(
     config: str,
-    overrides: list,
+    config_overrides: list,
     algo: str,
-    nodes: int,
-    processes_per_node: int,
-    job_kind: str,
-    image: str,
+    train_nodes: int,
+    train_workers: int,
+    train_job_kind: str,
+    train_image: str,
     namespace: str,
-    pvc: str,
+    data_pvc: str,
     mount_path: str,
-    node_selector: dict,
-    tolerations: list,
+    gpu_node_selector: dict,
+    gpu_tolerations: list,
     logs: Input[Dataset],
     training_set: Input[Dataset],
     cem: Input[Model],
@@ -28,48 +28,47 @@ def train(
 ):
     """Train ``algo`` offline from the logs (the training set checked against them and hashed into the export).
 
-    ``nodes`` == 1: torchrun with ``processes_per_node`` workers in this pod (CPU processes over gloo locally,
-    one per GPU with ``device=cuda`` in a GPU pod). ``nodes`` > 1: submit a ``job_kind`` (trainjob | pytorchjob)
-    of ``nodes`` x ``processes_per_node`` GPUs running ``image`` in ``namespace`` over the shared PVC ``pvc`` mounted at
-    ``mount_path``, with the same node selector and tolerations as this task, and wait for it.
+    Args:
+        config: Configuration: a name in configs/ (small, default, paper) or a YAML path.
+        config_overrides: --set items applied to the configuration, e.g. ["device=cuda"].
+        algo: Algorithm: unexrl-cic, unexrl-ctde, td3, ddpg or independent-ddpg.
+        train_nodes: 1: torchrun inside this task; more: a multi-node job of train_job_kind.
+        train_workers: Training processes per node (one per GPU with device=cuda).
+        train_job_kind: Multi-node launcher: trainjob (Kubeflow Trainer v2) or pytorchjob (training operator).
+        train_image: Image of the multi-node job's pods.
+        namespace: Namespace of the multi-node job.
+        data_pvc: PVC shared with the job's pods (inputs staged in, the run written back).
+        mount_path: Where data_pvc is mounted in this task and in the job's pods.
+        gpu_node_selector: Node selector of the job's pods (the same as this task's).
+        gpu_tolerations: Tolerations of the job's pods (the same as this task's).
+        logs: The validated logs to train from.
+        training_set: The point-in-time training set, verified against the logs and hashed into the export.
+        cem: CEM weights for the stages that do not learn.
+        model: The exported actors (an actors artifact, verified before it is published).
+        metrics: Updates, updates/s and the final validation watch time.
     """
-    import uuid
     from pathlib import Path
 
     from unexrl.pipeline import steps
 
-    job = (
-        {
-            "kind": job_kind,
-            "name": f"unexrl-train-{uuid.uuid4().hex[:8]}",
-            "namespace": namespace,
-            "image": image,
-            "pvc": pvc,
-            "mount_path": mount_path,
-            "node_selector": dict(node_selector),
-            "tolerations": list(tolerations),
-        }
-        if nodes > 1
-        else None
-    )
     summary = steps.train(
-        steps.resolve_config(config, overrides),
+        steps.resolve_config(config, config_overrides),
         logs=Path(logs.path),
         training_set=Path(training_set.path),
         cem=Path(cem.path),
         out=Path(model.path),
         algo=algo,
-        nodes=nodes,
-        processes_per_node=processes_per_node,
-        job=job,
+        train_nodes=train_nodes,
+        train_workers=train_workers,
+        train_job_kind=train_job_kind,
+        train_image=train_image,
+        namespace=namespace,
+        data_pvc=data_pvc,
+        mount_path=mount_path,
+        gpu_node_selector=dict(gpu_node_selector),
+        gpu_tolerations=list(gpu_tolerations),
     )
-    model.metadata.update(
-        {
-            "algorithm": summary["algorithm"],
-            "updates": summary["updates"],
-            "world_size": summary["world_size"],
-        }
-    )
-    metrics.log_metric("updates", summary["updates"])
-    metrics.log_metric("updates_per_s", summary["updates_per_s"] or 0.0)
-    metrics.log_metric("final_validation_watch_time", summary["final_validation_watch_time"] or 0.0)
+    model.metadata.update(summary.model_dump(include={"algorithm", "updates", "world_size"}))
+    metrics.log_metric("updates", summary.updates)
+    metrics.log_metric("updates_per_s", summary.updates_per_s or 0.0)
+    metrics.log_metric("final_validation_watch_time", summary.final_validation_watch_time or 0.0)

@@ -63,7 +63,7 @@ def release_steps(
     """
     evaluated = evaluate(
         config=config,
-        overrides=config_overrides,
+        config_overrides=config_overrides,
         evaluation_seeds=evaluation_seeds,
         candidate=candidate,
         cem=cem,
@@ -82,9 +82,9 @@ def release_steps(
         released = deploy(
             bento=bento.outputs["bento"],
             model=candidate,
-            repo=gitops_repo,
+            gitops_repo=gitops_repo,
             environment=environment,
-            branch=gitops_branch,
+            gitops_branch=gitops_branch,
             registry=registry,
         )
         released.set_display_name("deploy (GitOps commit)").set_caching_options(False)
@@ -154,42 +154,42 @@ def unexrl_continuous_training(
 
     sim = simulate_logs(
         config=config,
-        overrides=config_overrides,
+        config_overrides=config_overrides,
         log_seed=log_seed,
         logs_uri=logs_uri,
         incumbent=incumbent.outputs["incumbent"],
     )
     sim.set_display_name("simulate logs").set_retry(num_retries=2, backoff_duration="30s")
     logs = ingest_logs(
-        config=config, overrides=config_overrides, logs_uri=logs_uri, simulated=sim.outputs["logs"]
+        config=config, config_overrides=config_overrides, logs_uri=logs_uri, simulated=sim.outputs["logs"]
     ).set_display_name("ingest + validate logs")
     logs.set_retry(num_retries=2, backoff_duration="30s")  # remote object stores are flaky
-    features = build_features(config=config, overrides=config_overrides, logs=logs.outputs["logs"])
+    features = build_features(config=config, config_overrides=config_overrides, logs=logs.outputs["logs"])
     features.set_display_name("build features")
     store = materialize_features(
-        config=config, overrides=config_overrides, features=features.outputs["features"]
+        config=config, config_overrides=config_overrides, features=features.outputs["features"]
     )
     store.set_display_name("materialize features (Feast)").set_retry(num_retries=2, backoff_duration="30s")
     tset = build_training_set(
         config=config,
-        overrides=config_overrides,
+        config_overrides=config_overrides,
         logs=logs.outputs["logs"],
         feature_store=store.outputs["feature_store"],
     ).set_display_name("point-in-time training set")
 
     trained = train(
         config=config,
-        overrides=config_overrides,
+        config_overrides=config_overrides,
         algo=algo,
-        nodes=train_nodes,
-        processes_per_node=train_workers,
-        job_kind=train_job_kind,
-        image=train_image,
+        train_nodes=train_nodes,
+        train_workers=train_workers,
+        train_job_kind=train_job_kind,
+        train_image=train_image,
         namespace=namespace,
-        pvc=data_pvc,
+        data_pvc=data_pvc,
         mount_path=DATA_MOUNT,
-        node_selector=gpu_node_selector,
-        tolerations=gpu_tolerations,
+        gpu_node_selector=gpu_node_selector,
+        gpu_tolerations=gpu_tolerations,
         logs=logs.outputs["logs"],
         training_set=tset.outputs["training_set"],
         cem=sim.outputs["cem"],

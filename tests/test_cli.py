@@ -45,7 +45,7 @@ def test_simulate_cem_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["simulate", *SMALL, *FAST, "--out", str(logs)]) == 0
     data = read_logs(logs)
     assert data.transitions.num_rows > 40
-    assert data.manifest["behaviour"]["kind"] == "cem"
+    assert data.manifest.behaviour["kind"] == "cem"
 
     assert main(["cem", *SMALL, *FAST, "--out", str(tmp_path / "cem")]) == 0
     assert (

@@ -63,7 +63,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     c.simulate_logs.python_func(
         config="small",
-        overrides=TINY,
+        config_overrides=TINY,
         log_seed=-1,
         logs_uri="",
         incumbent=a["incumbent"],
@@ -71,28 +71,34 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
         cem=a["cem"],
     )
     c.ingest_logs.python_func(
-        config="small", overrides=TINY, logs_uri="", simulated=a["sim_logs"], logs=a["logs"]
+        config="small", config_overrides=TINY, logs_uri="", simulated=a["sim_logs"], logs=a["logs"]
     )
-    c.build_features.python_func(config="small", overrides=TINY, logs=a["logs"], features=a["features"])
+    c.build_features.python_func(
+        config="small", config_overrides=TINY, logs=a["logs"], features=a["features"]
+    )
     c.materialize_features.python_func(
-        config="small", overrides=TINY, features=a["features"], feature_store=a["store"]
+        config="small", config_overrides=TINY, features=a["features"], feature_store=a["store"]
     )
     c.build_training_set.python_func(
-        config="small", overrides=TINY, logs=a["logs"], feature_store=a["store"], training_set=a["tset"]
+        config="small",
+        config_overrides=TINY,
+        logs=a["logs"],
+        feature_store=a["store"],
+        training_set=a["tset"],
     )
     c.train.python_func(
         config="small",
-        overrides=TINY,
+        config_overrides=TINY,
         algo="unexrl-cic",
-        nodes=1,
-        processes_per_node=1,
-        job_kind="trainjob",
-        image="unused",
+        train_nodes=1,
+        train_workers=1,
+        train_job_kind="trainjob",
+        train_image="unused",
         namespace="kubeflow",
-        pvc="unexrl-data",
+        data_pvc="unexrl-data",
         mount_path="/data",
-        node_selector={},
-        tolerations=[],
+        gpu_node_selector={},
+        gpu_tolerations=[],
         logs=a["logs"],
         training_set=a["tset"],
         cem=a["cem"],
@@ -101,7 +107,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     c.evaluate.python_func(
         config="small",
-        overrides=TINY,
+        config_overrides=TINY,
         evaluation_seeds=[],
         candidate=a["model"],
         cem=a["cem"],
@@ -172,9 +178,9 @@ def test_gate_package_deploy(chain: dict, tmp_path: Path) -> None:
     sha = c.deploy.python_func(
         bento=bento,
         model=chain["model"],
-        repo=str(repo),
+        gitops_repo=str(repo),
         environment=ENV,
-        branch="release",
+        gitops_branch="release",
         registry=str(tmp_path / "registry"),
     )
     assert (
@@ -196,7 +202,13 @@ def test_gate_package_deploy(chain: dict, tmp_path: Path) -> None:
     # the next run logs with the deployed (trained actors) policy and its exploration
     logs, cem = art(Dataset, tmp_path / "next_logs"), art(Model, tmp_path / "next_cem")
     c.simulate_logs.python_func(
-        config="small", overrides=TINY, log_seed=1001, logs_uri="", incumbent=incumbent, logs=logs, cem=cem
+        config="small",
+        config_overrides=TINY,
+        log_seed=1001,
+        logs_uri="",
+        incumbent=incumbent,
+        logs=logs,
+        cem=cem,
     )
     assert logs.metadata["behaviour"] == "deployed-actors" and logs.metadata["seeds"] == [1001]
 
@@ -215,7 +227,7 @@ def test_ingest_refuses_invalid_logs(chain: dict, tmp_path: Path) -> None:
     out = art(Dataset, tmp_path / "out")
     with pytest.raises(LogValidationError, match="activity_group"):
         c.ingest_logs.python_func(
-            config="small", overrides=TINY, logs_uri=str(bad), simulated=chain["sim_logs"], logs=out
+            config="small", config_overrides=TINY, logs_uri=str(bad), simulated=chain["sim_logs"], logs=out
         )
     assert not Path(out.path).exists()
 
@@ -248,7 +260,7 @@ def test_bad_parameters_are_clear(tmp_path: Path) -> None:
             out=tmp_path / "e",
             seeds=[1000],
         )
-    with pytest.raises(ValueError, match="job kind 'mpijob'"):
+    with pytest.raises(ValueError, match="train_job_kind 'mpijob'"):
         steps.train(
             steps.resolve_config("small"),
             logs=tmp_path,
@@ -256,11 +268,11 @@ def test_bad_parameters_are_clear(tmp_path: Path) -> None:
             cem=tmp_path,
             out=tmp_path,
             algo="td3",
-            nodes=2,
-            processes_per_node=1,
-            job={"kind": "mpijob"},
+            train_nodes=2,
+            train_workers=1,
+            train_job_kind="mpijob",
         )
-    with pytest.raises(ValueError, match="multi-node"):
+    with pytest.raises(ValueError, match="multi-node job needs train_image and data_pvc"):
         steps.train(
             steps.resolve_config("small"),
             logs=tmp_path,
@@ -268,8 +280,8 @@ def test_bad_parameters_are_clear(tmp_path: Path) -> None:
             cem=tmp_path,
             out=tmp_path,
             algo="td3",
-            nodes=2,
-            processes_per_node=1,
+            train_nodes=2,
+            train_workers=1,
         )
 
 
@@ -291,16 +303,6 @@ def test_multi_node_path_runs_the_rendered_job_command(
 
     monkeypatch.setattr(launcher, "submit_and_wait", run_job_here)
     out = tmp_path / "model"
-    job = {
-        "kind": "trainjob",
-        "name": "unexrl-train-test",
-        "namespace": "kubeflow",
-        "image": "img",
-        "pvc": "unexrl-data",
-        "mount_path": str(tmp_path / "pvc"),
-        "node_selector": {},
-        "tolerations": [],
-    }
     summary = steps.train(
         steps.resolve_config("small", TINY),
         logs=Path(chain["logs"].path),
@@ -308,9 +310,13 @@ def test_multi_node_path_runs_the_rendered_job_command(
         cem=Path(chain["cem"].path),
         out=out,
         algo="unexrl-cic",
-        nodes=2,
-        processes_per_node=1,
-        job=job,
+        train_nodes=2,
+        train_workers=1,
+        train_job_kind="trainjob",
+        train_image="img",
+        data_pvc="unexrl-data",
+        mount_path=str(tmp_path / "pvc"),
+        job_name="unexrl-train-test",
     )
     shared = tmp_path / "pvc" / "unexrl-runs" / "unexrl-train-test"
     assert ran["manifest"]["spec"]["trainer"]["numNodes"] == 2
@@ -318,4 +324,4 @@ def test_multi_node_path_runs_the_rendered_job_command(
     assert (shared / "inputs" / "logs" / "manifest.json").is_file() and (
         shared / "run" / "curve.json"
     ).is_file()
-    assert summary["updates"] == 4 and (out / "manifest.json").is_file()
+    assert summary.updates == 4 and (out / "manifest.json").is_file()

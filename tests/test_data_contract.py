@@ -87,11 +87,11 @@ def test_roundtrip_validates_and_counts(logged: Logged) -> None:
     assert data.users.num_rows == logged.cfg.world.n_users and data.items.num_rows == logged.cfg.world.n_items
     assert pq.ParquetFile(logged.path / TRANSITIONS_FILE).num_row_groups > 1
     m = data.manifest
-    assert m["seeds"] == [SEED] and m["behaviour"]["kind"] == "random+gaussian"
-    assert m["config"] == logged.cfg.to_dict() and data.config == logged.cfg
+    assert m.seeds == [SEED] and m.behaviour["kind"] == "random+gaussian"
+    assert m.config == logged.cfg.to_dict() and data.config == logged.cfg
     for name in TABLE_FILES:
-        assert m["files"][name]["sha256"] == sha256_file(logged.path / name)
-    assert m["files"][TRANSITIONS_FILE]["rows"] == active
+        assert m.files[name].sha256 == sha256_file(logged.path / name)
+    assert m.files[TRANSITIONS_FILE].rows == active
     assert not list(logged.path.parent.glob(".*")), "temporary directories left behind"
 
     reward = torch.cat([s.reward[s.active] for s in logged.steps]).numpy()
@@ -353,7 +353,10 @@ def test_crash_while_writing_leaves_nothing(logged: Logged, tmp_path: Path) -> N
 
 def test_failed_close_leaves_nothing(logged: Logged, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    with pytest.raises(TypeError), LogWriter(logged.cfg, logged.sim.world, out) as writer:
+    with (
+        pytest.raises(ValueError, match="Unable to serialize"),
+        LogWriter(logged.cfg, logged.sim.world, out) as writer,
+    ):
         _small_rollout(logged, writer.add)
         writer.close({"not json": object()}, [SEED])
     assert list(tmp_path.iterdir()) == []

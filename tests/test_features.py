@@ -114,7 +114,7 @@ def test_tables_match_the_contract(tables: dict[str, pa.Table], features: Path, 
     for view in fs.VIEWS:
         table = tables[view.name]
         assert table.schema.names == view.arrow_schema().names
-        assert table.num_rows == manifest["tables"][view.name]["rows"] > 0
+        assert table.num_rows == manifest.tables[view.name].rows > 0
         keys = pd.DataFrame({"k": table[view.entity.join_key], "t": table[fs.TIMESTAMP]})
         assert not keys.duplicated().any(), f"{view.name}: two rows for one (entity, timestamp)"
     assert set(fs.defaults(cfg)) == set(fs.VIEWS_BY_NAME)
@@ -310,7 +310,7 @@ def test_online_values_equal_offline_values_at_the_same_time(
 ) -> None:
     """After materialising up to the newest row, the online store holds what a point-in-time read at that
     time returns offline, for every entity of every view (pushed session rows only while within their ttl)."""
-    end = max(pd.Timestamp(t["max_timestamp"]) for t in read_manifest(features)["tables"].values())
+    end = max(pd.Timestamp(t.max_timestamp) for t in read_manifest(features).tables.values())
     at = end + timedelta(microseconds=1)
     for view in fs.VIEWS:
         ids = sorted(set(tables[view.name][view.entity.join_key].to_pylist()))

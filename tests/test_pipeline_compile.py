@@ -82,3 +82,31 @@ def test_every_parameter_is_described_for_the_ui() -> None:
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {"config", "environment", "min_uplift_pct", "train_workers", "gpu_type"} <= set(params)
     assert [name for name, p in params.items() if len(p.get("description", "")) < 15] == []
+
+
+def test_every_component_input_is_described_and_named_as_in_the_pipeline() -> None:
+    """Docstring ``Args:`` become input descriptions in the compiled YAML (what the Kubeflow UI shows), and a
+    component parameter that carries a pipeline parameter has the pipeline parameter's name."""
+    spec, _ = docs(PIPELINE_YAML)
+    pipeline_params = set(spec["root"]["inputDefinitions"]["parameters"])
+    undescribed = []
+    for name, component in spec["components"].items():
+        inputs = component.get("inputDefinitions", {})
+        for kind in ("parameters", "artifacts"):
+            undescribed += [
+                f"{name}.{i}"
+                for i, d in inputs.get(kind, {}).items()
+                if not d.get("description") and "pipelinechannel" not in i
+            ]
+    assert not undescribed, f"inputs without a description: {undescribed}"
+    renamed = []
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
+    for task_name, task in ((n, t) for dag in dags for n, t in dag["tasks"].items()):
+        for param, value in task.get("inputs", {}).get("parameters", {}).items():
+            source = value.get("componentInputParameter", "").removeprefix("pipelinechannel--")
+            if not param.startswith("pipelinechannel--") and source in pipeline_params and source != param:
+                renamed.append(f"{task_name}.{param} <- {source}")
+    assert not renamed, f"parameters renamed between the pipeline and a component: {renamed}"
+    assert {"config_overrides", "data_pvc", "gitops_repo"} <= set(
+        spec["components"]["comp-train"]["inputDefinitions"]["parameters"]
+    ) | set(spec["components"]["comp-deploy"]["inputDefinitions"]["parameters"])

@@ -109,7 +109,7 @@ def test_gate_passes_and_deploy_commits(passed_run: dict) -> None:
 
 
 @dsl.component
-def sabotaged_candidate(config: str, overrides: list, cem: Output[Model], candidate: Output[Model]):
+def sabotaged_candidate(config: str, config_overrides: list, cem: Output[Model], candidate: Output[Model]):
     """CEM, and a 'candidate' that is CEM with every weight's sign flipped (ranks by the opposite of each signal)."""
     from pathlib import Path
 
@@ -117,7 +117,7 @@ def sabotaged_candidate(config: str, overrides: list, cem: Output[Model], candid
     from unexrl.policies.artifact import save_weight_policy
     from unexrl.policies.weights import WeightPolicy
 
-    cfg = steps.resolve_config(config, overrides)
+    cfg = steps.resolve_config(config, config_overrides)
     tuned = steps.tune_cem_artifact(cfg, Path(cem.path))
     save_weight_policy(
         WeightPolicy(-tuned.weights, cfg.cascade), Path(candidate.path), cfg, algorithm="sabotaged"
@@ -129,7 +129,7 @@ def sabotage_pipeline(
     config: str, config_overrides: list, registry: str, gitops_repo: str, bentoml_home: str
 ):
     incumbent = resolve_incumbent(registry=registry, environment=ENV)
-    bad = sabotaged_candidate(config=config, overrides=config_overrides)
+    bad = sabotaged_candidate(config=config, config_overrides=config_overrides)
     release_steps(
         config=config,
         config_overrides=config_overrides,

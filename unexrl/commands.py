@@ -12,6 +12,8 @@ from typing import Any
 from unexrl.artifacts import load_any_policy
 from unexrl.bench.sim import bench_sim, format_bench
 from unexrl.config import Config
+from unexrl.contracts import files
+from unexrl.contracts.logs import LogManifest
 from unexrl.evaluate.evaluation import evaluate_policies
 from unexrl.features import store as feature_store
 from unexrl.features.bench import bench_features as _bench_features
@@ -64,8 +66,8 @@ def simulate(cfg: Config, args: argparse.Namespace) -> int:
         raise ValueError("logging.kind=artifact needs --policy DIR")
     policy, description = behaviour_policy(sim, base, seed)
     out = simulate_logs(sim, policy, description, args.out, seed)
-    manifest = json.loads((out / "manifest.json").read_text())
-    log.info("wrote logs to %s: %s", out, {k: v["rows"] for k, v in manifest["files"].items()})
+    manifest = LogManifest.read(out / files.MANIFEST)
+    log.info("wrote logs to %s: %s", out, {k: v.rows for k, v in manifest.files.items()})
     return 0
 
 
@@ -181,7 +183,7 @@ def features(cfg: Config, args: argparse.Namespace) -> int:
     """`unexrl features build | materialize | training-set`: logs -> feature tables -> Feast -> training set."""
     if args.features_command == "build":  # needs no Feast
         manifest = build_features(args.logs, args.out, cfg, overwrite=args.overwrite)
-        log.info("wrote features to %s: %s", args.out, {k: v["rows"] for k, v in manifest["tables"].items()})
+        log.info("wrote features to %s: %s", args.out, {k: v.rows for k, v in manifest.tables.items()})
         return 0
     from feast.errors import FeastError
 

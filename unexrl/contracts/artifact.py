@@ -11,15 +11,16 @@ document with its own model (a subclass here) and opens only the files it lists.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from unexrl.config import Config
 from unexrl.contracts import files
-from unexrl.contracts.base import Contract, ContractError
+from unexrl.contracts.base import SHA256, Contract, ContractError, Part
 from unexrl.io import sha256_file
 
 
@@ -27,10 +28,8 @@ class ArtifactError(ContractError):
     """An artifact that is incomplete, tampered with, or built for another cascade."""
 
 
-class StageSignature(BaseModel):
+class StageSignature(Part):
     """What a policy is bound to at one stage: its name, heads (the action's order) and candidate count."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str
     heads: list[str]
@@ -67,7 +66,7 @@ class ArtifactManifest(Contract):
             path = PurePosixPath(name)
             if path.is_absolute() or ".." in path.parts or "\\" in name or name in ("", ".", files.MANIFEST):
                 raise ValueError(f"{name!r}: a listed file must be a plain path inside the artifact")
-            if not _is_sha256(digest):
+            if not re.fullmatch(SHA256, digest):
                 raise ValueError(f"{name!r}: {digest!r} is not a sha256 hex digest")
         return value
 
@@ -114,10 +113,6 @@ class ArtifactManifest(Contract):
             raise ArtifactError(
                 f"{where}: built for pool size {self.pool_size}, config has {cfg.cascade.pool_size}"
             )
-
-
-def _is_sha256(value: str) -> bool:
-    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 M = TypeVar("M", bound=ArtifactManifest)

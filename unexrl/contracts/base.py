@@ -11,9 +11,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from unexrl.io import atomic_write_text
 
+SHA256 = r"^[0-9a-f]{64}$"
+"""a file's sha256 as lowercase hex"""
+
 
 class ContractError(ValueError):
     """A contract file is missing, is not JSON, or breaks its model; the message names the file and the field."""
+
+
+class Part(BaseModel):
+    """A piece of a contract: as strict as the contract, with no schema version of its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Contract(BaseModel):
@@ -47,11 +56,18 @@ class Contract(BaseModel):
         """The contract at ``path``, validated; ContractError names the file and every field that is wrong."""
         path = Path(path)
         try:
-            return cls.model_validate_json(path.read_bytes())
+            data = path.read_bytes()
         except FileNotFoundError:
             raise ContractError(f"{path}: no {cls.__name__} here") from None
+        return cls.parse(data, str(path))
+
+    @classmethod
+    def parse(cls, data: bytes | str, where: str) -> Self:
+        """A contract from its JSON text (e.g. read from object storage); errors name ``where`` and the fields."""
+        try:
+            return cls.model_validate_json(data)
         except ValidationError as err:
             problems = "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or '(document)'}: {e['msg']}" for e in err.errors()
             )
-            raise ContractError(f"{path}: not a valid {cls.__name__}: {problems}") from None
+            raise ContractError(f"{where}: not a valid {cls.__name__}: {problems}") from None

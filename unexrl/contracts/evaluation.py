@@ -10,17 +10,13 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from unexrl.contracts.base import Contract
+from unexrl.contracts.base import Contract, Part
 from unexrl.evaluate.stats import Estimate
 
 
-class _Part(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class IncumbentRef(_Part):
+class IncumbentRef(Part):
     """What the candidate was held against."""
 
     name: Literal["incumbent", "cem"]
@@ -30,7 +26,7 @@ class IncumbentRef(_Part):
     first_release: bool
 
 
-class PolicyEstimates(_Part):
+class PolicyEstimates(Part):
     """One policy's long-term reward and session length on the evaluation seeds, with 95% CIs."""
 
     watch_time: Estimate
@@ -40,7 +36,7 @@ class PolicyEstimates(_Part):
     """paired uplift of watch time over the incumbent (None for the incumbent itself)"""
 
 
-class StageActions(_Part):
+class StageActions(Part):
     """Statistics of every action the candidate took at one stage during the evaluation, per head."""
 
     stage: str
@@ -65,7 +61,7 @@ class StageActions(_Part):
         return self
 
 
-class Latency(_Part):
+class Latency(Part):
     """The candidate's decision time for one request through every stage."""
 
     p50_ms: float = Field(ge=0)
@@ -104,7 +100,7 @@ class EvaluationSummary(Contract):
         return self
 
 
-class GateCheck(_Part):
+class GateCheck(Part):
     check: str
     ok: bool
     detail: str

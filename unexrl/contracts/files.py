@@ -11,3 +11,9 @@ CURVE = "curve.json"
 """a training run's validation curve and timings"""
 BENTO = "bento.json"
 """what package built (unexrl.contracts.release.BentoRecord)"""
+
+USERS = "users.parquet"
+ITEMS = "items.parquet"
+TRANSITIONS = "transitions.parquet"
+LOG_TABLES = (USERS, ITEMS, TRANSITIONS)
+"""the tables of a log directory (unexrl/data/schema.py), each listed in its manifest"""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,11 +20,11 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from unexrl.config import Config
+from unexrl.contracts.base import ContractError
+from unexrl.contracts.logs import LogManifest
 from unexrl.data.schema import (
     ITEMS_FILE,
     MANIFEST_FILE,
-    SCHEMA_VERSION,
-    TABLE_FILES,
     TRANSITIONS_FILE,
     USERS_FILE,
     action_column,
@@ -38,7 +37,6 @@ from unexrl.data.schema import (
 )
 from unexrl.io import sha256_file
 
-_MANIFEST_KEYS = ("schema_version", "created_at", "config", "seeds", "behaviour", "files")
 _SHOWN_ROWS = 5
 
 
@@ -64,7 +62,7 @@ class LoggedData:
     users: pa.Table
     items: pa.Table
     transitions: pa.Table
-    manifest: dict[str, Any]
+    manifest: LogManifest
     config: Config
 
 
@@ -78,7 +76,7 @@ def read_logs(path: Path, cfg: Config | None = None) -> LoggedData:
     manifest = _read_manifest(path)
     if cfg is None:
         try:
-            cfg = Config.model_validate_json(json.dumps(manifest["config"]))
+            cfg = Config.model_validate_json(json.dumps(manifest.config))
         except ValidationError as err:
             raise LogValidationError(MANIFEST_FILE, None, f"'config' is not a valid config: {err}") from None
     users = _read_table(path, USERS_FILE, users_schema())
@@ -88,17 +86,15 @@ def read_logs(path: Path, cfg: Config | None = None) -> LoggedData:
     _check_items(items, cfg)
     _check_transitions(transitions, users, items, cfg)
     for name, table in ((USERS_FILE, users), (ITEMS_FILE, items), (TRANSITIONS_FILE, transitions)):
-        entry = manifest["files"][name]
-        if table.num_rows != entry["rows"]:
-            raise LogValidationError(
-                name, None, f"{table.num_rows} rows but the manifest says {entry['rows']}"
-            )
+        entry = manifest.files[name]
+        if table.num_rows != entry.rows:
+            raise LogValidationError(name, None, f"{table.num_rows} rows but the manifest says {entry.rows}")
         digest = sha256_file(path / name)
-        if digest != entry["sha256"]:
+        if digest != entry.sha256:
             raise LogValidationError(
                 name,
                 None,
-                f"sha256 {digest} does not match the manifest's {entry['sha256']}: "
+                f"sha256 {digest} does not match the manifest's {entry.sha256}: "
                 "the file changed after the manifest was written",
             )
     return LoggedData(users=users, items=items, transitions=transitions, manifest=manifest, config=cfg)
@@ -134,30 +130,11 @@ def list_matrix(table: pa.Table, column: str, width: int) -> np.ndarray:
     return flat.reshape(table.num_rows, width)
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    file = path / MANIFEST_FILE
-    if not file.is_file():
-        raise LogValidationError(MANIFEST_FILE, None, f"missing in {path}")
+def _read_manifest(path: Path) -> LogManifest:
     try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LogValidationError(MANIFEST_FILE, None, f"not valid JSON: {err}") from None
-    if not isinstance(manifest, dict):
-        raise LogValidationError(MANIFEST_FILE, None, "top level must be an object")
-    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise LogValidationError(MANIFEST_FILE, None, f"missing keys {missing}")
-    if manifest["schema_version"] != SCHEMA_VERSION:
-        raise LogValidationError(
-            MANIFEST_FILE,
-            None,
-            f"schema_version {manifest['schema_version']!r}, this reader reads {SCHEMA_VERSION}",
-        )
-    for name in TABLE_FILES:
-        entry = manifest["files"].get(name) if isinstance(manifest["files"], dict) else None
-        if not isinstance(entry, dict) or not {"rows", "sha256"} <= entry.keys():
-            raise LogValidationError(MANIFEST_FILE, None, f"'files' needs rows and sha256 of {name}")
-    return manifest
+        return LogManifest.read(path / MANIFEST_FILE)
+    except ContractError as err:
+        raise LogValidationError(MANIFEST_FILE, None, str(err)) from None
 
 
 def _is_list(t: pa.DataType) -> bool:

@@ -12,15 +12,17 @@ import numpy as np
 import pyarrow as pa
 
 from unexrl.config import Config
+from unexrl.contracts import files
+from unexrl.contracts.logs import LogManifest
 
-SCHEMA_VERSION = 1
-"""Bumped on any incompatible change to the tables or the manifest."""
+SCHEMA_VERSION = LogManifest.SCHEMA_VERSION
+"""Bumped (in unexrl/contracts/logs.py) on any incompatible change to the tables or the manifest."""
 
-USERS_FILE = "users.parquet"
-ITEMS_FILE = "items.parquet"
-TRANSITIONS_FILE = "transitions.parquet"
-MANIFEST_FILE = "manifest.json"
-TABLE_FILES = (USERS_FILE, ITEMS_FILE, TRANSITIONS_FILE)
+USERS_FILE = files.USERS
+ITEMS_FILE = files.ITEMS
+TRANSITIONS_FILE = files.TRANSITIONS
+MANIFEST_FILE = files.MANIFEST
+TABLE_FILES = files.LOG_TABLES
 
 SESSION_SPACING_S = 30
 """Seconds between the starts of consecutive session ids in event timestamps."""

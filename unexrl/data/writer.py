@@ -6,7 +6,6 @@ Everything is written into a temporary sibling directory that is renamed into pl
 
 from __future__ import annotations
 
-import json
 import shutil
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -20,10 +19,10 @@ import pyarrow.parquet as pq
 from torch import Tensor
 
 from unexrl.config import Config
+from unexrl.contracts.logs import LogManifest, TableEntry
 from unexrl.data.schema import (
     ITEMS_FILE,
     MANIFEST_FILE,
-    SCHEMA_VERSION,
     SESSION_SPACING_S,
     TRANSITIONS_FILE,
     USERS_FILE,
@@ -128,17 +127,15 @@ class LogWriter:
                 ITEMS_FILE: self.world.n_items,
                 TRANSITIONS_FILE: int(sum(len(r) for r in self._request_ids)),
             }
-            manifest = {
-                "schema_version": SCHEMA_VERSION,
-                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "config": self.cfg.to_dict(),
-                "seeds": [int(s) for s in seeds],
-                "behaviour": behaviour,
-                "files": {
-                    name: {"rows": n, "sha256": sha256_file(self._tmp / name)} for name, n in rows.items()
+            LogManifest(
+                created_at=datetime.now(UTC),
+                config=self.cfg.to_dict(),
+                seeds=[int(s) for s in seeds],
+                behaviour=behaviour,
+                files={
+                    name: TableEntry(rows=n, sha256=sha256_file(self._tmp / name)) for name, n in rows.items()
                 },
-            }
-            (self._tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+            ).write(self._tmp / MANIFEST_FILE)
             self._publish()
         except BaseException:
             self.abort()

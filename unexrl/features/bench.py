@@ -52,13 +52,13 @@ def bench_features(cfg: Config, logs: Path | None = None, redis: str | None = No
             )
         features = root / "features"
         manifest = build_features(logs, features, cfg)
-        tables = manifest["tables"]
+        tables = manifest.tables
         result["log"] = str(logs)
-        result["offline_rows"] = {name: t["rows"] for name, t in tables.items()}
+        result["offline_rows"] = {name: t.rows for name, t in tables.items()}
         result["online_rows"] = {
-            name: _entities(features / t["file"], fs.VIEWS_BY_NAME[name]) for name, t in tables.items()
+            name: _entities(features / t.file, fs.VIEWS_BY_NAME[name]) for name, t in tables.items()
         }
-        world = manifest["config"]["world"]
+        world = manifest.config["world"]
         requests = _requests(cfg, world["n_users"], world["n_items"])
         environments = {"sqlite": "local"}
         if redis is None and redis_server_path() is None:

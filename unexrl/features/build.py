@@ -13,7 +13,6 @@ first request; session state is stamped at the request it describes (it summaris
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,18 +25,21 @@ import torch
 from tqdm.auto import tqdm
 
 from unexrl.config import Config
+from unexrl.contracts import files
+from unexrl.contracts.logs import FeatureManifest, FeatureTable
 from unexrl.data import LoggedData, read_logs
 from unexrl.data.reader import list_matrix
 from unexrl.features import schema as fs
-from unexrl.features.storage import MANIFEST, filesystem, join, local_directory, normalize, publish_directory
+from unexrl.features.storage import filesystem, join, local_directory, normalize, publish_directory
 from unexrl.io import sha256_file
 from unexrl.rl.cqr import duration_bucket, fit_cqr_knots
 
-SCHEMA_VERSION = 1
 US = 1_000_000
 
 
-def build_features(logs: str | Path, out: str | Path, cfg: Config, overwrite: bool = False) -> dict[str, Any]:
+def build_features(
+    logs: str | Path, out: str | Path, cfg: Config, overwrite: bool = False
+) -> FeatureManifest:
     """Read and validate ``logs``, compute every feature table, write them and a manifest to ``out``.
 
     The log is validated against the config recorded in it; ``cfg`` contributes only its ``features``
@@ -45,43 +47,39 @@ def build_features(logs: str | Path, out: str | Path, cfg: Config, overwrite: bo
     """
     with local_directory(logs) as local:
         data = read_logs(local)
-        logs_manifest_sha = sha256_file(local / MANIFEST)
+        logs_manifest_sha = sha256_file(local / files.MANIFEST)
     cfg = data.config.model_copy(update={"features": cfg.features})
     tables = compute_feature_tables(data, cfg)
-    manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "created_at": datetime.now(UTC).isoformat(),
-        "logs": normalize(logs),
-        "logs_manifest_sha256": logs_manifest_sha,
-        "config": cfg.to_dict(),
-        "tables": {},
-    }
+    entries: dict[str, FeatureTable] = {}
     with publish_directory(out, overwrite=overwrite) as tmp:
         for name, table in tables.items():
             view = fs.VIEWS_BY_NAME[name]
             pq.write_table(table, tmp / view.file, compression="zstd")
             stamps = table[fs.TIMESTAMP]
-            manifest["tables"][name] = {
-                "file": view.file,
-                "rows": table.num_rows,
-                "sha256": sha256_file(tmp / view.file),
-                "min_timestamp": pc.min(stamps).as_py().isoformat() if table.num_rows else None,
-                "max_timestamp": pc.max(stamps).as_py().isoformat() if table.num_rows else None,
-            }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return manifest
-
-
-def read_manifest(features: str | Path) -> dict[str, Any]:
-    """The manifest ``build_features`` wrote at ``features``."""
-    fsys, path = filesystem(join(features, MANIFEST))
-    with fsys.open_input_stream(path) as f:
-        manifest = json.loads(f.read())
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(
-            f"{features}: feature tables of schema {manifest.get('schema_version')}, expected {SCHEMA_VERSION}"
+            entries[name] = FeatureTable(
+                file=view.file,
+                rows=table.num_rows,
+                sha256=sha256_file(tmp / view.file),
+                min_timestamp=pc.min(stamps).as_py() if table.num_rows else None,
+                max_timestamp=pc.max(stamps).as_py() if table.num_rows else None,
+            )
+        manifest = FeatureManifest(
+            created_at=datetime.now(UTC),
+            logs=normalize(logs),
+            logs_manifest_sha256=logs_manifest_sha,
+            config=cfg.to_dict(),
+            tables=entries,
         )
+        manifest.write(tmp / files.MANIFEST)
     return manifest
+
+
+def read_manifest(features: str | Path) -> FeatureManifest:
+    """The manifest ``build_features`` wrote at ``features`` (a path or URI)."""
+    where = join(features, files.MANIFEST)
+    fsys, path = filesystem(where)
+    with fsys.open_input_stream(path) as f:
+        return FeatureManifest.parse(f.read(), where)
 
 
 def compute_feature_tables(data: LoggedData, cfg: Config) -> dict[str, pa.Table]:

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from unexrl.contracts.files import MANIFEST
 from unexrl.io import atomic_directory
-
-MANIFEST = "manifest.json"
 
 
 def is_local(uri: str | Path) -> bool:

@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import uuid
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,9 +109,9 @@ def load_online(store: FeatureStore, features: str | Path) -> dict[str, Any]:
     the last stopped (``materialize_incremental``), so re-running over the same tables changes nothing.
     The end is the data's newest timestamp, not the wall clock, so logs from any date load the same way.
     """
-    tables = read_manifest(features)["tables"]
-    start = min(_parse(t["min_timestamp"]) for t in tables.values() if t["rows"])
-    end = max(_parse(t["max_timestamp"]) for t in tables.values() if t["rows"]) + timedelta(microseconds=1)
+    tables = read_manifest(features).tables.values()
+    start = min(t.min_timestamp for t in tables if t.rows and t.min_timestamp)
+    end = max(t.max_timestamp for t in tables if t.rows and t.max_timestamp) + timedelta(microseconds=1)
     fresh = [v.name for v in fs.VIEWS if store.get_feature_view(v.name).most_recent_end_time is None]
     known = [v.name for v in fs.VIEWS if v.name not in fresh]
     if fresh:
@@ -198,7 +198,3 @@ def _per_page(values: pa.Array | pa.ChunkedArray, page_size: int) -> pa.Array:
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     return pa.FixedSizeListArray.from_arrays(values, page_size)
-
-
-def _parse(text: str) -> datetime:
-    return datetime.fromisoformat(text)

@@ -12,7 +12,6 @@ complete whatever the exit status.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -25,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from unexrl.config import Config
+from unexrl.contracts import files
+from unexrl.contracts.base import ContractError
+from unexrl.contracts.training import TrainingSummary
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +82,25 @@ def run_checked(command: list[str], run_dir: Path, env: dict[str, str] | None = 
     if done.returncode == 0:
         return 0
     # torchrun reports a worker's SIGABRT at exit as 1, one process as -6: judge by the files (check_complete)
-    if (run_dir / "curve.json").is_file() and (run_dir / "export" / "manifest.json").is_file():
+    if (run_dir / files.CURVE).is_file() and (run_dir / "export" / files.MANIFEST).is_file():
         log.warning("training exited with %s after writing its run files; judged by them", done.returncode)
         return done.returncode
     raise TrainingFailed(f"training exited with {done.returncode} and left no complete run in {run_dir}")
 
 
-def check_complete(run_dir: Path, cfg: Config) -> dict[str, Any]:
+def check_complete(run_dir: Path, cfg: Config) -> TrainingSummary:
     """curve.json reports ``train.updates`` and the export verifies (every file's sha256); returns curve.json."""
     from unexrl.contracts.artifact import read_artifact
 
-    curve = run_dir / "curve.json"
+    curve = run_dir / files.CURVE
     if not curve.is_file():
         raise TrainingFailed(f"{run_dir}: no curve.json; the run did not finish")
-    summary = json.loads(curve.read_text())
-    if summary.get("updates") != cfg.train.updates:
-        raise TrainingFailed(f"{run_dir}: {summary.get('updates')} updates of {cfg.train.updates}")
+    try:
+        summary = TrainingSummary.read(curve)
+    except ContractError as err:
+        raise TrainingFailed(str(err)) from None
+    if summary.updates != cfg.train.updates:
+        raise TrainingFailed(f"{run_dir}: {summary.updates} updates of {cfg.train.updates}")
     read_artifact(run_dir / "export")
     return summary
 
@@ -331,7 +336,7 @@ def stage_inputs(inputs: dict[str, Path], shared: Path) -> dict[str, Path]:
     return staged
 
 
-def train_on_cluster(cfg: Config, *, kind: str, job: JobSpec, run_dir: Path, out: Path) -> dict[str, Any]:
+def train_on_cluster(cfg: Config, *, kind: str, job: JobSpec, run_dir: Path, out: Path) -> TrainingSummary:
     """Multi-node training: submit ``job`` (its args write into ``run_dir`` on the shared PVC), wait, verify the run
     and publish its export to ``out``. Returns curve.json."""
     from unexrl.io import atomic_directory

@@ -11,7 +11,7 @@ from unexrl.contracts import files
 from unexrl.contracts.release import BentoRecord, ReleaseRecord
 from unexrl.environ import environ
 from unexrl.gitops import git
-from unexrl.pipeline import registry
+from unexrl.pipeline import registry as registries
 
 
 def package(
@@ -41,19 +41,20 @@ def package(
 
 
 def deploy(
-    bento_dir: Path, artifact: Path, *, repo: str, environment: str, branch: str, registry_root: str
+    bento_dir: Path, artifact: Path, *, gitops_repo: str, environment: str, gitops_branch: str, registry: str
 ) -> ReleaseRecord:
-    """Commit the bento ``package`` wrote into ``bento_dir`` to the environment's overlay (GitOps), then make it
-    the registry's deployed model (when ``registry_root`` is given); returns the release record."""
+    """Commit the bento ``package`` wrote into ``bento_dir`` to the environment's overlay on ``gitops_branch`` of
+    ``gitops_repo`` (GitOps), then make it the deployed model in the ``registry`` directory (when given); returns
+    the release record."""
     from unexrl.gitops import deploy as git_deploy
 
     bento = BentoRecord.read(Path(bento_dir) / files.BENTO)
     commit = git_deploy(
-        repo,
+        gitops_repo,
         environment=environment,
         model_version=bento.model_version,
         image_tag=bento.image_tag,
-        branch=branch,
+        branch=gitops_branch,
     )
     record = ReleaseRecord(
         environment=environment,
@@ -61,10 +62,10 @@ def deploy(
         bento_tag=bento.bento_tag,
         image_tag=bento.image_tag,
         commit=commit,
-        branch=branch,
-        repo=repo,
+        branch=gitops_branch,
+        repo=gitops_repo,
     )
-    return registry.register(registry_root, artifact, record) if registry_root else record
+    return registries.register(registry, artifact, record) if registry else record
 
 
 def init_manifests_repo(path: Path, k8s_tree: Path) -> Path:

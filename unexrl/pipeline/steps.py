@@ -18,6 +18,8 @@ import yaml
 from unexrl.config import Config, load_config
 from unexrl.contracts import files
 from unexrl.contracts.evaluation import EvaluationSummary, GateDecision
+from unexrl.contracts.logs import FeatureManifest, LogManifest
+from unexrl.contracts.training import TrainingSummary
 from unexrl.io import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -26,8 +28,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILE = "config.yaml"
 
 
-def resolve_config(config: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """``config``: a name in configs/ (``small``, ``default``, ``paper``) or a YAML path; ``overrides``: --set items."""
+def resolve_config(config: str, config_overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """``config``: a name in configs/ (``small``, ``default``, ``paper``) or a YAML path; ``config_overrides``:
+    --set items."""
     if not config:
         raise ValueError("config: give a config name (small, default, paper) or a path to a YAML file")
     path = Path(config)
@@ -35,7 +38,7 @@ def resolve_config(config: str, overrides: list[str] | tuple[str, ...] = ()) -> 
         path = PROJECT_ROOT / "configs" / f"{config}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"config {config!r}: no file {path}")
-    return load_config(path, [str(o) for o in overrides])
+    return load_config(path, [str(o) for o in config_overrides])
 
 
 def write_config(cfg: Config, path: Path) -> Path:
@@ -60,19 +63,26 @@ def tune_cem_artifact(cfg: Config, out: Path, sim: Any = None) -> Any:
 
 
 def simulate_logs(
-    cfg: Config, out: Path, cem_out: Path, deployed: Path | None = None, seed: int | None = None
-) -> dict[str, Any]:
-    """Tune CEM (the baseline, saved to ``cem_out``), then log sessions under the deployed policy, or CEM when
-    nothing is deployed, with the configured exploration. Returns the log manifest's summary."""
+    cfg: Config, *, logs_out: Path, cem_out: Path, incumbent: Path, log_seed: int = -1, logs_uri: str = ""
+) -> LogManifest | None:
+    """Tune CEM (the baseline, saved to ``cem_out``), then log sessions under the deployed policy (``incumbent``:
+    the resolved incumbent directory, empty on a first release: CEM), with the configured exploration, on
+    ``log_seed`` (-1: the first training seed). With ``logs_uri`` (logs from outside, which ingest_logs takes)
+    only CEM is tuned and ``logs_out`` is left empty; returns None then, else the log manifest."""
     from unexrl.artifacts import load_any_policy
+    from unexrl.pipeline import registry
     from unexrl.rl.policy import ActorPolicy
     from unexrl.sim.env import Simulator
     from unexrl.simulate import behaviour_policy
     from unexrl.simulate import simulate_logs as write_logs
 
     sim = Simulator(cfg)
-    seed = cfg.seeds.train[0] if seed is None or seed < 0 else seed
     cem = tune_cem_artifact(cfg, cem_out, sim)
+    if logs_uri:
+        logs_out.mkdir(parents=True, exist_ok=True)
+        return None
+    seed = cfg.seeds.train[0] if log_seed < 0 else log_seed
+    deployed = incumbent if registry.is_artifact(incumbent) else None
     base = load_any_policy(deployed, cfg, sim.world) if deployed is not None else cem
     if isinstance(base, ActorPolicy):  # a deployed RL policy explores with its own keyed noise
         base.explore_std, base.seed = cfg.logging.exploration_std, seed
@@ -87,27 +97,28 @@ def simulate_logs(
     else:
         policy, description = behaviour_policy(sim, base, seed)
         description["source"] = str(deployed) if deployed is not None else "cem"
-    write_logs(sim, policy, description, out, seed, progress=False, overwrite=True)
-    return json.loads((out / "manifest.json").read_text())
+    write_logs(sim, policy, description, logs_out, seed, progress=False, overwrite=True)
+    return LogManifest.read(logs_out / files.MANIFEST)
 
 
-def ingest_logs(source: str, out: Path, cfg: Config) -> dict[str, Any]:
-    """Validate logs that arrive from outside (local path or URI) against the log contract and ``cfg``, then copy
-    them in. An invalid log raises LogValidationError naming file, column and rows; nothing is copied."""
+def ingest_logs(cfg: Config, *, logs_uri: str, simulated: Path, out: Path) -> LogManifest:
+    """Validate the logs at ``logs_uri`` (local path or URI; empty: the ``simulated`` ones) against the log
+    contract and ``cfg``, then copy them in. An invalid log raises LogValidationError naming file, column and
+    rows; nothing is copied."""
     from unexrl.data import read_logs
     from unexrl.features.storage import local_directory
 
-    with local_directory(source) as local:
+    with local_directory(logs_uri or simulated) as local:
         read_logs(local, cfg)
         with atomic_directory(out, overwrite=True) as tmp:
             shutil.copytree(local, tmp, dirs_exist_ok=True)
-    return json.loads((out / "manifest.json").read_text())
+    return LogManifest.read(out / files.MANIFEST)
 
 
 # -- 2.-3. features ----------------------------------------------------------------------------------------------
 
 
-def build_features(cfg: Config, logs: Path, out: Path) -> dict[str, Any]:
+def build_features(cfg: Config, logs: Path, out: Path) -> FeatureManifest:
     """Feature tables from the logs (point-in-time stamps; docs/features.md)."""
     from unexrl.features.build import build_features as build
 
@@ -178,39 +189,47 @@ def train(
     cem: Path,
     out: Path,
     algo: str,
-    nodes: int,
-    processes_per_node: int,
-    job: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train and publish the export to ``out``; returns curve.json's summary.
+    train_nodes: int,
+    train_workers: int,
+    train_job_kind: str = "trainjob",
+    train_image: str = "",
+    namespace: str = "kubeflow",
+    data_pvc: str = "",
+    mount_path: str = "/data",
+    gpu_node_selector: dict[str, str] | None = None,
+    gpu_tolerations: list[dict[str, str]] | None = None,
+    job_name: str | None = None,
+) -> TrainingSummary:
+    """Train and publish the export to ``out``; returns curve.json's summary. The keywords are the pipeline's
+    parameters of the same names.
 
-    One node: torchrun with ``processes_per_node`` workers right here (CPU processes over gloo locally; one per
-    GPU with device=cuda in a GPU pod). Several nodes: a Kubeflow TrainJob or PyTorchJob (``job``: kind, name,
-    namespace, image, pvc, mount_path, node_selector, tolerations) over a shared volume, and wait for it.
+    One node: torchrun with ``train_workers`` workers right here (CPU processes over gloo locally; one per GPU
+    with device=cuda in a GPU pod). Several nodes: a ``train_job_kind`` (trainjob | pytorchjob) named ``job_name``
+    (default: a fresh one) of ``train_nodes`` x ``train_workers`` GPUs running ``train_image`` in ``namespace``,
+    over the PVC ``data_pvc`` mounted at ``mount_path``, with the GPU node selector and tolerations; waits for it.
     """
+    import uuid
+
     from unexrl.pipeline import launcher
 
     cfg = training_config(cfg, algo)
-    if nodes < 1:
-        raise ValueError(f"train nodes: {nodes}, need at least 1")
-    if nodes == 1:
+    if train_nodes < 1:
+        raise ValueError(f"train_nodes: {train_nodes}, need at least 1")
+    if train_nodes == 1:
         with tempfile.TemporaryDirectory(prefix="unexrl-train-") as tmp:
             run_dir = Path(tmp) / "run"
             args = train_args(write_config(cfg, Path(tmp) / CONFIG_FILE), logs, training_set, cem, run_dir)
-            launcher.run_checked(launcher.torchrun_command(processes_per_node, args), run_dir)
+            launcher.run_checked(launcher.torchrun_command(train_workers, args), run_dir)
             summary = launcher.check_complete(run_dir, cfg)
             with atomic_directory(out, overwrite=True) as publish:
                 shutil.copytree(run_dir / "export", publish, dirs_exist_ok=True)
         return summary
-    if not job:
-        raise ValueError(
-            f"train nodes={nodes}: multi-node training needs the job settings (kind, image, pvc, ...)"
-        )
-    job = dict(job)
-    kind = job.pop("kind")
-    if kind not in launcher.JOB_KINDS:
-        raise ValueError(f"train job kind {kind!r}: expected one of {launcher.JOB_KINDS}")
-    shared = Path(job.get("mount_path", "/data")) / "unexrl-runs" / job["name"]
+    if train_job_kind not in launcher.JOB_KINDS:
+        raise ValueError(f"train_job_kind {train_job_kind!r}: expected one of {launcher.JOB_KINDS}")
+    if not (train_image and data_pvc):
+        raise ValueError(f"train_nodes={train_nodes}: a multi-node job needs train_image and data_pvc")
+    name = job_name or f"unexrl-train-{uuid.uuid4().hex[:8]}"
+    shared = Path(mount_path) / "unexrl-runs" / name
     staged = launcher.stage_inputs(
         {"logs": logs, "training_features.parquet": training_set, "cem": cem}, shared
     )
@@ -218,8 +237,19 @@ def train(
     args = train_args(
         config, staged["logs"], staged["training_features.parquet"], staged["cem"], shared / "run"
     )
-    spec = launcher.JobSpec(args=args, nodes=nodes, gpus_per_node=processes_per_node, **job)
-    return launcher.train_on_cluster(cfg, kind=kind, job=spec, run_dir=shared / "run", out=out)
+    spec = launcher.JobSpec(
+        name=name,
+        namespace=namespace,
+        image=train_image,
+        args=args,
+        nodes=train_nodes,
+        gpus_per_node=train_workers,
+        pvc=data_pvc,
+        mount_path=mount_path,
+        node_selector=dict(gpu_node_selector or {}),
+        tolerations=list(gpu_tolerations or []),
+    )
+    return launcher.train_on_cluster(cfg, kind=train_job_kind, job=spec, run_dir=shared / "run", out=out)
 
 
 # -- 5. evaluate and gate --------------------------------------------------------------------------------------

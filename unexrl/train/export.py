@@ -11,7 +11,6 @@ The export is published in one rename, and only after it has been loaded back th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch import Tensor
 from unexrl.cascade import StageView, run_cascade
 from unexrl.config import Config
 from unexrl.contracts import files
+from unexrl.contracts.logs import LogManifest
 from unexrl.io import atomic_directory, sha256_file
 from unexrl.rl.actors import ACTORS_FILE, ActorsManifest, feature_schema, load_actor_policy
 from unexrl.rl.agent import learning_stages
@@ -58,11 +58,11 @@ def training_data(
     """
     if logs is None:
         return {"regime": "online", "seeds": list(cfg.seeds.train), "world_seed": cfg.seeds.world}
-    manifest = json.loads((Path(logs) / "manifest.json").read_text())
+    manifest = LogManifest.read(Path(logs) / files.MANIFEST)
     record = {
         "regime": "offline",
         "logs": str(logs),
-        "sha256": {name: entry["sha256"] for name, entry in manifest["files"].items()},
+        "sha256": {name: entry.sha256 for name, entry in manifest.files.items()},
     }
     return record | ({"training_set": training_set} if training_set else {})
 

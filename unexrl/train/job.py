@@ -24,7 +24,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from unexrl.config import Config
+from unexrl.contracts import files
 from unexrl.contracts.artifact import ArtifactError, read_artifact
+from unexrl.contracts.training import TrainingSummary
 from unexrl.io import atomic_write_text
 from unexrl.policies.artifact import load_policy
 from unexrl.policies.cem import tune_cem
@@ -38,7 +40,6 @@ from unexrl.train.loop import train
 log = logging.getLogger(__name__)
 
 EXPORT = "export"
-CURVE = "curve.json"
 PROBE = "probe_actions.safetensors"
 
 
@@ -109,22 +110,22 @@ def _run(
             state = selected.state_dict()
             expected = probe_actions(ActorPolicy(selected, cfg, sim.world), sim)
         final = result.curve[-1]["validation_watch_time"] if result.curve else None
-        summary: dict[str, Any] = {
-            "algorithm": cfg.algo.name,
-            "regime": cfg.train.regime,
-            "updates": result.agent.updates,
-            "resumed_from": result.resumed_from,
-            "world_size": ctx.world_size,
-            "seconds": round(seconds, 2),
+        summary = TrainingSummary(
+            algorithm=cfg.algo.name,
+            regime=cfg.train.regime,
+            updates=result.agent.updates,
+            resumed_from=result.resumed_from,
+            world_size=ctx.world_size,
+            seconds=round(seconds, 2),
             **_throughput(result.agent.updates - (result.resumed_from or 0), result.seconds, seconds),
-            "final_validation_watch_time": final,
-            "selected_updates": selected_updates,
-            "curve": result.curve,
-        }
+            final_validation_watch_time=final,
+            selected_updates=selected_updates,
+            curve=result.curve,
+        )
         provenance = {
             "training_data": training_data(cfg, logs, checked_training_set),
             "fixed_stages": fixed_stages,
-            "training": {k: summary[k] for k in ("updates", "resumed_from", "world_size")}
+            "training": summary.model_dump(include={"updates", "resumed_from", "world_size"})
             | {"sharding": result.sharding},
             "evaluation": {
                 "validation_seed": cfg.seeds.validation[0],
@@ -140,9 +141,7 @@ def _run(
         }
         save_file({f"stage{i}": a.contiguous() for i, a in enumerate(final_actions)}, out / PROBE)
         export_actors(state, out / EXPORT, cfg, sim, expected, provenance)
-        atomic_write_text(
-            out / CURVE, json.dumps(summary, indent=2)
-        )  # last and whole: it marks a finished run
+        summary.write(out / files.CURVE)  # last and whole: it marks a finished run
         log.info(
             "train done algo=%s updates=%d seconds=%.1f final_validation_watch_time=%s export=%s",
             cfg.algo.name,
