@@ -14,11 +14,11 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cu
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade "pip>=24"
-	# torch first (a CPU wheel is on local disk here), then TorchRec without its CUDA fbgemm-gpu dependency.
+	# torch first (its CPU wheel is on local disk here; the pin is pyproject's), then the project with every
+	# extra, then pyproject's [tool.unexrl] no-deps (TorchRec without its CUDA fbgemm-gpu dependency).
 	$(PIP) install torch==2.13.0
-	$(PIP) install fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 torchmetrics==1.0.3 pyre-extensions==0.0.32 iopath
-	$(PIP) install --no-deps torchrec==1.8.0
 	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps $$($(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["unexrl"]["no-deps"])')
 	# checkov (policy scan of k8s/, tests/test_k8s_checkov.py) in its own venv: it would downgrade packaging,
 	# networkx, python-dateutil, importlib-metadata and tabulate in this one.
 	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)

@@ -4,16 +4,15 @@
 FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends git ca-certificates && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-ENV PIP_NO_CACHE_DIR=1 PYTHONPATH=/app OMP_NUM_THREADS=1
-# Install order matters (../shared/design/stack.md): torch first, TorchRec without its CUDA fbgemm-gpu dependency.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 torchmetrics==1.0.3 pyre-extensions==0.0.32 iopath \
- && pip install --no-deps torchrec==1.8.0
+ENV PIP_NO_CACHE_DIR=1 OMP_NUM_THREADS=1
+# pyproject.toml is the dependency list: torch's CPU wheel first (same pin), then the extras, then its no-deps
+# packages (TorchRec without its CUDA fbgemm-gpu dependency). The package is installed, not put on PYTHONPATH: its
+# configs, Feast template and monitoring files ship inside it (unexrl/bundled links to them in the tree).
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
-COPY unexrl/ unexrl/
-RUN pip install ".[train,features,pipelines]"
 COPY configs/ configs/
 COPY feature_repo/ feature_repo/
-COPY components/ components/
-COPY pipelines/ pipelines/
-RUN python -c "import unexrl.pipeline.steps, torchrec, feast, kfp"
+COPY k8s/monitoring/ k8s/monitoring/
+COPY unexrl/ unexrl/
+RUN pip install ".[train,features,pipelines]" && pip install --no-deps $(python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["unexrl"]["no-deps"])')
+RUN cd / && python -c "import unexrl.pipeline.steps, torchrec, feast, kfp; from unexrl.bundle import config_file; assert config_file('small').is_file()"

@@ -5,15 +5,16 @@
 FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends git ca-certificates && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
+# The package step builds the Bento from this source tree (its build context: serving/, unexrl/, feature_repo/,
+# pyproject.toml), so the tree stays on PYTHONPATH here; dependencies come from pyproject.toml as in cpu.Dockerfile.
 ENV PIP_NO_CACHE_DIR=1 PYTHONPATH=/app OMP_NUM_THREADS=1
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install fbgemm-gpu-cpu==1.8.0 tensordict==0.15.3 torchmetrics==1.0.3 pyre-extensions==0.0.32 iopath \
- && pip install --no-deps torchrec==1.8.0
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
-COPY unexrl/ unexrl/
-RUN pip install ".[train,features,serve,pipelines]"
 COPY configs/ configs/
 COPY feature_repo/ feature_repo/
+COPY k8s/monitoring/ k8s/monitoring/
+COPY unexrl/ unexrl/
+RUN pip install ".[train,features,serve,pipelines]" && pip install --no-deps $(python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["unexrl"]["no-deps"])')
 COPY serving/ serving/
 COPY components/ components/
-RUN python -c "import unexrl.serve.package, bentoml"
+RUN python -c "import unexrl.serve.package, bentoml, torchrec"

@@ -79,3 +79,37 @@ def train_logs(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path) -> 
             == 0
         )
     return out
+
+
+FAST_TRAIN = (
+    "train.updates=6",
+    "train.eval_sessions=8",
+    "train.buffer_size=2000",
+    "algo.batch_size=32",
+    "algo.hidden=32",
+)
+"""a few updates of a small network on the small config: enough to export real actors in seconds"""
+
+
+def _train_small(run: Path, algo: str, cem: Path, logs: Path | None = None) -> Path:
+    """`unexrl train` of ``algo`` with FAST_TRAIN into ``run`` (offline from ``logs`` when given); its export."""
+    from unexrl.cli import main
+
+    sets = [x for o in FAST_TRAIN for x in ("--set", o)]
+    offline = ["--logs", str(logs)] if logs is not None else []
+    args = ["train", "--config", str(ROOT / "configs" / "small.yaml"), *sets, "--algo", algo, *offline]
+    with one_torch_thread():
+        assert main([*args, "--cem", str(cem), "--out", str(run)]) == 0
+    return run / "export"
+
+
+@pytest.fixture(scope="session")
+def train_small() -> Callable[..., Path]:
+    """:func:`_train_small`, for fixtures that export actors of their own algorithm or data."""
+    return _train_small
+
+
+@pytest.fixture(scope="session")
+def small_actors(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path) -> Path:
+    """An `actors` export of a few unexrl-cic updates on the small config (what serving tests serve)."""
+    return _train_small(tmp_path_factory.mktemp("serve-train") / "run", "unexrl-cic", cem_artifact)

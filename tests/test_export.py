@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,6 @@ from unexrl.train.export import probe_actions
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config", str(ROOT / "configs" / "small.yaml")]
-TRAIN = [
-    "train.updates=6",
-    "train.eval_sessions=8",
-    "train.buffer_size=2000",
-    "algo.batch_size=32",
-    "algo.hidden=32",
-]
 
 
 @pytest.fixture(scope="module")
@@ -39,30 +31,9 @@ def export(
     tmp_path_factory: pytest.TempPathFactory,
     cem_artifact: Path,
     train_logs: Path,
-    single_thread: Callable[[], AbstractContextManager[None]],
+    train_small: Callable[..., Path],
 ) -> Path:
-    run = tmp_path_factory.mktemp("export") / "run"
-    sets = [x for o in TRAIN for x in ("--set", o)]
-    with single_thread():
-        assert (
-            main(
-                [
-                    "train",
-                    *SMALL,
-                    *sets,
-                    "--algo",
-                    "unexrl-ctde",
-                    "--logs",
-                    str(train_logs),
-                    "--cem",
-                    str(cem_artifact),
-                    "--out",
-                    str(run),
-                ]
-            )
-            == 0
-        )
-    return run / "export"
+    return train_small(tmp_path_factory.mktemp("export") / "run", "unexrl-ctde", cem_artifact, train_logs)
 
 
 @pytest.fixture(scope="module")

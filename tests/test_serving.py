@@ -10,15 +10,13 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from unexrl.cli import main
 from unexrl.config import Config
 from unexrl.contracts.artifact import ArtifactError
 from unexrl.serve import prometheus as prom
@@ -28,48 +26,12 @@ from unexrl.serve.package import ARTIFACT_SUBDIR, ENV_SHADOW_MODEL, BentoInfo, b
 from unexrl.serve.traffic import run_traffic
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = [
-    "train.updates=6",
-    "train.eval_sessions=8",
-    "train.buffer_size=2000",
-    "algo.batch_size=32",
-    "algo.hidden=32",
-]
 
 
 @pytest.fixture(scope="module")
-def actors(
-    tmp_path_factory: pytest.TempPathFactory,
-    cem_artifact: Path,
-    single_thread: Callable[[], AbstractContextManager[None]],
-) -> Path:
-    run = tmp_path_factory.mktemp("serve-train") / "run"
-    sets = [x for o in TRAIN for x in ("--set", o)]
-    with single_thread():
-        assert (
-            main(
-                [
-                    "train",
-                    "--config",
-                    str(ROOT / "configs" / "small.yaml"),
-                    *sets,
-                    "--algo",
-                    "unexrl-cic",
-                    "--cem",
-                    str(cem_artifact),
-                    "--out",
-                    str(run),
-                ]
-            )
-            == 0
-        )
-    return run / "export"
-
-
-@pytest.fixture(scope="module")
-def bento(tmp_path_factory: pytest.TempPathFactory, actors: Path) -> BentoInfo:
+def bento(tmp_path_factory: pytest.TempPathFactory, small_actors: Path) -> BentoInfo:
     os.environ.setdefault("BENTOML_HOME", str(tmp_path_factory.mktemp("bentoml")))
-    return build_bento(actors)
+    return build_bento(small_actors)
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +45,14 @@ def service(tmp_path_factory: pytest.TempPathFactory, bento: BentoInfo, cem_arti
         yield url
 
 
-def test_build_bento_pins_the_verified_artifact(bento: BentoInfo, actors: Path) -> None:
+def test_build_bento_pins_the_verified_artifact(bento: BentoInfo, small_actors: Path) -> None:
     import bentoml
 
-    assert bento.model_version == artifact_version(actors)
+    assert bento.model_version == artifact_version(small_actors)
     assert bento.model_tag == f"unexrl-policy:{bento.model_version}"
     model = bentoml.models.get(bento.model_tag)
     assert (Path(model.path) / ARTIFACT_SUBDIR / "manifest.json").read_bytes() == (
-        actors / "manifest.json"
+        small_actors / "manifest.json"
     ).read_bytes()
     built = bentoml.bentos.get(bento.bento_tag)
     assert [str(m.tag) for m in built.info.all_models] == [bento.model_tag]
@@ -267,14 +229,14 @@ def test_prometheus_returns_data_for_every_dashboard_and_rule_expression(
         assert all(r["health"] == "ok" for g in loaded for r in g["rules"]), loaded
 
 
-def test_bento_holds_the_project_sources_only(tmp_path: Path, actors: Path, cem_artifact: Path) -> None:
+def test_bento_holds_the_project_sources_only(tmp_path: Path, small_actors: Path, cem_artifact: Path) -> None:
     """make run keeps its BentoML store inside the build context (runs/<out>/bentoml): building there twice must
     not copy the store, or the bentos already in it, into the new bento. Each build in its own process, as the
     pipeline's package task runs it (BentoML reads BENTOML_HOME once, at import)."""
     store = ROOT / "runs" / f".test-bento-store-{os.getpid()}"
     store.mkdir(parents=True)
     try:
-        for i, artifact in enumerate((cem_artifact, actors)):
+        for i, artifact in enumerate((cem_artifact, small_actors)):
             code = (
                 "import sys; from pathlib import Path; from unexrl.pipeline.release import package; "
                 "package(Path(sys.argv[1]), Path(sys.argv[2]), bentoml_home=sys.argv[3])"

@@ -8,13 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
+from unexrl.bundle import FEATURE_REPO, config_file
 from unexrl.config import ALGOS, BASELINES, ConfigError, load_config
 
 log = logging.getLogger("unexrl")
 
-_CONFIG_HELP = (
-    "YAML config (configs/small.yaml, configs/default.yaml, configs/paper.yaml); defaults if omitted"
-)
+_CONFIG_HELP = "a bundled config's name (small, default, paper) or a YAML path (e.g. configs/small.yaml); defaults if omitted"
 _SET_HELP = (
     "override one config field, e.g. --set cascade.pool_size=500 --set seeds.evaluation=[7,8]; repeatable"
 )
@@ -22,7 +21,7 @@ _SET_HELP = (
 
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    p.add_argument("--config", help=_CONFIG_HELP)
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP
     )
@@ -191,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="feature directory to create (local path or URI)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing feature directory")
     p = features_sub.add_parser(
+        "init",
+        parents=[common],
+        help="create a Feast repository from the package's template",
+        description="Copy the bundled Feast repository (definitions, feature_store.yaml, environments/) to "
+        "--repo; materialize and training-set then use it (features.repo, default ./feature_repo).",
+    )
+    p.add_argument(
+        "--repo", type=Path, default=Path(FEATURE_REPO), help="directory to create (default: ./feature_repo)"
+    )
+    p = features_sub.add_parser(
         "materialize",
         parents=[common],
         help="feast apply + incremental materialisation (idempotent)",
@@ -300,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.WARNING
     )  # one line per request would drown `traffic` and `bench serve`
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config_file(args.config) if args.config else None, args.overrides)
     except (ConfigError, OSError) as err:
         print(f"unexrl: {err}", file=sys.stderr)
         return 2

@@ -180,7 +180,13 @@ def _report_markdown(cfg: Config, table: str, summary: dict[str, Any]) -> str:
 
 
 def features(cfg: Config, args: argparse.Namespace) -> int:
-    """`unexrl features build | materialize | training-set`: logs -> feature tables -> Feast -> training set."""
+    """`unexrl features init | build | materialize | training-set`: a repository; logs -> feature tables -> Feast
+    -> training set."""
+    if args.features_command == "init":
+        log.info(
+            "created the Feast repository %s from the package's template", feature_store.init_repo(args.repo)
+        )
+        return 0
     if args.features_command == "build":  # needs no Feast
         manifest = build_features(args.logs, args.out, cfg, overwrite=args.overwrite)
         log.info("wrote features to %s: %s", args.out, {k: v.rows for k, v in manifest.tables.items()})

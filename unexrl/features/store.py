@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from unexrl.bundle import FEATURE_REPO, feature_repo_template
 from unexrl.config import Config
 from unexrl.data import read_logs
 from unexrl.environ import environ
@@ -30,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ENV_FEATURES_URI = "UNEXRL_FEATURES_URI"
 ENV_ENVIRONMENT = "UNEXRL_FEATURE_ENV"
 DEFINITIONS = "definitions.py"
@@ -39,9 +40,35 @@ TRAINING_SET_FILE = "training_features.parquet"
 
 
 def repo_path(cfg: Config) -> Path:
-    """The Feast repository folder: ``features.repo``, absolute or relative to the project root."""
+    """The Feast repository folder: ``features.repo``, absolute or relative to the working directory; the default
+    (``feature_repo``) is the package's template where the working directory has none (read it, copy it: never
+    write into it, see :func:`writable_repo`)."""
     path = Path(cfg.features.repo)
-    return path if path.is_absolute() else PROJECT_ROOT / path
+    if path.is_absolute() or path.is_dir():
+        return path
+    if cfg.features.repo == FEATURE_REPO:
+        return feature_repo_template()
+    raise FileNotFoundError(f"features.repo={cfg.features.repo}: no Feast repository at {path.resolve()}")
+
+
+def writable_repo(cfg: Config) -> Path:
+    """:func:`repo_path`, refused when it is the package's template: applying or materialising writes the
+    registry and online store into the repository."""
+    path = repo_path(cfg)
+    if path == feature_repo_template():
+        raise FileNotFoundError(
+            f"no ./{FEATURE_REPO} here: `unexrl features init` creates one from the package's template "
+            "(or give --set features.repo=DIR)"
+        )
+    return path
+
+
+def init_repo(out: Path) -> Path:
+    """A new Feast repository at ``out``: a copy of the package's template (``unexrl features init``)."""
+    if Path(out).exists():
+        raise FileExistsError(f"{out} exists; refusing to overwrite a feature repository")
+    shutil.copytree(feature_repo_template(), out, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    return Path(out)
 
 
 def store_yaml(cfg: Config) -> Path:
@@ -63,7 +90,7 @@ def open_store(cfg: Config) -> FeatureStore:
     missing = sorted({v for v in re.findall(r"\$\{(\w+)\}", settings) if v not in os.environ})
     if missing:
         raise ValueError(f"{path} needs the environment variable(s) {', '.join(missing)}")
-    return FeatureStore(repo_path=str(repo_path(cfg)), fs_yaml_file=path)
+    return FeatureStore(repo_path=str(writable_repo(cfg)), fs_yaml_file=path)
 
 
 def definitions(cfg: Config, features: str | Path) -> list[Any]:

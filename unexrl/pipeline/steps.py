@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from unexrl.bundle import config_file
 from unexrl.config import Config, load_config
 from unexrl.contracts import files
 from unexrl.contracts.evaluation import EvaluationSummary, GateDecision
@@ -24,18 +25,15 @@ from unexrl.io import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILE = "config.yaml"
 
 
 def resolve_config(config: str, config_overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """``config``: a name in configs/ (``small``, ``default``, ``paper``) or a YAML path; ``config_overrides``:
+    """``config``: a bundled config's name (``small``, ``default``, ``paper``) or a YAML path; ``config_overrides``:
     --set items."""
     if not config:
         raise ValueError("config: give a config name (small, default, paper) or a path to a YAML file")
-    path = Path(config)
-    if path.suffix not in (".yaml", ".yml"):
-        path = PROJECT_ROOT / "configs" / f"{config}.yaml"
+    path = config_file(config)
     if not path.is_file():
         raise FileNotFoundError(f"config {config!r}: no file {path}")
     return load_config(path, [str(o) for o in config_overrides])

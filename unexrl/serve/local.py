@@ -34,23 +34,32 @@ def local_service(
     env: dict[str, str] | None = None,
     log_file: Path | None = None,
     start_timeout_s: float = 120.0,
+    python_env: Path | None = None,
 ) -> Iterator[str]:
     """Yield ``http://127.0.0.1:PORT`` of ``bentoml serve target`` serving ``model_tag``; ``target`` may also
-    be a bento tag. Raises RuntimeError (with the log's tail) if it exits or is not ready in time."""
+    be a bento tag. Raises RuntimeError (with the log's tail) if it exits or is not ready in time.
+
+    ``python_env``: serve a built bento with that virtual environment's bentoml, from outside this checkout (no
+    PYTHONPATH to it): the bento's own sources and that environment's packages only. Default: this environment,
+    with the checkout's sources importable (serving ``serving.service`` from the tree).
+    """
     port = free_port()
-    child_env = {
-        **os.environ,
-        "BENTOML_HOME": bentoml_home(),
-        ENV_MODEL: model_tag,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-        **(env or {}),
-    }
-    exe = Path(sys.executable).with_name("bentoml")
+    child_env = {**os.environ, "BENTOML_HOME": bentoml_home(), ENV_MODEL: model_tag, "OMP_NUM_THREADS": "1"}
+    if python_env is None:
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
+        )
+        exe, cwd = Path(sys.executable).with_name("bentoml"), PROJECT_ROOT
+    else:
+        child_env.pop("PYTHONPATH", None)
+        child_env["VIRTUAL_ENV"] = str(python_env)
+        child_env["PATH"] = os.pathsep.join([str(python_env / "bin"), child_env.get("PATH", "")])
+        exe, cwd = python_env / "bin" / "bentoml", python_env
+    child_env.update(env or {})
     log = open(log_file, "wb") if log_file is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [str(exe), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=PROJECT_ROOT,
+        cwd=cwd,
         env=child_env,
         stdout=log,
         stderr=subprocess.STDOUT,

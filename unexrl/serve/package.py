@@ -12,13 +12,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from unexrl.contracts.artifact import read_artifact
 from unexrl.environ import environ
 from unexrl.serve.engine import artifact_version, load_serving_policy, serving_config
+from unexrl.serve.requirements import serving_requirements
 from unexrl.sim.world import build_world
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BENTOFILE = PROJECT_ROOT / "serving" / "bentofile.yaml"
+NO_DEPS_SCRIPT = "serving/install-no-deps.sh"
+"""run after the Bento's requirements (relative to the build context)"""
 SERVICE_MODULE = "serving.service"
 """the module bentofile.yaml names (service: "serving.service:Recommendation")"""
 ARTIFACT_SUBDIR = "artifact"
@@ -66,6 +71,12 @@ def build_bento(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> Ben
     sys.modules.pop(
         SERVICE_MODULE, None
     )  # BentoML reuses an imported module: an earlier build's model otherwise
+    spec = yaml.safe_load(BENTOFILE.read_text())
+    # every distribution pinned to what this environment runs; the no-deps packages (TorchRec) follow in the
+    # setup script, which reads them from the Bento's own pyproject.toml
+    packages = serving_requirements(PROJECT_ROOT / "pyproject.toml")
+    spec["python"] = {"packages": packages, "lock_packages": False}
+    spec["docker"] = {"setup_script": NO_DEPS_SCRIPT}
     with environ({ENV_MODEL: model_tag}):  # the service class names its model at import: pin this version
-        bento = bentoml.bentos.build_bentofile(str(BENTOFILE), build_ctx=str(PROJECT_ROOT), version=version)
+        bento = bentoml.bentos.build(**spec, build_ctx=str(PROJECT_ROOT), version=version)
     return BentoInfo(bento_tag=str(bento.tag), model_tag=model_tag, model_version=version)

@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import yaml
 
+from unexrl.bundle import monitoring_file
 from unexrl.loopback import free_port, stop, wait_http_ready
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-PROMETHEUS_RULE = PROJECT_ROOT / "k8s" / "monitoring" / "prometheusrule.yaml"
-DASHBOARD = PROJECT_ROOT / "k8s" / "monitoring" / "dashboard.json"
+PROMETHEUS_RULE = monitoring_file("prometheusrule.yaml")
+DASHBOARD = monitoring_file("dashboard.json")
 START_TIMEOUT_S = 20.0
 
 
