@@ -164,3 +164,17 @@ def test_the_decision_round_trips_and_cannot_contradict_its_checks(tmp_path: Pat
 def _write(directory: Path, doc: dict[str, Any]) -> Path:
     (directory / "summary.json").write_text(json.dumps(doc))
     return directory
+
+
+def test_a_metric_that_could_not_be_computed_survives_the_round_trip_and_is_refused(tmp_path: Path) -> None:
+    """NaN is written as NaN (not null): the gate reads a summary it can judge, and refuses it."""
+    summary(high=math.nan).write(tmp_path / "summary.json")
+    decision = gate(
+        tmp_path,
+        min_uplift_pct=1.0,
+        latency_budget_ms=10.0,
+        decision_out=tmp_path / "d",
+        report_out=tmp_path / "r",
+    )
+    assert not decision.passed and "metrics finite" in decision.reasons
+    assert math.isnan(GateDecision.read(tmp_path / "d").uplift_vs_incumbent_pct.high)

@@ -20,7 +20,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from unexrl.config import Config
 from unexrl.contracts import files
-from unexrl.contracts.base import SHA256, Contract, ContractError, Part
+from unexrl.contracts.base import SHA256, STRICT, Contract, ContractError, Part
 from unexrl.io import sha256_file
 
 
@@ -44,7 +44,7 @@ class ArtifactManifest(Contract):
     """The fields every artifact kind has. Read generically, fields of the kind are kept as they are (``extra``
     allowed here only); a kind's subclass forbids anything it does not declare."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+    model_config = STRICT | ConfigDict(extra="allow")
     KIND: ClassVar[str | None] = None
     """a kind's subclass: the ``kind`` it reads"""
 

@@ -19,10 +19,15 @@ class ContractError(ValueError):
     """A contract file is missing, is not JSON, or breaks its model; the message names the file and the field."""
 
 
+STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, ser_json_inf_nan="constants")
+"""every contract's settings: unknown fields refused, no coercion, NaN written as NaN (not null), so a metric that
+could not be computed reads back as the NaN the gate refuses, not as a missing number"""
+
+
 class Part(BaseModel):
     """A piece of a contract: as strict as the contract, with no schema version of its own."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = STRICT
 
 
 class Contract(BaseModel):
@@ -30,7 +35,7 @@ class Contract(BaseModel):
     types are strict (``"1"`` or ``true`` is not a number); ``schema_version`` says which model wrote it, and a
     reader refuses another version instead of guessing."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = STRICT
     SCHEMA_VERSION: ClassVar[int] = 1
 
     schema_version: int = 1

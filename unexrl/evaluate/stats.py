@@ -13,7 +13,7 @@ class Estimate(BaseModel):
     """A point estimate with its 95% bootstrap interval. NaN stands where a metric could not be computed (the
     release gate refuses it); an interval whose low exceeds its high is impossible and refused here."""
 
-    model_config = ConfigDict(frozen=True, strict=True)
+    model_config = ConfigDict(frozen=True, strict=True, ser_json_inf_nan="constants")
 
     mean: float
     low: float

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from unexrl.config import Config
 from unexrl.contracts import files
 from unexrl.contracts.artifact import ArtifactError, ArtifactManifest, read_artifact
+from unexrl.contracts.base import STRICT
 from unexrl.io import atomic_directory, sha256_file
 from unexrl.policies.weights import GroupBy, WeightPolicy
 
@@ -28,7 +29,7 @@ WEIGHTS = "weights.pt"
 class WeightsManifest(ArtifactManifest):
     """A fixed-weight policy: one weight vector per group of ``group_by``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = STRICT
     KIND: ClassVar[str | None] = "weights"
 
     kind: Literal["weights"]

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import ConfigDict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from unexrl.config import Config
 from unexrl.contracts.artifact import ArtifactError, ArtifactManifest, read_artifact
+from unexrl.contracts.base import STRICT
 from unexrl.rl.agent import build_actors
 from unexrl.rl.observation import SPARSE_FEATURES, STATE_FEATURES
 from unexrl.rl.policy import ActorPolicy
@@ -30,7 +30,7 @@ ACTORS_FILE = "actors.safetensors"
 class ActorsManifest(ArtifactManifest):
     """Trained actors: what their inputs mean, which stages learned, and what the run that made them did."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = STRICT
     KIND: ClassVar[str | None] = "actors"
 
     kind: Literal["actors"]
