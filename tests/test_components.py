@@ -247,8 +247,10 @@ def test_training_set_must_match_the_logs(chain: dict, tmp_path: Path) -> None:
 def test_bad_parameters_are_clear(tmp_path: Path) -> None:
     from unexrl.pipeline import steps
 
-    with pytest.raises(FileNotFoundError, match="no file"):
+    with pytest.raises(FileNotFoundError, match="not a YAML path, nor one of the bundled"):
         steps.resolve_config("nonexistent")
+    with pytest.raises(FileNotFoundError, match="no file"):
+        steps.resolve_config(str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError, match="held-out"):
         from unexrl.pipeline.evaluation import evaluate_release
 
