@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -48,11 +49,16 @@ def _outside(venv: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def built_bento(tmp_path_factory: pytest.TempPathFactory, small_actors: Path) -> tuple[BentoInfo, Path]:
+def built_bento(
+    tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path, train_small: Callable[..., Path]
+) -> tuple[BentoInfo, Path]:
+    """A Bento around actors of its own (a bento's version is its model's: one model, one bento per store)."""
     os.environ.setdefault("BENTOML_HOME", str(tmp_path_factory.mktemp("bentoml")))
     import bentoml
 
-    info = build_bento(small_actors)
+    info = build_bento(
+        train_small(tmp_path_factory.mktemp("bento-train") / "run", "unexrl-cic", cem_artifact)
+    )
     return info, Path(bentoml.bentos.get(info.bento_tag).path)
 
 
