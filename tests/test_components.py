@@ -262,29 +262,12 @@ def test_bad_parameters_are_clear(tmp_path: Path) -> None:
             out=tmp_path / "e",
             seeds=[1000],
         )
+    paths = {"logs": tmp_path, "training_set": tmp_path, "cem": tmp_path, "out": tmp_path}
+    multi_node = {"algo": "td3", "train_nodes": 2, "train_workers": 1}
     with pytest.raises(ValueError, match="train_job_kind 'mpijob'"):
-        steps.train(
-            steps.resolve_config("small"),
-            logs=tmp_path,
-            training_set=tmp_path,
-            cem=tmp_path,
-            out=tmp_path,
-            algo="td3",
-            train_nodes=2,
-            train_workers=1,
-            train_job_kind="mpijob",
-        )
+        steps.train(steps.resolve_config("small"), **paths, **multi_node, train_job_kind="mpijob")
     with pytest.raises(ValueError, match="multi-node job needs train_image and data_pvc"):
-        steps.train(
-            steps.resolve_config("small"),
-            logs=tmp_path,
-            training_set=tmp_path,
-            cem=tmp_path,
-            out=tmp_path,
-            algo="td3",
-            train_nodes=2,
-            train_workers=1,
-        )
+        steps.train(steps.resolve_config("small"), **paths, **multi_node)
 
 
 def test_multi_node_path_runs_the_rendered_job_command(

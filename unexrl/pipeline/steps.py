@@ -1,4 +1,4 @@
-"""One function per pipeline step: what each KFP component calls, with paths and plain values in and out.
+"""One function per pipeline step: what each KFP component calls, paths and plain values in, typed contracts out.
 
 Every step resolves the same configuration from (config name or path, overrides), so a pipeline parameter means
 the same thing to every task.
