@@ -202,9 +202,11 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     gate = result["gate"]
     lines = [
         f"pipeline finished in {result['seconds']:.0f} s",
-        (
-            f"  uplift vs {result['incumbent']}: {_pct(result['uplift_vs_incumbent_pct'])} watch time per session "
-            f"(vs CEM {_pct(result['uplift_vs_cem_pct'])}; 95% CIs)"
+        f"  uplift vs {result['incumbent']}: {_pct(result['uplift_vs_incumbent_pct'])} watch time per session "
+        + (
+            "(95% CI)"
+            if result["incumbent"] == "cem"
+            else f"(vs CEM {_pct(result['uplift_vs_cem_pct'])}; 95% CIs)"
         ),
         f"  gate:    {'PASS' if gate['passed'] else 'REFUSE: ' + '; '.join(gate['reasons'])}  ({gate['decision']})",
     ]

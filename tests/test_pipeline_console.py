@@ -91,6 +91,8 @@ def test_summary_names_uplift_gate_release_and_where_to_look() -> None:
         "log": "l.log",
     }
     lines = summary_lines(result)
-    assert lines[1].startswith("  uplift vs cem: +8.6% [+7.6, +9.6] watch time per session")
+    assert lines[1] == "  uplift vs cem: +8.6% [+7.6, +9.6] watch time per session (95% CI)"
+    later = summary_lines(result | {"incumbent": "incumbent"})[1]
+    assert later.endswith("(vs CEM +8.6% [+7.6, +9.6]; 95% CIs)")
     assert lines[2].startswith("  gate:    REFUSE: uplift >= 10.0%")
     assert lines[-1] == "  log:     l.log" and len(lines) == 8
