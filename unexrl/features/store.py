@@ -39,13 +39,19 @@ TRAINING_SET_FILE = "training_features.parquet"
 """written next to the logs' transitions.parquet by default"""
 
 
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+"""the directory that holds the ``unexrl`` sources: a checkout, or a Bento's src/ (which carries feature_repo/)"""
+
+
 def repo_path(cfg: Config) -> Path:
-    """The Feast repository folder: ``features.repo``, absolute or relative to the working directory; the default
-    (``feature_repo``) is the package's template where the working directory has none (read it, copy it: never
-    write into it, see :func:`writable_repo`)."""
+    """The Feast repository folder: ``features.repo``, absolute, or relative to the working directory, or to the
+    directory beside the sources (a checkout, a Bento); the default (``feature_repo``) is the package's template
+    where neither has one (read it, copy it: never write into it, see :func:`writable_repo`)."""
     path = Path(cfg.features.repo)
     if path.is_absolute() or path.is_dir():
         return path
+    if (SOURCE_ROOT / path).is_dir():
+        return SOURCE_ROOT / path
     if cfg.features.repo == FEATURE_REPO:
         return feature_repo_template()
     raise FileNotFoundError(f"features.repo={cfg.features.repo}: no Feast repository at {path.resolve()}")
