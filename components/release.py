@@ -103,11 +103,13 @@ def gate(
 
 
 @dsl.component(base_image=SERVING_IMAGE, install_kfp_package=False)
-def package(model: Input[Model], bentoml_home: str, bento: Output[Artifact]):
-    """Import the candidate into the BentoML model store and build the serving Bento, offline.
+def package(model: Input[Model], decision: Input[Artifact], bentoml_home: str, bento: Output[Artifact]):
+    """Import the candidate into the BentoML model store and build the serving Bento, offline, only if the gate
+    passed exactly this artifact.
 
     Args:
         model: The policy the gate passed.
+        decision: The gate's decision (it names the candidate it passed by the sha256 of its manifest).
         bentoml_home: BentoML store to build into (empty: BENTOML_HOME or BentoML's default).
         bento: bento.json: the bento and model tags, the model version and the image tag.
     """
@@ -115,7 +117,9 @@ def package(model: Input[Model], bentoml_home: str, bento: Output[Artifact]):
 
     from unexrl.pipeline import release
 
-    record = release.package(Path(model.path), Path(bento.path), bentoml_home=bentoml_home)
+    record = release.package(
+        Path(model.path), Path(bento.path), decision=Path(decision.path), bentoml_home=bentoml_home
+    )
     bento.metadata.update(record.model_dump(mode="json"))
 
 

@@ -78,7 +78,9 @@ def release_steps(
     decision.set_caching_options(False)
 
     with dsl.If(decision.outputs["Output"] == True, name="gate-passed"):
-        bento = package(model=candidate, bentoml_home=bentoml_home).set_display_name("package (BentoML)")
+        bento = package(
+            model=candidate, decision=decision.outputs["decision"], bentoml_home=bentoml_home
+        ).set_display_name("package (BentoML)")
         released = deploy(
             bento=bento.outputs["bento"],
             model=candidate,

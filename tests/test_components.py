@@ -10,9 +10,12 @@ import torch
 from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model
 
 import components as c
+from unexrl.contracts.artifact import ArtifactError
+from unexrl.contracts.evaluation import GateDecision
 from unexrl.data import LogValidationError
 from unexrl.features import schema as fs
 from unexrl.features.training_set import TrainingSetMismatch, verify_training_set
+from unexrl.io import sha256_file
 from unexrl.pipeline import registry
 from unexrl.pipeline.release import init_manifests_repo
 
@@ -168,8 +171,29 @@ def test_gate_package_deploy(chain: dict, tmp_path: Path) -> None:
         decision.metadata["reasons"]
     )
 
+    # package ships only what a passing decision names: the refused one above, another candidate, then this one
     bento = art(Artifact, tmp_path / "bento")
-    c.package.python_func(model=chain["model"], bentoml_home=str(tmp_path / "bentoml"), bento=bento)
+    with pytest.raises(ArtifactError, match="the gate refused this candidate"):
+        c.package.python_func(model=chain["model"], decision=decision, bentoml_home="", bento=bento)
+    verdict = GateDecision.read(Path(decision.path))
+    checks = [check.model_copy(update={"ok": True}) for check in verdict.checks]
+    passing = verdict.model_copy(update={"passed": True, "reasons": [], "checks": checks})
+    passing.model_copy(update={"candidate_sha256": "0" * 64}).write(tmp_path / "other.json")
+    with pytest.raises(ArtifactError, match="is not the candidate the gate passed"):
+        c.package.python_func(
+            model=chain["model"],
+            decision=art(Artifact, tmp_path / "other.json"),
+            bentoml_home="",
+            bento=bento,
+        )
+    assert verdict.candidate_sha256 == sha256_file(Path(chain["model"].path) / "manifest.json")
+    passing.write(tmp_path / "passing.json")
+    c.package.python_func(
+        model=chain["model"],
+        decision=art(Artifact, tmp_path / "passing.json"),
+        bentoml_home=str(tmp_path / "bentoml"),
+        bento=bento,
+    )
     assert bento.metadata["bento_tag"].startswith("unexrl-serving:") and bento.metadata["image_tag"]
     tree = tmp_path / "k8s" / "overlays" / ENV
     tree.mkdir(parents=True)

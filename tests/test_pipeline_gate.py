@@ -33,6 +33,7 @@ def summary_doc(
     }
     return {
         "schema_version": 1,
+        "candidate_sha256": "ab" * 32,
         "seeds": [2000, 2001],
         "sessions_per_seed": 200,
         "incumbent": {"name": "cem", "artifact": "cem", "first_release": True},

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from unexrl.contracts.base import Contract, Part
+from unexrl.contracts.base import SHA256, Contract, Part
 from unexrl.evaluate.stats import Estimate
 
 
@@ -78,6 +78,8 @@ class Latency(Part):
 class EvaluationSummary(Contract):
     """Candidate vs the incumbent and CEM on held-out seeds (unexrl.pipeline.evaluation.evaluate_release)."""
 
+    candidate_sha256: str = Field(pattern=SHA256)
+    """sha256 of the evaluated candidate's manifest.json (which hashes every file): what this summary is about"""
     seeds: list[int] = Field(min_length=1)
     sessions_per_seed: int = Field(gt=0)
     incumbent: IncumbentRef
@@ -109,6 +111,8 @@ class GateCheck(Part):
 class GateDecision(Contract):
     """The gate's verdict on one summary: every check with its figures; ``reasons`` lists the failed ones."""
 
+    candidate_sha256: str = Field(pattern=SHA256)
+    """the artifact the verdict is about (the summary's); package ships this one or nothing"""
     passed: bool
     min_uplift_pct: float
     latency_budget_ms: float

@@ -28,7 +28,7 @@ from unexrl.contracts.evaluation import (
     StageActions,
 )
 from unexrl.evaluate.evaluation import METRICS
-from unexrl.io import atomic_write_text
+from unexrl.io import atomic_write_text, sha256_file
 from unexrl.sim.env import Observation, Policy, Simulator
 
 LATENCY_PROBES = 200
@@ -144,6 +144,7 @@ def evaluate_release(
     cand = report.results["candidate"].by_seed("watch_time")
     uplift_cem = bootstrap_uplift(cand, report.results["cem"].by_seed("watch_time"), cfg.evaluation.bootstrap)
     summary = EvaluationSummary(
+        candidate_sha256=sha256_file(Path(candidate) / files.MANIFEST),
         seeds=seeds,
         sessions_per_seed=report.sessions_per_seed,
         incumbent=IncumbentRef(

@@ -38,6 +38,7 @@ def decide(summary: EvaluationSummary, *, min_uplift_pct: float, latency_budget_
     ]  # fmt: skip
     failed = [name for name, ok, _ in checks if not ok]
     return GateDecision(
+        candidate_sha256=summary.candidate_sha256,
         passed=not failed,
         min_uplift_pct=min_uplift_pct,
         latency_budget_ms=latency_budget_ms,

@@ -8,16 +8,21 @@ import tempfile
 from pathlib import Path
 
 from unexrl.contracts import files
+from unexrl.contracts.artifact import ArtifactError
+from unexrl.contracts.evaluation import GateDecision
 from unexrl.contracts.release import BentoRecord, ReleaseRecord
 from unexrl.environ import environ
 from unexrl.gitops import git
+from unexrl.io import sha256_file
 from unexrl.pipeline import registry as registries
 
 
 def package(
-    artifact: Path, out: Path, *, model_name: str = "unexrl-policy", bentoml_home: str = ""
+    artifact: Path, out: Path, *, decision: Path, model_name: str = "unexrl-policy", bentoml_home: str = ""
 ) -> BentoRecord:
-    """Import the verified policy into the BentoML model store and build the serving Bento (offline).
+    """Import the verified policy into the BentoML model store and build the serving Bento (offline), only if
+    ``decision`` (the gate's) passed exactly this artifact: the sha256 of its manifest is the one the evaluation
+    recorded, so what ships is what the gate passed.
 
     ``bentoml_home``: the BentoML store to build into (empty: BENTOML_HOME or BentoML's default). Writes
     ``out``/bento.json and returns it. The serving image is tagged with the Bento's version (``bentoml
@@ -25,6 +30,17 @@ def package(
     """
     from unexrl.serve.package import build_bento  # the serving engineer's packaging (unexrl/serve)
 
+    verdict = GateDecision.read(decision)
+    digest = sha256_file(Path(artifact) / files.MANIFEST)
+    if not verdict.passed:
+        raise ArtifactError(
+            f"{decision}: the gate refused this candidate ({'; '.join(verdict.reasons)}); not packaging"
+        )
+    if digest != verdict.candidate_sha256:
+        raise ArtifactError(
+            f"{artifact}: manifest sha256 {digest[:12]}... is not the candidate the gate passed "
+            f"({verdict.candidate_sha256[:12]}...); not packaging"
+        )
     home = str(Path(bentoml_home).resolve()) if bentoml_home else os.environ.get("BENTOML_HOME", "")
     # read when bentoml is first imported: a component process imports it here, first
     with environ({"BENTOML_HOME": home} if home else {}):
