@@ -125,12 +125,13 @@ def read_artifact(path: Path, model: type[M] = ArtifactManifest) -> M:  # type: 
     path = Path(path)
     if not (path / files.MANIFEST).is_file():
         raise ArtifactError(f"{path}: no {files.MANIFEST}; not a policy artifact")
+    data, where = (path / files.MANIFEST).read_bytes(), str(path / files.MANIFEST)  # read once: one document
     try:
-        manifest = ArtifactManifest.read(path / files.MANIFEST)
+        manifest = ArtifactManifest.parse(data, where)
         if model.KIND is not None and manifest.kind != model.KIND:
             raise ArtifactError(f"{path}: artifact kind {manifest.kind!r}, not {model.KIND}")
         _verify_files(path, manifest.files)
-        return manifest if model is ArtifactManifest else model.read(path / files.MANIFEST)  # type: ignore[return-value]
+        return manifest if model is ArtifactManifest else model.parse(data, where)  # type: ignore[return-value]
     except ArtifactError:
         raise
     except ContractError as err:
