@@ -229,6 +229,24 @@ def test_prometheus_returns_data_for_every_dashboard_and_rule_expression(
         assert all(r["health"] == "ok" for g in loaded for r in g["rules"]), loaded
 
 
+def _passing_decision(artifact: Path, out: Path) -> Path:
+    """What the gate writes when it passes ``artifact`` (package ships nothing else)."""
+    from unexrl.contracts.evaluation import GateCheck, GateDecision
+    from unexrl.evaluate.stats import Estimate
+    from unexrl.io import sha256_file
+
+    GateDecision(
+        candidate_sha256=sha256_file(artifact / "manifest.json"),
+        passed=True,
+        min_uplift_pct=1.0,
+        latency_budget_ms=50.0,
+        uplift_vs_incumbent_pct=Estimate(mean=2.0, low=1.0, high=3.0),
+        checks=[GateCheck(check="uplift >= 1.0%", ok=True, detail="+2.000%")],
+        reasons=[],
+    ).write(out)
+    return out
+
+
 def test_bento_holds_the_project_sources_only(tmp_path: Path, small_actors: Path, cem_artifact: Path) -> None:
     """make run keeps its BentoML store inside the build context (runs/<out>/bentoml): building there twice must
     not copy the store, or the bentos already in it, into the new bento. Each build in its own process, as the
@@ -237,12 +255,21 @@ def test_bento_holds_the_project_sources_only(tmp_path: Path, small_actors: Path
     store.mkdir(parents=True)
     try:
         for i, artifact in enumerate((cem_artifact, small_actors)):
+            decision = _passing_decision(artifact, tmp_path / f"decision{i}.json")
             code = (
                 "import sys; from pathlib import Path; from unexrl.pipeline.release import package; "
-                "package(Path(sys.argv[1]), Path(sys.argv[2]), bentoml_home=sys.argv[3])"
+                "package(Path(sys.argv[1]), Path(sys.argv[2]), decision=Path(sys.argv[4]), bentoml_home=sys.argv[3])"
             )
             built = subprocess.run(
-                [sys.executable, "-c", code, str(artifact), str(tmp_path / f"b{i}"), str(store)],
+                [
+                    sys.executable,
+                    "-c",
+                    code,
+                    str(artifact),
+                    str(tmp_path / f"b{i}"),
+                    str(store),
+                    str(decision),
+                ],
                 cwd=ROOT,
                 capture_output=True,
                 text=True,
