@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from unexrl.config import Config
-from unexrl.contracts.artifact import ArtifactError, read_artifact
+from unexrl.contracts.artifact import ArtifactError, peek_manifest
 from unexrl.policies.artifact import WeightsManifest, load_policy
 from unexrl.sim.env import Policy
 from unexrl.sim.world import World
@@ -30,8 +30,9 @@ LOADERS: dict[str, Loader] = {WeightsManifest.KIND: _weights, "actors": _actors}
 
 
 def load_any_policy(path: Path, cfg: Config, world: World | None = None) -> Policy:
-    """Load a verified artifact of any known kind (``world`` maps trained actors' ids)."""
-    kind = read_artifact(Path(path)).kind
+    """Load a verified artifact of any known kind (``world`` maps trained actors' ids). The kind picks the loader;
+    the loader verifies the directory (read_artifact), once."""
+    kind = peek_manifest(Path(path)).kind
     if kind not in LOADERS:
         raise ArtifactError(f"{path}: artifact kind {kind!r}; this version loads {sorted(LOADERS)}")
     return LOADERS[kind](Path(path), cfg, world)

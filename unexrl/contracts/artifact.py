@@ -118,6 +118,18 @@ class ArtifactManifest(Contract):
 M = TypeVar("M", bound=ArtifactManifest)
 
 
+def peek_manifest(path: Path) -> ArtifactManifest:
+    """The common manifest of ``path`` as written, its files **not** verified: enough to pick a kind's loader
+    (which verifies everything before it opens a file) or to label what a loader already verified."""
+    path = Path(path)
+    if not (path / files.MANIFEST).is_file():
+        raise ArtifactError(f"{path}: no {files.MANIFEST}; not a policy artifact")
+    try:
+        return ArtifactManifest.read(path / files.MANIFEST)
+    except ContractError as err:
+        raise ArtifactError(str(err)) from None
+
+
 def read_artifact(path: Path, model: type[M] = ArtifactManifest) -> M:  # type: ignore[assignment]
     """Read ``path``/manifest.json as ``model`` and verify the directory against it, before any file is used:
     every file listed is a regular file inside the directory (no symlink, no way out), its sha256 matches, and

@@ -31,7 +31,7 @@ from unexrl.artifacts import load_any_policy
 from unexrl.cascade import ActFn, CascadeResult, StageView, run_cascade
 from unexrl.config import Config
 from unexrl.contracts import files
-from unexrl.contracts.artifact import ArtifactError, ArtifactManifest, read_artifact
+from unexrl.contracts.artifact import ArtifactError, ArtifactManifest, peek_manifest
 from unexrl.features import schema as fs
 from unexrl.features.client import FeatureClient, OnlineFeatures
 from unexrl.io import sha256_file
@@ -123,8 +123,8 @@ class LoadedPolicy:
 
 def load_serving_policy(path: Path, cfg: Config, world: World, version: str | None = None) -> LoadedPolicy:
     """Verify (every file's sha256) and load an artifact for ``cfg``'s cascade; a tampered one raises."""
-    manifest = read_artifact(path)
-    policy = load_any_policy(path, cfg, world)
+    policy = load_any_policy(path, cfg, world)  # verifies the artifact
+    manifest = peek_manifest(path)
     return LoadedPolicy(policy, version or artifact_version(path), manifest.algorithm, manifest.kind)
 
 
