@@ -6,15 +6,17 @@ Environment:
   UNEXRL_ROLE           role label of the served model's metrics: stable (default) or canary
   UNEXRL_FEATURE_ENV    feature store environment (features.environment: local, redis, production)
   UNEXRL_FEATURE_REPO   optional Feast repository folder (features.repo)
-BentoML's own /livez, /readyz and /metrics serve the probes and Prometheus.
+  UNEXRL_API_TOKEN      the bearer token /recommend and /feedback require (in Kubernetes from a Secret), or
+  UNEXRL_API_TOKEN_FILE a file holding it; neither: one is generated into <BENTOML_HOME>/api-token
+BentoML's own /livez, /readyz and /metrics serve the probes and Prometheus; unexrl.serve.gateway the rest of
+what stands before the API (token, body limit, one error shape, one log line per client error).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import bentoml
 import torch
@@ -32,34 +34,9 @@ from unexrl.serve.api import (
     StageAction,
 )
 from unexrl.serve.engine import Recommender, RequestError, UnknownRequest, serving_config
+from unexrl.serve.gateway import ClientErrors, Gate, QuietClientErrors, api_token
+from unexrl.serve.local import bentoml_home
 from unexrl.serve.package import ARTIFACT_SUBDIR, DEFAULT_MODEL, ENV_MODEL, ENV_SHADOW_MODEL
-
-
-class JsonOnly:
-    """ASGI middleware: a POST whose body is not declared as JSON gets 415. BentoML itself answers a
-    multipart Content-Type without a boundary with a 500 (found by schemathesis); bad input must be a 4xx."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            declared = dict(scope["headers"]).get(b"content-type", b"application/json")
-            if declared.split(b";")[0].strip().lower() != b"application/json":
-                body = json.dumps({"error": "Content-Type must be application/json"}).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 415,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
 
 
 @bentoml.service(name="unexrl", workers=1, traffic={"timeout": 30}, http={"port": 3000})
@@ -93,6 +70,8 @@ class Recommendation:
             page = self.engine.recommend(user_id, context.session_id if context else None, candidates)
         except RequestError as err:
             raise InvalidArgument(str(err)) from None
+        except UnknownRequest as err:
+            raise NotFound(str(err)) from None
         e = self.engine
         return RecommendResponse(
             request_id=page.request_id,
@@ -111,11 +90,11 @@ class Recommendation:
 
     @bentoml.api(input_spec=FeedbackRequest, output_spec=FeedbackResponse)
     def feedback(
-        self, request_id: str, items: list[FeedbackItem], session_end: bool = False
+        self, request_id: str, session_id: int, items: list[FeedbackItem], session_end: bool = False
     ) -> FeedbackResponse:
         """What the user did with a page: updates the session state and the long-term reward metrics."""
         try:
-            result = self.engine.feedback(request_id, items, session_end)
+            result = self.engine.feedback(request_id, session_id, items, session_end)
         except RequestError as err:
             raise InvalidArgument(str(err)) from None
         except UnknownRequest as err:
@@ -137,4 +116,7 @@ class Recommendation:
         return Health(status="ok", model_version=self.engine.version)
 
 
-Recommendation.add_asgi_middleware(JsonOnly)
+# the first one added is the outermost: ClientErrors sees every response, the Gate's included
+Recommendation.add_asgi_middleware(ClientErrors)
+Recommendation.add_asgi_middleware(Gate, token=api_token(os.environ, Path(bentoml_home())))
+logging.getLogger("bentoml._internal.server.http_app").addFilter(QuietClientErrors())

@@ -92,9 +92,11 @@ def test_the_bento_serves_a_page_from_the_environment_it_declares(
     env = {"BENTOML_HOME": bentoml_home(), "UNEXRL_FEATURE_REPO": str(tmp_path / "no-feature-store")}
     with local_service(
         info.model_tag, target=info.bento_tag, env=env, log_file=log, python_env=bento_env
-    ) as url:
-        page = httpx.post(f"{url}/recommend", json={"user_id": 7}, timeout=30.0)
-        version = httpx.post(f"{url}/version", json={}, timeout=30.0)
+    ) as service:
+        page = httpx.post(
+            f"{service.url}/recommend", json={"user_id": 7}, headers=service.headers, timeout=30.0
+        )
+        version = httpx.post(f"{service.url}/version", json={}, timeout=30.0)
     assert page.status_code == 200, page.text
     assert len(page.json()["items"]) > 0
     assert version.json()["model_version"] == info.model_version

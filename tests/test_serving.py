@@ -1,7 +1,12 @@
 """The BentoML service end to end on loopback: the packaged bento serves pages with trained actors (and a CEM
-shadow), feedback updates sessions, bad input gets 4xx naming the field (schemathesis finds no 5xx), a
-tampered artifact is refused at start-up, and a real Prometheus scraping the service under simulated traffic
-returns data for every dashboard and rule expression."""
+shadow), feedback updates sessions, bad input gets 4xx naming the field (schemathesis finds no 5xx, and every
+error body matches the OpenAPI schema), a tampered artifact is refused at start-up, and a real Prometheus
+scraping the service under simulated traffic returns data for every dashboard and rule expression.
+
+The trust boundary (docs/security.md): the API routes need the bearer token, sessions are server-issued and
+bound to their user (a second client cannot read, feed or move another's session), feedback is bounded by each
+item's duration, sessions end at max_requests, types are strict, bodies are bounded, and a client error is one
+log line."""
 
 from __future__ import annotations
 
@@ -21,11 +26,15 @@ from unexrl.config import Config
 from unexrl.contracts.artifact import ArtifactError
 from unexrl.serve import prometheus as prom
 from unexrl.serve.engine import artifact_version
-from unexrl.serve.local import local_service
+from unexrl.serve.local import Endpoint, local_service
 from unexrl.serve.package import ARTIFACT_SUBDIR, ENV_SHADOW_MODEL, BentoInfo, build_bento, import_model
 from unexrl.serve.traffic import run_traffic
 
 ROOT = Path(__file__).resolve().parents[1]
+SCHEMATHESIS_CHECKS = ",".join(
+    ["not_a_server_error", "status_code_conformance", "content_type_conformance"]
+    + ["response_schema_conformance", "ignored_auth"]
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +44,18 @@ def bento(tmp_path_factory: pytest.TempPathFactory, small_actors: Path) -> Bento
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, bento: BentoInfo, cem_artifact: Path) -> Iterator[str]:
+def service_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("service") / "service.log"
+
+
+@pytest.fixture(scope="module")
+def service(service_log: Path, bento: BentoInfo, cem_artifact: Path) -> Iterator[Endpoint]:
     """The built bento served on loopback, CEM as shadow; the feature store is unreachable (no repository),
     so every request exercises the fallback path."""
     shadow, _ = import_model(cem_artifact, model_name="unexrl-shadow")
-    tmp = tmp_path_factory.mktemp("service")
-    env = {ENV_SHADOW_MODEL: shadow, "UNEXRL_FEATURE_REPO": str(tmp / "no-feature-store")}
-    with local_service(bento.model_tag, target=bento.bento_tag, env=env, log_file=tmp / "service.log") as url:
-        yield url
+    env = {ENV_SHADOW_MODEL: shadow, "UNEXRL_FEATURE_REPO": str(service_log.parent / "no-feature-store")}
+    with local_service(bento.model_tag, target=bento.bento_tag, env=env, log_file=service_log) as endpoint:
+        yield endpoint
 
 
 def test_build_bento_pins_the_verified_artifact(bento: BentoInfo, small_actors: Path) -> None:
@@ -78,37 +91,173 @@ def test_tampered_artifact_is_refused(tmp_path: Path, cem_artifact: Path, bento:
         pass
 
 
-def _post(url: str, path: str, body: object) -> httpx.Response:
-    return httpx.post(f"{url}{path}", json=body, timeout=30.0)
+def _post(service: Endpoint, path: str, body: object, token: str | None = None) -> httpx.Response:
+    """POST as an authenticated client (``token``: another client's token; "" sends none)."""
+    headers = service.headers if token is None else ({"Authorization": f"Bearer {token}"} if token else {})
+    return httpx.post(f"{service.url}{path}", json=body, headers=headers, timeout=30.0)
 
 
-def test_recommend_feedback_session(service: str, small_cfg: Config) -> None:
-    page = _post(service, "/recommend", {"user_id": 7, "context": {"session_id": 42}})
+def test_recommend_feedback_session(service: Endpoint, small_cfg: Config) -> None:
+    page = _post(service, "/recommend", {"user_id": 7})
     assert page.status_code == 200, page.text
     body = page.json()
     assert len(body["items"]) == small_cfg.cascade.page_size == len(set(body["items"]))
     assert [a["stage"] for a in body["actions"]] == [s.name for s in small_cfg.cascade.stages]
     assert [list(a["weights"]) for a in body["actions"]] == [list(s.heads) for s in small_cfg.cascade.stages]
     assert [a["candidates"] for a in body["actions"]] == [small_cfg.cascade.pool_size, 16, 8]
-    assert (body["session_id"], body["step"], body["cold_start"], body["degraded"]) == (42, 0, False, True)
-    viewed = [{"item_id": body["items"][0], "watch_time_s": 12.5, "click": True}]
-    fb = _post(service, "/feedback", {"request_id": body["request_id"], "items": viewed})
+    assert (body["step"], body["cold_start"], body["degraded"]) == (0, False, True)
+    sid = body["session_id"]
+    viewed = [{"item_id": body["items"][0], "watch_time_s": 1.5, "click": True}]
+    fb = _post(service, "/feedback", {"request_id": body["request_id"], "session_id": sid, "items": viewed})
     assert fb.status_code == 200, fb.text
-    assert fb.json()["step"] == 1 and fb.json()["session_watch_time_s"] == 12.5
-    again = _post(service, "/feedback", {"request_id": body["request_id"], "items": []})
+    assert fb.json()["step"] == 1 and fb.json()["session_watch_time_s"] == 1.5
+    again = _post(service, "/feedback", {"request_id": body["request_id"], "session_id": sid, "items": []})
     assert again.status_code == 404 and "request_id" in again.text
-    nxt = _post(service, "/recommend", {"user_id": 7}).json()
-    assert (nxt["session_id"], nxt["step"]) == (42, 1)
+    nxt = _post(service, "/recommend", {"user_id": 7, "context": {"session_id": sid}}).json()
+    assert (nxt["session_id"], nxt["step"]) == (sid, 1)
     end = _post(
-        service, "/feedback", {"request_id": nxt["request_id"], "items": [], "session_end": True}
+        service,
+        "/feedback",
+        {"request_id": nxt["request_id"], "session_id": sid, "items": [], "session_end": True},
     ).json()
     assert end["session_ended"] and end["step"] == 2
+    ended = _post(service, "/recommend", {"user_id": 7, "context": {"session_id": sid}})
+    assert ended.status_code == 404 and "context.session_id" in ended.text
     pool = list(range(100, 140))
     chosen = _post(service, "/recommend", {"user_id": 7, "candidates": pool}).json()
     assert set(chosen["items"]) <= set(pool)
 
 
-def test_unknown_users_get_cold_start_pages(service: str, small_cfg: Config) -> None:
+def test_api_routes_need_the_token(service: Endpoint) -> None:
+    for token in ("", "not-" + service.token):
+        for path, body in (("/recommend", {"user_id": 7}), ("/feedback", {"request_id": "x", "items": []})):
+            reply = _post(service, path, body, token=token)
+            assert reply.status_code == 401, reply.text
+            assert reply.json() == {"error": "a valid bearer token is required", "detail": "Authorization"}
+            assert reply.headers["WWW-Authenticate"] == "Bearer"
+    # the probes, the metrics and the documents are open (the NetworkPolicy limits who reaches the port)
+    for path in ("/livez", "/readyz", "/metrics", "/docs.json"):
+        assert httpx.get(f"{service.url}{path}", timeout=30.0).status_code == 200, path
+
+
+def test_a_second_client_cannot_take_over_a_session(service: Endpoint, small_cfg: Config) -> None:
+    """Client A browses as user 11; client B (also authenticated) knows the user id and tries everything."""
+    a = _post(service, "/recommend", {"user_id": 11}).json()
+    sid = a["session_id"]
+    watched = [{"item_id": a["items"][0], "watch_time_s": 2.0}]
+    assert _post(
+        service, "/feedback", {"request_id": a["request_id"], "session_id": sid, "items": watched}
+    ).is_success
+    a2 = _post(service, "/recommend", {"user_id": 11, "context": {"session_id": sid}}).json()
+    # B asks for the user's page: a new session of its own, nothing of A's is shown to it
+    b = _post(service, "/recommend", {"user_id": 11}).json()
+    assert b["session_id"] != sid and b["step"] == 0
+    # B names sessions it was not issued for this user: guessed ids, A's id under another user, its own id
+    for user, guess in ((11, sid + 1), (11, 1), (12, sid), (12, b["session_id"])):
+        reply = _post(service, "/recommend", {"user_id": user, "context": {"session_id": guess}})
+        assert reply.status_code == 404 and "context.session_id" in reply.text, reply.text
+    # B posts feedback for A's page under its own session, and for its own page under A's
+    for request_id, session in ((a2["request_id"], b["session_id"]), (b["request_id"], sid)):
+        reply = _post(service, "/feedback", {"request_id": request_id, "session_id": session, "items": []})
+        assert reply.status_code == 404 and "request_id" in reply.text, reply.text
+    # A's session is as A left it
+    fb = _post(service, "/feedback", {"request_id": a2["request_id"], "session_id": sid, "items": []}).json()
+    assert (fb["step"], fb["session_items_watched"], fb["session_watch_time_s"]) == (2, 1, 2.0)
+
+
+def test_feedback_longer_than_the_item_is_refused(service: Endpoint, small_cfg: Config) -> None:
+    from unexrl.sim.world import build_world
+
+    duration = build_world(small_cfg).item_duration
+    page = _post(service, "/recommend", {"user_id": 5}).json()
+    item = page["items"][0]
+    too_long = float(duration[item]) + 1.0
+    items = [{"item_id": item, "watch_time_s": too_long}]
+    reply = _post(
+        service,
+        "/feedback",
+        {"request_id": page["request_id"], "session_id": page["session_id"], "items": items},
+    )
+    assert reply.status_code == 400 and "items[0].watch_time_s" in reply.text, reply.text
+    items = [{"item_id": item, "watch_time_s": float(duration[item])}]
+    reply = _post(
+        service,
+        "/feedback",
+        {"request_id": page["request_id"], "session_id": page["session_id"], "items": items},
+    )
+    assert reply.status_code == 200, reply.text
+
+
+def test_a_session_ends_at_max_requests(service: Endpoint, small_cfg: Config) -> None:
+    sid = None
+    for step in range(small_cfg.session.max_requests):
+        body = {"user_id": 13} | ({"context": {"session_id": sid}} if sid is not None else {})
+        page = _post(service, "/recommend", body).json()
+        assert page["step"] == step
+        sid = page["session_id"]
+        fb = _post(
+            service, "/feedback", {"request_id": page["request_id"], "session_id": sid, "items": []}
+        ).json()
+    assert fb["session_ended"] and fb["step"] == small_cfg.session.max_requests
+    reply = _post(service, "/recommend", {"user_id": 13, "context": {"session_id": sid}})
+    assert reply.status_code == 404, reply.text
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"user_id": True}, "user_id"),
+        ({"user_id": "7"}, "user_id"),
+        ({"user_id": 7.0}, "user_id"),
+        ({"user_id": 7, "candidates": [True] * 20}, "candidates.0"),
+        ({"user_id": 7, "context": {"session_id": "1"}}, "context.session_id"),
+    ],
+)
+def test_types_are_strict(service: Endpoint, body: object, field: str) -> None:
+    reply = _post(service, "/recommend", body)
+    assert reply.status_code == 400 and reply.json()["detail"] == field, reply.text
+
+
+def test_feedback_flags_are_strict(service: Endpoint) -> None:
+    page = _post(service, "/recommend", {"user_id": 9}).json()
+    for item in ({"click": 1}, {"like": "yes"}):
+        items = [{"item_id": page["items"][0], "watch_time_s": 1.0} | item]
+        reply = _post(
+            service,
+            "/feedback",
+            {"request_id": page["request_id"], "session_id": page["session_id"], "items": items},
+        )
+        assert reply.status_code == 400 and reply.json()["detail"].startswith("items.0."), reply.text
+
+
+def test_bodies_are_bounded(service: Endpoint) -> None:
+    from unexrl.serve.api import MAX_BODY_BYTES
+
+    big = b'{"user_id": 7, "pad": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    headers = {**service.headers, "Content-Type": "application/json"}
+    reply = httpx.post(f"{service.url}/recommend", content=big, headers=headers, timeout=30.0)
+    assert reply.status_code == 413, reply.text
+    # no Content-Length (chunked): counted as it arrives
+    chunks = (big[i : i + 65536] for i in range(0, len(big), 65536))
+    reply = httpx.post(f"{service.url}/recommend", content=chunks, headers=headers, timeout=30.0)
+    assert reply.status_code == 413 and reply.json()["detail"] == "body", reply.text
+    assert _post(service, "/recommend", {"user_id": 7}).status_code == 200
+
+
+def test_a_client_error_is_one_log_line(service: Endpoint, service_log: Path) -> None:
+    marker = "no-such-page-3f1c"
+    for _ in range(3):
+        reply = _post(service, "/feedback", {"request_id": marker, "session_id": 1, "items": []})
+        assert reply.status_code == 404
+    reply = _post(service, "/recommend", {"user_id": "seven"})
+    assert reply.status_code == 400
+    time.sleep(0.5)  # the log is flushed by the child
+    text = service_log.read_text(errors="replace")
+    assert sum(marker in line for line in text.splitlines()) == 3, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+
+
+def test_unknown_users_get_cold_start_pages(service: Endpoint, small_cfg: Config) -> None:
     for user in (small_cfg.world.n_users, 10**15, -3):
         reply = _post(service, "/recommend", {"user_id": user})
         assert reply.status_code == 200, reply.text
@@ -123,31 +272,38 @@ def test_unknown_users_get_cold_start_pages(service: str, small_cfg: Config) -> 
         ("/recommend", {"user_id": 1, "candidates": [1, 2, 3]}, "candidates"),
         ("/recommend", {"user_id": 1, "candidates": list(range(15)) + [10**9]}, "candidates[15]"),
         ("/recommend", {"user_id": 1, "context": {"session_id": -1}}, "session_id"),
-        ("/feedback", {"items": []}, "request_id"),
-        ("/feedback", {"request_id": "x", "items": [{"item_id": 1, "watch_time_s": -1}]}, "watch_time_s"),
-        ("/feedback", {"request_id": "x", "items": [{"item_id": 1}]}, "watch_time_s"),
+        ("/feedback", {"items": [], "session_id": 1}, "request_id"),
+        ("/feedback", {"request_id": "x", "items": []}, "session_id"),
+        (
+            "/feedback",
+            {"request_id": "x", "session_id": 1, "items": [{"item_id": 1, "watch_time_s": -1}]},
+            "watch_time_s",
+        ),
+        ("/feedback", {"request_id": "x", "session_id": 1, "items": [{"item_id": 1}]}, "watch_time_s"),
     ],
 )
-def test_bad_input_is_a_4xx_naming_the_field(service: str, path: str, body: object, field: str) -> None:
+def test_bad_input_is_a_4xx_naming_the_field(service: Endpoint, path: str, body: object, field: str) -> None:
     reply = _post(service, path, body)
     assert 400 <= reply.status_code < 500, reply.text
     assert field.split("[")[0] in reply.text
 
 
-def test_feedback_for_items_not_on_the_page_names_the_item(service: str) -> None:
+def test_feedback_for_items_not_on_the_page_names_the_item(service: Endpoint) -> None:
     page = _post(service, "/recommend", {"user_id": 3}).json()
     stranger = next(i for i in range(10**4) if i not in page["items"])
+    at = {"request_id": page["request_id"], "session_id": page["session_id"]}
     for items, message in (
         ([{"item_id": stranger, "watch_time_s": 1.0}], "items[0].item_id"),
         ([{"item_id": page["items"][0], "watch_time_s": 1.0}] * 2, "items[1].item_id"),
     ):
-        reply = _post(service, "/feedback", {"request_id": page["request_id"], "items": items})
-        assert reply.status_code == 400 and message in reply.text, reply.text
-    assert _post(service, "/feedback", {"request_id": page["request_id"], "items": []}).status_code == 200
+        reply = _post(service, "/feedback", at | {"items": items})
+        assert reply.status_code == 400 and reply.json()["detail"] == message, reply.text
+    assert _post(service, "/feedback", at | {"items": []}).status_code == 200
 
 
-def test_openapi_documents_every_field(service: str) -> None:
-    schemas = httpx.get(f"{service}/docs.json").json()["components"]["schemas"]
+def test_openapi_documents_every_field(service: Endpoint) -> None:
+    spec = httpx.get(f"{service.url}/docs.json").json()
+    schemas = spec["components"]["schemas"]
     ours = [
         "RecommendRequest",
         "RequestContext",
@@ -157,14 +313,25 @@ def test_openapi_documents_every_field(service: str) -> None:
         "FeedbackItem",
         "FeedbackResponse",
         "Health",
+        "ErrorBody",
     ]
     for name in ours:
         schema = next(v for k, v in schemas.items() if k.startswith(name))
-        for field, spec in schema["properties"].items():
-            assert spec.get("description"), f"{name}.{field} has no description"
+        for field, prop in schema["properties"].items():
+            assert prop.get("description"), f"{name}.{field} has no description"
+    for route in ("/recommend", "/feedback"):
+        post = spec["paths"][route]["post"]
+        assert post["security"] == [{"bearer": []}]
+        for status in ("400", "401", "404", "413", "415"):
+            ref = post["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+            assert ref == "#/components/schemas/ErrorBody", (route, status)
 
 
-def test_schemathesis_finds_no_server_error(service: str, tmp_path: Path) -> None:
+def test_schemathesis_finds_no_server_error_and_errors_match_the_schema(
+    service: Endpoint, tmp_path: Path
+) -> None:
+    """Bounded fuzzing on loopback, authenticated: no 5xx; every status, content type and body (errors included)
+    is the one the OpenAPI document declares; a request without the token is refused (ignored_auth)."""
     exe = Path(sys.executable).with_name("schemathesis")
     if not exe.exists():
         pytest.skip("schemathesis is not installed (the serve-test extra)")
@@ -172,9 +339,11 @@ def test_schemathesis_finds_no_server_error(service: str, tmp_path: Path) -> Non
         [
             str(exe),
             "run",
-            f"{service}/docs.json",
+            f"{service.url}/docs.json",
             "--checks",
-            "not_a_server_error",
+            SCHEMATHESIS_CHECKS,
+            "--header",
+            f"Authorization: Bearer {service.token}",
             "--include-path-regex",
             "^/(recommend|feedback|version)$",
             "--max-examples",
@@ -193,11 +362,11 @@ def test_schemathesis_finds_no_server_error(service: str, tmp_path: Path) -> Non
         cwd=tmp_path,  # it writes .schemathesis/ there
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert httpx.get(f"{service}/readyz").status_code == 200  # the worker survived
+    assert httpx.get(f"{service.url}/readyz").status_code == 200  # the worker survived
 
 
 def test_prometheus_returns_data_for_every_dashboard_and_rule_expression(
-    service: str, small_cfg: Config, tmp_path: Path
+    service: Endpoint, small_cfg: Config, tmp_path: Path
 ) -> None:
     if prom.prometheus_path() is None or shutil.which("promtool") is None:
         pytest.skip("prometheus/promtool not installed (make prometheus installs Debian's package)")
@@ -211,9 +380,9 @@ def test_prometheus_returns_data_for_every_dashboard_and_rule_expression(
     # an alert's expression has data only while it fires; its input (the recorded series it compares) must
     alert_inputs = [r["expr"].split(" ")[0] for g in groups for r in g["rules"] if "alert" in r]
     exprs = records + alert_inputs + [e for _, e in prom.dashboard_queries()]
-    host = service.removeprefix("http://")
+    host = service.url.removeprefix("http://")
     with prom.local_prometheus([host], rules) as url:
-        report = run_traffic(small_cfg, service, sessions=16, seconds=60, concurrency=8)
+        report = run_traffic(small_cfg, service.url, service.token, sessions=16, seconds=60, concurrency=8)
         assert report.errors == 0 and report.sessions_ended > 0 and report.watch_time_s > 0, report
         for user in (-1, 10**12):
             assert _post(service, "/recommend", {"user_id": user}).status_code == 200

@@ -228,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         "have passed. The config must be the one the served policy was trained with (docs/serving.md).",
     )
     p.add_argument("--url", required=True, help="base URL of the service, e.g. http://127.0.0.1:3000")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the service's API token (default: UNEXRL_API_TOKEN, UNEXRL_API_TOKEN_FILE, or the "
+        "token a local service generated in <BENTOML_HOME>/api-token)",
+    )
     p.add_argument("--sessions", type=int, default=100, help="sessions to run (default 100)")
     p.add_argument("--seconds", type=float, default=60.0, help="wall-clock bound in seconds (default 60)")
     p.add_argument("--concurrency", type=int, default=8, help="sessions in flight at once (default 8)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -252,10 +253,14 @@ def diagnose(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def traffic(cfg: Config, args: argparse.Namespace) -> int:
+    from unexrl.serve.gateway import ENV_TOKEN_FILE, api_token
+    from unexrl.serve.local import bentoml_home
     from unexrl.serve.traffic import run_traffic
 
+    environ = {ENV_TOKEN_FILE: str(args.token_file)} if args.token_file else dict(os.environ)
+    token = api_token(environ, Path(bentoml_home()))
     report = run_traffic(
-        cfg, args.url, sessions=args.sessions, seconds=args.seconds, concurrency=args.concurrency
+        cfg, args.url, token, sessions=args.sessions, seconds=args.seconds, concurrency=args.concurrency
     )
     text = json.dumps(report.to_dict(), indent=2)
     if args.json and args.json != "-":

@@ -1,7 +1,10 @@
 """Request and response models of the service: the OpenAPI schema is generated from these, so every field
-carries its description here. Integers are bounded to int64 so no JSON number can overflow a tensor."""
+carries its description here. Types are strict (no bool or string where a number is declared, no number where a
+bool is), and integers are bounded to int64 so no JSON number can overflow a tensor."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -9,19 +12,24 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 SESSION_ID_MAX = 2**62
 MAX_CANDIDATES = 8192
 MAX_FEEDBACK_ITEMS = 1024
+MAX_BODY_BYTES = 1 << 20
+"""the largest request body read: a full candidate list of int64 ids is about 170 KiB"""
+
+ItemId = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RequestContext(_Strict):
     session_id: int | None = Field(
         default=None,
-        ge=0,
+        ge=1,
         le=SESSION_ID_MAX,
-        description="The client's session id. Omitted: the user's current session from the feature store, or a new "
-        "one. An id other than the current session's starts that session at step 0.",
+        description="The session this page continues: a session_id the service issued for this user. Omitted: "
+        "the service starts a new session and returns its id. An id it did not issue to this user, or of a "
+        "session that ended, is a 404.",
     )
 
 
@@ -33,7 +41,7 @@ class RecommendRequest(_Strict):
         "embedding, non-personalised retrieval.",
     )
     context: RequestContext | None = Field(default=None, description="Optional request context.")
-    candidates: list[int] | None = Field(
+    candidates: list[ItemId] | None = Field(
         default=None,
         max_length=MAX_CANDIDATES,
         description="Optional candidate pool (distinct catalogue item ids, at least as many as the first stage "
@@ -54,7 +62,10 @@ class RecommendResponse(_Strict):
     request_id: str = Field(description="Identifies this page; send it back with /feedback.")
     model_version: str = Field(description="Version of the policy artifact that chose the actions.")
     user_id: int = Field(description="The user, as requested.")
-    session_id: int = Field(description="The session this page belongs to.")
+    session_id: int = Field(
+        description="The session this page belongs to (server-issued): send it with /feedback and the next "
+        "/recommend."
+    )
     step: int = Field(description="Pages already served in this session before this one.")
     items: list[int] = Field(description="The page: item ids in the order to show them.")
     actions: list[StageAction] = Field(description="Each stage's action, in cascade order.")
@@ -66,7 +77,9 @@ class RecommendResponse(_Strict):
 
 class FeedbackItem(_Strict):
     item_id: int = Field(ge=INT64_MIN, le=INT64_MAX, description="An item of the page that the user viewed.")
-    watch_time_s: float = Field(ge=0.0, le=86400.0, allow_inf_nan=False, description="Seconds watched.")
+    watch_time_s: float = Field(
+        ge=0.0, le=86400.0, allow_inf_nan=False, description="Seconds watched: at most the item's duration."
+    )
     click: bool = Field(default=False, description="The user clicked the item.")
     like: bool = Field(default=False, description="The user liked the item.")
 
@@ -74,6 +87,9 @@ class FeedbackItem(_Strict):
 class FeedbackRequest(_Strict):
     request_id: str = Field(
         min_length=1, max_length=64, description="request_id of the page, from /recommend."
+    )
+    session_id: int = Field(
+        ge=1, le=SESSION_ID_MAX, description="session_id of the page, from /recommend: the page must be its."
     )
     items: list[FeedbackItem] = Field(
         max_length=MAX_FEEDBACK_ITEMS,
@@ -88,10 +104,19 @@ class FeedbackResponse(_Strict):
     step: int = Field(description="Pages served in the session including this one.")
     session_items_watched: int = Field(description="Items viewed in the session so far.")
     session_watch_time_s: float = Field(description="Seconds watched in the session so far.")
-    session_ended: bool = Field(description="The session ended with this feedback.")
+    session_ended: bool = Field(
+        description="The session ended with this feedback (session_end, or its session.max_requests-th page)."
+    )
     pushed: bool = Field(description="The new session state reached the feature store (false: store down).")
 
 
 class Health(_Strict):
     status: str = Field(description="'ok'.")
     model_version: str = Field(description="Version of the served policy artifact.")
+
+
+class ErrorBody(_Strict):
+    """Every 4xx the service answers has this body (the OpenAPI schema of its error responses)."""
+
+    error: str = Field(description="What is wrong, naming the field (JSON path) where there is one.")
+    detail: str = Field(default="", description="The field (JSON path) at fault, or empty.")

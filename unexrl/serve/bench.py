@@ -25,13 +25,14 @@ import httpx
 from unexrl.config import Config
 from unexrl.policies.artifact import save_weight_policy
 from unexrl.policies.weights import WeightPolicy, greedy_weights
-from unexrl.serve.local import local_service
+from unexrl.serve.local import Endpoint, local_service
 from unexrl.serve.package import import_model
 
 PAPER_CASCADE = {"pool_size": 2000, "keep": (500, 100, 10)}
 _WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("UNEXRL_BENCH_TOKEN")
 local users = tonumber(os.getenv("UNEXRL_BENCH_USERS"))
 local pause = tonumber(os.getenv("UNEXRL_BENCH_DELAY_MS"))
 function request() return wrk.format(nil, nil, nil, '{"user_id": ' .. math.random(0, users - 1) .. '}') end
@@ -52,9 +53,9 @@ def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def _sequential(url: str, n: int, users: int) -> dict[str, dict[str, float]]:
+def _sequential(service: Endpoint, n: int, users: int) -> dict[str, dict[str, float]]:
     times: dict[str, list[float]] = {"recommend": [], "version": []}
-    with httpx.Client(base_url=url, timeout=30.0) as client:
+    with httpx.Client(base_url=service.url, headers=service.headers, timeout=30.0) as client:
         for i in range(n + 20):
             for name, body in (("recommend", {"user_id": i % users}), ("version", {})):
                 t0 = time.perf_counter()
@@ -74,10 +75,11 @@ def _sequential(url: str, n: int, users: int) -> dict[str, dict[str, float]]:
 
 
 def _wrk(
-    url: str, seconds: float, connections: int, delay_ms: float, users: int, script: Path
+    service: Endpoint, seconds: float, connections: int, delay_ms: float, users: int, script: Path
 ) -> dict[str, float]:
     env = {
         **os.environ,
+        "UNEXRL_BENCH_TOKEN": service.token,
         "UNEXRL_BENCH_USERS": str(users),
         "UNEXRL_BENCH_DELAY_MS": str(int(max(delay_ms, 0))),
     }
@@ -94,7 +96,7 @@ def _wrk(
             "10s",
             "-s",
             str(script),
-            f"{url}/recommend",
+            f"{service.url}/recommend",
         ],
         env=env,
         capture_output=True,
@@ -109,16 +111,18 @@ def _wrk(
     return {"requests": total, "errors": errors, "error_rate": errors / max(total, 1), "rps": rps}
 
 
-def _load_test(url: str, users: int, load_seconds: float, p50_ms: float, script: Path) -> dict[str, Any]:
+def _load_test(
+    service: Endpoint, users: int, load_seconds: float, p50_ms: float, script: Path
+) -> dict[str, Any]:
     """Peak closed-loop rps with wrk, then ~80% of it paced by a per-request delay on each connection."""
     connections = 8
-    peak = _wrk(url, 5, connections, 0, users, script)
+    peak = _wrk(service, 5, connections, 0, users, script)
     target = 0.8 * peak["rps"]
     delay = connections * 1000.0 / target - p50_ms  # each connection: one request per (latency + delay)
     for _ in range(2):  # correct for the latency actually seen at that rate
-        probe = _wrk(url, 3, connections, delay, users, script)
+        probe = _wrk(service, 3, connections, delay, users, script)
         delay += connections * 1000.0 * (1 / target - 1 / max(probe["rps"], 1e-9))
-    held = _wrk(url, load_seconds, connections, delay, users, script)
+    held = _wrk(service, load_seconds, connections, delay, users, script)
     return {
         "peak_rps": peak["rps"],
         "target_rps": target,
@@ -156,9 +160,11 @@ def bench_serve(
             )
             tag, _ = import_model(artifact, model_name=f"unexrl-bench-{name}")
             env = {"UNEXRL_FEATURE_REPO": str(Path(tmp) / "no-feature-store")}
-            with local_service(tag, env=env, log_file=Path(tmp) / f"{name}.log") as url:
-                seq = _sequential(url, requests, case.world.n_users)
-                load = _load_test(url, case.world.n_users, load_seconds, seq["recommend"]["p50_ms"], script)
+            with local_service(tag, env=env, log_file=Path(tmp) / f"{name}.log") as service:
+                seq = _sequential(service, requests, case.world.n_users)
+                load = _load_test(
+                    service, case.world.n_users, load_seconds, seq["recommend"]["p50_ms"], script
+                )
             out["cases"][name] = {
                 "pool_size": case.cascade.pool_size,
                 "keep": [s.keep for s in case.cascade.stages],

@@ -6,9 +6,14 @@ back to defaults), the pool and every stage's predictions from :meth:`Simulator.
 models of the world the policy was trained in), and the page from :func:`unexrl.cascade.run_cascade` with the
 artifact's policy acting at each stage, exactly as in training and evaluation.
 
-Session state between pages lives in the feature store (pushed on every feedback, so replicas share it) and in
-a small per-process cache that also keeps the in-session watch history. Served pages wait for their feedback
-in a bounded per-process table: feedback must reach the replica that served the page (sticky sessions).
+Sessions are the service's, never the client's: a request without a session id starts one under a new
+unguessable id (62 random bits) bound to the user; a request that names a session must name one the service
+issued to that user and that is still open, and feedback is accepted only for a page served in the session it
+names, once, with watch times at most each item's duration. A session ends with ``session_end`` or at its
+``session.max_requests``-th page. Session state between pages lives in the feature store (pushed on every
+feedback, so replicas share it) and in a small per-process cache keyed by session id that also keeps the
+in-session watch history. Served pages wait for their feedback in a bounded per-process table: feedback must
+reach the replica that served the page (sticky sessions).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from unexrl.features import schema as fs
 from unexrl.features.client import FeatureClient, OnlineFeatures
 from unexrl.io import sha256_file
 from unexrl.serve import metrics as m
-from unexrl.serve.api import FeedbackItem
+from unexrl.serve.api import SESSION_ID_MAX, FeedbackItem
 from unexrl.sim.env import Policy, SessionBatch, Simulator
 from unexrl.sim.world import World
 
@@ -57,7 +62,8 @@ class RequestError(ValueError):
 
 
 class UnknownRequest(LookupError):
-    """Feedback for a request id this process did not serve, or already answered. A 404."""
+    """Feedback for a page this process did not serve in the named session, or already answered; or a session id
+    that is not an open session of the user. A 404, the same whichever it is (no oracle for other users' ids)."""
 
 
 def artifact_version(path: Path) -> str:
@@ -131,6 +137,7 @@ def load_serving_policy(path: Path, cfg: Config, world: World, version: str | No
 @dataclass
 class SessionState:
     session_id: int
+    user_id: int
     step: int = 0
     items_watched: int = 0
     watch_time_s: float = 0.0
@@ -192,7 +199,7 @@ class Recommender:
         self.stage_names = [s.name for s in cfg.cascade.stages]
         self.heads = [list(s.heads) for s in cfg.cascade.stages]
         self._pages: OrderedDict[str, Page] = OrderedDict()
-        self._sessions: OrderedDict[int, SessionState] = OrderedDict()
+        self._sessions: OrderedDict[int, SessionState] = OrderedDict()  # by session id
         self._lock = threading.Lock()
         m.MODEL_INFO.labels(self.version, role, self.policy.algorithm, self.policy.kind).set(1)
         if self.shadow is not None:
@@ -266,37 +273,35 @@ class Recommender:
         return torch.tensor([list(candidates)], dtype=torch.long)
 
     def _session(self, user_id: int, requested: int | None, online: OnlineFeatures) -> SessionState:
-        """The session this request belongs to: the process's cached state, else the feature store's, else new."""
+        """The session this request belongs to: a new one when none is named; else the named session if it is an
+        open session of this user (this process's cache, else the feature store's current session)."""
         u = online.user
-        stored_id = int(u[f"{fs.USER_SESSION.name}__session_id"])
-        with self._lock:
-            cached = self._sessions.get(user_id)
-        if cached is not None and time.monotonic() - cached.touched >= fs.SESSION_TTL_S:
-            cached = None
-        sid = next(
-            s
-            for s in (
-                requested,
-                cached and cached.session_id,
-                stored_id if stored_id >= 0 else None,
-                secrets.randbelow(2**62),
-            )
-            if s is not None
-        )
-        if cached is not None and cached.session_id == sid:
-            return replace(cached, history=list(cached.history))
         window = self.cfg.session.history_window
         history = [int(i) for i in u[f"{fs.USER_BEHAVIOUR.name}__recent_item_ids"]][-window:]
-        if sid == stored_id:
+        if requested is None:
             return SessionState(
-                session_id=sid,
+                session_id=1 + secrets.randbelow(SESSION_ID_MAX), user_id=user_id, history=history
+            )
+        with self._lock:
+            cached = self._sessions.get(requested)
+        if cached is not None and time.monotonic() - cached.touched >= fs.SESSION_TTL_S:
+            cached = None
+        if cached is not None and cached.user_id == user_id:
+            return replace(cached, history=list(cached.history))
+        if cached is None and int(u[f"{fs.USER_SESSION.name}__session_id"]) == requested:
+            return SessionState(
+                session_id=requested,
+                user_id=user_id,
                 step=int(u[f"{fs.USER_SESSION.name}__session_step"]),
                 items_watched=int(u[f"{fs.USER_SESSION.name}__session_items_watched"]),
                 watch_time_s=float(u[f"{fs.USER_SESSION.name}__session_watch_time_s"]),
                 last_watch_fraction=float(u[f"{fs.USER_SESSION.name}__last_watch_fraction"]),
                 history=history,
             )
-        return SessionState(session_id=sid, history=history)
+        m.FEEDBACK_REJECTED.labels("unknown_session").inc()
+        raise UnknownRequest(
+            f"context.session_id: {requested} is not an open session of user {user_id}; omit it to start one"
+        )
 
     def _batch(self, user: int, s: SessionState) -> SessionBatch:
         window = self.cfg.session.history_window
@@ -358,46 +363,50 @@ class Recommender:
 
     # -- /feedback ----------------------------------------------------------------------------------------
 
-    def feedback(self, request_id: str, items: Sequence[FeedbackItem], session_end: bool) -> FeedbackResult:
+    def feedback(
+        self, request_id: str, session_id: int, items: Sequence[FeedbackItem], session_end: bool
+    ) -> FeedbackResult:
+        duration = self.sim.world.item_duration
         with self._lock:
             page = self._pages.get(request_id)
-            if page is None:
+            if page is None or page.session.session_id != session_id:
                 m.FEEDBACK_REJECTED.labels("unknown_request").inc()
                 raise UnknownRequest(
-                    f"request_id: {request_id!r} was not served by this replica, or its feedback "
-                    "was already received"
+                    f"request_id: {request_id!r} is not a page this replica served in session {session_id}, "
+                    "or its feedback was already received"
                 )
-            _check_items(page, items)
+            _check_items(page, items, duration)
             del self._pages[request_id]
         v = self.version
         m.FEEDBACK_LAG.labels(v).observe(time.monotonic() - page.served_at)
         watched = {it.item_id: it.watch_time_s for it in items}
         viewed = [i for i in page.items if i in watched]  # page order, as the user scrolled
-        duration = self.sim.world.item_duration
         fractions = [watched[i] / float(duration[i]) for i in viewed]
         for i in viewed:
             m.ITEM_WATCH_TIME.labels(v).observe(watched[i])
         before = page.session
-        after = SessionState(
-            session_id=before.session_id,
+        after = replace(
+            before,
             step=before.step + 1,
             items_watched=before.items_watched + len(viewed),
             watch_time_s=before.watch_time_s + sum(watched[i] for i in viewed),
             last_watch_fraction=sum(fractions) / len(fractions) if fractions else before.last_watch_fraction,
             history=(before.history + viewed)[-self.cfg.session.history_window :],
+            touched=time.monotonic(),
         )
-        if session_end:
+        ended = session_end or after.step >= self.cfg.session.max_requests
+        if ended:
             m.SESSION_WATCH_TIME.labels(v).observe(after.watch_time_s)
             m.SESSION_ITEMS.labels(v).observe(after.items_watched)
             m.SESSION_REQUESTS.labels(v).observe(after.step)
             m.SESSIONS_ENDED.labels(v).inc()
             with self._lock:
-                self._sessions.pop(page.user_id, None)
+                self._sessions.pop(after.session_id, None)
             pushed = self.features.push_session(page.user_id, datetime.now(UTC), -1, 0, 0, 0.0, 0.5)
         else:
             with self._lock:
-                self._sessions[page.user_id] = after
-                self._sessions.move_to_end(page.user_id)
+                self._sessions[after.session_id] = after
+                self._sessions.move_to_end(after.session_id)
                 while len(self._sessions) > MAX_CACHED_SESSIONS:
                     self._sessions.popitem(last=False)
             pushed = self.features.push_session(
@@ -409,19 +418,30 @@ class Recommender:
                 after.watch_time_s,
                 after.last_watch_fraction,
             )
-        return FeedbackResult(session=after, ended=session_end, pushed=pushed)
+        return FeedbackResult(session=after, ended=ended, pushed=pushed)
 
 
-def _check_items(page: Page, items: Sequence[FeedbackItem]) -> None:
+def _check_items(page: Page, items: Sequence[FeedbackItem], duration: torch.Tensor) -> None:
     shown = set(page.items)
     seen: set[int] = set()
     for i, it in enumerate(items):
-        if it.item_id not in shown:
+        problem = (
+            f"item {it.item_id} was not on page {page.request_id}"
+            if it.item_id not in shown
+            else f"item {it.item_id} appears more than once"
+            if it.item_id in seen
+            else None
+        )
+        if problem is not None:
             m.FEEDBACK_REJECTED.labels("invalid").inc()
-            raise RequestError(f"items[{i}].item_id", f"item {it.item_id} was not on page {page.request_id}")
-        if it.item_id in seen:
+            raise RequestError(f"items[{i}].item_id", problem)
+        limit = float(duration[it.item_id])
+        if it.watch_time_s > limit:
             m.FEEDBACK_REJECTED.labels("invalid").inc()
-            raise RequestError(f"items[{i}].item_id", f"item {it.item_id} appears more than once")
+            raise RequestError(
+                f"items[{i}].watch_time_s",
+                f"{it.watch_time_s} s is longer than item {it.item_id} ({limit} s)",
+            )
         seen.add(it.item_id)
 
 

@@ -1,19 +1,23 @@
 """Run the BentoML service as a child process on loopback: for tests, `unexrl bench serve` and local use.
 
 ``bentoml serve`` starts a supervisor with worker processes; it is started in its own process group and that
-group is stopped (SIGTERM, then SIGKILL) when the context exits, so no worker outlives the caller.
+group is stopped (SIGTERM, then SIGKILL) when the context exits, so no worker outlives the caller. Each service
+gets its own API token (``UNEXRL_API_TOKEN``), which the yielded endpoint carries for its clients.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from unexrl.loopback import free_port, stop, wait_http_ready
+from unexrl.serve.gateway import ENV_TOKEN, bearer
 from unexrl.serve.package import ENV_MODEL, PROJECT_ROOT
 
 SERVICE = "serving.service:Recommendation"
@@ -26,6 +30,18 @@ def bentoml_home() -> str:
     return str(BentoMLContainer.bentoml_home.get())
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """A running service: its base URL and the token its API routes require."""
+
+    url: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return bearer(self.token)
+
+
 @contextmanager
 def local_service(
     model_tag: str,
@@ -35,9 +51,10 @@ def local_service(
     log_file: Path | None = None,
     start_timeout_s: float = 120.0,
     python_env: Path | None = None,
-) -> Iterator[str]:
-    """Yield ``http://127.0.0.1:PORT`` of ``bentoml serve target`` serving ``model_tag``; ``target`` may also
-    be a bento tag. Raises RuntimeError (with the log's tail) if it exits or is not ready in time.
+) -> Iterator[Endpoint]:
+    """Yield the endpoint (``http://127.0.0.1:PORT`` and its token) of ``bentoml serve target`` serving
+    ``model_tag``; ``target`` may also be a bento tag. Raises RuntimeError (with the log's tail) if it exits or
+    is not ready in time. ``env`` may set the token itself (``UNEXRL_API_TOKEN``).
 
     ``python_env``: serve a built bento with that virtual environment's bentoml, from outside this checkout (no
     PYTHONPATH to it): the bento's own sources and that environment's packages only. Default: this environment,
@@ -55,6 +72,7 @@ def local_service(
         child_env["VIRTUAL_ENV"] = str(python_env)
         child_env["PATH"] = os.pathsep.join([str(python_env / "bin"), child_env.get("PATH", "")])
         exe, cwd = python_env / "bin" / "bentoml", python_env
+    child_env[ENV_TOKEN] = secrets.token_urlsafe(32)
     child_env.update(env or {})
     log = open(log_file, "wb") if log_file is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -70,7 +88,7 @@ def local_service(
         if not wait_http_ready(proc, f"{url}/readyz", start_timeout_s, interval_s=0.25):
             tail = Path(log_file).read_text(errors="replace")[-3000:] if log_file is not None else ""
             raise RuntimeError(f"the service did not become ready on {url} (exit code {proc.poll()})\n{tail}")
-        yield url
+        yield Endpoint(url, child_env[ENV_TOKEN])
     finally:
         stop(proc, 15.0, group=True)
         if log_file is not None:

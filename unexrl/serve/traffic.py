@@ -1,9 +1,10 @@
 """`unexrl traffic`: simulated users browse a running service over HTTP.
 
 Sessions start as in the simulator (users drawn from the seed); every step each live session asks /recommend
-for a page, the simulator's user model answers the page the service returned (:meth:`Simulator.respond`),
-and the viewed items go back as /feedback, with ``session_end`` when the user leaves. Bounded by a number of
-sessions and a wall-clock budget; ``concurrency`` sessions are in flight at once.
+for a page (the first without a session id: the service issues one, sent back from then on), the simulator's
+user model answers the page the service returned (:meth:`Simulator.respond`), and the viewed items go back as
+/feedback, with ``session_end`` when the user leaves. Bounded by a number of sessions and a wall-clock budget;
+``concurrency`` sessions are in flight at once. Every request carries the service's bearer token.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import httpx
 import torch
 
 from unexrl.config import Config
+from unexrl.serve.gateway import bearer
 from unexrl.sim.env import Simulator
 
 
@@ -36,6 +38,7 @@ class TrafficReport:
 
 async def _drive(
     url: str,
+    token: str,
     sim: Simulator,
     seed: int,
     sessions: int,
@@ -45,23 +48,24 @@ async def _drive(
 ) -> None:
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url.rstrip("/"), timeout=30.0, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url.rstrip("/"), headers=bearer(token), timeout=30.0, limits=limits
+    ) as client:
         first = 0
         while first < sessions and time.monotonic() < deadline:
             ids = torch.arange(first, min(first + concurrency, sessions))
             first += len(ids)
             report.sessions_started += len(ids)
             state = sim.start(seed, ids)
+            served_session: dict[int, int] = {}  # row -> the session id the service issued
             while bool(state.alive.any()) and time.monotonic() < deadline:
                 live = state.alive.nonzero().squeeze(1).tolist()
                 pages = await asyncio.gather(
                     *(
                         client.post(
                             "/recommend",
-                            json={
-                                "user_id": int(state.user[i]),
-                                "context": {"session_id": int(state.session[i])},
-                            },
+                            json={"user_id": int(state.user[i])}
+                            | ({"context": {"session_id": served_session[i]}} if i in served_session else {}),
                         )
                         for i in live
                     )
@@ -77,6 +81,7 @@ async def _drive(
                     body = reply.json()
                     items[i] = torch.tensor(body["items"])
                     request_ids[i] = body["request_id"]
+                    served_session[i] = body["session_id"]
                 response, reward, _, done = sim.respond(state, items)
                 report.watch_time_s += float(reward.sum())
                 answers = await asyncio.gather(
@@ -85,6 +90,7 @@ async def _drive(
                             "/feedback",
                             json={
                                 "request_id": rid,
+                                "session_id": served_session[i],
                                 "items": [
                                     {
                                         "item_id": int(items[i, k]),
@@ -107,9 +113,16 @@ async def _drive(
 
 
 def run_traffic(
-    cfg: Config, url: str, *, sessions: int, seconds: float, concurrency: int = 8, seed: int | None = None
+    cfg: Config,
+    url: str,
+    token: str,
+    *,
+    sessions: int,
+    seconds: float,
+    concurrency: int = 8,
+    seed: int | None = None,
 ) -> TrafficReport:
-    """Drive ``url`` with up to ``sessions`` simulated sessions for at most ``seconds``.
+    """Drive ``url`` (API token ``token``) with up to ``sessions`` simulated sessions for at most ``seconds``.
 
     The config must describe the world the served policy was trained in (same ``seeds.world`` and sizes),
     so that the users' responses and the service's item ids refer to the same catalogue.
@@ -122,6 +135,7 @@ def run_traffic(
     asyncio.run(
         _drive(
             url,
+            token,
             sim,
             seed if seed is not None else cfg.seeds.evaluation[0],
             sessions,
