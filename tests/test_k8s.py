@@ -259,6 +259,7 @@ def test_each_environment_has_every_kind():
         "ServiceAccount",
         "PersistentVolumeClaim",
         "ConfigMap",
+        "NetworkPolicy",
         "Pipeline",
         "PipelineVersion",
     }
@@ -328,7 +329,12 @@ def test_only_ingress_and_prometheus_reach_serving(env):
         for p in find(docs, "NetworkPolicy")
         if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/name") == "unexrl-serving"
     ]
-    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    assert pol["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    # egress: DNS, and the online store's port only
+    dns, store = pol["spec"]["egress"]
+    assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert "to" not in store and [p["port"] for p in store["ports"]] == [6379]
     peers = []
     for rule in pol["spec"]["ingress"]:
         assert [p["port"] for p in rule["ports"]] == [3000]
@@ -373,12 +379,20 @@ def test_feature_store_redis_in_dev_external_reference_elsewhere():
         return cm["data"], {e["name"]: e for e in c["env"]}
 
     data, env = feature_env(render("overlays/dev"))
-    assert data["UNEXRL_FEATURE_ENV"] == "redis" and data["UNEXRL_REDIS"] == "feast-redis:6379"
-    assert "UNEXRL_REDIS" not in env
+    assert data["UNEXRL_FEATURE_ENV"] == "redis" and "UNEXRL_REDIS" not in data
+    ref = env["UNEXRL_REDIS"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "feast-redis", "key": "connection-string"}
     dev_platform = render("overlays/dev/platform")
     redis = one(dev_platform, "Deployment", "feast-redis")
     assert one(dev_platform, "Service", "feast-redis")["spec"]["ports"][0]["port"] == 6379
-    assert redis["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    # a password from the Secret, protected mode left on, and the probe authenticates
+    command = " ".join(container["command"] + container["args"])
+    assert '--requirepass "$REDIS_PASSWORD"' in command and "protected-mode" not in command
+    for name in ("REDIS_PASSWORD", "REDISCLI_AUTH"):
+        (e,) = [e for e in container["env"] if e["name"] == name]
+        assert e["valueFrom"]["secretKeyRef"] == {"name": "feast-redis", "key": "password"}
     for env_name in ("staging", "prod"):
         data, env = feature_env(render(f"overlays/{env_name}"))
         assert data["UNEXRL_FEATURE_ENV"] == "production" and "UNEXRL_REDIS" not in data
@@ -389,6 +403,57 @@ def test_feature_store_redis_in_dev_external_reference_elsewhere():
         settings = yaml.safe_load((ROOT / "feature_repo/environments/production.yaml").read_text())
         wanted = set(re.findall(r"\$\{(\w+)\}", json.dumps(settings)))
         assert wanted <= set(data) | set(env)
+
+
+def pod_templates(doc: dict) -> list[tuple[dict, dict]]:
+    """(labels, pod spec) of every pod template inside a workload."""
+    out = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            spec = node.get("spec")
+            if isinstance(spec, dict) and isinstance(spec.get("containers"), list):
+                out.append(((node.get("metadata") or {}).get("labels") or {}, spec))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(doc.get("spec", {}))
+    return out
+
+
+def selects(policy: dict, labels: dict) -> bool:
+    selector = policy["spec"]["podSelector"]
+    expressions = selector.get("matchExpressions", [])
+    return selector.get("matchLabels", {}).items() <= labels.items() and all(
+        e["operator"] == "In" and labels.get(e["key"]) in e["values"] for e in expressions
+    )
+
+
+@pytest.mark.parametrize("path", [*SERVING, *PLATFORM])
+def test_every_pod_has_ingress_and_egress_policies(path):
+    """Every pod template of every overlay is selected by a NetworkPolicy that restricts both directions."""
+    docs = render(path)
+    policies = find(docs, "NetworkPolicy")
+    for doc in docs:
+        for labels, _ in pod_templates(doc):
+            mine = [p for p in policies if selects(p, labels)]
+            assert mine, f"{doc['kind']} {doc['metadata']['name']}: no NetworkPolicy selects {labels}"
+            assert {"Ingress", "Egress"} <= {t for p in mine for t in p["spec"]["policyTypes"]}, labels
+    # the KFP component pods are not in these manifests (KFP creates them): their policy names KFP's label
+    if path in PLATFORM:
+        assert any(selects(p, {"pipelines.kubeflow.org/v2_component": "true"}) for p in policies)
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_the_api_token_is_a_secret_reference(env):
+    dep = one(render(f"overlays/{env}"), "Deployment", "unexrl-serving")
+    (e,) = [
+        e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"] if e["name"] == "UNEXRL_API_TOKEN"
+    ]
+    assert e["valueFrom"]["secretKeyRef"] == {"name": "unexrl-api-token", "key": "token"}
 
 
 @pytest.mark.parametrize("env", ENVS)
