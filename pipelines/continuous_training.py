@@ -28,6 +28,7 @@ from components import (
     train,
 )
 from components.images import TRAIN_GPU_IMAGE, VERSION
+from unexrl.contracts.signing import ENV_SIGNING_KEY
 
 HERE = Path(__file__).resolve().parent
 PIPELINE_YAML = HERE / "unexrl_continuous_training.yaml"
@@ -92,6 +93,18 @@ def release_steps(
         released.set_display_name("deploy (GitOps commit)").set_caching_options(False)
         released.set_retry(num_retries=2, backoff_duration="30s")  # git push races / network
         kubernetes.mount_pvc(released, pvc_name=data_pvc, mount_path=DATA_MOUNT)
+
+
+SIGNING_SECRET = "unexrl-artifact-signing-key"
+SIGNING_MOUNT = "/etc/unexrl/signing"
+
+
+def signs_artifacts(task: dsl.PipelineTask) -> None:
+    """``task`` writes policy artifacts: it signs them with the environment's key, the Secret SIGNING_SECRET
+    (key private.pem). Optional: dev has none and its service checks no signatures; staging and prod require
+    them (k8s/components/signed-artifacts, docs/security.md)."""
+    kubernetes.use_secret_as_volume(task, secret_name=SIGNING_SECRET, mount_path=SIGNING_MOUNT, optional=True)
+    task.set_env_variable(ENV_SIGNING_KEY, f"{SIGNING_MOUNT}/private.pem")
 
 
 @dsl.pipeline(
@@ -162,6 +175,7 @@ def unexrl_continuous_training(
         incumbent=incumbent.outputs["incumbent"],
     )
     sim.set_display_name("simulate logs").set_retry(num_retries=2, backoff_duration="30s")
+    signs_artifacts(sim)  # the CEM baseline (served as the shadow)
     logs = ingest_logs(
         config=config, config_overrides=config_overrides, logs_uri=logs_uri, simulated=sim.outputs["logs"]
     ).set_display_name("ingest + validate logs")
@@ -205,6 +219,7 @@ def unexrl_continuous_training(
     kubernetes.add_node_selector_json(trained, gpu_node_selector)
     kubernetes.add_toleration_json(trained, gpu_tolerations)
     kubernetes.mount_pvc(trained, pvc_name=data_pvc, mount_path=DATA_MOUNT)
+    signs_artifacts(trained)  # the candidate (a multi-node job's pods get the key from the runtime)
 
     release_steps(
         config=config,

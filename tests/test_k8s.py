@@ -457,6 +457,28 @@ def test_the_api_token_is_a_secret_reference(env):
 
 
 @pytest.mark.parametrize("env", ENVS)
+def test_staging_and_prod_serve_only_signed_artifacts(env):
+    """The service's trusted public keys come from a ConfigMap in staging and prod (signatures required), and
+    are absent in dev (the embedded default's rule); the trainer signs with an optional Secret everywhere."""
+    spec = one(render(f"overlays/{env}"), "Deployment", "unexrl-serving")["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    keys = [e for e in container["env"] if e["name"] == "UNEXRL_ARTIFACT_PUBLIC_KEYS"]
+    if env == "dev":
+        assert not keys
+    else:
+        (mount,) = [m for m in container["volumeMounts"] if keys[0]["value"].startswith(m["mountPath"] + "/")]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert volume["configMap"]["name"] == "unexrl-artifact-public-keys" and mount["readOnly"]
+    runtime = one(render(f"overlays/{env}/platform"), "TrainingRuntime")
+    (pod,) = [p for p in pod_specs(runtime)]
+    env_vars = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    key_dir = env_vars["UNEXRL_SIGNING_KEY_FILE"].rsplit("/", 1)[0]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == key_dir]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"] == {"secretName": "unexrl-artifact-signing-key", "optional": True}
+
+
+@pytest.mark.parametrize("env", ENVS)
 def test_training_runtime_targets_gpus_with_nccl(env):
     rt = one(render(f"overlays/{env}/platform"), "TrainingRuntime", "unexrl-torchrec")
     assert rt["spec"]["mlPolicy"]["torch"]

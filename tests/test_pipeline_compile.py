@@ -110,3 +110,14 @@ def test_every_component_input_is_described_and_named_as_in_the_pipeline() -> No
     assert {"config_overrides", "data_pvc", "gitops_repo"} <= set(
         spec["components"]["comp-train"]["inputDefinitions"]["parameters"]
     ) | set(spec["components"]["comp-deploy"]["inputDefinitions"]["parameters"])
+
+
+def test_the_tasks_that_write_policy_artifacts_sign_them() -> None:
+    """simulate-logs (CEM) and train (the candidate) get the optional signing Secret and the env naming its key."""
+    spec, platform = docs(PIPELINE_YAML)
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("exec-simulate-logs", "exec-train"):
+        (volume,) = executors[name]["secretAsVolume"]
+        assert (volume["secretName"], volume["optional"]) == ("unexrl-artifact-signing-key", True)
+        env = {e["name"]: e["value"] for e in spec["deploymentSpec"]["executors"][name]["container"]["env"]}
+        assert env["UNEXRL_SIGNING_KEY_FILE"] == f"{volume['mountPath']}/private.pem"

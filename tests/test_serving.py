@@ -91,6 +91,34 @@ def test_tampered_artifact_is_refused(tmp_path: Path, cem_artifact: Path, bento:
         pass
 
 
+def test_a_signed_environment_serves_only_what_its_pipeline_signed(
+    tmp_path: Path, small_cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service with UNEXRL_ARTIFACT_PUBLIC_KEYS (as in staging/prod): a self-consistent re-hashed artifact
+    (new weights, manifest hashes recomputed: the model store's checks pass) never becomes ready; the
+    pipeline's signed one serves."""
+    import torch
+    from test_signing import rehash, signed_artifact
+
+    from unexrl.contracts.signing import ENV_PUBLIC_KEYS, generate_keys
+
+    private, public = generate_keys(tmp_path / "keys")
+    env = {ENV_PUBLIC_KEYS: str(public), "UNEXRL_FEATURE_REPO": str(tmp_path / "no-feature-store")}
+    good = signed_artifact(small_cfg, tmp_path / "good", private, monkeypatch)
+    bad = signed_artifact(small_cfg, tmp_path / "bad", private, monkeypatch)
+    rehash(bad, torch.zeros(1, sum(small_cfg.cascade.action_dims)))
+    tag, _ = import_model(bad, model_name="unexrl-rehashed")  # this process trusts no keys: hashes only
+    with (
+        pytest.raises(RuntimeError, match="does not verify"),
+        local_service(tag, env=env, log_file=tmp_path / "bad.log", start_timeout_s=60),
+    ):
+        pass
+    tag, version = import_model(good, model_name="unexrl-signed")
+    with local_service(tag, env=env, log_file=tmp_path / "good.log") as service:
+        page = _post(service, "/recommend", {"user_id": 1})
+        assert page.status_code == 200 and page.json()["model_version"] == version, page.text
+
+
 def _post(service: Endpoint, path: str, body: object, token: str | None = None) -> httpx.Response:
     """POST as an authenticated client (``token``: another client's token; "" sends none)."""
     headers = service.headers if token is None else ({"Authorization": f"Bearer {token}"} if token else {})

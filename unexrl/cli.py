@@ -162,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="the run directory (checkpoints/, config.json)")
 
     p = sub.add_parser(
+        "keys",
+        parents=[common],
+        help="a new ed25519 key pair for signing policy artifacts",
+        description="Write private.pem (mode 0600: the pipeline's Secret, UNEXRL_SIGNING_KEY_FILE) and public.pem "
+        "(each environment that must load only this pipeline's artifacts: UNEXRL_ARTIFACT_PUBLIC_KEYS) into "
+        "--out (docs/security.md).",
+    )
+    p.add_argument("--out", type=Path, required=True, help="directory for private.pem and public.pem")
+
+    p = sub.add_parser(
         "experiment",
         parents=[common],
         help="the paper's comparison: every algorithm x seeds, and the agents-count study",

@@ -252,6 +252,17 @@ def diagnose(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def keys(cfg: Config, args: argparse.Namespace) -> int:
+    """`unexrl keys --out DIR`: a signing key pair (unexrl/contracts/signing.py)."""
+    from unexrl.contracts.signing import generate_keys
+
+    if (args.out / "private.pem").exists():
+        raise FileExistsError(f"{args.out / 'private.pem'} exists; not replacing a signing key")
+    private, public = generate_keys(args.out)
+    log.info("wrote %s (keep secret) and %s", private, public)
+    return 0
+
+
 def traffic(cfg: Config, args: argparse.Namespace) -> int:
     from unexrl.serve.gateway import ENV_TOKEN_FILE, api_token
     from unexrl.serve.local import bentoml_home

@@ -2,6 +2,8 @@
 its files is opened.
 
     <dir>/manifest.json    ArtifactManifest (a kind's own model adds its fields: unexrl/artifacts.py lists the kinds)
+    <dir>/manifest.sig     optional: its ed25519 signature (unexrl/contracts/signing.py), required where
+                           the environment names trusted keys
     <dir>/<file>           every other file, listed in the manifest's ``files`` with its sha256
 
 The manifest layer knows no kind: it checks the common fields and the files; a kind's loader validates the same
@@ -21,6 +23,7 @@ from pydantic import ConfigDict, Field, field_validator
 from unexrl.config import Config
 from unexrl.contracts import files
 from unexrl.contracts.base import SHA256, STRICT, Contract, ContractError, Part
+from unexrl.contracts.signing import sign_manifest, verify_manifest
 from unexrl.io import sha256_file
 
 
@@ -64,7 +67,12 @@ class ArtifactManifest(Contract):
     def _plain_paths(cls, value: dict[str, str]) -> dict[str, str]:
         for name, digest in value.items():
             path = PurePosixPath(name)
-            if path.is_absolute() or ".." in path.parts or "\\" in name or name in ("", ".", files.MANIFEST):
+            if (
+                path.is_absolute()
+                or ".." in path.parts
+                or "\\" in name
+                or name in ("", ".", files.MANIFEST, files.SIGNATURE)
+            ):
                 raise ValueError(f"{name!r}: a listed file must be a plain path inside the artifact")
             if not re.fullmatch(SHA256, digest):
                 raise ValueError(f"{name!r}: {digest!r} is not a sha256 hex digest")
@@ -84,6 +92,12 @@ class ArtifactManifest(Contract):
             files=files,
             **fields,
         )
+
+    def publish(self, directory: Path) -> None:
+        """Write this manifest into the artifact ``directory`` (its files already there), signed when this
+        process holds a signing key."""
+        self.write(Path(directory) / files.MANIFEST)
+        sign_manifest(Path(directory))
 
     def listed(self, directory: Path, name: str) -> Path:
         """``directory``/``name``: a loader opens a file only through this, so only what the manifest lists (and
@@ -132,13 +146,15 @@ def peek_manifest(path: Path) -> ArtifactManifest:
 
 def read_artifact(path: Path, model: type[M] = ArtifactManifest) -> M:  # type: ignore[assignment]
     """Read ``path``/manifest.json as ``model`` and verify the directory against it, before any file is used:
-    every file listed is a regular file inside the directory (no symlink, no way out), its sha256 matches, and
-    nothing else is there. ``model``: a kind's manifest (refused unless the artifact is of that kind)."""
+    the manifest is signed by a trusted key where this environment requires it; every file listed is a regular
+    file inside the directory (no symlink, no way out), its sha256 matches, and nothing else is there. ``model``:
+    a kind's manifest (refused unless the artifact is of that kind)."""
     path = Path(path)
     if not (path / files.MANIFEST).is_file():
         raise ArtifactError(f"{path}: no {files.MANIFEST}; not a policy artifact")
     data, where = (path / files.MANIFEST).read_bytes(), str(path / files.MANIFEST)  # read once: one document
     try:
+        verify_manifest(path, data)
         manifest = ArtifactManifest.parse(data, where)
         if model.KIND is not None and manifest.kind != model.KIND:
             raise ArtifactError(f"{path}: artifact kind {manifest.kind!r}, not {model.KIND}")
@@ -152,7 +168,8 @@ def read_artifact(path: Path, model: type[M] = ArtifactManifest) -> M:  # type: 
 
 def _verify_files(path: Path, listed: dict[str, str]) -> None:
     root = path.resolve()
-    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()} - {files.MANIFEST}
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()}
+    present -= {files.MANIFEST, files.SIGNATURE}
     unlisted = sorted(present - set(listed))
     if unlisted:
         raise ArtifactError(

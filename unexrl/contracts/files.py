@@ -2,6 +2,8 @@
 
 MANIFEST = "manifest.json"
 """every artifact's (policies, logs, feature tables) list of files and hashes"""
+SIGNATURE = "manifest.sig"
+"""a policy artifact's ed25519 signature of its manifest's bytes (unexrl.contracts.signing)"""
 SUMMARY = "summary.json"
 """the release evaluation's summary (unexrl.contracts.evaluation.EvaluationSummary)"""
 REPORT = "report.md"

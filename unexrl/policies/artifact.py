@@ -17,7 +17,6 @@ import torch
 from pydantic import Field
 
 from unexrl.config import Config
-from unexrl.contracts import files
 from unexrl.contracts.artifact import ArtifactError, ArtifactManifest, read_artifact
 from unexrl.contracts.base import STRICT
 from unexrl.io import atomic_directory, sha256_file
@@ -55,7 +54,7 @@ def save_weight_policy(
             files={WEIGHTS: sha256_file(tmp / WEIGHTS)},
             group_by=policy.group_by,
             extra=extra or {},
-        ).write(tmp / files.MANIFEST)
+        ).publish(tmp)
     return Path(out_dir)
 
 

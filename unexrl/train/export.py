@@ -90,7 +90,7 @@ def export_actors(
             learning_stages=learning_stages(cfg),
             features={**feature_schema(cfg), "tables": tables},
             **provenance,
-        ).write(tmp / files.MANIFEST)
+        ).publish(tmp)
         served = probe_actions(load_actor_policy(tmp, cfg, sim.world), sim)
         worst = max(float((a - b).abs().max()) for a, b in zip(served, expected))
         if worst > PROBE_TOLERANCE:

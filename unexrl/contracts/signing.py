@@ -1,0 +1,116 @@
+"""Signed artifact manifests: who made an artifact, not only what is in it (docs/security.md).
+
+A manifest lists the sha256 of every file, so a changed file is refused; but whoever can write the artifact can
+also rewrite the manifest with the new hashes (a self-consistent tamper). A signature closes that: the pipeline
+signs ``manifest.json``'s bytes with an ed25519 private key (``manifest.sig`` beside it), and an environment that
+trusts only its pipeline's public keys refuses an artifact whose manifest is unsigned or signed by anyone else.
+
+    UNEXRL_SIGNING_KEY_FILE      where artifacts are written (the pipeline): PEM private key (from a Secret);
+                                 set but absent: nothing is signed (the consumer is where trust is enforced)
+    UNEXRL_ARTIFACT_PUBLIC_KEYS  where artifacts are loaded (serving, packaging): PEM public key(s), one or more
+                                 concatenated; set: a valid signature by one of them is required (staging, prod);
+                                 unset: signatures are not checked (the embedded default)
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from unexrl.contracts import files
+from unexrl.contracts.base import ContractError
+from unexrl.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+ENV_SIGNING_KEY = "UNEXRL_SIGNING_KEY_FILE"
+ENV_PUBLIC_KEYS = "UNEXRL_ARTIFACT_PUBLIC_KEYS"
+_PEM_BLOCK = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
+
+
+class SignatureError(ContractError):
+    """An artifact this environment may not trust: unsigned, or not signed by a trusted key; or a bad key file."""
+
+
+def generate_keys(out_dir: Path) -> tuple[Path, Path]:
+    """A new ed25519 key pair: ``private.pem`` (mode 0600, for the pipeline's Secret) and ``public.pem``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    private, public = out_dir / "private.pem", out_dir / "public.pem"
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    atomic_write_bytes(private, pem, mode=0o600)
+    atomic_write_bytes(
+        public,
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    )
+    return private, public
+
+
+def sign_manifest(directory: Path, environ: Mapping[str, str] = os.environ) -> bool:
+    """Sign ``directory``/manifest.json when a signing key is configured; True if it signed."""
+    key_file = environ.get(ENV_SIGNING_KEY)
+    if not key_file:
+        return False
+    if not Path(key_file).is_file():
+        log.warning("%s=%s does not exist: %s is not signed", ENV_SIGNING_KEY, key_file, directory)
+        return False
+    key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SignatureError(f"{ENV_SIGNING_KEY}={key_file}: not an ed25519 private key")
+    signature = key.sign((Path(directory) / files.MANIFEST).read_bytes())
+    atomic_write_bytes(Path(directory) / files.SIGNATURE, base64.b64encode(signature) + b"\n")
+    return True
+
+
+def trusted_keys(environ: Mapping[str, str] = os.environ) -> list[Ed25519PublicKey] | None:
+    """The public keys this environment trusts, or None when it checks no signatures."""
+    key_file = environ.get(ENV_PUBLIC_KEYS)
+    if not key_file:
+        return None
+    try:
+        blocks = _PEM_BLOCK.findall(Path(key_file).read_bytes())
+    except OSError as err:
+        raise SignatureError(f"{ENV_PUBLIC_KEYS}={key_file}: {err.strerror}") from None
+    keys = [serialization.load_pem_public_key(b) for b in blocks]
+    if not keys or not all(isinstance(k, Ed25519PublicKey) for k in keys):
+        raise SignatureError(f"{ENV_PUBLIC_KEYS}={key_file}: expected one or more ed25519 public keys (PEM)")
+    return keys  # type: ignore[return-value]
+
+
+def verify_manifest(directory: Path, manifest: bytes, environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse ``manifest`` (the bytes of ``directory``/manifest.json, as read once) unless this environment checks
+    no signatures, or ``manifest.sig`` is a valid signature of exactly these bytes by a trusted key."""
+    keys = trusted_keys(environ)
+    if keys is None:
+        return
+    sig_file = Path(directory) / files.SIGNATURE
+    if not sig_file.is_file() or sig_file.is_symlink():
+        raise SignatureError(
+            f"{directory}: no {files.SIGNATURE}; this environment ({ENV_PUBLIC_KEYS}) loads signed artifacts only"
+        )
+    try:
+        signature = base64.b64decode(sig_file.read_bytes().strip(), validate=True)
+    except ValueError:
+        raise SignatureError(f"{sig_file}: not a base64 signature") from None
+    for key in keys:
+        try:
+            key.verify(signature, manifest)
+            return
+        except InvalidSignature:
+            continue
+    raise SignatureError(
+        f"{directory}: {files.SIGNATURE} does not verify against the manifest with any trusted key; "
+        "refusing an artifact this environment's pipeline did not sign"
+    )
