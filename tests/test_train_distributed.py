@@ -256,14 +256,14 @@ def test_a_second_run_into_the_same_directory_needs_resume(
 def test_offline_resume_is_exact(tmp_path: Path, cem_artifact: Path, train_logs: Path) -> None:
     """Offline, the buffer comes back from the logs, so a run resumed from its middle checkpoint must end where the
     uninterrupted run ended: networks, targets, Adam states, RNG and CQR knots all restored (one process)."""
-    # train.select=final: the actors of points before a resume are not kept, so only the final actors can match
+    # train.select=best_validation (the default): the best point's actors are in the checkpoint, so the resumed
+    # run selects among every point, as the uninterrupted one did
     overrides = [
         *TINY,
         "train.updates=8",
         "train.checkpoint_every=4",
         "train.eval_every=4",
         "train.eval_sessions=4",
-        "train.select=final",
     ]
     args = [*_args(overrides), "--algo", "unexrl-cic", "--logs", str(train_logs), "--cem", str(cem_artifact)]
     assert main(["train", *SMALL, *args, "--out", str(tmp_path / "whole")]) == 0
@@ -277,6 +277,7 @@ def test_offline_resume_is_exact(tmp_path: Path, cem_artifact: Path, train_logs:
     for point in (*whole["curve"], *cut["curve"]):
         point["diagnostics"].pop("seconds")  # the only thing the resume may change: how long they took
     assert cut["resumed_from"] == 4 and cut["curve"] == whole["curve"]
+    assert cut["selected_updates"] == whole["selected_updates"]
     assert (tmp_path / "whole" / "export" / "actors.safetensors").read_bytes() == (
         tmp_path / "cut" / "export" / "actors.safetensors"
     ).read_bytes()
@@ -317,3 +318,93 @@ def test_export_holds_the_best_validation_point(tmp_path: Path, cem_artifact: Pa
     final = load_file(tmp_path / "probe_actions.safetensors")
     same = all(torch.equal(a, final[f"stage{i}"]) for i, a in enumerate(served))
     assert same == (best["updates"] == 12)  # the final actors only when the last point is the best
+
+
+@pytest.fixture
+def checkpointed(tmp_path: Path, cem_artifact: Path) -> tuple[list[str], Path]:
+    """A finished tiny run with checkpoints, and the arguments that resume it."""
+    overrides = [*TINY, "train.updates=4", "train.eval_sessions=4", "train.warmup_sessions=8"]
+    args = [
+        "train",
+        *SMALL,
+        *_args(overrides),
+        "--algo",
+        "ddpg",
+        "--cem",
+        str(cem_artifact),
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    return [*args, "--resume"], max((tmp_path / "checkpoints").glob("step-*"))
+
+
+def test_a_tampered_checkpoint_is_refused_before_anything_is_unpickled(
+    checkpointed: tuple[list[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The attack: a DCP .metadata that runs code when unpickled. The hash check refuses it unread."""
+    import pickle
+
+    resume, step = checkpointed
+    ran = tmp_path / "the-payload-ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (open, (str(ran), "w"))
+
+    (step / ".metadata").write_bytes(pickle.dumps(Payload()))
+    assert main(resume) == 2
+    assert ".metadata" in capsys.readouterr().err and not ran.exists()
+
+
+@pytest.mark.parametrize("attack", ["extra file", "no manifest", "unsigned for a signing trainer"])
+def test_checkpoints_not_written_by_this_trainer_are_refused(
+    checkpointed: tuple[list[str], Path],
+    tmp_path: Path,
+    attack: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from unexrl.contracts.signing import ENV_SIGNING_KEY, generate_keys
+
+    resume, step = checkpointed
+    expected = {
+        "extra file": "not in the manifest",
+        "no manifest": "no manifest.json",
+        "unsigned for a signing trainer": "no manifest.sig",
+    }[attack]
+    if attack == "extra file":
+        (step / "__2_0.distcp").write_bytes(b"\0")
+    elif attack == "no manifest":
+        (step / "manifest.json").unlink()
+    else:
+        private, _ = generate_keys(tmp_path / "keys")
+        monkeypatch.setenv(ENV_SIGNING_KEY, str(private))
+    assert main(resume) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_a_signing_trainer_resumes_its_own_checkpoints(
+    tmp_path: Path, cem_artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from unexrl.contracts.signing import ENV_SIGNING_KEY, generate_keys
+
+    private, _ = generate_keys(tmp_path / "keys")
+    monkeypatch.setenv(ENV_SIGNING_KEY, str(private))
+    overrides = [*TINY, "train.updates=4", "train.eval_sessions=4", "train.warmup_sessions=8"]
+    out = tmp_path / "run"
+    args = [
+        "train",
+        *SMALL,
+        *_args(overrides),
+        "--algo",
+        "ddpg",
+        "--cem",
+        str(cem_artifact),
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert (max((out / "checkpoints").glob("step-*")) / "manifest.sig").is_file()
+    assert (out / "export" / "manifest.sig").is_file()  # the exported actors are signed too
+    assert main([*args, "--resume"]) == 0

@@ -23,7 +23,7 @@ from pydantic import ConfigDict, Field, field_validator
 from unexrl.config import Config
 from unexrl.contracts import files
 from unexrl.contracts.base import SHA256, STRICT, Contract, ContractError, Part
-from unexrl.contracts.signing import sign_manifest, verify_manifest
+from unexrl.contracts.signing import sign_manifest, trusted_keys, verify_manifest
 from unexrl.io import sha256_file
 
 
@@ -154,11 +154,11 @@ def read_artifact(path: Path, model: type[M] = ArtifactManifest) -> M:  # type: 
         raise ArtifactError(f"{path}: no {files.MANIFEST}; not a policy artifact")
     data, where = (path / files.MANIFEST).read_bytes(), str(path / files.MANIFEST)  # read once: one document
     try:
-        verify_manifest(path, data)
+        verify_manifest(path, data, trusted_keys())
         manifest = ArtifactManifest.parse(data, where)
         if model.KIND is not None and manifest.kind != model.KIND:
             raise ArtifactError(f"{path}: artifact kind {manifest.kind!r}, not {model.KIND}")
-        _verify_files(path, manifest.files)
+        verify_listed_files(path, manifest.files)
         return manifest if model is ArtifactManifest else model.parse(data, where)  # type: ignore[return-value]
     except ArtifactError:
         raise
@@ -166,26 +166,28 @@ def read_artifact(path: Path, model: type[M] = ArtifactManifest) -> M:  # type: 
         raise ArtifactError(str(err)) from None
 
 
-def _verify_files(path: Path, listed: dict[str, str]) -> None:
+def verify_listed_files(path: Path, listed: dict[str, str], what: str = "artifact") -> None:
+    """``path`` holds exactly the files of ``listed`` (name: sha256) besides its manifest and signature: each a
+    regular file inside it (no symlink, no way out) with that hash. Raises ArtifactError naming the file."""
     root = path.resolve()
     present = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()}
     present -= {files.MANIFEST, files.SIGNATURE}
     unlisted = sorted(present - set(listed))
     if unlisted:
         raise ArtifactError(
-            f"{path}: files {unlisted} are not in the manifest; refusing an artifact with extra files"
+            f"{path}: files {unlisted} are not in the manifest; refusing an {what} with extra files"
         )
     for name, expected in listed.items():
         file = path / name
         if file.is_symlink():
-            raise ArtifactError(f"{path}: {name} is a symbolic link; an artifact holds its own files")
+            raise ArtifactError(f"{path}: {name} is a symbolic link; an {what} holds its own files")
         if not file.is_file():
             raise ArtifactError(f"{path}: file {name} listed in the manifest is missing")
         if not file.resolve().is_relative_to(root):
-            raise ArtifactError(f"{path}: {name} resolves outside the artifact")
+            raise ArtifactError(f"{path}: {name} resolves outside the {what}")
         actual = sha256_file(file)
         if actual != expected:
             raise ArtifactError(
                 f"{file}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...; "
-                "refusing a tampered artifact"
+                f"refusing a tampered {what}"
             )

@@ -6,7 +6,9 @@ signs ``manifest.json``'s bytes with an ed25519 private key (``manifest.sig`` be
 trusts only its pipeline's public keys refuses an artifact whose manifest is unsigned or signed by anyone else.
 
     UNEXRL_SIGNING_KEY_FILE      where artifacts are written (the pipeline): PEM private key (from a Secret);
-                                 set but absent: nothing is signed (the consumer is where trust is enforced)
+                                 set but absent: nothing is signed (the consumer is where trust is enforced).
+                                 A trainer holding it also signs its checkpoints and resumes only from
+                                 checkpoints signed with it (unexrl/train/checkpoint.py)
     UNEXRL_ARTIFACT_PUBLIC_KEYS  where artifacts are loaded (serving, packaging): PEM public key(s), one or more
                                  concatenated; set: a valid signature by one of them is required (staging, prod);
                                  unset: signatures are not checked (the embedded default)
@@ -58,20 +60,34 @@ def generate_keys(out_dir: Path) -> tuple[Path, Path]:
     return private, public
 
 
-def sign_manifest(directory: Path, environ: Mapping[str, str] = os.environ) -> bool:
-    """Sign ``directory``/manifest.json when a signing key is configured; True if it signed."""
+def _signing_key(environ: Mapping[str, str]) -> Ed25519PrivateKey | None:
     key_file = environ.get(ENV_SIGNING_KEY)
     if not key_file:
-        return False
+        return None
     if not Path(key_file).is_file():
-        log.warning("%s=%s does not exist: %s is not signed", ENV_SIGNING_KEY, key_file, directory)
-        return False
+        log.warning("%s=%s does not exist: nothing is signed", ENV_SIGNING_KEY, key_file)
+        return None
     key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise SignatureError(f"{ENV_SIGNING_KEY}={key_file}: not an ed25519 private key")
+    return key
+
+
+def sign_manifest(directory: Path, environ: Mapping[str, str] = os.environ) -> bool:
+    """Sign ``directory``/manifest.json when a signing key is configured; True if it signed."""
+    key = _signing_key(environ)
+    if key is None:
+        return False
     signature = key.sign((Path(directory) / files.MANIFEST).read_bytes())
     atomic_write_bytes(Path(directory) / files.SIGNATURE, base64.b64encode(signature) + b"\n")
     return True
+
+
+def signer_keys(environ: Mapping[str, str] = os.environ) -> list[Ed25519PublicKey] | None:
+    """The public half of this process's signing key, or None: a trainer that signs its checkpoints loads only
+    checkpoints it (or its pipeline) signed."""
+    key = _signing_key(environ)
+    return None if key is None else [key.public_key()]
 
 
 def trusted_keys(environ: Mapping[str, str] = os.environ) -> list[Ed25519PublicKey] | None:
@@ -89,16 +105,15 @@ def trusted_keys(environ: Mapping[str, str] = os.environ) -> list[Ed25519PublicK
     return keys  # type: ignore[return-value]
 
 
-def verify_manifest(directory: Path, manifest: bytes, environ: Mapping[str, str] = os.environ) -> None:
-    """Refuse ``manifest`` (the bytes of ``directory``/manifest.json, as read once) unless this environment checks
-    no signatures, or ``manifest.sig`` is a valid signature of exactly these bytes by a trusted key."""
-    keys = trusted_keys(environ)
+def verify_manifest(directory: Path, manifest: bytes, keys: list[Ed25519PublicKey] | None) -> None:
+    """Refuse ``manifest`` (the bytes of ``directory``/manifest.json, as read once) unless no ``keys`` are
+    required (None), or ``manifest.sig`` is a valid signature of exactly these bytes by one of ``keys``."""
     if keys is None:
         return
     sig_file = Path(directory) / files.SIGNATURE
     if not sig_file.is_file() or sig_file.is_symlink():
         raise SignatureError(
-            f"{directory}: no {files.SIGNATURE}; this environment ({ENV_PUBLIC_KEYS}) loads signed artifacts only"
+            f"{directory}: no {files.SIGNATURE}; this environment loads signed manifests only"
         )
     try:
         signature = base64.b64decode(sig_file.read_bytes().strip(), validate=True)
@@ -112,5 +127,5 @@ def verify_manifest(directory: Path, manifest: bytes, environ: Mapping[str, str]
             continue
     raise SignatureError(
         f"{directory}: {files.SIGNATURE} does not verify against the manifest with any trusted key; "
-        "refusing an artifact this environment's pipeline did not sign"
+        "refusing what this environment's pipeline did not sign"
     )

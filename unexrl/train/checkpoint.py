@@ -3,10 +3,17 @@
     checkpoints/step-00000040/  .metadata, __<rank>_0.distcp   DCP: online and target networks (tables as shards),
                                                                 dense Adam and fused Adagrad states, CQR knots
                                 rng-rank<r>.pt                   each rank's torch RNG and sampling-generator states
-                                progress.json                    update count, next session, curve, world size
+                                best-actors.safetensors          rank 0: the actors of the best validation point
+                                progress.json                    update count, next session, curve, world size,
+                                                                 the best point's update count and score
+                                manifest.json                    every file above and its sha256
+                                manifest.sig                     its signature, where the trainer holds the key
 
-Every rank writes into ``.step-<n>.tmp``; when all are done rank 0 adds progress.json and renames the directory,
-so a directory named ``step-*`` is complete and a killed run leaves at most a temporary one behind.
+Every rank writes into ``.step-<n>.tmp``; when all are done rank 0 adds progress.json and the hash manifest, and
+renames the directory, so a directory named ``step-*`` is complete and a killed run leaves at most a temporary one
+behind. Restoring verifies the manifest (and, where the trainer holds a signing key, its signature with that
+key) before DCP opens anything: ``.metadata`` is unpickled, so whoever could write the run volume could
+otherwise run code in training.
 
 The replay buffer is not saved (it can be gigabytes per rank). On resume it is refilled: offline from the same
 logs, which gives back exactly what it held; online by a re-warm-up of ``train.warmup_sessions`` fresh sessions
@@ -25,9 +32,16 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch import Tensor
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 from torchrec.optim.keyed import KeyedOptimizer
 
+from unexrl.contracts import files
+from unexrl.contracts.artifact import ArtifactError, verify_listed_files
+from unexrl.contracts.base import ContractError
+from unexrl.contracts.signing import sign_manifest, signer_keys, verify_manifest
+from unexrl.contracts.training import CheckpointManifest
+from unexrl.io import sha256_file
 from unexrl.rl.agent import CascadeAgent
 from unexrl.train.distributed import Context, barrier
 
@@ -36,6 +50,7 @@ log = logging.getLogger(__name__)
 KEEP = 2
 """complete checkpoints kept; older ones are removed after each save"""
 PROGRESS = "progress.json"
+BEST_ACTORS = "best-actors.safetensors"
 
 
 @dataclass
@@ -48,6 +63,9 @@ class Progress:
     curve: list[dict[str, float]]
     """validation points so far (rank 0's)"""
     world_size: int = 1
+    best_updates: int | None = None
+    """the update count of the best validation point so far (its actors: BEST_ACTORS)"""
+    best_score: float | None = None
 
 
 def _state(agent: CascadeAgent, fused: KeyedOptimizer | None, knots: Tensor | None) -> dict[str, Any]:
@@ -93,8 +111,10 @@ class Checkpoints:
         knots: Tensor | None,
         progress: Progress,
         generator: torch.Generator,
+        best_actors: nn.Module | None = None,
     ) -> Path:
-        """Write a checkpoint (a collective: every rank calls it at the same update)."""
+        """Write a checkpoint (a collective: every rank calls it at the same update). ``best_actors``: rank 0's
+        copy of the actors at ``progress.best_updates``, so that a resume selects among every point."""
         started = time.perf_counter()
         name = f"step-{progress.updates:08d}"
         tmp, final = self.root / f".{name}.tmp", self.root / name
@@ -106,7 +126,12 @@ class Checkpoints:
         torch.save(_rng_state(generator, self.ctx.device), tmp / f"rng-rank{self.ctx.rank}.pt")
         barrier(self.ctx)
         if self.ctx.is_main:
+            if best_actors is not None:
+                save_file({k: v.contiguous() for k, v in best_actors.state_dict().items()}, tmp / BEST_ACTORS)
             (tmp / PROGRESS).write_text(json.dumps(asdict(progress), indent=1))
+            listed = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+            CheckpointManifest(updates=progress.updates, files=listed).write(tmp / files.MANIFEST)
+            sign_manifest(tmp)
             if final.exists():  # the same update saved again (a resumed run that had finished)
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -127,8 +152,10 @@ class Checkpoints:
         fused: KeyedOptimizer | None,
         knots: Tensor | None,
         generator: torch.Generator,
+        best_actors: nn.Module | None = None,
     ) -> Progress | None:
-        """Load the newest complete checkpoint into ``agent``, ``fused``, ``knots`` (in place) and ``generator``.
+        """Load the newest complete checkpoint into ``agent``, ``fused``, ``knots`` (in place) and ``generator``,
+        and its best validation point's actors into ``best_actors`` (rank 0, when it has them).
 
         Returns its progress, or None when there is none. Every rank calls it. A checkpoint from another world
         size loads too (DCP reshards); then ranks without a saved RNG state are reseeded from the update count.
@@ -136,6 +163,7 @@ class Checkpoints:
         path = self.latest()
         if path is None:
             return None
+        verify_checkpoint(path)
         saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
         for key, optimizer in (
             ("actor_optimizer", agent.actor_optimizer),
@@ -153,6 +181,8 @@ class Checkpoints:
             optimizer.load_state_dict(state[key])
         progress = Progress(**json.loads((path / PROGRESS).read_text()))
         agent.updates = progress.updates
+        if best_actors is not None and progress.best_updates is not None:
+            best_actors.load_state_dict(load_file(path / BEST_ACTORS))
         rng_file = path / f"rng-rank{self.ctx.rank}.pt"
         if progress.world_size == self.ctx.world_size and rng_file.is_file():
             rng = torch.load(rng_file, weights_only=True)
@@ -171,6 +201,22 @@ class Checkpoints:
             generator.manual_seed(progress.updates * 1000 + self.ctx.rank)
         log.info("resumed from %s updates=%d", path, progress.updates)
         return progress
+
+
+def verify_checkpoint(path: Path) -> CheckpointManifest:
+    """Refuse a checkpoint whose files are not exactly those its manifest lists with their hashes, or (where this
+    trainer holds a signing key) whose manifest is not signed with it; nothing of it has been opened before."""
+    manifest_file = path / files.MANIFEST
+    if not manifest_file.is_file():
+        raise ArtifactError(f"{path}: no {files.MANIFEST}; refusing a checkpoint whose files are not hashed")
+    data = manifest_file.read_bytes()
+    try:
+        verify_manifest(path, data, signer_keys())
+        manifest = CheckpointManifest.parse(data, str(manifest_file))
+    except ContractError as err:
+        raise ArtifactError(str(err)) from None
+    verify_listed_files(path, manifest.files, what="checkpoint")
+    return manifest
 
 
 def _create_saved_state(optimizer: KeyedOptimizer, key: str, saved: set[str]) -> None:

@@ -57,8 +57,9 @@ class TrainResult:
     """wall time of this run by part: update (inside the update steps; each ends in a host sync, so it is the
     real cost), sample (drawing batches from the replay buffer), collect, validate, diagnose"""
     best_actors: nn.Module | None = None
-    """rank 0: an unsharded copy of the actors at the best validation score of this run (after a resume: of the
-    points since the resume, as earlier points' actors are not kept); model selection on seeds.validation"""
+    """rank 0: an unsharded copy of the actors at the best validation score of this run (a resume restores it
+    from the checkpoint, so a crash does not change which actors are selected); model selection on
+    seeds.validation"""
     best_updates: int | None = None
     """the update count of ``best_actors``"""
     best_score: float | None = None
@@ -193,8 +194,11 @@ def train(
     if a.cqr:
         knots = torch.zeros(len(cfg.world.user_types), n_item_groups(cfg), cfg.features.cqr_knots)
     checkpoints = Checkpoints(run_dir / "checkpoints", ctx) if run_dir is not None else None
+    best = copy.deepcopy(acting.actors) if ctx.is_main else None  # receives the best point's actors
     restored = (
-        checkpoints.restore(agent, fused, knots, generator) if checkpoints is not None and resume else None
+        checkpoints.restore(agent, fused, knots, generator, best)
+        if checkpoints is not None and resume
+        else None
     )
     next_session = 0
     if restored is not None:
@@ -203,6 +207,12 @@ def train(
             restored.curve,
             restored.next_session,
         )
+        if best is not None and restored.best_updates is not None:
+            result.best_actors, result.best_updates, result.best_score = (
+                best,
+                restored.best_updates,
+                restored.best_score,
+            )
     log.info(
         "train start algo=%s regime=%s updates=%d rank=%d world_size=%d resumed_from=%s",
         a.name,
@@ -287,9 +297,10 @@ def train(
                 _collect(sim, buffer, explore(), seed, sessions(t.sessions_per_collect))
         if checkpoints is not None and (u % t.checkpoint_every == 0 or u == t.updates):
             with timed("checkpoint"):
-                checkpoints.save(
-                    agent, fused, knots, Progress(u, next_session, result.curve, ctx.world_size), generator
+                progress = Progress(
+                    u, next_session, result.curve, ctx.world_size, result.best_updates, result.best_score
                 )
+                checkpoints.save(agent, fused, knots, progress, generator, result.best_actors)
     bar.close()
     result.knots = knots
     result.transitions = buffer.size
