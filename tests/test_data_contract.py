@@ -19,7 +19,7 @@ import torch
 from unexrl.cascade import replay_actions, run_cascade
 from unexrl.config import Config, load_config
 from unexrl.data import LogValidationError, LogWriter, cascade_inputs, read_logs, transitions_schema
-from unexrl.data.schema import MANIFEST_FILE, TABLE_FILES, TRANSITIONS_FILE, USERS_FILE
+from unexrl.data.schema import ITEMS_FILE, MANIFEST_FILE, TABLE_FILES, TRANSITIONS_FILE, USERS_FILE
 from unexrl.evaluate.rollout import rollout
 from unexrl.io import sha256_file
 from unexrl.policies.weights import GaussianExploration, WeightPolicy
@@ -251,6 +251,69 @@ DEFECTS: list[tuple[str, str, str | None, int | None, str, Defect]] = [
         lambda t: _set(t, "request_id", 6, t["request_id"][5].as_py()),
     ),
     (
+        "user-ids-not-row-positions",
+        USERS_FILE,
+        "user_id",
+        3,
+        "row positions",
+        lambda t: _set(t, "user_id", 3, N_USERS + 5),
+    ),
+    (
+        "users-group-of-another-world",
+        USERS_FILE,
+        "activity_group",
+        4,
+        "of the config's world",
+        lambda t: _set(t, "activity_group", 4, (t["activity_group"][4].as_py() + 1) % 3),
+    ),
+    (
+        "item-duration-of-another-world",
+        ITEMS_FILE,
+        "duration_s",
+        7,
+        "of the config's world",
+        lambda t: _set(t, "duration_s", 7, t["duration_s"][7].as_py() + 1.0),
+    ),
+    (
+        "history-longer-than-the-window",
+        TRANSITIONS_FILE,
+        "history_item_ids",
+        2,
+        "longer than session.history_window",
+        lambda t: _with(
+            t,
+            "history_item_ids",
+            pa.array(
+                [h if i != 2 else list(range(50)) for i, h in enumerate(t["history_item_ids"].to_pylist())],
+                t["history_item_ids"].type,
+            ),
+        ),
+    ),
+    (
+        "negative-watch-time",
+        TRANSITIONS_FILE,
+        "watch_time_s",
+        3,
+        "outside [0, the item's duration]",
+        lambda t: _set(t, "watch_time_s", 3, -1.0, pos=0),
+    ),
+    (
+        "watch-time-beyond-the-duration",
+        TRANSITIONS_FILE,
+        "watch_time_s",
+        5,
+        "outside [0, the item's duration]",
+        lambda t: _set(t, "watch_time_s", 5, 86400.0, pos=0),
+    ),
+    (
+        "reward-not-the-page-watch-time",
+        TRANSITIONS_FILE,
+        "reward",
+        3,
+        "not the page's watch time",
+        lambda t: _set(t, "reward", 3, t["reward"][3].as_py() + 1.0),
+    ),
+    (
         "users-group-as-int64",
         USERS_FILE,
         "activity_group",
@@ -290,7 +353,7 @@ def test_rejects_file_changed_after_manifest(logged: Logged, tmp_path: Path) -> 
     _rewrite(
         bad,
         TRANSITIONS_FILE,
-        _set(table, "reward", 3, table["reward"][3].as_py() + 1.0),
+        _set(table, "like", 3, not table["like"][3][0].as_py(), pos=0),  # a field no content rule covers
         update_manifest=False,
     )
     with pytest.raises(

@@ -36,6 +36,7 @@ from unexrl.data.schema import (
     users_schema,
 )
 from unexrl.io import sha256_file
+from unexrl.sim.world import World, build_world
 
 _SHOWN_ROWS = 5
 
@@ -82,8 +83,9 @@ def read_logs(path: Path, cfg: Config | None = None) -> LoggedData:
     users = _read_table(path, USERS_FILE, users_schema())
     items = _read_table(path, ITEMS_FILE, items_schema())
     transitions = _read_table(path, TRANSITIONS_FILE, transitions_schema(cfg))
-    _check_users(users, cfg)
-    _check_items(items, cfg)
+    world = build_world(cfg)
+    _check_users(users, cfg, world)
+    _check_items(items, cfg, world)
     _check_transitions(transitions, users, items, cfg)
     for name, table in ((USERS_FILE, users), (ITEMS_FILE, items), (TRANSITIONS_FILE, transitions)):
         entry = manifest.files[name]
@@ -236,19 +238,38 @@ def _require_ids(file: str, table: pa.Table, column: str, known: np.ndarray, wha
         raise LogValidationError(file, column, f"ids not in the {what} table", bad_rows)
 
 
-def _check_users(users: pa.Table, cfg: Config) -> None:
+def _require_positions(file: str, column: str, ids: np.ndarray, n_world: int, what: str) -> None:
+    """Ids are row positions 0..n-1 of a table as large as the config's world: the trainer indexes by them."""
+    if ids.size != n_world:
+        raise LogValidationError(file, column, f"{ids.size} {what} but the config's world has {n_world}")
+    _require(file, column, ids == np.arange(ids.size), "ids must be the row positions 0..n-1")
+
+
+def _require_world(file: str, column: str, values: np.ndarray, world: Tensor) -> None:
+    """A column the config's world fixes (seeds.world): a log from another world would train on wrong values."""
+    _require(
+        file, column, values == world.cpu().numpy(), f"not the {column} of the config's world (seeds.world)"
+    )
+
+
+def _check_users(users: pa.Table, cfg: Config, world: World) -> None:
     _require_unique(USERS_FILE, "user_id", users["user_id"].to_numpy())
+    _require_positions(USERS_FILE, "user_id", users["user_id"].to_numpy(), world.n_users, "users")
     group = users["activity_group"].to_numpy()
     n_groups = len(cfg.world.user_types)
     _require(USERS_FILE, "activity_group", (group >= 0) & (group < n_groups), f"outside [0, {n_groups})")
+    _require_world(USERS_FILE, "activity_group", group, world.user_activity_group)
 
 
-def _check_items(items: pa.Table, cfg: Config) -> None:
+def _check_items(items: pa.Table, cfg: Config, world: World) -> None:
     _require_unique(ITEMS_FILE, "item_id", items["item_id"].to_numpy())
+    _require_positions(ITEMS_FILE, "item_id", items["item_id"].to_numpy(), world.n_items, "items")
     category = items["category"].to_numpy()
     n_cat = cfg.world.n_categories
     _require(ITEMS_FILE, "category", (category >= 0) & (category < n_cat), f"outside [0, {n_cat})")
     _require(ITEMS_FILE, "duration_s", items["duration_s"].to_numpy() > 0, "durations must be positive")
+    _require_world(ITEMS_FILE, "category", category, world.item_category)
+    _require_world(ITEMS_FILE, "duration_s", items["duration_s"].to_numpy(), world.item_duration.float())
 
 
 def _check_transitions(t: pa.Table, users: pa.Table, items: pa.Table, cfg: Config) -> None:
@@ -284,6 +305,21 @@ def _check_transitions(t: pa.Table, users: pa.Table, items: pa.Table, cfg: Confi
     )
     _require(f, "next_request_id", done | (nxt.fill_null(-1).to_numpy() == ids + 1), "must be request_id + 1")
     _require(f, "next_request_id", done | np.isin(ids + 1, ids), "the next request is missing from the log")
+    window = cfg.session.history_window
+    lengths = pc.list_value_length(t["history_item_ids"]).to_numpy(zero_copy_only=False)
+    _require(f, "history_item_ids", lengths <= window, f"longer than session.history_window ({window})")
+    watch = list_matrix(t, "watch_time_s", cfg.cascade.page_size)
+    duration = items["duration_s"].to_numpy()[list_matrix(t, "shown_item_ids", cfg.cascade.page_size)]
+    _require(
+        f, "watch_time_s", ((watch >= 0) & (watch <= duration)).all(1), "outside [0, the item's duration]"
+    )
+    reward = t["reward"].to_numpy()
+    _require(
+        f,
+        "reward",
+        np.isclose(reward, watch.sum(1, dtype=np.float64), rtol=1e-5, atol=1e-3),
+        "not the page's watch time (the sum of watch_time_s)",
+    )
     page = list_matrix(t, candidates_column(cfg.cascade.stages[-1].name), cfg.cascade.page_size)
     shown = np.take_along_axis(list_matrix(t, "pool_item_ids", pool), page.astype(np.int64), axis=1)
     _require(
