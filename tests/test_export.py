@@ -58,8 +58,12 @@ def test_manifest_describes_what_serving_needs(export: Path, train_logs: Path, c
     assert manifest.training_data == {
         "regime": "offline",
         "logs": str(train_logs),
+        "seeds": logs["seeds"],
         "sha256": {k: v["sha256"] for k, v in logs["files"].items()},
     }
+    # what it saw: the config's training and validation seeds and the logs' (never to be evaluated on)
+    seeds = manifest.trained_config().seeds
+    assert set(manifest.seen_seeds) == {*seeds.train, *seeds.validation, *logs["seeds"]}
     assert manifest.fixed_stages["sha256"] == read_artifact(cem_artifact).files
     evaluation = manifest.evaluation
     assert evaluation["curve"][-1]["updates"] == 6

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from unexrl.config import Config
 from unexrl.contracts.base import ContractError
 from unexrl.contracts.evaluation import EvaluationSummary, GateDecision
 from unexrl.pipeline.gate import decide
@@ -35,6 +36,7 @@ def summary_doc(
         "schema_version": 1,
         "candidate_sha256": "ab" * 32,
         "seeds": [2000, 2001],
+        "candidate_seen_seeds": [1000, 1500],
         "sessions_per_seed": 200,
         "incumbent": {"name": "cem", "artifact": "cem", "first_release": True},
         "policies": {
@@ -118,6 +120,7 @@ def _broken(path: str, value: Any) -> dict[str, Any]:
         ("actions.0.nonfinite", -1, "actions.0.nonfinite: Input should be greater than or equal to 0"),
         ("action_bounds", [1.0, -1.0], "Value error, action_bounds [1.0, -1.0]: low must be below high"),
         ("seeds", [], "seeds: List should have at least 1 item"),
+        ("candidate_seen_seeds", [1000, 2001], "seeds: [2001] are in candidate_seen_seeds"),
         ("incumbent.name", "greedy", "incumbent.name: Input should be 'incumbent' or 'cem'"),
         ("policies.cem", KeyError, "policies: ['cem'] missing"),
         ("surprise", 1, "surprise: Extra inputs are not permitted"),
@@ -179,3 +182,24 @@ def test_a_metric_that_could_not_be_computed_survives_the_round_trip_and_is_refu
     )
     assert not decision.passed and "metrics finite" in decision.reasons
     assert math.isnan(GateDecision.read(tmp_path / "d").uplift_vs_incumbent_pct.high)
+
+
+def test_an_evaluation_on_the_candidates_own_seeds_is_refused(
+    small_cfg: Config, small_actors: Path, cem_artifact: Path, tmp_path: Path
+) -> None:
+    """The evaluation config is overridden to name other training seeds; the candidate's manifest still says which
+    seeds it saw, and the evaluation refuses them."""
+    from unexrl.contracts.artifact import peek_manifest
+    from unexrl.pipeline.evaluation import evaluate_release
+
+    seen = peek_manifest(small_actors).seen_seeds
+    cfg = small_cfg.model_copy(
+        update={"seeds": small_cfg.seeds.model_copy(update={"train": (9990,), "validation": (9991,)})}
+    )
+    with pytest.raises(
+        ValueError, match=f"seeds \\[{seen[0]}\\] are among the seeds the candidate's manifest says it saw"
+    ):
+        evaluate_release(
+            cfg, candidate=small_actors, cem=cem_artifact, incumbent=None, out=tmp_path / "e", seeds=[seen[0]]
+        )
+    assert not (tmp_path / "e").exists()

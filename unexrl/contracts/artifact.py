@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Self, TypeVar
@@ -59,6 +60,9 @@ class ArtifactManifest(Contract):
     config: dict[str, Any]
     """the full config the policy was built with (unexrl.config.Config)"""
     created_at: datetime
+    seen_seeds: list[int] = Field(min_length=1)
+    """every simulator seed whose sessions made this policy (training, validation, the logs'): an evaluation
+    on any of them is not held out (unexrl/pipeline/evaluation.py refuses it)"""
     files: dict[str, str] = Field(min_length=1)
     """every file of the artifact but the manifest, by its path relative to the directory: sha256"""
 
@@ -79,8 +83,17 @@ class ArtifactManifest(Contract):
         return value
 
     @classmethod
-    def for_config(cls, cfg: Config, *, algorithm: str, files: dict[str, str], **fields: Any) -> Self:
-        """The manifest of a policy built for ``cfg``: the common fields from the config, the kind's ``fields``."""
+    def for_config(
+        cls,
+        cfg: Config,
+        *,
+        algorithm: str,
+        files: dict[str, str],
+        data_seeds: Sequence[int] = (),
+        **fields: Any,
+    ) -> Self:
+        """The manifest of a policy built for ``cfg``: the common fields from the config, the kind's ``fields``.
+        ``data_seeds``: the seeds of logged data it learned from, beside the config's training and validation."""
         return cls(
             kind=cls.KIND,
             algorithm=algorithm,
@@ -89,6 +102,7 @@ class ArtifactManifest(Contract):
             action_bounds=(cfg.cascade.action_low, cfg.cascade.action_high),
             config=cfg.to_dict(),
             created_at=datetime.now(UTC),
+            seen_seeds=sorted({*cfg.seeds.train, *cfg.seeds.validation, *data_seeds}),
             files=files,
             **fields,
         )

@@ -81,6 +81,8 @@ class EvaluationSummary(Contract):
     candidate_sha256: str = Field(pattern=SHA256)
     """sha256 of the evaluated candidate's manifest.json (which hashes every file): what this summary is about"""
     seeds: list[int] = Field(min_length=1)
+    candidate_seen_seeds: list[int] = Field(min_length=1)
+    """the seeds the candidate's manifest says it was trained, validated or logged on: disjoint from ``seeds``"""
     sessions_per_seed: int = Field(gt=0)
     incumbent: IncumbentRef
     policies: dict[str, PolicyEstimates]
@@ -99,6 +101,11 @@ class EvaluationSummary(Contract):
         low, high = self.action_bounds
         if not low < high:
             raise ValueError(f"action_bounds [{low}, {high}]: low must be below high")
+        if set(self.seeds) & set(self.candidate_seen_seeds):
+            raise ValueError(
+                f"seeds: {sorted(set(self.seeds) & set(self.candidate_seen_seeds))} are in candidate_seen_seeds; "
+                "an evaluation on them is not held out"
+            )
         return self
 
 

@@ -122,16 +122,28 @@ def evaluate_release(
     Without an incumbent (a first release) the incumbent is CEM, the production baseline.
     """
     from unexrl.artifacts import load_any_policy
+    from unexrl.contracts.artifact import peek_manifest
     from unexrl.evaluate.evaluation import evaluate_policies
     from unexrl.evaluate.stats import bootstrap_uplift
 
     seeds = [int(s) for s in seeds] if seeds else list(cfg.seeds.evaluation)
-    used = set(cfg.seeds.train) | set(cfg.seeds.validation)
-    if used & set(seeds):
-        raise ValueError(
-            f"evaluation seeds {sorted(used & set(seeds))} are training or validation seeds: "
-            "evaluate on held-out seeds only"
+
+    # held out from what each policy saw, as its manifest records it (the evaluation config may say otherwise)
+    def held_out(used: set[int], whose: str) -> set[int]:
+        if used & set(seeds):
+            raise ValueError(
+                f"evaluation seeds {sorted(used & set(seeds))} are among {whose}: evaluate on held-out seeds only"
+            )
+        return used
+
+    held_out({*cfg.seeds.train, *cfg.seeds.validation}, "the config's training and validation seeds")
+    seen = {
+        name: held_out(
+            set(peek_manifest(Path(path)).seen_seeds), f"the seeds the {name}'s manifest says it saw"
         )
+        for name, path in (("candidate", candidate), ("cem", cem), ("incumbent", incumbent))
+        if path is not None
+    }
     sim = Simulator(cfg)
     recorder = ActionRecorder(
         load_any_policy(candidate, cfg, sim.world), cfg.cascade.action_low, cfg.cascade.action_high
@@ -146,6 +158,7 @@ def evaluate_release(
     summary = EvaluationSummary(
         candidate_sha256=sha256_file(Path(candidate) / files.MANIFEST),
         seeds=seeds,
+        candidate_seen_seeds=sorted(seen["candidate"]),
         sessions_per_seed=report.sessions_per_seed,
         incumbent=IncumbentRef(
             name=reference, artifact=str(incumbent or cem), first_release=incumbent is None

@@ -62,6 +62,7 @@ def training_data(
     record = {
         "regime": "offline",
         "logs": str(logs),
+        "seeds": list(manifest.seeds),
         "sha256": {name: entry.sha256 for name, entry in manifest.files.items()},
     }
     return record | ({"training_set": training_set} if training_set else {})
@@ -87,6 +88,7 @@ def export_actors(
             cfg,
             algorithm=cfg.algo.name,
             files={ACTORS_FILE: sha256_file(tmp / ACTORS_FILE)},
+            data_seeds=provenance["training_data"].get("seeds", ()),
             learning_stages=learning_stages(cfg),
             features={**feature_schema(cfg), "tables": tables},
             **provenance,
