@@ -143,12 +143,16 @@ def test_recommend_feedback_session(service: Endpoint, small_cfg: Config) -> Non
     assert again.status_code == 404 and "request_id" in again.text
     nxt = _post(service, "/recommend", {"user_id": 7, "context": {"session_id": sid}}).json()
     assert (nxt["session_id"], nxt["step"]) == (sid, 1)
+    pending = _post(service, "/recommend", {"user_id": 7, "context": {"session_id": sid}}).json()
     end = _post(
         service,
         "/feedback",
         {"request_id": nxt["request_id"], "session_id": sid, "items": [], "session_end": True},
     ).json()
     assert end["session_ended"] and end["step"] == 2
+    # a page still pending when its session ended cannot bring the session back
+    late = _post(service, "/feedback", {"request_id": pending["request_id"], "session_id": sid, "items": []})
+    assert late.status_code == 404, late.text
     ended = _post(service, "/recommend", {"user_id": 7, "context": {"session_id": sid}})
     assert ended.status_code == 404 and "context.session_id" in ended.text
     pool = list(range(100, 140))

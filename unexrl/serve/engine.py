@@ -200,6 +200,7 @@ class Recommender:
         self.heads = [list(s.heads) for s in cfg.cascade.stages]
         self._pages: OrderedDict[str, Page] = OrderedDict()
         self._sessions: OrderedDict[int, SessionState] = OrderedDict()  # by session id
+        self._ended: OrderedDict[int, None] = OrderedDict()  # recently ended: their pending pages are void
         self._lock = threading.Lock()
         m.MODEL_INFO.labels(self.version, role, self.policy.algorithm, self.policy.kind).set(1)
         if self.shadow is not None:
@@ -369,7 +370,7 @@ class Recommender:
         duration = self.sim.world.item_duration
         with self._lock:
             page = self._pages.get(request_id)
-            if page is None or page.session.session_id != session_id:
+            if page is None or page.session.session_id != session_id or session_id in self._ended:
                 m.FEEDBACK_REJECTED.labels("unknown_request").inc()
                 raise UnknownRequest(
                     f"request_id: {request_id!r} is not a page this replica served in session {session_id}, "
@@ -402,6 +403,9 @@ class Recommender:
             m.SESSIONS_ENDED.labels(v).inc()
             with self._lock:
                 self._sessions.pop(after.session_id, None)
+                self._ended[after.session_id] = None
+                while len(self._ended) > MAX_CACHED_SESSIONS:
+                    self._ended.popitem(last=False)
             pushed = self.features.push_session(page.user_id, datetime.now(UTC), -1, 0, 0, 0.0, 0.5)
         else:
             with self._lock:

@@ -71,7 +71,7 @@ def api_token(environ: Mapping[str, str], home: Path) -> str:
             pass
         finally:
             tmp.unlink()
-    log.info("API token (no %s or %s set): %s", ENV_TOKEN, ENV_TOKEN_FILE, path)
+    log.warning("no %s or %s set: clients authenticate with the token in %s", ENV_TOKEN, ENV_TOKEN_FILE, path)
     return _checked(path.read_text().strip(), str(path))
 
 
