@@ -61,20 +61,7 @@ def one(docs, kind: str, name: str | None = None) -> dict:
 
 def pod_specs(doc: dict) -> list[dict]:
     """Every pod spec inside a workload (Deployment, CronJob, TrainingRuntime...)."""
-    out = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "containers" in node and isinstance(node["containers"], list):
-                out.append(node)
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(doc.get("spec", {}))
-    return out
+    return [spec for _, spec in pod_templates(doc)]
 
 
 def load_kustomization(path: str) -> dict:

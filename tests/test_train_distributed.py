@@ -231,21 +231,16 @@ def test_single_process_train_for_every_algorithm(
     assert manifest.learning_stages == ([2] if algo in ("td3", "ddpg") else [0, 1, 2])
 
 
+def _ddpg_run(out: Path, cem: Path, updates: int) -> list[str]:
+    """The arguments of a tiny one-process DDPG run into ``out``."""
+    overrides = [*TINY, f"train.updates={updates}", "train.eval_sessions=4", "train.warmup_sessions=8"]
+    return ["train", *SMALL, *_args(overrides), "--algo", "ddpg", "--cem", str(cem), "--out", str(out)]
+
+
 def test_a_second_run_into_the_same_directory_needs_resume(
     tmp_path: Path, cem_artifact: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    overrides = [*TINY, "train.updates=2", "train.eval_sessions=4", "train.warmup_sessions=8"]
-    args = [
-        "train",
-        *SMALL,
-        *_args(overrides),
-        "--algo",
-        "ddpg",
-        "--cem",
-        str(cem_artifact),
-        "--out",
-        str(tmp_path),
-    ]
+    args = _ddpg_run(tmp_path, cem_artifact, updates=2)
     assert main(args) == 0
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err
@@ -323,18 +318,7 @@ def test_export_holds_the_best_validation_point(tmp_path: Path, cem_artifact: Pa
 @pytest.fixture
 def checkpointed(tmp_path: Path, cem_artifact: Path) -> tuple[list[str], Path]:
     """A finished tiny run with checkpoints, and the arguments that resume it."""
-    overrides = [*TINY, "train.updates=4", "train.eval_sessions=4", "train.warmup_sessions=8"]
-    args = [
-        "train",
-        *SMALL,
-        *_args(overrides),
-        "--algo",
-        "ddpg",
-        "--cem",
-        str(cem_artifact),
-        "--out",
-        str(tmp_path),
-    ]
+    args = _ddpg_run(tmp_path, cem_artifact, updates=4)
     assert main(args) == 0
     return [*args, "--resume"], max((tmp_path / "checkpoints").glob("step-*"))
 
@@ -391,19 +375,8 @@ def test_a_signing_trainer_resumes_its_own_checkpoints(
 
     private, _ = generate_keys(tmp_path / "keys")
     monkeypatch.setenv(ENV_SIGNING_KEY, str(private))
-    overrides = [*TINY, "train.updates=4", "train.eval_sessions=4", "train.warmup_sessions=8"]
     out = tmp_path / "run"
-    args = [
-        "train",
-        *SMALL,
-        *_args(overrides),
-        "--algo",
-        "ddpg",
-        "--cem",
-        str(cem_artifact),
-        "--out",
-        str(out),
-    ]
+    args = _ddpg_run(out, cem_artifact, updates=4)
     assert main(args) == 0
     assert (max((out / "checkpoints").glob("step-*")) / "manifest.sig").is_file()
     assert (out / "export" / "manifest.sig").is_file()  # the exported actors are signed too

@@ -429,13 +429,11 @@ def _check_items(page: Page, items: Sequence[FeedbackItem], duration: torch.Tens
     shown = set(page.items)
     seen: set[int] = set()
     for i, it in enumerate(items):
-        problem = (
-            f"item {it.item_id} was not on page {page.request_id}"
-            if it.item_id not in shown
-            else f"item {it.item_id} appears more than once"
-            if it.item_id in seen
-            else None
-        )
+        problem = None
+        if it.item_id not in shown:
+            problem = f"item {it.item_id} was not on page {page.request_id}"
+        elif it.item_id in seen:
+            problem = f"item {it.item_id} appears more than once"
         if problem is not None:
             m.FEEDBACK_REJECTED.labels("invalid").inc()
             raise RequestError(f"items[{i}].item_id", problem)
