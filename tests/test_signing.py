@@ -76,9 +76,10 @@ def test_unsigned_and_foreign_artifacts_are_refused(
     (foreign / "manifest.sig").write_text("not base64!\n")
     with pytest.raises(ArtifactError, match="manifest.sig: not a base64 signature"):
         load_policy(foreign, small_cfg)
-    both.write_text("nothing here\n")
-    with pytest.raises(ArtifactError, match="ed25519 public keys"):
-        load_policy(foreign, small_cfg)
+    for text in ("nothing here\n", "-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n"):
+        both.write_text(text)
+        with pytest.raises(ArtifactError, match="ed25519 public keys"):
+            load_policy(foreign, small_cfg)
 
 
 def test_a_manifest_cannot_list_its_signature(small_cfg: Config, tmp_path: Path) -> None:

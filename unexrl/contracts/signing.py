@@ -67,7 +67,10 @@ def _signing_key(environ: Mapping[str, str]) -> Ed25519PrivateKey | None:
     if not Path(key_file).is_file():
         log.warning("%s=%s does not exist: nothing is signed", ENV_SIGNING_KEY, key_file)
         return None
-    key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
+    try:
+        key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
+    except (ValueError, TypeError):
+        key = None
     if not isinstance(key, Ed25519PrivateKey):
         raise SignatureError(f"{ENV_SIGNING_KEY}={key_file}: not an ed25519 private key")
     return key
@@ -99,7 +102,10 @@ def trusted_keys(environ: Mapping[str, str] = os.environ) -> list[Ed25519PublicK
         blocks = _PEM_BLOCK.findall(Path(key_file).read_bytes())
     except OSError as err:
         raise SignatureError(f"{ENV_PUBLIC_KEYS}={key_file}: {err.strerror}") from None
-    keys = [serialization.load_pem_public_key(b) for b in blocks]
+    try:
+        keys = [serialization.load_pem_public_key(b) for b in blocks]
+    except ValueError:
+        keys = []
     if not keys or not all(isinstance(k, Ed25519PublicKey) for k in keys):
         raise SignatureError(f"{ENV_PUBLIC_KEYS}={key_file}: expected one or more ed25519 public keys (PEM)")
     return keys  # type: ignore[return-value]
