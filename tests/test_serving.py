@@ -24,6 +24,8 @@ import yaml
 
 from unexrl.config import Config
 from unexrl.contracts.artifact import ArtifactError
+from unexrl.policies.artifact import save_weight_policy
+from unexrl.policies.weights import WeightPolicy
 from unexrl.serve import prometheus as prom
 from unexrl.serve.engine import artifact_version
 from unexrl.serve.local import Endpoint, local_service
@@ -117,6 +119,34 @@ def test_a_signed_environment_serves_only_what_its_pipeline_signed(
     with local_service(tag, env=env, log_file=tmp_path / "good.log") as service:
         page = _post(service, "/recommend", {"user_id": 1})
         assert page.status_code == 200 and page.json()["model_version"] == version, page.text
+
+
+def test_the_service_refuses_a_store_entry_rewritten_after_import(
+    tmp_path: Path, small_cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A self-consistent tamper inside the model store (new weights, manifest re-hashed) on the hash-only default:
+    the tag's version is the imported artifact's digest, the manifest's is now another, so it never serves."""
+    import bentoml
+    import torch
+    from test_signing import rehash
+
+    artifact = save_weight_policy(
+        WeightPolicy(torch.full((1, sum(small_cfg.cascade.action_dims)), 0.5), small_cfg.cascade),
+        tmp_path / "a",
+        small_cfg,
+        algorithm="cem",
+    )
+    tag, version = import_model(artifact, model_name="unexrl-rewritten")
+    rehash(
+        Path(bentoml.models.get(tag).path) / ARTIFACT_SUBDIR,
+        torch.zeros(1, sum(small_cfg.cascade.action_dims)),
+    )
+    env = {"UNEXRL_FEATURE_REPO": str(tmp_path / "no-feature-store")}
+    with (
+        pytest.raises(RuntimeError, match=f"served as version {version}, but its manifest's digest"),
+        local_service(tag, env=env, log_file=tmp_path / "service.log", start_timeout_s=60),
+    ):
+        pass
 
 
 def _post(service: Endpoint, path: str, body: object, token: str | None = None) -> httpx.Response:

@@ -128,10 +128,20 @@ class LoadedPolicy:
 
 
 def load_serving_policy(path: Path, cfg: Config, world: World, version: str | None = None) -> LoadedPolicy:
-    """Verify (every file's sha256) and load an artifact for ``cfg``'s cascade; a tampered one raises."""
+    """Verify (every file's sha256) and load an artifact for ``cfg``'s cascade; a tampered one raises.
+
+    ``version``: the version it is served as (the model store tag's, which import_model set to the artifact's
+    digest). An artifact whose manifest digest is another (rewritten after import, hashes and all) is refused:
+    the service never reports one version while serving other weights."""
     policy = load_any_policy(path, cfg, world)  # verifies the artifact
     manifest = peek_manifest(path)
-    return LoadedPolicy(policy, version or artifact_version(path), manifest.algorithm, manifest.kind)
+    actual = artifact_version(path)
+    if version is not None and version != actual:
+        raise ArtifactError(
+            f"{path}: served as version {version}, but its manifest's digest is {actual}; refusing an artifact "
+            "that is not the one imported under that version"
+        )
+    return LoadedPolicy(policy, actual, manifest.algorithm, manifest.kind)
 
 
 @dataclass
