@@ -173,44 +173,49 @@ class ClientErrors:
             await self.app(scope, receive, send)
             return
         if scope["path"] == "/docs.json":
-            await _rewritten(self.app, scope, receive, send, lambda status, body: (status, _documented(body)))
+            await _rewritten(
+                self.app, scope, receive, send, lambda _: True, lambda _, body: _documented(body)
+            )
             return
         if scope["method"] != "POST":  # the probes, the metrics and the documents
             await self.app(scope, receive, send)
             return
 
-        def normalise(status: int, body: bytes) -> tuple[int, bytes]:
-            if not 400 <= status < 500:
-                return status, body
+        def normalise(status: int, body: bytes) -> bytes:
             error = _error_body(body)
             log.warning("%s %s -> %d: %s", scope["method"], scope["path"], status, error.error)
-            return status, error.model_dump_json().encode()
+            return error.model_dump_json().encode()
 
-        await _rewritten(self.app, scope, receive, send, normalise)
+        await _rewritten(self.app, scope, receive, send, lambda status: 400 <= status < 500, normalise)
 
 
 async def _rewritten(
-    app: App, scope: Scope, receive: Receive, send: Send, rewrite: Callable[[int, bytes], tuple[int, bytes]]
+    app: App,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    wanted: Callable[[int], bool],
+    rewrite: Callable[[int, bytes], bytes],
 ) -> None:
-    """Run ``app`` with its response buffered, then send ``rewrite(status, body)`` with a matching length."""
+    """Run ``app``; a response whose status is ``wanted`` is buffered and sent as ``rewrite(status, body)`` with a
+    matching length, any other passes through as it streams (a page is never held back)."""
     start: dict[str, Any] = {}
     chunks: list[bytes] = []
 
     async def capture(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
+            if not wanted(message["status"]):
+                await send(message)
+                return
             start.update(message)
+        elif message["type"] == "http.response.body" and not start:
+            await send(message)
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
-                status, body = rewrite(start["status"], b"".join(chunks))
+                body = rewrite(start["status"], b"".join(chunks))
                 headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-                await send(
-                    {
-                        **start,
-                        "status": status,
-                        "headers": [*headers, (b"content-length", str(len(body)).encode())],
-                    }
-                )
+                await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
         else:
             await send(message)
