@@ -194,7 +194,9 @@ def train(
     if a.cqr:
         knots = torch.zeros(len(cfg.world.user_types), n_item_groups(cfg), cfg.features.cqr_knots)
     checkpoints = Checkpoints(run_dir / "checkpoints", ctx) if run_dir is not None else None
-    best = copy.deepcopy(acting.actors) if ctx.is_main else None  # receives the best point's actors
+    best = (
+        copy.deepcopy(acting.actors) if ctx.is_main and resume else None
+    )  # receives the best point's actors
     restored = (
         checkpoints.restore(agent, fused, knots, generator, best)
         if checkpoints is not None and resume
