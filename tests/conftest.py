@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -57,10 +58,14 @@ def cem_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def train_logs(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path) -> Path:
-    """A small log directory written by `unexrl simulate` under the CEM artifact (offline training data)."""
+    """A small log directory written by `unexrl simulate` under the CEM artifact (offline training data), with its
+    point-in-time training set beside the transitions (:func:`training_set_args`), built through Feast."""
     from unexrl.cli import main
 
     out = tmp_path_factory.mktemp("logs") / "logs"
+    repo = tmp_path_factory.mktemp("train-features") / "feature_repo"
+    shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    features = ["--config", str(ROOT / "configs" / "small.yaml"), "--set", f"features.repo={repo}"]
     with one_torch_thread():
         assert (
             main(
@@ -78,7 +83,18 @@ def train_logs(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path) -> 
             )
             == 0
         )
+        built = repo.parent / "features"
+        assert main(["features", "build", *features, "--logs", str(out), "--out", str(built)]) == 0
+        assert main(["features", "materialize", *features, "--features", str(built)]) == 0
+        assert main(["features", "training-set", *features, "--logs", str(out)]) == 0
     return out
+
+
+def training_set_args(logs: Path) -> list[str]:
+    """`--training-set` of a log directory whose training set was written beside it (offline training needs it)."""
+    from unexrl.features.store import TRAINING_SET_FILE
+
+    return ["--training-set", str(logs / TRAINING_SET_FILE)]
 
 
 FAST_TRAIN = (
@@ -96,7 +112,7 @@ def _train_small(run: Path, algo: str, cem: Path, logs: Path | None = None) -> P
     from unexrl.cli import main
 
     sets = [x for o in FAST_TRAIN for x in ("--set", o)]
-    offline = ["--logs", str(logs)] if logs is not None else []
+    offline = ["--logs", str(logs), *training_set_args(logs)] if logs is not None else []
     args = ["train", "--config", str(ROOT / "configs" / "small.yaml"), *sets, "--algo", algo, *offline]
     with one_torch_thread():
         assert main([*args, "--cem", str(cem), "--out", str(run)]) == 0

@@ -16,6 +16,11 @@ from unexrl.artifacts import load_any_policy
 from unexrl.cli import main
 from unexrl.config import Config, load_config
 from unexrl.contracts.artifact import ArtifactError, read_artifact
+from unexrl.data import read_logs
+from unexrl.features import schema as fs
+from unexrl.features.inputs import COLUMNS
+from unexrl.features.store import TRAINING_SET_FILE
+from unexrl.io import sha256_file
 from unexrl.rl.actors import ACTORS_FILE, ActorsManifest, load_actor_policy
 from unexrl.rl.observation import SPARSE_FEATURES, STATE_FEATURES
 from unexrl.rl.policy import ActorPolicy
@@ -48,6 +53,7 @@ def test_manifest_describes_what_serving_needs(export: Path, train_logs: Path, c
     assert [s.name for s in manifest.stages] == ["matching", "prerank", "ranking"]
     features = manifest.features
     assert features["sparse"] == list(SPARSE_FEATURES) and features["state"] == list(STATE_FEATURES)
+    assert features["user_features"] == list(COLUMNS)
     assert features["id_space"] == {"world_seed": 0, "users": 600, "items": 6000, "categories": 12}
     assert features["tables"] == {
         "actors_users": [600, 16],
@@ -60,6 +66,12 @@ def test_manifest_describes_what_serving_needs(export: Path, train_logs: Path, c
         "logs": str(train_logs),
         "seeds": logs["seeds"],
         "sha256": {k: v["sha256"] for k, v in logs["files"].items()},
+        "training_set": {
+            "file": str(train_logs / TRAINING_SET_FILE),
+            "sha256": sha256_file(train_logs / TRAINING_SET_FILE),
+            "rows": read_logs(train_logs).transitions.num_rows,
+            "feature_service": fs.TRAINING_SERVICE,
+        },
     }
     # what it saw: the config's training and validation seeds and the logs' (never to be evaluated on)
     seeds = manifest.trained_config().seeds

@@ -50,10 +50,9 @@ def collected(small_cfg: Config, small_sim: Simulator) -> tuple[CascadeAgent, li
 def test_cic_replay_equals_the_simulator(small_cfg: Config, small_sim: Simulator, collected) -> None:  # type: ignore[no-untyped-def]
     """CIC with the same actors on the stored tau^1 rebuilds every stage's candidates and actions."""
     agent, steps, _ = collected
-    n_groups = len(small_cfg.world.user_types)
     with torch.no_grad():
         for step in steps:
-            tau = tau1_from_observation(step.obs, small_sim.world, small_cfg.session.max_requests, n_groups)
+            tau = tau1_from_observation(step.obs, small_sim.world, small_cfg)
             embedding = agent.actors.embed(sparse_features(tau))
             out, actions, _ = cascade_with_actors(
                 tau, embedding, small_sim.keep, agent.actors, stop_gradient=True

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import training_set_args
 from unexrl.cli import main
 from unexrl.config import ALGOS, Config
 from unexrl.contracts.artifact import read_artifact
@@ -95,6 +96,7 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path, tr
             "unexrl-cic",
             "--logs",
             str(train_logs),
+            *training_set_args(train_logs),
             "--cem",
             str(cem_artifact),
             "--out",
@@ -194,7 +196,7 @@ def test_single_process_train_for_every_algorithm(
     algo: str, tmp_path: Path, cem_artifact: Path, train_logs: Path
 ) -> None:
     """No torchrun: one process, nothing sharded. unexrl-cic trains online, the rest offline from logs."""
-    data = [] if algo == "unexrl-cic" else ["--logs", str(train_logs)]
+    data = [] if algo == "unexrl-cic" else ["--logs", str(train_logs), *training_set_args(train_logs)]
     overrides = [*TINY, "train.updates=8", "train.eval_sessions=8", "train.warmup_sessions=16"]
     assert (
         main(
@@ -260,7 +262,15 @@ def test_offline_resume_is_exact(tmp_path: Path, cem_artifact: Path, train_logs:
         "train.eval_every=4",
         "train.eval_sessions=4",
     ]
-    args = [*_args(overrides), "--algo", "unexrl-cic", "--logs", str(train_logs), "--cem", str(cem_artifact)]
+    args = [
+        *_args(overrides),
+        "--algo",
+        "unexrl-cic",
+        "--logs",
+        str(train_logs),
+        *training_set_args(train_logs),
+    ]
+    args += ["--cem", str(cem_artifact)]
     assert main(["train", *SMALL, *args, "--out", str(tmp_path / "whole")]) == 0
     (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
     shutil.copytree(
@@ -291,6 +301,7 @@ def test_export_holds_the_best_validation_point(tmp_path: Path, cem_artifact: Pa
                 "unexrl-cic",
                 "--logs",
                 str(train_logs),
+                *training_set_args(train_logs),
                 "--cem",
                 str(cem_artifact),
                 "--out",

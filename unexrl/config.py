@@ -317,6 +317,10 @@ class AlgoConfig(_Strict):
     """Gaussian exploration noise when collecting online"""
     action_radius: float = Field(default=1.0, gt=0)
     """how far an actor may move each weight from its initial (CEM) value; the action box bounds it as well"""
+    user_features: bool = True
+    """the actors' and critics' dense inputs include the user's user_behaviour features (unexrl/features/inputs.py):
+    the rollout's aggregates online, the point-in-time training set offline (so offline training needs one), the
+    online store at serving"""
 
 
 class TrainConfig(_Strict):
@@ -379,9 +383,10 @@ class ExperimentConfig(_Strict):
         "unexrl-cic-no-sg",
         "unexrl-cic-no-cqr",
         "unexrl-cic-plain-step",
+        "unexrl-cic-no-features",
     )
     """rows of the results table: a baseline (unexrl/policies/baselines.py), an algo name, or an ablation
-    (unexrl-cic-no-sg, unexrl-cic-no-cqr, unexrl-cic-plain-step: see unexrl/experiment.py)"""
+    (unexrl-cic-no-sg, unexrl-cic-no-cqr, unexrl-cic-plain-step, unexrl-cic-no-features: see unexrl/experiment.py)"""
     agents_algos: tuple[str, ...] = ("unexrl-cic", "unexrl-ctde", "independent-ddpg")
     """algorithms of the agents-count study"""
     agents_seeds: int = Field(default=3, ge=0)

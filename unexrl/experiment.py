@@ -48,10 +48,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "unexrl-cic-no-sg": {"name": "unexrl-cic", "sg": False},
     "unexrl-cic-no-cqr": {"name": "unexrl-cic", "cqr": False},
     "unexrl-cic-plain-step": {"name": "unexrl-cic", "proximal": 0.0},
+    "unexrl-cic-no-features": {"name": "unexrl-cic", "user_features": False},
     "independent-ddpg": {"name": "independent-ddpg"},
 }
 """Learner rows: the algo config each one trains with (unexrl-cic-plain-step: the paper's DDPG-style actor step,
-without the proximal term)."""
+without the proximal term; unexrl-cic-no-features: without the user's behaviour features in its inputs)."""
 
 METRICS = ("watch_time", "items", "requests")
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from unexrl.sim.behaviour import UserBehaviour
 from unexrl.sim.env import Policy, SessionBatch, Simulator, Step
 
 
@@ -63,13 +64,15 @@ def rollout(
 
     Finished sessions are dropped from the batch as it goes (sessions last from one request to the cap, and
     stepping the finished ones cost most of a batch's time); ``Observation.row`` keeps each session's row as the
-    batch started, which a policy with ``group_by="row"`` reads. Outcomes come back in session order.
+    batch started, which a policy with ``group_by="row"`` reads. Outcomes come back in session order. Users'
+    behaviour features (Observation.user_features) accumulate over the rollout's pages, across its batches.
     """
     ids_all = torch.arange(sessions) if isinstance(sessions, int) else sessions
+    behaviour = UserBehaviour(sim.cfg, sim.world)
     parts = []
     chunks = range(0, ids_all.numel(), batch_size)
     for start in tqdm(chunks, desc=f"rollout seed {seed}", disable=not progress, leave=False):
-        state = sim.start(seed, ids_all[start : start + batch_size])
+        state = sim.start(seed, ids_all[start : start + batch_size], behaviour)
         n = state.user.shape[0]
         final = {name: torch.zeros(n, dtype=torch.float64) for name in ("watch_time", "items", "requests")}
         user = state.user.cpu().numpy()

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from unexrl.config import Config
 from unexrl.contracts.artifact import ArtifactError, ArtifactManifest, read_artifact
 from unexrl.contracts.base import STRICT
+from unexrl.features.inputs import COLUMNS
 from unexrl.rl.agent import build_actors
 from unexrl.rl.observation import SPARSE_FEATURES, STATE_FEATURES
 from unexrl.rl.policy import ActorPolicy
@@ -57,10 +58,12 @@ class ActorsManifest(ArtifactManifest):
 
 
 def feature_schema(cfg: Config) -> dict[str, Any]:
-    """What the actors' inputs mean: features, state scaling, activity groups and the id space of their tables."""
+    """What the actors' inputs mean: features (the user feature row's columns, unexrl.features.inputs), state
+    scaling, activity groups and the id space of their tables."""
     return {
         "sparse": list(SPARSE_FEATURES),
         "state": list(STATE_FEATURES),
+        "user_features": list(COLUMNS) if cfg.algo.user_features else [],
         "activity_groups": len(cfg.world.user_types),
         "max_requests": cfg.session.max_requests,
         "id_space": {

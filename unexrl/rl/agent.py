@@ -45,7 +45,7 @@ from unexrl.rl.networks import (
     StageHead,
     embedding_tables,
 )
-from unexrl.rl.observation import candidate_summary, sparse_features
+from unexrl.rl.observation import candidate_summary, sparse_features, state_dim
 from unexrl.rl.replay import Batch
 
 FIRST = slice(0, 1)
@@ -61,11 +61,6 @@ def learning_stages(cfg: Config) -> list[int]:
     if not 1 <= agents <= n:
         raise ValueError(f"algo.agents={agents}: must be between 1 and the {n} stages")
     return list(range(n - agents, n))
-
-
-def state_dim(cfg: Config) -> int:
-    """Session state features plus the activity-group one-hot (unexrl.rl.observation.session_state)."""
-    return 4 + len(cfg.world.user_types)
 
 
 def _encoder(

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torchrec import KeyedJaggedTensor
 
+from unexrl.config import Config
+from unexrl.features.inputs import input_dim
 from unexrl.sim.env import Observation
 from unexrl.sim.world import World
 
@@ -20,7 +22,13 @@ SPARSE_FEATURES = ("user_id", "recent_items", "recent_categories")
 """Sparse inputs of every actor and critic, in the fixed order their embeddings are concatenated."""
 
 STATE_FEATURES = ("step", "log_items_watched", "log_watch_time", "last_watch_fraction")
-"""Observable session state, followed by a one-hot of the activity group."""
+"""Observable session state, followed by a one-hot of the activity group and (``algo.user_features``) the user's
+behaviour features (unexrl.features.inputs.user_inputs)."""
+
+
+def state_dim(cfg: Config) -> int:
+    """Width of Tau1.state: STATE_FEATURES, the activity-group one-hot, and the user features if enabled."""
+    return len(STATE_FEATURES) + len(cfg.world.user_types) + (input_dim(cfg) if cfg.algo.user_features else 0)
 
 
 @dataclass(frozen=True)
@@ -32,7 +40,7 @@ class Tau1:
     activity_group: Tensor
     """[B] observable activity group (also the CQR user group G_u)"""
     state: Tensor
-    """[B, S] observable session state (STATE_FEATURES + activity-group one-hot)"""
+    """[B, state_dim] observable state: STATE_FEATURES, activity-group one-hot, user features if enabled"""
     history_items: Tensor
     """[B, W] recently watched item ids, -1 padded"""
     history_categories: Tensor
@@ -83,21 +91,27 @@ def session_state(
     )
 
 
-def tau1_from_observation(obs: Observation, world: World, max_requests: int, n_groups: int) -> Tau1:
+def model_state(session: Tensor, user_features: Tensor, cfg: Config) -> Tensor:
+    """Tau1.state from :func:`session_state` and the user features: one place decides what the model sees."""
+    return torch.cat([session, user_features], dim=1) if cfg.algo.user_features else session
+
+
+def tau1_from_observation(obs: Observation, world: World, cfg: Config) -> Tau1:
     """tau^1 of a simulator observation (drops the oracle-only hidden type)."""
     hist = obs.history_items
+    session = session_state(
+        obs.step,
+        obs.items_watched,
+        obs.watch_time,
+        obs.last_watch_fraction,
+        obs.activity_group,
+        cfg.session.max_requests,
+        len(cfg.world.user_types),
+    )
     return Tau1(
         user=obs.user,
         activity_group=obs.activity_group,
-        state=session_state(
-            obs.step,
-            obs.items_watched,
-            obs.watch_time,
-            obs.last_watch_fraction,
-            obs.activity_group,
-            max_requests,
-            n_groups,
-        ),
+        state=model_state(session, obs.user_features, cfg),
         history_items=hist,
         history_categories=torch.where(hist >= 0, world.item_category[hist.clamp_min(0)], -1),
         predictions=obs.predictions,

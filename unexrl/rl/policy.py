@@ -29,9 +29,7 @@ class ActorPolicy:
     def _inputs(self, obs: Observation) -> tuple[Tensor, Tensor]:
         # act() is called once per stage with the same observation: embed tau^1 once
         if self._cached is None or self._cached[0] is not obs:
-            tau = tau1_from_observation(
-                obs, self.world, self.cfg.session.max_requests, len(self.cfg.world.user_types)
-            )
+            tau = tau1_from_observation(obs, self.world, self.cfg)
             self._cached = (obs, tau.state, self.actors.embed(sparse_features(tau)))
         return self._cached[1], self._cached[2]
 

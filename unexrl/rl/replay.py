@@ -17,8 +17,16 @@ from torch import Tensor
 
 from unexrl.config import Config
 from unexrl.data.reader import LoggedData, cascade_inputs, list_matrix
+from unexrl.features.inputs import COLUMNS, user_inputs
 from unexrl.rl.cqr import duration_bucket, training_reward
-from unexrl.rl.observation import Tau1, candidate_summary, session_state, tau1_from_observation
+from unexrl.rl.observation import (
+    Tau1,
+    candidate_summary,
+    model_state,
+    session_state,
+    state_dim,
+    tau1_from_observation,
+)
 from unexrl.sim.env import Step
 from unexrl.sim.world import World
 
@@ -63,11 +71,10 @@ class ReplayBuffer:
     def __init__(self, cfg: Config, capacity: int) -> None:
         c = cfg.cascade
         w = cfg.session.history_window
-        n_groups = len(cfg.world.user_types)
         self.cfg, self.capacity = cfg, capacity
         self.user = torch.zeros(capacity, dtype=torch.long)
         self.activity_group = torch.zeros(capacity, dtype=torch.long)
-        self.state = torch.zeros(capacity, 4 + n_groups)
+        self.state = torch.zeros(capacity, state_dim(cfg))
         self.history_items = torch.zeros(capacity, w, dtype=torch.long)
         self.history_categories = torch.zeros(capacity, w, dtype=torch.long)
         self.predictions = [torch.zeros(capacity, c.pool_size, d, dtype=torch.float16) for d in c.action_dims]
@@ -87,7 +94,6 @@ class ReplayBuffer:
     def add_steps(self, steps: Sequence[Step], world: World) -> int:
         """Add every active row of one finished batch of sessions (``steps`` of one rollout batch, in order)."""
         cfg = self.cfg
-        n_groups = len(cfg.world.user_types)
         rows = [torch.nonzero(s.active, as_tuple=True)[0] for s in steps]
         # position of (step t, session row b as the rollout started) among the rows added: links a transition to its
         # next request (the rollout drops finished sessions, so batch positions move between steps; Observation.row not)
@@ -100,7 +106,7 @@ class ReplayBuffer:
         fields: dict[str, list[Tensor]] = {}
         next_row = []
         for t, (s, r) in enumerate(zip(steps, rows)):
-            tau = tau1_from_observation(s.obs, world, cfg.session.max_requests, n_groups).index(r)
+            tau = tau1_from_observation(s.obs, world, cfg).index(r)
             page = s.page_items[r]
             for name, value in (
                 ("user", tau.user),
@@ -123,8 +129,12 @@ class ReplayBuffer:
             next_row.append(torch.where(s.done[r].cpu() | (after < 0), here, after))
         return self._append({k: torch.cat(v) for k, v in fields.items()}, torch.cat(next_row))
 
-    def add_logs(self, data: LoggedData) -> int:
-        """Add every transition of a validated log directory (the offline regime)."""
+    def add_logs(self, data: LoggedData, features: pa.Table | None = None) -> int:
+        """Add every transition of a validated log directory (the offline regime).
+
+        ``features``: the logs' point-in-time training set (verified against them: unexrl/features/training_set.py),
+        whose user columns become the model's user features; required when ``algo.user_features`` is on.
+        """
         cfg = self.cfg
         t = data.transitions
         n = t.num_rows
@@ -143,18 +153,19 @@ class ReplayBuffer:
         found = order[np.searchsorted(request, next_request, sorter=order).clip(0, n - 1)]
         has_next = (next_request >= 0) & (request[found] == next_request)
         next_row = torch.from_numpy(np.where(has_next, found, np.arange(n)))
+        session = session_state(
+            column("step"),
+            column("session_items_watched"),
+            column("session_watch_time_s"),
+            column("last_watch_fraction"),
+            group,
+            cfg.session.max_requests,
+            len(cfg.world.user_types),
+        )
         fields = {
             "user": user,
             "activity_group": group,
-            "state": session_state(
-                column("step"),
-                column("session_items_watched"),
-                column("session_watch_time_s"),
-                column("last_watch_fraction"),
-                group,
-                cfg.session.max_requests,
-                len(cfg.world.user_types),
-            ),
+            "state": model_state(session, _logged_user_features(t, features, cfg), cfg),
             "history_items": history,
             "history_categories": torch.where(history >= 0, category_of[history.clamp_min(0)], -1),
             "watch_time": torch.tensor(list_matrix(t, "watch_time_s", cfg.cascade.page_size)),
@@ -258,6 +269,21 @@ class ReplayBuffer:
             first_summary=self.first_summary.index_select(0, idx),
             next_first_summary=self.first_summary.index_select(0, nxt),
         )
+
+
+def _logged_user_features(transitions: pa.Table, features: pa.Table | None, cfg: Config) -> Tensor:
+    """The user features of each logged request, in the transitions' order, from the training set's rows."""
+    if not cfg.algo.user_features:
+        return torch.zeros(transitions.num_rows, 0)
+    if features is None:
+        raise ValueError(
+            "algo.user_features: offline training reads the user features from the logs' point-in-time training "
+            "set: give --training-set (unexrl features training-set), or set algo.user_features=false"
+        )
+    request = transitions["request_id"].to_numpy()
+    order = np.argsort(features["request_id"].to_numpy(), kind="stable")
+    at = order[np.searchsorted(features["request_id"].to_numpy(), request, sorter=order)]
+    return user_inputs({name: features[name].combine_chunks().take(at) for name in COLUMNS}, cfg)
 
 
 def _pad_left(column: pa.ChunkedArray, width: int) -> Tensor:

@@ -1,8 +1,8 @@
 """The serving path as a library: request -> online features -> pool -> the cascade -> page, and feedback ->
 session state -> long-term reward metrics. The BentoML service (serving/service.py) is a thin shell over it.
 
-One request is tau^1 of a batch of one: the session state and history come from the feature store (falling
-back to defaults), the pool and every stage's predictions from :meth:`Simulator.observe` (the frozen stage
+One request is tau^1 of a batch of one: the session state, history and the user's behaviour features (the model
+input of unexrl.features.inputs) come from the feature store (falling back to defaults), the pool and every stage's predictions from :meth:`Simulator.observe` (the frozen stage
 models of the world the policy was trained in), and the page from :func:`unexrl.cascade.run_cascade` with the
 artifact's policy acting at each stage, exactly as in training and evaluation.
 
@@ -39,6 +39,7 @@ from unexrl.contracts import files
 from unexrl.contracts.artifact import ArtifactError, ArtifactManifest, peek_manifest
 from unexrl.features import schema as fs
 from unexrl.features.client import FeatureClient, OnlineFeatures
+from unexrl.features.inputs import served_inputs
 from unexrl.io import sha256_file
 from unexrl.serve import metrics as m
 from unexrl.serve.api import SESSION_ID_MAX, FeedbackItem
@@ -232,6 +233,7 @@ class Recommender:
         fetched = time.perf_counter()
         session = self._session(user_id, session_id, online)
         obs = self.sim.observe(self._batch(user_id if known else -1, session), pool)
+        obs = replace(obs, user_features=served_inputs(online.user, self.cfg))
         group = int(online.user.get(f"{fs.USER_PROFILE.name}__activity_group", -1))
         if known and 0 <= group < len(self.cfg.world.user_types):
             obs = replace(obs, activity_group=torch.tensor([group]))

@@ -14,6 +14,8 @@ from torch import Tensor
 
 from unexrl.cascade import CascadeResult, StageView, run_cascade
 from unexrl.config import Config
+from unexrl.features.inputs import cold_inputs, user_inputs
+from unexrl.sim.behaviour import Totals, UserBehaviour
 from unexrl.sim.hashing import hash_key, uniform
 from unexrl.sim.retrieval import retrieve_pool
 from unexrl.sim.stage_models import StageModels
@@ -47,6 +49,9 @@ class Observation:
     """[B, P] item ids of the retrieval pool"""
     predictions: tuple[Tensor, ...]
     """per stage, [B, P, d_i] predictions for the whole pool"""
+    user_features: Tensor
+    """[B, F] the user's behaviour features as model input (unexrl.features.inputs.user_inputs): the rollout's
+    running aggregates here, the online store's row at serving"""
     oracle_type: Tensor
     """[B] hidden behaviour type: simulator-only, for oracle baselines; never logged or served"""
     row: Tensor
@@ -89,10 +94,14 @@ class Simulator:
         self.user_model = UserModel(cfg, self.world)
         self.keep = [s.keep for s in cfg.cascade.stages]
 
-    def start(self, seed: int, session: Tensor) -> SessionBatch:
-        """Start sessions ``session`` (global ids within this seed's rollout); their users come from the seed."""
+    def start(self, seed: int, session: Tensor, behaviour: UserBehaviour | None = None) -> SessionBatch:
+        """Start sessions ``session`` (global ids within this seed's rollout); their users come from the seed.
+
+        ``behaviour``: the rollout's user_behaviour aggregates, shared by all its batches (default: a fresh one,
+        users without history)."""
         device = self.world.item_category.device
         session = session.to(device)
+        behaviour = behaviour if behaviour is not None else UserBehaviour(self.cfg, self.world)
         user = (uniform(hash_key(seed, _STREAM_USER, session)) * self.world.n_users).long()
         b = session.shape[0]
         zeros = torch.zeros(b, device=device)
@@ -110,6 +119,8 @@ class Simulator:
             ),
             alive=torch.ones(b, dtype=torch.bool, device=device),
             row=torch.arange(b, device=device),
+            behaviour=behaviour,
+            totals=behaviour.new_sessions(b),
         )
 
     def observe(self, state: SessionBatch, pool: Tensor | None = None) -> Observation:
@@ -129,6 +140,12 @@ class Simulator:
             state.history_items >= 0, self.world.item_category[state.history_items.clamp_min(0)], -1
         )
         predictions = self.stage_models.predict(state.user, pool, hist_cats)
+        b, totals = state.behaviour, state.totals
+        features = (
+            cold_inputs(len(state.user), self.cfg)
+            if b is None or totals is None
+            else user_inputs(b.rows(state.user, totals), self.cfg)
+        )
         return Observation(
             user=state.user,
             activity_group=self.world.user_activity_group[state.user],
@@ -140,6 +157,7 @@ class Simulator:
             history_items=state.history_items,
             pool=pool,
             predictions=tuple(predictions),
+            user_features=features.to(pool.device),
             oracle_type=self.world.user_type[state.user],
             row=state.row,
         )
@@ -182,6 +200,7 @@ class Simulator:
         )
         reward = response.watch_time.sum(1)
         n_viewed = response.viewed.sum(1).float()
+        first_request = state.step == 0
         state.step = state.step + active.long()
         state.budget = response.budget
         state.items_watched = state.items_watched + n_viewed
@@ -196,7 +215,35 @@ class Simulator:
         alive_after = active & (response.budget > 0) & (state.step < self.cfg.session.max_requests)
         done = active & ~alive_after
         state.alive = alive_after
+        if state.behaviour is not None and state.totals is not None:
+            self._record_behaviour(state, active, done, first_request, page_items, response)
         return response, reward, active, done
+
+    def _record_behaviour(
+        self,
+        state: SessionBatch,
+        active: Tensor,
+        done: Tensor,
+        first_request: Tensor,
+        page_items: Tensor,
+        response: PageResponse,
+    ) -> None:
+        """The answered pages join their sessions' totals; ended sessions join their users' histories."""
+        assert state.behaviour is not None and state.totals is not None
+        rows = torch.nonzero(active, as_tuple=True)[0]
+        pages = Totals.of_pages(
+            self.world,
+            self.cfg.features.recent_items,
+            first_request[rows],
+            page_items[rows],
+            response.watch_time[rows],
+            response.viewed[rows],
+            response.click[rows],
+            response.like[rows],
+        )
+        state.totals.add(rows, pages)
+        ended = torch.nonzero(done, as_tuple=True)[0]
+        state.behaviour.end_sessions(state.session[ended], state.user[ended], state.totals.take(ended))
 
 
 @dataclass
@@ -215,10 +262,22 @@ class SessionBatch:
     alive: Tensor
     row: Tensor
     """[B] each session's row in the batch as started (Observation.row)"""
+    behaviour: UserBehaviour | None = None
+    """the rollout's user histories (None: the serving path, whose user features come from the online store)"""
+    totals: Totals | None = None
+    """[B] each session's own answered pages so far (its part of the user_behaviour row)"""
 
     def select(self, idx: Tensor) -> SessionBatch:
         """The sessions at positions ``idx`` (a rollout drops finished ones; every draw is keyed by session and
         step, not by position, so what the kept sessions see does not change)."""
+        per_row = {
+            f.name: getattr(self, f.name)[idx]
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
         return SessionBatch(
-            seed=self.seed, **{f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "seed"}
+            seed=self.seed,
+            behaviour=self.behaviour,
+            totals=self.totals.take(idx) if self.totals is not None else None,
+            **per_row,
         )

@@ -69,7 +69,7 @@ def run_training(
         handler.addFilter(_quiet_libraries)
     ctx = init(cfg.device)
     try:
-        return _run(cfg, Path(out), logs, cem, resume, progress, ctx, checked)
+        return _run(cfg, Path(out), logs, cem, resume, progress, ctx, training_set, checked)
     finally:
         destroy(ctx)
 
@@ -82,6 +82,7 @@ def _run(
     resume: bool,
     progress: bool,
     ctx: Context,
+    training_set: Path | None = None,
     checked_training_set: dict[str, Any] | None = None,
 ) -> Path:
     if not resume and any((out / "checkpoints").glob("step-*")):
@@ -95,7 +96,9 @@ def _run(
     sim = Simulator(cfg)
     weights, fixed_stages = _fixed_stage_weights(cfg, sim, cem, ctx)
     started = time.perf_counter()
-    result = train(cfg, weights, sim, logs, progress, ctx=ctx, run_dir=out, resume=resume)
+    result = train(
+        cfg, weights, sim, logs, progress, ctx=ctx, run_dir=out, resume=resume, training_set=training_set
+    )
     seconds = time.perf_counter() - started
     if resume and result.resumed_from is None:
         log.warning("--resume: no checkpoint under %s, trained from the start", out / "checkpoints")

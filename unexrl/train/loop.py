@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -160,11 +161,13 @@ def train(
     ctx: Context | None = None,
     run_dir: Path | None = None,
     resume: bool = False,
+    training_set: Path | None = None,
 ) -> TrainResult:
     """Train ``cfg.algo`` for ``cfg.train.updates`` updates; stages that do not learn use ``cem_weights``.
 
     Online (``train.regime=online``): warm up under CEM + exploration, then alternate collection and updates.
-    Offline (``train.regime=offline``, ``logs`` given): replay the logged transitions only.
+    Offline (``train.regime=offline``, ``logs`` given): replay the logged transitions only; ``training_set``: their
+    point-in-time training set, whose user rows are the model's user features (needed with ``algo.user_features``).
     With ``run_dir``, a checkpoint is written every ``train.checkpoint_every`` updates and at the end under
     ``run_dir/checkpoints``; ``resume`` continues from the newest one (unexrl/train/checkpoint.py).
     ``ctx``: this rank under torchrun (unexrl/train/distributed.py); default one process on ``cfg.device``.
@@ -239,7 +242,8 @@ def train(
     timed = _Timer(result.seconds)
     buffer = ReplayBuffer(cfg, t.buffer_size)
     if not online:
-        buffer.add_logs(_share(read_logs(logs, cfg), ctx))  # type: ignore[arg-type]
+        features = pq.read_table(training_set) if training_set is not None else None
+        buffer.add_logs(_share(read_logs(logs, cfg), ctx), features)  # type: ignore[arg-type]
     else:  # warm-up under CEM + exploration; after a resume, re-warm-up under the restored actors
         cem = WeightPolicy(cem_weights.to(w.item_category.device), cfg.cascade)
         warm = explore() if restored is not None else GaussianExploration(cem, a.exploration_std, seed=seed)

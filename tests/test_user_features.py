@@ -1,0 +1,182 @@
+"""User features on the model's path: one input function, the same row from the simulator, the training set and
+the online store.
+
+- the simulator's running user_behaviour (unexrl/sim/behaviour.py) equals `unexrl features build`'s on the same
+  logs, joined point-in-time at every logged request;
+- parity: the input built at serving time from the online store, materialised as of a logged request's
+  timestamp, equals the input built at training time from the training set's row of that request, for users with
+  history and cold users;
+- offline training reads the training set's rows, and refuses to train without one.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from tests.test_features import _repo_copy, _with_features
+from unexrl.config import Config
+from unexrl.data import LogWriter, read_logs
+from unexrl.evaluate.rollout import rollout
+from unexrl.features import schema as fs
+from unexrl.features import store
+from unexrl.features.build import build_features, compute_feature_tables, feedback_us
+from unexrl.features.client import FeatureClient
+from unexrl.features.inputs import COLUMNS, cold_inputs, served_inputs, user_inputs
+from unexrl.policies.weights import RandomPolicy
+from unexrl.rl.observation import state_dim
+from unexrl.rl.replay import ReplayBuffer
+from unexrl.sim.env import Simulator, Step
+
+Seen = dict[tuple[int, int], torch.Tensor]
+"""(session, step) -> the user features the simulator gave that request"""
+SESSIONS = 240
+BATCH = 40
+"""several rollout batches, so users return across batches (and a few within one)"""
+
+
+@pytest.fixture(scope="module")
+def cfg(small_cfg: Config) -> Config:
+    logging = small_cfg.logging.model_copy(update={"sessions": SESSIONS, "batch_size": BATCH})
+    return small_cfg.model_copy(update={"logging": logging})
+
+
+@pytest.fixture(scope="module")
+def logged(cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Seen]:
+    """Logs of a random-weights rollout, and the user features the simulator gave each logged request."""
+    sim = Simulator(cfg)
+    out = tmp_path_factory.mktemp("user-features") / "logs"
+    seen: Seen = {}
+    with LogWriter(cfg, sim.world, out) as writer:
+
+        def record(step: Step) -> None:
+            writer.add(step)
+            a = step.active
+            for s, t, x in zip(step.obs.session[a], step.obs.step[a], step.obs.user_features[a]):
+                seen[(int(s), int(t))] = x
+
+        rollout(sim, RandomPolicy(cfg.cascade, seed=3), cfg.seeds.train[0], SESSIONS, BATCH, on_step=record)
+        writer.close(behaviour={"kind": "random"}, seeds=[cfg.seeds.train[0]])
+    return out, seen
+
+
+def _as_of(behaviour: pa.Table, user: np.ndarray, at_us: np.ndarray) -> dict[str, pa.Array]:
+    """The user_behaviour row of each (user, time) a point-in-time join keeps (newest stamped <= time), or nulls."""
+    b_user = np.asarray(behaviour["user_id"])
+    b_us = np.asarray(behaviour[fs.TIMESTAMP].cast(pa.int64()))
+    index = np.full(len(user), -1)
+    for i, (u, t) in enumerate(zip(user, at_us)):
+        rows = np.flatnonzero((b_user == u) & (b_us <= t))
+        if rows.size:
+            index[i] = rows[np.argmax(b_us[rows])]
+    take = pa.array(np.maximum(index, 0), mask=index < 0)
+    return {
+        f"{fs.USER_BEHAVIOUR.name}__{c.split('__')[1]}": behaviour[c.split("__")[1]].take(take)
+        for c in COLUMNS
+    }
+
+
+def test_the_simulator_keeps_the_builds_user_behaviour(cfg: Config, logged: tuple[Path, Seen]) -> None:
+    logs, seen = logged
+    data = read_logs(logs)
+    t = data.transitions
+    behaviour = compute_feature_tables(data, cfg)[fs.USER_BEHAVIOUR.name]
+    user = np.asarray(t["user_id"])
+    session = np.asarray(t["session_id"])
+    step = np.asarray(t["step"])
+    built = user_inputs(_as_of(behaviour, user, np.asarray(t[fs.TIMESTAMP].cast(pa.int64()))), cfg)
+    simulated = torch.stack([seen[(int(s), int(k))] for s, k in zip(session, step)])
+
+    # the documented exception: users with two sessions in one lockstep batch, or overlapping in log time
+    # (from the first request to the last page's feedback)
+    sessions = (
+        pd.DataFrame(
+            {
+                "user": user,
+                "session": session,
+                "start": np.asarray(t[fs.TIMESTAMP].cast(pa.int64())),
+                "end": feedback_us(np.asarray(t[fs.TIMESTAMP].cast(pa.int64())), np.asarray(t["reward"])),
+            }
+        )
+        .groupby(["user", "session"], as_index=False)
+        .agg(start=("start", "min"), end=("end", "max"))
+    )
+    sessions = sessions.sort_values(["user", "start"])
+    earlier = sessions.groupby("user")
+    overlap = sessions["start"] <= earlier["end"].transform(lambda end: end.cummax().shift())
+    same_batch = sessions["session"] // BATCH == earlier["session"].shift() // BATCH
+    alone = ~np.isin(user, sessions["user"][overlap | same_batch].unique())
+    returning = alone & (built[:, 0].numpy() > 0) & (step == 0)  # a first request that already has history
+    assert returning.sum() > 20, "the log should have users returning across batches"
+    assert alone.mean() > 0.8
+    torch.testing.assert_close(simulated[alone], built[alone], rtol=1e-5, atol=1e-5)
+    cold = built[:, 0] == 0
+    assert cold.any() and torch.equal(built[cold], cold_inputs(int(cold.sum()), cfg))
+
+
+def test_online_store_and_training_set_give_the_same_input(
+    cfg: Config, logged: tuple[Path, Seen], tmp_path: Path
+) -> None:
+    """Parity: for logged requests in time order, materialise the store up to each one's timestamp and build
+    the input as serving does; it equals the input built from the training set's row of that request."""
+    logs, _ = logged
+    features = tmp_path / "features"
+    build_features(logs, features, cfg)
+    local = _with_features(cfg, repo=str(_repo_copy(tmp_path / "feature_repo")))
+    feast = store.apply(local, features)
+    _, training = store.training_set(local, logs, tmp_path / "training.parquet")
+    order = np.argsort(np.asarray(training[fs.TIMESTAMP].cast(pa.int64())), kind="stable")
+    history = np.asarray(training[f"{fs.USER_BEHAVIOUR.name}__requests"].is_valid())
+    picks = [*order[~history[order]][1:4:2], *order[history[order]][::97][:6]]
+    picks = sorted(picks, key=lambda r: training[fs.TIMESTAMP][r].as_py())
+    client = FeatureClient(local, feast)
+    start = min(pd.Timestamp(training[fs.TIMESTAMP][0].as_py()), pd.Timestamp("2000-01-01", tz="UTC"))
+    cold = warm = 0
+    for row in picks:
+        at = training[fs.TIMESTAMP][row].as_py()
+        feast.materialize(
+            start_date=start, end_date=at + timedelta(microseconds=1), feature_views=[fs.USER_BEHAVIOUR.name]
+        )
+        served = served_inputs(client.fetch(int(training["user_id"][row].as_py()), []).user, cfg)
+        trained = user_inputs({c: training[c].take([row]) for c in COLUMNS}, cfg)
+        assert torch.equal(served, trained), f"request {training['request_id'][row]}"
+        cold, warm = cold + int(not history[row]), warm + int(history[row])
+    assert cold >= 1 and warm >= 5
+
+
+def test_offline_training_reads_the_training_set(
+    cfg: Config, logged: tuple[Path, Seen], tmp_path: Path
+) -> None:
+    logs, _ = logged
+    data = read_logs(logs)
+    buffer = ReplayBuffer(cfg, 100_000)
+    with pytest.raises(ValueError, match="--training-set"):
+        buffer.add_logs(data)
+    build_features(logs, tmp_path / "features", cfg)
+    local = _with_features(cfg, repo=str(_repo_copy(tmp_path / "feature_repo")))
+    store.apply(local, tmp_path / "features")
+    _, training = store.training_set(local, logs, tmp_path / "training.parquet")
+    n = buffer.add_logs(data, training)
+    assert buffer.state.shape[1] == state_dim(cfg)
+    by_request = {r: i for i, r in enumerate(training["request_id"].to_pylist())}
+    rows = [by_request[r] for r in data.transitions["request_id"].to_pylist()]
+    expected = user_inputs({c: training[c].take(rows) for c in COLUMNS}, cfg)
+    assert torch.equal(buffer.state[:n, -expected.shape[1] :], expected)
+    without = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"user_features": False})})
+    plain = ReplayBuffer(without, 100_000)
+    plain.add_logs(data)
+    assert plain.state.shape[1] == state_dim(cfg) - expected.shape[1]
+    assert torch.equal(plain.state[:n], buffer.state[:n, : plain.state.shape[1]])
+
+
+def test_bad_feature_rows_are_named(cfg: Config) -> None:
+    with pytest.raises(ValueError, match="category_watch_share"):
+        user_inputs({COLUMNS[-1]: [[0.5, 0.5]]}, cfg)
+    with pytest.raises(ValueError, match="differ in length"):
+        user_inputs({COLUMNS[0]: [1, 2], COLUMNS[1]: [1]}, cfg)

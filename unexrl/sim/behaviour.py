@@ -1,0 +1,202 @@
+"""The user_behaviour feature view, maintained per user as a rollout runs: online training's feature rows.
+
+``unexrl features build`` computes user_behaviour from logs (unexrl/features/build.py); this keeps the same
+aggregates with the same definitions while sessions are simulated, so the actors see the same row in online
+training and evaluation as offline (the training set) and at serving (the online store). A request sees its
+user's earlier sessions and its own session's earlier pages, as a point-in-time join at the request's timestamp
+does (a page counts once its feedback is complete, before the session's next request).
+
+One :class:`UserBehaviour` spans one rollout, starting with no history. The rollout steps a batch's sessions in
+lockstep, not in log time, so the sessions of one batch are taken as concurrent: a request sees the histories of
+its user's sessions in earlier batches (joined in session order, which is their log order) and its own session's
+earlier pages, never another session of the same batch. A request whose user has no other session in its batch
+gets the build's row up to float rounding (tests/test_user_features.py); a later session of a user who has one
+misses the earlier one's pages, which the log's timestamps would have shown it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from unexrl.config import Config
+from unexrl.features import schema as fs
+from unexrl.features.inputs import SHARE, VIEW
+from unexrl.sim.world import World
+
+PREFIX = f"{VIEW.name}__"
+
+
+@dataclass
+class Totals:
+    """Running sums of answered pages, one row per key (a user, or a session's row in its batch)."""
+
+    requests: Tensor
+    sessions: Tensor
+    items_viewed: Tensor
+    clicks: Tensor
+    likes: Tensor
+    watch: Tensor
+    fraction: Tensor
+    viewed_duration: Tensor
+    category_watch: Tensor
+    """[n, n_categories] seconds watched per category"""
+    recent: Tensor
+    """[n, recent_items] the last viewed items' watch fractions, oldest first, right-aligned (zeros before)"""
+    recent_count: Tensor
+    """viewed items ever added to ``recent`` (its valid slots: the last min(count, recent_items))"""
+
+    @staticmethod
+    def zeros(n: int, cfg: Config, device: torch.device) -> Totals:
+        long = lambda: torch.zeros(n, dtype=torch.long, device=device)
+        real = lambda *width: torch.zeros(n, *width, dtype=torch.float64, device=device)
+        return Totals(
+            requests=long(),
+            sessions=long(),
+            items_viewed=long(),
+            clicks=long(),
+            likes=long(),
+            watch=real(),
+            fraction=real(),
+            viewed_duration=real(),
+            category_watch=real(cfg.world.n_categories),
+            recent=real(cfg.features.recent_items),
+            recent_count=long(),
+        )
+
+    @staticmethod
+    def of_pages(
+        world: World,
+        window: int,
+        first_request: Tensor,
+        page: Tensor,
+        watch_time: Tensor,
+        viewed: Tensor,
+        click: Tensor,
+        like: Tensor,
+    ) -> Totals:
+        """One row per answered page ([B, K] items and outcomes; the viewed items are a prefix of the page)."""
+        watch = watch_time.double() * viewed
+        duration = world.item_duration[page].double()
+        fraction = watch / duration
+        n_viewed = viewed.sum(1)
+        category_watch = torch.zeros(
+            page.shape[0], world.n_categories, dtype=torch.float64, device=page.device
+        )
+        category_watch.scatter_add_(1, world.item_category[page], watch)
+        padded = torch.cat(
+            [torch.zeros(page.shape[0], window, dtype=torch.float64, device=page.device), fraction], 1
+        )
+        return Totals(
+            requests=torch.ones_like(n_viewed),
+            sessions=first_request.long(),
+            items_viewed=n_viewed,
+            clicks=(click & viewed).sum(1),
+            likes=(like & viewed).sum(1),
+            watch=watch.sum(1),
+            fraction=fraction.sum(1),
+            viewed_duration=(duration * viewed).sum(1),
+            category_watch=category_watch,
+            recent=padded.gather(1, torch.arange(window, device=page.device)[None, :] + n_viewed[:, None]),
+            recent_count=n_viewed,
+        )
+
+    def take(self, index: Tensor) -> Totals:
+        return Totals(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def then(self, later: Totals) -> Totals:
+        """Row-wise: these totals followed by ``later``'s pages (sums add; the recent window shifts)."""
+        window = self.recent.shape[1]
+        m = later.recent_count.clamp_max(window)[:, None]
+        slot = torch.arange(window, device=m.device)[None, :]
+        recent = torch.where(
+            slot >= window - m, later.recent, self.recent.gather(1, (slot + m).clamp_max(window - 1))
+        )
+        out = {f.name: getattr(self, f.name) + getattr(later, f.name) for f in fields(self)}
+        return Totals(**(out | {"recent": recent}))
+
+    def add(self, index: Tensor, later: Totals) -> None:
+        """Rows ``index`` followed by ``later``'s rows, in order (an index may repeat: one occurrence at a time)."""
+        occurrence = _occurrence(index)
+        for k in range(int(occurrence.max()) + 1 if index.numel() else 0):
+            rows = torch.nonzero(occurrence == k, as_tuple=True)[0]
+            updated = self.take(index[rows]).then(later.take(rows))
+            for f in fields(self):
+                getattr(self, f.name)[index[rows]] = getattr(updated, f.name)
+
+
+class UserBehaviour:
+    """One rollout's user histories: the pages of every session of its earlier batches, per user."""
+
+    def __init__(self, cfg: Config, world: World) -> None:
+        self.cfg, self.world = cfg, world
+        self.users = Totals.zeros(world.n_users, cfg, world.item_category.device)
+        self.defaults = fs.defaults(cfg)[VIEW.name]
+        self._ended: list[tuple[Tensor, Tensor, Totals]] = []
+
+    def new_sessions(self, n: int) -> Totals:
+        """A new batch of ``n`` sessions: the last batch's sessions join the histories; their empty totals."""
+        if self._ended:
+            session, user, totals = (list(x) for x in zip(*self._ended))
+            order = torch.argsort(torch.cat(session))
+            joined = Totals(
+                **{f.name: torch.cat([getattr(t, f.name) for t in totals]) for f in fields(Totals)}
+            )
+            self.users.add(torch.cat(user)[order], joined.take(order))
+            self._ended.clear()
+        return Totals.zeros(n, self.cfg, self.world.item_category.device)
+
+    def end_sessions(self, session: Tensor, user: Tensor, totals: Totals) -> None:
+        """Sessions that ended: their pages join their users' histories when the next batch starts."""
+        if session.numel():
+            self._ended.append((session, user, totals))
+
+    def rows(self, user: Tensor, session: Totals) -> dict[str, Tensor]:
+        """user_behaviour as of now for requests of ``user`` in sessions with running ``session`` totals."""
+        t = self.users.take(user).then(session)
+        d, window = self.defaults, self.cfg.features.recent_items
+        views = t.items_viewed
+        seen = views > 0
+
+        def mean(total: Tensor, name: str) -> Tensor:
+            return torch.where(seen, total / views.clamp_min(1), d[name]).float()
+
+        share = torch.where(
+            t.watch[:, None] > 0,
+            t.category_watch / t.watch.clamp_min(1e-12)[:, None],
+            1.0 / self.cfg.world.n_categories,
+        )
+        length = t.recent_count.clamp_max(window)
+        slot = torch.arange(window, device=user.device)[None, :]
+        recent_sum = torch.where(slot >= window - length[:, None], t.recent, 0.0).sum(1)
+        values = {
+            "requests": t.requests,
+            "sessions": t.sessions,
+            "items_viewed": views,
+            "watch_time_s": t.watch.float(),
+            "mean_watch_time_s": mean(t.watch, "mean_watch_time_s"),
+            "mean_watch_fraction": mean(t.fraction, "mean_watch_fraction"),
+            "mean_viewed_duration_s": mean(t.viewed_duration, "mean_viewed_duration_s"),
+            "click_rate": mean(t.clicks.double(), "click_rate"),
+            "like_rate": mean(t.likes.double(), "like_rate"),
+            "recent_watch_fraction": torch.where(
+                length > 0, recent_sum / length.clamp_min(1), d["recent_watch_fraction"]
+            ).float(),
+            SHARE: share.float(),
+        }
+        return {PREFIX + name: value for name, value in values.items()}
+
+
+def _occurrence(values: Tensor) -> Tensor:
+    """For each position, how many earlier positions hold the same value (0 for a value's first occurrence)."""
+    order = torch.argsort(values, stable=True)
+    sorted_values = values[order]
+    start = torch.ones_like(sorted_values, dtype=torch.bool)
+    start[1:] = sorted_values[1:] != sorted_values[:-1]
+    positions = torch.arange(len(values), device=values.device)
+    first = torch.cummax(torch.where(start, positions, 0), 0).values
+    out = torch.empty_like(values)
+    out[order] = positions - first
+    return out
