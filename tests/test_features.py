@@ -445,6 +445,48 @@ def test_client_degrades_when_the_store_is_missing(cfg: Config, tmp_path: Path) 
     assert _fallbacks("unreachable") - before == 3 + 2 * 3
 
 
+def test_a_new_session_reads_no_session_row(sqlite_cfg: Config, tables: dict[str, pa.Table]) -> None:
+    """A request that starts a session does not read user_session: its defaults are the definition, not a
+    cold-start fallback."""
+    from unexrl.features.client import FeatureClient
+
+    user = int(tables[fs.USER_BEHAVIOUR.name]["user_id"][0].as_py())
+    before = _fallbacks("cold_start")
+    got = FeatureClient(sqlite_cfg).fetch(user, [], session=False)
+    assert "user_session" not in got.cold_start and _fallbacks("cold_start") == before
+    defaults = fs.defaults(sqlite_cfg)[fs.USER_SESSION.name]
+    assert all(got.user[f"user_session__{name}"] == value for name, value in defaults.items())
+
+
+def test_item_cache_reloads_when_a_new_materialisation_is_published(
+    cfg: Config, features: Path, tables: dict[str, pa.Table], tmp_path: Path
+) -> None:
+    """Candidates come from the process-local copy: equal to Feast's online rows, whole and unchanged until the
+    registry shows a new materialisation, then reloaded at once."""
+    from unexrl.features.client import FeatureClient
+
+    local = _with_features(cfg, repo=str(_repo_copy(tmp_path / "feature_repo")), item_cache_check_s=3600.0)
+    feast = store.apply(local, features)
+    stamps = tables[fs.ITEM_STATS.name][fs.TIMESTAMP]
+    first, middle = (
+        stamps.combine_chunks().sort()[0].as_py(),
+        stamps.combine_chunks().sort()[len(stamps) // 2].as_py(),
+    )
+    feast.materialize(start_date=first, end_date=middle, feature_views=[v.name for v in fs.VIEWS])
+    client = FeatureClient(local)
+    items = list(range(40))
+    early = client.fetch(0, items).items
+    cold = fs.defaults(local)[fs.ITEM_STATS.name]["views"]
+    online = lambda: [cold if v is None else v for v in _online(local, fs.ITEM_STATS, items)["views"]]
+    assert early["item_stats__views"] == online()
+    store.load_online(feast, features)  # a new materialisation, up to the newest row
+    latest = online()
+    assert latest != early["item_stats__views"]
+    assert client.fetch(0, items).items == early  # not checked yet: the previous copy, whole
+    client.refresh_items()
+    assert client.fetch(0, items).items["item_stats__views"] == latest
+
+
 def test_pushed_session_features_are_served(sqlite_cfg: Config, tables: dict[str, pa.Table]) -> None:
     from unexrl.features.client import FeatureClient
 
@@ -517,10 +559,12 @@ def test_redis_down_degrades_without_raising(
         store.materialize(redis_cfg, features)
         client = FeatureClient(redis_cfg)
         assert not client.fetch(0, [1, 2]).degraded
+        categories = _online(redis_cfg, fs.ITEM_PROFILE, [1, 2])["category"]
     before = _fallbacks("unreachable")
-    got = client.fetch(0, [1, 2])  # the server is gone
-    assert got.degraded and got.items["item_profile__category"] == [-1, -1]
-    assert _fallbacks("unreachable") - before == 3 + 2 * 2
+    got = client.fetch(0, [1, 2])  # the server is gone: the user from defaults, the candidates from the cache
+    assert got.degraded and got.user["user_profile__activity_group"] == -1
+    assert got.items["item_profile__category"] == categories
+    assert _fallbacks("unreachable") - before == 3
     assert not client.push_session(0, pd.Timestamp("2030-01-01T00:00:00Z"), 1, 1, 1, 1.0, 0.5)
 
 

@@ -1,10 +1,15 @@
 """Online features for serving: one call for a user and its candidates, and it never raises.
 
+The user's row is one online read of the user serving service (its ``user_session`` view only when the request
+continues a session: a new session starts from the defaults by definition, not as a fallback); candidates come
+from the process-local item cache (unexrl/features/cache.py), reloaded when a new materialisation is published.
+
 Fallbacks, so a request is always answered:
 - cold start: the store has no row of a view for the user or an item (a new user or item, a session that
   expired): that view's features take the documented defaults (``unexrl.features.schema.defaults``).
-- degraded: the store cannot be opened or read (Redis down, registry missing): every feature takes its
-  default and ``degraded`` is set.
+- degraded: the store cannot be opened or read (Redis down, registry missing): the user's features take their
+  defaults and ``degraded`` is set; candidates still come from the item cache if it was ever loaded (else
+  defaults too).
 Both count into ``unexrl_feature_store_fallbacks_total{reason="cold_start"|"unreachable"}``: one per entity
 (the user, each candidate) and view served from defaults. Feast and prometheus_client are serving
 dependencies (the ``features`` extra); Feast is imported only when the store is first opened.
@@ -13,15 +18,16 @@ dependencies (the ``features`` extra); Feast is imported only when the store is 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import Counter
 
 from unexrl.config import Config
 from unexrl.features import schema as fs
+from unexrl.features.cache import ItemCache
 from unexrl.features.store import open_store
 
 if TYPE_CHECKING:
@@ -34,6 +40,7 @@ FALLBACKS = Counter(
     "Feature rows (one per entity and view) served from defaults instead of the feature store",
     ["reason"],
 )
+T = TypeVar("T")
 COLD_START = "cold_start"
 UNREACHABLE = "unreachable"
 
@@ -47,7 +54,8 @@ class OnlineFeatures:
     cold_start: dict[str, int] = field(default_factory=dict)
     """rows served from defaults per view because the store had none"""
     degraded: bool = False
-    """the store was unreachable: everything is defaults"""
+    """the store was unreachable: the user's features (and the candidates' if the item cache never loaded) are
+    defaults"""
 
 
 class FeatureClient:
@@ -58,25 +66,49 @@ class FeatureClient:
         self._store = store
         self._services: dict[str, FeatureService] = {}
         self._defaults = fs.defaults(cfg)
+        self._items: ItemCache | None = None
 
-    def fetch(self, user_id: int, item_ids: Sequence[int]) -> OnlineFeatures:
-        """The user's and every candidate's features, in ``item_ids`` order."""
-        user_views, item_views = fs.SERVICES[fs.USER_SERVING_SERVICE], fs.SERVICES[fs.ITEM_SERVING_SERVICE]
-        try:
-            user_read = self._read(fs.USER_SERVING_SERVICE, fs.USER.join_key, [int(user_id)])
-            items_read = self._read(fs.ITEM_SERVING_SERVICE, fs.ITEM.join_key, [int(i) for i in item_ids])
-        except Exception as err:  # noqa: BLE001 - any store failure degrades to defaults, never to the caller
-            log.warning("feature store unreachable, serving defaults: %s: %s", type(err).__name__, err)
-            user, _ = self._filled(user_views, {}, 1)
-            items, _ = self._filled(item_views, {}, len(item_ids))
-            FALLBACKS.labels(reason=UNREACHABLE).inc(len(user_views) + len(item_views) * len(item_ids))
-            return OnlineFeatures(user={k: v[0] for k, v in user.items()}, items=items, degraded=True)
-        user, user_cold = self._filled(user_views, user_read, 1)
-        items, item_cold = self._filled(item_views, items_read, len(item_ids))
-        cold = {**user_cold, **item_cold}
+    def fetch(self, user_id: int, item_ids: Sequence[int], session: bool = True) -> OnlineFeatures:
+        """The user's and every candidate's features, in ``item_ids`` order; ``session``: also the user's
+        ``user_session`` row (a request that continues a session; else that view is left at its defaults)."""
+        user_views = tuple(
+            v for v in fs.SERVICES[fs.USER_SERVING_SERVICE] if session or v is not fs.USER_SESSION
+        )
+        item_views = fs.SERVICES[fs.ITEM_SERVING_SERVICE]
+        ids = [int(i) for i in item_ids]
+        user_read = self._guarded(lambda: self._read_user(int(user_id), user_views))
+        cached = self._guarded(lambda: self._item_cache().get(ids)) if ids else {}
+        user, user_cold = self._filled(user_views, user_read or {}, 1)
+        items, item_cold = self._filled(item_views, cached or {}, len(ids))
+        unreachable = (len(user_views) if user_read is None else 0) + (
+            len(item_views) * len(ids) if cached is None else 0
+        )
+        cold = ({} if user_read is None else user_cold) | ({} if cached is None else item_cold)
+        if unreachable:
+            FALLBACKS.labels(reason=UNREACHABLE).inc(unreachable)
         if sum(cold.values()):
             FALLBACKS.labels(reason=COLD_START).inc(sum(cold.values()))
-        return OnlineFeatures(user={k: v[0] for k, v in user.items()}, items=items, cold_start=cold)
+        if not session:
+            user |= {
+                f"{fs.USER_SESSION.name}__{f.name}": [_copy(self._defaults[fs.USER_SESSION.name][f.name])]
+                for f in fs.USER_SESSION.features
+            }
+        return OnlineFeatures(
+            user={k: v[0] for k, v in user.items()}, items=items, cold_start=cold, degraded=unreachable > 0
+        )
+
+    @staticmethod
+    def _guarded(read: Callable[[], T]) -> T | None:
+        """``read()``, or None (logged) when the store cannot be opened or read."""
+        try:
+            return read()
+        except Exception as err:  # noqa: BLE001 - any store failure degrades to defaults, never to the caller
+            log.warning("feature store unreachable, serving defaults: %s: %s", type(err).__name__, err)
+            return None
+
+    def refresh_items(self) -> None:
+        """Check the registry for a new materialisation of the item views now and reload the cache if it moved."""
+        self._item_cache().refresh(wait=True)
 
     def push_session(
         self,
@@ -113,14 +145,26 @@ class FeatureClient:
             self._store = open_store(self._cfg)
         return self._store
 
-    def _read(self, service: str, key: str, ids: list[int]) -> dict[str, list[Any]]:
+    def _item_cache(self) -> ItemCache:
+        if self._items is None:
+            self._items = ItemCache(
+                self._open(), self._cfg.world.n_items, self._cfg.features.item_cache_check_s
+            )
+        return self._items
+
+    def _read_user(self, user_id: int, views: tuple[fs.ViewSpec, ...]) -> dict[str, list[Any]]:
+        """One online read of the user's rows of ``views`` (the serving service, or all of it but the session)."""
         store = self._open()
-        if service not in self._services:
-            self._services[service] = store.get_feature_service(service)
-        if not ids:
-            return {}
+        if fs.USER_SERVING_SERVICE not in self._services:
+            self._services[fs.USER_SERVING_SERVICE] = store.get_feature_service(fs.USER_SERVING_SERVICE)
+        full = fs.SERVICES[fs.USER_SERVING_SERVICE]
+        features: Any = (
+            self._services[fs.USER_SERVING_SERVICE]
+            if views == full
+            else [f"{v.name}:{f.name}" for v in views for f in v.features]
+        )
         response = store.get_online_features(
-            features=self._services[service], entity_rows=[{key: i} for i in ids], full_feature_names=True
+            features=features, entity_rows=[{fs.USER.join_key: user_id}], full_feature_names=True
         )
         return response.to_dict()
 

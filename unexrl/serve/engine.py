@@ -229,7 +229,7 @@ class Recommender:
         start = time.perf_counter()
         known = 0 <= user_id < self.n_users
         pool = self._pool(candidates)
-        online = self.features.fetch(user_id, [])
+        online = self.features.fetch(user_id, [], session=session_id is not None)
         fetched = time.perf_counter()
         session = self._session(user_id, session_id, online)
         obs = self.sim.observe(self._batch(user_id if known else -1, session), pool)
