@@ -6,6 +6,8 @@ Environment:
   UNEXRL_ROLE           role label of the served model's metrics: stable (default) or canary
   UNEXRL_FEATURE_ENV    feature store environment (features.environment: local, redis, production)
   UNEXRL_FEATURE_REPO   optional Feast repository folder (features.repo)
+  UNEXRL_SESSION_STORE  local (default: sessions and pending pages in the process, one replica or sticky
+                        sessions) or redis (shared by every replica, on UNEXRL_REDIS)
   UNEXRL_API_TOKEN      the bearer token /recommend and /feedback require (in Kubernetes from a Secret), or
   UNEXRL_API_TOKEN_FILE a file holding it; neither: one is generated into <BENTOML_HOME>/api-token
 BentoML's own /livez, /readyz and /metrics serve the probes and Prometheus; unexrl.serve.gateway the rest of
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import bentoml
 import torch
-from bentoml.exceptions import InvalidArgument, NotFound
+from bentoml.exceptions import InvalidArgument, NotFound, ServiceUnavailable
 
 from unexrl.contracts.artifact import peek_manifest
 from unexrl.serve.api import (
@@ -37,6 +39,7 @@ from unexrl.serve.engine import Recommender, RequestError, UnknownRequest, servi
 from unexrl.serve.gateway import ClientErrors, Gate, QuietClientErrors, api_token
 from unexrl.serve.local import bentoml_home
 from unexrl.serve.package import ARTIFACT_SUBDIR, DEFAULT_MODEL, ENV_MODEL, ENV_SHADOW_MODEL
+from unexrl.serve.sessions import SessionStoreUnavailable, open_sessions
 
 
 @bentoml.service(name="unexrl", workers=1, traffic={"timeout": 30}, http={"port": 3000})
@@ -58,6 +61,7 @@ class Recommendation:
             primary_version=self.model.tag.version,
             shadow=Path(shadow.path) / ARTIFACT_SUBDIR if shadow is not None else None,
             shadow_version=shadow.tag.version if shadow is not None else None,
+            sessions=open_sessions(dict(os.environ)),
             role=os.environ.get("UNEXRL_ROLE", "stable"),
         )
 
@@ -72,6 +76,8 @@ class Recommendation:
             raise InvalidArgument(str(err)) from None
         except UnknownRequest as err:
             raise NotFound(str(err)) from None
+        except SessionStoreUnavailable as err:
+            raise ServiceUnavailable(str(err)) from None
         e = self.engine
         return RecommendResponse(
             request_id=page.request_id,
@@ -99,6 +105,8 @@ class Recommendation:
             raise InvalidArgument(str(err)) from None
         except UnknownRequest as err:
             raise NotFound(str(err)) from None
+        except SessionStoreUnavailable as err:
+            raise ServiceUnavailable(str(err)) from None
         s = result.session
         return FeedbackResponse(
             request_id=request_id,

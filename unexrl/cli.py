@@ -237,7 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         "pages, respond to the pages it returns and send feedback, until --sessions have run or --seconds "
         "have passed. The config must be the one the served policy was trained with (docs/serving.md).",
     )
-    p.add_argument("--url", required=True, help="base URL of the service, e.g. http://127.0.0.1:3000")
+    p.add_argument(
+        "--url",
+        required=True,
+        action="append",
+        help="base URL of the service, e.g. http://127.0.0.1:3000; repeat it for several replicas: the requests "
+        "of every session alternate between them (round-robin, no affinity)",
+    )
     p.add_argument(
         "--token-file",
         type=Path,

@@ -4,15 +4,17 @@ The user's row is one online read of the user serving service (its ``user_sessio
 continues a session: a new session starts from the defaults by definition, not as a fallback); candidates come
 from the process-local item cache (unexrl/features/cache.py), reloaded when a new materialisation is published.
 
-Fallbacks, so a request is always answered:
-- cold start: the store has no row of a view for the user or an item (a new user or item, a session that
-  expired): that view's features take the documented defaults (``unexrl.features.schema.defaults``).
-- degraded: the store cannot be opened or read (Redis down, registry missing): the user's features take their
-  defaults and ``degraded`` is set; candidates still come from the item cache if it was ever loaded (else
-  defaults too).
-Both count into ``unexrl_feature_store_fallbacks_total{reason="cold_start"|"unreachable"}``: one per entity
-(the user, each candidate) and view served from defaults. Feast and prometheus_client are serving
-dependencies (the ``features`` extra); Feast is imported only when the store is first opened.
+A view with no row for the user or an item takes its documented defaults (``unexrl.features.schema.defaults``):
+for an entity the store knows (it has the entity's profile row) these are the truth, not a fallback: no
+complete feedback yet (counts 0, neutral fractions, the values the training set's nulls take too), or a session
+that expired. Fallbacks, counted in ``unexrl_feature_store_fallbacks_total{reason}``, one per entity:
+- ``cold_start``: the store has no profile row of the user or an item (an entity it has never seen): all of that
+  entity's views are defaults.
+- ``unreachable``: the store cannot be opened or read (Redis down, registry missing): the user (and every
+  candidate, if the item cache never loaded) served from defaults; ``degraded`` is set. Candidates still come
+  from the item cache once it has loaded.
+Feast and prometheus_client are serving dependencies (the ``features`` extra); Feast is imported only when the
+store is first opened.
 """
 
 from __future__ import annotations
@@ -37,12 +39,17 @@ log = logging.getLogger(__name__)
 
 FALLBACKS = Counter(
     "unexrl_feature_store_fallbacks_total",
-    "Feature rows (one per entity and view) served from defaults instead of the feature store",
+    "Entities (users, candidates) whose features came from defaults: unknown to the store, or it was unreachable",
     ["reason"],
 )
 T = TypeVar("T")
 COLD_START = "cold_start"
 UNREACHABLE = "unreachable"
+for _reason in (
+    COLD_START,
+    UNREACHABLE,
+):  # exported at 0 from the start: a rate of no fallbacks is 0, not absent
+    FALLBACKS.labels(reason=_reason)
 
 
 @dataclass
@@ -52,7 +59,7 @@ class OnlineFeatures:
     user: dict[str, Any]
     items: dict[str, list[Any]]
     cold_start: dict[str, int] = field(default_factory=dict)
-    """rows served from defaults per view because the store had none"""
+    """rows served from defaults per view because the store had none (of an unknown entity, or no history yet)"""
     degraded: bool = False
     """the store was unreachable: the user's features (and the candidates' if the item cache never loaded) are
     defaults"""
@@ -80,14 +87,13 @@ class FeatureClient:
         cached = self._guarded(lambda: self._item_cache().get(ids)) if ids else {}
         user, user_cold = self._filled(user_views, user_read or {}, 1)
         items, item_cold = self._filled(item_views, cached or {}, len(ids))
-        unreachable = (len(user_views) if user_read is None else 0) + (
-            len(item_views) * len(ids) if cached is None else 0
-        )
+        unreachable = (user_read is None) + (len(ids) if cached is None else 0)
         cold = ({} if user_read is None else user_cold) | ({} if cached is None else item_cold)
         if unreachable:
             FALLBACKS.labels(reason=UNREACHABLE).inc(unreachable)
-        if sum(cold.values()):
-            FALLBACKS.labels(reason=COLD_START).inc(sum(cold.values()))
+        unknown = cold.get(fs.USER_PROFILE.name, 0) + cold.get(fs.ITEM_PROFILE.name, 0)
+        if unknown:
+            FALLBACKS.labels(reason=COLD_START).inc(unknown)
         if not session:
             user |= {
                 f"{fs.USER_SESSION.name}__{f.name}": [_copy(self._defaults[fs.USER_SESSION.name][f.name])]

@@ -10,10 +10,10 @@ Sessions are the service's, never the client's: a request without a session id s
 unguessable id (62 random bits) bound to the user; a request that names a session must name one the service
 issued to that user and that is still open, and feedback is accepted only for a page served in the session it
 names, once, with watch times at most each item's duration. A session ends with ``session_end`` or at its
-``session.max_requests``-th page. Session state between pages lives in the feature store (pushed on every
-feedback, so replicas share it) and in a small per-process cache keyed by session id that also keeps the
-in-session watch history. Served pages wait for their feedback in a bounded per-process table: feedback must
-reach the replica that served the page (sticky sessions).
+``session.max_requests``-th page. Open sessions (with their in-session watch history) and the pages waiting for
+feedback live in the session store (unexrl/serve/sessions.py): the process's, or Redis shared by every replica,
+so any replica can take any request of a session. Each feedback also pushes the session's state to the feature
+store's ``user_session`` view.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,7 @@ from unexrl.features.inputs import served_inputs
 from unexrl.io import sha256_file
 from unexrl.serve import metrics as m
 from unexrl.serve.api import SESSION_ID_MAX, FeedbackItem
+from unexrl.serve.sessions import LocalSessions, Page, Sessions, SessionState
 from unexrl.sim.env import Policy, SessionBatch, Simulator
 from unexrl.sim.world import World
 
@@ -50,8 +49,6 @@ log = logging.getLogger(__name__)
 
 ENV_FEATURE_REPO = "UNEXRL_FEATURE_REPO"
 """optional: the Feast repository folder to serve from (``features.repo``); the environment is UNEXRL_FEATURE_ENV"""
-MAX_PENDING_PAGES = 100_000
-MAX_CACHED_SESSIONS = 100_000
 
 
 class RequestError(ValueError):
@@ -145,34 +142,6 @@ def load_serving_policy(path: Path, cfg: Config, world: World, version: str | No
     return LoadedPolicy(policy, actual, manifest.algorithm, manifest.kind)
 
 
-@dataclass
-class SessionState:
-    session_id: int
-    user_id: int
-    step: int = 0
-    items_watched: int = 0
-    watch_time_s: float = 0.0
-    last_watch_fraction: float = 0.5
-    history: list[int] = field(default_factory=list)
-    """recently viewed item ids, oldest first, at most session.history_window"""
-    touched: float = field(default_factory=time.monotonic)
-
-
-@dataclass(frozen=True)
-class Page:
-    request_id: str
-    user_id: int
-    session: SessionState
-    """the session as it was when the page was chosen"""
-    items: list[int]
-    actions: list[list[float]]
-    candidates: list[int]
-    """how many candidates each stage ranked"""
-    cold_start: bool
-    degraded: bool
-    served_at: float
-
-
 @dataclass(frozen=True)
 class FeedbackResult:
     session: SessionState
@@ -193,6 +162,7 @@ class Recommender:
         primary_version: str | None = None,
         shadow_version: str | None = None,
         features: FeatureClient | None = None,
+        sessions: Sessions | None = None,
         role: str = "stable",
     ) -> None:
         self.cfg = cfg
@@ -209,11 +179,11 @@ class Recommender:
         self.seed = cfg.seeds.world
         self.stage_names = [s.name for s in cfg.cascade.stages]
         self.heads = [list(s.heads) for s in cfg.cascade.stages]
-        self._pages: OrderedDict[str, Page] = OrderedDict()
-        self._sessions: OrderedDict[int, SessionState] = OrderedDict()  # by session id
-        self._ended: OrderedDict[int, None] = OrderedDict()  # recently ended: their pending pages are void
-        self._lock = threading.Lock()
+        self.sessions = sessions if sessions is not None else LocalSessions()
         m.MODEL_INFO.labels(self.version, role, self.policy.algorithm, self.policy.kind).set(1)
+        m.COLD_START_REQUESTS.labels(
+            self.version
+        )  # exported at 0: no cold starts is a rate of 0, not no data
         if self.shadow is not None:
             m.MODEL_INFO.labels(self.shadow.version, "shadow", self.shadow.algorithm, self.shadow.kind).set(1)
 
@@ -253,12 +223,9 @@ class Recommender:
             candidates=[int(v.predictions.shape[1]) for v in result.views],
             cold_start=not known,
             degraded=online.degraded,
-            served_at=time.monotonic(),
+            served_at=time.time(),
         )
-        with self._lock:
-            self._pages[page.request_id] = page
-            while len(self._pages) > MAX_PENDING_PAGES:
-                self._pages.popitem(last=False)
+        self.sessions.add_page(page)
         self._observe_request(page, result, start, fetched, observed, marks)
         if self.shadow is not None:
             self._run_shadow(obs, items)
@@ -295,10 +262,7 @@ class Recommender:
             return SessionState(
                 session_id=1 + secrets.randbelow(SESSION_ID_MAX), user_id=user_id, history=history
             )
-        with self._lock:
-            cached = self._sessions.get(requested)
-        if cached is not None and time.monotonic() - cached.touched >= fs.SESSION_TTL_S:
-            cached = None
+        cached = self.sessions.session(requested)
         if cached is not None and cached.user_id == user_id:
             return replace(cached, history=list(cached.history))
         if cached is None and int(u[f"{fs.USER_SESSION.name}__session_id"]) == requested:
@@ -380,18 +344,20 @@ class Recommender:
         self, request_id: str, session_id: int, items: Sequence[FeedbackItem], session_end: bool
     ) -> FeedbackResult:
         duration = self.sim.world.item_duration
-        with self._lock:
-            page = self._pages.get(request_id)
-            if page is None or page.session.session_id != session_id or session_id in self._ended:
-                m.FEEDBACK_REJECTED.labels("unknown_request").inc()
-                raise UnknownRequest(
-                    f"request_id: {request_id!r} is not a page this replica served in session {session_id}, "
-                    "or its feedback was already received"
-                )
-            _check_items(page, items, duration)
-            del self._pages[request_id]
+        page = self.sessions.page(request_id)
+        known = (
+            page is not None and page.session.session_id == session_id and not self.sessions.ended(session_id)
+        )
+        if known:
+            _check_items(page, items, duration)  # type: ignore[arg-type]
+        if page is None or not known or not self.sessions.claim(request_id):
+            m.FEEDBACK_REJECTED.labels("unknown_request").inc()
+            raise UnknownRequest(
+                f"request_id: {request_id!r} is not a page served in session {session_id}, "
+                "or its feedback was already received"
+            )
         v = self.version
-        m.FEEDBACK_LAG.labels(v).observe(time.monotonic() - page.served_at)
+        m.FEEDBACK_LAG.labels(v).observe(max(time.time() - page.served_at, 0.0))
         watched = {it.item_id: it.watch_time_s for it in items}
         viewed = [i for i in page.items if i in watched]  # page order, as the user scrolled
         fractions = [watched[i] / float(duration[i]) for i in viewed]
@@ -405,7 +371,7 @@ class Recommender:
             watch_time_s=before.watch_time_s + sum(watched[i] for i in viewed),
             last_watch_fraction=sum(fractions) / len(fractions) if fractions else before.last_watch_fraction,
             history=(before.history + viewed)[-self.cfg.session.history_window :],
-            touched=time.monotonic(),
+            touched=time.time(),
         )
         ended = session_end or after.step >= self.cfg.session.max_requests
         if ended:
@@ -413,18 +379,10 @@ class Recommender:
             m.SESSION_ITEMS.labels(v).observe(after.items_watched)
             m.SESSION_REQUESTS.labels(v).observe(after.step)
             m.SESSIONS_ENDED.labels(v).inc()
-            with self._lock:
-                self._sessions.pop(after.session_id, None)
-                self._ended[after.session_id] = None
-                while len(self._ended) > MAX_CACHED_SESSIONS:
-                    self._ended.popitem(last=False)
+            self.sessions.end(after.session_id)
             pushed = self.features.push_session(page.user_id, datetime.now(UTC), -1, 0, 0, 0.0, 0.5)
         else:
-            with self._lock:
-                self._sessions[after.session_id] = after
-                self._sessions.move_to_end(after.session_id)
-                while len(self._sessions) > MAX_CACHED_SESSIONS:
-                    self._sessions.popitem(last=False)
+            self.sessions.save(after)
             pushed = self.features.push_session(
                 page.user_id,
                 datetime.now(UTC),
@@ -435,6 +393,14 @@ class Recommender:
                 after.last_watch_fraction,
             )
         return FeedbackResult(session=after, ended=ended, pushed=pushed)
+
+
+def _unknown_page(request_id: str, session_id: int) -> UnknownRequest:
+    m.FEEDBACK_REJECTED.labels("unknown_request").inc()
+    return UnknownRequest(
+        f"request_id: {request_id!r} is not a page served in session {session_id}, "
+        "or its feedback was already received"
+    )
 
 
 def _check_items(page: Page, items: Sequence[FeedbackItem], duration: torch.Tensor) -> None:

@@ -2,15 +2,20 @@
 
 ``bentoml serve`` starts a supervisor with worker processes; it is started in its own process group and that
 group is stopped (SIGTERM, then SIGKILL) when the context exits, so no worker outlives the caller. Each service
-gets its own API token (``UNEXRL_API_TOKEN``), which the yielded endpoint carries for its clients.
+gets its own API token (``UNEXRL_API_TOKEN``), which the yielded endpoint carries for its clients, and its own
+BENTOML_HOME whose models/ and bentos/ are this process's store: ``bentoml serve`` empties its home's Prometheus
+multiprocess directory when it starts, so two services sharing one home (two replicas) would erase each other's
+metrics.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,7 +66,11 @@ def local_service(
     with the checkout's sources importable (serving ``serving.service`` from the tree).
     """
     port = free_port()
-    child_env = {**os.environ, "BENTOML_HOME": bentoml_home(), ENV_MODEL: model_tag, "OMP_NUM_THREADS": "1"}
+    home = Path(tempfile.mkdtemp(prefix="unexrl-service-home-"))
+    for store in ("models", "bentos"):
+        (Path(bentoml_home()) / store).mkdir(parents=True, exist_ok=True)
+        (home / store).symlink_to(Path(bentoml_home()) / store, target_is_directory=True)
+    child_env = {**os.environ, "BENTOML_HOME": str(home), ENV_MODEL: model_tag, "OMP_NUM_THREADS": "1"}
     if python_env is None:
         child_env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
@@ -93,3 +102,4 @@ def local_service(
         stop(proc, 15.0, group=True)
         if log_file is not None:
             log.close()  # type: ignore[union-attr]
+        shutil.rmtree(home, ignore_errors=True)

@@ -4,13 +4,17 @@ Sessions start as in the simulator (users drawn from the seed); every step each 
 for a page (the first without a session id: the service issues one, sent back from then on), the simulator's
 user model answers the page the service returned (:meth:`Simulator.respond`), and the viewed items go back as
 /feedback, with ``session_end`` when the user leaves. Bounded by a number of sessions and a wall-clock budget;
-``concurrency`` sessions are in flight at once. Every request carries the service's bearer token.
+``concurrency`` sessions are in flight at once. Every request carries the service's bearer token. Given several
+replicas' URLs, each session's calls go round-robin: with two, its pages alternate between them and every
+feedback goes to the replica that did not serve the page (what a load balancer without affinity may do).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,7 +41,7 @@ class TrafficReport:
 
 
 async def _drive(
-    url: str,
+    urls: Sequence[str],
     token: str,
     sim: Simulator,
     seed: int,
@@ -48,9 +52,20 @@ async def _drive(
 ) -> None:
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(
-        base_url=url.rstrip("/"), headers=bearer(token), timeout=30.0, limits=limits
-    ) as client:
+    async with AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(
+                    base_url=url.rstrip("/"), headers=bearer(token), timeout=30.0, limits=limits
+                )
+            )
+            for url in urls
+        ]
+
+        def client(row: int, step: int, feedback: bool = False) -> httpx.AsyncClient:
+            """Round-robin: the session's page ``step`` on replica row + step, its feedback on the next one."""
+            return clients[(row + step + feedback) % len(clients)]
+
         first = 0
         while first < sessions and time.monotonic() < deadline:
             ids = torch.arange(first, min(first + concurrency, sessions))
@@ -62,7 +77,7 @@ async def _drive(
                 live = state.alive.nonzero().squeeze(1).tolist()
                 pages = await asyncio.gather(
                     *(
-                        client.post(
+                        client(i, int(state.step[i])).post(
                             "/recommend",
                             json={"user_id": int(state.user[i])}
                             | ({"context": {"session_id": served_session[i]}} if i in served_session else {}),
@@ -86,7 +101,7 @@ async def _drive(
                 report.watch_time_s += float(reward.sum())
                 answers = await asyncio.gather(
                     *(
-                        client.post(
+                        client(i, int(state.step[i]) - 1, feedback=True).post(
                             "/feedback",
                             json={
                                 "request_id": rid,
@@ -114,7 +129,7 @@ async def _drive(
 
 def run_traffic(
     cfg: Config,
-    url: str,
+    url: str | Sequence[str],
     token: str,
     *,
     sessions: int,
@@ -122,7 +137,8 @@ def run_traffic(
     concurrency: int = 8,
     seed: int | None = None,
 ) -> TrafficReport:
-    """Drive ``url`` (API token ``token``) with up to ``sessions`` simulated sessions for at most ``seconds``.
+    """Drive ``url`` (API token ``token``; several URLs: replicas, round-robin) with up to ``sessions`` simulated
+    sessions for at most ``seconds``.
 
     The config must describe the world the served policy was trained in (same ``seeds.world`` and sizes),
     so that the users' responses and the service's item ids refer to the same catalogue.
@@ -134,7 +150,7 @@ def run_traffic(
     start = time.monotonic()
     asyncio.run(
         _drive(
-            url,
+            [url] if isinstance(url, str) else list(url),
             token,
             sim,
             seed if seed is not None else cfg.seeds.evaluation[0],

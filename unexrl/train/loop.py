@@ -118,11 +118,9 @@ def _collect(sim: Simulator, buffer: ReplayBuffer, policy: Policy, seed: int, se
     return buffer.add_steps(steps, sim.world)
 
 
-def validate(sim: Simulator, actors: nn.Module, sessions: int) -> float:
-    """Mean session watch time of the greedy actors on the first validation seed."""
-    out = rollout(
-        sim, ActorPolicy(actors, sim.cfg, sim.world), sim.cfg.seeds.validation[0], sessions, sessions
-    )
+def validate(cfg: Config, sim: Simulator, actors: nn.Module, sessions: int) -> float:
+    """Mean session watch time of the greedy actors (built for ``cfg``) on the first validation seed."""
+    out = rollout(sim, ActorPolicy(actors, cfg, sim.world), cfg.seeds.validation[0], sessions, sessions)
     return float(out.watch_time.mean())
 
 
@@ -277,7 +275,7 @@ def train(
                 actors = acting.refresh(agent.actors, u)
                 point: dict[str, Any] = {}
                 if ctx.is_main:
-                    score = validate(sim, actors, t.eval_sessions)
+                    score = validate(cfg, sim, actors, t.eval_sessions)
                     if result.best_score is None or score > result.best_score:
                         result.best_actors, result.best_updates, result.best_score = (
                             copy.deepcopy(actors),

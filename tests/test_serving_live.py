@@ -1,0 +1,172 @@
+"""Serving on a live feature store, two replicas, no affinity: real redis-server, bentoml and prometheus processes.
+
+The pipeline's own steps build and materialise a log's features into Redis; two service processes read their
+user features from it and keep sessions and pending pages on the same Redis (UNEXRL_SESSION_STORE=redis):
+- either replica gives the same page for the same request, feedback is accepted by the replica that did not
+  serve the page, and only once across both;
+- `unexrl traffic` round-robin over both replicas (every feedback on the other replica) runs every session to its
+  end without an error, the replicas' long-term-reward metrics add up to what the simulated users did, a real
+  Prometheus scraping both returns data for every recording rule, and the feature fallback counter stays at 0.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from unexrl.cli import main
+from unexrl.config import Config
+from unexrl.environ import environ
+from unexrl.features.redis_server import local_redis, redis_server_path
+from unexrl.pipeline import steps
+from unexrl.policies.weights import RandomPolicy
+from unexrl.serve import prometheus as prom
+from unexrl.serve.local import Endpoint, local_service
+from unexrl.serve.package import import_model
+from unexrl.sim.env import Simulator
+from unexrl.simulate import simulate_logs
+
+ROOT = Path(__file__).resolve().parents[1]
+LOG_SESSIONS = 1500
+"""enough sessions on the small world (600 users) that most users have a behaviour row"""
+
+
+@pytest.fixture(scope="module")
+def redis_address() -> Iterator[str]:
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not installed here and could not be installed (make test installs it)")
+    with local_redis() as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def live_repo(small_cfg: Config, redis_address: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A log's features, built and materialised into Redis by the pipeline's steps; the run's Feast repository."""
+    root = tmp_path_factory.mktemp("live-store")
+    cfg = small_cfg.model_copy(
+        update={
+            "logging": small_cfg.logging.model_copy(update={"sessions": LOG_SESSIONS, "batch_size": 500}),
+            "features": small_cfg.features.model_copy(update={"environment": "redis"}),
+        }
+    )
+    logs = simulate_logs(
+        Simulator(cfg),
+        RandomPolicy(cfg.cascade, seed=0),
+        {"kind": "random"},
+        root / "logs",
+        cfg.seeds.train[0],
+    )
+    features = root / "features"
+    steps.build_features(cfg, logs, features)
+    with environ({"UNEXRL_REDIS": redis_address}):
+        loaded = steps.materialize_features(cfg, features, root / "feature_store")
+    assert loaded["first_materialised"]
+    return root / "feature_store"
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    small_actors: Path, live_repo: Path, redis_address: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Endpoint, Endpoint]]:
+    logs = tmp_path_factory.mktemp("replicas")
+    tag, _ = import_model(small_actors, model_name="unexrl-live")
+    env = {
+        "UNEXRL_FEATURE_ENV": "redis",
+        "UNEXRL_FEATURE_REPO": str(live_repo),
+        "UNEXRL_REDIS": redis_address,
+        "UNEXRL_SESSION_STORE": "redis",
+        "UNEXRL_API_TOKEN": secrets.token_urlsafe(32),
+    }
+    with ExitStack() as stack:
+        a, b = (
+            stack.enter_context(local_service(tag, env=env, log_file=logs / f"{name}.log"))
+            for name in ("a", "b")
+        )
+        yield a, b
+
+
+def _post(service: Endpoint, path: str, body: dict[str, object]) -> httpx.Response:
+    return httpx.post(f"{service.url}{path}", json=body, headers=service.headers, timeout=30.0)
+
+
+def _watched(page: dict[str, object]) -> list[dict[str, object]]:
+    return [{"item_id": i, "watch_time_s": 1.0} for i in page["items"][:2]]  # type: ignore[index]
+
+
+def test_either_replica_serves_the_session(replicas: tuple[Endpoint, Endpoint]) -> None:
+    a, b = replicas
+    first = _post(a, "/recommend", {"user_id": 7})
+    assert first.status_code == 200 and not first.json()["degraded"], first.text
+    page = first.json()
+    session = page["session_id"]
+    fed = _post(
+        b, "/feedback", {"request_id": page["request_id"], "session_id": session, "items": _watched(page)}
+    )
+    assert fed.status_code == 200 and fed.json()["step"] == 1, (
+        fed.text
+    )  # the page was served by the other one
+    for step in (1, 2):
+        asked = {"user_id": 7, "context": {"session_id": session}}
+        on_a, on_b = _post(a, "/recommend", asked).json(), _post(b, "/recommend", asked).json()
+        assert on_a["step"] == on_b["step"] == step
+        assert on_a["items"] == on_b["items"] and on_a["actions"] == on_b["actions"]
+        body = {"request_id": on_b["request_id"], "session_id": session, "items": _watched(on_b)}
+        assert _post(a, "/feedback", body).status_code == 200
+        assert _post(b, "/feedback", body).status_code == 404  # accepted once, whichever replica is asked
+
+
+def _samples(service: Endpoint, name: str) -> float:
+    text = httpx.get(f"{service.url}/metrics", timeout=10.0).text
+    return sum(
+        s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name
+    )
+
+
+def test_round_robin_traffic_adds_up_and_prometheus_has_every_rule(
+    replicas: tuple[Endpoint, Endpoint], small_cfg: Config, tmp_path: Path
+) -> None:
+    if prom.prometheus_path() is None:
+        pytest.skip("prometheus not installed (make prometheus installs Debian's package)")
+    a, b = replicas
+    names = (
+        "unexrl_sessions_ended_total",
+        "unexrl_session_watch_time_seconds_sum",
+        "unexrl_feedback_rejected_total",
+    )
+    before = {n: _samples(a, n) + _samples(b, n) for n in names}
+    rules = prom.write_rules_file(tmp_path / "rules.yaml")
+    groups = yaml.safe_load(rules.read_text())["groups"]
+    records = [r["record"] for g in groups for r in g["rules"] if "record" in r]
+    token = tmp_path / "token"
+    token.write_text(a.token)
+    report = tmp_path / "traffic.json"
+    hosts = [a.url.removeprefix("http://"), b.url.removeprefix("http://")]
+    with prom.local_prometheus(hosts, rules) as url:
+        code = main(
+            ["traffic", "--config", str(ROOT / "configs" / "small.yaml"), "--url", a.url, "--url", b.url]
+            + ["--token-file", str(token), "--sessions", "16", "--seconds", "120", "--json", str(report)]
+        )
+        traffic = json.loads(report.read_text())
+        assert code == 0 and traffic["errors"] == 0 and traffic["sessions_ended"] == 16, traffic
+        deadline = time.monotonic() + 45
+        while True:
+            missing = [r for r in records if not prom.query(url, r)]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        assert not missing, f"no data for: {missing}"
+    after = {n: _samples(a, n) + _samples(b, n) for n in names}
+    assert after[names[0]] - before[names[0]] == 16
+    assert after[names[1]] - before[names[1]] == pytest.approx(traffic["watch_time_s"], rel=1e-4)
+    assert after[names[2]] == before[names[2]]  # no feedback refused: every replica found every page
+    fallbacks = "unexrl_feature_store_fallbacks_total"
+    assert _samples(a, fallbacks) + _samples(b, fallbacks) == 0

@@ -1,0 +1,225 @@
+"""Where serving keeps open sessions and the pages that wait for feedback: in the process, or in Redis.
+
+A page is served by one replica and its feedback may reach another; the next request of the session may reach a
+third. With ``UNEXRL_SESSION_STORE=redis`` every replica reads and writes the same records on the online store's
+Redis (``UNEXRL_REDIS``), so no session affinity is needed; the default, ``local``, keeps them in the process
+(one replica, or sticky sessions). Records are keyed by the server-issued session id and request id (the Feast
+``user_session`` view, keyed by user, is still pushed on every feedback: it is a feature, this is the state), and
+expire after ``SESSION_TTL_S`` idle seconds like a session's feature row. A page is claimed for its feedback with
+one atomic GETDEL, so it is answered once whichever replicas race for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from unexrl.features.schema import SESSION_TTL_S
+
+log = logging.getLogger(__name__)
+
+ENV_SESSION_STORE = "UNEXRL_SESSION_STORE"
+"""local (default) | redis: where sessions and pending pages live (docs/serving.md)"""
+ENV_REDIS = "UNEXRL_REDIS"
+"""the online store's Redis, ``host:port[,password=...][,ssl=true][,db=N]`` (Feast's connection string)"""
+MAX_PENDING_PAGES = 100_000
+MAX_CACHED_SESSIONS = 100_000
+KEY_PREFIX = "unexrl:serving:"
+
+
+@dataclass
+class SessionState:
+    session_id: int
+    user_id: int
+    step: int = 0
+    items_watched: int = 0
+    watch_time_s: float = 0.0
+    last_watch_fraction: float = 0.5
+    history: list[int] = field(default_factory=list)
+    """recently viewed item ids, oldest first, at most session.history_window"""
+    touched: float = field(default_factory=time.time)
+    """wall-clock time of the last feedback (replicas share it)"""
+
+
+@dataclass(frozen=True)
+class Page:
+    request_id: str
+    user_id: int
+    session: SessionState
+    """the session as it was when the page was chosen"""
+    items: list[int]
+    actions: list[list[float]]
+    candidates: list[int]
+    """how many candidates each stage ranked"""
+    cold_start: bool
+    degraded: bool
+    served_at: float
+    """wall-clock time it was served"""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str | bytes) -> Page:
+        d = json.loads(text)
+        return Page(**(d | {"session": SessionState(**d["session"])}))
+
+
+class SessionStoreUnavailable(RuntimeError):
+    """The shared session store cannot be read or written: the request cannot be answered correctly (a 503)."""
+
+
+class Sessions(Protocol):
+    """Open sessions, recently ended session ids, and served pages waiting for their feedback."""
+
+    def session(self, session_id: int) -> SessionState | None:
+        """The open session (None if unknown, ended or idle for SESSION_TTL_S)."""
+        ...
+
+    def save(self, state: SessionState) -> None: ...
+
+    def end(self, session_id: int) -> None:
+        """Forget the session and void its pending pages."""
+        ...
+
+    def ended(self, session_id: int) -> bool: ...
+
+    def add_page(self, page: Page) -> None: ...
+
+    def page(self, request_id: str) -> Page | None:
+        """A pending page, not claimed."""
+        ...
+
+    def claim(self, request_id: str) -> bool:
+        """Take the page for its feedback; False if another request took it first."""
+        ...
+
+
+class LocalSessions:
+    """In this process: bounded tables (oldest evicted first) under one lock."""
+
+    def __init__(self) -> None:
+        self._pages: OrderedDict[str, Page] = OrderedDict()
+        self._sessions: OrderedDict[int, SessionState] = OrderedDict()
+        self._ended: OrderedDict[int, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def session(self, session_id: int) -> SessionState | None:
+        with self._lock:
+            state = self._sessions.get(session_id)
+        return state if state is not None and time.time() - state.touched < SESSION_TTL_S else None
+
+    def save(self, state: SessionState) -> None:
+        with self._lock:
+            _bounded_put(self._sessions, state.session_id, state, MAX_CACHED_SESSIONS)
+
+    def end(self, session_id: int) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+            _bounded_put(self._ended, session_id, None, MAX_CACHED_SESSIONS)
+
+    def ended(self, session_id: int) -> bool:
+        with self._lock:
+            return session_id in self._ended
+
+    def add_page(self, page: Page) -> None:
+        with self._lock:
+            _bounded_put(self._pages, page.request_id, page, MAX_PENDING_PAGES)
+
+    def page(self, request_id: str) -> Page | None:
+        with self._lock:
+            return self._pages.get(request_id)
+
+    def claim(self, request_id: str) -> bool:
+        with self._lock:
+            return self._pages.pop(request_id, None) is not None
+
+
+class RedisSessions:
+    """In Redis, shared by every replica: JSON records with SESSION_TTL_S expiry."""
+
+    def __init__(self, address: str) -> None:
+        import redis
+
+        self._redis = redis.Redis(**_redis_options(address))
+
+    def session(self, session_id: int) -> SessionState | None:
+        raw = self._call("get", _key("session", session_id))
+        return SessionState(**json.loads(raw)) if raw is not None else None
+
+    def save(self, state: SessionState) -> None:
+        self._call("set", _key("session", state.session_id), json.dumps(asdict(state)), ex=int(SESSION_TTL_S))
+
+    def end(self, session_id: int) -> None:
+        self._call("delete", _key("session", session_id))
+        self._call("set", _key("ended", session_id), b"1", ex=int(SESSION_TTL_S))
+
+    def ended(self, session_id: int) -> bool:
+        return bool(self._call("exists", _key("ended", session_id)))
+
+    def add_page(self, page: Page) -> None:
+        self._call("set", _key("page", page.request_id), page.to_json(), ex=int(SESSION_TTL_S))
+
+    def page(self, request_id: str) -> Page | None:
+        raw = self._call("get", _key("page", request_id))
+        return Page.from_json(raw) if raw is not None else None
+
+    def claim(self, request_id: str) -> bool:
+        return self._call("getdel", _key("page", request_id)) is not None
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._redis, method)(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - redis-py raises several kinds; the caller sees one
+            raise SessionStoreUnavailable(f"session store: {type(err).__name__}: {err}") from None
+
+
+def open_sessions(environ: dict[str, str]) -> Sessions:
+    """The session store the environment selects (UNEXRL_SESSION_STORE, UNEXRL_REDIS)."""
+    kind = environ.get(ENV_SESSION_STORE, "local")
+    if kind == "local":
+        return LocalSessions()
+    if kind != "redis":
+        raise ValueError(f"{ENV_SESSION_STORE}={kind!r}: expected local or redis")
+    if not environ.get(ENV_REDIS):
+        raise ValueError(f"{ENV_SESSION_STORE}=redis needs {ENV_REDIS} (the online store's Redis)")
+    return RedisSessions(environ[ENV_REDIS])
+
+
+def _key(kind: str, ident: int | str) -> str:
+    return f"{KEY_PREFIX}{kind}:{ident}"
+
+
+def _redis_options(address: str) -> dict[str, Any]:
+    """redis.Redis keyword arguments from Feast's connection string (``host:port,key=value,...``)."""
+    first, *options = [part.strip() for part in address.split(",") if part.strip()]
+    host, _, port = first.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{ENV_REDIS}: expected host:port[,password=...], got {first!r}")
+    out: dict[str, Any] = {
+        "host": host,
+        "port": int(port),
+        "socket_timeout": 0.5,
+        "socket_connect_timeout": 0.25,
+    }
+    for option in options:
+        key, _, value = option.partition("=")
+        if key in ("password", "username"):
+            out[key] = value
+        elif key == "ssl":
+            out["ssl"] = value.lower() == "true"
+        elif key == "db":
+            out["db"] = int(value)
+    return out
+
+
+def _bounded_put(table: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)
