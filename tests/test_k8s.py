@@ -367,6 +367,7 @@ def test_feature_store_redis_in_dev_external_reference_elsewhere():
 
     data, env = feature_env(render("overlays/dev"))
     assert data["UNEXRL_FEATURE_ENV"] == "redis" and "UNEXRL_REDIS" not in data
+    assert data["UNEXRL_SESSION_STORE"] == "redis"  # replicas share sessions: no affinity needed
     ref = env["UNEXRL_REDIS"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "feast-redis", "key": "connection-string"}
     dev_platform = render("overlays/dev/platform")
@@ -383,6 +384,7 @@ def test_feature_store_redis_in_dev_external_reference_elsewhere():
     for env_name in ("staging", "prod"):
         data, env = feature_env(render(f"overlays/{env_name}"))
         assert data["UNEXRL_FEATURE_ENV"] == "production" and "UNEXRL_REDIS" not in data
+        assert data["UNEXRL_SESSION_STORE"] == "redis"
         ref = env["UNEXRL_REDIS"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "unexrl-feast-online-store", "key": "connection-string"}
         assert not find(render(f"overlays/{env_name}/platform"), "Deployment", "feast-redis")

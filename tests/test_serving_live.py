@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from unexrl.cli import main
 from unexrl.config import Config
@@ -125,10 +124,7 @@ def test_either_replica_serves_the_session(replicas: tuple[Endpoint, Endpoint]) 
 
 
 def _samples(service: Endpoint, name: str) -> float:
-    text = httpx.get(f"{service.url}/metrics", timeout=10.0).text
-    return sum(
-        s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name
-    )
+    return prom.scraped_total(service.url, name)
 
 
 def test_round_robin_traffic_adds_up_and_prometheus_has_every_rule(

@@ -315,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure the config's pool size only (skip the paper's)",
     )
+    p.add_argument(
+        "--features",
+        choices=("none", "live"),
+        default="none",
+        help="none: the feature store unreachable (the cheap fallback); live: a loopback redis-server holding "
+        "the materialised features of --logs (default: a fresh random-policy log), and sessions on it",
+    )
+    p.add_argument("--logs", type=Path, help="--features live: the log directory whose features are served")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="print JSON (or write it to PATH)")
     return parser
 
@@ -348,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                         requests=args.requests,
                         load_seconds=args.load_seconds,
                         include_paper=not args.config_pool_only,
+                        features=args.features,
+                        logs=args.logs,
                     ),
                     format_bench_serve,
                 )

@@ -5,6 +5,11 @@ policy is imported and the service started on loopback. Sequential keep-alive re
 /recommend and /version (the framework floor: same process, same HTTP stack, no model work), so machine load
 hits both alike; the ratio of their medians is the figure. Then wrk measures peak /recommend requests/s and
 holds 80% of it for ``load_seconds``, reporting the error rate (non-2xx and socket errors).
+
+Features: ``none`` serves with the feature store unreachable (the user read is the cheap fallback); ``live``
+starts a redis-server on loopback, materialises a log's features into it with the pipeline's steps, and serves
+with live user features and sessions on that Redis, as a replica in production does; ``feature_fallbacks`` is
+the service's own fallback counter afterwards (0: every user's features came from the store).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,7 @@ from unexrl.policies.artifact import save_weight_policy
 from unexrl.policies.weights import WeightPolicy, greedy_weights
 from unexrl.serve.local import Endpoint, local_service
 from unexrl.serve.package import import_model
+from unexrl.serve.prometheus import scraped_total
 
 PAPER_CASCADE = {"pool_size": 2000, "keep": (500, 100, 10)}
 _WRK_SCRIPT = """
@@ -132,25 +139,70 @@ def _load_test(
     }
 
 
+def _live_features(cfg: Config, logs: Path | None, root: Path, stack: ExitStack) -> dict[str, str]:
+    """A loopback Redis holding ``logs``' materialised features (a fresh random-policy log by default), and the
+    service environment that reads them and keeps its sessions there."""
+    from unexrl.environ import environ
+    from unexrl.features.redis_server import local_redis
+    from unexrl.pipeline import steps
+    from unexrl.policies.weights import RandomPolicy
+    from unexrl.sim.env import Simulator
+    from unexrl.simulate import simulate_logs
+
+    address = stack.enter_context(local_redis())
+    live = cfg.model_copy(update={"features": cfg.features.model_copy(update={"environment": "redis"})})
+    if logs is None:
+        logs = simulate_logs(
+            Simulator(cfg),
+            RandomPolicy(cfg.cascade, seed=0),
+            {"kind": "random"},
+            root / "logs",
+            cfg.seeds.train[0],
+        )
+    steps.build_features(live, logs, root / "features")
+    with environ({"UNEXRL_REDIS": address}):
+        steps.materialize_features(live, root / "features", root / "feature_store")
+    return {
+        "UNEXRL_FEATURE_ENV": "redis",
+        "UNEXRL_FEATURE_REPO": str(root / "feature_store"),
+        "UNEXRL_REDIS": address,
+        "UNEXRL_SESSION_STORE": "redis",
+    }
+
+
 def bench_serve(
-    cfg: Config, *, requests: int = 400, load_seconds: float = 60.0, include_paper: bool = True
+    cfg: Config,
+    *,
+    requests: int = 400,
+    load_seconds: float = 60.0,
+    include_paper: bool = True,
+    features: str = "none",
+    logs: Path | None = None,
 ) -> dict[str, Any]:
     """Latency, throughput and the load test per pool size; see the module docstring."""
     if shutil.which("wrk") is None:
         raise FileNotFoundError("wrk is not installed (Debian: apt-get install wrk; `make prometheus`)")
+    if features not in ("none", "live"):
+        raise ValueError(f"features={features!r}: expected none or live")
     cases = [("config", cfg)] + ([("paper", paper_pool(cfg))] if include_paper else [])
     out: dict[str, Any] = {
         "config": cfg.name,
         "requests": requests,
         "load_seconds": load_seconds,
+        "features": features,
         "cases": {},
     }
-    with tempfile.TemporaryDirectory(prefix="unexrl-bench-serve-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="unexrl-bench-serve-") as tmp, ExitStack() as stack:
         os.environ.setdefault(
             "BENTOML_HOME", f"{tmp}/bentoml"
         )  # takes effect unless BentoML is already in use
         script = Path(tmp) / "recommend.lua"
         script.write_text(_WRK_SCRIPT)
+        env = (
+            _live_features(cfg, logs, Path(tmp), stack)
+            if features == "live"
+            else {"UNEXRL_FEATURE_REPO": str(Path(tmp) / "no-feature-store")}
+        )
         for name, case in cases:
             artifact = save_weight_policy(
                 WeightPolicy(greedy_weights(case.cascade), case.cascade),
@@ -159,16 +211,19 @@ def bench_serve(
                 algorithm="greedy",
             )
             tag, _ = import_model(artifact, model_name=f"unexrl-bench-{name}")
-            env = {"UNEXRL_FEATURE_REPO": str(Path(tmp) / "no-feature-store")}
             with local_service(tag, env=env, log_file=Path(tmp) / f"{name}.log") as service:
                 seq = _sequential(service, requests, case.world.n_users)
                 load = _load_test(
                     service, case.world.n_users, load_seconds, seq["recommend"]["p50_ms"], script
                 )
+                fallbacks = scraped_total(service.url, "unexrl_feature_store_fallbacks_total")
             out["cases"][name] = {
                 "pool_size": case.cascade.pool_size,
                 "keep": [s.keep for s in case.cascade.stages],
                 **seq,
+                "recommend_p50_ms": seq["recommend"]["p50_ms"],
+                "floor_p50_ms": seq["version"]["p50_ms"],
+                "feature_fallbacks": fallbacks,
                 "p50_ratio": seq["recommend"]["p50_ms"] / seq["version"]["p50_ms"],
                 "p99_ratio": seq["recommend"]["p99_ms"] / seq["version"]["p99_ms"],
                 "load": load,
@@ -179,7 +234,8 @@ def bench_serve(
 def format_bench_serve(result: dict[str, Any]) -> str:
     lines = [
         (
-            f"bench serve ({result['config']}): {result['requests']} sequential requests per endpoint, "
+            f"bench serve ({result['config']}, features {result['features']}): "
+            f"{result['requests']} sequential requests per endpoint, "
             f"load test {result['load_seconds']:.0f} s at 80% of peak"
         )
     ]
@@ -188,7 +244,7 @@ def format_bench_serve(result: dict[str, Any]) -> str:
         lines.append(
             f"  {name} pool {c['pool_size']} keep {c['keep']}: /recommend p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms "
             f"({r['sequential_rps']:.0f} req/s); /version p50 {v['p50_ms']:.2f} ms p99 {v['p99_ms']:.2f} ms; "
-            f"p50 ratio {c['p50_ratio']:.2f}; peak {load['peak_rps']:.0f} req/s, held {load['held']['rps']:.0f} req/s "
+            f"p50 ratio {c['p50_ratio']:.2f}; {c['feature_fallbacks']:.0f} feature fallbacks; peak {load['peak_rps']:.0f} req/s, held {load['held']['rps']:.0f} req/s "
             f"({load['held_fraction_of_peak']:.0%}) with {load['held']['errors']} errors in {load['held']['requests']}"
         )
     return "\n".join(lines)

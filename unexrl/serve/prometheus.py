@@ -101,3 +101,11 @@ def query(url: str, expr: str) -> list[dict[str, Any]]:
     if body.get("status") != "success":
         raise ValueError(f"{expr}: {body.get('errorType')}: {body.get('error')}")
     return list(body["data"]["result"])
+
+
+def scraped_total(service_url: str, sample: str) -> float:
+    """The sum of every ``sample`` series on a service's /metrics, read directly (no Prometheus): 0 if absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{service_url}/metrics", timeout=10.0).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == sample)
