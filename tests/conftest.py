@@ -129,3 +129,14 @@ def train_small() -> Callable[..., Path]:
 def small_actors(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path) -> Path:
     """An `actors` export of a few unexrl-cic updates on the small config (what serving tests serve)."""
     return _train_small(tmp_path_factory.mktemp("serve-train") / "run", "unexrl-cic", cem_artifact)
+
+
+@pytest.fixture(scope="module")
+def redis_address() -> Iterator[str]:
+    """A fresh loopback redis-server per test module (modules never share a keyspace)."""
+    from unexrl.features.redis_server import local_redis, redis_server_path
+
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not installed here and could not be installed (make test installs it)")
+    with local_redis() as address:
+        yield address

@@ -18,7 +18,6 @@ from unexrl.config import Config, load_config
 from unexrl.contracts.artifact import ArtifactError, read_artifact
 from unexrl.data import read_logs
 from unexrl.features import schema as fs
-from unexrl.features.inputs import COLUMNS
 from unexrl.features.store import TRAINING_SET_FILE
 from unexrl.io import sha256_file
 from unexrl.rl.actors import ACTORS_FILE, ActorsManifest, load_actor_policy
@@ -26,6 +25,7 @@ from unexrl.rl.observation import SPARSE_FEATURES, STATE_FEATURES
 from unexrl.rl.policy import ActorPolicy
 from unexrl.sim.env import Simulator
 from unexrl.train.export import probe_actions
+from unexrl.user_features import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--config", str(ROOT / "configs" / "small.yaml")]

@@ -10,7 +10,6 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -502,14 +501,6 @@ def test_pushed_session_features_are_served(sqlite_cfg: Config, tables: dict[str
 
 
 # ---------------------------------------------------------------- Redis ------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_address() -> Iterator[str]:
-    if redis_server_path() is None:
-        pytest.skip("redis-server is not installed here and could not be installed (make test installs it)")
-    with local_redis() as address:
-        yield address
 
 
 def test_redis_store_serves_what_sqlite_serves(

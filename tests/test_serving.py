@@ -448,12 +448,7 @@ def test_prometheus_returns_data_for_every_dashboard_and_rule_expression(
         assert report.errors == 0 and report.sessions_ended > 0 and report.watch_time_s > 0, report
         for user in (-1, 10**12):
             assert _post(service, "/recommend", {"user_id": user}).status_code == 200
-        deadline = time.monotonic() + 45
-        while True:
-            missing = [e for e in exprs if not prom.query(url, e)]
-            if not missing or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)
+        missing = prom.missing_data(url, exprs)
         assert not missing, f"no data for: {missing}"
         loaded = httpx.get(f"{url}/api/v1/rules").json()["data"]["groups"]
         assert sum(len(g["rules"]) for g in loaded) == sum(len(g["rules"]) for g in groups)

@@ -1,6 +1,7 @@
 """Serving on a live feature store, two replicas, no affinity: real redis-server, bentoml and prometheus processes.
 
-The pipeline's own steps build and materialise a log's features into Redis; two service processes read their
+A log's features are built and materialised into Redis as the pipeline's steps do (unexrl.serve.local.
+live_feature_env: build_features, then a fresh repository copy materialised); two service processes read their
 user features from it and keep sessions and pending pages on the same Redis (UNEXRL_SESSION_STORE=redis):
 - either replica gives the same page for the same request, feedback is accepted by the replica that did not
   serve the page, and only once across both;
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,15 +24,9 @@ import yaml
 
 from unexrl.cli import main
 from unexrl.config import Config
-from unexrl.environ import environ
-from unexrl.features.redis_server import local_redis, redis_server_path
-from unexrl.pipeline import steps
-from unexrl.policies.weights import RandomPolicy
 from unexrl.serve import prometheus as prom
-from unexrl.serve.local import Endpoint, local_service
+from unexrl.serve.local import Endpoint, live_feature_env, local_service
 from unexrl.serve.package import import_model
-from unexrl.sim.env import Simulator
-from unexrl.simulate import simulate_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_SESSIONS = 1500
@@ -40,51 +34,23 @@ LOG_SESSIONS = 1500
 
 
 @pytest.fixture(scope="module")
-def redis_address() -> Iterator[str]:
-    if redis_server_path() is None:
-        pytest.skip("redis-server is not installed here and could not be installed (make test installs it)")
-    with local_redis() as address:
-        yield address
-
-
-@pytest.fixture(scope="module")
-def live_repo(small_cfg: Config, redis_address: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A log's features, built and materialised into Redis by the pipeline's steps; the run's Feast repository."""
-    root = tmp_path_factory.mktemp("live-store")
+def live_env(
+    small_cfg: Config, redis_address: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """A log's features, built and materialised into Redis; a replica's environment."""
     cfg = small_cfg.model_copy(
-        update={
-            "logging": small_cfg.logging.model_copy(update={"sessions": LOG_SESSIONS, "batch_size": 500}),
-            "features": small_cfg.features.model_copy(update={"environment": "redis"}),
-        }
+        update={"logging": small_cfg.logging.model_copy(update={"sessions": LOG_SESSIONS, "batch_size": 500})}
     )
-    logs = simulate_logs(
-        Simulator(cfg),
-        RandomPolicy(cfg.cascade, seed=0),
-        {"kind": "random"},
-        root / "logs",
-        cfg.seeds.train[0],
-    )
-    features = root / "features"
-    steps.build_features(cfg, logs, features)
-    with environ({"UNEXRL_REDIS": redis_address}):
-        loaded = steps.materialize_features(cfg, features, root / "feature_store")
-    assert loaded["first_materialised"]
-    return root / "feature_store"
+    return live_feature_env(cfg, tmp_path_factory.mktemp("live-store"), redis_address)
 
 
 @pytest.fixture(scope="module")
 def replicas(
-    small_actors: Path, live_repo: Path, redis_address: str, tmp_path_factory: pytest.TempPathFactory
+    small_actors: Path, live_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Endpoint, Endpoint]]:
     logs = tmp_path_factory.mktemp("replicas")
     tag, _ = import_model(small_actors, model_name="unexrl-live")
-    env = {
-        "UNEXRL_FEATURE_ENV": "redis",
-        "UNEXRL_FEATURE_REPO": str(live_repo),
-        "UNEXRL_REDIS": redis_address,
-        "UNEXRL_SESSION_STORE": "redis",
-        "UNEXRL_API_TOKEN": secrets.token_urlsafe(32),
-    }
+    env = live_env | {"UNEXRL_API_TOKEN": secrets.token_urlsafe(32)}  # one token, as behind one gateway
     with ExitStack() as stack:
         a, b = (
             stack.enter_context(local_service(tag, env=env, log_file=logs / f"{name}.log"))
@@ -153,12 +119,7 @@ def test_round_robin_traffic_adds_up_and_prometheus_has_every_rule(
         )
         traffic = json.loads(report.read_text())
         assert code == 0 and traffic["errors"] == 0 and traffic["sessions_ended"] == 16, traffic
-        deadline = time.monotonic() + 45
-        while True:
-            missing = [r for r in records if not prom.query(url, r)]
-            if not missing or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)
+        missing = prom.missing_data(url, records)
         assert not missing, f"no data for: {missing}"
     after = {n: _samples(a, n) + _samples(b, n) for n in names}
     assert after[names[0]] - before[names[0]] == 16

@@ -28,11 +28,11 @@ from unexrl.features import schema as fs
 from unexrl.features import store
 from unexrl.features.build import build_features, compute_feature_tables, feedback_us
 from unexrl.features.client import FeatureClient
-from unexrl.features.inputs import COLUMNS, cold_inputs, served_inputs, user_inputs
 from unexrl.policies.weights import RandomPolicy
 from unexrl.rl.observation import state_dim
 from unexrl.rl.replay import ReplayBuffer
 from unexrl.sim.env import Simulator, Step
+from unexrl.user_features import COLUMNS, cold_inputs, served_inputs, user_inputs
 
 Seen = dict[tuple[int, int], torch.Tensor]
 """(session, step) -> the user features the simulator gave that request"""
@@ -173,6 +173,13 @@ def test_offline_training_reads_the_training_set(
     plain.add_logs(data)
     assert plain.state.shape[1] == state_dim(cfg) - expected.shape[1]
     assert torch.equal(plain.state[:n], buffer.state[:n, : plain.state.shape[1]])
+
+
+def test_the_input_reads_the_contracts_view() -> None:
+    from unexrl.user_features import VIEW
+
+    assert VIEW == fs.USER_BEHAVIOUR.name
+    assert set(COLUMNS) <= {f"{VIEW}__{f.name}" for f in fs.USER_BEHAVIOUR.features}
 
 
 def test_bad_feature_rows_are_named(cfg: Config) -> None:

@@ -320,7 +320,7 @@ class AlgoConfig(_Strict):
     action_radius: float = Field(default=1.0, gt=0)
     """how far an actor may move each weight from its initial (CEM) value; the action box bounds it as well"""
     user_features: bool = True
-    """the actors' and critics' dense inputs include the user's user_behaviour features (unexrl/features/inputs.py):
+    """the actors' and critics' dense inputs include the user's user_behaviour features (unexrl/user_features.py):
     the rollout's aggregates online, the point-in-time training set offline (so offline training needs one), the
     online store at serving"""
 

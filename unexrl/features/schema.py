@@ -16,6 +16,7 @@ import torch
 from unexrl.config import Config
 from unexrl.rl import cqr
 from unexrl.rl.cqr import duration_bucket
+from unexrl.user_features import behaviour_defaults
 
 Dtype = Literal["int64", "float32", "int64_list", "float32_list"]
 
@@ -187,30 +188,16 @@ def n_item_groups(cfg: Config) -> int:
 def defaults(cfg: Config) -> dict[str, dict[str, Any]]:
     """Cold-start values per view and feature: what the client serves when the store has no row.
 
-    They describe a user or item the logs have never seen: no history (counts 0, the neutral watch fraction
-    0.5 the simulator also starts sessions with, uniform category taste), unknown activity group (-1), a
-    median-length video of unknown category, a session at its start, and no fitted CQR knots.
+    They describe a user or item the logs have never seen: no history (user_behaviour's, from
+    unexrl.user_features: counts 0, the neutral watch fraction 0.5 the simulator also starts sessions with,
+    uniform category taste), unknown activity group (-1), a median-length video of unknown category, a session
+    at its start, and no fitted CQR knots.
     """
-    n_cat = cfg.world.n_categories
     median = cfg.world.duration_median_s
     bucket = int(duration_bucket(torch.tensor([median]), cfg.features.duration_bucket_edges_s)[0])
     return {
         USER_PROFILE.name: {"activity_group": -1},
-        USER_BEHAVIOUR.name: {
-            "requests": 0,
-            "sessions": 0,
-            "items_viewed": 0,
-            "watch_time_s": 0.0,
-            "mean_watch_time_s": 0.0,
-            "mean_watch_fraction": 0.5,
-            "mean_viewed_duration_s": median,
-            "click_rate": 0.0,
-            "like_rate": 0.0,
-            "recent_watch_fraction": 0.5,
-            "category_watch_share": [1.0 / n_cat] * n_cat,
-            "recent_item_ids": [],
-            "recent_category_ids": [],
-        },
+        USER_BEHAVIOUR.name: behaviour_defaults(cfg),
         USER_SESSION.name: {
             "session_id": -1,
             "session_step": 0,

@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 from unexrl.config import Config
 from unexrl.contracts.artifact import ArtifactError, ArtifactManifest, read_artifact
 from unexrl.contracts.base import STRICT
-from unexrl.features.inputs import COLUMNS
 from unexrl.rl.agent import build_actors
 from unexrl.rl.observation import SPARSE_FEATURES, STATE_FEATURES
 from unexrl.rl.policy import ActorPolicy
 from unexrl.sim.world import World, build_world
+from unexrl.user_features import COLUMNS
 
 ACTORS_FILE = "actors.safetensors"
 
@@ -58,7 +58,7 @@ class ActorsManifest(ArtifactManifest):
 
 
 def feature_schema(cfg: Config) -> dict[str, Any]:
-    """What the actors' inputs mean: features (the user feature row's columns, unexrl.features.inputs), state
+    """What the actors' inputs mean: features (the user feature row's columns, unexrl.user_features), state
     scaling, activity groups and the id space of their tables."""
     return {
         "sparse": list(SPARSE_FEATURES),

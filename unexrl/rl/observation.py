@@ -14,16 +14,16 @@ from torch import Tensor
 from torchrec import KeyedJaggedTensor
 
 from unexrl.config import Config
-from unexrl.features.inputs import input_dim
 from unexrl.sim.env import Observation
 from unexrl.sim.world import World
+from unexrl.user_features import input_dim
 
 SPARSE_FEATURES = ("user_id", "recent_items", "recent_categories")
 """Sparse inputs of every actor and critic, in the fixed order their embeddings are concatenated."""
 
 STATE_FEATURES = ("step", "log_items_watched", "log_watch_time", "last_watch_fraction")
 """Observable session state, followed by a one-hot of the activity group and (``algo.user_features``) the user's
-behaviour features (unexrl.features.inputs.user_inputs)."""
+behaviour features (unexrl.user_features.user_inputs)."""
 
 
 def state_dim(cfg: Config) -> int:

@@ -17,7 +17,6 @@ from torch import Tensor
 
 from unexrl.config import Config
 from unexrl.data.reader import LoggedData, cascade_inputs, list_matrix
-from unexrl.features.inputs import COLUMNS, user_inputs
 from unexrl.rl.cqr import duration_bucket, training_reward
 from unexrl.rl.observation import (
     Tau1,
@@ -29,6 +28,7 @@ from unexrl.rl.observation import (
 )
 from unexrl.sim.env import Step
 from unexrl.sim.world import World
+from unexrl.user_features import COLUMNS, user_inputs
 
 
 @dataclass(frozen=True)

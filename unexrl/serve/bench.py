@@ -29,9 +29,10 @@ from typing import Any
 import httpx
 
 from unexrl.config import Config
+from unexrl.features.redis_server import local_redis
 from unexrl.policies.artifact import save_weight_policy
 from unexrl.policies.weights import WeightPolicy, greedy_weights
-from unexrl.serve.local import Endpoint, local_service
+from unexrl.serve.local import Endpoint, live_feature_env, local_service
 from unexrl.serve.package import import_model
 from unexrl.serve.prometheus import scraped_total
 
@@ -139,37 +140,6 @@ def _load_test(
     }
 
 
-def _live_features(cfg: Config, logs: Path | None, root: Path, stack: ExitStack) -> dict[str, str]:
-    """A loopback Redis holding ``logs``' materialised features (a fresh random-policy log by default), and the
-    service environment that reads them and keeps its sessions there."""
-    from unexrl.environ import environ
-    from unexrl.features.redis_server import local_redis
-    from unexrl.pipeline import steps
-    from unexrl.policies.weights import RandomPolicy
-    from unexrl.sim.env import Simulator
-    from unexrl.simulate import simulate_logs
-
-    address = stack.enter_context(local_redis())
-    live = cfg.model_copy(update={"features": cfg.features.model_copy(update={"environment": "redis"})})
-    if logs is None:
-        logs = simulate_logs(
-            Simulator(cfg),
-            RandomPolicy(cfg.cascade, seed=0),
-            {"kind": "random"},
-            root / "logs",
-            cfg.seeds.train[0],
-        )
-    steps.build_features(live, logs, root / "features")
-    with environ({"UNEXRL_REDIS": address}):
-        steps.materialize_features(live, root / "features", root / "feature_store")
-    return {
-        "UNEXRL_FEATURE_ENV": "redis",
-        "UNEXRL_FEATURE_REPO": str(root / "feature_store"),
-        "UNEXRL_REDIS": address,
-        "UNEXRL_SESSION_STORE": "redis",
-    }
-
-
 def bench_serve(
     cfg: Config,
     *,
@@ -199,7 +169,7 @@ def bench_serve(
         script = Path(tmp) / "recommend.lua"
         script.write_text(_WRK_SCRIPT)
         env = (
-            _live_features(cfg, logs, Path(tmp), stack)
+            live_feature_env(cfg, Path(tmp), stack.enter_context(local_redis()), logs)
             if features == "live"
             else {"UNEXRL_FEATURE_REPO": str(Path(tmp) / "no-feature-store")}
         )

@@ -2,7 +2,7 @@
 session state -> long-term reward metrics. The BentoML service (serving/service.py) is a thin shell over it.
 
 One request is tau^1 of a batch of one: the session state, history and the user's behaviour features (the model
-input of unexrl.features.inputs) come from the feature store (falling back to defaults), the pool and every stage's predictions from :meth:`Simulator.observe` (the frozen stage
+input of unexrl.user_features) come from the feature store (falling back to defaults), the pool and every stage's predictions from :meth:`Simulator.observe` (the frozen stage
 models of the world the policy was trained in), and the page from :func:`unexrl.cascade.run_cascade` with the
 artifact's policy acting at each stage, exactly as in training and evaluation.
 
@@ -37,13 +37,13 @@ from unexrl.contracts import files
 from unexrl.contracts.artifact import ArtifactError, ArtifactManifest, peek_manifest
 from unexrl.features import schema as fs
 from unexrl.features.client import FeatureClient, OnlineFeatures
-from unexrl.features.inputs import served_inputs
 from unexrl.io import sha256_file
 from unexrl.serve import metrics as m
 from unexrl.serve.api import SESSION_ID_MAX, FeedbackItem
 from unexrl.serve.sessions import LocalSessions, Page, Sessions, SessionState
 from unexrl.sim.env import Policy, SessionBatch, Simulator
 from unexrl.sim.world import World
+from unexrl.user_features import served_inputs
 
 log = logging.getLogger(__name__)
 

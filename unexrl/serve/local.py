@@ -21,9 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from unexrl.config import Config
 from unexrl.loopback import free_port, stop, wait_http_ready
 from unexrl.serve.gateway import ENV_TOKEN, bearer
 from unexrl.serve.package import ENV_MODEL, PROJECT_ROOT
+from unexrl.serve.sessions import ENV_REDIS, ENV_SESSION_STORE
 
 SERVICE = "serving.service:Recommendation"
 
@@ -103,3 +105,34 @@ def local_service(
         if log_file is not None:
             log.close()  # type: ignore[union-attr]
         shutil.rmtree(home, ignore_errors=True)
+
+
+def live_feature_env(cfg: Config, root: Path, redis: str, logs: Path | None = None) -> dict[str, str]:
+    """Build ``logs``' features (default: a fresh random-policy log of ``cfg``) and materialise them into the Redis
+    at ``redis`` as the pipeline's features and materialise steps do (a repository of its own under ``root``); the
+    environment of a service that reads its user features from that store and keeps its sessions on the same
+    Redis (what a replica in production gets)."""
+    from unexrl.environ import environ
+    from unexrl.features import store
+    from unexrl.features.build import build_features
+    from unexrl.policies.weights import RandomPolicy
+    from unexrl.serve.engine import ENV_FEATURE_REPO
+    from unexrl.sim.env import Simulator
+    from unexrl.simulate import simulate_logs
+
+    repo = store.init_repo(root / "feature_store")
+    live = cfg.model_copy(
+        update={"features": cfg.features.model_copy(update={"environment": "redis", "repo": str(repo)})}
+    )
+    if logs is None:
+        policy = RandomPolicy(cfg.cascade, seed=0)
+        logs = simulate_logs(Simulator(cfg), policy, {"kind": "random"}, root / "logs", cfg.seeds.train[0])
+    build_features(logs, root / "features", live)
+    with environ({ENV_REDIS: redis}):
+        store.materialize(live, root / "features")
+    return {
+        store.ENV_ENVIRONMENT: "redis",
+        ENV_FEATURE_REPO: str(repo),
+        ENV_REDIS: redis,
+        ENV_SESSION_STORE: "redis",
+    }

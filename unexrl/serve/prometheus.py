@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,6 +102,16 @@ def query(url: str, expr: str) -> list[dict[str, Any]]:
     if body.get("status") != "success":
         raise ValueError(f"{expr}: {body.get('errorType')}: {body.get('error')}")
     return list(body["data"]["result"])
+
+
+def missing_data(url: str, exprs: list[str], timeout_s: float = 45.0) -> list[str]:
+    """The expressions that still return no data once ``timeout_s`` has passed (polling every second)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [e for e in exprs if not query(url, e)]
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(1.0)
 
 
 def scraped_total(service_url: str, sample: str) -> float:

@@ -22,11 +22,10 @@ import torch
 from torch import Tensor
 
 from unexrl.config import Config
-from unexrl.features import schema as fs
-from unexrl.features.inputs import SHARE, VIEW
 from unexrl.sim.world import World
+from unexrl.user_features import SHARE, VIEW, behaviour_defaults
 
-PREFIX = f"{VIEW.name}__"
+PREFIX = f"{VIEW}__"
 
 
 @dataclass
@@ -133,7 +132,7 @@ class UserBehaviour:
     def __init__(self, cfg: Config, world: World) -> None:
         self.cfg, self.world = cfg, world
         self.users = Totals.zeros(world.n_users, cfg, world.item_category.device)
-        self.defaults = fs.defaults(cfg)[VIEW.name]
+        self.defaults = behaviour_defaults(cfg)
         self._ended: list[tuple[Tensor, Tensor, Totals]] = []
 
     def new_sessions(self, n: int) -> Totals:

@@ -14,13 +14,13 @@ from torch import Tensor
 
 from unexrl.cascade import CascadeResult, StageView, run_cascade
 from unexrl.config import Config
-from unexrl.features.inputs import cold_inputs, user_inputs
 from unexrl.sim.behaviour import Totals, UserBehaviour
 from unexrl.sim.hashing import hash_key, uniform
 from unexrl.sim.retrieval import retrieve_pool
 from unexrl.sim.stage_models import StageModels
 from unexrl.sim.user_model import PageResponse, UserModel
 from unexrl.sim.world import World, build_world
+from unexrl.user_features import cold_inputs, user_inputs
 
 _STREAM_USER = 5
 
@@ -50,7 +50,7 @@ class Observation:
     predictions: tuple[Tensor, ...]
     """per stage, [B, P, d_i] predictions for the whole pool"""
     user_features: Tensor
-    """[B, F] the user's behaviour features as model input (unexrl.features.inputs.user_inputs): the rollout's
+    """[B, F] the user's behaviour features as model input (unexrl.user_features.user_inputs): the rollout's
     running aggregates here, the online store's row at serving"""
     oracle_type: Tensor
     """[B] hidden behaviour type: simulator-only, for oracle baselines; never logged or served"""

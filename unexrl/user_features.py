@@ -1,4 +1,4 @@
-"""The one function from a user's feature row to the actors' and critic's dense input.
+"""The one function from a user's feature row to the actors' and critic's dense input, and its defaults.
 
 Whatever produced the row, the model sees the same numbers: a row of the point-in-time training set (offline
 training), the simulator's running aggregates (online training, evaluation: unexrl/sim/behaviour.py), or the
@@ -9,6 +9,10 @@ exactly the same input everywhere.
 
 The transforms are fixed (counts on a log scale, durations relative to the world's median, category shares
 relative to uniform); the networks' Standardize layers scale the result.
+
+A top-level module with no unexrl dependency but the config: the simulator (unexrl/sim/behaviour.py), the
+learner (unexrl/rl), the feature store (unexrl/features/schema.py takes the view's defaults from here) and serving
+all use it, and none of them may import another's package for it.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import torch
 from torch import Tensor
 
 from unexrl.config import Config
-from unexrl.features import schema as fs
 
-VIEW = fs.USER_BEHAVIOUR
+VIEW = "user_behaviour"
+"""the feature view (unexrl.features.schema.USER_BEHAVIOUR) whose row is the input"""
 SCALARS = (
     "requests",
     "sessions",
@@ -40,8 +44,29 @@ SCALARS = (
 )
 """user_behaviour's scalar features on the model's path, in input order; category_watch_share follows them"""
 SHARE = "category_watch_share"
-COLUMNS = tuple(f"{VIEW.name}__{name}" for name in (*SCALARS, SHARE))
+COLUMNS = tuple(f"{VIEW}__{name}" for name in (*SCALARS, SHARE))
 """the feature-row columns the input reads"""
+
+
+def behaviour_defaults(cfg: Config) -> dict[str, Any]:
+    """user_behaviour's cold-start values: a user without complete feedback yet (counts 0, the neutral watch
+    fraction 0.5 the simulator also starts sessions with, a median-length taste, uniform category shares)."""
+    n_cat = cfg.world.n_categories
+    return {
+        "requests": 0,
+        "sessions": 0,
+        "items_viewed": 0,
+        "watch_time_s": 0.0,
+        "mean_watch_time_s": 0.0,
+        "mean_watch_fraction": 0.5,
+        "mean_viewed_duration_s": cfg.world.duration_median_s,
+        "click_rate": 0.0,
+        "like_rate": 0.0,
+        "recent_watch_fraction": 0.5,
+        "category_watch_share": [1.0 / n_cat] * n_cat,
+        "recent_item_ids": [],
+        "recent_category_ids": [],
+    }
 
 
 def input_dim(cfg: Config) -> int:
@@ -55,7 +80,7 @@ def user_inputs(rows: Mapping[str, Any], cfg: Config) -> Tensor:
     A column may be a list, a numpy array, a torch tensor or a pyarrow array; nulls take the defaults.
     """
     n = _rows(rows)
-    default = fs.defaults(cfg)[VIEW.name]
+    default = behaviour_defaults(cfg)
     col = {
         name: _column(rows.get(column), n, np.asarray(default[name], dtype=np.float64), column)
         for name, column in zip((*SCALARS, SHARE), COLUMNS)
