@@ -45,10 +45,8 @@ FALLBACKS = Counter(
 T = TypeVar("T")
 COLD_START = "cold_start"
 UNREACHABLE = "unreachable"
-for _reason in (
-    COLD_START,
-    UNREACHABLE,
-):  # exported at 0 from the start: a rate of no fallbacks is 0, not absent
+# exported at 0 from the start: a rate of no fallbacks is 0, not absent
+for _reason in (COLD_START, UNREACHABLE):
     FALLBACKS.labels(reason=_reason)
 
 

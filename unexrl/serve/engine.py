@@ -2,8 +2,9 @@
 session state -> long-term reward metrics. The BentoML service (serving/service.py) is a thin shell over it.
 
 One request is tau^1 of a batch of one: the session state, history and the user's behaviour features (the model
-input of unexrl.user_features) come from the feature store (falling back to defaults), the pool and every stage's predictions from :meth:`Simulator.observe` (the frozen stage
-models of the world the policy was trained in), and the page from :func:`unexrl.cascade.run_cascade` with the
+input of unexrl.user_features) come from the feature store (falling back to defaults), the pool and every
+stage's predictions from :meth:`Simulator.observe` (the frozen stage models of the world the policy was trained
+in), and the page from :func:`unexrl.cascade.run_cascade` with the
 artifact's policy acting at each stage, exactly as in training and evaluation.
 
 Sessions are the service's, never the client's: a request without a session id starts one under a new
@@ -181,9 +182,8 @@ class Recommender:
         self.heads = [list(s.heads) for s in cfg.cascade.stages]
         self.sessions = sessions if sessions is not None else LocalSessions()
         m.MODEL_INFO.labels(self.version, role, self.policy.algorithm, self.policy.kind).set(1)
-        m.COLD_START_REQUESTS.labels(
-            self.version
-        )  # exported at 0: no cold starts is a rate of 0, not no data
+        # exported at 0: no cold starts is a rate of 0, not no data
+        m.COLD_START_REQUESTS.labels(self.version)
         if self.shadow is not None:
             m.MODEL_INFO.labels(self.shadow.version, "shadow", self.shadow.algorithm, self.shadow.kind).set(1)
 

@@ -16,8 +16,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from unexrl.features.schema import SESSION_TTL_S
 
@@ -30,6 +31,7 @@ ENV_REDIS = "UNEXRL_REDIS"
 MAX_PENDING_PAGES = 100_000
 MAX_CACHED_SESSIONS = 100_000
 KEY_PREFIX = "unexrl:serving:"
+T = TypeVar("T")
 
 
 @dataclass
@@ -150,7 +152,7 @@ class RedisSessions:
 
     def session(self, session_id: int) -> SessionState | None:
         raw = self._call("get", _key("session", session_id))
-        return SessionState(**json.loads(raw)) if raw is not None else None
+        return _parsed(raw, lambda text: SessionState(**json.loads(text)), f"session {session_id}")
 
     def save(self, state: SessionState) -> None:
         self._call("set", _key("session", state.session_id), json.dumps(asdict(state)), ex=int(SESSION_TTL_S))
@@ -167,7 +169,7 @@ class RedisSessions:
 
     def page(self, request_id: str) -> Page | None:
         raw = self._call("get", _key("page", request_id))
-        return Page.from_json(raw) if raw is not None else None
+        return _parsed(raw, Page.from_json, f"page {request_id!r}")
 
     def claim(self, request_id: str) -> bool:
         return self._call("getdel", _key("page", request_id)) is not None
@@ -189,6 +191,17 @@ def open_sessions(environ: dict[str, str]) -> Sessions:
     if not environ.get(ENV_REDIS):
         raise ValueError(f"{ENV_SESSION_STORE}=redis needs {ENV_REDIS} (the online store's Redis)")
     return RedisSessions(environ[ENV_REDIS])
+
+
+def _parsed(raw: bytes | None, parse: Callable[[bytes], T], what: str) -> T | None:
+    """A stored record, or None when there is none or it does not parse (logged: never a 5xx for a bad record)."""
+    if raw is None:
+        return None
+    try:
+        return parse(raw)
+    except (ValueError, TypeError, KeyError) as err:
+        log.warning("session store: ignoring a malformed record of %s: %s", what, err)
+        return None
 
 
 def _key(kind: str, ident: int | str) -> str:
