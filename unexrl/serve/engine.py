@@ -202,8 +202,8 @@ class Recommender:
         online = self.features.fetch(user_id, [], session=session_id is not None)
         fetched = time.perf_counter()
         session = self._session(user_id, session_id, online)
-        obs = self.sim.observe(self._batch(user_id if known else -1, session), pool)
-        obs = replace(obs, user_features=served_inputs(online.user, self.cfg))
+        batch = self._batch(user_id if known else -1, session)
+        obs = self.sim.observe(batch, pool, user_features=served_inputs(online.user, self.cfg))
         group = int(online.user.get(f"{fs.USER_PROFILE.name}__activity_group", -1))
         if known and 0 <= group < len(self.cfg.world.user_types):
             obs = replace(obs, activity_group=torch.tensor([group]))

@@ -123,9 +123,12 @@ class Simulator:
             totals=behaviour.new_sessions(b),
         )
 
-    def observe(self, state: SessionBatch, pool: Tensor | None = None) -> Observation:
+    def observe(
+        self, state: SessionBatch, pool: Tensor | None = None, user_features: Tensor | None = None
+    ) -> Observation:
         """Build tau^1: the pool from retrieval (or ``pool``, [B, P] item ids a caller supplies, as a serving
-        request may) and every stage's predictions for it."""
+        request may) and every stage's predictions for it; the user features from the rollout's aggregates (or
+        ``user_features``, [B, F], as serving reads them from the online store)."""
         if pool is None:
             pool = retrieve_pool(
                 self.world,
@@ -141,11 +144,12 @@ class Simulator:
         )
         predictions = self.stage_models.predict(state.user, pool, hist_cats)
         b, totals = state.behaviour, state.totals
-        features = (
-            cold_inputs(len(state.user), self.cfg)
-            if b is None or totals is None
-            else user_inputs(b.rows(state.user, totals), self.cfg)
-        )
+        if user_features is not None:
+            features = user_features
+        elif b is None or totals is None:
+            features = cold_inputs(len(state.user), self.cfg)
+        else:
+            features = user_inputs(b.rows(state.user, totals), self.cfg)
         return Observation(
             user=state.user,
             activity_group=self.world.user_activity_group[state.user],
