@@ -347,7 +347,8 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=500, ge=1)
     """updates between checkpoints"""
     embedding_lr: float = Field(default=0.01, gt=0)
-    """distributed runs: learning rate of the fused row-wise Adagrad that trains the sharded embedding tables"""
+    """learning rate of the row-wise Adagrad that trains the embedding tables (fused and sharded under torchrun,
+    on sparse gradients in one process)"""
     select: Literal["best_validation", "final"] = "best_validation"
     """which actors the export and the experiment use: the best validation point (model selection) or the last"""
 

@@ -27,7 +27,7 @@ buf = ReplayBuffer(cfg, 100_000)
 buf.add_steps(steps, w)
 g = torch.Generator().manual_seed(0)
 acfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"policy_delay": 1})})
-agent = CascadeAgent(acfg, w.n_users, w.n_items, w.n_categories, cem, fused_lr=cfg.train.embedding_lr)
+agent = CascadeAgent(acfg, w.n_users, w.n_items, w.n_categories, cem, embedding_lr=cfg.train.embedding_lr)
 agent.fit_standardizers(buf.sample(4096, g))
 batch = buf.sample(256, g)
 for _ in range(20):
@@ -35,4 +35,4 @@ for _ in range(20):
 with profile(activities=[ProfilerActivity.CPU]) as p:
     for _ in range(50):
         agent.update(batch)
-print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))

@@ -11,34 +11,18 @@
 from __future__ import annotations
 
 import copy
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from unexrl.bench.timing import median_seconds
 from unexrl.cascade import replay_actions, run_cascade
 from unexrl.config import Config
 from unexrl.policies.weights import WeightPolicy, stage_slices
 from unexrl.sim.env import Simulator
 
 _COPY_BYTES = 256 * 2**20
-
-
-def _median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def lean_reference_cascade(predictions: list[Tensor], keep: list[int], actions: list[Tensor]) -> Tensor:
@@ -73,16 +57,14 @@ def bench_sim(cfg: Config) -> dict[str, Any]:
 
     src = torch.ones(_COPY_BYTES // 4, device=device)
     dst = torch.empty_like(src)
-    copy_s = _median_seconds(lambda: dst.copy_(src), repeats, device)
+    copy_s = median_seconds(lambda: dst.copy_(src), repeats, device)
     bandwidth = 2 * _COPY_BYTES / copy_s  # a copy reads and writes every byte
     per_request = cascade_bytes_per_request(cfg)
 
-    lean_s = _median_seconds(lambda: lean_reference_cascade(preds, sim.keep, actions), repeats, device)
-    cascade_s = _median_seconds(
-        lambda: run_cascade(preds, sim.keep, replay_actions(actions)), repeats, device
-    )
-    step_s = _median_seconds(lambda: sim.serve(copy.copy(state), obs, policy), repeats, device)
-    full_s = _median_seconds(lambda: sim.step(copy.copy(state), policy), max(3, repeats // 4), device)
+    lean_s = median_seconds(lambda: lean_reference_cascade(preds, sim.keep, actions), repeats, device)
+    cascade_s = median_seconds(lambda: run_cascade(preds, sim.keep, replay_actions(actions)), repeats, device)
+    step_s = median_seconds(lambda: sim.serve(copy.copy(state), obs, policy), repeats, device)
+    full_s = median_seconds(lambda: sim.step(copy.copy(state), policy), max(3, repeats // 4), device)
 
     rps = {
         "memory_bound": bandwidth / per_request,

@@ -2,24 +2,26 @@
 
 - unexrl-cic: one UNEX-RL-CIC update with an actor step in every update (``policy_delay=1``: the n-step target
   from the target critics' state values, the twin centred critics around the CIC actions, every actor through CIC,
-  the target update), on one fixed batch, in one process with fused row-wise Adagrad tables, as `unexrl train`
-  runs it;
+  the target update), on one fixed batch, in one process with sparse-gradient tables stepped by row-wise Adagrad,
+  as `unexrl train` runs it;
 - unexrl-ctde: the same networks and batch with the logged downstream observations: their ratio is CIC's cost;
 - raw EBC: forward + backward of a plain TorchRec EmbeddingBagCollection with the same three tables (users, items,
   categories) on the same batch's KeyedJaggedTensor, no optimizer step: the floor an embedding-bound step is held
   against.
 
-Each is measured at ``algo.batch_size`` and at ``bench.large_batch``.
+Each is measured at ``algo.batch_size`` and at ``bench.large_batch``, the three in interleaved rounds (one call of
+each per round, unexrl/bench/timing.py), so that the ratios compare calls made under the same load.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torchrec import EmbeddingBagCollection
 
-from unexrl.bench.sim import _median_seconds
+from unexrl.bench.timing import interleaved_median_seconds
 from unexrl.config import Config
 from unexrl.evaluate.rollout import rollout
 from unexrl.policies.weights import GaussianExploration, WeightPolicy
@@ -54,21 +56,19 @@ def bench_train(cfg: Config) -> dict[str, Any]:
             update={"algo": cfg.algo.model_copy(update={"name": name, "policy_delay": 1})}
         )
         agents[name] = CascadeAgent(
-            algo_cfg, w.n_users, w.n_items, w.n_categories, cem, fused_lr=cfg.train.embedding_lr
+            algo_cfg, w.n_users, w.n_items, w.n_categories, cem, embedding_lr=cfg.train.embedding_lr
         ).to(device)
         agents[name].fit_standardizers(buffer.sample(4096, generator).to(device))
 
     per_batch = {}
     for size in (cfg.algo.batch_size, cfg.bench.large_batch):
         batch = buffer.sample(size, generator).to(device)
-        seconds = {
-            name: _median_seconds(lambda agent=agent, batch=batch: agent.update(batch), repeats, device)
-            for name, agent in agents.items()
-        }
         kjt = sparse_features(batch.tau).to(device)
-        seconds["raw_ebc"] = _median_seconds(
-            lambda kjt=kjt: ebc(kjt).values().sum().backward(), repeats, device
-        )
+        candidates: dict[str, Callable[[], Any]] = {
+            name: lambda agent=agent, batch=batch: agent.update(batch) for name, agent in agents.items()
+        }
+        candidates["raw_ebc"] = lambda kjt=kjt: ebc(kjt).values().sum().backward()
+        seconds = interleaved_median_seconds(candidates, repeats, device)
         per_batch[size] = {k: size / v for k, v in seconds.items()}
     tps = per_batch[cfg.algo.batch_size]
     return {

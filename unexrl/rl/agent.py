@@ -18,7 +18,7 @@ critic centred on the current policy (unexrl.rl.networks.CriticHead: Q(s, a) = V
     actors:  L_i = -Q_1(tau^1_t, sg(a^{<i}), mu^i(tau^i_t), sg(a^{>i}))   (+ the proximal term, ``algo.proximal``)
 
 With algo.n_step = n, r~ is the discounted sum of n rewards, gamma^n, and t+n for t+1. Each role's encoder runs
-once per update over tau_t and tau_{t+1} together; the target critic reads those embeddings detached.
+once per update over tau_t with a graph; the critic's encoder embeds tau_{t+1} again without one, for the target heads.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from torchrec import KeyedJaggedTensor
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 
@@ -47,6 +48,7 @@ from unexrl.rl.networks import (
 )
 from unexrl.rl.observation import candidate_summary, sparse_features, state_dim
 from unexrl.rl.replay import Batch
+from unexrl.rl.sparse_adagrad import SparseRowWiseAdagrad
 
 FIRST = slice(0, 1)
 """the ensemble member Q_1: what the actors ascend and the diagnostics read"""
@@ -64,11 +66,11 @@ def learning_stages(cfg: Config) -> list[int]:
 
 
 def _encoder(
-    cfg: Config, prefix: str, features: Sequence[str], rows: tuple[int, int, int], fused_lr: float | None
+    cfg: Config, prefix: str, features: Sequence[str], rows: tuple[int, int, int], sparse_grad: bool
 ) -> SparseEncoder:
     n_users, n_items, n_categories = rows
     counts = {"users": n_users, "items": n_items, "categories": n_categories}
-    return SparseEncoder(embedding_tables(prefix, features, counts, cfg.algo.embedding_dim), fused_lr)
+    return SparseEncoder(embedding_tables(prefix, features, counts, cfg.algo.embedding_dim), sparse_grad)
 
 
 def build_actors(
@@ -77,15 +79,16 @@ def build_actors(
     n_items: int,
     n_categories: int,
     cem_weights: Tensor,
-    fused_lr: float | None = None,
+    sparse_grad: bool = False,
 ) -> StageActors:
     """mu^1..mu^N: a StageHead per learning stage over one shared encoder, FixedAction (CEM weights) for the others.
 
     Also how a trained-actors artifact is rebuilt before its weights are loaded (unexrl/rl/actors.py).
+    ``sparse_grad``: the encoder's tables return sparse gradients (trained in one process, SparseRowWiseAdagrad).
     """
     a, c = cfg.algo, cfg.cascade
     learning = learning_stages(cfg)
-    encoder = _encoder(cfg, "actors", ACTOR_FEATURES, (n_users, n_items, n_categories), fused_lr)
+    encoder = _encoder(cfg, "actors", ACTOR_FEATURES, (n_users, n_items, n_categories), sparse_grad)
     weights = cem_weights.reshape(-1).float()
     heads: list[nn.Module] = []
     for i, (d, part) in enumerate(zip(c.action_dims, stage_slices(c))):
@@ -126,10 +129,11 @@ class CascadeAgent(nn.Module):
         n_items: int,
         n_categories: int,
         cem_weights: Tensor,
-        fused_lr: float | None = None,
+        embedding_lr: float | None = None,
     ) -> None:
-        """``fused_lr``: train the embedding tables with fused row-wise Adagrad at this rate (one process); None
-        leaves plain tables for DMP to shard (unexrl/train/distributed.py)."""
+        """``embedding_lr``: train the embedding tables in this process, with SparseRowWiseAdagrad at this rate
+        stepped by the actor and critic optimizers; None leaves them to DMP, which shards them and trains them
+        fused (unexrl/train/distributed.py)."""
         super().__init__()
         self.cfg = cfg
         a, c = cfg.algo, cfg.cascade
@@ -139,11 +143,13 @@ class CascadeAgent(nn.Module):
         self.learning = learning_stages(cfg)
         self.keep = [s.keep for s in c.stages]
         rows = (n_users, n_items, n_categories)
-        self.actors = build_actors(cfg, *rows, cem_weights, fused_lr)
+        self.embedding_lr = embedding_lr
+        sparse_grad = embedding_lr is not None
+        self.actors = build_actors(cfg, *rows, cem_weights, sparse_grad)
         k = 1 + self.twin
 
         def critic(prefix: str, summary_stage: int, action_dim: int) -> Critic:
-            encoder = _encoder(cfg, prefix, CRITIC_FEATURES, rows, fused_lr)
+            encoder = _encoder(cfg, prefix, CRITIC_FEATURES, rows, sparse_grad)
             dense = state_dim(cfg) + 3 * c.action_dims[summary_stage]
             return Critic(encoder, CriticHead(encoder.out_dim, dense, action_dim, a.hidden, k))
 
@@ -163,29 +169,36 @@ class CascadeAgent(nn.Module):
 
     # --- optimisers ------------------------------------------------------------------------------------------
     def build_optimizers(self, wrap: Callable[[KeyedOptimizer], KeyedOptimizer] | None = None) -> None:
-        """Adam for the actors' and the critics' dense heads; the encoders train inside backward (fused).
+        """Adam for the actors' and the critics' dense heads, and (``embedding_lr``, one process) row-wise Adagrad
+        for each role's tables in the same step; sharded tables train inside backward (fused) instead.
 
         ``wrap`` averages the dense gradients over ranks once the tables are sharded. Keyed by parameter name, so
         the optimizer state checkpoints by name.
         """
         a = self.cfg.algo
 
-        def adam(module: nn.Module, prefix: str, lr: float) -> KeyedOptimizer:
+        def keyed(
+            module: nn.Module, prefix: str, make: Callable[[list[Tensor]], Optimizer]
+        ) -> KeyedOptimizer:
             params = {f"{prefix}.{name}": p for name, p in module.named_parameters()}
-            optimizer = KeyedOptimizerWrapper(params, lambda ps: torch.optim.Adam(ps, lr=lr, fused=True))
-            return wrap(optimizer) if wrap is not None else optimizer
+            return KeyedOptimizerWrapper(params, make)
 
-        self.actor_optimizer = adam(self.actors.heads, "actors.heads", a.actor_lr)
-        self.critic_optimizer = adam(
-            nn.ModuleList([q.head for q in self.critics]), "critics.heads", a.critic_lr
+        def role(heads: nn.Module, encoders: nn.Module, prefix: str, lr: float) -> KeyedOptimizer:
+            dense = keyed(heads, f"{prefix}.heads", lambda ps: torch.optim.Adam(ps, lr=lr, fused=True))
+            dense = wrap(dense) if wrap is not None else dense
+            if self.embedding_lr is None:
+                return dense
+            table_lr = self.embedding_lr
+            tables = keyed(encoders, f"{prefix}.encoders", lambda ps: SparseRowWiseAdagrad(ps, lr=table_lr))
+            return CombinedOptimizer([dense, tables])
+
+        self.actor_optimizer = role(self.actors.heads, self.actors.encoder, "actors", a.actor_lr)
+        self.critic_optimizer = role(
+            nn.ModuleList([q.head for q in self.critics]),
+            nn.ModuleList([q.encoder for q in self.critics]),
+            "critics",
+            a.critic_lr,
         )
-
-    def fused_optimizer(self) -> KeyedOptimizer | None:
-        """The in-backward optimizers of this process's fused tables (None when the tables are plain)."""
-        encoders = [e for e in (self.actors.encoder, *(q.encoder for q in self.critics)) if e.fused]
-        if not encoders:
-            return None
-        return CombinedOptimizer([(f"encoder{i}", e.ebc.fused_optimizer()) for i, e in enumerate(encoders)])
 
     # --- input scaling ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -212,19 +225,22 @@ class CascadeAgent(nn.Module):
     def update(self, batch: Batch) -> dict[str, float]:
         """One critic step, and every ``policy_delay`` (TD3) steps one actor step and a target update."""
         a = self.cfg.algo
-        n = batch.reward.shape[0]
         actor_step = (
             self.updates >= a.actor_start and (self.updates + 1) % (a.policy_delay if self.twin else 1) == 0
         )
-        kjt = sparse_features(batch.tau, batch.next_tau)  # one encoder pass per role embeds t and t+1
+        # tau_{t+n} is embedded without a graph: only tau_t's rows get (sparse) table gradients
+        kjt = sparse_features(batch.tau)
         critic_embeddings = [q.encoder(kjt) for q in self.critics]
+        with torch.no_grad():
+            next_kjt = sparse_features(batch.next_tau)
+            next_embeddings = [q.encoder(next_kjt) for q in self.critics]
         with torch.set_grad_enabled(actor_step):
-            actions, summaries = self.policy_actions(batch, self.actors.embed(kjt)[:n])
+            actions, summaries = self.policy_actions(batch, self.actors.embed(kjt))
         centre = [x.detach() for x in actions]
 
-        y = self._critic_target(batch, [e[n:].detach() for e in critic_embeddings])
+        y = self._critic_target(batch, next_embeddings)
         q = [
-            critic.head(critic.head.state_features(e[:n], x), logged, c)
+            critic.head(critic.head.state_features(e, x), logged, c)
             for critic, e, (x, logged, c) in zip(
                 self.critics, critic_embeddings, self._critic_inputs(batch, batch.actions, centre, summaries)
             )
@@ -241,9 +257,7 @@ class CascadeAgent(nn.Module):
             "target": float(y[0].mean()),
         }
         if actor_step:
-            actor_loss = self.actor_loss(
-                batch, actions, summaries, [e[:n].detach() for e in critic_embeddings]
-            )
+            actor_loss = self.actor_loss(batch, actions, summaries, [e.detach() for e in critic_embeddings])
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward()
             self.actor_optimizer.step()

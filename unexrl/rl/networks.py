@@ -7,9 +7,10 @@ whose key order differs once sharded), shared by everything in that role:
   returns, not learn how actions change them), and both twin critics read it.
 The target critic is a copy of the critic's dense head; it reads the online critic encoder's embeddings, detached.
 
-In one process an encoder is a FusedEmbeddingBagCollection: row-wise Adagrad applied inside backward to the rows a
-batch touched. Under torchrun it is a plain EmbeddingBagCollection that DMP shards with the same fused optimizer
-(unexrl/train/distributed.py), so both paths train the tables alike. Acting copies and exports hold plain ones.
+In one process an encoder's bags return sparse gradients (the rows a batch touched), which
+unexrl.rl.sparse_adagrad.SparseRowWiseAdagrad steps with the update of fbgemm's fused row-wise Adagrad. Under
+torchrun it is a plain EmbeddingBagCollection that DMP shards with that fused optimizer (unexrl/train/distributed.py),
+so both paths train the tables alike. Acting copies and exports hold plain ones.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import torch
 import torchrec
 from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
-from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
-from torchrec.optim import RowWiseAdagrad
 
 ACTOR_FEATURES = ("user_id", "recent_items", "recent_categories")
 """sparse inputs of the actors, in the order their embeddings are concatenated"""
@@ -49,25 +48,18 @@ def embedding_tables(
 class SparseEncoder(nn.Module):
     """An EmbeddingBagCollection over ``features`` -> [B, sum dims] in that fixed order.
 
-    ``fused_lr``: build a FusedEmbeddingBagCollection whose row-wise Adagrad steps inside backward (one process);
-    None: a plain collection (sharded by DMP under torchrun, or an acting copy / export that never trains).
+    ``sparse_grad``: every bag returns sparse gradients, for SparseRowWiseAdagrad (one process); False: dense ones
+    (a collection that DMP shards and trains fused under torchrun, or an acting copy / export that never trains).
     """
 
-    def __init__(self, tables: list[EmbeddingBagConfig], fused_lr: float | None = None) -> None:
+    def __init__(self, tables: list[EmbeddingBagConfig], sparse_grad: bool = False) -> None:
         super().__init__()
         self.features = tuple(f for t in tables for f in t.feature_names)
-        self.ebc: nn.Module = (
-            EmbeddingBagCollection(tables=tables)
-            if fused_lr is None
-            else FusedEmbeddingBagCollection(
-                tables=tables, optimizer_type=RowWiseAdagrad, optimizer_kwargs={"lr": fused_lr}
-            )
-        )
+        self.ebc = EmbeddingBagCollection(tables=tables)
+        self.sparse_grad = sparse_grad
+        for bag in self.ebc.embedding_bags.values():
+            bag.sparse = sparse_grad  # nn.EmbeddingBag's own switch, read by its forward
         self.out_dim = sum(t.embedding_dim for t in tables)
-
-    @property
-    def fused(self) -> bool:
-        return isinstance(self.ebc, FusedEmbeddingBagCollection)
 
     def forward(self, kjt: KeyedJaggedTensor) -> Tensor:
         kt = self.ebc(kjt)

@@ -165,11 +165,12 @@ class Checkpoints:
             return None
         verify_checkpoint(path)
         saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+        sparse = {id(m.weight) for m in agent.modules() if isinstance(m, nn.EmbeddingBag) and m.sparse}
         for key, optimizer in (
             ("actor_optimizer", agent.actor_optimizer),
             ("critic_optimizer", agent.critic_optimizer),
         ):
-            _create_saved_state(optimizer, key, saved)
+            _create_saved_state(optimizer, key, saved, sparse)
         state = _state(agent, fused, knots)
         dcp.load(
             state, checkpoint_id=path, no_dist=not self.ctx.distributed
@@ -219,13 +220,16 @@ def verify_checkpoint(path: Path) -> CheckpointManifest:
     return manifest
 
 
-def _create_saved_state(optimizer: KeyedOptimizer, key: str, saved: set[str]) -> None:
-    """Create the lazy Adam state of exactly the parameters that have one in the checkpoint, so it loads in place.
+def _create_saved_state(optimizer: KeyedOptimizer, key: str, saved: set[str], sparse: set[int]) -> None:
+    """Create the lazy optimizer state of exactly the parameters that have one in the checkpoint, so it loads in
+    place.
 
-    One zero-gradient step creates it and moves nothing; parameters without saved state keep none.
+    One zero-gradient step creates it and moves nothing (sparse and empty for the tables that train on sparse
+    gradients: ``sparse``, their ids); parameters without saved state keep none.
     """
     for name, param in optimizer.params.items():
         has_state = any(k.startswith(f"{key}.state.{name}.") for k in saved)
-        param.grad = torch.zeros_like(param) if has_state else None  # type: ignore[arg-type]
+        zero = torch.zeros_like(param)
+        param.grad = (zero.to_sparse(1) if id(param) in sparse else zero) if has_state else None  # type: ignore[assignment]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

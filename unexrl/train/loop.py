@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
+from torchrec.optim.keyed import KeyedOptimizer
 from tqdm.auto import tqdm
 
 from unexrl.config import Config
@@ -180,12 +181,14 @@ def train(
     seed = cfg.seeds.train[0]
     torch.manual_seed(seed)  # the same initial networks on every rank
     rows = (w.n_users, w.n_items, w.n_categories)
-    # one process: fused tables (row-wise Adagrad in backward); torchrun: plain tables that DMP shards and fuses
-    agent = CascadeAgent(cfg, *rows, cem_weights.cpu(), fused_lr=None if ctx.distributed else t.embedding_lr)
+    # one process: sparse-gradient tables stepped with the heads; torchrun: plain tables that DMP shards and fuses
+    agent = CascadeAgent(
+        cfg, *rows, cem_weights.cpu(), embedding_lr=None if ctx.distributed else t.embedding_lr
+    )
     agent = agent.to(ctx.device)
     acting = ActingCopy(lambda: build_actors(cfg, *rows, cem_weights.cpu()), ctx.device)
     result = TrainResult(agent=agent)
-    fused = agent.fused_optimizer()
+    fused: KeyedOptimizer | None = None  # the sharded tables' in-backward optimizer
     if ctx.distributed:
         dmp, plan = shard(agent, ctx, t.embedding_lr)
         fused, result.sharding = dmp.fused_optimizer, describe(plan)
