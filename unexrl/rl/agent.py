@@ -223,11 +223,12 @@ class CascadeAgent(nn.Module):
 
     # --- the update step -------------------------------------------------------------------------------------
     def update(self, batch: Batch) -> dict[str, float]:
-        """One critic step, and every ``policy_delay`` (TD3) steps one actor step and a target update."""
+        """One critic step, and every ``policy_delay`` (TD3) steps a target update and (from ``actor_start`` on)
+        one actor step. The targets follow the critic from the first update: held back until the actors start,
+        the critic-only updates would fit n rewards plus the initial target's value, not the policy's return."""
         a = self.cfg.algo
-        actor_step = (
-            self.updates >= a.actor_start and (self.updates + 1) % (a.policy_delay if self.twin else 1) == 0
-        )
+        delayed_step = (self.updates + 1) % (a.policy_delay if self.twin else 1) == 0
+        actor_step = delayed_step and self.updates >= a.actor_start
         # tau_{t+n} is embedded without a graph: only tau_t's rows get (sparse) table gradients
         kjt = sparse_features(batch.tau)
         critic_embeddings = [q.encoder(kjt) for q in self.critics]
@@ -262,6 +263,7 @@ class CascadeAgent(nn.Module):
             actor_loss.backward()
             self.actor_optimizer.step()
             out["actor_loss"] = float(actor_loss.detach())
+        if delayed_step:
             self._soft_update()
         return out
 
