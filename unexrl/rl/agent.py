@@ -48,7 +48,7 @@ from unexrl.rl.networks import (
 )
 from unexrl.rl.observation import candidate_summary, sparse_features, state_dim
 from unexrl.rl.replay import Batch
-from unexrl.rl.sparse_adagrad import SparseRowWiseAdagrad
+from unexrl.rl.rowwise_adagrad import RowWiseAdagrad
 
 FIRST = slice(0, 1)
 """the ensemble member Q_1: what the actors ascend and the diagnostics read"""
@@ -84,7 +84,7 @@ def build_actors(
     """mu^1..mu^N: a StageHead per learning stage over one shared encoder, FixedAction (CEM weights) for the others.
 
     Also how a trained-actors artifact is rebuilt before its weights are loaded (unexrl/rl/actors.py).
-    ``sparse_grad``: the encoder's tables return sparse gradients (trained in one process, SparseRowWiseAdagrad).
+    ``sparse_grad``: the encoder's large tables return sparse gradients (trained in one process, RowWiseAdagrad).
     """
     a, c = cfg.algo, cfg.cascade
     learning = learning_stages(cfg)
@@ -131,7 +131,7 @@ class CascadeAgent(nn.Module):
         cem_weights: Tensor,
         embedding_lr: float | None = None,
     ) -> None:
-        """``embedding_lr``: train the embedding tables in this process, with SparseRowWiseAdagrad at this rate
+        """``embedding_lr``: train the embedding tables in this process, with RowWiseAdagrad at this rate
         stepped by the actor and critic optimizers; None leaves them to DMP, which shards them and trains them
         fused (unexrl/train/distributed.py)."""
         super().__init__()
@@ -189,7 +189,7 @@ class CascadeAgent(nn.Module):
             if self.embedding_lr is None:
                 return dense
             table_lr = self.embedding_lr
-            tables = keyed(encoders, f"{prefix}.encoders", lambda ps: SparseRowWiseAdagrad(ps, lr=table_lr))
+            tables = keyed(encoders, f"{prefix}.encoders", lambda ps: RowWiseAdagrad(ps, lr=table_lr))
             return CombinedOptimizer([dense, tables])
 
         self.actor_optimizer = role(self.actors.heads, self.actors.encoder, "actors", a.actor_lr)

@@ -1,27 +1,29 @@
-"""SparseRowWiseAdagrad trains a table exactly as TorchRec's fused row-wise Adagrad does (the torchrun path)."""
+"""RowWiseAdagrad trains tables exactly as TorchRec's fused row-wise Adagrad does (the torchrun path), on the sparse
+gradients of a large table and the dense gradients of a small one."""
 
 import pytest
 import torch
 import torchrec
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
-from torchrec.optim import RowWiseAdagrad
+from torchrec.optim import RowWiseAdagrad as FusedRowWiseAdagrad
 
-from unexrl.rl.networks import SparseEncoder
-from unexrl.rl.sparse_adagrad import SparseRowWiseAdagrad
+from unexrl.rl.networks import SPARSE_GRAD_MIN_ROWS, SparseEncoder
+from unexrl.rl.rowwise_adagrad import RowWiseAdagrad
 
+USERS, ITEMS = 50, SPARSE_GRAD_MIN_ROWS
 TABLES = [
     EmbeddingBagConfig(
         name="user_table",
         embedding_dim=8,
-        num_embeddings=50,
+        num_embeddings=USERS,
         feature_names=["user"],
         pooling=torchrec.PoolingType.SUM,
     ),
     EmbeddingBagConfig(
         name="item_table",
         embedding_dim=8,
-        num_embeddings=40,
+        num_embeddings=ITEMS,
         feature_names=["items"],
         pooling=torchrec.PoolingType.MEAN,
     ),
@@ -32,41 +34,43 @@ def _batch(generator: torch.Generator, b: int = 16) -> KeyedJaggedTensor:
     lengths = torch.randint(0, 6, (b,), generator=generator)  # empty histories included
     values = torch.cat(
         [
-            torch.randint(0, 50, (b,), generator=generator),
+            torch.randint(0, USERS, (b,), generator=generator),
             torch.randint(0, 8, (int(lengths.sum()),), generator=generator),
         ]
-    )  # 8 of 40 item rows: many duplicates in a batch
+    )  # 8 of the item rows: many duplicates in a batch
     return KeyedJaggedTensor.from_lengths_sync(
         keys=["user", "items"], values=values, lengths=torch.cat([torch.ones(b, dtype=torch.long), lengths])
     )
 
 
-def test_it_trains_a_table_as_the_fused_collection_does() -> None:
+def test_it_trains_tables_as_the_fused_collection_does() -> None:
     torch.manual_seed(0)
     fused = FusedEmbeddingBagCollection(
-        tables=TABLES, optimizer_type=RowWiseAdagrad, optimizer_kwargs={"lr": 0.05}
+        tables=TABLES, optimizer_type=FusedRowWiseAdagrad, optimizer_kwargs={"lr": 0.05}
     )
     encoder = SparseEncoder(TABLES, sparse_grad=True)
     encoder.ebc.load_state_dict(fused.state_dict())
-    optimizer = SparseRowWiseAdagrad(encoder.parameters(), lr=0.05)
+    optimizer = RowWiseAdagrad(encoder.parameters(), lr=0.05)
     start = {k: v.clone() for k, v in fused.state_dict().items()}
     generator = torch.Generator().manual_seed(1)
+    layouts = set()
     for _ in range(20):
         kjt = _batch(generator)
         target = torch.randn(16, 16, generator=generator)
         ((fused(kjt).values() - target) ** 2).sum().backward()  # steps inside backward
         optimizer.zero_grad(set_to_none=True)
         ((encoder(kjt) - target) ** 2).sum().backward()
+        layouts |= {p.grad.layout for p in encoder.parameters()}
         optimizer.step()
+    assert layouts == {torch.strided, torch.sparse_coo}  # the small table dense, the large one sparse
     ours = encoder.ebc.state_dict()
     for name, weights in fused.state_dict().items():
         assert not torch.equal(weights, start[name])  # it trained
         torch.testing.assert_close(ours[name], weights, rtol=0, atol=1e-6)
 
 
-def test_it_refuses_dense_gradients() -> None:
-    encoder = SparseEncoder(TABLES, sparse_grad=False)
-    optimizer = SparseRowWiseAdagrad(encoder.parameters(), lr=0.05)
-    encoder(_batch(torch.Generator().manual_seed(0))).sum().backward()
-    with pytest.raises(ValueError, match="row-sparse gradients"):
-        optimizer.step()
+def test_it_refuses_a_parameter_that_is_not_a_table() -> None:
+    bias = torch.nn.Parameter(torch.zeros(4))
+    bias.grad = torch.ones(4)
+    with pytest.raises(ValueError, match="2-D tables"):
+        RowWiseAdagrad([bias], lr=0.05).step()
