@@ -160,3 +160,16 @@ def test_bench_sim_json(tmp_path: Path) -> None:
     }
     assert all(v > 0 for v in rps.values())
     assert result["ratios"]["cascade_vs_lean_reference"] > 0
+
+
+def test_bench_train_times_the_update_it_names(tmp_path: Path) -> None:
+    """The CIC update is timed with its actor step (it once was not: actor_start exceeded the bench's updates), the
+    critic-only step without one, and every ratio the issue reads is there."""
+    out = tmp_path / "bench.json"
+    sets = ["bench.repeats=2", "bench.large_batch=64", "algo.batch_size=32"]
+    assert main(["bench", "train", *SMALL, *(x for s in sets for x in ("--set", s)), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["actor_step_share"] == {"unexrl-cic": 1.0, "unexrl-cic-critic": 0.0, "unexrl-ctde": 1.0}
+    assert set(result["transitions_per_s"]) == {"unexrl-cic", "unexrl-cic-critic", "unexrl-ctde", "raw_ebc"}
+    assert all(v > 0 for v in result["transitions_per_s_large_batch"].values())
+    assert {"cic_update_vs_raw_ebc", "cic_critic_step_vs_raw_ebc", "cic_vs_ctde"} <= set(result["ratios"])

@@ -1,16 +1,20 @@
 """`unexrl bench train`: transitions/s of one update step, against references measured in the same run.
 
-- unexrl-cic: one UNEX-RL-CIC update with an actor step in every update (``policy_delay=1``: the n-step target
-  from the target critics' state values, the twin centred critics around the CIC actions, every actor through CIC,
-  the target update), on one fixed batch, in one process with sparse-gradient tables stepped by row-wise Adagrad,
-  as `unexrl train` runs it;
-- unexrl-ctde: the same networks and batch with the logged downstream observations: their ratio is CIC's cost;
+- unexrl-cic: one UNEX-RL-CIC update with an actor step in every update (``policy_delay=1`` and ``actor_start=0``:
+  the n-step target from the target critics' state values, the twin centred critics around the CIC actions, every
+  actor through CIC, the target update), on one fixed batch, in one process with the tables stepped by row-wise
+  Adagrad, as `unexrl train` runs it once the actors have started;
+- unexrl-cic-critic: the same update before the actors start (``actor_start`` beyond the run: the critic step and
+  the target update alone), what `unexrl train` runs during its critic-only warm-up;
+- unexrl-ctde: the unexrl-cic update with the logged downstream observations: their ratio is CIC's cost;
 - raw EBC: forward + backward of a plain TorchRec EmbeddingBagCollection with the same three tables (users, items,
   categories) on the same batch's KeyedJaggedTensor, no optimizer step: the floor an embedding-bound step is held
   against.
 
-Each is measured at ``algo.batch_size`` and at ``bench.large_batch``, the three in interleaved rounds (one call of
-each per round, unexrl/bench/timing.py), so that the ratios compare calls made under the same load.
+Each is measured at ``algo.batch_size`` and at ``bench.large_batch``, the four in interleaved rounds (one call of
+each per round, unexrl/bench/timing.py), so that the ratios compare calls made under the same load. Every update's
+output says whether it took an actor step; the share is reported, so a setting that keeps the actors still (as
+``actor_start`` once did, unnoticed, from 2026-12-01 to 2026-12-06) shows in the result instead of flattering it.
 """
 
 from __future__ import annotations
@@ -51,9 +55,17 @@ def bench_train(cfg: Config) -> dict[str, Any]:
         tables=embedding_tables("bench", SPARSE_FEATURES, rows, cfg.algo.embedding_dim), device=device
     )
     agents = {}
-    for name in ("unexrl-cic", "unexrl-ctde"):
+    for name, algo, actor_start in (
+        ("unexrl-cic", "unexrl-cic", 0),
+        ("unexrl-cic-critic", "unexrl-cic", 10**9),
+        ("unexrl-ctde", "unexrl-ctde", 0),
+    ):
         algo_cfg = cfg.model_copy(
-            update={"algo": cfg.algo.model_copy(update={"name": name, "policy_delay": 1})}
+            update={
+                "algo": cfg.algo.model_copy(
+                    update={"name": algo, "policy_delay": 1, "actor_start": actor_start}
+                )
+            }
         )
         agents[name] = CascadeAgent(
             algo_cfg, w.n_users, w.n_items, w.n_categories, cem, embedding_lr=cfg.train.embedding_lr
@@ -61,11 +73,15 @@ def bench_train(cfg: Config) -> dict[str, Any]:
         agents[name].fit_standardizers(buffer.sample(4096, generator).to(device))
 
     per_batch = {}
+    actor_steps: dict[str, list[bool]] = {name: [] for name in agents}
     for size in (cfg.algo.batch_size, cfg.bench.large_batch):
         batch = buffer.sample(size, generator).to(device)
         kjt = sparse_features(batch.tau).to(device)
         candidates: dict[str, Callable[[], Any]] = {
-            name: lambda agent=agent, batch=batch: agent.update(batch) for name, agent in agents.items()
+            name: lambda agent=agent, batch=batch, steps=actor_steps[name]: steps.append(
+                "actor_loss" in agent.update(batch)
+            )
+            for name, agent in agents.items()
         }
         candidates["raw_ebc"] = lambda kjt=kjt: ebc(kjt).values().sum().backward()
         seconds = interleaved_median_seconds(candidates, repeats, device)
@@ -82,9 +98,11 @@ def bench_train(cfg: Config) -> dict[str, Any]:
         "transitions_per_s_large_batch": {
             k: round(v, 1) for k, v in per_batch[cfg.bench.large_batch].items()
         },
+        "actor_step_share": {name: sum(steps) / len(steps) for name, steps in actor_steps.items()},
         "ratios": {
             "cic_vs_ctde": tps["unexrl-cic"] / tps["unexrl-ctde"],
             "cic_update_vs_raw_ebc": tps["unexrl-cic"] / tps["raw_ebc"],
+            "cic_critic_step_vs_raw_ebc": tps["unexrl-cic-critic"] / tps["raw_ebc"],
             "ctde_update_vs_raw_ebc": tps["unexrl-ctde"] / tps["raw_ebc"],
             "cic_update_vs_raw_ebc_large_batch": (
                 per_batch[cfg.bench.large_batch]["unexrl-cic"] / per_batch[cfg.bench.large_batch]["raw_ebc"]
@@ -102,9 +120,11 @@ def format_bench_train(result: dict[str, Any]) -> str:
     ]
     for name, value in result["transitions_per_s"].items():
         large = result["transitions_per_s_large_batch"][name]
+        share = result["actor_step_share"].get(name)
+        actors = "" if share is None else f"  actor step in {share:.0%} of updates"
         lines.append(
-            f"  {name:14s} {value:12,.0f} transitions/s  (batch {result['large_batch']}: {large:12,.0f})"
+            f"  {name:18s} {value:12,.0f} transitions/s  (batch {result['large_batch']}: {large:12,.0f}){actors}"
         )
     for name, value in result["ratios"].items():
-        lines.append(f"  {name:24s} {value:6.3f}")
+        lines.append(f"  {name:34s} {value:6.3f}")
     return "\n".join(lines)
