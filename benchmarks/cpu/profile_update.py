@@ -1,6 +1,6 @@
 """Where one UNEX-RL-CIC update spends its time: torch.profiler over 50 updates at batch 256 on configs/default.yaml,
 with `unexrl bench train`'s setup (256 sessions of CEM + exploration, an actor step in every update), operators by
-self CPU time. The breakdown in docs/benchmarks.md comes from this script.
+self CPU time, then the same time in a few groups. The breakdown in docs/benchmarks.md comes from this script.
 
     python benchmarks/cpu/profile_update.py
 """
@@ -26,7 +26,7 @@ rollout(sim, policy, cfg.seeds.train[0], 256, 256, on_step=steps.append)
 buf = ReplayBuffer(cfg, 100_000)
 buf.add_steps(steps, w)
 g = torch.Generator().manual_seed(0)
-acfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"policy_delay": 1})})
+acfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"policy_delay": 1, "actor_start": 0})})
 agent = CascadeAgent(acfg, w.n_users, w.n_items, w.n_categories, cem, embedding_lr=cfg.train.embedding_lr)
 agent.fit_standardizers(buf.sample(4096, g))
 batch = buf.sample(256, g)
@@ -36,3 +36,29 @@ with profile(activities=[ProfilerActivity.CPU]) as p:
     for _ in range(50):
         agent.update(batch)
 print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+GROUPS = {
+    "matrix products (MLPs, ensemble, stage scores), forward and backward": ("mm", "addmm", "bmm", "baddbmm"),
+    "embedding tables: bags forward and backward, sorting the rows looked up, row-wise Adagrad": (
+        "_embedding_bag",
+        "_embedding_bag_backward",
+        "_embedding_bag_dense_backward",
+        "_embedding_bag_sparse_backward",
+        "_coalesce",
+        "sort",
+        "index_copy_",
+    ),
+    "top-k of the CIC cascade": ("topk",),
+    "dense Adam": ("_fused_adam_",),
+}
+events = p.key_averages()
+total = sum(e.self_cpu_time_total for e in events)
+print(f"\n{total / 50 / 1000:.2f} ms of operator time per update")
+grouped = 0.0
+for name, ops in GROUPS.items():
+    t = sum(e.self_cpu_time_total for e in events if e.key.removeprefix("aten::") in ops)
+    grouped += t
+    print(f"  {t / total:5.1%}  {name}")
+print(
+    f"  {1 - grouped / total:5.1%}  everything else (elementwise, reductions, copies, views, autograd bookkeeping)"
+)

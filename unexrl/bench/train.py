@@ -37,7 +37,8 @@ from unexrl.sim.env import Simulator, Step
 
 
 def bench_train(cfg: Config) -> dict[str, Any]:
-    """Measure update throughput of CIC and CTDE and the raw EBC reference at two batch sizes; JSON-able."""
+    """Measure update throughput of CIC (with and without its actor step) and CTDE and the raw EBC reference at two
+    batch sizes; JSON-able."""
     torch.manual_seed(0)
     device = torch.device(cfg.device)
     sim = Simulator(cfg)
