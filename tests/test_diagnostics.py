@@ -29,7 +29,7 @@ def _critic_after(cfg: Config, sim: Simulator, updates: int) -> CriticDiagnostic
     data explore twice the default spread (0.6), so that an action's effect on the return stands out of the
     return's noise in every activity group: at 0.3 the trained critic's gradient for the third group turned with
     the update count and the seed (cosine -0.40 to +0.20 at 1,500-3,000 updates, seeds 0-2, measured 2026-12-06),
-    at 0.6 it was +0.36 to +0.56 in every group in the same runs."""
+    at 0.6 it was +0.36 to +0.57 in every group (1,500 and 3,000 updates, seeds 0-2)."""
     cfg = cfg.model_copy(
         update={
             "algo": cfg.algo.model_copy(
