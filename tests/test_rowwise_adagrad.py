@@ -12,21 +12,17 @@ from unexrl.rl.networks import SPARSE_GRAD_MIN_ROWS, SparseEncoder
 from unexrl.rl.rowwise_adagrad import RowWiseAdagrad
 
 USERS, ITEMS = 50, SPARSE_GRAD_MIN_ROWS
+
+
+def _table(name: str, rows: int, feature: str, pooling: torchrec.PoolingType) -> EmbeddingBagConfig:
+    return EmbeddingBagConfig(
+        name=name, embedding_dim=8, num_embeddings=rows, feature_names=[feature], pooling=pooling
+    )
+
+
 TABLES = [
-    EmbeddingBagConfig(
-        name="user_table",
-        embedding_dim=8,
-        num_embeddings=USERS,
-        feature_names=["user"],
-        pooling=torchrec.PoolingType.SUM,
-    ),
-    EmbeddingBagConfig(
-        name="item_table",
-        embedding_dim=8,
-        num_embeddings=ITEMS,
-        feature_names=["items"],
-        pooling=torchrec.PoolingType.MEAN,
-    ),
+    _table("user_table", USERS, "user", torchrec.PoolingType.SUM),
+    _table("item_table", ITEMS, "items", torchrec.PoolingType.MEAN),
 ]
 
 
