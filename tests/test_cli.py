@@ -169,7 +169,18 @@ def test_bench_train_times_the_update_it_names(tmp_path: Path) -> None:
     sets = ["bench.repeats=2", "bench.large_batch=64", "algo.batch_size=32"]
     assert main(["bench", "train", *SMALL, *(x for s in sets for x in ("--set", s)), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["actor_step_share"] == {"unexrl-cic": 1.0, "unexrl-cic-critic": 0.0, "unexrl-ctde": 1.0}
-    assert set(result["transitions_per_s"]) == {"unexrl-cic", "unexrl-cic-critic", "unexrl-ctde", "raw_ebc"}
+    assert result["actor_step_share"] == {
+        "unexrl-cic": 1.0,
+        "unexrl-cic-critic": 0.0,
+        "unexrl-cic-compiled": 1.0,
+        "unexrl-ctde": 1.0,
+    }
+    assert set(result["transitions_per_s"]) == {*result["actor_step_share"], "raw_ebc"}
     assert all(v > 0 for v in result["transitions_per_s_large_batch"].values())
-    assert {"cic_update_vs_raw_ebc", "cic_critic_step_vs_raw_ebc", "cic_vs_ctde"} <= set(result["ratios"])
+    assert set(result["compile_seconds"]) == {"32", "64"}
+    assert {
+        "cic_update_vs_raw_ebc",
+        "cic_compiled_update_vs_raw_ebc",
+        "cic_critic_step_vs_raw_ebc",
+        "cic_vs_ctde",
+    } <= set(result["ratios"])

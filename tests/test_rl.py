@@ -3,6 +3,7 @@ per-stage losses, the critic's slope is its action gradient, CQR is uniform on h
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -240,3 +241,43 @@ def test_every_algorithm_trains(small_cfg: Config, small_sim: Simulator, algo: s
         math.isfinite(diagnostics["calibration"]["relative_bias"])
         and -1 <= diagnostics["gradient"]["cosine"]["mean"] <= 1
     )
+
+
+def test_the_compiled_update_is_the_update(small_cfg: Config, small_sim: Simulator, collected) -> None:  # type: ignore[no-untyped-def]
+    """train.compile changes how the update runs, not what it computes: from the same start, on the same batches,
+    through critic-only updates and actor steps, the compiled and the eager agent end with the same networks."""
+    _, _, buffer = collected
+    w = small_sim.world
+    agents = []
+    for compiled in (False, True):
+        cfg = small_cfg.model_copy(
+            update={
+                "algo": small_cfg.algo.model_copy(
+                    update={"hidden": 32, "embedding_dim": 4, "actor_start": 2, "policy_delay": 2}
+                ),
+                "train": small_cfg.train.model_copy(update={"compile": compiled}),
+            }
+        )
+        torch.manual_seed(0)
+        agent = CascadeAgent(
+            cfg,
+            w.n_users,
+            w.n_items,
+            w.n_categories,
+            torch.full((1, sum(cfg.cascade.action_dims)), 0.5),
+            0.01,
+        )
+        generator = torch.Generator().manual_seed(0)
+        agent.fit_standardizers(buffer.sample(512, generator))
+        initial = copy.deepcopy(agent.state_dict())
+        stats = [agent.update(buffer.sample(64, generator)) for _ in range(6)]
+        agents.append((agent, stats, initial))
+    (eager, eager_stats, initial), (compiled, compiled_stats, _) = agents
+    assert [set(s) for s in compiled_stats] == [set(s) for s in eager_stats]  # the same steps were taken
+    assert sum("actor_loss" in s for s in eager_stats) == 2
+    moved = [
+        name for name, p in eager.state_dict().items() if not torch.allclose(p, initial[name], atol=1e-4)
+    ]
+    assert {"critics.0.head.net.layers.0.weight", "actors.heads.2.net.4.weight"} <= set(moved)
+    for (name, p), (_, q) in zip(eager.state_dict().items(), compiled.state_dict().items(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

@@ -351,6 +351,10 @@ class TrainConfig(_Strict):
     on sparse gradients in one process)"""
     select: Literal["best_validation", "final"] = "best_validation"
     """which actors the export and the experiment use: the best validation point (model selection) or the last"""
+    compile: bool = False
+    """compile the update's dense regions (the actors through CIC, the critic loss, the actor loss) with
+    torch.compile: on this CPU the update is ~14% faster after ~15 s of compiling (docs/benchmarks.md), so it pays
+    off on runs of about 100,000 updates and more, not on `make run`'s"""
 
 
 class DiagnosticsConfig(_Strict):

@@ -6,6 +6,8 @@
   Adagrad, as `unexrl train` runs it once the actors have started;
 - unexrl-cic-critic: the same update before the actors start (``actor_start`` beyond the run: the critic step and
   the target update alone), what `unexrl train` runs during its critic-only warm-up;
+- unexrl-cic-compiled: the unexrl-cic update with ``train.compile`` (its dense regions compiled by inductor); the
+  seconds its first call takes to compile are reported beside it, since a run pays them once;
 - unexrl-ctde: the unexrl-cic update with the logged downstream observations: their ratio is CIC's cost;
 - raw EBC: forward + backward of a plain TorchRec EmbeddingBagCollection with the same three tables (users, items,
   categories) on the same batch's KeyedJaggedTensor, no optimizer step: the floor an embedding-bound step is held
@@ -19,6 +21,7 @@ output says whether it took an actor step; the share is reported, so a setting t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,16 +59,18 @@ def bench_train(cfg: Config) -> dict[str, Any]:
         tables=embedding_tables("bench", SPARSE_FEATURES, rows, cfg.algo.embedding_dim), device=device
     )
     agents = {}
-    for name, algo, actor_start in (
-        ("unexrl-cic", "unexrl-cic", 0),
-        ("unexrl-cic-critic", "unexrl-cic", 10**9),
-        ("unexrl-ctde", "unexrl-ctde", 0),
+    for name, algo, actor_start, compiled in (
+        ("unexrl-cic", "unexrl-cic", 0, False),
+        ("unexrl-cic-critic", "unexrl-cic", 10**9, False),
+        ("unexrl-cic-compiled", "unexrl-cic", 0, True),
+        ("unexrl-ctde", "unexrl-ctde", 0, False),
     ):
         algo_cfg = cfg.model_copy(
             update={
                 "algo": cfg.algo.model_copy(
                     update={"name": algo, "policy_delay": 1, "actor_start": actor_start}
-                )
+                ),
+                "train": cfg.train.model_copy(update={"compile": compiled}),
             }
         )
         agents[name] = CascadeAgent(
@@ -75,9 +80,13 @@ def bench_train(cfg: Config) -> dict[str, Any]:
 
     per_batch = {}
     actor_steps: dict[str, list[bool]] = {name: [] for name in agents}
+    compile_seconds = {}
     for size in (cfg.algo.batch_size, cfg.bench.large_batch):
         batch = buffer.sample(size, generator).to(device)
         kjt = sparse_features(batch.tau).to(device)
+        start = time.perf_counter()
+        agents["unexrl-cic-compiled"].update(batch)  # compiles for this batch size
+        compile_seconds[size] = time.perf_counter() - start
         candidates: dict[str, Callable[[], Any]] = {
             name: lambda agent=agent, batch=batch, steps=actor_steps[name]: steps.append(
                 "actor_loss" in agent.update(batch)
@@ -100,9 +109,11 @@ def bench_train(cfg: Config) -> dict[str, Any]:
             k: round(v, 1) for k, v in per_batch[cfg.bench.large_batch].items()
         },
         "actor_step_share": {name: sum(steps) / len(steps) for name, steps in actor_steps.items()},
+        "compile_seconds": {size: round(v, 1) for size, v in compile_seconds.items()},
         "ratios": {
             "cic_vs_ctde": tps["unexrl-cic"] / tps["unexrl-ctde"],
             "cic_update_vs_raw_ebc": tps["unexrl-cic"] / tps["raw_ebc"],
+            "cic_compiled_update_vs_raw_ebc": tps["unexrl-cic-compiled"] / tps["raw_ebc"],
             "cic_critic_step_vs_raw_ebc": tps["unexrl-cic-critic"] / tps["raw_ebc"],
             "ctde_update_vs_raw_ebc": tps["unexrl-ctde"] / tps["raw_ebc"],
             "cic_update_vs_raw_ebc_large_batch": (
@@ -126,6 +137,8 @@ def format_bench_train(result: dict[str, Any]) -> str:
         lines.append(
             f"  {name:18s} {value:12,.0f} transitions/s  (batch {result['large_batch']}: {large:12,.0f}){actors}"
         )
+    compile_seconds = ", ".join(f"{s:.0f} s at batch {b}" for b, s in result["compile_seconds"].items())
+    lines.append(f"  unexrl-cic-compiled compiled in {compile_seconds}")
     for name, value in result["ratios"].items():
         lines.append(f"  {name:34s} {value:6.3f}")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +53,10 @@ from unexrl.rl.rowwise_adagrad import RowWiseAdagrad
 
 FIRST = slice(0, 1)
 """the ensemble member Q_1: what the actors ascend and the diagnostics read"""
+
+
+def _as_written(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return fn
 
 
 def learning_stages(cfg: Config) -> list[int]:
@@ -166,6 +171,12 @@ class CascadeAgent(nn.Module):
         )
         self.build_optimizers()
         self.updates = 0
+        # the update's dense regions, compiled by inductor (train.compile) or run as written; each is its own graph,
+        # so the critic step and the actor step stay two steps in TD3's order
+        region = torch.compile if cfg.train.compile else _as_written
+        self._policy_actions = region(self.policy_actions)
+        self._critic_loss = region(self.critic_loss)
+        self._actor_loss = region(self.actor_loss)
 
     # --- optimisers ------------------------------------------------------------------------------------------
     def build_optimizers(self, wrap: Callable[[KeyedOptimizer], KeyedOptimizer] | None = None) -> None:
@@ -236,29 +247,18 @@ class CascadeAgent(nn.Module):
             next_kjt = sparse_features(batch.next_tau)
             next_embeddings = [q.encoder(next_kjt) for q in self.critics]
         with torch.set_grad_enabled(actor_step):
-            actions, summaries = self.policy_actions(batch, self.actors.embed(kjt))
+            actions, summaries = self._policy_actions(batch, self.actors.embed(kjt))
         centre = [x.detach() for x in actions]
 
-        y = self._critic_target(batch, next_embeddings)
-        q = [
-            critic.head(critic.head.state_features(e, x), logged, c)
-            for critic, e, (x, logged, c) in zip(
-                self.critics, critic_embeddings, self._critic_inputs(batch, batch.actions, centre, summaries)
-            )
-        ]
-        critic_loss = sum(((q_c - y_c) ** 2).mean(1).sum() for q_c, y_c in zip(q, y))
+        critic_loss, q, y = self._critic_loss(batch, critic_embeddings, next_embeddings, centre, summaries)
         self.critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()  # type: ignore[union-attr]
+        critic_loss.backward()
         self.critic_optimizer.step()
         self.updates += 1
 
-        out = {
-            "critic_loss": float(critic_loss.detach()),
-            "q": float(q[0][0].detach().mean()),
-            "target": float(y[0].mean()),
-        }
+        out = {"critic_loss": float(critic_loss.detach()), "q": float(q), "target": float(y)}
         if actor_step:
-            actor_loss = self.actor_loss(batch, actions, summaries, [e.detach() for e in critic_embeddings])
+            actor_loss = self._actor_loss(batch, actions, summaries, [e.detach() for e in critic_embeddings])
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward()
             self.actor_optimizer.step()
@@ -281,6 +281,26 @@ class CascadeAgent(nn.Module):
             first_summary=batch.first_summary,
         )
         return actions, summaries
+
+    def critic_loss(
+        self,
+        batch: Batch,
+        critic_embeddings: list[Tensor],
+        next_embeddings: list[Tensor],
+        centre: list[Tensor],
+        summaries: list[Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """L(phi) = sum_k mean_b (Q_k(tau_t, a_logged; centred on the current actions ``centre``) - y)^2 over every
+        critic; also the first critic's mean Q_1 and mean y, which the update reports."""
+        y = self._critic_target(batch, next_embeddings)
+        q = [
+            critic.head(critic.head.state_features(e, x), logged, c)
+            for critic, e, (x, logged, c) in zip(
+                self.critics, critic_embeddings, self._critic_inputs(batch, batch.actions, centre, summaries)
+            )
+        ]
+        loss = torch.stack([((q_c - y_c) ** 2).mean(1).sum() for q_c, y_c in zip(q, y)]).sum()
+        return loss, q[0][0].detach().mean(), y[0].mean()
 
     def _critic_target(self, batch: Batch, critic_embeddings: list[Tensor]) -> list[Tensor]:
         """y = r~ + gamma^n (1 - done) min_k V'_k(tau^1_{t+n}), per critic (V' = Q' at the target policy's action)."""
