@@ -91,7 +91,9 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path, tr
     run = tmp_path_factory.mktemp("dist") / "run"
     proc = _torchrun(
         [
-            *_args([*TINY, "train.checkpoint_every=10"]),
+            *_args(
+                [*TINY, "train.checkpoint_every=10", "train.compile=true"]
+            ),  # the compiled update, sharded
             "--algo",
             "unexrl-cic",
             "--logs",

@@ -353,8 +353,9 @@ class TrainConfig(_Strict):
     """which actors the export and the experiment use: the best validation point (model selection) or the last"""
     compile: bool = False
     """compile the update's dense regions (the actors through CIC, the critic loss, the actor loss) with
-    torch.compile: on this CPU the update is ~14% faster after ~15 s of compiling (docs/benchmarks.md), so it pays
-    off on runs of about 100,000 updates and more, not on `make run`'s"""
+    torch.compile: on the 2-core CPU an update is 0.5-0.85 ms (12-16%) faster, after about 13 s of compiling in a
+    fresh inductor cache (3-4 s from a warm one), so a run gains from about 20,000 updates on (docs/benchmarks.md);
+    configs/default.yaml's 5,000 do not. Needs a C compiler at run time (docs/training.md)"""
 
 
 class DiagnosticsConfig(_Strict):

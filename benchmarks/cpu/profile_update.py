@@ -2,8 +2,11 @@
 with `unexrl bench train`'s setup (256 sessions of CEM + exploration, an actor step in every update), operators by
 self CPU time, then the same time in a few groups. The breakdown in docs/benchmarks.md comes from this script.
 
-    python benchmarks/cpu/profile_update.py
+    python benchmarks/cpu/profile_update.py             # the update as `unexrl train` runs it by default
+    python benchmarks/cpu/profile_update.py --compile   # with train.compile (compiled once before the profile)
 """
+
+import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -26,7 +29,12 @@ rollout(sim, policy, cfg.seeds.train[0], 256, 256, on_step=steps.append)
 buf = ReplayBuffer(cfg, 100_000)
 buf.add_steps(steps, w)
 g = torch.Generator().manual_seed(0)
-acfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={"policy_delay": 1, "actor_start": 0})})
+acfg = cfg.model_copy(
+    update={
+        "algo": cfg.algo.model_copy(update={"policy_delay": 1, "actor_start": 0}),
+        "train": cfg.train.model_copy(update={"compile": "--compile" in sys.argv[1:]}),
+    }
+)
 agent = CascadeAgent(acfg, w.n_users, w.n_items, w.n_categories, cem, embedding_lr=cfg.train.embedding_lr)
 agent.fit_standardizers(buf.sample(4096, g))
 batch = buf.sample(256, g)
@@ -49,6 +57,7 @@ GROUPS = {
         "index_copy_",
     ),
     "top-k of the CIC cascade": ("topk",),
+    "inductor's fused kernels (with --compile)": ("CompiledFxGraph",),
     "dense Adam": ("_fused_adam_",),
 }
 events = p.key_averages()
@@ -56,7 +65,11 @@ total = sum(e.self_cpu_time_total for e in events)
 print(f"\n{total / 50 / 1000:.2f} ms of operator time per update")
 grouped = 0.0
 for name, ops in GROUPS.items():
-    t = sum(e.self_cpu_time_total for e in events if e.key.removeprefix("aten::") in ops)
+    t = sum(
+        e.self_cpu_time_total
+        for e in events
+        if e.key.removeprefix("aten::") in ops or any(e.key.startswith(f"## Call {op}") for op in ops)
+    )
     grouped += t
     print(f"  {t / total:5.1%}  {name}")
 print(
