@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,10 +52,6 @@ from unexrl.rl.rowwise_adagrad import RowWiseAdagrad
 
 FIRST = slice(0, 1)
 """the ensemble member Q_1: what the actors ascend and the diagnostics read"""
-
-
-def _as_written(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return fn
 
 
 def learning_stages(cfg: Config) -> list[int]:
@@ -173,7 +168,7 @@ class CascadeAgent(nn.Module):
         self.updates = 0
         # the update's dense regions, compiled by inductor (train.compile) or run as written; each is its own graph,
         # so the critic step and the actor step stay two steps in TD3's order
-        region = torch.compile if cfg.train.compile else _as_written
+        region = torch.compile if cfg.train.compile else (lambda fn: fn)
         self._policy_actions = region(self.policy_actions)
         self._critic_loss = region(self.critic_loss)
         self._actor_loss = region(self.actor_loss)
