@@ -26,7 +26,10 @@ def _common() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=_SET_HELP
     )
     p.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level"
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level of unexrl's own loggers; other libraries log from WARNING on, or everything at DEBUG",
     )
     return p
 
@@ -329,15 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # libraries' INFO lines (fbgemm's ~15 "Successfully loaded" on import, one per httpx request in `traffic` and
+    # `bench serve`) would drown the run's own; DEBUG shows everything
+    own = logging.getLevelName(args.log_level)
     logging.basicConfig(
-        level=args.log_level,
+        level=own if own == logging.DEBUG else max(own, logging.WARNING),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S",
     )
-    logging.getLogger("httpx").setLevel(
-        logging.WARNING
-    )  # one line per request would drown `traffic` and `bench serve`
+    logging.getLogger("unexrl").setLevel(own)
     try:
         cfg = load_config(config_file(args.config) if args.config else None, args.overrides)
     except (ConfigError, OSError) as err:
