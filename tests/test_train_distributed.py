@@ -91,9 +91,8 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path, tr
     run = tmp_path_factory.mktemp("dist") / "run"
     proc = _torchrun(
         [
-            *_args(
-                [*TINY, "train.checkpoint_every=10", "train.compile=true"]
-            ),  # the compiled update, sharded
+            # the compiled update (train.compile), on sharded tables
+            *_args([*TINY, "train.checkpoint_every=10", "train.compile=true"]),
             "--algo",
             "unexrl-cic",
             "--logs",
