@@ -265,14 +265,17 @@ def test_the_compiled_update_is_the_update(small_cfg: Config, small_sim: Simulat
             w.n_items,
             w.n_categories,
             torch.full((1, sum(cfg.cascade.action_dims)), 0.5),
-            0.01,
+            embedding_lr=0.01,
         )
         generator = torch.Generator().manual_seed(0)
         agent.fit_standardizers(buffer.sample(512, generator))
         initial = copy.deepcopy(agent.state_dict())
+        torch._dynamo.utils.counters.clear()  # counts only this agent's graphs
         stats = [agent.update(buffer.sample(64, generator)) for _ in range(6)]
-        agents.append((agent, stats, initial))
-    (eager, eager_stats, initial), (compiled, compiled_stats, _) = agents
+        agents.append((agent, stats, initial, torch._dynamo.utils.counters["stats"]["unique_graphs"]))
+    (eager, eager_stats, initial, eager_graphs), (compiled, compiled_stats, _, compiled_graphs) = agents
+    # the regions: the actors through CIC with and without a graph, the critic loss, the actor loss
+    assert (eager_graphs, compiled_graphs) == (0, 4)
     assert [set(s) for s in compiled_stats] == [set(s) for s in eager_stats]  # the same steps were taken
     assert sum("actor_loss" in s for s in eager_stats) == 2
     moved = [
