@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import bentoml
@@ -40,6 +42,20 @@ from unexrl.serve.gateway import ClientErrors, Gate, QuietClientErrors, api_toke
 from unexrl.serve.local import bentoml_home
 from unexrl.serve.package import ARTIFACT_SUBDIR, DEFAULT_MODEL, ENV_MODEL, ENV_SHADOW_MODEL
 from unexrl.serve.sessions import SessionStoreUnavailable, open_sessions
+
+
+@contextmanager
+def _as_http_errors() -> Iterator[None]:
+    """The engine's errors as the HTTP status that names them: bad input 400, an unknown page 404, the shared
+    session store unreachable 503 (the client may retry)."""
+    try:
+        yield
+    except RequestError as err:
+        raise InvalidArgument(str(err)) from None
+    except UnknownRequest as err:
+        raise NotFound(str(err)) from None
+    except SessionStoreUnavailable as err:
+        raise ServiceUnavailable(str(err)) from None
 
 
 @bentoml.service(name="unexrl", workers=1, traffic={"timeout": 30}, http={"port": 3000})
@@ -70,14 +86,8 @@ class Recommendation:
         self, user_id: int, context: RequestContext | None = None, candidates: list[int] | None = None
     ) -> RecommendResponse:
         """A page for the user: features, pool, then each stage's actor ranks and the last stage's order is shown."""
-        try:
+        with _as_http_errors():
             page = self.engine.recommend(user_id, context.session_id if context else None, candidates)
-        except RequestError as err:
-            raise InvalidArgument(str(err)) from None
-        except UnknownRequest as err:
-            raise NotFound(str(err)) from None
-        except SessionStoreUnavailable as err:
-            raise ServiceUnavailable(str(err)) from None
         e = self.engine
         return RecommendResponse(
             request_id=page.request_id,
@@ -99,14 +109,8 @@ class Recommendation:
         self, request_id: str, session_id: int, items: list[FeedbackItem], session_end: bool = False
     ) -> FeedbackResponse:
         """What the user did with a page: updates the session state and the long-term reward metrics."""
-        try:
+        with _as_http_errors():
             result = self.engine.feedback(request_id, session_id, items, session_end)
-        except RequestError as err:
-            raise InvalidArgument(str(err)) from None
-        except UnknownRequest as err:
-            raise NotFound(str(err)) from None
-        except SessionStoreUnavailable as err:
-            raise ServiceUnavailable(str(err)) from None
         s = result.session
         return FeedbackResponse(
             request_id=request_id,
