@@ -11,32 +11,14 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from unexrl.bench.train import bench_agent, bench_replay
 from unexrl.config import load_config
-from unexrl.evaluate.rollout import rollout
-from unexrl.policies.weights import GaussianExploration, WeightPolicy
-from unexrl.rl.agent import CascadeAgent
-from unexrl.rl.replay import ReplayBuffer
-from unexrl.sim.env import Simulator
 
 torch.set_num_threads(2)
 cfg = load_config("configs/default.yaml")
-sim = Simulator(cfg)
-w = sim.world
-cem = torch.full((1, sum(cfg.cascade.action_dims)), 0.5)
-steps: list = []
-policy = GaussianExploration(WeightPolicy(cem, cfg.cascade), cfg.algo.exploration_std, seed=1)
-rollout(sim, policy, cfg.seeds.train[0], 256, 256, on_step=steps.append)
-buf = ReplayBuffer(cfg, 100_000)
-buf.add_steps(steps, w)
+buf, world = bench_replay(cfg)
 g = torch.Generator().manual_seed(0)
-acfg = cfg.model_copy(
-    update={
-        "algo": cfg.algo.model_copy(update={"policy_delay": 1, "actor_start": 0}),
-        "train": cfg.train.model_copy(update={"compile": "--compile" in sys.argv[1:]}),
-    }
-)
-agent = CascadeAgent(acfg, w.n_users, w.n_items, w.n_categories, cem, embedding_lr=cfg.train.embedding_lr)
-agent.fit_standardizers(buf.sample(4096, g))
+agent = bench_agent(cfg, world, buf, g, "unexrl-cic", actor_start=0, compiled="--compile" in sys.argv[1:])
 batch = buf.sample(256, g)
 for _ in range(20):
     agent.update(batch)

@@ -37,6 +37,53 @@ from unexrl.rl.networks import embedding_tables
 from unexrl.rl.observation import SPARSE_FEATURES, sparse_features
 from unexrl.rl.replay import ReplayBuffer
 from unexrl.sim.env import Simulator, Step
+from unexrl.sim.world import World
+
+
+def bench_replay(cfg: Config) -> tuple[ReplayBuffer, World]:
+    """The transitions every candidate updates on, and their world: 256 sessions of CEM-like weights (0.5) with
+    exploration on the first training seed, in the replay buffer `unexrl train` samples from."""
+    sim = Simulator(cfg)
+    cem = torch.full((1, sum(cfg.cascade.action_dims)), 0.5)
+    steps: list[Step] = []
+    policy = GaussianExploration(
+        WeightPolicy(cem.to(cfg.device), cfg.cascade), cfg.algo.exploration_std, seed=1
+    )
+    rollout(sim, policy, cfg.seeds.train[0], 256, 256, on_step=steps.append)
+    buffer = ReplayBuffer(cfg, 100_000)
+    buffer.add_steps(steps, sim.world)
+    return buffer, sim.world
+
+
+def bench_agent(
+    cfg: Config,
+    world: World,
+    buffer: ReplayBuffer,
+    generator: torch.Generator,
+    algo: str,
+    actor_start: int,
+    compiled: bool,
+) -> CascadeAgent:
+    """An agent that takes ``algo``'s update with its actor step in every update from ``actor_start`` on
+    (``policy_delay=1``), its tables stepped by row-wise Adagrad in this process, its inputs standardised on the
+    replay's first 4,096 samples."""
+    device = torch.device(cfg.device)
+    algo_cfg = cfg.model_copy(
+        update={
+            "algo": cfg.algo.model_copy(update={"name": algo, "policy_delay": 1, "actor_start": actor_start}),
+            "train": cfg.train.model_copy(update={"compile": compiled}),
+        }
+    )
+    agent = CascadeAgent(
+        algo_cfg,
+        world.n_users,
+        world.n_items,
+        world.n_categories,
+        torch.full((1, sum(cfg.cascade.action_dims)), 0.5),
+        embedding_lr=cfg.train.embedding_lr,
+    ).to(device)
+    agent.fit_standardizers(buffer.sample(4096, generator).to(device))
+    return agent
 
 
 def bench_train(cfg: Config) -> dict[str, Any]:
@@ -44,39 +91,22 @@ def bench_train(cfg: Config) -> dict[str, Any]:
     batch sizes; JSON-able."""
     torch.manual_seed(0)
     device = torch.device(cfg.device)
-    sim = Simulator(cfg)
-    w = sim.world
+    buffer, w = bench_replay(cfg)
     rows = {"users": w.n_users, "items": w.n_items, "categories": w.n_categories}
-    cem = torch.full((1, sum(cfg.cascade.action_dims)), 0.5)
-    steps: list[Step] = []
-    policy = GaussianExploration(WeightPolicy(cem.to(device), cfg.cascade), cfg.algo.exploration_std, seed=1)
-    rollout(sim, policy, cfg.seeds.train[0], 256, 256, on_step=steps.append)
-    buffer = ReplayBuffer(cfg, 100_000)
-    buffer.add_steps(steps, w)
     generator = torch.Generator().manual_seed(0)
     repeats = cfg.bench.repeats
     ebc = EmbeddingBagCollection(
         tables=embedding_tables("bench", SPARSE_FEATURES, rows, cfg.algo.embedding_dim), device=device
     )
-    agents = {}
-    for name, algo, actor_start, compiled in (
-        ("unexrl-cic", "unexrl-cic", 0, False),
-        ("unexrl-cic-critic", "unexrl-cic", 10**9, False),
-        ("unexrl-cic-compiled", "unexrl-cic", 0, True),
-        ("unexrl-ctde", "unexrl-ctde", 0, False),
-    ):
-        algo_cfg = cfg.model_copy(
-            update={
-                "algo": cfg.algo.model_copy(
-                    update={"name": algo, "policy_delay": 1, "actor_start": actor_start}
-                ),
-                "train": cfg.train.model_copy(update={"compile": compiled}),
-            }
+    agents = {
+        name: bench_agent(cfg, w, buffer, generator, algo, actor_start, compiled)
+        for name, algo, actor_start, compiled in (
+            ("unexrl-cic", "unexrl-cic", 0, False),
+            ("unexrl-cic-critic", "unexrl-cic", 10**9, False),
+            ("unexrl-cic-compiled", "unexrl-cic", 0, True),
+            ("unexrl-ctde", "unexrl-ctde", 0, False),
         )
-        agents[name] = CascadeAgent(
-            algo_cfg, w.n_users, w.n_items, w.n_categories, cem, embedding_lr=cfg.train.embedding_lr
-        ).to(device)
-        agents[name].fit_standardizers(buffer.sample(4096, generator).to(device))
+    }
 
     per_batch = {}
     actor_steps: dict[str, list[bool]] = {name: [] for name in agents}
