@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -162,13 +163,18 @@ def test_bench_sim_json(tmp_path: Path) -> None:
     assert result["ratios"]["cascade_vs_lean_reference"] > 0
 
 
-def test_bench_train_times_the_update_it_names(tmp_path: Path) -> None:
-    """The CIC update is timed with its actor step (it once was not: actor_start exceeded the bench's updates), the
-    critic-only step without one, and every ratio the issue reads is there."""
+def _bench_train(tmp_path: Path) -> dict[str, Any]:
     out = tmp_path / "bench.json"
     sets = ["bench.repeats=2", "bench.large_batch=64", "algo.batch_size=32"]
     assert main(["bench", "train", *SMALL, *(x for s in sets for x in ("--set", s)), "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_train_times_the_update_it_names(tmp_path: Path) -> None:
+    """The CIC update is timed with its actor step (it once was not: actor_start exceeded the bench's updates), the
+    critic-only step without one, and every ratio the issue reads is there."""
+    result = _bench_train(tmp_path)
+    assert result["not_measured"] == {}
     assert result["actor_step_share"] == {
         "unexrl-cic": 1.0,
         "unexrl-cic-critic": 0.0,
@@ -184,3 +190,26 @@ def test_bench_train_times_the_update_it_names(tmp_path: Path) -> None:
         "cic_critic_step_vs_raw_ebc",
         "cic_vs_ctde",
     } <= set(result["ratios"])
+
+
+def test_without_a_cpp_compiler_compile_is_refused_up_front_and_the_bench_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No compiler for inductor (the search list points at nothing): an agent with train.compile refuses to be
+    built, naming the option, and `bench train` measures the eager candidates and says why the compiled one is
+    missing."""
+    import torch._inductor.config
+
+    from unexrl.config import load_config
+    from unexrl.rl.agent import CascadeAgent
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (str(tmp_path / "no-such-g++"),))
+    cfg = load_config(ROOT / "configs" / "small.yaml")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": True})})
+    with pytest.raises(RuntimeError, match="train.compile=true needs a C\\+\\+ compiler"):
+        CascadeAgent(cfg, 10, 100, 5, torch.full((1, sum(cfg.cascade.action_dims)), 0.5))
+    result = _bench_train(tmp_path)
+    assert set(result["not_measured"]) == {"unexrl-cic-compiled"}
+    assert set(result["transitions_per_s"]) == {"unexrl-cic", "unexrl-cic-critic", "unexrl-ctde", "raw_ebc"}
+    assert "cic_compiled_update_vs_raw_ebc" not in result["ratios"]
+    assert result["ratios"]["cic_update_vs_raw_ebc"] > 0

@@ -270,6 +270,7 @@ def test_the_compiled_update_is_the_update(small_cfg: Config, small_sim: Simulat
         generator = torch.Generator().manual_seed(0)
         agent.fit_standardizers(buffer.sample(512, generator))
         initial = copy.deepcopy(agent.state_dict())
+        torch._dynamo.reset()  # graphs compiled by earlier tests would be reused, and not counted
         torch._dynamo.utils.counters.clear()  # counts only this agent's graphs
         stats = [agent.update(buffer.sample(64, generator)) for _ in range(6)]
         agents.append((agent, stats, initial, torch._dynamo.utils.counters["stats"]["unique_graphs"]))
@@ -284,3 +285,12 @@ def test_the_compiled_update_is_the_update(small_cfg: Config, small_sim: Simulat
     assert {"critics.0.head.net.layers.0.weight", "actors.heads.2.net.4.weight"} <= set(moved)
     for (name, p), (_, q) in zip(eager.state_dict().items(), compiled.state_dict().items(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    # a copy of a compiled agent trains its own networks, not the original's
+    before = copy.deepcopy(compiled.state_dict())
+    clone = copy.deepcopy(compiled)
+    clone.update(buffer.sample(64, torch.Generator().manual_seed(1)))
+    assert all(torch.equal(p, before[name]) for name, p in compiled.state_dict().items())
+    assert not torch.equal(
+        clone.critics[0].head.net.layers[0].weight, before["critics.0.head.net.layers.0.weight"]
+    )
+    torch._dynamo.reset()

@@ -7,13 +7,14 @@
 - unexrl-cic-critic: the same update before the actors start (``actor_start`` beyond the run: the critic step and
   the target update alone), what `unexrl train` runs during its critic-only warm-up;
 - unexrl-cic-compiled: the unexrl-cic update with ``train.compile`` (its dense regions compiled by inductor); the
-  seconds its first call takes to compile are reported beside it, since a run pays them once;
+  seconds its first call takes to compile are reported beside it, since a run pays them once (without a C++
+  compiler it is left out, and ``not_measured`` says why);
 - unexrl-ctde: the unexrl-cic update with the logged downstream observations: their ratio is CIC's cost;
 - raw EBC: forward + backward of a plain TorchRec EmbeddingBagCollection with the same three tables (users, items,
   categories) on the same batch's KeyedJaggedTensor, no optimizer step: the floor an embedding-bound step is held
   against.
 
-Each is measured at ``algo.batch_size`` and at ``bench.large_batch``, the four in interleaved rounds (one call of
+Each is measured at ``algo.batch_size`` and at ``bench.large_batch``, all in interleaved rounds (one call of
 each per round, unexrl/bench/timing.py), so that the ratios compare calls made under the same load. Every update's
 output says whether it took an actor step; the share is reported, so a setting that keeps the actors still (as
 ``actor_start`` once did, unnoticed, from 2026-12-01 to 2026-12-06) shows in the result instead of flattering it.
@@ -32,7 +33,7 @@ from unexrl.bench.timing import interleaved_median_seconds
 from unexrl.config import Config
 from unexrl.evaluate.rollout import rollout
 from unexrl.policies.weights import GaussianExploration, WeightPolicy
-from unexrl.rl.agent import CascadeAgent
+from unexrl.rl.agent import CascadeAgent, require_cpp_compiler
 from unexrl.rl.networks import embedding_tables
 from unexrl.rl.observation import SPARSE_FEATURES, sparse_features
 from unexrl.rl.replay import ReplayBuffer
@@ -98,14 +99,21 @@ def bench_train(cfg: Config) -> dict[str, Any]:
     ebc = EmbeddingBagCollection(
         tables=embedding_tables("bench", SPARSE_FEATURES, rows, cfg.algo.embedding_dim), device=device
     )
+    variants = [
+        ("unexrl-cic", "unexrl-cic", 0, False),
+        ("unexrl-cic-critic", "unexrl-cic", 10**9, False),
+        ("unexrl-cic-compiled", "unexrl-cic", 0, True),
+        ("unexrl-ctde", "unexrl-ctde", 0, False),
+    ]
+    not_measured = {}
+    try:
+        require_cpp_compiler()
+    except RuntimeError as err:  # the eager candidates still say what they measure
+        not_measured["unexrl-cic-compiled"] = str(err)
     agents = {
         name: bench_agent(cfg, w, buffer, generator, algo, actor_start, compiled)
-        for name, algo, actor_start, compiled in (
-            ("unexrl-cic", "unexrl-cic", 0, False),
-            ("unexrl-cic-critic", "unexrl-cic", 10**9, False),
-            ("unexrl-cic-compiled", "unexrl-cic", 0, True),
-            ("unexrl-ctde", "unexrl-ctde", 0, False),
-        )
+        for name, algo, actor_start, compiled in variants
+        if name not in not_measured
     }
 
     per_batch = {}
@@ -114,9 +122,10 @@ def bench_train(cfg: Config) -> dict[str, Any]:
     for size in (cfg.algo.batch_size, cfg.bench.large_batch):
         batch = buffer.sample(size, generator).to(device)
         kjt = sparse_features(batch.tau).to(device)
-        start = time.perf_counter()
-        agents["unexrl-cic-compiled"].update(batch)  # compiles for this batch size
-        compile_seconds[size] = time.perf_counter() - start
+        if "unexrl-cic-compiled" in agents:
+            start = time.perf_counter()
+            agents["unexrl-cic-compiled"].update(batch)  # compiles for this batch size
+            compile_seconds[size] = time.perf_counter() - start
         candidates: dict[str, Callable[[], Any]] = {
             name: lambda agent=agent, batch=batch, steps=actor_steps[name]: steps.append(
                 "actor_loss" in agent.update(batch)
@@ -127,6 +136,17 @@ def bench_train(cfg: Config) -> dict[str, Any]:
         seconds = interleaved_median_seconds(candidates, repeats, device)
         per_batch[size] = {k: size / v for k, v in seconds.items()}
     tps = per_batch[cfg.algo.batch_size]
+    ratios = {
+        "cic_vs_ctde": tps["unexrl-cic"] / tps["unexrl-ctde"],
+        "cic_update_vs_raw_ebc": tps["unexrl-cic"] / tps["raw_ebc"],
+        "cic_critic_step_vs_raw_ebc": tps["unexrl-cic-critic"] / tps["raw_ebc"],
+        "ctde_update_vs_raw_ebc": tps["unexrl-ctde"] / tps["raw_ebc"],
+        "cic_update_vs_raw_ebc_large_batch": (
+            per_batch[cfg.bench.large_batch]["unexrl-cic"] / per_batch[cfg.bench.large_batch]["raw_ebc"]
+        ),
+    }
+    if "unexrl-cic-compiled" in tps:
+        ratios["cic_compiled_update_vs_raw_ebc"] = tps["unexrl-cic-compiled"] / tps["raw_ebc"]
     return {
         "config": cfg.name,
         "device": str(device),
@@ -140,16 +160,8 @@ def bench_train(cfg: Config) -> dict[str, Any]:
         },
         "actor_step_share": {name: sum(steps) / len(steps) for name, steps in actor_steps.items()},
         "compile_seconds": {size: round(v, 1) for size, v in compile_seconds.items()},
-        "ratios": {
-            "cic_vs_ctde": tps["unexrl-cic"] / tps["unexrl-ctde"],
-            "cic_update_vs_raw_ebc": tps["unexrl-cic"] / tps["raw_ebc"],
-            "cic_compiled_update_vs_raw_ebc": tps["unexrl-cic-compiled"] / tps["raw_ebc"],
-            "cic_critic_step_vs_raw_ebc": tps["unexrl-cic-critic"] / tps["raw_ebc"],
-            "ctde_update_vs_raw_ebc": tps["unexrl-ctde"] / tps["raw_ebc"],
-            "cic_update_vs_raw_ebc_large_batch": (
-                per_batch[cfg.bench.large_batch]["unexrl-cic"] / per_batch[cfg.bench.large_batch]["raw_ebc"]
-            ),
-        },
+        "not_measured": not_measured,
+        "ratios": ratios,
     }
 
 
@@ -167,8 +179,11 @@ def format_bench_train(result: dict[str, Any]) -> str:
         lines.append(
             f"  {name:18s} {value:12,.0f} transitions/s  (batch {result['large_batch']}: {large:12,.0f}){actors}"
         )
-    compile_seconds = ", ".join(f"{s:.0f} s at batch {b}" for b, s in result["compile_seconds"].items())
-    lines.append(f"  unexrl-cic-compiled compiled in {compile_seconds}")
+    if result["compile_seconds"]:
+        compile_seconds = ", ".join(f"{s:.0f} s at batch {b}" for b, s in result["compile_seconds"].items())
+        lines.append(f"  unexrl-cic-compiled compiled in {compile_seconds}")
+    for name, why in result["not_measured"].items():
+        lines.append(f"  {name}: not measured: {why}")
     for name, value in result["ratios"].items():
         lines.append(f"  {name:34s} {value:6.3f}")
     return "\n".join(lines)

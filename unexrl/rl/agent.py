@@ -24,7 +24,9 @@ once per update over tau_t with a graph; the critic's encoder embeds tau_{t+1} a
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +54,32 @@ from unexrl.rl.rowwise_adagrad import RowWiseAdagrad
 
 FIRST = slice(0, 1)
 """the ensemble member Q_1: what the actors ascend and the diagnostics read"""
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@functools.cache
+def _compiled(region: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile`` of one of CascadeAgent's update regions (an unbound method), made once per process and
+    called with the agent as its first argument. No agent holds a compiled function, so a copy of an agent trains
+    its own networks, and agents of the same shapes share the graphs. Static shapes: `unexrl train` samples every
+    batch at ``algo.batch_size``; another size compiles its own graph."""
+    return torch.compile(region, dynamic=False)
+
+
+def require_cpp_compiler() -> None:
+    """Fail before training starts, not at the first update, when inductor has no C++ compiler to build with."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler as err:
+        raise RuntimeError(
+            f"train.compile=true needs a C++ compiler at run time (torch.compile's inductor builds its kernels "
+            f"with one; set CXX or install g++), or train.compile=false: {err}"
+        ) from None
 
 
 def learning_stages(cfg: Config) -> list[int]:
@@ -166,12 +194,8 @@ class CascadeAgent(nn.Module):
         )
         self.build_optimizers()
         self.updates = 0
-        # the update's dense regions, compiled by inductor (train.compile) or run as written; each is its own graph,
-        # so the critic step and the actor step stay two steps in TD3's order
-        region = torch.compile if cfg.train.compile else (lambda fn: fn)
-        self._policy_actions = region(self.policy_actions)
-        self._critic_loss = region(self.critic_loss)
-        self._actor_loss = region(self.actor_loss)
+        if cfg.train.compile:
+            require_cpp_compiler()
 
     # --- optimisers ------------------------------------------------------------------------------------------
     def build_optimizers(self, wrap: Callable[[KeyedOptimizer], KeyedOptimizer] | None = None) -> None:
@@ -242,10 +266,12 @@ class CascadeAgent(nn.Module):
             next_kjt = sparse_features(batch.next_tau)
             next_embeddings = [q.encoder(next_kjt) for q in self.critics]
         with torch.set_grad_enabled(actor_step):
-            actions, summaries = self._policy_actions(batch, self.actors.embed(kjt))
+            actions, summaries = self._region(type(self).policy_actions, batch, self.actors.embed(kjt))
         centre = [x.detach() for x in actions]
 
-        critic_loss, q, y = self._critic_loss(batch, critic_embeddings, next_embeddings, centre, summaries)
+        critic_loss, q, y = self._region(
+            type(self).critic_loss, batch, critic_embeddings, next_embeddings, centre, summaries
+        )
         self.critic_optimizer.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_optimizer.step()
@@ -253,7 +279,9 @@ class CascadeAgent(nn.Module):
 
         out = {"critic_loss": float(critic_loss.detach()), "q": float(q), "target": float(y)}
         if actor_step:
-            actor_loss = self._actor_loss(batch, actions, summaries, [e.detach() for e in critic_embeddings])
+            actor_loss = self._region(
+                type(self).actor_loss, batch, actions, summaries, [e.detach() for e in critic_embeddings]
+            )
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward()
             self.actor_optimizer.step()
@@ -261,6 +289,14 @@ class CascadeAgent(nn.Module):
         if delayed_step:
             self._soft_update()
         return out
+
+    def _region(
+        self, region: Callable[Concatenate[CascadeAgent, P], R], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        """One of the update's dense regions on this agent: compiled by inductor (``train.compile``) or as written.
+        Each is its own graph, so the critic step and the actor step stay two steps in TD3's order."""
+        run = _compiled(region) if self.cfg.train.compile else region
+        return run(self, *args, **kwargs)
 
     def policy_actions(self, batch: Batch, actor_embedding: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """The current actors' actions on tau_t and every stage view's summary: through CIC, each stage acting on
