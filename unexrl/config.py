@@ -354,8 +354,9 @@ class TrainConfig(_Strict):
     compile: bool = False
     """compile the update's dense regions (the actors through CIC, the critic loss, the actor loss) with
     torch.compile: on the 2-core CPU an update is 0.5-0.85 ms (12-16%) faster, after about 13 s of compiling in a
-    fresh inductor cache (3-4 s from a warm one), so a run gains from about 20,000 updates on (docs/benchmarks.md);
-    configs/default.yaml's 5,000 do not. Needs a C++ compiler at run time (docs/training.md)"""
+    fresh inductor cache (1-4 s from a warm one), so a run gains from about 20,000 updates on (docs/benchmarks.md);
+    configs/default.yaml's 5,000 do not. Needs a C++ compiler at run time: without one the agent is refused when it
+    is built (docs/training.md)"""
 
 
 class DiagnosticsConfig(_Strict):
