@@ -7,10 +7,11 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from unexrl.config import load_config
-from unexrl.experiment import run_experiment
+from unexrl.experiment import METRICS, Run, results_markdown, run_experiment, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -77,3 +78,36 @@ def _measured(results: dict) -> dict:
         return [without_seconds(v) for v in value] if isinstance(value, list) else value
 
     return {"table": without_seconds(results["table"]), "agents_study": results["agents_study"]}
+
+
+def test_every_row_is_compared_with_cic_paired_by_session() -> None:
+    """CIC's uplift over each other row is paired by training seed and session: a 5% difference on the same sessions
+    is measured as 5% with a tight interval, though the sessions themselves vary far more than that."""
+    cfg = load_config(ROOT / "configs" / "small.yaml")
+    rng = np.random.default_rng(0)
+    sessions = {k: [rng.gamma(2.0, 500.0, size=200) for _ in range(2)] for k in range(3)}  # [seed][eval seed]
+
+    def runs(variant: str, scale: float) -> list[Run]:
+        return [
+            Run(variant, k, None, {m: [scale * v for v in sessions[k]] for m in METRICS}, [], 1.0, [[0.0]])
+            for k in sessions
+        ]
+
+    results = summarise(
+        [*runs("cem", 1.0), *runs("unexrl-ctde", 1.2), *runs("unexrl-cic", 1.26)], [], cfg, 1.0
+    )
+    table = results["table"]
+    cic_over_ctde = table["unexrl-ctde"]["cic_uplift_over_this_pct"]
+    assert cic_over_ctde["mean"] == pytest.approx(5.0)
+    assert cic_over_ctde["high"] - cic_over_ctde["low"] < 1e-6  # every replicate sees the same 5%
+    assert table["cem"]["cic_uplift_over_this_pct"]["mean"] == pytest.approx(26.0)
+    assert "cic_uplift_over_this_pct" not in table["unexrl-cic"]
+    assert "| unexrl-ctde |" in results_markdown(
+        results
+    ) and "unexrl-cic over this row (%)" in results_markdown(results)
+    # without CIC in the experiment, or on other training seeds, there is nothing to pair with
+    alone = summarise([*runs("cem", 1.0), *runs("unexrl-ctde", 1.2)], [], cfg, 1.0)
+    assert "cic_uplift_over_this_pct" not in alone["table"]["unexrl-ctde"]
+    other_seeds = [r for r in runs("unexrl-cic", 1.26) if r.seed != 0]
+    partial = summarise([*runs("unexrl-ctde", 1.2), *other_seeds], [], cfg, 1.0)
+    assert "cic_uplift_over_this_pct" not in partial["table"]["unexrl-ctde"]
