@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import FAST_TRAIN, training_set_args
 from unexrl.artifacts import load_any_policy
 from unexrl.cli import main
 from unexrl.config import Config, load_config
@@ -179,3 +181,58 @@ def test_a_weights_artifact_is_not_an_actors_artifact(
 ) -> None:
     with pytest.raises(ArtifactError, match="artifact kind 'weights', not actors"):
         load_actor_policy(cem_artifact, cfg, small_sim.world)
+
+
+def test_inputs_from_held_out_seeds_are_refused(
+    tmp_path: Path,
+    cem_artifact: Path,
+    train_logs: Path,
+    single_thread: Callable[[], AbstractContextManager[None]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Logs from a seed the config validates on, or a CEM artifact that saw a seed it evaluates on, would let model
+    selection or the reported results read sessions the policy was built from: training refuses both up front."""
+    logged = read_logs(train_logs).manifest.seeds
+    seen = read_artifact(cem_artifact).seen_seeds
+    fast = [x for o in FAST_TRAIN for x in ("--set", o)]
+    train = ["train", *SMALL, *fast, "--algo", "unexrl-ctde", "--cem", str(cem_artifact)]
+    cases = {
+        # the logs' own seed becomes the validation seed
+        f"the logs {train_logs} came from seeds {logged}, which are this config's seeds.validation": [
+            "--logs",
+            str(train_logs),
+            *training_set_args(train_logs),
+            "--set",
+            f"seeds.train=[{max(logged) + 7}]",
+            "--set",
+            f"seeds.validation=[{logged[0]}]",
+        ],
+        # a seed the CEM artifact was tuned on becomes an evaluation seed
+        f"the CEM artifact {cem_artifact} came from seeds [{seen[0]}], which are this config's seeds.evaluation": [
+            "--set",
+            f"seeds.train=[{max(seen) + 7}]",
+            "--set",
+            f"seeds.evaluation=[{seen[0]}]",
+        ],
+    }
+    for message, args in cases.items():
+        with single_thread():
+            assert main([*train, *args, "--out", str(tmp_path / "run")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run" / "export").exists()
+
+
+def test_the_export_has_seen_what_its_cem_artifact_saw(
+    tmp_path: Path, cem_artifact: Path, single_thread: Callable[[], AbstractContextManager[None]]
+) -> None:
+    """The CEM weights are the fixed stages and the actors' starting point, so the seeds they were tuned on are
+    among the export's seen_seeds (which the release evaluation refuses to evaluate on), whatever this config's
+    training seeds are."""
+    seen = set(read_artifact(cem_artifact).seen_seeds)
+    fast = [x for o in FAST_TRAIN for x in ("--set", o)]
+    args = ["train", *SMALL, *fast, "--algo", "unexrl-ctde", "--set", "seeds.train=[1500]"]
+    with single_thread():
+        assert main([*args, "--cem", str(cem_artifact), "--out", str(tmp_path / "run")]) == 0
+    manifest = read_artifact(tmp_path / "run" / "export", ActorsManifest)
+    assert 1500 not in seen and seen | {1500} <= set(manifest.seen_seeds)
+    assert manifest.fixed_stages["seen_seeds"] == sorted(seen)

@@ -7,6 +7,7 @@ types are errors that name the key, so a typo never silently falls back to a def
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -246,6 +247,19 @@ class SeedsConfig(_Strict):
         if not all(groups.values()):
             raise ValueError("seeds: train, validation and evaluation each need at least one seed")
         return self
+
+    def check_unseen(
+        self, seen: Iterable[int], what: str, purposes: tuple[str, ...] = ("validation", "evaluation")
+    ) -> None:
+        """Refuse training on ``what`` (an input whose manifest says it came from the simulator seeds ``seen``) when
+        those include one of this config's ``purposes`` seeds: model selection or the reported results would then
+        read sessions the policy was built from."""
+        for purpose in purposes:
+            if common := sorted(set(seen) & set(getattr(self, purpose))):
+                raise ValueError(
+                    f"{what} came from seeds {common}, which are this config's seeds.{purpose}: train only on "
+                    f"data from other seeds, or choose other seeds.{purpose}"
+                )
 
 
 class FeaturesConfig(_Strict):

@@ -88,7 +88,10 @@ def export_actors(
             cfg,
             algorithm=cfg.algo.name,
             files={ACTORS_FILE: sha256_file(tmp / ACTORS_FILE)},
-            data_seeds=provenance["training_data"].get("seeds", ()),
+            data_seeds=[
+                *provenance["training_data"].get("seeds", ()),
+                *provenance["fixed_stages"].get("seen_seeds", ()),
+            ],
             learning_stages=learning_stages(cfg),
             features={**feature_schema(cfg), "tables": tables},
             **provenance,

@@ -188,10 +188,15 @@ def _fixed_stage_weights(
             raise ArtifactError(
                 f"{cem}: a CEM artifact per {policy.group_by}; --cem needs global weights (group_by none)"
             )
+        manifest = read_artifact(cem)
+        # its weights become the fixed stages and the actors' starting point: what it saw, they saw. Its seen_seeds
+        # hold its own config's validation seeds whether it selected on them or not, so only evaluation is checked
+        cfg.seeds.check_unseen(manifest.seen_seeds, f"the CEM artifact {cem}", ("evaluation",))
         return policy.weights.cpu(), {
             "source": "artifact",
             "path": str(cem),
-            "sha256": read_artifact(cem).files,
+            "sha256": manifest.files,
+            "seen_seeds": manifest.seen_seeds,
         }
     weights = torch.zeros(1, sum(cfg.cascade.action_dims))
     if ctx.is_main:
