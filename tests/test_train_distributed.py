@@ -249,6 +249,14 @@ def test_a_second_run_into_the_same_directory_needs_resume(
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0  # finished: resumes at the end and exports again
     assert json.loads((tmp_path / "curve.json").read_text())["resumed_from"] == 2
+    capsys.readouterr()
+    # a resume reads the checkpoints with the run's own config: another discount would misread them
+    assert main([*args, "--set", "algo.gamma=0.9", "--resume"]) == 2
+    assert "was trained with other algo settings" in capsys.readouterr().err
+    assert (
+        main([*args, "--set", "train.updates=3", "--resume"]) == 0
+    )  # the training loop's own settings may change
+    assert json.loads((tmp_path / "curve.json").read_text())["updates"] == 3
 
 
 def test_offline_resume_is_exact(tmp_path: Path, cem_artifact: Path, train_logs: Path) -> None:

@@ -32,7 +32,7 @@ from unexrl.policies.artifact import load_policy
 from unexrl.policies.cem import tune_cem
 from unexrl.rl.policy import ActorPolicy
 from unexrl.sim.env import Simulator
-from unexrl.train.diagnose import RUN_CONFIG
+from unexrl.train.diagnose import RUN_CONFIG, check_run_config
 from unexrl.train.distributed import Context, barrier, broadcast, destroy, full_state_dict, init
 from unexrl.train.export import export_actors, probe_actions, training_data
 from unexrl.train.loop import train
@@ -90,6 +90,9 @@ def _run(
             f"{out} holds checkpoints of an earlier run: pass --resume to continue it, "
             "or choose another --out"
         )
+    if resume and (out / RUN_CONFIG).is_file():
+        # the checkpoints hold networks, knots and replay positions of that config: another would misread them
+        check_run_config(cfg, out)
     if ctx.is_main:  # what `unexrl diagnose` and a reader of the run need to know it was trained with
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / RUN_CONFIG, json.dumps(cfg.to_dict(), indent=1))
