@@ -171,6 +171,8 @@ def plot_iterations(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from unexrl.io import write_figure
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = [r["iteration"] for r in rows]
     for key, label in (
@@ -193,8 +195,7 @@ def plot_iterations(rows: list[dict[str, Any]], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure(fig, path)
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 from unexrl.config import BASELINES, Config
 from unexrl.evaluate.rollout import rollout
 from unexrl.evaluate.stats import Estimate, bootstrap_mean, bootstrap_uplift
-from unexrl.io import atomic_write_text
+from unexrl.io import atomic_write_text, write_figure
 from unexrl.policies.baselines import tune_baseline
 from unexrl.policies.weights import WeightPolicy
 from unexrl.rl.diagnostics import diagnose
@@ -519,12 +519,9 @@ def plot_results(results: dict[str, Any], out: Path) -> None:
 
 
 def _save(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure(fig, path)

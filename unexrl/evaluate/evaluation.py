@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from unexrl.evaluate.rollout import SessionOutcomes, rollout
 from unexrl.evaluate.stats import Estimate, bootstrap_mean, bootstrap_uplift
+from unexrl.io import write_figure
 from unexrl.sim.env import Policy, Simulator
 
 METRICS = {
@@ -114,8 +115,7 @@ class EvaluationReport:
         )
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        write_figure(fig, path)
 
 
 def evaluate_policies(

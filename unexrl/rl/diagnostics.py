@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from unexrl.evaluate.rollout import rollout
+from unexrl.io import write_figure
 from unexrl.rl.agent import CascadeAgent
 from unexrl.rl.cqr import duration_bucket, training_reward
 from unexrl.rl.policy import ActorPolicy
@@ -314,5 +315,4 @@ def plot_diagnostics(diag: CriticDiagnostics, names: list[str], group_names: lis
     np.atleast_1d(axes)[0].legend(fontsize=8)
     fig.suptitle(f"Critic action gradient vs the simulator's truth ({diag.updates} updates)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_figure(fig, path, dpi=110)

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from unexrl.config import Config
 from unexrl.contracts import files
 from unexrl.contracts.artifact import ArtifactError, read_artifact
 from unexrl.contracts.training import TrainingSummary
-from unexrl.io import atomic_write_text
+from unexrl.io import atomic_write_bytes, atomic_write_text
 from unexrl.policies.artifact import load_policy
 from unexrl.policies.cem import tune_cem
 from unexrl.rl.policy import ActorPolicy
@@ -145,7 +145,9 @@ def _run(
                 "validation_watch_time": result.best_score if selected is not None else final,
             },
         }
-        save_file({f"stage{i}": a.contiguous() for i, a in enumerate(final_actions)}, out / PROBE)
+        atomic_write_bytes(
+            out / PROBE, save({f"stage{i}": a.contiguous() for i, a in enumerate(final_actions)})
+        )
         export_actors(state, out / EXPORT, cfg, sim, expected, provenance)
         summary.write(out / files.CURVE)  # last and whole: it marks a finished run
         log.info(
