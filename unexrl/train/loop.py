@@ -192,7 +192,9 @@ def train(
     if ctx.distributed:
         dmp, plan = shard(agent, ctx, t.embedding_lr)
         fused, result.sharding = dmp.fused_optimizer, describe(plan)
-    torch.manual_seed(seed + ctx.rank)  # each rank its own smoothing-noise stream
+    # each rank its own global RNG stream, checkpointed with the run (our code draws from explicit generators; this
+    # keeps any library draw reproducible across a resume)
+    torch.manual_seed(seed + ctx.rank)
     generator = torch.Generator().manual_seed(seed + ctx.rank)
     knots = None
     if a.cqr:
@@ -306,10 +308,10 @@ def train(
                 _collect(sim, buffer, explore(), seed, sessions(t.sessions_per_collect))
         if checkpoints is not None and (u % t.checkpoint_every == 0 or u == t.updates):
             with timed("checkpoint"):
-                progress = Progress(
+                state = Progress(
                     u, next_session, result.curve, ctx.world_size, result.best_updates, result.best_score
                 )
-                checkpoints.save(agent, fused, knots, progress, generator, result.best_actors)
+                checkpoints.save(agent, fused, knots, state, generator, result.best_actors)
     bar.close()
     result.knots = knots
     result.transitions = buffer.size
