@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from unexrl.contracts.files import MANIFEST
 from unexrl.io import atomic_directory
@@ -38,6 +41,22 @@ def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     if is_local(uri):
         return pafs.LocalFileSystem(), uri
     return pafs.FileSystem.from_uri(uri)
+
+
+def write_parquet(table: pa.Table, uri: str | Path) -> None:
+    """``table`` as Parquet at ``uri``, whole or not at all: locally through a temporary sibling and one rename; an
+    object store makes an object visible only once its upload completes."""
+    fs, path = filesystem(uri)
+    if not is_local(uri):
+        pq.write_table(table, path, filesystem=fs, compression="zstd")
+        return
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager

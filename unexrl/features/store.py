@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from unexrl.bundle import FEATURE_REPO, feature_repo_template
 from unexrl.config import Config
@@ -25,7 +24,7 @@ from unexrl.data import read_logs
 from unexrl.environ import environ
 from unexrl.features import schema as fs
 from unexrl.features.build import read_manifest
-from unexrl.features.storage import filesystem, join, local_directory, normalize
+from unexrl.features.storage import join, local_directory, normalize, write_parquet
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -206,8 +205,7 @@ def training_set(cfg: Config, logs: str | Path, out: str | Path | None = None) -
             f"training set has {table.num_rows} rows for {data.transitions.num_rows} logged requests"
         )
     target = normalize(out) if out is not None else join(logs, TRAINING_SET_FILE)
-    fsys, path = filesystem(target)
-    pq.write_table(table, path, filesystem=fsys, compression="zstd")
+    write_parquet(table, target)
     return target, table
 
 
