@@ -438,7 +438,10 @@ def test_client_degrades_when_the_store_is_missing(cfg: Config, tmp_path: Path) 
     from unexrl.features.client import FeatureClient
 
     before = _fallbacks("unreachable")
-    got = FeatureClient(_with_features(cfg, repo=str(tmp_path / "no-repo"))).fetch(1, [1, 2, 3])
+    client = FeatureClient(_with_features(cfg, repo=str(tmp_path / "no-repo")))
+    client.warm_up()  # serves no one: no fallback counted
+    assert _fallbacks("unreachable") == before
+    got = client.fetch(1, [1, 2, 3])
     assert got.degraded and got.user["user_profile__activity_group"] == -1
     assert got.items["item_stats__quality_estimate"] == [0.5] * 3
     assert _fallbacks("unreachable") - before == 1 + 3  # the user and the three candidates

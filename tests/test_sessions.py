@@ -1,10 +1,18 @@
 """The session store: the process's and Redis's behave alike (a page claimed once, ended sessions void, malformed
-records ignored), and a Redis that cannot be reached is one named error."""
+records ignored), and a Redis that cannot be reached is one named error; the engine's use of it (every page of a
+session counts, a stored page is checked before it is used)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
 import pytest
 
+from unexrl.config import Config
+from unexrl.serve.api import FeedbackItem
+from unexrl.serve.engine import Recommender, UnknownRequest
 from unexrl.serve.sessions import (
     KEY_PREFIX,
     LocalSessions,
@@ -72,3 +80,66 @@ def test_the_environment_selects_the_store() -> None:
     }
     with pytest.raises(ValueError, match="host:port"):
         _redis_options("no-port")
+
+
+def test_a_redis_record_of_the_wrong_types_is_treated_as_absent(redis_address: str) -> None:
+    """A record that parses as JSON but not as the declared types (written by anything that can reach the store) is
+    ignored like unparsable JSON, not passed on to fail inside a request."""
+    import redis
+
+    store = RedisSessions(redis_address)
+    state = SessionState(session_id=5, user_id=3, history=[1])
+    host, port = redis_address.split(":")
+    raw = redis.Redis(host=host, port=int(port))
+    for name, value in (
+        ("served_at", "now"),
+        ("items", "abc"),
+        ("session", {**asdict(state), "history": ["a"]}),
+    ):
+        raw.set(f"{KEY_PREFIX}page:typed", json.dumps(asdict(_page("typed", state)) | {name: value}))
+        assert store.page("typed") is None, name
+    raw.set(f"{KEY_PREFIX}session:5", json.dumps(asdict(state) | {"step": "3"}))
+    assert store.session(5) is None
+
+
+@pytest.fixture(scope="module")
+def engine(cem_artifact: Path, small_cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> Recommender:
+    """The serving engine in this process with the process's session store; no feature store (defaults)."""
+    missing = str(tmp_path_factory.mktemp("engine") / "no-feature-store")
+    cfg = small_cfg.model_copy(update={"features": small_cfg.features.model_copy(update={"repo": missing})})
+    return Recommender(cfg, cem_artifact, sessions=LocalSessions())
+
+
+def test_every_page_of_a_session_counts_in_it(engine: Recommender) -> None:
+    """A client that asks for the next page before giving the first page's feedback (prefetching): both pages
+    belong to the session, and each feedback adds to the session as it is then, not as it was at serving."""
+    first = engine.recommend(7)
+    second = engine.recommend(7, first.session.session_id)
+    assert second.session.session_id == first.session.session_id and second.session.step == 0
+    engine.feedback(
+        first.request_id,
+        first.session.session_id,
+        [FeedbackItem(item_id=first.items[0], watch_time_s=1.0)],
+        False,
+    )
+    result = engine.feedback(
+        second.request_id,
+        first.session.session_id,
+        [FeedbackItem(item_id=second.items[0], watch_time_s=2.0)],
+        False,
+    )
+    assert (result.session.step, result.session.items_watched, result.session.watch_time_s) == (2, 2, 3.0)
+    assert result.session.history[-2:] == [first.items[0], second.items[0]]
+
+
+def test_a_stored_page_outside_the_catalogue_is_an_unknown_page(engine: Recommender) -> None:
+    """A pending page whose items are not in the catalogue (the store's record was altered) is refused as unknown,
+    not indexed into the item table."""
+    page = engine.recommend(8)
+    bad = engine.sessions.page(page.request_id)
+    assert bad is not None
+    engine.sessions.add_page(replace(bad, items=[10**9, *bad.items[1:]]))
+    with pytest.raises(UnknownRequest, match="request_id"):
+        engine.feedback(
+            page.request_id, page.session.session_id, [FeedbackItem(item_id=10**9, watch_time_s=1.0)], False
+        )

@@ -101,6 +101,11 @@ class FeatureClient:
             user={k: v[0] for k, v in user.items()}, items=items, cold_start=cold, degraded=unreachable > 0
         )
 
+    def warm_up(self) -> None:
+        """Import Feast, open the store and read one user row now, not in the first request; counts no fallback
+        (no one was served)."""
+        self._guarded(lambda: self._read_user(0, fs.SERVICES[fs.USER_SERVING_SERVICE]))
+
     @staticmethod
     def _guarded(read: Callable[[], T]) -> T | None:
         """``read()``, or None (logged) when the store cannot be opened or read."""

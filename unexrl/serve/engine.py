@@ -175,7 +175,7 @@ class Recommender:
         self.n_users = self.sim.world.n_users
         with_anonymous_user(self.sim)
         self.features = features if features is not None else FeatureClient(cfg)
-        self.features.fetch(0, [])  # warm up: import Feast and open the store now, not in the first request
+        self.features.warm_up()
         self.role = role
         self.seed = cfg.seeds.world
         self.stage_names = [s.name for s in cfg.cascade.stages]
@@ -202,6 +202,8 @@ class Recommender:
         online = self.features.fetch(user_id, [], session=session_id is not None)
         fetched = time.perf_counter()
         session = self._session(user_id, session_id, online)
+        if session_id is None:  # issued now: the client may ask for its next page before any feedback
+            self.sessions.save(session)
         batch = self._batch(user_id if known else -1, session)
         obs = self.sim.observe(batch, pool, user_features=served_inputs(online.user, self.cfg))
         group = int(online.user.get(f"{fs.USER_PROFILE.name}__activity_group", -1))
@@ -262,6 +264,8 @@ class Recommender:
             return SessionState(
                 session_id=1 + secrets.randbelow(SESSION_ID_MAX), user_id=user_id, history=history
             )
+        if self.sessions.ended(requested):  # whatever the feature store's row still says
+            raise _unknown_session(requested, user_id)
         cached = self.sessions.session(requested)
         if cached is not None and cached.user_id == user_id:
             return replace(cached, history=list(cached.history))
@@ -275,10 +279,7 @@ class Recommender:
                 last_watch_fraction=float(u[f"{fs.USER_SESSION.name}__last_watch_fraction"]),
                 history=history,
             )
-        m.FEEDBACK_REJECTED.labels("unknown_session").inc()
-        raise UnknownRequest(
-            f"context.session_id: {requested} is not an open session of user {user_id}; omit it to start one"
-        )
+        raise _unknown_session(requested, user_id)
 
     def _batch(self, user: int, s: SessionState) -> SessionBatch:
         window = self.cfg.session.history_window
@@ -345,17 +346,14 @@ class Recommender:
     ) -> FeedbackResult:
         duration = self.sim.world.item_duration
         page = self.sessions.page(request_id)
-        known = (
-            page is not None and page.session.session_id == session_id and not self.sessions.ended(session_id)
-        )
-        if known:
-            _check_items(page, items, duration)  # type: ignore[arg-type]
-        if page is None or not known or not self.sessions.claim(request_id):
-            m.FEEDBACK_REJECTED.labels("unknown_request").inc()
-            raise UnknownRequest(
-                f"request_id: {request_id!r} is not a page served in session {session_id}, "
-                "or its feedback was already received"
-            )
+        if page is not None and not all(0 <= i < len(duration) for i in page.items):
+            log.warning("session store: ignoring page %r, whose items are not in the catalogue", request_id)
+            page = None
+        if page is None or page.session.session_id != session_id or self.sessions.ended(session_id):
+            raise _unknown_page(request_id, session_id)
+        _check_items(page, items, duration)
+        if not self.sessions.claim(request_id):
+            raise _unknown_page(request_id, session_id)
         v = self.version
         m.FEEDBACK_LAG.labels(v).observe(max(time.time() - page.served_at, 0.0))
         watched = {it.item_id: it.watch_time_s for it in items}
@@ -363,7 +361,9 @@ class Recommender:
         fractions = [watched[i] / float(duration[i]) for i in viewed]
         for i in viewed:
             m.ITEM_WATCH_TIME.labels(v).observe(watched[i])
-        before = page.session
+        # the session as it is now: another page of it may have had its feedback since this one was served
+        current = self.sessions.session(session_id)
+        before = current if current is not None and current.user_id == page.user_id else page.session
         after = replace(
             before,
             step=before.step + 1,
@@ -393,6 +393,13 @@ class Recommender:
                 after.last_watch_fraction,
             )
         return FeedbackResult(session=after, ended=ended, pushed=pushed)
+
+
+def _unknown_session(session_id: int, user_id: int) -> UnknownRequest:
+    m.FEEDBACK_REJECTED.labels("unknown_session").inc()
+    return UnknownRequest(
+        f"context.session_id: {session_id} is not an open session of user {user_id}; omit it to start one"
+    )
 
 
 def _unknown_page(request_id: str, session_id: int) -> UnknownRequest:

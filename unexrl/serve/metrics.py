@@ -104,7 +104,8 @@ FEEDBACK_LAG = Histogram(
 )
 FEEDBACK_REJECTED = Counter(
     "unexrl_feedback_rejected_total",
-    "Feedback refused with a 4xx, by reason",
+    "Feedback refused (unknown_request, invalid) and requests naming a session that is not the user's open one "
+    "(unknown_session), by reason",
     ["reason"],
 )
 SHADOW_OVERLAP = Histogram(

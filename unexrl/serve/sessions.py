@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from pydantic import TypeAdapter
+
 from unexrl.features.schema import SESSION_TTL_S
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,13 @@ class Page:
 
     @staticmethod
     def from_json(text: str | bytes) -> Page:
-        d = json.loads(text)
-        return Page(**(d | {"session": SessionState(**d["session"])}))
+        """Parse a stored page, every field of its declared type (pydantic's strict mode): a record that says
+        otherwise raises a ValueError, and the store treats it as absent."""
+        return _PAGE.validate_json(text, strict=True)
+
+
+_PAGE = TypeAdapter(Page)
+_SESSION = TypeAdapter(SessionState)
 
 
 class SessionStoreUnavailable(RuntimeError):
@@ -152,7 +159,7 @@ class RedisSessions:
 
     def session(self, session_id: int) -> SessionState | None:
         raw = self._call("get", _key("session", session_id))
-        return _parsed(raw, lambda text: SessionState(**json.loads(text)), f"session {session_id}")
+        return _parsed(raw, lambda text: _SESSION.validate_json(text, strict=True), f"session {session_id}")
 
     def save(self, state: SessionState) -> None:
         self._call("set", _key("session", state.session_id), json.dumps(asdict(state)), ex=int(SESSION_TTL_S))
