@@ -25,6 +25,7 @@ from unexrl.config import ALGOS, Config
 from unexrl.contracts.artifact import read_artifact
 from unexrl.rl.actors import ActorsManifest, load_actor_policy
 from unexrl.sim.env import Simulator
+from unexrl.train.checkpoint import resumed_session_index
 from unexrl.train.export import probe_actions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,6 +191,16 @@ def test_killed_rank_resumes_to_the_same_update_count(tmp_path: Path, cem_artifa
     assert all(math.isfinite(v) and v > 0 for v in watch)
     assert 0.1 < watch[-1] / watch[0] < 10, watch  # comparable: the resumed run did not blow up or collapse
     assert read_artifact(run / "export", ActorsManifest).training["resumed_from"] == killed_at
+
+
+def test_a_resume_at_another_world_size_reuses_no_session_id() -> None:
+    """Session ids are index * world_size + rank: a run resumed on fewer or more ranks starts past every id the
+    saved ranks used, and skips less than one round of ids."""
+    for n, saved, now in ((100, 4, 1), (7, 2, 3), (0, 2, 1), (5, 1, 2), (9, 3, 3)):
+        used = {k * saved + r for k in range(n) for r in range(saved)}
+        start = resumed_session_index(n, saved, now)
+        new = {k * now + r for k in range(start, start + 50) for r in range(now)}
+        assert not used & new and start * now < n * saved + now, (n, saved, now)
 
 
 @pytest.mark.parametrize("algo", ALGOS)

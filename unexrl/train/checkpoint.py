@@ -26,7 +26,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,12 @@ class Progress:
     best_updates: int | None = None
     """the update count of the best validation point so far (its actors: BEST_ACTORS)"""
     best_score: float | None = None
+
+
+def resumed_session_index(next_session: int, saved_world_size: int, world_size: int) -> int:
+    """The first local session index of a run resumed at another world size. Session ids are index * world_size +
+    rank, so the saved ranks used every id below next_session * saved_world_size: start past all of them."""
+    return -(-next_session * saved_world_size // world_size)
 
 
 def _state(agent: CascadeAgent, fused: KeyedOptimizer | None, knots: Tensor | None) -> dict[str, Any]:
@@ -200,6 +206,12 @@ class Checkpoints:
             )
             torch.manual_seed(progress.updates * 1000 + self.ctx.rank)
             generator.manual_seed(progress.updates * 1000 + self.ctx.rank)
+            progress = replace(
+                progress,
+                next_session=resumed_session_index(
+                    progress.next_session, progress.world_size, self.ctx.world_size
+                ),
+            )
         log.info("resumed from %s updates=%d", path, progress.updates)
         return progress
 
