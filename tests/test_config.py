@@ -46,6 +46,7 @@ def test_overrides_keep_types_and_reach_lists() -> None:
         ("cascade.stages.0.heads=[affinity, bogus]", "cascade.stages.0.heads"),
         ("cascade.stages.1.keep=400", "cascade.stages.1.keep"),
         ("seeds.evaluation=[1000]", "seeds.train and seeds.evaluation"),
+        ("seeds.evaluation=[3000, 3001, 3000]", "seeds.evaluation [3000, 3001, 3000] names a seed twice"),
     ],
 )
 def test_bad_values_name_the_key(override: str, names: str) -> None:

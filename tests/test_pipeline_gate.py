@@ -120,6 +120,7 @@ def _broken(path: str, value: Any) -> dict[str, Any]:
         ("actions.0.nonfinite", -1, "actions.0.nonfinite: Input should be greater than or equal to 0"),
         ("action_bounds", [1.0, -1.0], "Value error, action_bounds [1.0, -1.0]: low must be below high"),
         ("seeds", [], "seeds: List should have at least 1 item"),
+        ("seeds", [3000, 3000], "seeds: [3000, 3000] names a seed twice"),
         ("candidate_seen_seeds", [1000, 2001], "seeds: [2001] are in candidate_seen_seeds"),
         ("incumbent.name", "greedy", "incumbent.name: Input should be 'incumbent' or 'cem'"),
         ("policies.cem", KeyError, "policies: ['cem'] missing"),

@@ -246,6 +246,13 @@ class SeedsConfig(_Strict):
                     raise ValueError(f"seeds.{a} and seeds.{b} share {sorted(common)}: keep them apart")
         if not all(groups.values()):
             raise ValueError("seeds: train, validation and evaluation each need at least one seed")
+        for name in names:
+            listed = getattr(self, name)
+            if len(set(listed)) != len(listed):
+                raise ValueError(
+                    f"seeds.{name} {list(listed)} names a seed twice: a repeated seed repeats the same sessions, "
+                    "and the bootstrap over seeds would count them as independent"
+                )
         return self
 
     def check_unseen(

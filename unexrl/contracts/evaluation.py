@@ -101,6 +101,8 @@ class EvaluationSummary(Contract):
         low, high = self.action_bounds
         if not low < high:
             raise ValueError(f"action_bounds [{low}, {high}]: low must be below high")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: {self.seeds} names a seed twice; each evaluation seed counts once")
         if set(self.seeds) & set(self.candidate_seen_seeds):
             raise ValueError(
                 f"seeds: {sorted(set(self.seeds) & set(self.candidate_seen_seeds))} are in candidate_seen_seeds; "

@@ -127,6 +127,8 @@ def evaluate_release(
     from unexrl.evaluate.stats import bootstrap_uplift
 
     seeds = [int(s) for s in seeds] if seeds else list(cfg.seeds.evaluation)
+    if len(set(seeds)) != len(seeds):  # before any rollout; the summary refuses it as well
+        raise ValueError(f"evaluation seeds {seeds} name a seed twice; each evaluation seed counts once")
 
     # held out from what each policy saw, as its manifest records it (the evaluation config may say otherwise)
     def held_out(used: set[int], whose: str) -> set[int]:
