@@ -49,3 +49,13 @@ def test_a_registry_record_cannot_point_outside_the_registry(tmp_path: Path, ver
     (tmp_path / "environments" / "staging.json").write_text(json.dumps(record))
     with pytest.raises(ContractError, match="model_version: String should match pattern"):
         registry.incumbent(tmp_path, "staging")
+
+
+@pytest.mark.parametrize("environment", ["../staging", "Staging", "prod_eu", ""])
+def test_an_environment_outside_the_release_grammar_is_refused_before_any_read(
+    tmp_path: Path, environment: str
+) -> None:
+    """The registry reads <registry>/environments/<environment>.json: a name the release record would refuse (or one
+    that leaves the folder) is refused before the incumbent is looked up or a deployment recorded."""
+    with pytest.raises(ValueError, match="does not match"):
+        registry.deployed(tmp_path, environment)

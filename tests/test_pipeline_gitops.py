@@ -100,6 +100,9 @@ def test_deploy_refuses_missing_overlay_or_image(tmp_path: Path) -> None:
         deploy(str(repo), environment="staging", model_version="m", image_tag="has space", branch="main")
     with pytest.raises(GitOpsError, match="not starting with '-'"):  # never an option to git
         deploy(str(repo), environment="staging", model_version="m", image_tag="t", branch="-f")
+    # a name git would take but the release record would not: refused before the push, not after it
+    with pytest.raises(GitOpsError, match="environment 'Prod_eu': does not match"):
+        deploy(str(repo), environment="Prod_eu", model_version="m", image_tag="t", branch="main")
     assert len(git(repo, "log", "--oneline", "main").splitlines()) == 1  # nothing was pushed
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
+from unexrl.contracts.release import ENVIRONMENT
 from unexrl.io import atomic_write_text
 
 IMAGE_NAME = "unexrl-serving"
@@ -61,11 +62,13 @@ def deploy(
         raise GitOpsError(
             "no GitOps repository given (the pipeline parameter gitops_repo): nowhere to deploy"
         )
-    for name, value in (("environment", environment), ("branch", branch)):
-        if not value or not _REF.match(value) or ".." in value or value.startswith("-"):
-            raise GitOpsError(
-                f"{name} {value!r}: expected a plain name ([A-Za-z0-9._/-], no '..', not starting with '-')"
-            )
+    if not re.fullmatch(ENVIRONMENT, environment):
+        # checked before anything is pushed: the release record refuses any other name after the commit
+        raise GitOpsError(f"environment {environment!r}: does not match {ENVIRONMENT}")
+    if not branch or not _REF.match(branch) or ".." in branch or branch.startswith("-"):
+        raise GitOpsError(
+            f"branch {branch!r}: expected a plain name ([A-Za-z0-9._/-], no '..', not starting with '-')"
+        )
     for name, value, grammar in (
         ("model_version", model_version, MODEL_VERSION),
         ("image_tag", image_tag, IMAGE_TAG),

@@ -10,16 +10,21 @@ registry records it so the pipeline can resolve the incumbent without a cluster 
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 from unexrl.contracts import files
 from unexrl.contracts.artifact import read_artifact
-from unexrl.contracts.release import ReleaseRecord
+from unexrl.contracts.release import ENVIRONMENT, ReleaseRecord
 from unexrl.io import atomic_directory
 
 
 def _record_path(root: Path, environment: str) -> Path:
+    """Where ``environment``'s release record lives; a name outside the release contract's grammar is refused here,
+    before a run reads an incumbent or deploys under it."""
+    if not re.fullmatch(ENVIRONMENT, environment):
+        raise ValueError(f"environment {environment!r}: does not match {ENVIRONMENT}")
     return Path(root) / "environments" / f"{environment}.json"
 
 
