@@ -469,7 +469,15 @@ def test_staging_and_prod_serve_only_signed_artifacts(env):
 
 @pytest.mark.parametrize("env", ENVS)
 def test_training_runtime_targets_gpus_with_nccl(env):
-    rt = one(render(f"overlays/{env}/platform"), "TrainingRuntime", "unexrl-torchrec")
+    from unexrl.pipeline.launcher import TRAINING_RUNTIME
+
+    # the runtime the pipeline's TrainJobs name is this one, with the job and container their overrides target
+    rt = one(render(f"overlays/{env}/platform"), "TrainingRuntime", TRAINING_RUNTIME)
+    (job,) = rt["spec"]["template"]["spec"]["replicatedJobs"]
+    assert (
+        job["name"] == "node"
+        and job["template"]["spec"]["template"]["spec"]["containers"][0]["name"] == "node"
+    )
     assert rt["spec"]["mlPolicy"]["torch"]
     (spec,) = pod_specs(rt)
     (c,) = spec["containers"]

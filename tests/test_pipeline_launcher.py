@@ -55,7 +55,12 @@ def test_trainjob_manifest() -> None:
     m = render("trainjob", spec())
     assert (m["apiVersion"], m["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
     t = m["spec"]["trainer"]
-    assert m["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    # the project's own runtime (k8s/base/training), not Kubeflow's default: its pods are the hardened ones
+    assert m["spec"]["runtimeRef"] == {
+        "name": "unexrl-torchrec",
+        "kind": "TrainingRuntime",
+        "apiGroup": "trainer.kubeflow.org",
+    }
     assert (t["numNodes"], t["numProcPerNode"], t["resourcesPerNode"]["limits"]) == (
         3,
         8,

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 JOB_KINDS = ("trainjob", "pytorchjob")
 TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
 PYTORCHJOB = ("kubeflow.org", "v1", "pytorchjobs")
+TRAINING_RUNTIME = "unexrl-torchrec"
+"""the TrainingRuntime a TrainJob runs on: k8s/base/training/trainingruntime.yaml, in the job's namespace (its pods
+carry the trainers' NetworkPolicy label, service account, non-root security context and signing key)"""
 
 
 class TrainingFailed(RuntimeError):
@@ -151,8 +154,8 @@ def _volume(spec: JobSpec) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def render_trainjob(spec: JobSpec) -> dict[str, Any]:
-    """A TrainJob on the ``torch-distributed`` ClusterTrainingRuntime: the runtime runs torchrun on every node
-    with numProcPerNode processes and sets the rendezvous; we add image, command, GPUs and placement."""
+    """A TrainJob on our TrainingRuntime (``TRAINING_RUNTIME``): the runtime runs torchrun on every node with
+    numProcPerNode processes and sets the rendezvous; we add image, command, GPUs and placement."""
     volume, mount = _volume(spec)
     return {
         "apiVersion": f"{TRAINJOB[0]}/{TRAINJOB[1]}",
@@ -164,8 +167,8 @@ def render_trainjob(spec: JobSpec) -> dict[str, Any]:
         },
         "spec": {
             "runtimeRef": {
-                "name": "torch-distributed",
-                "kind": "ClusterTrainingRuntime",
+                "name": TRAINING_RUNTIME,
+                "kind": "TrainingRuntime",
                 "apiGroup": TRAINJOB[0],
             },
             "trainer": {
