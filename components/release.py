@@ -54,6 +54,7 @@ def evaluate(
     from pathlib import Path
 
     from unexrl.contracts import files
+    from unexrl.io import atomic_write_text
     from unexrl.pipeline import steps
 
     summary = steps.evaluate(
@@ -66,7 +67,7 @@ def evaluate(
     )
     for name, value in steps.evaluation_metrics(summary).items():
         metrics.log_metric(name, value)
-    Path(report.path).write_text((Path(evaluation.path) / files.REPORT).read_text())
+    atomic_write_text(Path(report.path), (Path(evaluation.path) / files.REPORT).read_text())
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

@@ -269,11 +269,15 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             params[name] = value
     if args.iterations > 1:
+        if "log_seed" in params:
+            parser.error("--param log_seed with --iterations: each iteration logs on its own training seed")
         rows = run_iterations(args.config, args.out, args.iterations, args.overrides, **params)
         print(f"\n{args.iterations} iterations ({args.out / 'iterations.md'}):\n" + iterations_markdown(rows))
         return 0
+    from unexrl.io import atomic_write_text
+
     result = run_local(args.config, args.out, args.overrides, **params)
-    (args.out / "pipeline.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(args.out / "pipeline.json", json.dumps(result, indent=2))
     print("\n".join(summary_lines(result)))
     return 0
 

@@ -3,6 +3,8 @@ tests/test_pipeline_e2e.py's)."""
 
 from pathlib import Path
 
+import pytest
+
 from pipelines.local import iterations_markdown, plot_iterations
 
 
@@ -40,3 +42,14 @@ def test_iterations_table_and_plot(tmp_path: Path) -> None:
     assert " refuse " in table[3] and " - " in table[3]
     plot_iterations(rows, tmp_path / "iterations.png")
     assert (tmp_path / "iterations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_iterations_refuse_a_fixed_log_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each iteration of the loop logs on its own training seed (the table records which): a --param log_seed
+    would silently override all of them."""
+    from pipelines.local import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--iterations", "2", "--param", "log_seed=1000", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "log_seed" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran

@@ -42,7 +42,7 @@ def resolve_config(config: str, config_overrides: list[str] | tuple[str, ...] = 
 def write_config(cfg: Config, path: Path) -> Path:
     """The resolved config as YAML (what a subprocess or a remote job is started with)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
     return path
 
 
