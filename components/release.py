@@ -112,7 +112,8 @@ def package(model: Input[Model], decision: Input[Artifact], bentoml_home: str, b
         model: The policy the gate passed.
         decision: The gate's decision (it names the candidate it passed by the sha256 of its manifest).
         bentoml_home: BentoML store to build into (empty: BENTOML_HOME or BentoML's default).
-        bento: bento.json: the bento and model tags, the model version and the image tag.
+        bento: bento.json (the bento and model tags, the model version, the image tag, the archive's sha256) and
+            unexrl-serving.bento, the Bento exported from the step's store for CI to import and containerize.
     """
     from pathlib import Path
 

@@ -3,15 +3,19 @@ the typed signature, the artifact paths and metadata, and the call into unexrl.p
 
 import json
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from kfp.dsl import Artifact, Dataset, Markdown, Metrics, Model
 
 import components as c
+from unexrl.contracts import files
 from unexrl.contracts.artifact import ArtifactError
 from unexrl.contracts.evaluation import GateDecision
+from unexrl.contracts.release import BentoRecord
 from unexrl.data import LogValidationError
 from unexrl.features import schema as fs
 from unexrl.features.training_set import TrainingSetMismatch, verify_training_set
@@ -195,6 +199,12 @@ def test_gate_package_deploy(chain: dict, tmp_path: Path) -> None:
         bento=bento,
     )
     assert bento.metadata["bento_tag"].startswith("unexrl-serving:") and bento.metadata["image_tag"]
+    # the Bento leaves the step's own store as an archive CI can import: the Bento it names, hashed in the record
+    archive = Path(bento.path) / files.BENTO_ARCHIVE
+    assert sha256_file(archive) == BentoRecord.read(Path(bento.path) / files.BENTO).archive_sha256
+    with tarfile.open(archive) as tar:
+        described = yaml.safe_load(tar.extractfile("./bento.yaml").read())  # type: ignore[union-attr]
+    assert f"{described['name']}:{described['version']}" == bento.metadata["bento_tag"]
     tree = tmp_path / "k8s" / "overlays" / ENV
     tree.mkdir(parents=True)
     (tree / "kustomization.yaml").write_text("images:\n  - name: unexrl-serving\n    newTag: old\n")

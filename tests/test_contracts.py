@@ -21,6 +21,7 @@ def test_write_is_atomic_and_returns_the_files_sha256(tmp_path: Path) -> None:
         model_version="v1",
         image_tag="abc",
         bentoml_home="",
+        archive_sha256="0" * 64,
     )
     digest = record.write(tmp_path / "bento.json")
     assert digest == hashlib.sha256((tmp_path / "bento.json").read_bytes()).hexdigest()

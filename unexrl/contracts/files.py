@@ -12,6 +12,8 @@ EVALUATION_PLOT = "evaluation.png"
 CURVE = "curve.json"
 """a training run's validation curve and timings"""
 BENTO = "bento.json"
+BENTO_ARCHIVE = "unexrl-serving.bento"
+"""the built Bento, exported beside bento.json: what CI imports and containerizes (`bentoml import`)"""
 """what package built (unexrl.contracts.release.BentoRecord)"""
 
 USERS = "users.parquet"

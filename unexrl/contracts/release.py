@@ -28,6 +28,9 @@ class BentoRecord(Contract):
     """the serving image's tag: the Bento's version"""
     bentoml_home: str
     """the BentoML store it was built into (empty: BentoML's default)"""
+    archive_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """sha256 of the Bento exported beside this record (files.BENTO_ARCHIVE): the store above is the package step's
+    own, so the archive is how the Bento leaves it"""
 
 
 class ReleaseRecord(Contract):

@@ -45,12 +45,18 @@ def package(
     # read when bentoml is first imported: a component process imports it here, first
     with environ({"BENTOML_HOME": home} if home else {}):
         info = build_bento(Path(artifact), model_name=model_name)
+        import bentoml
+
+        archive = Path(out) / files.BENTO_ARCHIVE
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        bentoml.export_bento(info.bento_tag, str(archive))
     record = BentoRecord(
         bento_tag=info.bento_tag,
         model_tag=info.model_tag,
         model_version=info.model_version,
         image_tag=info.bento_tag.split(":", 1)[1],
         bentoml_home=home,
+        archive_sha256=sha256_file(archive),
     )
     record.write(Path(out) / files.BENTO)
     return record
