@@ -194,6 +194,7 @@ def test_inputs_from_held_out_seeds_are_refused(
     selection or the reported results read sessions the policy was built from: training refuses both up front."""
     logged = read_logs(train_logs).manifest.seeds
     seen = read_artifact(cem_artifact).seen_seeds
+    tuned = read_artifact(cem_artifact).trained_config().seeds.train
     fast = [x for o in FAST_TRAIN for x in ("--set", o)]
     train = ["train", *SMALL, *fast, "--algo", "unexrl-ctde", "--cem", str(cem_artifact)]
     cases = {
@@ -207,7 +208,14 @@ def test_inputs_from_held_out_seeds_are_refused(
             "--set",
             f"seeds.validation=[{logged[0]}]",
         ],
-        # a seed the CEM artifact was tuned on becomes an evaluation seed
+        # a seed the CEM artifact was tuned on becomes the validation seed
+        f"the CEM artifact {cem_artifact} came from seeds [{tuned[0]}], which are this config's seeds.validation": [
+            "--set",
+            f"seeds.train=[{max(seen) + 7}]",
+            "--set",
+            f"seeds.validation=[{tuned[0]}]",
+        ],
+        # a seed the CEM artifact saw becomes an evaluation seed
         f"the CEM artifact {cem_artifact} came from seeds [{seen[0]}], which are this config's seeds.evaluation": [
             "--set",
             f"seeds.train=[{max(seen) + 7}]",

@@ -264,10 +264,10 @@ def test_a_second_run_into_the_same_directory_needs_resume(
     # a resume reads the checkpoints with the run's own config: another discount would misread them
     assert main([*args, "--set", "algo.gamma=0.9", "--resume"]) == 2
     assert "was trained with other algo settings" in capsys.readouterr().err
-    assert (
-        main([*args, "--set", "train.updates=3", "--resume"]) == 0
-    )  # the training loop's own settings may change
+    # the training loop's own settings may change, and where the feature store is
+    assert main([*args, "--set", "train.updates=3", "--resume"]) == 0
     assert json.loads((tmp_path / "curve.json").read_text())["updates"] == 3
+    assert main([*args, "--set", "features.repo=elsewhere", "--set", "train.updates=3", "--resume"]) == 0
 
 
 def test_offline_resume_is_exact(tmp_path: Path, cem_artifact: Path, train_logs: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +33,13 @@ RUN_CONFIG = "config.json"
 """the resolved config a run was trained with, written by `unexrl train` before it starts"""
 TRAINED_WITH = ("world", "cascade", "session", "algo", "features", "seeds")
 """config sections that decide what a checkpoint holds: diagnosing with other values would misread it"""
+WHERE_FEATURES_LIVE = ("repo", "environment", "item_cache_check_s", "bench_reads", "bench_candidates")
+"""``features`` fields that say where the store is and how serving reads it, not what the features are"""
+
+
+def _what_it_learned_from(config: dict[str, Any]) -> dict[str, Any]:
+    features = {k: v for k, v in config.get("features", {}).items() if k not in WHERE_FEATURES_LIVE}
+    return config | {"features": features}
 
 
 def check_run_config(cfg: Config, run: Path) -> None:
@@ -39,8 +47,7 @@ def check_run_config(cfg: Config, run: Path) -> None:
     path = run / RUN_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{run}: no {RUN_CONFIG}; is this an `unexrl train --out` directory?")
-    trained = json.loads(path.read_text())
-    given = cfg.to_dict()
+    trained, given = (_what_it_learned_from(c) for c in (json.loads(path.read_text()), cfg.to_dict()))
     differ = [k for k in TRAINED_WITH if trained.get(k) != given.get(k)]
     if differ:
         raise ValueError(
@@ -56,7 +63,11 @@ def diagnose_run(cfg: Config, run: Path) -> CriticDiagnostics:
     sim = Simulator(cfg)
     w = sim.world
     # the fixed stages' weights are buffers in the checkpoint: the placeholder is overwritten on load
-    agent = CascadeAgent(cfg, w.n_users, w.n_items, w.n_categories, torch.zeros(sum(cfg.cascade.action_dims)))
+    # it never updates, so it compiles nothing (and needs no C++ compiler) whatever the run trained with
+    eager = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})})
+    agent = CascadeAgent(
+        eager, w.n_users, w.n_items, w.n_categories, torch.zeros(sum(cfg.cascade.action_dims))
+    )
     knots = (
         torch.zeros(len(cfg.world.user_types), n_item_groups(cfg), cfg.features.cqr_knots)
         if cfg.algo.cqr

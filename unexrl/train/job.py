@@ -26,6 +26,7 @@ from torch import Tensor
 from unexrl.config import Config
 from unexrl.contracts import files
 from unexrl.contracts.artifact import ArtifactError, read_artifact
+from unexrl.contracts.logs import LogManifest
 from unexrl.contracts.training import TrainingSummary
 from unexrl.io import atomic_write_bytes, atomic_write_text
 from unexrl.policies.artifact import load_policy
@@ -96,6 +97,10 @@ def _run(
     if ctx.is_main:  # what `unexrl diagnose` and a reader of the run need to know it was trained with
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / RUN_CONFIG, json.dumps(cfg.to_dict(), indent=1))
+    if (
+        logs is not None
+    ):  # before any CEM tuning or sharding: the seeds the logs' manifest says they came from
+        cfg.seeds.check_unseen(LogManifest.read(Path(logs) / files.MANIFEST).seeds, f"the logs {logs}")
     sim = Simulator(cfg)
     weights, fixed_stages = _fixed_stage_weights(cfg, sim, cem, ctx)
     started = time.perf_counter()
@@ -194,8 +199,10 @@ def _fixed_stage_weights(
                 f"{cem}: a CEM artifact per {policy.group_by}; --cem needs global weights (group_by none)"
             )
         manifest = read_artifact(cem)
-        # its weights become the fixed stages and the actors' starting point: what it saw, they saw. Its seen_seeds
-        # hold its own config's validation seeds whether it selected on them or not, so only evaluation is checked
+        # its weights become the fixed stages and the actors' starting point: what it saw, they saw. It was tuned
+        # on its config's seeds.train; its seen_seeds add that config's validation seeds whether it selected on
+        # them or not, so against those only evaluation is checked
+        cfg.seeds.check_unseen(manifest.trained_config().seeds.train, f"the CEM artifact {cem}")
         cfg.seeds.check_unseen(manifest.seen_seeds, f"the CEM artifact {cem}", ("evaluation",))
         return policy.weights.cpu(), {
             "source": "artifact",

@@ -246,9 +246,7 @@ def train(
     buffer = ReplayBuffer(cfg, t.buffer_size)
     if not online:
         features = pq.read_table(training_set) if training_set is not None else None
-        data = read_logs(logs, cfg)  # type: ignore[arg-type]
-        cfg.seeds.check_unseen(data.manifest.seeds, f"the logs {logs}")
-        buffer.add_logs(_share(data, ctx), features)
+        buffer.add_logs(_share(read_logs(logs, cfg), ctx), features)  # type: ignore[arg-type]
     else:  # warm-up under CEM + exploration; after a resume, re-warm-up under the restored actors
         cem = WeightPolicy(cem_weights.to(w.item_category.device), cfg.cascade)
         warm = explore() if restored is not None else GaussianExploration(cem, a.exploration_std, seed=seed)
