@@ -78,6 +78,8 @@ def write_figure(fig: Any, path: Path, dpi: int = 120) -> None:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())

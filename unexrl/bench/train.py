@@ -105,7 +105,7 @@ def bench_train(cfg: Config) -> dict[str, Any]:
         ("unexrl-cic-compiled", "unexrl-cic", 0, True),
         ("unexrl-ctde", "unexrl-ctde", 0, False),
     ]
-    not_measured = {}
+    not_measured: dict[str, str] = {}
     try:
         require_cpp_compiler()
     except RuntimeError as err:  # the eager candidates still say what they measure

@@ -202,8 +202,6 @@ class Recommender:
         online = self.features.fetch(user_id, [], session=session_id is not None)
         fetched = time.perf_counter()
         session = self._session(user_id, session_id, online)
-        if session_id is None:  # issued now: the client may ask for its next page before any feedback
-            self.sessions.save(session)
         batch = self._batch(user_id if known else -1, session)
         obs = self.sim.observe(batch, pool, user_features=served_inputs(online.user, self.cfg))
         group = int(online.user.get(f"{fs.USER_PROFILE.name}__activity_group", -1))
@@ -227,6 +225,8 @@ class Recommender:
             degraded=online.degraded,
             served_at=time.time(),
         )
+        if session_id is None:  # issued with this page: its next one may be asked for before any feedback
+            self.sessions.save(session)
         self.sessions.add_page(page)
         self._observe_request(page, result, start, fetched, observed, marks)
         if self.shadow is not None:

@@ -47,7 +47,7 @@ class SessionState:
     history: list[int] = field(default_factory=list)
     """recently viewed item ids, oldest first, at most session.history_window"""
     touched: float = field(default_factory=time.time)
-    """wall-clock time of the last feedback (replicas share it)"""
+    """wall-clock time the session was issued or last had feedback (replicas share it)"""
 
 
 @dataclass(frozen=True)
