@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from unexrl.contracts.files import MANIFEST
-from unexrl.io import atomic_directory
+from unexrl.io import atomic_directory, atomic_file
 
 
 def is_local(uri: str | Path) -> bool:
@@ -50,13 +49,8 @@ def write_parquet(table: pa.Table, uri: str | Path) -> None:
     if not is_local(uri):
         pq.write_table(table, path, filesystem=fs, compression="zstd")
         return
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_file(Path(path)) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextmanager
