@@ -134,7 +134,7 @@ def test_data_steps(chain: dict) -> None:
     assert set(chain["features"].metadata["rows"]) == {v.name for v in fs.VIEWS}
     assert (Path(chain["store"].path) / "definitions.py").is_file()
     assert (
-        verify_training_set(Path(chain["tset"].path), Path(chain["logs"].path))["rows"]
+        verify_training_set(Path(chain["tset"].path), Path(chain["logs"].path)).rows
         == chain["tset"].metadata["rows"]
     )
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from unexrl.config import Config
+from unexrl.contracts.diagnostics import CriticDiagnostics
 from unexrl.evaluate.rollout import rollout
 from unexrl.policies.weights import WeightPolicy
-from unexrl.rl.diagnostics import CriticDiagnostics
 from unexrl.rl.truth import cosine, true_gradient
 from unexrl.sim.env import Simulator
 from unexrl.train.loop import train
@@ -56,7 +56,9 @@ def _critic_after(cfg: Config, sim: Simulator, updates: int) -> CriticDiagnostic
     torch.manual_seed(0)
     weights = torch.full((1, sum(cfg.cascade.action_dims)), 0.5)
     result = train(cfg, weights, sim, progress=False)
-    return CriticDiagnostics.model_validate(result.curve[-1]["diagnostics"])
+    diagnostics = result.curve[-1].diagnostics
+    assert diagnostics is not None
+    return diagnostics
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,13 @@ from tests.conftest import FAST_TRAIN, training_set_args
 from unexrl.artifacts import load_any_policy
 from unexrl.cli import main
 from unexrl.config import Config, load_config
+from unexrl.contracts.actors import ActorsManifest
 from unexrl.contracts.artifact import ArtifactError, read_artifact
 from unexrl.data import read_logs
 from unexrl.features import schema as fs
 from unexrl.features.store import TRAINING_SET_FILE
 from unexrl.io import sha256_file
-from unexrl.rl.actors import ACTORS_FILE, ActorsManifest, load_actor_policy
+from unexrl.rl.actors import ACTORS_FILE, load_actor_policy
 from unexrl.rl.observation import SPARSE_FEATURES, STATE_FEATURES
 from unexrl.rl.policy import ActorPolicy
 from unexrl.sim.env import Simulator
@@ -50,20 +51,23 @@ def cfg() -> Config:
 
 def test_manifest_describes_what_serving_needs(export: Path, train_logs: Path, cem_artifact: Path) -> None:
     manifest = read_artifact(export, ActorsManifest)
-    assert manifest.kind == "actors" and manifest.schema_version == 1
+    assert manifest.kind == "actors" and manifest.schema_version == 2
     assert set(manifest.files) == {ACTORS_FILE}
     assert [s.name for s in manifest.stages] == ["matching", "prerank", "ranking"]
     features = manifest.features
-    assert features["sparse"] == list(SPARSE_FEATURES) and features["state"] == list(STATE_FEATURES)
-    assert features["user_features"] == list(COLUMNS)
-    assert features["id_space"] == {"world_seed": 0, "users": 600, "items": 6000, "categories": 12}
-    assert features["tables"] == {
-        "actors_users": [600, 16],
-        "actors_items": [6000, 16],
-        "actors_categories": [12, 16],
+    assert features.sparse == list(SPARSE_FEATURES) and features.state == list(STATE_FEATURES)
+    trained = manifest.trained_config()
+    assert features.history_window == trained.session.history_window
+    assert features.user_features is not None and features.user_features.columns == list(COLUMNS)
+    assert features.user_features.recent_items == trained.features.recent_items
+    assert features.id_space.model_dump() == {"world_seed": 0, "users": 600, "items": 6000, "categories": 12}
+    assert features.tables == {
+        "actors_users": (600, 16),
+        "actors_items": (6000, 16),
+        "actors_categories": (12, 16),
     }
     logs = json.loads((train_logs / "manifest.json").read_text())
-    assert manifest.training_data == {
+    assert manifest.training_data.model_dump() == {
         "regime": "offline",
         "logs": str(train_logs),
         "seeds": logs["seeds"],
@@ -78,10 +82,10 @@ def test_manifest_describes_what_serving_needs(export: Path, train_logs: Path, c
     # what it saw: the config's training and validation seeds and the logs' (never to be evaluated on)
     seeds = manifest.trained_config().seeds
     assert set(manifest.seen_seeds) == {*seeds.train, *seeds.validation, *logs["seeds"]}
-    assert manifest.fixed_stages["sha256"] == read_artifact(cem_artifact).files
+    assert manifest.fixed_stages.sha256 == read_artifact(cem_artifact).files
     evaluation = manifest.evaluation
-    assert evaluation["curve"][-1]["updates"] == 6
-    assert evaluation["final_validation_watch_time"] == evaluation["curve"][-1]["validation_watch_time"] > 0
+    assert evaluation.curve[-1].updates == 6
+    assert evaluation.final_validation_watch_time == evaluation.curve[-1].validation_watch_time > 0
     # unsharded: every table whole, nothing but tensors
     state = load_file(export / ACTORS_FILE)
     assert state["encoder.ebc.embedding_bags.actors_users.weight"].shape == (
@@ -158,6 +162,18 @@ def test_weights_that_do_not_fit_the_recorded_config_are_refused(
         load_actor_policy(copy, cfg, small_sim.world)
 
 
+def test_an_actors_manifest_of_another_version_is_refused_by_name(
+    export: Path, cfg: Config, small_sim: Simulator, tmp_path: Path
+) -> None:
+    """Version 1 recorded less of the input contract (no history window); its actors are not served on a guess."""
+    copy = _copy(export, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="schema_version 1: this code reads version 2 of ActorsManifest"):
+        load_actor_policy(copy, cfg, small_sim.world)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -166,6 +182,10 @@ def test_weights_that_do_not_fit_the_recorded_config_are_refused(
         ("world.n_items=5000", "feature schema"),
         ("seeds.world=7", "feature schema"),
         ("session.max_requests=20", "feature schema"),
+        ("session.history_window=5", "feature schema"),
+        ("features.recent_items=5", "feature schema"),
+        ("world.duration_median_s=30", "feature schema"),
+        ("algo.user_features=false", "feature schema"),
     ],
 )
 def test_mismatched_configs_are_refused(
@@ -243,4 +263,4 @@ def test_the_export_has_seen_what_its_cem_artifact_saw(
         assert main([*args, "--cem", str(cem_artifact), "--out", str(tmp_path / "run")]) == 0
     manifest = read_artifact(tmp_path / "run" / "export", ActorsManifest)
     assert 1500 not in seen and seen | {1500} <= set(manifest.seen_seeds)
-    assert manifest.fixed_stages["seen_seeds"] == sorted(seen)
+    assert manifest.fixed_stages.seen_seeds == sorted(seen)

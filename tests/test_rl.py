@@ -234,12 +234,14 @@ def test_every_algorithm_trains(small_cfg: Config, small_sim: Simulator, algo: s
     result = train(cfg, torch.full((1, sum(cfg.cascade.action_dims)), 0.5), small_sim, progress=False)
     assert result.agent.updates == 6
     point = result.curve[0]
-    assert len(result.curve) == 1 and point["validation_watch_time"] > 0
-    assert all(math.isfinite(v) for k, v in point.items() if k != "diagnostics")
-    diagnostics = point["diagnostics"]  # the critic diagnostics ran at the validation point
+    assert len(result.curve) == 1 and point.validation_watch_time > 0
+    assert all(
+        math.isfinite(v) for v in point.model_dump(exclude={"diagnostics"}, exclude_none=True).values()
+    )
+    diagnostics = point.diagnostics  # the critic diagnostics ran at the validation point
+    assert diagnostics is not None
     assert (
-        math.isfinite(diagnostics["calibration"]["relative_bias"])
-        and -1 <= diagnostics["gradient"]["cosine"]["mean"] <= 1
+        math.isfinite(diagnostics.calibration.relative_bias) and -1 <= diagnostics.gradient.cosine.mean <= 1
     )
 
 

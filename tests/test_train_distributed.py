@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 from tests.conftest import training_set_args
 from unexrl.cli import main
 from unexrl.config import ALGOS, Config
+from unexrl.contracts.actors import ActorsManifest
 from unexrl.contracts.artifact import read_artifact
-from unexrl.rl.actors import ActorsManifest, load_actor_policy
+from unexrl.rl.actors import load_actor_policy
 from unexrl.sim.env import Simulator
 from unexrl.train.checkpoint import resumed_session_index
 from unexrl.train.export import probe_actions
@@ -131,10 +132,11 @@ def test_export_loads_in_one_process_and_acts_like_the_sharded_model(
 ) -> None:
     manifest = read_artifact(offline_run / "export", ActorsManifest)
     assert manifest.kind == "actors" and manifest.algorithm == "unexrl-cic"
-    assert manifest.training["world_size"] == 2
-    assert all("on ranks [0, 1]" in placement for placement in manifest.training["sharding"].values())
+    assert manifest.training.world_size == 2
+    assert all("on ranks [0, 1]" in placement for placement in manifest.training.sharding.values())
     logs = json.loads((train_logs / "manifest.json").read_text())
-    assert manifest.training_data["sha256"] == {k: v["sha256"] for k, v in logs["files"].items()}
+    assert manifest.training_data.regime == "offline"
+    assert manifest.training_data.sha256 == {k: v["sha256"] for k, v in logs["files"].items()}
 
     cfg = Config.model_validate_json(json.dumps(manifest.config))
     sim = Simulator(cfg)
@@ -190,7 +192,7 @@ def test_killed_rank_resumes_to_the_same_update_count(tmp_path: Path, cem_artifa
     watch = [p["validation_watch_time"] for p in points]
     assert all(math.isfinite(v) and v > 0 for v in watch)
     assert 0.1 < watch[-1] / watch[0] < 10, watch  # comparable: the resumed run did not blow up or collapse
-    assert read_artifact(run / "export", ActorsManifest).training["resumed_from"] == killed_at
+    assert read_artifact(run / "export", ActorsManifest).training.resumed_from == killed_at
 
 
 def test_a_resume_at_another_world_size_reuses_no_session_id() -> None:
@@ -234,7 +236,7 @@ def test_single_process_train_for_every_algorithm(
         and curve["regime"] == ("online" if not data else "offline")
     )
     point = curve["curve"][-1]
-    assert all(math.isfinite(v) for k, v in point.items() if k != "diagnostics")
+    assert all(math.isfinite(v) for k, v in point.items() if k != "diagnostics" and v is not None)
     assert math.isfinite(
         point["diagnostics"]["gradient"]["cosine"]["mean"]
     )  # diagnosed at the validation point
@@ -333,7 +335,7 @@ def test_export_holds_the_best_validation_point(tmp_path: Path, cem_artifact: Pa
     points = json.loads((tmp_path / "curve.json").read_text())["curve"]
     best = max(points, key=lambda p: p["validation_watch_time"])
     manifest = read_artifact(tmp_path / "export", ActorsManifest)
-    assert manifest.selection == {
+    assert manifest.selection.model_dump() == {
         "rule": "best_validation",
         "updates": best["updates"],
         "validation_watch_time": best["validation_watch_time"],

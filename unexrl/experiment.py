@@ -203,7 +203,7 @@ def _run(cfg: Config, variant: str, k: int, agents: int | None, folder: Path) ->
         # model selection on seeds.validation (train.select), as the export of `unexrl train` makes it
         selected, _ = result.selected(kcfg.train.select)
         actors = selected if selected is not None else result.agent.actors
-        policy, curve = ActorPolicy(actors, vcfg, sim.world), result.curve
+        policy, curve = ActorPolicy(actors, vcfg, sim.world), [p.model_dump() for p in result.curve]
         if (
             cfg.experiment.diagnose and agents is None
         ):  # the final critic, with the final actors it was trained for

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Self, TypeVar
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from unexrl.config import Config
 from unexrl.contracts import files
@@ -65,6 +65,12 @@ class ArtifactManifest(Contract):
     on any of them is not held out (unexrl/pipeline/evaluation.py refuses it)"""
     files: dict[str, str] = Field(min_length=1)
     """every file of the artifact but the manifest, by its path relative to the directory: sha256"""
+
+    @model_validator(mode="after")
+    def _known_version(self) -> Self:
+        """Read generically, a manifest of any kind's version passes (the common fields above are the same in
+        each); a kind's model reads only its own version."""
+        return self if type(self) is ArtifactManifest else super()._known_version()
 
     @field_validator("files")
     @classmethod

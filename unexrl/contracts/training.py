@@ -1,14 +1,32 @@
 """What a training run writes for others to read: ``curve.json`` (written last, so its presence marks a finished
-run), and each checkpoint's hash manifest."""
+run), and each checkpoint's hash manifest and progress."""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
 
-from unexrl.contracts.base import SHA256, Contract
+from unexrl.contracts.base import SHA256, Contract, Part
+from unexrl.contracts.diagnostics import CriticDiagnostics
+
+
+class CurvePoint(Part):
+    """One validation point of a training run: the current actors' score and the update that preceded it."""
+
+    updates: int = Field(ge=0)
+    validation_watch_time: float
+    """mean session watch time (s) of the greedy actors on ``train.eval_sessions`` of the first validation seed"""
+    critic_loss: float
+    q: float
+    """mean Q_1 of the logged actions in the last update's batch"""
+    target: float
+    """mean TD target y of that batch"""
+    actor_loss: float | None = None
+    """None when the last update took no actor step (``algo.policy_delay``, ``algo.actor_start``)"""
+    diagnostics: CriticDiagnostics | None = None
+    """the critic against the simulator's truth (``diagnostics.during_training``)"""
 
 
 class TrainingSummary(Contract):
@@ -31,8 +49,21 @@ class TrainingSummary(Contract):
     final_validation_watch_time: float | None
     selected_updates: int | None
     """the validation point whose actors were exported (``train.select``)"""
-    curve: list[dict[str, Any]]
-    """one point per validation: updates, validation watch time, losses, critic diagnostics"""
+    curve: list[CurvePoint]
+
+
+class TrainingProgress(Contract):
+    """A checkpoint's ``progress.json``: what a resumed run needs besides tensors."""
+
+    updates: int = Field(ge=0)
+    next_session: int = Field(ge=0)
+    """this rank's next local session index (session ids are index * world_size + rank)"""
+    curve: list[CurvePoint]
+    """validation points so far (rank 0's)"""
+    world_size: int = Field(ge=1)
+    best_updates: int | None = None
+    """the update count of the best validation point so far (its actors: the checkpoint's best-actors file)"""
+    best_score: float | None = None
 
 
 class CheckpointManifest(Contract):

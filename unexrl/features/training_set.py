@@ -10,11 +10,11 @@ the exact feature snapshot it was trained beside and a stale or mismatched train
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from unexrl.contracts.actors import TrainingSetRecord
 from unexrl.data import read_logs
 from unexrl.features import schema as fs
 from unexrl.io import sha256_file
@@ -24,7 +24,7 @@ class TrainingSetMismatch(ValueError):
     """The training set does not belong to the logs it is trained with."""
 
 
-def verify_training_set(path: Path, logs: Path) -> dict[str, Any]:
+def verify_training_set(path: Path, logs: Path) -> TrainingSetRecord:
     """Check ``path`` against the validated logs at ``logs``; return its provenance (file, sha256, rows, service)."""
     path = Path(path)
     if not path.is_file():
@@ -62,9 +62,6 @@ def verify_training_set(path: Path, logs: Path) -> dict[str, Any]:
                 f"{path}: column {column!r} differs from the logs' transitions at rows {bad[:5].tolist()}"
                 f" ({bad.size} in all): built from other logs?"
             )
-    return {
-        "file": str(path),
-        "sha256": sha256_file(path),
-        "rows": table.num_rows,
-        "feature_service": service,
-    }
+    return TrainingSetRecord(
+        file=str(path), sha256=sha256_file(path), rows=table.num_rows, feature_service=service
+    )

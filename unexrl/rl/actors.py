@@ -1,7 +1,8 @@
 """Trained stage actors as a policy: the ``actors`` artifact that `unexrl train` exports (unexrl/train/export.py).
 
     <dir>/actors.safetensors   the whole (unsharded) actors' state: MLPs, embedding tables, fixed CEM stages
-    <dir>/manifest.json        ActorsManifest: the common manifest, the feature schema and the run's provenance
+    <dir>/manifest.json        ActorsManifest (unexrl/contracts/actors.py): the common manifest, the feature schema
+                               and the run's provenance
 
 The actors are rebuilt from the training config recorded in the manifest (their widths are the artifact's), then
 bound to the serving config: stages, feature schema and id space must match, else the artifact is refused.
@@ -10,15 +11,14 @@ bound to the serving config: stages, feature schema and id space must match, els
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from unexrl.config import Config
-from unexrl.contracts.artifact import ArtifactError, ArtifactManifest, read_artifact
-from unexrl.contracts.base import STRICT
+from unexrl.contracts.actors import ActorsManifest, FeatureSchema, IdSpace, UserFeatureInputs
+from unexrl.contracts.artifact import ArtifactError, read_artifact
 from unexrl.rl.agent import build_actors
 from unexrl.rl.observation import SPARSE_FEATURES, STATE_FEATURES
 from unexrl.rl.policy import ActorPolicy
@@ -28,51 +28,28 @@ from unexrl.user_features import COLUMNS
 ACTORS_FILE = "actors.safetensors"
 
 
-class ActorsManifest(ArtifactManifest):
-    """Trained actors: what their inputs mean, which stages learned, and what the run that made them did."""
-
-    model_config = STRICT
-    KIND: ClassVar[str | None] = "actors"
-
-    kind: Literal["actors"]
-    learning_stages: list[int]
-    features: dict[str, Any]
-    """feature_schema() of the training config, plus the embedding tables' shapes"""
-    training_data: dict[str, Any]
-    """the logs' sha256s and training set (offline), or the simulator seeds (online)"""
-    fixed_stages: dict[str, Any]
-    """where the non-learning stages' CEM weights came from"""
-    training: dict[str, Any]
-    """updates, resume point, world size and table placement"""
-    evaluation: dict[str, Any] | None = None
-    """the validation curve of the run"""
-    selection: dict[str, Any] | None = None
-    """which validation point's actors these are"""
-
-    def check_features(self, cfg: Config, where: Path) -> None:
-        """Refuse actors whose inputs mean something else under ``cfg`` (features, scaling, id space)."""
-        ours = feature_schema(cfg)
-        differ = {k: (self.features.get(k), v) for k, v in ours.items() if self.features.get(k) != v}
-        if differ:
-            raise ArtifactError(f"{where}: feature schema differs (artifact, config): {differ}")
-
-
-def feature_schema(cfg: Config) -> dict[str, Any]:
-    """What the actors' inputs mean: features (the user feature row's columns, unexrl.user_features), state
-    scaling, activity groups and the id space of their tables."""
-    return {
-        "sparse": list(SPARSE_FEATURES),
-        "state": list(STATE_FEATURES),
-        "user_features": list(COLUMNS) if cfg.algo.user_features else [],
-        "activity_groups": len(cfg.world.user_types),
-        "max_requests": cfg.session.max_requests,
-        "id_space": {
-            "world_seed": cfg.seeds.world,
-            "users": cfg.world.n_users,
-            "items": cfg.world.n_items,
-            "categories": cfg.world.n_categories,
-        },
-    }
+def feature_schema(cfg: Config) -> FeatureSchema:
+    """What the actors' inputs mean under ``cfg``: features, their order and scaling, and the tables' id space."""
+    return FeatureSchema(
+        sparse=list(SPARSE_FEATURES),
+        state=list(STATE_FEATURES),
+        history_window=cfg.session.history_window,
+        activity_groups=len(cfg.world.user_types),
+        max_requests=cfg.session.max_requests,
+        user_features=UserFeatureInputs(
+            columns=list(COLUMNS),
+            recent_items=cfg.features.recent_items,
+            duration_median_s=cfg.world.duration_median_s,
+        )
+        if cfg.algo.user_features
+        else None,
+        id_space=IdSpace(
+            world_seed=cfg.seeds.world,
+            users=cfg.world.n_users,
+            items=cfg.world.n_items,
+            categories=cfg.world.n_categories,
+        ),
+    )
 
 
 def load_actor_policy(path: Path, cfg: Config, world: World | None = None) -> ActorPolicy:
@@ -81,16 +58,16 @@ def load_actor_policy(path: Path, cfg: Config, world: World | None = None) -> Ac
     path = Path(path)
     manifest = read_artifact(path, ActorsManifest)
     manifest.check_compatible(cfg, path)
-    manifest.check_features(cfg, path)
+    manifest.check_features(feature_schema(cfg), path)
     trained = manifest.trained_config()
     try:
         state = load_file(manifest.listed(path, ACTORS_FILE))
     except SafetensorError as err:
         raise ArtifactError(f"{path}: unreadable actors artifact ({err})") from None
-    ids = manifest.features["id_space"]
+    ids = manifest.features.id_space
     # zeros stand in for the CEM weights: every buffer (action bounds, fixed stages' weights) loads from the artifact
     placeholder = torch.zeros(sum(cfg.cascade.action_dims))
-    actors = build_actors(trained, ids["users"], ids["items"], ids["categories"], placeholder)
+    actors = build_actors(trained, ids.users, ids.items, ids.categories, placeholder)
     try:
         actors.load_state_dict(state)
     except RuntimeError as err:

@@ -23,9 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from unexrl.contracts.diagnostics import (
+    Calibration,
+    CriticDiagnostics,
+    GradientCheck,
+    GroupCalibration,
+    PerGroup,
+)
 from unexrl.evaluate.rollout import rollout
 from unexrl.io import write_figure
 from unexrl.rl.agent import CascadeAgent
@@ -39,78 +45,6 @@ FRESH_SESSIONS = 10_000_000
 """first session id of the transitions the critic is scored on"""
 FD_SESSIONS = 20_000_000
 """first session id of the finite-difference rollouts"""
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PerGroup(_Model):
-    per_group: list[float]
-    """one value per activity group"""
-    mean: float
-    """mean over the groups"""
-
-    @staticmethod
-    def of(values: list[float]) -> PerGroup:
-        return PerGroup(per_group=values, mean=float(np.mean(values)))
-
-
-class GroupCalibration(_Model):
-    group: int
-    transitions: int
-    mean_q: float
-    mean_return: float
-    relative_bias: float
-    """(mean Q - mean G) / |mean G|"""
-    correlation: float
-
-
-class Calibration(_Model):
-    transitions: int
-    mean_q: float
-    mean_return: float
-    relative_bias: float
-    """(mean Q_1 - mean G) / |mean G| over all transitions"""
-    correlation: float
-    """Pearson correlation of Q_1 and G over all transitions"""
-    per_group: list[GroupCalibration]
-
-
-class GradientCheck(_Model):
-    cosine: PerGroup
-    """cosine of the mean critic gradient and the true watch-time gradient, per activity group"""
-    sign_agreement: PerGroup
-    """fraction of weights whose gradient sign the critic gets right, per activity group"""
-    stage_cosine: list[list[float]]
-    """[group][stage] cosine on each stage's weights"""
-    critic: list[list[float]]
-    """[group][weight] mean dQ/da (NaN where no critic reads that stage's action: independent DDPG)"""
-    truth: list[list[float]]
-    """[group][weight] true gradient, seconds of session watch time per unit weight"""
-    truth_split_half_cosine: list[float]
-    """[group] cosine of the truth estimated on each half of the sessions: how repeatable the truth is"""
-    cosine_training_return: PerGroup
-    """cosine of the critic's gradient and the true gradient of its own target, the discounted training return
-    (equal to ``cosine`` when that return is watch time): low here means the critic is wrong; high here but low in
-    ``cosine`` means the reward misleads (see ``reward_alignment``)"""
-    sessions: int
-    """sessions per finite-difference rollout"""
-    delta: float
-
-
-class CriticDiagnostics(_Model):
-    """What `unexrl diagnose` prints and curve.json / results.json record (keys: ``calibration.relative_bias``,
-    ``calibration.correlation``, ``gradient.cosine``, ``gradient.sign_agreement``, ``reward_alignment``)."""
-
-    seed: int
-    """the validation seed the diagnostics ran on"""
-    updates: int
-    calibration: Calibration
-    gradient: GradientCheck
-    reward_alignment: PerGroup
-    """cosine of the true gradient of the discounted training return with the true watch-time gradient"""
-    seconds: float
 
 
 def _returns(reward: Tensor, done: Tensor, next_index: Tensor, gamma: float, horizon: int) -> Tensor:

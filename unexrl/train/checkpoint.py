@@ -22,11 +22,9 @@ under the restored actors with exploration. The CQR knots are restored, so the r
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +38,7 @@ from unexrl.contracts import files
 from unexrl.contracts.artifact import ArtifactError, verify_listed_files
 from unexrl.contracts.base import ContractError
 from unexrl.contracts.signing import sign_manifest, signer_keys, verify_manifest
-from unexrl.contracts.training import CheckpointManifest
+from unexrl.contracts.training import CheckpointManifest, TrainingProgress
 from unexrl.io import sha256_file
 from unexrl.rl.agent import CascadeAgent
 from unexrl.train.distributed import Context, barrier
@@ -51,21 +49,6 @@ KEEP = 2
 """complete checkpoints kept; older ones are removed after each save"""
 PROGRESS = "progress.json"
 BEST_ACTORS = "best-actors.safetensors"
-
-
-@dataclass
-class Progress:
-    """What a resumed run needs besides tensors."""
-
-    updates: int
-    next_session: int
-    """this rank's next local session index (session ids are index * world_size + rank)"""
-    curve: list[dict[str, float]]
-    """validation points so far (rank 0's)"""
-    world_size: int = 1
-    best_updates: int | None = None
-    """the update count of the best validation point so far (its actors: BEST_ACTORS)"""
-    best_score: float | None = None
 
 
 def resumed_session_index(next_session: int, saved_world_size: int, world_size: int) -> int:
@@ -115,7 +98,7 @@ class Checkpoints:
         agent: CascadeAgent,
         fused: KeyedOptimizer | None,
         knots: Tensor | None,
-        progress: Progress,
+        progress: TrainingProgress,
         generator: torch.Generator,
         best_actors: nn.Module | None = None,
     ) -> Path:
@@ -134,7 +117,7 @@ class Checkpoints:
         if self.ctx.is_main:
             if best_actors is not None:
                 save_file({k: v.contiguous() for k, v in best_actors.state_dict().items()}, tmp / BEST_ACTORS)
-            (tmp / PROGRESS).write_text(json.dumps(asdict(progress), indent=1))
+            progress.write(tmp / PROGRESS)
             listed = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
             CheckpointManifest(updates=progress.updates, files=listed).write(tmp / files.MANIFEST)
             sign_manifest(tmp)
@@ -159,7 +142,7 @@ class Checkpoints:
         knots: Tensor | None,
         generator: torch.Generator,
         best_actors: nn.Module | None = None,
-    ) -> Progress | None:
+    ) -> TrainingProgress | None:
         """Load the newest complete checkpoint into ``agent``, ``fused``, ``knots`` (in place) and ``generator``,
         and its best validation point's actors into ``best_actors`` (rank 0, when it has them).
 
@@ -186,7 +169,7 @@ class Checkpoints:
             ("critic_optimizer", agent.critic_optimizer),
         ):
             optimizer.load_state_dict(state[key])
-        progress = Progress(**json.loads((path / PROGRESS).read_text()))
+        progress = TrainingProgress.read(path / PROGRESS)  # listed in the manifest verified above
         agent.updates = progress.updates
         if best_actors is not None and progress.best_updates is not None:
             best_actors.load_state_dict(load_file(path / BEST_ACTORS))
@@ -206,11 +189,12 @@ class Checkpoints:
             )
             torch.manual_seed(progress.updates * 1000 + self.ctx.rank)
             generator.manual_seed(progress.updates * 1000 + self.ctx.rank)
-            progress = replace(
-                progress,
-                next_session=resumed_session_index(
-                    progress.next_session, progress.world_size, self.ctx.world_size
-                ),
+            progress = progress.model_copy(
+                update={
+                    "next_session": resumed_session_index(
+                        progress.next_session, progress.world_size, self.ctx.world_size
+                    )
+                }
             )
         log.info("resumed from %s updates=%d", path, progress.updates)
         return progress

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from unexrl.config import Config
+from unexrl.contracts.diagnostics import CriticDiagnostics
 from unexrl.io import atomic_write_text
 from unexrl.rl.agent import CascadeAgent
 from unexrl.rl.cqr import n_item_groups
 from unexrl.rl.diagnostics import (
-    CriticDiagnostics,
     diagnose,
     diagnostics_markdown,
     plot_diagnostics,

@@ -12,7 +12,6 @@ The export is published in one rename, and only after it has been loaded back th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -20,10 +19,20 @@ from torch import Tensor
 
 from unexrl.cascade import StageView, run_cascade
 from unexrl.config import Config
-from unexrl.contracts import files
+from unexrl.contracts.actors import (
+    ActorFeatures,
+    ActorsManifest,
+    FixedStages,
+    OfflineData,
+    OnlineData,
+    SelectionRecord,
+    TrainingRecord,
+    TrainingSetRecord,
+    ValidationRecord,
+)
 from unexrl.contracts.logs import LogManifest
 from unexrl.io import atomic_directory, sha256_file
-from unexrl.rl.actors import ACTORS_FILE, ActorsManifest, feature_schema, load_actor_policy
+from unexrl.rl.actors import ACTORS_FILE, feature_schema, load_actor_policy
 from unexrl.rl.agent import learning_stages
 from unexrl.sim.env import Policy, Simulator
 
@@ -49,23 +58,20 @@ def probe_actions(policy: Policy, sim: Simulator) -> list[Tensor]:
 
 
 def training_data(
-    cfg: Config, logs: Path | None, training_set: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """What the actors were trained on: the logs' sha256s (offline), or the simulator seeds (online).
-
-    ``training_set``: the verified point-in-time training set that accompanied the logs
-    (unexrl.features.training_set.verify_training_set), recorded with its sha256.
-    """
-    if logs is None:
-        return {"regime": "online", "seeds": list(cfg.seeds.train), "world_seed": cfg.seeds.world}
-    manifest = LogManifest.read(Path(logs) / files.MANIFEST)
-    record = {
-        "regime": "offline",
-        "logs": str(logs),
-        "seeds": list(manifest.seeds),
-        "sha256": {name: entry.sha256 for name, entry in manifest.files.items()},
-    }
-    return record | ({"training_set": training_set} if training_set else {})
+    cfg: Config, logs: Path | None, log_manifest: LogManifest | None, training_set: TrainingSetRecord | None
+) -> OnlineData | OfflineData:
+    """What the actors were trained on: the simulator seeds (online), or the logs as their manifest described them
+    when the run read it at its start (offline), with the verified point-in-time training set that accompanied them
+    (unexrl.features.training_set.verify_training_set)."""
+    if logs is None or log_manifest is None:
+        return OnlineData(regime="online", seeds=list(cfg.seeds.train), world_seed=cfg.seeds.world)
+    return OfflineData(
+        regime="offline",
+        logs=str(logs),
+        seeds=list(log_manifest.seeds),
+        sha256={name: entry.sha256 for name, entry in log_manifest.files.items()},
+        training_set=training_set,
+    )
 
 
 def export_actors(
@@ -74,27 +80,32 @@ def export_actors(
     cfg: Config,
     sim: Simulator,
     expected: list[Tensor],
-    provenance: dict[str, Any],
+    *,
+    training_data: OnlineData | OfflineData,
+    fixed_stages: FixedStages,
+    training: TrainingRecord,
+    evaluation: ValidationRecord,
+    selection: SelectionRecord,
 ) -> Path:
-    """Write the actors' whole ``state`` as an artifact in ``out_dir`` (replacing it), verified against ``expected``.
-
-    ``expected``: the trained actors' :func:`probe_actions`; ``provenance``: manifest sections that describe the run
-    (training_data, fixed_stages, training, evaluation, selection).
-    """
+    """Write the actors' whole ``state`` as an artifact in ``out_dir`` (replacing it), verified against ``expected``
+    (the trained actors' :func:`probe_actions`); the keyword sections describe the run that made them."""
     with atomic_directory(out_dir, overwrite=True) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / ACTORS_FILE)
-        tables = {k.split(".")[-2]: list(v.shape) for k, v in state.items() if ".embedding_bags." in k}
+        tables = {
+            k.split(".")[-2]: (v.shape[0], v.shape[1]) for k, v in state.items() if ".embedding_bags." in k
+        }
         ActorsManifest.for_config(
             cfg,
             algorithm=cfg.algo.name,
             files={ACTORS_FILE: sha256_file(tmp / ACTORS_FILE)},
-            data_seeds=[
-                *provenance["training_data"].get("seeds", ()),
-                *provenance["fixed_stages"].get("seen_seeds", ()),
-            ],
+            data_seeds=[*training_data.seeds, *fixed_stages.seen_seeds],
             learning_stages=learning_stages(cfg),
-            features={**feature_schema(cfg), "tables": tables},
-            **provenance,
+            features=ActorFeatures(**dict(feature_schema(cfg)), tables=tables),
+            training_data=training_data,
+            fixed_stages=fixed_stages,
+            training=training,
+            evaluation=evaluation,
+            selection=selection,
         ).publish(tmp)
         served = probe_actions(load_actor_policy(tmp, cfg, sim.world), sim)
         worst = max(float((a - b).abs().max()) for a, b in zip(served, expected))

@@ -25,6 +25,13 @@ from torch import Tensor
 
 from unexrl.config import Config
 from unexrl.contracts import files
+from unexrl.contracts.actors import (
+    FixedStages,
+    SelectionRecord,
+    TrainingRecord,
+    TrainingSetRecord,
+    ValidationRecord,
+)
 from unexrl.contracts.artifact import ArtifactError, read_artifact
 from unexrl.contracts.logs import LogManifest
 from unexrl.contracts.training import TrainingSummary
@@ -84,7 +91,7 @@ def _run(
     progress: bool,
     ctx: Context,
     training_set: Path | None = None,
-    checked_training_set: dict[str, Any] | None = None,
+    checked_training_set: TrainingSetRecord | None = None,
 ) -> Path:
     if not resume and any((out / "checkpoints").glob("step-*")):
         raise FileExistsError(
@@ -97,10 +104,12 @@ def _run(
     if ctx.is_main:  # what `unexrl diagnose` and a reader of the run need to know it was trained with
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / RUN_CONFIG, json.dumps(cfg.to_dict(), indent=1))
+    log_manifest = None
     if (
         logs is not None
-    ):  # before any CEM tuning or sharding: the seeds the logs' manifest says they came from
-        cfg.seeds.check_unseen(LogManifest.read(Path(logs) / files.MANIFEST).seeds, f"the logs {logs}")
+    ):  # read once: checked here, before any CEM tuning or sharding, and recorded in the export
+        log_manifest = LogManifest.read(Path(logs) / files.MANIFEST)
+        cfg.seeds.check_unseen(log_manifest.seeds, f"the logs {logs}")
     sim = Simulator(cfg)
     weights, fixed_stages = _fixed_stage_weights(cfg, sim, cem, ctx)
     started = time.perf_counter()
@@ -120,7 +129,7 @@ def _run(
         if selected is not None:  # rank 0's unsharded copy of the best validation point
             state = selected.state_dict()
             expected = probe_actions(ActorPolicy(selected, cfg, sim.world), sim)
-        final = result.curve[-1]["validation_watch_time"] if result.curve else None
+        final = result.curve[-1].validation_watch_time if result.curve else None
         summary = TrainingSummary(
             algorithm=cfg.algo.name,
             regime=cfg.train.regime,
@@ -133,27 +142,38 @@ def _run(
             selected_updates=selected_updates,
             curve=result.curve,
         )
-        provenance = {
-            "training_data": training_data(cfg, logs, checked_training_set),
-            "fixed_stages": fixed_stages,
-            "training": summary.model_dump(include={"updates", "resumed_from", "world_size"})
-            | {"sharding": result.sharding},
-            "evaluation": {
-                "validation_seed": cfg.seeds.validation[0],
-                "sessions": cfg.train.eval_sessions,
-                "final_validation_watch_time": final,
-                "curve": result.curve,
-            },
-            "selection": {
-                "rule": cfg.train.select,
-                "updates": selected_updates,
-                "validation_watch_time": result.best_score if selected is not None else final,
-            },
-        }
+        training = TrainingRecord(
+            updates=result.agent.updates,
+            resumed_from=result.resumed_from,
+            world_size=ctx.world_size,
+            sharding=result.sharding,
+        )
+        evaluation = ValidationRecord(
+            validation_seed=cfg.seeds.validation[0],
+            sessions=cfg.train.eval_sessions,
+            final_validation_watch_time=final,
+            curve=result.curve,
+        )
+        selection = SelectionRecord(
+            rule=cfg.train.select,
+            updates=selected_updates,
+            validation_watch_time=result.best_score if selected is not None else final,
+        )
         atomic_write_bytes(
             out / PROBE, save({f"stage{i}": a.contiguous() for i, a in enumerate(final_actions)})
         )
-        export_actors(state, out / EXPORT, cfg, sim, expected, provenance)
+        export_actors(
+            state,
+            out / EXPORT,
+            cfg,
+            sim,
+            expected,
+            training_data=training_data(cfg, logs, log_manifest, checked_training_set),
+            fixed_stages=fixed_stages,
+            training=training,
+            evaluation=evaluation,
+            selection=selection,
+        )
         summary.write(out / files.CURVE)  # last and whole: it marks a finished run
         log.info(
             "train done algo=%s updates=%d seconds=%.1f final_validation_watch_time=%s export=%s",
@@ -187,7 +207,7 @@ def _quiet_libraries(record: logging.LogRecord) -> bool:
 
 def _fixed_stage_weights(
     cfg: Config, sim: Simulator, cem: Path | None, ctx: Context
-) -> tuple[Tensor, dict[str, Any]]:
+) -> tuple[Tensor, FixedStages]:
     """CEM weights for the stages that do not learn and for the warm-up, and where they came from.
 
     Without an artifact rank 0 tunes them on seeds.train and every rank receives its result.
@@ -204,14 +224,11 @@ def _fixed_stage_weights(
         # them or not, so against those only evaluation is checked
         cfg.seeds.check_unseen(manifest.trained_config().seeds.train, f"the CEM artifact {cem}")
         cfg.seeds.check_unseen(manifest.seen_seeds, f"the CEM artifact {cem}", ("evaluation",))
-        return policy.weights.cpu(), {
-            "source": "artifact",
-            "path": str(cem),
-            "sha256": manifest.files,
-            "seen_seeds": manifest.seen_seeds,
-        }
+        return policy.weights.cpu(), FixedStages(
+            source="artifact", seen_seeds=manifest.seen_seeds, path=str(cem), sha256=manifest.files
+        )
     weights = torch.zeros(1, sum(cfg.cascade.action_dims))
     if ctx.is_main:
         log.info("no --cem given: tuning CEM on seeds.train %s first", list(cfg.seeds.train))
         weights = tune_cem(sim, cfg.cem, cfg.seeds.train).weights.cpu().float()
-    return broadcast(weights, ctx), {"source": "tuned", "seeds": list(cfg.seeds.train)}
+    return broadcast(weights, ctx), FixedStages(source="tuned", seen_seeds=list(cfg.seeds.train))

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,17 +28,19 @@ from torchrec.optim.keyed import KeyedOptimizer
 from tqdm.auto import tqdm
 
 from unexrl.config import Config
+from unexrl.contracts.diagnostics import CriticDiagnostics
+from unexrl.contracts.training import CurvePoint, TrainingProgress
 from unexrl.data import LoggedData, read_logs
 from unexrl.evaluate.rollout import rollout
 from unexrl.policies.weights import GaussianExploration, WeightPolicy
 from unexrl.rl.agent import CascadeAgent, build_actors
 from unexrl.rl.cqr import fit_cqr_knots, n_item_groups
-from unexrl.rl.diagnostics import CriticDiagnostics, diagnose
+from unexrl.rl.diagnostics import diagnose
 from unexrl.rl.networks import Standardize
 from unexrl.rl.policy import ActorPolicy
 from unexrl.rl.replay import ReplayBuffer
 from unexrl.sim.env import Policy, Simulator, Step
-from unexrl.train.checkpoint import Checkpoints, Progress
+from unexrl.train.checkpoint import Checkpoints
 from unexrl.train.distributed import ActingCopy, Context, average, describe, full_state_dict, shard
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainResult:
     agent: CascadeAgent
-    curve: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[CurvePoint] = field(default_factory=list)
     """validation watch time per session over updates (rank 0's; restored points included after a resume)"""
     transitions: int = 0
     resumed_from: int | None = None
@@ -212,7 +213,7 @@ def train(
     if restored is not None:
         result.resumed_from, result.curve, next_session = (
             restored.updates,
-            restored.curve,
+            list(restored.curve),
             restored.next_session,
         )
         if best is not None and restored.best_updates is not None:
@@ -278,7 +279,7 @@ def train(
         if u % t.eval_every == 0 or u == t.updates:
             with timed("validate"):
                 actors = acting.refresh(agent.actors, u)
-                point: dict[str, Any] = {}
+                score = None
                 if ctx.is_main:
                     score = validate(cfg, sim, actors, t.eval_sessions)
                     if result.best_score is None or score > result.best_score:
@@ -287,27 +288,33 @@ def train(
                             u,
                             score,
                         )
-                    point = {"updates": u, "validation_watch_time": score, **stats}
                     bar.set_postfix(val=f"{score:.0f}s", q=f"{stats['q']:.2f}")
+            diagnostics = None
             if cfg.diagnostics.during_training:
                 with timed("diagnose"):
                     diagnostics = _diagnose(agent, sim, actors, knots, ctx, rows, cem_weights)
                 if diagnostics is not None:
-                    point["diagnostics"] = diagnostics.model_dump()
                     bar.set_postfix(
-                        val=f"{point['validation_watch_time']:.0f}s",
+                        val=f"{score:.0f}s",
                         cos=f"{diagnostics.gradient.cosine.mean:+.2f}",
                         bias=f"{diagnostics.calibration.relative_bias:+.0%}",
                     )
-            if ctx.is_main:
-                result.curve.append(point)
+            if score is not None:  # rank 0
+                result.curve.append(
+                    CurvePoint(updates=u, validation_watch_time=score, diagnostics=diagnostics, **stats)
+                )
         if online and u % t.updates_per_collect == 0 and u < t.updates:
             with timed("collect"):
                 _collect(sim, buffer, explore(), seed, sessions(t.sessions_per_collect))
         if checkpoints is not None and (u % t.checkpoint_every == 0 or u == t.updates):
             with timed("checkpoint"):
-                state = Progress(
-                    u, next_session, result.curve, ctx.world_size, result.best_updates, result.best_score
+                state = TrainingProgress(
+                    updates=u,
+                    next_session=next_session,
+                    curve=result.curve,
+                    world_size=ctx.world_size,
+                    best_updates=result.best_updates,
+                    best_score=result.best_score,
                 )
                 checkpoints.save(agent, fused, knots, state, generator, result.best_actors)
     bar.close()

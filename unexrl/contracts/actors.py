@@ -1,0 +1,157 @@
+"""The ``actors`` artifact's manifest (unexrl/train/export.py writes it, unexrl/rl/actors.py loads it): the common
+manifest, what the actors' inputs mean, and where the run that made them got its data, weights and curve.
+
+Version 2 records the whole input contract (history window, user-feature window and scale) and types every
+section; a version-1 artifact is refused by name rather than served on inputs it cannot vouch for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field
+
+from unexrl.contracts.artifact import ArtifactError, ArtifactManifest
+from unexrl.contracts.base import SHA256, STRICT, Part
+from unexrl.contracts.training import CurvePoint
+
+
+class IdSpace(Part):
+    """The world the tables' rows index: row i of a table means the same entity only in the same world."""
+
+    world_seed: int
+    users: int = Field(gt=0)
+    items: int = Field(gt=0)
+    categories: int = Field(gt=0)
+
+
+class UserFeatureInputs(Part):
+    """The user feature row the actors read (``algo.user_features``) and the settings that scale its columns."""
+
+    columns: list[str]
+    """unexrl.user_features.COLUMNS, in the actors' input order"""
+    recent_items: int = Field(ge=1)
+    """``features.recent_items``: how many viewed items the recent watch fraction averages"""
+    duration_median_s: float = Field(gt=0)
+    """``world.duration_median_s``: the cold-start default of the mean viewed duration and its scale"""
+
+
+class FeatureSchema(Part):
+    """What the actors' inputs mean; serving refuses actors whose schema differs from its config's."""
+
+    sparse: list[str]
+    """the sparse features, in the encoder's order"""
+    state: list[str]
+    """the session-state columns, in the dense input's order"""
+    history_window: int = Field(ge=1)
+    """``session.history_window``: how many recently viewed items the history features pool"""
+    activity_groups: int = Field(ge=1)
+    max_requests: int = Field(ge=1)
+    """``session.max_requests``: the scale of the step feature"""
+    user_features: UserFeatureInputs | None
+    """None: the actors read no user feature row"""
+    id_space: IdSpace
+
+
+class ActorFeatures(FeatureSchema):
+    """The feature schema the actors were trained with, and their tables' shapes."""
+
+    tables: dict[str, tuple[int, int]]
+    """table name: (rows, embedding dim)"""
+
+
+class TrainingSetRecord(Part):
+    """The point-in-time training set the run was checked against (unexrl.features.training_set)."""
+
+    file: str
+    sha256: str = Field(pattern=SHA256)
+    rows: int = Field(ge=0)
+    feature_service: str
+
+
+class OnlineData(Part):
+    """Trained in the simulator, on these seeds of this world."""
+
+    regime: Literal["online"]
+    seeds: list[int]
+    world_seed: int
+
+
+class OfflineData(Part):
+    """Trained on logs: the log manifest's seeds and file hashes as the run read them at its start."""
+
+    regime: Literal["offline"]
+    logs: str
+    seeds: list[int]
+    sha256: dict[str, Annotated[str, Field(pattern=SHA256)]]
+    """log file: sha256"""
+    training_set: TrainingSetRecord | None = None
+
+
+class FixedStages(Part):
+    """Where the CEM weights of the stages that do not learn (and the actors' starting point) came from."""
+
+    source: Literal["artifact", "tuned"]
+    seen_seeds: list[int]
+    """the seeds whose sessions made these weights: ``tuned``, the training seeds CEM was tuned on here;
+    ``artifact``, the CEM artifact's own ``seen_seeds``"""
+    path: str | None = None
+    """``artifact``: the CEM artifact's path"""
+    sha256: dict[str, str] | None = None
+    """``artifact``: its files' hashes"""
+
+
+class TrainingRecord(Part):
+    updates: int = Field(ge=0)
+    resumed_from: int | None
+    world_size: int = Field(ge=1)
+    sharding: dict[str, str]
+    """distributed runs: table -> sharding type and ranks"""
+
+
+class ValidationRecord(Part):
+    validation_seed: int
+    sessions: int = Field(ge=1)
+    final_validation_watch_time: float | None
+    curve: list[CurvePoint]
+
+
+class SelectionRecord(Part):
+    """Which validation point's actors were exported (``train.select``)."""
+
+    rule: Literal["best_validation", "final"]
+    """``train.select``"""
+    updates: int | None
+    """None: the final actors"""
+    validation_watch_time: float | None
+
+
+class ActorsManifest(ArtifactManifest):
+    """Trained actors: what their inputs mean, which stages learned, and what the run that made them did."""
+
+    model_config = STRICT
+    KIND: ClassVar[str | None] = "actors"
+    SCHEMA_VERSION: ClassVar[int] = 2
+
+    kind: Literal["actors"]
+    schema_version: int = 2
+    learning_stages: list[int]
+    features: ActorFeatures
+    training_data: Annotated[OnlineData | OfflineData, Field(discriminator="regime")]
+    fixed_stages: FixedStages
+    training: TrainingRecord
+    evaluation: ValidationRecord
+    selection: SelectionRecord
+
+    def check_features(self, ours: FeatureSchema, where: Path) -> None:
+        """Refuse actors whose inputs would mean something else where ``ours`` is the schema (features, scaling,
+        id space)."""
+        theirs = FeatureSchema.model_validate(self.features.model_dump(exclude={"tables"}))
+        differ = {
+            name: (getattr(theirs, name), getattr(ours, name))
+            for name in FeatureSchema.model_fields
+            if getattr(theirs, name) != getattr(ours, name)
+        }
+        if differ:
+            raise ArtifactError(f"{where}: feature schema differs (artifact, config): {differ}")
