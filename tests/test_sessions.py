@@ -5,6 +5,8 @@ session counts, a stored page is checked before it is used)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -45,8 +47,39 @@ def test_a_page_is_claimed_once_and_sessions_round_trip(store: Sessions) -> None
     assert store.page("r1") == _page("r1", state)
     assert store.claim("r1") and not store.claim("r1")
     assert store.page("r1") is None
-    store.end(41)
+    assert store.update(41, lambda current: (replace(current or state, step=4), True)) == (
+        replace(state, step=4),
+        True,
+    )
     assert store.ended(41) and store.session(41) is None and not store.ended(42)
+    assert store.update(41, lambda current: (state, False)) is None  # ended: nothing written
+    assert store.session(41) is None
+
+
+def test_concurrent_updates_of_a_session_all_count(store: Sessions, request: pytest.FixtureRequest) -> None:
+    """Feedback on several pages of one session answered at once, by threads of a replica and by two replicas
+    (two Redis clients): each read-modify-write sees the others' writes, so no step is lost."""
+    state = SessionState(session_id=77, user_id=7)
+    store.save(state)
+    other = RedisSessions(request.getfixturevalue("redis_address")) if isinstance(store, RedisSessions) else store
+    stores = [store, other]
+
+    def step(current: SessionState | None) -> tuple[SessionState, bool]:
+        before = current or state
+        time.sleep(0.0005)  # widen the window between the read and the write
+        return replace(before, step=before.step + 1, history=[*before.history, before.step]), False
+
+    def replica(k: int) -> None:
+        for _ in range(25):
+            assert stores[k % 2].update(77, step) is not None
+
+    threads = [threading.Thread(target=replica, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    final = store.session(77)
+    assert final is not None and final.step == 100 and final.history == list(range(100))
 
 
 def test_a_malformed_redis_record_is_treated_as_absent(redis_address: str) -> None:

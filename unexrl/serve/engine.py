@@ -354,35 +354,42 @@ class Recommender:
         _check_items(page, items, duration)
         if not self.sessions.claim(request_id):
             raise _unknown_page(request_id, session_id)
-        v = self.version
-        m.FEEDBACK_LAG.labels(v).observe(max(time.time() - page.served_at, 0.0))
         watched = {it.item_id: it.watch_time_s for it in items}
         viewed = [i for i in page.items if i in watched]  # page order, as the user scrolled
         fractions = [watched[i] / float(duration[i]) for i in viewed]
+        max_requests, window = self.cfg.session.max_requests, self.cfg.session.history_window
+
+        def change(current: SessionState | None) -> tuple[SessionState, bool]:
+            # the session as it is now: another page of it may have had its feedback since this one was served
+            before = current if current is not None and current.user_id == page.user_id else page.session
+            after = replace(
+                before,
+                step=before.step + 1,
+                items_watched=before.items_watched + len(viewed),
+                watch_time_s=before.watch_time_s + sum(watched[i] for i in viewed),
+                last_watch_fraction=sum(fractions) / len(fractions)
+                if fractions
+                else before.last_watch_fraction,
+                history=(before.history + viewed)[-window:],
+                touched=time.time(),
+            )
+            return after, session_end or after.step >= max_requests
+
+        outcome = self.sessions.update(session_id, change)
+        if outcome is None:  # another page's feedback ended the session meanwhile
+            raise _unknown_page(request_id, session_id)
+        after, ended = outcome
+        v = self.version
+        m.FEEDBACK_LAG.labels(v).observe(max(time.time() - page.served_at, 0.0))
         for i in viewed:
             m.ITEM_WATCH_TIME.labels(v).observe(watched[i])
-        # the session as it is now: another page of it may have had its feedback since this one was served
-        current = self.sessions.session(session_id)
-        before = current if current is not None and current.user_id == page.user_id else page.session
-        after = replace(
-            before,
-            step=before.step + 1,
-            items_watched=before.items_watched + len(viewed),
-            watch_time_s=before.watch_time_s + sum(watched[i] for i in viewed),
-            last_watch_fraction=sum(fractions) / len(fractions) if fractions else before.last_watch_fraction,
-            history=(before.history + viewed)[-self.cfg.session.history_window :],
-            touched=time.time(),
-        )
-        ended = session_end or after.step >= self.cfg.session.max_requests
         if ended:
             m.SESSION_WATCH_TIME.labels(v).observe(after.watch_time_s)
             m.SESSION_ITEMS.labels(v).observe(after.items_watched)
             m.SESSION_REQUESTS.labels(v).observe(after.step)
             m.SESSIONS_ENDED.labels(v).inc()
-            self.sessions.end(after.session_id)
             pushed = self.features.push_session(page.user_id, datetime.now(UTC), -1, 0, 0, 0.0, 0.5)
         else:
-            self.sessions.save(after)
             pushed = self.features.push_session(
                 page.user_id,
                 datetime.now(UTC),

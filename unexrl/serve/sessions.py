@@ -6,7 +6,10 @@ Redis (``UNEXRL_REDIS``), so no session affinity is needed; the default, ``local
 (one replica, or sticky sessions). Records are keyed by the server-issued session id and request id (the Feast
 ``user_session`` view, keyed by user, is still pushed on every feedback: it is a feature, this is the state), and
 expire after ``SESSION_TTL_S`` idle seconds like a session's feature row. A page is claimed for its feedback with
-one atomic GETDEL, so it is answered once whichever replicas race for it.
+one atomic GETDEL, so it is answered once whichever replicas race for it; the session then changes in one
+read-modify-write (``Sessions.update``: a lock in the process, a WATCH/MULTI transaction in Redis, retried when
+another replica wrote the session in between), so feedback on two pages of a session, answered at the same time on
+two replicas, both count.
 """
 
 from __future__ import annotations
@@ -79,6 +82,11 @@ _PAGE = TypeAdapter(Page)
 _SESSION = TypeAdapter(SessionState)
 
 
+Change = Callable[[SessionState | None], tuple[SessionState, bool]]
+"""A session's update: (the stored open session, or None) -> (the session after it, whether it has ended). Pure: a
+store may call it again when another writer got in first."""
+
+
 class SessionStoreUnavailable(RuntimeError):
     """The shared session store cannot be read or written: the request cannot be answered correctly (a 503)."""
 
@@ -92,8 +100,10 @@ class Sessions(Protocol):
 
     def save(self, state: SessionState) -> None: ...
 
-    def end(self, session_id: int) -> None:
-        """Forget the session and void its pending pages."""
+    def update(self, session_id: int, change: Change) -> tuple[SessionState, bool] | None:
+        """Apply ``change`` to the session atomically and store the result (an ended session is forgotten, its
+        pending pages void); returns what ``change`` returned, or None (nothing written) if the session had
+        already ended."""
         ...
 
     def ended(self, session_id: int) -> bool: ...
@@ -120,17 +130,27 @@ class LocalSessions:
 
     def session(self, session_id: int) -> SessionState | None:
         with self._lock:
-            state = self._sessions.get(session_id)
-        return state if state is not None and time.time() - state.touched < SESSION_TTL_S else None
+            return self._open(session_id)
 
     def save(self, state: SessionState) -> None:
         with self._lock:
             _bounded_put(self._sessions, state.session_id, state, MAX_CACHED_SESSIONS)
 
-    def end(self, session_id: int) -> None:
+    def update(self, session_id: int, change: Change) -> tuple[SessionState, bool] | None:
         with self._lock:
-            self._sessions.pop(session_id, None)
-            _bounded_put(self._ended, session_id, None, MAX_CACHED_SESSIONS)
+            if session_id in self._ended:
+                return None
+            after, ended = change(self._open(session_id))
+            if ended:
+                self._sessions.pop(session_id, None)
+                _bounded_put(self._ended, session_id, None, MAX_CACHED_SESSIONS)
+            else:
+                _bounded_put(self._sessions, session_id, after, MAX_CACHED_SESSIONS)
+            return after, ended
+
+    def _open(self, session_id: int) -> SessionState | None:
+        state = self._sessions.get(session_id)
+        return state if state is not None and time.time() - state.touched < SESSION_TTL_S else None
 
     def ended(self, session_id: int) -> bool:
         with self._lock:
@@ -158,15 +178,28 @@ class RedisSessions:
         self._redis = redis.Redis(**_redis_options(address))
 
     def session(self, session_id: int) -> SessionState | None:
-        raw = self._call("get", _key("session", session_id))
-        return _parsed(raw, lambda text: _SESSION.validate_json(text, strict=True), f"session {session_id}")
+        return _parsed_session(self._call("get", _key("session", session_id)), session_id)
 
     def save(self, state: SessionState) -> None:
         self._call("set", _key("session", state.session_id), json.dumps(asdict(state)), ex=int(SESSION_TTL_S))
 
-    def end(self, session_id: int) -> None:
-        self._call("delete", _key("session", session_id))
-        self._call("set", _key("ended", session_id), b"1", ex=int(SESSION_TTL_S))
+    def update(self, session_id: int, change: Change) -> tuple[SessionState, bool] | None:
+        key, ended_key = _key("session", session_id), _key("ended", session_id)
+
+        def attempt(pipe: Any) -> tuple[SessionState, bool] | None:
+            # watched: reads run at once; EXEC fails (and redis-py calls this again) if either key changed since
+            if pipe.exists(ended_key):
+                return None
+            after, ended = change(_parsed_session(pipe.get(key), session_id))
+            pipe.multi()
+            if ended:
+                pipe.delete(key)
+                pipe.set(ended_key, b"1", ex=int(SESSION_TTL_S))
+            else:
+                pipe.set(key, json.dumps(asdict(after)), ex=int(SESSION_TTL_S))
+            return after, ended
+
+        return self._call("transaction", attempt, key, ended_key, value_from_callable=True)
 
     def ended(self, session_id: int) -> bool:
         return bool(self._call("exists", _key("ended", session_id)))
@@ -209,6 +242,10 @@ def _parsed(raw: bytes | None, parse: Callable[[bytes], T], what: str) -> T | No
     except (ValueError, TypeError, KeyError) as err:
         log.warning("session store: ignoring a malformed record of %s: %s", what, err)
         return None
+
+
+def _parsed_session(raw: bytes | None, session_id: int) -> SessionState | None:
+    return _parsed(raw, lambda text: _SESSION.validate_json(text, strict=True), f"session {session_id}")
 
 
 def _key(kind: str, ident: int | str) -> str:
