@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from unexrl.pipeline.launcher import (
     JobSpec,
@@ -17,6 +18,7 @@ from unexrl.pipeline.launcher import (
     wait_for_job,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "k8s"
 
 
@@ -83,14 +85,39 @@ def test_pytorchjob_manifest() -> None:
     replicas = m["spec"]["pytorchReplicaSpecs"]
     assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 2)
     assert m["spec"]["nprocPerNode"] == "8"
-    pod = replicas["Worker"]["template"]["spec"]
-    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 8}
-    assert (
-        pod["nodeSelector"]
-        and pod["tolerations"]
-        and pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "unexrl-data"
-    )
+    template = replicas["Worker"]["template"]
+    pod = template["spec"]
+    (container,) = pod["containers"]
+    assert container["name"] == "pytorch" and container["image"] == "ghcr.io/unexrl/unexrl-train-gpu:0.1.0"
+    assert container["command"] == ["torchrun", "-m", "unexrl", "--"] and container["args"][0] == "train"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 8
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"} and pod["tolerations"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "unexrl-data"}} in pod["volumes"]
+    assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
     assert "Worker" not in render("pytorchjob", spec(nodes=1))["spec"]["pytorchReplicaSpecs"]
+
+
+def test_a_pytorchjob_runs_the_training_runtimes_hardened_pod() -> None:
+    """The PyTorchJob is not a second, weaker pod: service account, security contexts, the NetworkPolicy's label,
+    NCCL environment, shared memory, scratch and signing key are the TrainingRuntime's (k8s/base/training)."""
+    runtime = yaml.safe_load((ROOT / "k8s" / "base" / "training" / "trainingruntime.yaml").read_text())
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    hardened = node["template"]["spec"]["template"]
+    (want,) = hardened["spec"]["containers"]
+    for role in ("Master", "Worker"):
+        template = render("pytorchjob", spec())["spec"]["pytorchReplicaSpecs"][role]["template"]
+        pod = template["spec"]
+        (container,) = pod["containers"]
+        assert template["metadata"]["labels"] == hardened["metadata"]["labels"]
+        for key in ("serviceAccountName", "automountServiceAccountToken", "securityContext"):
+            assert pod[key] == hardened["spec"][key], key
+        assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"] == want["securityContext"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["env"] == want["env"]
+        assert all(v in pod["volumes"] for v in hardened["spec"]["volumes"])
+        assert all(m in container["volumeMounts"] for m in want["volumeMounts"])
 
 
 def test_bad_job_settings_are_refused() -> None:

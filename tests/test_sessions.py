@@ -61,7 +61,9 @@ def test_concurrent_updates_of_a_session_all_count(store: Sessions, request: pyt
     (two Redis clients): each read-modify-write sees the others' writes, so no step is lost."""
     state = SessionState(session_id=77, user_id=7)
     store.save(state)
-    other = RedisSessions(request.getfixturevalue("redis_address")) if isinstance(store, RedisSessions) else store
+    other = (
+        RedisSessions(request.getfixturevalue("redis_address")) if isinstance(store, RedisSessions) else store
+    )
     stores = [store, other]
 
     def step(current: SessionState | None) -> tuple[SessionState, bool]:

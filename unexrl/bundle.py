@@ -1,7 +1,7 @@
 """Files the package ships beside its code, found with importlib.resources: the configs, the Feast repository
-template and the monitoring rules and dashboard. In a source checkout ``unexrl/bundled/`` links to the project's
-own ``configs/``, ``feature_repo/`` and ``k8s/monitoring/``; a built wheel holds copies, so an installed package
-needs no checkout."""
+template, the monitoring rules and dashboard, and the training runtime. In a source checkout ``unexrl/bundled/``
+links to the project's own ``configs/``, ``feature_repo/``, ``k8s/monitoring/`` and ``k8s/base/training/``; a built
+wheel holds copies, so an installed package needs no checkout."""
 
 from __future__ import annotations
 
@@ -35,3 +35,9 @@ def feature_repo_template() -> Path:
 def monitoring_file(name: str) -> Path:
     """``prometheusrule.yaml`` or ``dashboard.json``: what the serving metrics are recorded and shown with."""
     return BUNDLED / "monitoring" / name
+
+
+def training_runtime_file() -> Path:
+    """k8s/base/training/trainingruntime.yaml: the hardened pod every training job runs (the TrainJob names it;
+    a PyTorchJob is rendered from its pod template, unexrl/pipeline/launcher.py)."""
+    return BUNDLED / "training" / "trainingruntime.yaml"

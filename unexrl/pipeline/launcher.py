@@ -12,6 +12,7 @@ complete whatever the exit status.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -23,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from unexrl.bundle import training_runtime_file
 from unexrl.config import Config
 from unexrl.contracts import files
 from unexrl.contracts.base import ContractError
@@ -194,32 +198,42 @@ def render_trainjob(spec: JobSpec) -> dict[str, Any]:
     }
 
 
+def runtime_pod_template() -> dict[str, Any]:
+    """The pod template of the TrainingRuntime (``TRAINING_RUNTIME``, bundled with the package): service account,
+    security contexts, NCCL environment, shared memory, scratch, run volume and signing key."""
+    runtime = yaml.safe_load(training_runtime_file().read_text())
+    if runtime["metadata"]["name"] != TRAINING_RUNTIME:
+        raise ValueError(
+            f"{training_runtime_file()}: TrainingRuntime {runtime['metadata']['name']!r}, not {TRAINING_RUNTIME}"
+        )
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    return node["template"]["spec"]["template"]
+
+
 def render_pytorchjob(spec: JobSpec) -> dict[str, Any]:
-    """A PyTorchJob: one Master and nodes-1 Workers; the operator sets torchrun's rendezvous environment."""
+    """A PyTorchJob: one Master and nodes-1 Workers; the operator sets torchrun's rendezvous environment. Its pods
+    are the TrainingRuntime's (``runtime_pod_template``), so either kind runs as the same hardened pod, with the
+    job's image, arguments, GPUs, placement and data volume in place of the runtime's defaults."""
     volume, mount = _volume(spec)
+    gpus = {spec.gpu_resource: spec.gpus_per_node}
 
     def replicas(n: int) -> dict[str, Any]:
-        return {
-            "replicas": n,
-            "restartPolicy": "OnFailure",
-            "template": {
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "pytorch",
-                            "image": spec.image,
-                            "command": ["torchrun", "-m", "unexrl", "--"],
-                            "args": spec.args,
-                            "resources": {"limits": {spec.gpu_resource: spec.gpus_per_node}},
-                            "volumeMounts": [mount],
-                        }
-                    ],
-                    "nodeSelector": spec.node_selector,
-                    "tolerations": spec.tolerations,
-                    "volumes": [volume],
-                }
-            },
+        pod = copy.deepcopy(runtime_pod_template())
+        (container,) = pod["spec"]["containers"]
+        container |= {
+            "name": "pytorch",  # the operator finds the training container by this name
+            "image": spec.image,
+            "command": ["torchrun", "-m", "unexrl", "--"],
+            "args": spec.args,
+            "volumeMounts": [*container.get("volumeMounts", []), mount],
         }
+        resources = container.setdefault("resources", {})
+        for bound in ("requests", "limits"):
+            resources[bound] = {**resources.get(bound, {}), **gpus}
+        pod["spec"]["volumes"] = [*pod["spec"].get("volumes", []), volume]
+        pod["spec"]["nodeSelector"] = spec.node_selector or pod["spec"].get("nodeSelector", {})
+        pod["spec"]["tolerations"] = spec.tolerations or pod["spec"].get("tolerations", [])
+        return {"replicas": n, "restartPolicy": "OnFailure", "template": pod}
 
     specs = {"Master": replicas(1)}
     if spec.nodes > 1:
