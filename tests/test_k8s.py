@@ -503,7 +503,14 @@ def test_recurring_run_starts_the_continuous_training_pipeline(env):
     spec = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     (c,) = spec["containers"]
     values = {e["name"]: e.get("value") for e in c["env"]}
-    assert values["KFP_PIPELINE"] == "unexrl-continuous-training"
+    assert values["KFP_PIPELINE"] == "unexrl-continuous-training" and values["KFP_HOST"]
+    # the run's parameters: what a run needs to train here and deploy into this overlay, all of them the pipeline's
+    params = json.loads(values["KFP_PARAMS"])
+    compiled = next(yaml.safe_load_all((ROOT / "pipelines" / "unexrl_continuous_training.yaml").read_text()))
+    assert set(params) <= set(compiled["root"]["inputDefinitions"]["parameters"])
+    assert params["environment"] == env and params["gitops_repo"]
+    assert params["namespace"] == cron["metadata"]["namespace"]  # where the TrainingRuntime is
+    assert one(docs, "PersistentVolumeClaim", params["data_pvc"])
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     assert spec["automountServiceAccountToken"] is False
     scripts = next(v for v in spec["volumes"] if v["name"] == "scripts")["configMap"]["name"]
