@@ -17,6 +17,7 @@ from unexrl.serve.api import FeedbackItem
 from unexrl.serve.engine import Recommender, UnknownRequest
 from unexrl.serve.sessions import (
     KEY_PREFIX,
+    MAX_TRANSACTION_ATTEMPTS,
     LocalSessions,
     Page,
     RedisSessions,
@@ -47,13 +48,69 @@ def test_a_page_is_claimed_once_and_sessions_round_trip(store: Sessions) -> None
     assert store.page("r1") == _page("r1", state)
     assert store.claim("r1") and not store.claim("r1")
     assert store.page("r1") is None
-    assert store.update(41, lambda current: (replace(current or state, step=4), True)) == (
-        replace(state, step=4),
-        True,
-    )
+    ending = store.update(41, "r1", lambda current: (replace(current or state, step=4), True))
+    assert ending == (replace(state, step=4, counted=["r1"]), True)
     assert store.ended(41) and store.session(41) is None and not store.ended(42)
-    assert store.update(41, lambda current: (state, False)) is None  # ended: nothing written
+    assert store.update(41, "r2", lambda current: (state, False)) is None  # ended without r2: nothing written
     assert store.session(41) is None
+
+
+def test_a_page_is_counted_once_in_its_session(store: Sessions) -> None:
+    """The same page's feedback applied again (a transaction tried again after its commit went through) leaves the
+    session as it was."""
+    state = SessionState(session_id=43, user_id=7)
+    store.save(state)
+
+    def step(current: SessionState | None) -> tuple[SessionState, bool]:
+        before = current or state
+        return replace(before, step=before.step + 1), False
+
+    first = store.update(43, "p1", step)
+    assert first is not None and first[0].step == 1 and first[0].counted == ["p1"]
+    assert store.update(43, "p1", step) == first and store.session(43) == first[0]
+    assert store.update(43, "p2", step) == (replace(first[0], step=2, counted=["p1", "p2"]), False)
+
+
+def test_a_redis_update_that_ended_the_session_is_answered_again(redis_address: str) -> None:
+    """The page whose feedback ended the session is answered with the final state if its update is tried again;
+    any other page of the session finds it ended."""
+    store = RedisSessions(redis_address)
+    state = SessionState(session_id=44, user_id=7)
+    store.save(state)
+    ending = store.update(44, "last", lambda current: (replace(current or state, step=1), True))
+    assert ending is not None and ending[1]
+    assert store.update(44, "last", lambda current: (state, False)) == ending
+    assert store.update(44, "other", lambda current: (state, False)) is None
+
+
+def test_a_redis_update_gives_up_under_endless_contention(redis_address: str) -> None:
+    """A session that another writer changes between every read and commit is a 503 after a bounded number of
+    tries, not a request that spins; an error inside the change itself is not the store's."""
+    import redis
+
+    store = RedisSessions(redis_address)
+    host, port = redis_address.split(":")
+    other = redis.Redis(host=host, port=int(port))
+    state = SessionState(session_id=45, user_id=7)
+    store.save(state)
+    tries = []
+
+    def contended(current: SessionState | None) -> tuple[SessionState, bool]:
+        tries.append(1)
+        other.set(f"{KEY_PREFIX}session:45", json.dumps(asdict(state)))  # the watched key changes under us
+        return state, False
+
+    with pytest.raises(
+        SessionStoreUnavailable, match=f"changed under each of {MAX_TRANSACTION_ATTEMPTS} attempts"
+    ):
+        store.update(45, "p", contended)
+    assert len(tries) == MAX_TRANSACTION_ATTEMPTS
+
+    def broken(current: SessionState | None) -> tuple[SessionState, bool]:
+        raise KeyError("a bug in the change")
+
+    with pytest.raises(KeyError, match="a bug in the change"):
+        store.update(45, "p", broken)
 
 
 def test_concurrent_updates_of_a_session_all_count(store: Sessions, request: pytest.FixtureRequest) -> None:
@@ -72,8 +129,8 @@ def test_concurrent_updates_of_a_session_all_count(store: Sessions, request: pyt
         return replace(before, step=before.step + 1, history=[*before.history, before.step]), False
 
     def replica(k: int) -> None:
-        for _ in range(25):
-            assert stores[k % 2].update(77, step) is not None
+        for i in range(25):
+            assert stores[k % 2].update(77, f"r{k}-{i}", step) is not None
 
     threads = [threading.Thread(target=replica, args=(k,)) for k in range(4)]
     for t in threads:

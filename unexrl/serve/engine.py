@@ -375,7 +375,7 @@ class Recommender:
             )
             return after, session_end or after.step >= max_requests
 
-        outcome = self.sessions.update(session_id, change)
+        outcome = self.sessions.update(session_id, request_id, change)
         if outcome is None:  # another page's feedback ended the session meanwhile
             raise _unknown_page(request_id, session_id)
         after, ended = outcome

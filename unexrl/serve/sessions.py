@@ -7,20 +7,23 @@ Redis (``UNEXRL_REDIS``), so no session affinity is needed; the default, ``local
 ``user_session`` view, keyed by user, is still pushed on every feedback: it is a feature, this is the state), and
 expire after ``SESSION_TTL_S`` idle seconds like a session's feature row. A page is claimed for its feedback with
 one atomic GETDEL, so it is answered once whichever replicas race for it; the session then changes in one
-read-modify-write (``Sessions.update``: a lock in the process, a WATCH/MULTI transaction in Redis, retried when
+read-modify-write (``Sessions.update``: a lock in the process, a WATCH/MULTI transaction in Redis, tried again when
 another replica wrote the session in between), so feedback on two pages of a session, answered at the same time on
-two replicas, both count.
+two replicas, both count. The session records which pages it counts, so a Redis transaction tried again after its
+commit's reply was lost does not count a page twice; an ended session's marker holds its final state for the same
+reason.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from pydantic import TypeAdapter
@@ -35,6 +38,9 @@ ENV_REDIS = "UNEXRL_REDIS"
 """the online store's Redis, ``host:port[,password=...][,ssl=true][,db=N]`` (Feast's connection string)"""
 MAX_PENDING_PAGES = 100_000
 MAX_CACHED_SESSIONS = 100_000
+MAX_TRANSACTION_ATTEMPTS = 20
+"""Redis: how often a session's update is tried while other writers keep changing it, before a 503 (with a random
+wait of up to 1 ms times the attempt between tries)"""
 KEY_PREFIX = "unexrl:serving:"
 T = TypeVar("T")
 
@@ -51,6 +57,8 @@ class SessionState:
     """recently viewed item ids, oldest first, at most session.history_window"""
     touched: float = field(default_factory=time.time)
     """wall-clock time the session was issued or last had feedback (replicas share it)"""
+    counted: list[str] = field(default_factory=list)
+    """the request ids whose feedback the session counts (at most session.max_requests)"""
 
 
 @dataclass(frozen=True)
@@ -83,8 +91,19 @@ _SESSION = TypeAdapter(SessionState)
 
 
 Change = Callable[[SessionState | None], tuple[SessionState, bool]]
-"""A session's update: (the stored open session, or None) -> (the session after it, whether it has ended). Pure: a
+"""A page's feedback: (the stored open session, or None) -> (the session after it, whether it has ended). Pure: a
 store may call it again when another writer got in first."""
+
+
+def _count_once(
+    current: SessionState | None, request_id: str, change: Change
+) -> tuple[SessionState, bool, bool]:
+    """(the session after page ``request_id``'s feedback, whether it ended, whether there is anything to write):
+    ``current`` as it is if it already counts that page, else ``change`` applied and the page recorded."""
+    if current is not None and request_id in current.counted:
+        return current, False, False
+    after, ended = change(current)
+    return replace(after, counted=[*after.counted, request_id]), ended, True
 
 
 class SessionStoreUnavailable(RuntimeError):
@@ -100,10 +119,11 @@ class Sessions(Protocol):
 
     def save(self, state: SessionState) -> None: ...
 
-    def update(self, session_id: int, change: Change) -> tuple[SessionState, bool] | None:
-        """Apply ``change`` to the session atomically and store the result (an ended session is forgotten, its
-        pending pages void); returns what ``change`` returned, or None (nothing written) if the session had
-        already ended."""
+    def update(self, session_id: int, request_id: str, change: Change) -> tuple[SessionState, bool] | None:
+        """Count the feedback of page ``request_id`` in the session: ``change`` applied in one atomic
+        read-modify-write and stored (an ended session is closed, its pending pages void). Returns the session
+        after it and whether it ended; the same if the session already counts that page (nothing written twice);
+        None, writing nothing, if the session ended without it."""
         ...
 
     def ended(self, session_id: int) -> bool: ...
@@ -136,15 +156,15 @@ class LocalSessions:
         with self._lock:
             _bounded_put(self._sessions, state.session_id, state, MAX_CACHED_SESSIONS)
 
-    def update(self, session_id: int, change: Change) -> tuple[SessionState, bool] | None:
-        with self._lock:
+    def update(self, session_id: int, request_id: str, change: Change) -> tuple[SessionState, bool] | None:
+        with self._lock:  # under one lock an update is never tried twice: an ended session is simply closed
             if session_id in self._ended:
                 return None
-            after, ended = change(self._open(session_id))
-            if ended:
+            after, ended, write = _count_once(self._open(session_id), request_id, change)
+            if write and ended:
                 self._sessions.pop(session_id, None)
                 _bounded_put(self._ended, session_id, None, MAX_CACHED_SESSIONS)
-            else:
+            elif write:
                 _bounded_put(self._sessions, session_id, after, MAX_CACHED_SESSIONS)
             return after, ended
 
@@ -176,6 +196,7 @@ class RedisSessions:
         import redis
 
         self._redis = redis.Redis(**_redis_options(address))
+        self._redis_error, self._watch_error = redis.RedisError, redis.WatchError
 
     def session(self, session_id: int) -> SessionState | None:
         return _parsed_session(self._call("get", _key("session", session_id)), session_id)
@@ -183,23 +204,41 @@ class RedisSessions:
     def save(self, state: SessionState) -> None:
         self._call("set", _key("session", state.session_id), json.dumps(asdict(state)), ex=int(SESSION_TTL_S))
 
-    def update(self, session_id: int, change: Change) -> tuple[SessionState, bool] | None:
+    def update(self, session_id: int, request_id: str, change: Change) -> tuple[SessionState, bool] | None:
         key, ended_key = _key("session", session_id), _key("ended", session_id)
-
-        def attempt(pipe: Any) -> tuple[SessionState, bool] | None:
-            # watched: reads run at once; EXEC fails (and redis-py calls this again) if either key changed since
-            if pipe.exists(ended_key):
-                return None
-            after, ended = change(_parsed_session(pipe.get(key), session_id))
-            pipe.multi()
-            if ended:
-                pipe.delete(key)
-                pipe.set(ended_key, b"1", ex=int(SESSION_TTL_S))
-            else:
-                pipe.set(key, json.dumps(asdict(after)), ex=int(SESSION_TTL_S))
-            return after, ended
-
-        return self._call("transaction", attempt, key, ended_key, value_from_callable=True)
+        for attempt in range(MAX_TRANSACTION_ATTEMPTS):
+            try:
+                with self._redis.pipeline() as pipe:
+                    pipe.watch(
+                        key, ended_key
+                    )  # from here reads run at once, and EXEC fails if either key changes
+                    raw_final = pipe.get(ended_key)
+                    if (
+                        raw_final is not None
+                    ):  # ended: by this page (a commit whose reply was lost) or another
+                        final = _parsed_session(raw_final, session_id)
+                        return (final, True) if final is not None and request_id in final.counted else None
+                    current = _parsed_session(pipe.get(key), session_id)
+                    after, ended, write = _count_once(current, request_id, change)
+                    if write:
+                        pipe.multi()
+                        if ended:
+                            pipe.delete(key)
+                            pipe.set(ended_key, json.dumps(asdict(after)), ex=int(SESSION_TTL_S))
+                        else:
+                            pipe.set(key, json.dumps(asdict(after)), ex=int(SESSION_TTL_S))
+                        pipe.execute()
+                    return after, ended
+            except self._watch_error:  # another writer got in, or the connection dropped while watching
+                time.sleep(
+                    random.uniform(0, 0.001 * (attempt + 1))
+                )  # jitter, so that racing writers spread out
+            except self._redis_error as err:
+                raise _unavailable(err) from None
+        raise SessionStoreUnavailable(
+            f"session store: session {session_id} changed under each of {MAX_TRANSACTION_ATTEMPTS} attempts to "
+            "update it"
+        )
 
     def ended(self, session_id: int) -> bool:
         return bool(self._call("exists", _key("ended", session_id)))
@@ -217,8 +256,12 @@ class RedisSessions:
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return getattr(self._redis, method)(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - redis-py raises several kinds; the caller sees one
-            raise SessionStoreUnavailable(f"session store: {type(err).__name__}: {err}") from None
+        except self._redis_error as err:  # connection, timeout, auth, ...: the caller sees one kind
+            raise _unavailable(err) from None
+
+
+def _unavailable(err: Exception) -> SessionStoreUnavailable:
+    return SessionStoreUnavailable(f"session store: {type(err).__name__}: {err}")
 
 
 def open_sessions(environ: dict[str, str]) -> Sessions:
