@@ -13,6 +13,7 @@ COPY pyproject.toml README.md ./
 COPY configs/ configs/
 COPY feature_repo/ feature_repo/
 COPY k8s/monitoring/ k8s/monitoring/
+COPY k8s/base/training/ k8s/base/training/
 COPY unexrl/ unexrl/
 RUN pip install ".[train,features,serve,pipelines]" && pip install --no-deps $(python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["unexrl"]["no-deps"])')
 COPY serving/ serving/

@@ -16,6 +16,7 @@ COPY pyproject.toml README.md ./
 COPY configs/ configs/
 COPY feature_repo/ feature_repo/
 COPY k8s/monitoring/ k8s/monitoring/
+COPY k8s/base/training/ k8s/base/training/
 COPY unexrl/ unexrl/
 # the rest of pyproject.toml's core, train, features and pipelines requirements, less the CPU stack pinned above
 RUN python -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
@@ -23,4 +24,4 @@ RUN python -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb")
     print("\n".join(r for r in reqs if re.match(r"[A-Za-z0-9._-]+", r)[0] not in ("torch", "fbgemm-gpu-cpu")))' \
     > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt && pip install --no-deps .
-RUN cd / && python -c "import unexrl.train.job, unexrl.pipeline.launcher, torchrec"
+RUN cd / && python -c "import unexrl.train.job, unexrl.pipeline.launcher, torchrec; from unexrl.pipeline.launcher import runtime_pod_template; runtime_pod_template()"

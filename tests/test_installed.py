@@ -31,6 +31,20 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_SOURCES = (".git", ".venv", ".venv-checkov", "runs", "build", ".gpuwheels", "__pycache__", "*.egg-info")
 
 
+def test_every_image_copies_what_the_package_bundles() -> None:
+    """unexrl/bundled/ holds links into the tree; an image that builds the package without a link's target ships a
+    package without those files (pip skips the dangling link), and fails only when they are first read."""
+    targets = {
+        link.readlink().as_posix().removeprefix("../../") + "/"
+        for link in (ROOT / "unexrl" / "bundled").iterdir()
+        if link.is_symlink()
+    }
+    assert "k8s/base/training/" in targets
+    for dockerfile in sorted((ROOT / "dockerfiles").glob("*.Dockerfile")):
+        copied = {line.split()[1] for line in dockerfile.read_text().splitlines() if line.startswith("COPY ")}
+        assert targets <= copied, f"{dockerfile.name} does not copy {sorted(targets - copied)}"
+
+
 def _run(command: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) -> str:
     done = subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
