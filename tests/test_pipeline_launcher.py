@@ -96,6 +96,11 @@ def test_pytorchjob_manifest() -> None:
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "unexrl-data"}} in pod["volumes"]
     assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
     assert "Worker" not in render("pytorchjob", spec(nodes=1))["spec"]["pytorchReplicaSpecs"]
+    # another accelerator replaces the runtime's GPU request rather than adding to it
+    amd = render("pytorchjob", spec(gpu_resource="amd.com/gpu"))["spec"]["pytorchReplicaSpecs"]["Master"]
+    (container,) = amd["template"]["spec"]["containers"]
+    assert {k for k in container["resources"]["limits"] if k.endswith("/gpu")} == {"amd.com/gpu"}
+    assert {k for k in container["resources"]["requests"] if k.endswith("/gpu")} == {"amd.com/gpu"}
 
 
 def test_a_pytorchjob_runs_the_training_runtimes_hardened_pod() -> None:

@@ -42,6 +42,10 @@ TRAINING_RUNTIME = "unexrl-torchrec"
 carry the trainers' NetworkPolicy label, service account, non-root security context and signing key)"""
 
 
+RUNTIME_GPU_RESOURCE = "nvidia.com/gpu"
+"""the accelerator resource the TrainingRuntime's pod requests; a job names its own (``JobSpec.gpu_resource``)"""
+
+
 class TrainingFailed(RuntimeError):
     """The training run or job ended without a complete export."""
 
@@ -130,7 +134,7 @@ class JobSpec:
     mount_path: str = "/data"
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, str]] = field(default_factory=list)
-    gpu_resource: str = "nvidia.com/gpu"
+    gpu_resource: str = RUNTIME_GPU_RESOURCE
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -228,8 +232,9 @@ def render_pytorchjob(spec: JobSpec) -> dict[str, Any]:
             "volumeMounts": [*container.get("volumeMounts", []), mount],
         }
         resources = container.setdefault("resources", {})
-        for bound in ("requests", "limits"):
-            resources[bound] = {**resources.get(bound, {}), **gpus}
+        for bound in ("requests", "limits"):  # the job's accelerators in place of the runtime's
+            kept = {k: v for k, v in resources.get(bound, {}).items() if k != RUNTIME_GPU_RESOURCE}
+            resources[bound] = kept | gpus
         pod["spec"]["volumes"] = [*pod["spec"].get("volumes", []), volume]
         pod["spec"]["nodeSelector"] = spec.node_selector or pod["spec"].get("nodeSelector", {})
         pod["spec"]["tolerations"] = spec.tolerations or pod["spec"].get("tolerations", [])
