@@ -508,7 +508,7 @@ def test_recurring_run_starts_the_continuous_training_pipeline(env):
     params = json.loads(values["KFP_PARAMS"])
     compiled = next(yaml.safe_load_all((ROOT / "pipelines" / "unexrl_continuous_training.yaml").read_text()))
     assert set(params) <= set(compiled["root"]["inputDefinitions"]["parameters"])
-    assert params["environment"] == env and params["gitops_repo"]
+    assert params["environment"] == env
     assert params["namespace"] == cron["metadata"]["namespace"]  # where the TrainingRuntime is
     assert one(docs, "PersistentVolumeClaim", params["data_pvc"])
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
