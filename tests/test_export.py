@@ -162,15 +162,35 @@ def test_weights_that_do_not_fit_the_recorded_config_are_refused(
         load_actor_policy(copy, cfg, small_sim.world)
 
 
-def test_an_actors_manifest_of_another_version_is_refused_by_name(
+def _as_version_1(manifest: dict) -> dict:
+    """An actors manifest as version 1 wrote it: no history window, the user feature columns alone, a tuned run's
+    seeds under ``seeds``."""
+    features = {k: v for k, v in manifest["features"].items() if k != "history_window"}
+    features["user_features"] = (manifest["features"]["user_features"] or {}).get("columns", [])
+    fixed = dict(manifest["fixed_stages"])
+    if fixed["source"] == "tuned":
+        fixed["seeds"] = fixed.pop("seen_seeds")
+    return manifest | {"schema_version": 1, "features": features, "fixed_stages": fixed}
+
+
+def test_a_version_1_actors_artifact_is_read_from_its_config(
     export: Path, cfg: Config, small_sim: Simulator, tmp_path: Path
 ) -> None:
-    """Version 1 recorded less of the input contract (no history window); its actors are not served on a guess."""
+    """An incumbent exported before version 2 still loads (what version 1 did not record is in its config), and is
+    still refused where serving's inputs differ from its training config's; another version is refused by name."""
     copy = _copy(export, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["schema_version"] = 1
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="schema_version 1: this code reads version 2 of ActorsManifest"):
+    (copy / "manifest.json").write_text(json.dumps(_as_version_1(manifest)))
+    upgraded = read_artifact(copy, ActorsManifest)
+    assert (
+        upgraded.schema_version == 2 and upgraded.features == read_artifact(export, ActorsManifest).features
+    )
+    load_actor_policy(copy, cfg, small_sim.world)
+    other = load_config(ROOT / "configs" / "small.yaml", ["session.history_window=5"])
+    with pytest.raises(ArtifactError, match="feature schema"):
+        load_actor_policy(copy, other, small_sim.world)
+    (copy / "manifest.json").write_text(json.dumps(manifest | {"schema_version": 3}))
+    with pytest.raises(ArtifactError, match="schema_version 3: this code reads version 2 of ActorsManifest"):
         load_actor_policy(copy, cfg, small_sim.world)
 
 

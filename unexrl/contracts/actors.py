@@ -2,16 +2,19 @@
 manifest, what the actors' inputs mean, and where the run that made them got its data, weights and curve.
 
 Version 2 records the whole input contract (history window, user-feature window and scale) and types every
-section; a version-1 artifact is refused by name rather than served on inputs it cannot vouch for.
+section. A version-1 manifest is read as version 2: what it lacks is in the full training config it records, so an
+incumbent exported before the change is still evaluated and served, and refused where those inputs differ.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, Self
 
 from pydantic import Field
 
+from unexrl.config import Config
 from unexrl.contracts.artifact import ArtifactError, ArtifactManifest
 from unexrl.contracts.base import SHA256, STRICT, Part
 from unexrl.contracts.training import CurvePoint
@@ -144,6 +147,12 @@ class ActorsManifest(ArtifactManifest):
     evaluation: ValidationRecord
     selection: SelectionRecord
 
+    @classmethod
+    def parse(cls, data: bytes | str, where: str) -> Self:
+        """The manifest from its JSON text; a version-1 document is first rewritten as version 2
+        (:func:`_from_version_1`), then validated like any other."""
+        return super().parse(_from_version_1(data), where)
+
     def check_features(self, ours: FeatureSchema, where: Path) -> None:
         """Refuse actors whose inputs would mean something else where ``ours`` is the schema (features, scaling,
         id space)."""
@@ -155,3 +164,31 @@ class ActorsManifest(ArtifactManifest):
         }
         if differ:
             raise ArtifactError(f"{where}: feature schema differs (artifact, config): {differ}")
+
+
+def _from_version_1(data: bytes | str) -> bytes | str:
+    """A version-1 actors manifest as version 2; any other document as it is. Version 1 differs in two sections:
+    ``features`` lacked the history window and listed the user feature columns alone, ``fixed_stages`` called a
+    tuned run's seeds ``seeds``; what is missing is read from the training config the manifest records."""
+    try:
+        doc = json.loads(data)
+        if not (isinstance(doc, dict) and doc.get("schema_version") == 1 and doc.get("kind") == "actors"):
+            return data
+        cfg = Config.model_validate_json(json.dumps(doc["config"]))
+        features, fixed = dict(doc["features"]), dict(doc["fixed_stages"])
+    except (KeyError, TypeError, ValueError):
+        return data  # validation names what is wrong with it
+    columns = features.get("user_features") or []
+    features["history_window"] = cfg.session.history_window
+    features["user_features"] = (
+        {
+            "columns": columns,
+            "recent_items": cfg.features.recent_items,
+            "duration_median_s": cfg.world.duration_median_s,
+        }
+        if columns
+        else None
+    )
+    if "seeds" in fixed:
+        fixed["seen_seeds"] = fixed.pop("seeds")
+    return json.dumps(doc | {"schema_version": 2, "features": features, "fixed_stages": fixed})
