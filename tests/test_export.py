@@ -163,13 +163,14 @@ def test_weights_that_do_not_fit_the_recorded_config_are_refused(
 
 
 def _as_version_1(manifest: dict) -> dict:
-    """An actors manifest as version 1 wrote it: no history window, the user feature columns alone, a tuned run's
-    seeds under ``seeds``."""
+    """An actors manifest as early version-1 exports wrote it: no history window, the user feature columns alone,
+    a tuned run's seeds under ``seeds``, a CEM artifact's seen seeds not recorded."""
     features = {k: v for k, v in manifest["features"].items() if k != "history_window"}
     features["user_features"] = (manifest["features"]["user_features"] or {}).get("columns", [])
     fixed = dict(manifest["fixed_stages"])
+    seen = fixed.pop("seen_seeds")
     if fixed["source"] == "tuned":
-        fixed["seeds"] = fixed.pop("seen_seeds")
+        fixed["seeds"] = seen
     return manifest | {"schema_version": 1, "features": features, "fixed_stages": fixed}
 
 
@@ -182,9 +183,9 @@ def test_a_version_1_actors_artifact_is_read_from_its_config(
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps(_as_version_1(manifest)))
     upgraded = read_artifact(copy, ActorsManifest)
-    assert (
-        upgraded.schema_version == 2 and upgraded.features == read_artifact(export, ActorsManifest).features
-    )
+    assert upgraded.schema_version == 2
+    assert upgraded.features == read_artifact(export, ActorsManifest).features
+    assert upgraded.fixed_stages.source == "artifact" and upgraded.fixed_stages.seen_seeds is None
     load_actor_policy(copy, cfg, small_sim.world)
     other = load_config(ROOT / "configs" / "small.yaml", ["session.history_window=5"])
     with pytest.raises(ArtifactError, match="feature schema"):

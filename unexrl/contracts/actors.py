@@ -96,9 +96,10 @@ class FixedStages(Part):
     """Where the CEM weights of the stages that do not learn (and the actors' starting point) came from."""
 
     source: Literal["artifact", "tuned"]
-    seen_seeds: list[int]
+    seen_seeds: list[int] | None
     """the seeds whose sessions made these weights: ``tuned``, the training seeds CEM was tuned on here;
-    ``artifact``, the CEM artifact's own ``seen_seeds``"""
+    ``artifact``, the CEM artifact's own ``seen_seeds``; None: not recorded (a version-1 manifest written before
+    they were; its common ``seen_seeds`` has them)"""
     path: str | None = None
     """``artifact``: the CEM artifact's path"""
     sha256: dict[str, str] | None = None
@@ -189,6 +190,5 @@ def _from_version_1(data: bytes | str) -> bytes | str:
         if columns
         else None
     )
-    if "seeds" in fixed:
-        fixed["seen_seeds"] = fixed.pop("seeds")
+    fixed["seen_seeds"] = fixed.pop("seeds", fixed.get("seen_seeds"))
     return json.dumps(doc | {"schema_version": 2, "features": features, "fixed_stages": fixed})

@@ -98,7 +98,7 @@ def export_actors(
             cfg,
             algorithm=cfg.algo.name,
             files={ACTORS_FILE: sha256_file(tmp / ACTORS_FILE)},
-            data_seeds=[*training_data.seeds, *fixed_stages.seen_seeds],
+            data_seeds=[*training_data.seeds, *(fixed_stages.seen_seeds or [])],
             learning_stages=learning_stages(cfg),
             features=ActorFeatures(**dict(feature_schema(cfg)), tables=tables),
             training_data=training_data,
