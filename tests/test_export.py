@@ -190,6 +190,15 @@ def test_a_version_1_actors_artifact_is_read_from_its_config(
     other = load_config(ROOT / "configs" / "small.yaml", ["session.history_window=5"])
     with pytest.raises(ArtifactError, match="feature schema"):
         load_actor_policy(copy, other, small_sim.world)
+    # a run that tuned its own CEM weights called their seeds "seeds"
+    tuned = manifest | {"fixed_stages": {"source": "tuned", "seen_seeds": [1000, 1001]}}
+    (copy / "manifest.json").write_text(json.dumps(_as_version_1(tuned)))
+    assert read_artifact(copy, ActorsManifest).fixed_stages.seen_seeds == [1000, 1001]
+    # a version-1 document that cannot be upgraded says why, not which version this code reads
+    broken = _as_version_1(manifest) | {"config": {"world": "not a config"}}
+    (copy / "manifest.json").write_text(json.dumps(broken))
+    with pytest.raises(ArtifactError, match="version-1 actors manifest that cannot be read as version 2"):
+        load_actor_policy(copy, cfg, small_sim.world)
     (copy / "manifest.json").write_text(json.dumps(manifest | {"schema_version": 3}))
     with pytest.raises(ArtifactError, match="schema_version 3: this code reads version 2 of ActorsManifest"):
         load_actor_policy(copy, cfg, small_sim.world)

@@ -101,6 +101,10 @@ def test_pytorchjob_manifest() -> None:
     (container,) = amd["template"]["spec"]["containers"]
     assert {k for k in container["resources"]["limits"] if k.endswith("/gpu")} == {"amd.com/gpu"}
     assert {k for k in container["resources"]["requests"] if k.endswith("/gpu")} == {"amd.com/gpu"}
+    # nor does it inherit the runtime's NVIDIA placement: only the job's (here none)
+    bare = render("pytorchjob", spec(gpu_resource="amd.com/gpu", node_selector={}, tolerations=[]))
+    pod = bare["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["nodeSelector"] == {} and pod["tolerations"] == []
 
 
 def test_a_pytorchjob_runs_the_training_runtimes_hardened_pod() -> None:

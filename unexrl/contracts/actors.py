@@ -16,7 +16,7 @@ from pydantic import Field
 
 from unexrl.config import Config
 from unexrl.contracts.artifact import ArtifactError, ArtifactManifest
-from unexrl.contracts.base import SHA256, STRICT, Part
+from unexrl.contracts.base import SHA256, STRICT, ContractError, Part
 from unexrl.contracts.training import CurvePoint
 
 
@@ -152,7 +152,7 @@ class ActorsManifest(ArtifactManifest):
     def parse(cls, data: bytes | str, where: str) -> Self:
         """The manifest from its JSON text; a version-1 document is first rewritten as version 2
         (:func:`_from_version_1`), then validated like any other."""
-        return super().parse(_from_version_1(data), where)
+        return super().parse(_from_version_1(data, where), where)
 
     def check_features(self, ours: FeatureSchema, where: Path) -> None:
         """Refuse actors whose inputs would mean something else where ``ours`` is the schema (features, scaling,
@@ -167,18 +167,24 @@ class ActorsManifest(ArtifactManifest):
             raise ArtifactError(f"{where}: feature schema differs (artifact, config): {differ}")
 
 
-def _from_version_1(data: bytes | str) -> bytes | str:
+def _from_version_1(data: bytes | str, where: str) -> bytes | str:
     """A version-1 actors manifest as version 2; any other document as it is. Version 1 differs in two sections:
     ``features`` lacked the history window and listed the user feature columns alone, ``fixed_stages`` called a
     tuned run's seeds ``seeds``; what is missing is read from the training config the manifest records."""
     try:
         doc = json.loads(data)
-        if not (isinstance(doc, dict) and doc.get("schema_version") == 1 and doc.get("kind") == "actors"):
-            return data
+    except ValueError:
+        return data  # validation names what is wrong with it
+    if not (isinstance(doc, dict) and doc.get("schema_version") == 1 and doc.get("kind") == "actors"):
+        return data
+    try:
         cfg = Config.model_validate_json(json.dumps(doc["config"]))
         features, fixed = dict(doc["features"]), dict(doc["fixed_stages"])
-    except (KeyError, TypeError, ValueError):
-        return data  # validation names what is wrong with it
+    except (KeyError, TypeError, ValueError) as err:
+        raise ContractError(
+            f"{where}: a version-1 actors manifest that cannot be read as version 2 (its config, features and "
+            f"fixed_stages are needed): {type(err).__name__}: {err}"
+        ) from None
     columns = features.get("user_features") or []
     features["history_window"] = cfg.session.history_window
     features["user_features"] = (

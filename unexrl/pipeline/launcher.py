@@ -236,8 +236,12 @@ def render_pytorchjob(spec: JobSpec) -> dict[str, Any]:
             kept = {k: v for k, v in resources.get(bound, {}).items() if k != RUNTIME_GPU_RESOURCE}
             resources[bound] = kept | gpus
         pod["spec"]["volumes"] = [*pod["spec"].get("volumes", []), volume]
-        pod["spec"]["nodeSelector"] = spec.node_selector or pod["spec"].get("nodeSelector", {})
-        pod["spec"]["tolerations"] = spec.tolerations or pod["spec"].get("tolerations", [])
+        # the runtime's placement is for its accelerator: another one takes only the job's
+        own = spec.gpu_resource == RUNTIME_GPU_RESOURCE
+        pod["spec"]["nodeSelector"] = spec.node_selector or (
+            pod["spec"].get("nodeSelector", {}) if own else {}
+        )
+        pod["spec"]["tolerations"] = spec.tolerations or (pod["spec"].get("tolerations", []) if own else [])
         return {"replicas": n, "restartPolicy": "OnFailure", "template": pod}
 
     specs = {"Master": replicas(1)}

@@ -384,10 +384,11 @@ class Recommender:
         for i in viewed:
             m.ITEM_WATCH_TIME.labels(v).observe(watched[i])
         if ended:
-            m.SESSION_WATCH_TIME.labels(v).observe(after.watch_time_s)
-            m.SESSION_ITEMS.labels(v).observe(after.items_watched)
-            m.SESSION_REQUESTS.labels(v).observe(after.step)
-            m.SESSIONS_ENDED.labels(v).inc()
+            if after.counted[-1] == request_id:  # this page ended it (not one counted before, answered again)
+                m.SESSION_WATCH_TIME.labels(v).observe(after.watch_time_s)
+                m.SESSION_ITEMS.labels(v).observe(after.items_watched)
+                m.SESSION_REQUESTS.labels(v).observe(after.step)
+                m.SESSIONS_ENDED.labels(v).inc()
             pushed = self.features.push_session(page.user_id, datetime.now(UTC), -1, 0, 0, 0.0, 0.5)
         else:
             pushed = self.features.push_session(

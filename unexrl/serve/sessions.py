@@ -42,6 +42,8 @@ MAX_TRANSACTION_ATTEMPTS = 20
 """Redis: how often a session's update is tried while other writers keep changing it, before a 503 (with a random
 wait of up to 1 ms times the attempt between tries)"""
 KEY_PREFIX = "unexrl:serving:"
+_OLD_ENDED = b"1"
+"""an ended session's marker as written before it held the final state"""
 T = TypeVar("T")
 
 
@@ -122,8 +124,9 @@ class Sessions(Protocol):
     def update(self, session_id: int, request_id: str, change: Change) -> tuple[SessionState, bool] | None:
         """Count the feedback of page ``request_id`` in the session: ``change`` applied in one atomic
         read-modify-write and stored (an ended session is closed, its pending pages void). Returns the session
-        after it and whether it ended; the same if the session already counts that page (nothing written twice);
-        None, writing nothing, if the session ended without it."""
+        after it and whether it has ended; the same if the session already counts that page (nothing written
+        twice; the page that ended it is then the last one counted); None, writing nothing, if the session ended
+        without it."""
         ...
 
     def ended(self, session_id: int) -> bool: ...
@@ -194,8 +197,12 @@ class RedisSessions:
 
     def __init__(self, address: str) -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        self._redis = redis.Redis(**_redis_options(address))
+        # one immediate retry of a dropped connection, not redis-py's default of three after up to 14 s: a request
+        # waits on this store, and an unreachable store is a fast 503
+        self._redis = redis.Redis(**_redis_options(address), retry=Retry(NoBackoff(), 1))
         self._redis_error, self._watch_error = redis.RedisError, redis.WatchError
 
     def session(self, session_id: int) -> SessionState | None:
@@ -212,11 +219,10 @@ class RedisSessions:
                     pipe.watch(
                         key, ended_key
                     )  # from here reads run at once, and EXEC fails if either key changes
+                    # ended: by this page (a commit whose reply was lost) or by another
                     raw_final = pipe.get(ended_key)
-                    if (
-                        raw_final is not None
-                    ):  # ended: by this page (a commit whose reply was lost) or another
-                        final = _parsed_session(raw_final, session_id)
+                    if raw_final is not None:
+                        final = None if raw_final == _OLD_ENDED else _parsed_session(raw_final, session_id)
                         return (final, True) if final is not None and request_id in final.counted else None
                     current = _parsed_session(pipe.get(key), session_id)
                     after, ended, write = _count_once(current, request_id, change)
@@ -236,8 +242,8 @@ class RedisSessions:
             except self._redis_error as err:
                 raise _unavailable(err) from None
         raise SessionStoreUnavailable(
-            f"session store: session {session_id} changed under each of {MAX_TRANSACTION_ATTEMPTS} attempts to "
-            "update it"
+            f"session store: session {session_id} not updated in {MAX_TRANSACTION_ATTEMPTS} attempts (other "
+            "writers changed it each time, or the connection dropped while it was watched)"
         )
 
     def ended(self, session_id: int) -> bool:
