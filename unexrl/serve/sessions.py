@@ -216,9 +216,8 @@ class RedisSessions:
         for attempt in range(MAX_TRANSACTION_ATTEMPTS):
             try:
                 with self._redis.pipeline() as pipe:
-                    pipe.watch(
-                        key, ended_key
-                    )  # from here reads run at once, and EXEC fails if either key changes
+                    # from here reads run at once, and EXEC fails if either key changes
+                    pipe.watch(key, ended_key)
                     # ended: by this page (a commit whose reply was lost) or by another
                     raw_final = pipe.get(ended_key)
                     if raw_final is not None:
@@ -235,10 +234,9 @@ class RedisSessions:
                             pipe.set(key, json.dumps(asdict(after)), ex=int(SESSION_TTL_S))
                         pipe.execute()
                     return after, ended
-            except self._watch_error:  # another writer got in, or the connection dropped while watching
-                time.sleep(
-                    random.uniform(0, 0.001 * (attempt + 1))
-                )  # jitter, so that racing writers spread out
+            except self._watch_error:
+                # another writer got in, or the connection dropped while watching: a random wait spreads racers out
+                time.sleep(random.uniform(0, 0.001 * (attempt + 1)))
             except self._redis_error as err:
                 raise _unavailable(err) from None
         raise SessionStoreUnavailable(

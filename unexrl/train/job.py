@@ -104,10 +104,9 @@ def _run(
     if ctx.is_main:  # what `unexrl diagnose` and a reader of the run need to know it was trained with
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / RUN_CONFIG, json.dumps(cfg.to_dict(), indent=1))
+    # the logs' manifest, read once: checked here, before any CEM tuning or sharding, and recorded in the export
     log_manifest = None
-    if (
-        logs is not None
-    ):  # read once: checked here, before any CEM tuning or sharding, and recorded in the export
+    if logs is not None:
         log_manifest = LogManifest.read(Path(logs) / files.MANIFEST)
         cfg.seeds.check_unseen(log_manifest.seeds, f"the logs {logs}")
     sim = Simulator(cfg)
