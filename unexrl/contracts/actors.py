@@ -107,6 +107,8 @@ class FixedStages(Part):
 
 
 class TrainingRecord(Part):
+    """How the run trained: its updates, where it resumed, and how its tables were placed."""
+
     updates: int = Field(ge=0)
     resumed_from: int | None
     world_size: int = Field(ge=1)
@@ -115,6 +117,8 @@ class TrainingRecord(Part):
 
 
 class ValidationRecord(Part):
+    """The run's validation curve: on which seed and how many sessions, and every point."""
+
     validation_seed: int
     sessions: int = Field(ge=1)
     final_validation_watch_time: float | None
@@ -157,11 +161,10 @@ class ActorsManifest(ArtifactManifest):
     def check_features(self, ours: FeatureSchema, where: Path) -> None:
         """Refuse actors whose inputs would mean something else where ``ours`` is the schema (features, scaling,
         id space)."""
-        theirs = FeatureSchema.model_validate(self.features.model_dump(exclude={"tables"}))
         differ = {
-            name: (getattr(theirs, name), getattr(ours, name))
+            name: (getattr(self.features, name), getattr(ours, name))
             for name in FeatureSchema.model_fields
-            if getattr(theirs, name) != getattr(ours, name)
+            if getattr(self.features, name) != getattr(ours, name)
         }
         if differ:
             raise ArtifactError(f"{where}: feature schema differs (artifact, config): {differ}")
