@@ -220,9 +220,10 @@ def render_pytorchjob(spec: JobSpec) -> dict[str, Any]:
     job's image, arguments, GPUs, placement and data volume in place of the runtime's defaults."""
     volume, mount = _volume(spec)
     gpus = {spec.gpu_resource: spec.gpus_per_node}
+    template = runtime_pod_template()
 
     def replicas(n: int) -> dict[str, Any]:
-        pod = copy.deepcopy(runtime_pod_template())
+        pod = copy.deepcopy(template)
         (container,) = pod["spec"]["containers"]
         container |= {
             "name": "pytorch",  # the operator finds the training container by this name
