@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from unexrl.config import load_config
+from unexrl.contracts.base import ContractError
 from unexrl.experiment import METRICS, Run, results_markdown, run_experiment, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,17 @@ def test_workers_give_the_same_results_as_one_process_and_runs_resume(tmp_path: 
     again = run_experiment(cfg, tmp_path / "w1")
     assert runs.stat().st_mtime_ns == stamp
     assert json.dumps(_measured(again), sort_keys=True) == json.dumps(_measured(one), sort_keys=True)
+
+    # a saved run is a contract: one written by other code, or under another run's name, is refused by name
+    record = json.loads(runs.read_text())
+    runs.write_text(json.dumps({**record, "n_eval_seeds": 2}))
+    with pytest.raises(
+        ContractError, match=r"td3-seed0\.json.*n_eval_seeds.*delete it to run td3-seed0 again"
+    ):
+        run_experiment(cfg, tmp_path / "w1")
+    runs.write_text(json.dumps({**record, "variant": "cem"}))
+    with pytest.raises(ContractError, match=r"td3-seed0\.json: holds cem seed 0"):
+        run_experiment(cfg, tmp_path / "w1")
 
 
 def _measured(results: dict) -> dict:

@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,10 @@ import numpy as np
 import torch
 
 from unexrl.config import BASELINES, Config
+from unexrl.contracts.base import ContractError
+from unexrl.contracts.diagnostics import CriticDiagnostics
+from unexrl.contracts.experiment import RunRecord
+from unexrl.contracts.training import ValidationScore
 from unexrl.evaluate.rollout import rollout
 from unexrl.evaluate.stats import Estimate, bootstrap_mean, bootstrap_uplift
 from unexrl.io import atomic_write_text, write_figure
@@ -85,44 +90,46 @@ class Run:
     agents: int | None
     outcomes: dict[str, list[np.ndarray]]
     """metric -> one array of per-session values per evaluation seed"""
-    curve: list[dict[str, Any]]
+    curve: list[ValidationScore]
     seconds: float
     group_actions: list[list[float]]
     """[activity group][weight] mean action on the first evaluation seed's requests"""
-    diagnostics: dict[str, Any] | None = None
-    """the final critic's CriticDiagnostics (learners only)"""
+    diagnostics: CriticDiagnostics | None = None
+    """the final critic's diagnostics (learners only)"""
 
     def save(self, path: Path) -> None:
+        """The outcomes' ``.npz``, then the record (atomically): the record's presence marks a complete run."""
         arrays = {f"{m}_{i}": v for m, vs in self.outcomes.items() for i, v in enumerate(vs)}
         np.savez(path.with_suffix(".npz"), **arrays)
-        meta = {
-            "variant": self.variant,
-            "seed": self.seed,
-            "agents": self.agents,
-            "curve": self.curve,
-            "seconds": self.seconds,
-            "n_eval_seeds": len(self.outcomes["watch_time"]),
-            "group_actions": self.group_actions,
-            "diagnostics": self.diagnostics,
-        }
-        atomic_write_text(
-            path.with_suffix(".json"), json.dumps(meta)
-        )  # last: its presence marks a complete run
+        RunRecord(
+            variant=self.variant,
+            seed=self.seed,
+            agents=self.agents,
+            curve=self.curve,
+            seconds=self.seconds,
+            eval_seeds=len(self.outcomes["watch_time"]),
+            group_actions=self.group_actions,
+            diagnostics=self.diagnostics,
+        ).write(path.with_suffix(".json"))
 
     @staticmethod
     def load(path: Path) -> Run:
-        meta = json.loads(path.with_suffix(".json").read_text())
-        arrays = np.load(path.with_suffix(".npz"))
-        outcomes = {m: [arrays[f"{m}_{i}"] for i in range(meta["n_eval_seeds"])] for m in METRICS}
+        """A saved run; ContractError names the file when its record or its outcomes are not what save wrote."""
+        record = RunRecord.read(path.with_suffix(".json"))
+        with np.load(path.with_suffix(".npz")) as arrays:
+            keys = [f"{m}_{i}" for m in METRICS for i in range(record.eval_seeds)]
+            if missing := [k for k in keys if k not in arrays.files]:
+                raise ContractError(f"{path.with_suffix('.npz')}: no outcomes {', '.join(missing)}")
+            outcomes = {m: [arrays[f"{m}_{i}"] for i in range(record.eval_seeds)] for m in METRICS}
         return Run(
-            meta["variant"],
-            meta["seed"],
-            meta["agents"],
+            record.variant,
+            record.seed,
+            record.agents,
             outcomes,
-            meta["curve"],
-            meta["seconds"],
-            meta["group_actions"],
-            meta["diagnostics"],
+            record.curve,
+            record.seconds,
+            record.group_actions,
+            record.diagnostics,
         )
 
 
@@ -159,7 +166,9 @@ def _baseline(cfg: Config, sim: Simulator, name: str, k: int, folder: Path) -> W
     }.get(name, "none")
     if path.is_file():
         return WeightPolicy(
-            torch.load(path).to(sim.world.item_category.device), cfg.cascade, group_by=group_by
+            torch.load(path, weights_only=True).to(sim.world.item_category.device),
+            cfg.cascade,
+            group_by=group_by,
         )  # type: ignore[arg-type]
     cem = None if name == "cem" else _baseline(cfg, sim, "cem", k, folder)
     policy = tune_baseline(name, sim, cem, progress=False)
@@ -177,7 +186,16 @@ def _run(cfg: Config, variant: str, k: int, agents: int | None, folder: Path) ->
     name = f"{variant}-seed{k}" + (f"-agents{agents}" if agents is not None else "")
     path = folder / name
     if path.with_suffix(".json").exists():
-        return Run.load(path)
+        try:
+            run = Run.load(path)
+        except ContractError as err:
+            raise ContractError(f"{err} (a run saved by other code? delete it to run {name} again)") from None
+        if (run.variant, run.seed, run.agents) != (variant, k, agents):
+            raise ContractError(
+                f"{path.with_suffix('.json')}: holds {run.variant} seed {run.seed} agents {run.agents}, "
+                f"not {variant} seed {k} agents {agents}"
+            )
+        return run
     kcfg = seed_config(cfg, k)
     started = time.perf_counter()
     if cfg.name not in _WORLDS:
@@ -189,9 +207,7 @@ def _run(cfg: Config, variant: str, k: int, agents: int | None, folder: Path) ->
         # on the validation sessions the learners' curves are measured on: the reference lines of their plot
         t = kcfg.train
         validation = rollout(sim, policy, kcfg.seeds.validation[0], t.eval_sessions, t.eval_sessions)
-        curve: list[dict[str, Any]] = [
-            {"updates": 0, "validation_watch_time": float(validation.watch_time.mean())}
-        ]
+        curve = [ValidationScore(updates=0, validation_watch_time=float(validation.watch_time.mean()))]
     else:
         cem = _baseline(kcfg, sim, "cem", k, folder)
         vcfg = variant_config(kcfg, variant, agents)
@@ -203,11 +219,15 @@ def _run(cfg: Config, variant: str, k: int, agents: int | None, folder: Path) ->
         # model selection on seeds.validation (train.select), as the export of `unexrl train` makes it
         selected, _ = result.selected(kcfg.train.select)
         actors = selected if selected is not None else result.agent.actors
-        policy, curve = ActorPolicy(actors, vcfg, sim.world), [p.model_dump() for p in result.curve]
+        policy = ActorPolicy(actors, vcfg, sim.world)
+        curve = [
+            ValidationScore(updates=p.updates, validation_watch_time=p.validation_watch_time)
+            for p in result.curve
+        ]
         if (
             cfg.experiment.diagnose and agents is None
         ):  # the final critic, with the final actors it was trained for
-            diagnostics = diagnose(result.agent, sim, result.agent.actors, result.knots).model_dump()
+            diagnostics = diagnose(result.agent, sim, result.agent.actors, result.knots)
     outcomes, group_actions = _evaluate(kcfg, sim, policy)
     run = Run(variant, k, agents, outcomes, curve, time.perf_counter() - started, group_actions, diagnostics)
     run.save(path)
@@ -323,7 +343,10 @@ def summarise(main_runs: list[Run], agent_runs: list[Run], cfg: Config, seconds:
         row["group_actions"] = np.mean([r.group_actions for r in runs], axis=0).tolist()
         diagnosed = [r.diagnostics for r in runs if r.diagnostics is not None]
         if diagnosed:
-            row["diagnostics"] = {"per_seed": diagnosed, "mean": _diagnostics_mean(diagnosed)}
+            row["diagnostics"] = {
+                "per_seed": [d.model_dump() for d in diagnosed],
+                "mean": _diagnostics_mean(diagnosed),
+            }
         table[variant] = row
     study: dict[str, Any] = {}
     for r in agent_runs:
@@ -346,30 +369,23 @@ def summarise(main_runs: list[Run], agent_runs: list[Run], cfg: Config, seconds:
     }
 
 
-def _diagnostics_mean(diagnosed: list[dict[str, Any]]) -> dict[str, Any]:
+def _diagnostics_mean(diagnosed: list[CriticDiagnostics]) -> dict[str, Any]:
     """The headline diagnostics averaged over training seeds (each seed's full record stays in per_seed)."""
 
-    def mean(path: tuple[str, ...]) -> float:
-        values = []
-        for d in diagnosed:
-            for key in path:
-                d = d[key]
-            values.append(d)
-        return float(np.mean(values))
+    def mean(read: Callable[[CriticDiagnostics], float | list[float]]) -> Any:
+        return np.mean([read(d) for d in diagnosed], 0).tolist()
 
     return {
-        "calibration.relative_bias": mean(("calibration", "relative_bias")),
-        "calibration.correlation": mean(("calibration", "correlation")),
-        "gradient.cosine": mean(("gradient", "cosine", "mean")),
-        "gradient.cosine_per_group": np.mean(
-            [d["gradient"]["cosine"]["per_group"] for d in diagnosed], 0
-        ).tolist(),
-        "gradient.sign_agreement": mean(("gradient", "sign_agreement", "mean")),
-        "gradient.cosine_training_return": mean(("gradient", "cosine_training_return", "mean")),
-        "gradient.truth_split_half_cosine": float(
-            np.mean([d["gradient"]["truth_split_half_cosine"] for d in diagnosed])
+        "calibration.relative_bias": mean(lambda d: d.calibration.relative_bias),
+        "calibration.correlation": mean(lambda d: d.calibration.correlation),
+        "gradient.cosine": mean(lambda d: d.gradient.cosine.mean),
+        "gradient.cosine_per_group": mean(lambda d: d.gradient.cosine.per_group),
+        "gradient.sign_agreement": mean(lambda d: d.gradient.sign_agreement.mean),
+        "gradient.cosine_training_return": mean(lambda d: d.gradient.cosine_training_return.mean),
+        "gradient.truth_split_half_cosine": mean(
+            lambda d: float(np.mean(d.gradient.truth_split_half_cosine))
         ),
-        "reward_alignment": mean(("reward_alignment", "mean")),
+        "reward_alignment": mean(lambda d: d.reward_alignment.mean),
     }
 
 
@@ -379,8 +395,8 @@ def _mean_curve(runs: list[Run]) -> list[dict[str, float]]:
     points = min(len(r.curve) for r in runs)
     return [
         {
-            "updates": runs[0].curve[i]["updates"],
-            "validation_watch_time": float(np.mean([r.curve[i]["validation_watch_time"] for r in runs])),
+            "updates": runs[0].curve[i].updates,
+            "validation_watch_time": float(np.mean([r.curve[i].validation_watch_time for r in runs])),
         }
         for i in range(points)
     ]

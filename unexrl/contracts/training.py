@@ -12,12 +12,17 @@ from unexrl.contracts.base import SHA256, Contract, Part
 from unexrl.contracts.diagnostics import CriticDiagnostics
 
 
-class CurvePoint(Part):
-    """One validation point of a training run: the current actors' score and the update that preceded it."""
+class ValidationScore(Part):
+    """A policy's score at one point of its training: what learning curves plot."""
 
     updates: int = Field(ge=0)
     validation_watch_time: float
     """mean session watch time (s) of the greedy actors on ``train.eval_sessions`` of the first validation seed"""
+
+
+class CurvePoint(ValidationScore):
+    """One validation point of a training run: the current actors' score and the update that preceded it."""
+
     critic_loss: float
     q: float
     """mean Q_1 of the logged actions in the last update's batch"""
