@@ -60,6 +60,12 @@ def save_weight_policy(
 
 def load_policy(path: Path, cfg: Config) -> WeightPolicy:
     """Load a verified weights artifact as a policy for ``cfg``'s cascade."""
+    return load_weights_artifact(path, cfg)[0]
+
+
+def load_weights_artifact(path: Path, cfg: Config) -> tuple[WeightPolicy, WeightsManifest]:
+    """A verified weights artifact as a policy for ``cfg``'s cascade, with the manifest it was verified against
+    (for a reader that records where the weights came from without reading the directory a second time)."""
     path = Path(path)
     manifest = read_artifact(path, WeightsManifest)
     manifest.check_compatible(cfg, path)
@@ -71,4 +77,4 @@ def load_policy(path: Path, cfg: Config) -> WeightPolicy:
             f"{path}: weights of shape {tuple(weights.shape)} do not fit {n_groups} groups x "
             f"{sum(cfg.cascade.action_dims)} dims"
         )
-    return WeightPolicy(weights.float(), cfg.cascade, group_by=manifest.group_by)
+    return WeightPolicy(weights.float(), cfg.cascade, group_by=manifest.group_by), manifest

@@ -32,11 +32,11 @@ from unexrl.contracts.actors import (
     TrainingSetRecord,
     ValidationRecord,
 )
-from unexrl.contracts.artifact import ArtifactError, read_artifact
+from unexrl.contracts.artifact import ArtifactError
 from unexrl.contracts.logs import LogManifest
 from unexrl.contracts.training import TrainingSummary
 from unexrl.io import atomic_write_bytes, atomic_write_text
-from unexrl.policies.artifact import load_policy
+from unexrl.policies.artifact import load_weights_artifact
 from unexrl.policies.cem import tune_cem
 from unexrl.rl.policy import ActorPolicy
 from unexrl.sim.env import Simulator
@@ -212,12 +212,11 @@ def _fixed_stage_weights(
     Without an artifact rank 0 tunes them on seeds.train and every rank receives its result.
     """
     if cem is not None:
-        policy = load_policy(cem, cfg)
+        policy, manifest = load_weights_artifact(cem, cfg)
         if policy.group_by != "none":
             raise ArtifactError(
                 f"{cem}: a CEM artifact per {policy.group_by}; --cem needs global weights (group_by none)"
             )
-        manifest = read_artifact(cem)
         # its weights become the fixed stages and the actors' starting point: what it saw, they saw. It was tuned
         # on its config's seeds.train; its seen_seeds add that config's validation seeds whether it selected on
         # them or not, so against those only evaluation is checked
