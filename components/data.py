@@ -130,6 +130,7 @@ def build_training_set(
     config: str,
     config_overrides: list,
     logs: Input[Dataset],
+    features: Input[Dataset],
     feature_store: Input[Artifact],
     training_set: Output[Dataset],
 ):
@@ -139,6 +140,8 @@ def build_training_set(
         config: Configuration: a name in configs/ (small, default, paper) or a YAML path.
         config_overrides: --set items applied to the configuration.
         logs: The validated log directory (one entity row per logged request).
+        features: The feature tables the store was materialised from: its registry reads them, so they are
+            downloaded here too.
         feature_store: The Feast repository materialize_features built.
         training_set: The joined training set (Parquet).
     """
@@ -149,6 +152,7 @@ def build_training_set(
     result = steps.build_training_set(
         steps.resolve_config(config, config_overrides),
         Path(logs.path),
+        Path(features.path),
         Path(feature_store.path),
         Path(training_set.path),
     )

@@ -190,6 +190,7 @@ def unexrl_continuous_training(
         config=config,
         config_overrides=config_overrides,
         logs=logs.outputs["logs"],
+        features=features.outputs["features"],
         feature_store=store.outputs["feature_store"],
     ).set_display_name("point-in-time training set")
 

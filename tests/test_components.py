@@ -90,6 +90,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
         config="small",
         config_overrides=TINY,
         logs=a["logs"],
+        features=a["features"],
         feature_store=a["store"],
         training_set=a["tset"],
     )

@@ -347,6 +347,26 @@ def test_training_set_is_point_in_time_correct(
     assert table["item_profile__category"].combine_chunks().flatten().null_count == 0
 
 
+def test_the_join_refuses_a_store_whose_tables_are_elsewhere(
+    sqlite_cfg: Config, features: Path, logs: Path, tmp_path: Path
+) -> None:
+    """The registry names each view's table by the path it was applied with: a training set built against other
+    tables, or where those are not, is refused by name instead of joining other data or none."""
+    elsewhere = tmp_path / "features"
+    with pytest.raises(
+        ValueError, match=r"feature view user_profile reads .* not .*applied over other feature"
+    ):
+        store.training_set(sqlite_cfg, logs, tmp_path / "ts.parquet", features=elsewhere)
+    moved = features.with_name("moved")
+    features.rename(moved)
+    try:
+        with pytest.raises(FileNotFoundError, match=r"feature view user_profile reads .*which is not here"):
+            store.training_set(sqlite_cfg, logs, tmp_path / "ts.parquet", features=features)
+    finally:
+        moved.rename(features)
+    assert not (tmp_path / "ts.parquet").exists()
+
+
 def test_a_row_is_joined_from_its_timestamp_on_and_never_before(
     sqlite_cfg: Config, tables: dict[str, pa.Table]
 ) -> None:

@@ -24,7 +24,7 @@ from unexrl.data import read_logs
 from unexrl.environ import environ
 from unexrl.features import schema as fs
 from unexrl.features.build import read_manifest
-from unexrl.features.storage import join, local_directory, normalize, write_parquet
+from unexrl.features.storage import is_local, join, local_directory, normalize, write_parquet
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -176,18 +176,40 @@ def training_entities(transitions: pa.Table, page_size: int) -> pa.Table:
     )
 
 
-def training_set(cfg: Config, logs: str | Path, out: str | Path | None = None) -> tuple[str, pa.Table]:
+def check_sources(store: FeatureStore, features: str | Path | None = None) -> None:
+    """Every view's offline source is where the join will read it: the registry names each table by the address
+    it was applied with, so a store carried to another machine without its tables (or applied over other ones)
+    would join nothing, or other data. ``features``: the tables the sources must be (a pipeline task's input)."""
+    for view in fs.VIEWS:
+        path = store.get_feature_view(view.name).batch_source.path
+        if features is not None and path != join(features, view.file):
+            raise ValueError(
+                f"feature view {view.name} reads {path}, not {join(features, view.file)}: the feature store was "
+                f"applied over other feature tables than {normalize(features)}"
+            )
+        if is_local(path) and not Path(path).is_file():
+            raise FileNotFoundError(
+                f"feature view {view.name} reads {path}, which is not here: the feature tables the store was "
+                "materialised from must be readable where the training set is built"
+            )
+
+
+def training_set(
+    cfg: Config, logs: str | Path, out: str | Path | None = None, features: str | Path | None = None
+) -> tuple[str, pa.Table]:
     """Point-in-time features for every logged request, one row per request keyed by request_id.
 
     User features as of the request's timestamp; item features of the page's shown items, as of the same
     timestamp, as lists in page order. A request before any row of a view gets nulls for it, never a dropped
-    row. Written to ``out`` (default: training_features.parquet next to the logs' transitions).
+    row. Written to ``out`` (default: training_features.parquet next to the logs' transitions). ``features``:
+    the feature tables the store must read (:func:`check_sources`).
     """
     with local_directory(logs) as local:
         data = read_logs(local)
     k = data.config.cascade.page_size
     entities = training_entities(data.transitions, k)
     store = open_store(cfg)
+    check_sources(store, features)
     job = store.get_historical_features(
         entity_df=entities.to_pandas(),
         features=store.get_feature_service(fs.TRAINING_SERVICE),

@@ -141,11 +141,16 @@ def with_repo(cfg: Config, repo: Path) -> Config:
     )
 
 
-def build_training_set(cfg: Config, logs: Path, feature_store: Path, out: Path) -> dict[str, Any]:
-    """Point-in-time join of every logged request with the training feature service; written to ``out``."""
+def build_training_set(
+    cfg: Config, logs: Path, features: Path, feature_store: Path, out: Path
+) -> dict[str, Any]:
+    """Point-in-time join of every logged request with the training feature service; written to ``out``.
+
+    ``features``: the tables ``feature_store`` was materialised from. Its registry reads them by the path they had
+    in that task; a task input of the same artifact has the same path, and the join refuses any other."""
     from unexrl.features import store
 
-    target, table = store.training_set(with_repo(cfg, feature_store), logs, out)
+    target, table = store.training_set(with_repo(cfg, feature_store), logs, out, features)
     return {"path": target, "rows": table.num_rows, "columns": table.num_columns}
 
 
