@@ -269,13 +269,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--compile", action="store_true", help="write the YAML and the Kubernetes manifests")
+    parser.add_argument("--pipeline-yaml", type=Path, default=PIPELINE_YAML, help="where the IR YAML goes")
+    parser.add_argument(
+        "--manifests-yaml", type=Path, default=MANIFESTS_YAML, help="where the Kubernetes manifests go"
+    )
     args = parser.parse_args()
     if args.compile:
-        compile_all()
-        print(
-            f"wrote {PIPELINE_YAML.relative_to(HERE.parent)} and {MANIFESTS_YAML.relative_to(HERE.parent)} "
-            "(and its copy in k8s/base/pipelines/)"
-        )
+        compile_all(args.pipeline_yaml, args.manifests_yaml)
+        copy = " (and its copy in k8s/base/pipelines/)" if args.manifests_yaml == MANIFESTS_YAML else ""
+        print(f"wrote {args.pipeline_yaml} and {args.manifests_yaml}{copy}")
 
 
 if __name__ == "__main__":
