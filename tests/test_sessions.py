@@ -4,17 +4,21 @@ session counts, a stored page is checked before it is used)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import Histogram
 
 from unexrl.config import Config
 from unexrl.serve.api import FeedbackItem
 from unexrl.serve.engine import Recommender, UnknownRequest
+from unexrl.serve.metrics import ITEM_WATCH_TIME
 from unexrl.serve.sessions import (
     KEY_PREFIX,
     MAX_TRANSACTION_ATTEMPTS,
@@ -248,3 +252,52 @@ def test_a_stored_page_outside_the_catalogue_is_an_unknown_page(engine: Recommen
         engine.feedback(
             page.request_id, page.session.session_id, [FeedbackItem(item_id=10**9, watch_time_s=1.0)], False
         )
+
+
+class _FailingOnce(LocalSessions):
+    """The process's store, whose next update fails as an unreachable Redis does."""
+
+    fail_next = False
+
+    def update(self, *args: Any, **kwargs: Any) -> tuple[SessionState, bool] | None:
+        if self.fail_next:
+            self.fail_next = False
+            raise SessionStoreUnavailable("session store: ConnectionError: unreachable")
+        return super().update(*args, **kwargs)
+
+
+def test_feedback_answered_503_is_counted_once_when_retried(engine: Recommender) -> None:
+    """A 503 tells the client to try again: the page is still there for the retry, which counts it once, and a
+    second delivery of the same feedback is refused without counting it again or recording its metrics."""
+    store = _FailingOnce()
+    engine_with_store = _with_sessions(engine, store)
+    page = engine_with_store.recommend(9)
+    feedback = [FeedbackItem(item_id=page.items[0], watch_time_s=3.0)]
+    store.fail_next = True
+    with pytest.raises(SessionStoreUnavailable):
+        engine_with_store.feedback(page.request_id, page.session.session_id, feedback, False)
+    watched = _observations(ITEM_WATCH_TIME, engine.version)
+    result = engine_with_store.feedback(page.request_id, page.session.session_id, feedback, False)
+    assert (result.session.step, result.session.watch_time_s) == (1, 3.0)
+    assert _observations(ITEM_WATCH_TIME, engine.version) == watched + 1
+    with pytest.raises(UnknownRequest, match="already received"):
+        engine_with_store.feedback(page.request_id, page.session.session_id, feedback, False)
+    assert _observations(ITEM_WATCH_TIME, engine.version) == watched + 1
+    state = store.session(page.session.session_id)
+    assert state is not None and (state.step, state.counted) == (1, [page.request_id])
+
+
+def _with_sessions(engine: Recommender, store: Sessions) -> Recommender:
+    """The module's engine (its policy and world) with another session store, without loading it again."""
+    other = copy.copy(engine)
+    other.sessions = store
+    return other
+
+
+def _observations(histogram: Histogram, version: str) -> float:
+    """How many observations ``histogram`` has for ``version`` (prometheus_client's exposition)."""
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_count") and sample.labels.get("model_version") == version:
+                return sample.value
+    return 0.0

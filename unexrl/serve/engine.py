@@ -349,11 +349,9 @@ class Recommender:
         if page is not None and not all(0 <= i < len(duration) for i in page.items):
             log.warning("session store: ignoring page %r, whose items are not in the catalogue", request_id)
             page = None
-        if page is None or page.session.session_id != session_id or self.sessions.ended(session_id):
+        if page is None or page.session.session_id != session_id:
             raise _unknown_page(request_id, session_id)
         _check_items(page, items, duration)
-        if not self.sessions.claim(request_id):
-            raise _unknown_page(request_id, session_id)
         watched = {it.item_id: it.watch_time_s for it in items}
         viewed = [i for i in page.items if i in watched]  # page order, as the user scrolled
         fractions = [watched[i] / float(duration[i]) for i in viewed]
@@ -376,7 +374,11 @@ class Recommender:
             return after, session_end or after.step >= max_requests
 
         outcome = self.sessions.update(session_id, request_id, change)
-        if outcome is None:  # another page's feedback ended the session meanwhile
+        if outcome is None:  # the session ended without this page
+            raise _unknown_page(request_id, session_id)
+        # claimed once counted: a retry after a failed update (a 503) still finds its page, and of two deliveries
+        # of one feedback (the session counts it once either way) only the one that claims it records metrics
+        if not self.sessions.claim(request_id):
             raise _unknown_page(request_id, session_id)
         after, ended = outcome
         v = self.version
