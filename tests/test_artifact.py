@@ -109,6 +109,17 @@ def test_a_symlinked_file_is_refused_even_with_its_hash(small_cfg: Config, tmp_p
         load_policy(path, small_cfg)
 
 
+def test_a_symlinked_folder_is_refused(small_cfg: Config, tmp_path: Path) -> None:
+    """A link to a folder outside, listed or not: a copy of the artifact that follows it would carry that folder."""
+    _, path = _saved(small_cfg, tmp_path)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "credentials").write_text("not the artifact's")
+    (path / "extra").symlink_to(secret, target_is_directory=True)
+    with pytest.raises(ArtifactError, match="extra is a symbolic link"):
+        load_policy(path, small_cfg)
+
+
 def test_unlisted_files_are_refused(small_cfg: Config, tmp_path: Path) -> None:
     _, path = _saved(small_cfg, tmp_path)
     (path / "sub").mkdir()

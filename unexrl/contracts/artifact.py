@@ -13,6 +13,7 @@ document with its own model (a subclass here) and opens only the files it lists.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -190,7 +191,13 @@ def verify_listed_files(path: Path, listed: dict[str, str], what: str = "artifac
     """``path`` holds exactly the files of ``listed`` (name: sha256) besides its manifest and signature: each a
     regular file inside it (no symlink, no way out) with that hash. Raises ArtifactError naming the file."""
     root = path.resolve()
-    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()}
+    present = set()
+    for folder, dirs, names in os.walk(path):  # links are not followed: each is refused where it stands
+        for name in (*dirs, *names):
+            if (Path(folder) / name).is_symlink():
+                link = (Path(folder) / name).relative_to(path).as_posix()
+                raise ArtifactError(f"{path}: {link} is a symbolic link; an {what} holds its own files")
+        present |= {(Path(folder) / name).relative_to(path).as_posix() for name in names}
     present -= {files.MANIFEST, files.SIGNATURE}
     unlisted = sorted(present - set(listed))
     if unlisted:

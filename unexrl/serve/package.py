@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from unexrl.contracts.artifact import peek_manifest
+from unexrl.contracts.artifact import ArtifactError, peek_manifest, read_artifact
 from unexrl.environ import environ
 from unexrl.serve.engine import artifact_version, load_serving_policy, serving_config
 from unexrl.serve.requirements import serving_requirements
@@ -52,13 +52,24 @@ def import_model(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> tu
     version = artifact_version(artifact_dir)
     tag = f"{model_name}:{version}"
     try:
-        bentoml.models.get(tag)
-        return tag, version
+        stored = bentoml.models.get(tag)
     except bentoml.exceptions.NotFound:
-        pass
+        stored = None
+    if stored is not None:  # the same version: reused only while it is still exactly that artifact
+        try:
+            read_artifact(Path(stored.path) / ARTIFACT_SUBDIR)
+            if (digest := artifact_version(Path(stored.path) / ARTIFACT_SUBDIR)) != version:
+                raise ArtifactError(f"its manifest's digest is {digest}")
+        except ArtifactError as err:
+            raise ArtifactError(
+                f"the model store's {tag} is no longer the artifact imported under that version ({err}); "
+                f"remove it (`bentoml models delete {tag}`) to import {artifact_dir} again"
+            ) from None
+        return tag, version
     labels = {"kind": manifest.kind, "algorithm": manifest.algorithm}
     with bentoml.models.create(tag, labels=labels, metadata={"files": manifest.files}) as model:
-        shutil.copytree(artifact_dir, Path(model.path) / ARTIFACT_SUBDIR)
+        # links copied as links: one that appeared after the check above is refused when the service loads
+        shutil.copytree(artifact_dir, Path(model.path) / ARTIFACT_SUBDIR, symlinks=True)
     return tag, version
 
 
