@@ -26,7 +26,7 @@ import bentoml
 import torch
 from bentoml.exceptions import InvalidArgument, NotFound, ServiceUnavailable
 
-from unexrl.contracts.artifact import peek_manifest
+from unexrl.contracts.artifact import read_artifact
 from unexrl.serve.api import (
     FeedbackItem,
     FeedbackRequest,
@@ -68,7 +68,8 @@ class Recommendation:
         # one request is a batch of one: intra-op threads only contend with the HTTP workers for the cores
         torch.set_num_threads(1)
         primary = Path(self.model.path) / ARTIFACT_SUBDIR
-        cfg = serving_config(peek_manifest(primary), dict(os.environ))  # the engine verifies it
+        # verified (signature, every file's hash) before its config builds anything; the engine verifies its files again
+        cfg = serving_config(read_artifact(primary), dict(os.environ))
         shadow_tag = os.environ.get(ENV_SHADOW_MODEL)
         shadow = bentoml.models.get(shadow_tag) if shadow_tag else None
         self.engine = Recommender(

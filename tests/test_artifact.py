@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from test_signing import rehash
 
 from unexrl.config import Config, load_config
 from unexrl.contracts.artifact import ArtifactError
 from unexrl.policies.artifact import load_policy, save_weight_policy
 from unexrl.policies.weights import WeightPolicy
+from unexrl.rl.actors import ACTORS_FILE, load_actor_policy
 
 
 def _saved(cfg: Config, tmp_path: Path, group_by: str = "none") -> tuple[WeightPolicy, Path]:
@@ -140,3 +144,32 @@ def test_weights_the_manifest_does_not_list_are_never_loaded(small_cfg: Config, 
         ArtifactError, match="weights.pt is not listed in the manifest; nothing unlisted is loaded"
     ):
         load_policy(path, small_cfg)
+
+
+def test_weights_outside_the_action_bounds_are_refused(small_cfg: Config, tmp_path: Path) -> None:
+    """Hashes prove a file is the one written, not that it is sane: NaN or out-of-bounds weights (a diverged or
+    hand-made artifact) would rank every page by NaN scores, so loading refuses them."""
+    dims = sum(small_cfg.cascade.action_dims)
+    for bad in (
+        torch.full((1, dims), float("nan")),
+        torch.full((1, dims), small_cfg.cascade.action_high + 1),
+    ):
+        _, path = _saved(small_cfg, tmp_path / str(bad[0, 0].item()))
+        rehash(path, bad)
+        with pytest.raises(ArtifactError, match="outside the cascade's action bounds"):
+            load_policy(path, small_cfg)
+
+
+def test_actors_with_non_finite_values_are_refused(
+    small_cfg: Config, small_actors: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "actors"
+    shutil.copytree(small_actors, path)
+    state = load_file(path / ACTORS_FILE)
+    name = min(k for k, v in state.items() if v.is_floating_point())
+    state[name] = torch.full_like(state[name], float("inf"))
+    save_file(state, path / ACTORS_FILE)
+    listed = json.loads((path / "manifest.json").read_text())["files"]
+    _relist(path, {**listed, ACTORS_FILE: _sha(path / ACTORS_FILE)})
+    with pytest.raises(ArtifactError, match=f"non-finite values in {name}"):
+        load_actor_policy(path, small_cfg)

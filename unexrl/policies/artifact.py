@@ -77,4 +77,9 @@ def load_weights_artifact(path: Path, cfg: Config) -> tuple[WeightPolicy, Weight
             f"{path}: weights of shape {tuple(weights.shape)} do not fit {n_groups} groups x "
             f"{sum(cfg.cascade.action_dims)} dims"
         )
+    low, high = cfg.cascade.action_low, cfg.cascade.action_high
+    if not (weights.isfinite().all() and weights.ge(low).all() and weights.le(high).all()):
+        raise ArtifactError(
+            f"{path}: weights outside the cascade's action bounds [{low}, {high}] (or not finite)"
+        )
     return WeightPolicy(weights.float(), cfg.cascade, group_by=manifest.group_by), manifest

@@ -64,6 +64,10 @@ def load_actor_policy(path: Path, cfg: Config, world: World | None = None) -> Ac
         state = load_file(manifest.listed(path, ACTORS_FILE))
     except SafetensorError as err:
         raise ArtifactError(f"{path}: unreadable actors artifact ({err})") from None
+    if broken := [name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()]:
+        raise ArtifactError(
+            f"{path}: non-finite values in {', '.join(sorted(broken))}; refusing diverged actors"
+        )
     ids = manifest.features.id_space
     # zeros stand in for the CEM weights: every buffer (action bounds, fixed stages' weights) loads from the artifact
     placeholder = torch.zeros(sum(cfg.cascade.action_dims))

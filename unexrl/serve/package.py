@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from unexrl.contracts.artifact import ArtifactError, peek_manifest, read_artifact
+from unexrl.contracts.artifact import ArtifactError, read_artifact
 from unexrl.environ import environ
 from unexrl.serve.engine import artifact_version, load_serving_policy, serving_config
 from unexrl.serve.requirements import serving_requirements
@@ -46,7 +46,7 @@ def import_model(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> tu
     import bentoml
 
     artifact_dir = Path(artifact_dir)
-    manifest = peek_manifest(artifact_dir)  # verified by load_serving_policy, before anything is written
+    manifest = read_artifact(artifact_dir)  # verified before its config builds a world
     cfg = serving_config(manifest, {})
     load_serving_policy(artifact_dir, cfg, build_world(cfg))  # refuses a kind this version cannot serve
     version = artifact_version(artifact_dir)
