@@ -66,7 +66,10 @@ class RecommendResponse(_Strict):
         description="The session this page belongs to (server-issued): send it with /feedback and the next "
         "/recommend."
     )
-    step: int = Field(description="Pages already served in this session before this one.")
+    step: int = Field(
+        description="Pages of this session whose feedback was received before this one was chosen: the session "
+        "step the policy acted on (a page asked for before the previous page's feedback shares its step)."
+    )
     items: list[int] = Field(description="The page: item ids in the order to show them.")
     actions: list[StageAction] = Field(description="Each stage's action, in cascade order.")
     cold_start: bool = Field(description="The user is outside the model's id space and was served cold.")
@@ -101,11 +104,12 @@ class FeedbackRequest(_Strict):
 class FeedbackResponse(_Strict):
     request_id: str = Field(description="The page this feedback was for.")
     session_id: int = Field(description="Its session.")
-    step: int = Field(description="Pages served in the session including this one.")
+    step: int = Field(description="Pages of the session whose feedback was received, this one included.")
     session_items_watched: int = Field(description="Items viewed in the session so far.")
     session_watch_time_s: float = Field(description="Seconds watched in the session so far.")
     session_ended: bool = Field(
-        description="The session ended with this feedback (session_end, or its session.max_requests-th page)."
+        description="The session ended with this feedback (session_end, or the session.max_requests-th page "
+        "whose feedback was received)."
     )
     pushed: bool = Field(description="The new session state reached the feature store (false: store down).")
 
