@@ -22,6 +22,7 @@ from unexrl.serve.metrics import ITEM_WATCH_TIME
 from unexrl.serve.sessions import (
     KEY_PREFIX,
     MAX_TRANSACTION_ATTEMPTS,
+    SESSION_TTL_S,
     LocalSessions,
     Page,
     RedisSessions,
@@ -34,7 +35,7 @@ from unexrl.serve.sessions import (
 
 
 def _page(request_id: str, session: SessionState) -> Page:
-    return Page(request_id, session.user_id, session, [1, 2], [[0.5]], [10], False, False, 1.0)
+    return Page(request_id, session.user_id, session, [1, 2], [[0.5]], [10], False, False, time.time())
 
 
 @pytest.fixture(params=["local", "redis"])
@@ -44,12 +45,22 @@ def store(request: pytest.FixtureRequest) -> Sessions:
     return RedisSessions(request.getfixturevalue("redis_address"))
 
 
+def test_a_page_expires_with_its_session_in_the_process_too() -> None:
+    """Redis drops a page after SESSION_TTL_S; the process's store reads it as gone then too, so late feedback
+    cannot bring an idle session back."""
+    store = LocalSessions()
+    state = SessionState(session_id=43, user_id=7)
+    store.add_page(replace(_page("late", state), served_at=time.time() - SESSION_TTL_S - 1))
+    assert store.page("late") is None
+
+
 def test_a_page_is_claimed_once_and_sessions_round_trip(store: Sessions) -> None:
     state = SessionState(session_id=41, user_id=7, step=3, history=[5, 6])
     store.save(state)
     assert store.session(41) == state
-    store.add_page(_page("r1", state))
-    assert store.page("r1") == _page("r1", state)
+    page = _page("r1", state)
+    store.add_page(page)
+    assert store.page("r1") == page
     assert store.claim("r1") and not store.claim("r1")
     assert store.page("r1") is None
     ending = store.update(41, "r1", lambda current: (replace(current or state, step=4), True))

@@ -185,7 +185,9 @@ class LocalSessions:
 
     def page(self, request_id: str) -> Page | None:
         with self._lock:
-            return self._pages.get(request_id)
+            page = self._pages.get(request_id)
+            # expires as Redis's record does: late feedback does not bring an idle session back
+            return page if page is not None and time.time() - page.served_at < SESSION_TTL_S else None
 
     def claim(self, request_id: str) -> bool:
         with self._lock:
