@@ -205,6 +205,14 @@ def test_api_routes_need_the_token(service: Endpoint) -> None:
         assert httpx.get(f"{service.url}{path}", timeout=30.0).status_code == 200, path
 
 
+def test_every_4xx_has_the_one_error_body(service: Endpoint) -> None:
+    """Not only the POST routes' own errors: a GET of an API route and an unknown path answer ErrorBody as JSON."""
+    for path, status in (("/recommend", 405), ("/no-such-route", 404)):
+        reply = httpx.get(f"{service.url}{path}", headers=service.headers, timeout=30.0)
+        assert reply.status_code == status and reply.headers["content-type"] == "application/json", reply.text
+        assert set(reply.json()) == {"error", "detail"} and reply.json()["error"], reply.text
+
+
 def test_a_second_client_cannot_take_over_a_session(service: Endpoint, small_cfg: Config) -> None:
     """Client A browses as user 11; client B (also authenticated) knows the user id and tries everything."""
     a = _post(service, "/recommend", {"user_id": 11}).json()

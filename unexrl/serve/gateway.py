@@ -163,7 +163,8 @@ async def _read_body(receive: Receive) -> bytes | None:
 
 
 class ClientErrors:
-    """One body shape and one log line for every 4xx of a POST route; the OpenAPI document says so."""
+    """One body shape and one log line for every 4xx, whatever the route and method (a GET of an API route is
+    BentoML's plain-text 405 otherwise); the OpenAPI document says so."""
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -176,9 +177,6 @@ class ClientErrors:
             await _rewritten(
                 self.app, scope, receive, send, lambda _: True, lambda _, body: _documented(body)
             )
-            return
-        if scope["method"] != "POST":  # the probes, the metrics and the documents
-            await self.app(scope, receive, send)
             return
 
         def normalise(status: int, body: bytes) -> bytes:
@@ -197,8 +195,8 @@ async def _rewritten(
     wanted: Callable[[int], bool],
     rewrite: Callable[[int, bytes], bytes],
 ) -> None:
-    """Run ``app``; a response whose status is ``wanted`` is buffered and sent as ``rewrite(status, body)`` with a
-    matching length, any other passes through as it streams (a page is never held back)."""
+    """Run ``app``; a response whose status is ``wanted`` is buffered and sent as the JSON ``rewrite(status, body)``
+    with a matching length, any other passes through as it streams (a page is never held back)."""
     start: dict[str, Any] = {}
     chunks: list[bytes] = []
 
@@ -214,8 +212,13 @@ async def _rewritten(
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 body = rewrite(start["status"], b"".join(chunks))
-                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-                await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                replaced = (b"content-length", b"content-type")
+                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in replaced]
+                headers += [
+                    (b"content-length", str(len(body)).encode()),
+                    (b"content-type", b"application/json"),
+                ]
+                await send({**start, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
         else:
             await send(message)
