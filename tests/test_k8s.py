@@ -509,6 +509,8 @@ def test_recurring_run_starts_the_continuous_training_pipeline(env):
     compiled = next(yaml.safe_load_all((ROOT / "pipelines" / "unexrl_continuous_training.yaml").read_text()))
     assert set(params) <= set(compiled["root"]["inputDefinitions"]["parameters"])
     assert params["environment"] == env
+    # Argo CD syncs main into staging and prod: their deploy commits go to a branch that a person merges
+    assert (params.get("gitops_branch", "main") == "main") is (env == "dev")
     assert params["namespace"] == cron["metadata"]["namespace"]  # where the TrainingRuntime is
     assert one(docs, "PersistentVolumeClaim", params["data_pvc"])
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
