@@ -537,6 +537,18 @@ def test_start_run_picks_the_declared_version():
     with pytest.raises(LookupError):
         mod.choose_version(versions, "v3")
 
+    class Pages:  # the KFP API's list, 100 versions a page
+        def list_pipeline_versions(self, pipeline_id: str, page_token: str, page_size: int) -> NS:
+            start = int(page_token or 0)
+            every = [NS(display_name=f"v{i}", created_at=i, pipeline_version_id=str(i)) for i in range(250)]
+            more = start + page_size < len(every)
+            return NS(
+                pipeline_versions=every[start : start + page_size],
+                next_page_token=str(start + page_size) if more else "",
+            )
+
+    assert mod.choose_version(mod.all_versions(Pages(), "p"), "").display_name == "v249"
+
 
 # ---------------------------------------------------------------------------------------------- monitoring
 

@@ -24,6 +24,17 @@ def choose_version(versions, wanted):
     return max(versions, key=lambda v: v.created_at)
 
 
+def all_versions(client, pipeline_id):
+    """Every version of the pipeline, page by page: the newest or a named one may be on any page."""
+    versions, token = [], ""
+    while True:
+        page = client.list_pipeline_versions(pipeline_id=pipeline_id, page_token=token, page_size=100)
+        versions += page.pipeline_versions or []
+        token = page.next_page_token
+        if not token:
+            return versions
+
+
 def main(client=None) -> int:
     import kfp
 
@@ -34,8 +45,7 @@ def main(client=None) -> int:
     if pipeline_id is None:
         print(f"pipeline {env['KFP_PIPELINE']!r} not found", file=sys.stderr)
         return 2
-    versions = client.list_pipeline_versions(pipeline_id=pipeline_id, page_size=100).pipeline_versions or []
-    version = choose_version(versions, env.get("KFP_PIPELINE_VERSION", ""))
+    version = choose_version(all_versions(client, pipeline_id), env.get("KFP_PIPELINE_VERSION", ""))
     experiment = client.create_experiment(name=env.get("KFP_EXPERIMENT", "unexrl"), namespace=namespace)
     run = client.run_pipeline(
         experiment_id=experiment.experiment_id,
