@@ -18,6 +18,7 @@ def train(
     namespace: str,
     data_pvc: str,
     mount_path: str,
+    gpu_type: str,
     gpu_node_selector: dict,
     gpu_tolerations: list,
     logs: Input[Dataset],
@@ -39,6 +40,7 @@ def train(
         namespace: Namespace of the multi-node job.
         data_pvc: PVC shared with the job's pods (inputs staged in, the run written back).
         mount_path: Where data_pvc is mounted in this task and in the job's pods.
+        gpu_type: Accelerator resource each of the job's pods requests train_workers of (the same as this task's).
         gpu_node_selector: Node selector of the job's pods (the same as this task's).
         gpu_tolerations: Tolerations of the job's pods (the same as this task's).
         logs: The validated logs to train from.
@@ -65,6 +67,7 @@ def train(
         namespace=namespace,
         data_pvc=data_pvc,
         mount_path=mount_path,
+        gpu_type=gpu_type,
         gpu_node_selector=dict(gpu_node_selector),
         gpu_tolerations=list(gpu_tolerations),
     )

@@ -151,7 +151,7 @@ def unexrl_continuous_training(
         train_workers: Training processes per node (one per GPU with device=cuda).
         train_job_kind: Multi-node launcher: trainjob (Kubeflow Trainer v2) or pytorchjob (training operator).
         train_image: Image of the multi-node job's pods.
-        gpu_type: Accelerator resource of the train task, e.g. nvidia.com/gpu.
+        gpu_type: Accelerator resource of the train task and of a multi-node job's pods, e.g. nvidia.com/gpu.
         gpus_per_node: Accelerator count of the train task.
         gpu_node_selector: Node selector of the train task and of the job's pods.
         gpu_tolerations: Tolerations of the train task and of the job's pods.
@@ -205,6 +205,7 @@ def unexrl_continuous_training(
         namespace=namespace,
         data_pvc=data_pvc,
         mount_path=DATA_MOUNT,
+        gpu_type=gpu_type,
         gpu_node_selector=gpu_node_selector,
         gpu_tolerations=gpu_tolerations,
         logs=logs.outputs["logs"],

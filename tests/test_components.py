@@ -105,6 +105,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
         namespace="kubeflow",
         data_pvc="unexrl-data",
         mount_path="/data",
+        gpu_type="nvidia.com/gpu",
         gpu_node_selector={},
         gpu_tolerations=[],
         logs=a["logs"],
@@ -336,10 +337,13 @@ def test_multi_node_path_runs_the_rendered_job_command(
         train_image="img",
         data_pvc="unexrl-data",
         mount_path=str(tmp_path / "pvc"),
+        gpu_type="amd.com/gpu",
         job_name="unexrl-train-test",
     )
     shared = tmp_path / "pvc" / "unexrl-runs" / "unexrl-train-test"
     assert ran["manifest"]["spec"]["trainer"]["numNodes"] == 2
+    # the pipeline's gpu_type reaches the job's pods, not only the train task
+    assert ran["manifest"]["spec"]["trainer"]["resourcesPerNode"] == {"limits": {"amd.com/gpu": 1}}
     assert all(str(shared) in a for a in ran["manifest"]["spec"]["trainer"]["args"] if a.startswith("/"))
     assert (shared / "inputs" / "logs" / "manifest.json").is_file() and (
         shared / "run" / "curve.json"

@@ -22,6 +22,7 @@ from unexrl.contracts.evaluation import EvaluationSummary, GateDecision
 from unexrl.contracts.logs import FeatureManifest, LogManifest
 from unexrl.contracts.training import TrainingSummary
 from unexrl.io import atomic_directory, atomic_write_text
+from unexrl.pipeline.launcher import RUNTIME_GPU_RESOURCE
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ def train(
     namespace: str = "kubeflow",
     data_pvc: str = "",
     mount_path: str = "/data",
+    gpu_type: str = RUNTIME_GPU_RESOURCE,
     gpu_node_selector: dict[str, str] | None = None,
     gpu_tolerations: list[dict[str, str]] | None = None,
     job_name: str | None = None,
@@ -209,7 +211,8 @@ def train(
     One node: torchrun with ``train_workers`` workers right here (CPU processes over gloo locally; one per GPU
     with device=cuda in a GPU pod). Several nodes: a ``train_job_kind`` (trainjob | pytorchjob) named ``job_name``
     (default: a fresh one) of ``train_nodes`` x ``train_workers`` GPUs running ``train_image`` in ``namespace``,
-    over the PVC ``data_pvc`` mounted at ``mount_path``, with the GPU node selector and tolerations; waits for it.
+    over the PVC ``data_pvc`` mounted at ``mount_path``, each pod requesting ``train_workers`` of the accelerator
+    resource ``gpu_type``, with the GPU node selector and tolerations; waits for it.
     """
     import uuid
 
@@ -249,6 +252,7 @@ def train(
         gpus_per_node=train_workers,
         pvc=data_pvc,
         mount_path=mount_path,
+        gpu_resource=gpu_type,
         node_selector=dict(gpu_node_selector or {}),
         tolerations=list(gpu_tolerations or []),
     )
