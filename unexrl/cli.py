@@ -10,6 +10,7 @@ from pathlib import Path
 
 from unexrl.bundle import FEATURE_REPO, config_file
 from unexrl.config import ALGOS, BASELINES, ConfigError, load_config
+from unexrl.io import atomic_write_text
 
 log = logging.getLogger("unexrl")
 
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                 result, summary = commands.bench_sim(cfg), commands.format_bench
             text = json.dumps(result, indent=2)
             if args.json and args.json != "-":
-                Path(args.json).write_text(text + "\n")
+                atomic_write_text(Path(args.json), text + "\n")
             print(text if args.json else summary(result))
             return 0
         handler = getattr(commands, args.command)

@@ -20,6 +20,7 @@ from unexrl.features import store as feature_store
 from unexrl.features.bench import bench_features as _bench_features
 from unexrl.features.bench import format_bench as format_bench_features
 from unexrl.features.build import build_features
+from unexrl.io import atomic_write_text
 from unexrl.policies.artifact import load_policy, save_weight_policy
 from unexrl.policies.baselines import tune_baseline, tune_baselines
 from unexrl.policies.cem import tune_cem
@@ -140,8 +141,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         "artifacts": {name: str(out / "artifacts" / name) for name in baselines},
         "logs": str(logs),
     }
-    (out / "report.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(_report_markdown(cfg, report.to_markdown(), summary))
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "report.md", _report_markdown(cfg, report.to_markdown(), summary))
     print(report.to_markdown())
     log.info("report: %s (%.0f s)", out / "report.md", summary["seconds"]["total"])
     return 0
@@ -275,7 +276,7 @@ def traffic(cfg: Config, args: argparse.Namespace) -> int:
     )
     text = json.dumps(report.to_dict(), indent=2)
     if args.json and args.json != "-":
-        Path(args.json).write_text(text + "\n")
+        atomic_write_text(Path(args.json), text + "\n")
     print(
         text
         if args.json

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from unexrl.evaluate.rollout import SessionOutcomes, rollout
 from unexrl.evaluate.stats import Estimate, bootstrap_mean, bootstrap_uplift
-from unexrl.io import write_figure
+from unexrl.io import atomic_write_text, write_figure
 from unexrl.sim.env import Policy, Simulator
 
 METRICS = {
@@ -85,10 +85,10 @@ class EvaluationReport:
     ) -> None:
         if json_path:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(self.to_dict(), indent=2))
+            atomic_write_text(json_path, json.dumps(self.to_dict(), indent=2))
         if md_path:
             md_path.parent.mkdir(parents=True, exist_ok=True)
-            md_path.write_text(self.to_markdown() + "\n")
+            atomic_write_text(md_path, self.to_markdown() + "\n")
         if png_path:
             self.plot(png_path)
 

@@ -49,7 +49,9 @@ def package(
 
         archive = Path(out) / files.BENTO_ARCHIVE
         archive.parent.mkdir(parents=True, exist_ok=True)
-        bentoml.export_bento(info.bento_tag, str(archive))
+        # whole or not at all: exported beside it (the same .bento suffix, so BentoML adds none), then renamed
+        partial = archive.with_name(f".{os.getpid()}.{archive.name}")
+        Path(bentoml.export_bento(info.bento_tag, str(partial))).replace(archive)
     record = BentoRecord(
         bento_tag=info.bento_tag,
         model_tag=info.model_tag,
