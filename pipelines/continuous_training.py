@@ -29,6 +29,7 @@ from components import (
 )
 from components.images import TRAIN_GPU_IMAGE, VERSION
 from unexrl.contracts.signing import ENV_SIGNING_KEY
+from unexrl.serve.sessions import ENV_REDIS
 
 HERE = Path(__file__).resolve().parent
 PIPELINE_YAML = HERE / "unexrl_continuous_training.yaml"
@@ -107,6 +108,19 @@ def signs_artifacts(task: dsl.PipelineTask) -> None:
     task.set_env_variable(ENV_SIGNING_KEY, f"{SIGNING_MOUNT}/private.pem")
 
 
+FEATURE_WRITER_LABEL = ("unexrl.io/feature-writer", "true")
+"""the label the online store's NetworkPolicy admits (k8s/base/feast-redis)"""
+
+
+def reads_online_store(task: dsl.PipelineTask, secret) -> None:
+    """``task`` opens the Feast store: with ``features.environment=redis`` it needs the online store's address,
+    UNEXRL_REDIS, from the Secret ``secret`` (key connection-string, the serving pods' own; docs/deploy.md).
+    Optional: the embedded default (SQLite) needs none."""
+    kubernetes.use_secret_as_env(
+        task, secret_name=secret, secret_key_to_env={"connection-string": ENV_REDIS}, optional=True
+    )
+
+
 @dsl.pipeline(
     name="unexrl-continuous-training",
     description="UNEX-RL continuous training: logs -> Feast features -> point-in-time training set -> distributed "
@@ -136,6 +150,7 @@ def unexrl_continuous_training(
     gitops_repo: str = "",
     gitops_branch: str = "main",
     registry: str = "/data/registry",
+    feature_store_secret: str = "unexrl-feast-online-store",
 ):
     """UNEX-RL continuous training (README: "The continuous-training pipeline on a Kubeflow cluster").
 
@@ -163,6 +178,7 @@ def unexrl_continuous_training(
         gitops_repo: Git repository (URL or path) with k8s/overlays/; the deploy step commits there.
         gitops_branch: Branch the deploy commit goes to (created when absent; Argo CD watches it).
         registry: Model registry directory (on the PVC): the deployed version per environment.
+        feature_store_secret: Secret with the online store's connection-string (features.environment=redis).
     """
     incumbent = resolve_incumbent(registry=registry, environment=environment).set_caching_options(False)
     incumbent.set_display_name("resolve incumbent")
@@ -186,6 +202,8 @@ def unexrl_continuous_training(
         config=config, config_overrides=config_overrides, features=features.outputs["features"]
     )
     store.set_display_name("materialize features (Feast)").set_retry(num_retries=2, backoff_duration="30s")
+    reads_online_store(store, feature_store_secret)
+    kubernetes.add_pod_label(store, *FEATURE_WRITER_LABEL)
     tset = build_training_set(
         config=config,
         config_overrides=config_overrides,
@@ -193,6 +211,7 @@ def unexrl_continuous_training(
         features=features.outputs["features"],
         feature_store=store.outputs["feature_store"],
     ).set_display_name("point-in-time training set")
+    reads_online_store(tset, feature_store_secret)
 
     trained = train(
         config=config,

@@ -511,6 +511,12 @@ def test_recurring_run_starts_the_continuous_training_pipeline(env):
     assert params["environment"] == env
     # Argo CD syncs main into staging and prod: their deploy commits go to a branch that a person merges
     assert (params.get("gitops_branch", "main") == "main") is (env == "dev")
+    # the feature steps write the online store this environment's serving pods read, with the same Secret
+    assert "features.environment=redis" in params["config_overrides"]
+    serving = one(render(f"overlays/{env}"), "Deployment", "unexrl-serving")
+    (container,) = serving["spec"]["template"]["spec"]["containers"]
+    redis = next(e for e in container["env"] if e["name"] == "UNEXRL_REDIS")["valueFrom"]["secretKeyRef"]
+    assert (redis["name"], redis["key"]) == (params["feature_store_secret"], "connection-string")
     assert params["namespace"] == cron["metadata"]["namespace"]  # where the TrainingRuntime is
     assert one(docs, "PersistentVolumeClaim", params["data_pvc"])
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
