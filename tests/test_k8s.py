@@ -485,11 +485,11 @@ def test_training_runtime_targets_gpus_with_nccl(env):
     assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
     assert {e["name"] for e in c["env"]} >= {"NCCL_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
     assert c["image"].endswith(
-        "/unexrl-train:"
+        "/unexrl-train-gpu:"
         + next(
             i["newTag"]
             for i in load_kustomization(f"overlays/{env}/platform")["images"]
-            if i["name"] == "unexrl-train"
+            if i["name"] == "unexrl-train-gpu"
         )
     )
     assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in spec["volumes"]), "/dev/shm for NCCL"
@@ -498,6 +498,8 @@ def test_training_runtime_targets_gpus_with_nccl(env):
 
 @pytest.mark.parametrize("env", ENVS)
 def test_recurring_run_starts_the_continuous_training_pipeline(env):
+    from unexrl.pipeline.launcher import TRAINING_RUNTIME
+
     docs = render(f"overlays/{env}/platform")
     cron = one(docs, "CronJob", "unexrl-continuous-training")
     spec = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
@@ -511,6 +513,9 @@ def test_recurring_run_starts_the_continuous_training_pipeline(env):
     assert params["environment"] == env
     # Argo CD syncs main into staging and prod: their deploy commits go to a branch that a person merges
     assert (params.get("gitops_branch", "main") == "main") is (env == "dev")
+    # a multi-node job runs the training image this overlay pins for the runtime, not the pipeline's default
+    (runtime,) = pod_specs(one(docs, "TrainingRuntime", TRAINING_RUNTIME))
+    assert params["train_image"] == runtime["containers"][0]["image"]
     # the feature steps write the online store this environment's serving pods read, with the same Secret
     assert "features.environment=redis" in params["config_overrides"]
     serving = one(render(f"overlays/{env}"), "Deployment", "unexrl-serving")
