@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from unexrl.pipeline import launcher
 from unexrl.pipeline.launcher import (
     JobSpec,
     TrainingFailed,
@@ -203,3 +204,16 @@ def test_torchrun_command() -> None:
     assert torchrun_command(1, ["train"])[1:] == ["-m", "unexrl", "train"]
     with pytest.raises(ValueError):
         torchrun_command(0, [])
+
+
+def test_the_run_dir_is_handed_to_the_runtimes_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launching task running as root (KFP's default) creates the run directory; the job's pods, which run as
+    the runtime's user, must be able to write it (fsGroup does not reach an NFS volume)."""
+    chowned = []
+    monkeypatch.setattr(launcher.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(launcher.os, "chown", lambda path, uid, gid: chowned.append((path, uid, gid)))
+    run_dir = launcher.prepare_run_dir(tmp_path / "shared" / "run")
+    context = launcher.runtime_pod_template()["spec"]["securityContext"]
+    assert run_dir.is_dir() and chowned == [(run_dir, context["runAsUser"], context["runAsGroup"])] == [
+        (run_dir, 1000, 1000)
+    ]

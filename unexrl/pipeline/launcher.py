@@ -348,6 +348,17 @@ def submit_and_wait(
     )
 
 
+def prepare_run_dir(run_dir: Path) -> Path:
+    """Create ``run_dir`` on the shared volume for the job's pods, which run as the runtime's user: a launching
+    task that runs as root (KFP's default) hands it to that user, since ``fsGroup`` does not reach shared
+    filesystems such as NFS."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        context = runtime_pod_template()["spec"]["securityContext"]
+        os.chown(run_dir, context["runAsUser"], context["runAsGroup"])
+    return run_dir
+
+
 def stage_inputs(inputs: dict[str, Path], shared: Path) -> dict[str, Path]:
     """Copy the job's inputs (logs, training set, CEM artifact, config) onto the shared volume, where every node of
     the job sees them at the same path; KFP's artifact paths exist only inside the launching pod."""

@@ -240,9 +240,8 @@ def train(
         {"logs": logs, "training_features.parquet": training_set, "cem": cem}, shared
     )
     config = write_config(cfg, shared / "inputs" / CONFIG_FILE)
-    args = train_args(
-        config, staged["logs"], staged["training_features.parquet"], staged["cem"], shared / "run"
-    )
+    run_dir = launcher.prepare_run_dir(shared / "run")
+    args = train_args(config, staged["logs"], staged["training_features.parquet"], staged["cem"], run_dir)
     spec = launcher.JobSpec(
         name=name,
         namespace=namespace,
@@ -256,7 +255,7 @@ def train(
         node_selector=dict(gpu_node_selector or {}),
         tolerations=list(gpu_tolerations or []),
     )
-    return launcher.train_on_cluster(cfg, kind=train_job_kind, job=spec, run_dir=shared / "run", out=out)
+    return launcher.train_on_cluster(cfg, kind=train_job_kind, job=spec, run_dir=run_dir, out=out)
 
 
 # -- 5. evaluate and gate --------------------------------------------------------------------------------------
