@@ -77,6 +77,12 @@ def test_workers_give_the_same_results_as_one_process_and_runs_resume(tmp_path: 
     runs.write_text(json.dumps({**record, "variant": "cem"}))
     with pytest.raises(ContractError, match=r"td3-seed0\.json: holds cem seed 0"):
         run_experiment(cfg, tmp_path / "w1")
+    runs.write_text(json.dumps(record))
+    runs.with_suffix(".npz").write_bytes(b"cut short")
+    with pytest.raises(
+        ContractError, match=r"td3-seed0\.npz: unreadable outcomes.*delete it to run td3-seed0"
+    ):
+        run_experiment(cfg, tmp_path / "w1")
 
 
 def _measured(results: dict) -> dict:

@@ -142,7 +142,7 @@ def test_the_service_refuses_a_store_entry_rewritten_after_import(
         torch.zeros(1, sum(small_cfg.cascade.action_dims)),
     )
     # nor is it packaged again: importing the same artifact does not reuse an entry that is no longer it
-    with pytest.raises(ArtifactError, match=f"model store's {tag} is no longer the artifact.*digest"):
+    with pytest.raises(ArtifactError, match=f"model store's {tag} does not verify as the artifact.*digest"):
         import_model(artifact, model_name="unexrl-rewritten")
     env = {"UNEXRL_FEATURE_REPO": str(tmp_path / "no-feature-store")}
     with (

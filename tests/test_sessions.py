@@ -67,6 +67,7 @@ def test_a_page_is_claimed_once_and_sessions_round_trip(store: Sessions) -> None
     assert ending == (replace(state, step=4, counted=["r1"]), True)
     assert store.ended(41) and store.session(41) is None and not store.ended(42)
     assert store.update(41, "r2", lambda current: (state, False)) is None  # ended without r2: nothing written
+    assert store.update(41, "r1", lambda current: (state, False)) == ending  # r1 again: its ending, unchanged
     assert store.session(41) is None
 
 
@@ -294,6 +295,34 @@ def test_feedback_answered_503_is_counted_once_when_retried(engine: Recommender)
     with pytest.raises(UnknownRequest, match="already received"):
         engine_with_store.feedback(page.request_id, page.session.session_id, feedback, False)
     assert _observations(ITEM_WATCH_TIME, engine.version) == watched + 1
+    state = store.session(page.session.session_id)
+    assert state is not None and (state.step, state.counted) == (1, [page.request_id])
+
+
+class _OtherDeliveryClaimsFirst(LocalSessions):
+    """The process's store, in which another delivery of the same feedback claims the page between this one's
+    update and its claim (two replicas racing on one feedback)."""
+
+    def update(self, session_id: int, request_id: str, change: Any) -> tuple[SessionState, bool] | None:
+        outcome = super().update(session_id, request_id, change)
+        assert super().update(session_id, request_id, change) == outcome  # the other delivery: counted once
+        assert self.claim(request_id)
+        return outcome
+
+
+def test_of_two_deliveries_of_one_feedback_only_the_claimer_records_it(engine: Recommender) -> None:
+    store = _OtherDeliveryClaimsFirst()
+    racing = _with_sessions(engine, store)
+    page = racing.recommend(10)
+    watched = _observations(ITEM_WATCH_TIME, engine.version)
+    with pytest.raises(UnknownRequest, match="already received"):
+        racing.feedback(
+            page.request_id,
+            page.session.session_id,
+            [FeedbackItem(item_id=page.items[0], watch_time_s=1.0)],
+            False,
+        )
+    assert _observations(ITEM_WATCH_TIME, engine.version) == watched  # the claimer records it, not this one
     state = store.session(page.session.session_id)
     assert state is not None and (state.step, state.counted) == (1, [page.request_id])
 

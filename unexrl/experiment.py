@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import time
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -116,11 +117,14 @@ class Run:
     def load(path: Path) -> Run:
         """A saved run; ContractError names the file when its record or its outcomes are not what save wrote."""
         record = RunRecord.read(path.with_suffix(".json"))
-        with np.load(path.with_suffix(".npz")) as arrays:
-            keys = [f"{m}_{i}" for m in METRICS for i in range(record.eval_seeds)]
-            if missing := [k for k in keys if k not in arrays.files]:
-                raise ContractError(f"{path.with_suffix('.npz')}: no outcomes {', '.join(missing)}")
-            outcomes = {m: [arrays[f"{m}_{i}"] for i in range(record.eval_seeds)] for m in METRICS}
+        npz = path.with_suffix(".npz")
+        try:
+            with np.load(npz) as arrays:
+                outcomes = {m: [arrays[f"{m}_{i}"] for i in range(record.eval_seeds)] for m in METRICS}
+        except KeyError as err:
+            raise ContractError(f"{npz}: no outcomes {err}") from None
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise ContractError(f"{npz}: unreadable outcomes ({type(err).__name__}: {err})") from None
         return Run(
             record.variant,
             record.seed,

@@ -353,9 +353,16 @@ def prepare_run_dir(run_dir: Path) -> Path:
     task that runs as root (KFP's default) hands it to that user, since ``fsGroup`` does not reach shared
     filesystems such as NFS."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        context = runtime_pod_template()["spec"]["securityContext"]
-        os.chown(run_dir, context["runAsUser"], context["runAsGroup"])
+    context = runtime_pod_template()["spec"]["securityContext"]
+    owner = (context["runAsUser"], context["runAsGroup"])
+    if os.geteuid() == 0 and (run_dir.stat().st_uid, run_dir.stat().st_gid) != owner:
+        try:
+            os.chown(run_dir, *owner)
+        except PermissionError as err:  # e.g. NFS with root_squash: root here is nobody there
+            raise TrainingFailed(
+                f"{run_dir}: cannot hand the run directory to the training pods' user {owner[0]}:{owner[1]} "
+                f"({err}); export the volume without root_squash, or make it writable by that user"
+            ) from None
     return run_dir
 
 

@@ -51,7 +51,10 @@ def package(
         archive.parent.mkdir(parents=True, exist_ok=True)
         # whole or not at all: exported beside it (the same .bento suffix, so BentoML adds none), then renamed
         partial = archive.with_name(f".{os.getpid()}.{archive.name}")
-        Path(bentoml.export_bento(info.bento_tag, str(partial))).replace(archive)
+        try:
+            Path(bentoml.export_bento(info.bento_tag, str(partial))).replace(archive)
+        finally:
+            partial.unlink(missing_ok=True)
     record = BentoRecord(
         bento_tag=info.bento_tag,
         model_tag=info.model_tag,

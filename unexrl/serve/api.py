@@ -108,8 +108,8 @@ class FeedbackResponse(_Strict):
     session_items_watched: int = Field(description="Items viewed in the session so far.")
     session_watch_time_s: float = Field(description="Seconds watched in the session so far.")
     session_ended: bool = Field(
-        description="The session ended with this feedback (session_end, or the session.max_requests-th page "
-        "whose feedback was received)."
+        description="The session has ended (session_end, or the feedback of its session.max_requests-th page; "
+        "a feedback retried after another page ended it says so too)."
     )
     pushed: bool = Field(description="The new session state reached the feature store (false: store down).")
 

@@ -1,9 +1,9 @@
 """What stands between a client and the service's API (docs/security.md): ASGI middleware around BentoML's app.
 
 In the order a request meets them:
-- ``ClientErrors``: every 4xx of a POST route (the API and /version) gets one body shape (``ErrorBody``, the
-  schema the OpenAPI document declares) and one log line; BentoML's own bodies differ by error kind, and it logs
-  a traceback for each;
+- ``ClientErrors``: every 4xx, whatever the route and method, gets one JSON body shape (``ErrorBody``, the schema
+  the OpenAPI document declares) and one log line; BentoML's own bodies differ by error kind (a 405 is plain
+  text), and it logs a traceback for each;
 - ``Gate``: the bearer token on the API routes (401); on every POST, JSON only (415) and a bounded body (413,
   counted as it arrives whatever Content-Length claims; the app gets the body only when whole and in bounds);
 - ``/docs.json`` completed with the bearer scheme and the statuses the gate answers.

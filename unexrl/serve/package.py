@@ -62,7 +62,7 @@ def import_model(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> tu
                 raise ArtifactError(f"its manifest's digest is {digest}")
         except ArtifactError as err:
             raise ArtifactError(
-                f"the model store's {tag} is no longer the artifact imported under that version ({err}); "
+                f"the model store's {tag} does not verify as the artifact imported under that version ({err}); "
                 f"remove it (`bentoml models delete {tag}`) to import {artifact_dir} again"
             ) from None
         return tag, version

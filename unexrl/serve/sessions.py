@@ -5,13 +5,13 @@ third. With ``UNEXRL_SESSION_STORE=redis`` every replica reads and writes the sa
 Redis (``UNEXRL_REDIS``), so no session affinity is needed; the default, ``local``, keeps them in the process
 (one replica, or sticky sessions). Records are keyed by the server-issued session id and request id (the Feast
 ``user_session`` view, keyed by user, is still pushed on every feedback: it is a feature, this is the state), and
-expire after ``SESSION_TTL_S`` idle seconds like a session's feature row. A page is claimed for its feedback with
-one atomic GETDEL, so it is answered once whichever replicas race for it; the session then changes in one
-read-modify-write (``Sessions.update``: a lock in the process, a WATCH/MULTI transaction in Redis, tried again when
-another replica wrote the session in between), so feedback on two pages of a session, answered at the same time on
-two replicas, both count. The session records which pages it counts, so a Redis transaction tried again after its
-commit's reply was lost does not count a page twice; an ended session's marker holds its final state for the same
-reason.
+expire after ``SESSION_TTL_S`` idle seconds like a session's feature row. A page's feedback first changes its
+session in one read-modify-write (``Sessions.update``: a lock in the process, a WATCH/MULTI transaction in Redis,
+tried again when another replica wrote the session in between), so feedback on two pages of a session, answered at
+the same time on two replicas, both count; then it claims the page with one atomic GETDEL, so of several
+deliveries of one feedback only one records its metrics. The session records which pages it counts, so a
+transaction tried again after its commit's reply was lost, or a feedback retried after a 503, does not count a page
+twice; an ended session keeps its final state for the same reason.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ class LocalSessions:
     def __init__(self) -> None:
         self._pages: OrderedDict[str, Page] = OrderedDict()
         self._sessions: OrderedDict[int, SessionState] = OrderedDict()
-        self._ended: OrderedDict[int, None] = OrderedDict()
+        self._ended: OrderedDict[int, SessionState] = OrderedDict()
+        """ended sessions' final states, as Redis's ended markers hold them"""
         self._lock = threading.Lock()
 
     def session(self, session_id: int) -> SessionState | None:
@@ -160,13 +161,15 @@ class LocalSessions:
             _bounded_put(self._sessions, state.session_id, state, MAX_CACHED_SESSIONS)
 
     def update(self, session_id: int, request_id: str, change: Change) -> tuple[SessionState, bool] | None:
-        with self._lock:  # under one lock an update is never tried twice: an ended session is simply closed
-            if session_id in self._ended:
-                return None
+        with self._lock:
+            if (
+                final := self._ended.get(session_id)
+            ) is not None:  # ended: by this page (counted before) or not
+                return (final, True) if request_id in final.counted else None
             after, ended, write = _count_once(self._open(session_id), request_id, change)
             if write and ended:
                 self._sessions.pop(session_id, None)
-                _bounded_put(self._ended, session_id, None, MAX_CACHED_SESSIONS)
+                _bounded_put(self._ended, session_id, after, MAX_CACHED_SESSIONS)
             elif write:
                 _bounded_put(self._sessions, session_id, after, MAX_CACHED_SESSIONS)
             return after, ended
