@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import Histogram
+from prometheus_client import REGISTRY, Histogram
 
 from unexrl.config import Config
 from unexrl.serve.api import FeedbackItem
@@ -341,3 +341,18 @@ def _observations(histogram: Histogram, version: str) -> float:
             if sample.name.endswith("_count") and sample.labels.get("model_version") == version:
                 return sample.value
     return 0.0
+
+
+def test_the_process_store_counts_what_its_bound_drops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past its bound the process's store drops the oldest pages; each one dropped is counted, not lost unseen."""
+    from unexrl.serve import sessions
+
+    monkeypatch.setattr(sessions, "MAX_PENDING_PAGES", 2)
+    store = LocalSessions()
+    evicted = {"name": "unexrl_session_store_evictions_total", "labels": {"record": "page"}}
+    before = REGISTRY.get_sample_value(**evicted)
+    state = SessionState(session_id=44, user_id=7)
+    for request_id in ("a", "b", "c"):
+        store.add_page(_page(request_id, state))
+    assert store.page("a") is None and store.page("c") is not None
+    assert REGISTRY.get_sample_value(**evicted) == before + 1

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
+from prometheus_client import Counter
 from pydantic import TypeAdapter
 
 from unexrl.features.schema import SESSION_TTL_S
@@ -38,6 +39,14 @@ ENV_REDIS = "UNEXRL_REDIS"
 """the online store's Redis, ``host:port[,password=...][,ssl=true][,db=N]`` (Feast's connection string)"""
 MAX_PENDING_PAGES = 100_000
 MAX_CACHED_SESSIONS = 100_000
+"""the process's store's bounds (``local``); past them the oldest records go, counted in EVICTIONS"""
+EVICTIONS = Counter(
+    "unexrl_session_store_evictions_total",
+    "Records the process's session store dropped at its bound (page: a page still waiting for feedback)",
+    ["record"],
+)
+for _record in ("page", "session", "ended_session"):
+    EVICTIONS.labels(_record)  # exported at 0: no evictions is a rate of 0, not no data
 MAX_TRANSACTION_ATTEMPTS = 20
 """Redis: how often a session's update is tried while other writers keep changing it, before a 503 (with a random
 wait of up to 1 ms times the attempt between tries)"""
@@ -158,7 +167,7 @@ class LocalSessions:
 
     def save(self, state: SessionState) -> None:
         with self._lock:
-            _bounded_put(self._sessions, state.session_id, state, MAX_CACHED_SESSIONS)
+            _bounded_put(self._sessions, state.session_id, state, MAX_CACHED_SESSIONS, "session")
 
     def update(self, session_id: int, request_id: str, change: Change) -> tuple[SessionState, bool] | None:
         with self._lock:
@@ -169,9 +178,9 @@ class LocalSessions:
             after, ended, write = _count_once(self._open(session_id), request_id, change)
             if write and ended:
                 self._sessions.pop(session_id, None)
-                _bounded_put(self._ended, session_id, after, MAX_CACHED_SESSIONS)
+                _bounded_put(self._ended, session_id, after, MAX_CACHED_SESSIONS, "ended_session")
             elif write:
-                _bounded_put(self._sessions, session_id, after, MAX_CACHED_SESSIONS)
+                _bounded_put(self._sessions, session_id, after, MAX_CACHED_SESSIONS, "session")
             return after, ended
 
     def _open(self, session_id: int) -> SessionState | None:
@@ -184,7 +193,7 @@ class LocalSessions:
 
     def add_page(self, page: Page) -> None:
         with self._lock:
-            _bounded_put(self._pages, page.request_id, page, MAX_PENDING_PAGES)
+            _bounded_put(self._pages, page.request_id, page, MAX_PENDING_PAGES, "page")
 
     def page(self, request_id: str) -> Page | None:
         with self._lock:
@@ -327,8 +336,10 @@ def _redis_options(address: str) -> dict[str, Any]:
     return out
 
 
-def _bounded_put(table: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+def _bounded_put(table: OrderedDict[Any, Any], key: Any, value: Any, limit: int, record: str) -> None:
+    """Put ``key`` last; past ``limit`` the oldest records go, counted (EVICTIONS) so that a bound reached is seen."""
     table[key] = value
     table.move_to_end(key)
     while len(table) > limit:
         table.popitem(last=False)
+        EVICTIONS.labels(record).inc()
