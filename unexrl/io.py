@@ -47,12 +47,27 @@ def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Put the finished directory ``new`` at ``target`` (a sibling): ``target``, if present, is renamed aside, ``new``
+    renamed in, and the old one deleted only then, so ``target`` is always one whole generation and is put back
+    if the second rename fails."""
+    if not target.exists():
+        new.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

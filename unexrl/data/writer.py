@@ -34,7 +34,7 @@ from unexrl.data.schema import (
     transitions_schema,
     users_schema,
 )
-from unexrl.io import check_publishable, sha256_file
+from unexrl.io import check_publishable, replace_directory, sha256_file
 from unexrl.sim.env import Step
 from unexrl.sim.world import World
 
@@ -178,13 +178,7 @@ class LogWriter:
     def _publish(self) -> None:
         """Rename the finished temporary directory onto ``out_dir``, replacing it only when allowed."""
         check_publishable(self.out_dir, self.overwrite, "log directory")
-        if not self.out_dir.exists():
-            self._tmp.rename(self.out_dir)
-            return
-        old = self._tmp.with_name(self._tmp.name + ".old")
-        self.out_dir.rename(old)
-        self._tmp.rename(self.out_dir)
-        shutil.rmtree(old)
+        replace_directory(self._tmp, self.out_dir)
 
     def _users(self) -> pa.Table:
         w = self.world
