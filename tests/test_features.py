@@ -25,7 +25,13 @@ from unexrl.config import Config
 from unexrl.data import read_logs
 from unexrl.features import schema as fs
 from unexrl.features import store
-from unexrl.features.build import build_features, compute_feature_tables, feedback_us, read_manifest
+from unexrl.features.build import (
+    build_features,
+    compute_feature_tables,
+    feedback_us,
+    read_manifest,
+    verify_feature_tables,
+)
 from unexrl.features.redis_server import local_redis, redis_server_path
 from unexrl.policies.weights import RandomPolicy
 from unexrl.sim.env import Simulator
@@ -365,6 +371,25 @@ def test_the_join_refuses_a_store_whose_tables_are_elsewhere(
     finally:
         moved.rename(features)
     assert not (tmp_path / "ts.parquet").exists()
+
+
+def test_feature_tables_changed_after_the_build_are_refused(
+    cfg: Config, logs: Path, features: Path, tmp_path: Path
+) -> None:
+    """Feast reads the Parquet files directly: materialising or joining first checks each against its manifest,
+    and a join checks the tables were built from the logs it joins them to."""
+    copy = tmp_path / "features"
+    shutil.copytree(features, copy)
+    table = copy / fs.USER_BEHAVIOUR.file
+    pq.write_table(pq.read_table(table).slice(0, 1), table)  # cut short, as a bad copy would be
+    with pytest.raises(
+        ValueError, match=r"user_behaviour\.parquet: sha256 .* refusing feature tables changed"
+    ):
+        verify_feature_tables(copy)
+    manifest = read_manifest(features)
+    assert verify_feature_tables(features, manifest.logs_manifest_sha256) == manifest
+    with pytest.raises(ValueError, match="feature tables built from the logs .* not from these"):
+        verify_feature_tables(features, "0" * 64)
 
 
 def test_a_row_is_joined_from_its_timestamp_on_and_never_before(

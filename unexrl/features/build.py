@@ -13,6 +13,7 @@ first request; session state is stamped at the request it describes (it summaris
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,30 @@ def read_manifest(features: str | Path) -> FeatureManifest:
     fsys, path = filesystem(where)
     with fsys.open_input_stream(path) as f:
         return FeatureManifest.parse(f.read(), where)
+
+
+def verify_feature_tables(features: str | Path, logs_manifest_sha256: str | None = None) -> FeatureManifest:
+    """The manifest at ``features``, once every table it lists hashes to its recorded sha256 (and, given
+    ``logs_manifest_sha256``, once it was built from those logs): Feast reads the Parquet files directly, so this
+    is where a table replaced or cut short after the build is caught. ValueError names the table."""
+    manifest = read_manifest(features)
+    if logs_manifest_sha256 is not None and manifest.logs_manifest_sha256 != logs_manifest_sha256:
+        raise ValueError(
+            f"{normalize(features)}: feature tables built from the logs {manifest.logs} (manifest sha256 "
+            f"{manifest.logs_manifest_sha256[:12]}...), not from these ({logs_manifest_sha256[:12]}...)"
+        )
+    for name, table in manifest.tables.items():
+        fsys, path = filesystem(join(features, table.file))
+        digest = hashlib.sha256()
+        with fsys.open_input_stream(path) as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != table.sha256:
+            raise ValueError(
+                f"{join(features, table.file)}: sha256 {digest.hexdigest()[:12]}... is not the manifest's "
+                f"{table.sha256[:12]}... for {name}; refusing feature tables changed after they were built"
+            )
+    return manifest
 
 
 def compute_feature_tables(data: LoggedData, cfg: Config) -> dict[str, pa.Table]:

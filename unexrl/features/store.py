@@ -20,11 +20,13 @@ import pyarrow as pa
 
 from unexrl.bundle import FEATURE_REPO, feature_repo_template
 from unexrl.config import Config
+from unexrl.contracts import files
 from unexrl.data import read_logs
 from unexrl.environ import environ
 from unexrl.features import schema as fs
-from unexrl.features.build import read_manifest
+from unexrl.features.build import verify_feature_tables
 from unexrl.features.storage import is_local, join, local_directory, normalize, write_parquet
+from unexrl.io import sha256_file
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -141,7 +143,7 @@ def load_online(store: FeatureStore, features: str | Path) -> dict[str, Any]:
     the last stopped (``materialize_incremental``), so re-running over the same tables changes nothing.
     The end is the data's newest timestamp, not the wall clock, so logs from any date load the same way.
     """
-    tables = read_manifest(features).tables.values()
+    tables = verify_feature_tables(features).tables.values()
     start = min(t.min_timestamp for t in tables if t.rows and t.min_timestamp)
     end = max(t.max_timestamp for t in tables if t.rows and t.max_timestamp) + timedelta(microseconds=1)
     fresh = [v.name for v in fs.VIEWS if store.get_feature_view(v.name).most_recent_end_time is None]
@@ -202,14 +204,18 @@ def training_set(
     User features as of the request's timestamp; item features of the page's shown items, as of the same
     timestamp, as lists in page order. A request before any row of a view gets nulls for it, never a dropped
     row. Written to ``out`` (default: training_features.parquet next to the logs' transitions). ``features``:
-    the feature tables the store must read (:func:`check_sources`).
+    the feature tables the store must read (:func:`check_sources`), verified against their manifest and built
+    from these logs.
     """
     with local_directory(logs) as local:
         data = read_logs(local)
-    k = data.config.cascade.page_size
-    entities = training_entities(data.transitions, k)
+        logs_manifest_sha256 = sha256_file(local / files.MANIFEST)
     store = open_store(cfg)
     check_sources(store, features)
+    if features is not None:
+        verify_feature_tables(features, logs_manifest_sha256)
+    k = data.config.cascade.page_size
+    entities = training_entities(data.transitions, k)
     job = store.get_historical_features(
         entity_df=entities.to_pandas(),
         features=store.get_feature_service(fs.TRAINING_SERVICE),
