@@ -77,6 +77,16 @@ def test_workers_give_the_same_results_as_one_process_and_runs_resume(tmp_path: 
     runs.write_text(json.dumps({**record, "variant": "cem"}))
     with pytest.raises(ContractError, match=r"td3-seed0\.json: holds cem seed 0"):
         run_experiment(cfg, tmp_path / "w1")
+    # a record as the experiment wrote it before RunRecord (no schema version, each curve point with its losses)
+    untyped = {k: v for k, v in record.items() if k not in ("schema_version", "eval_seeds")}
+    untyped |= {
+        "n_eval_seeds": record["eval_seeds"],
+        "curve": [p | {"critic_loss": 1.0} for p in record["curve"]],
+    }
+    runs.write_text(json.dumps(untyped))
+    assert json.dumps(_measured(run_experiment(cfg, tmp_path / "w1")), sort_keys=True) == json.dumps(
+        _measured(one), sort_keys=True
+    )
     runs.write_text(json.dumps(record))
     runs.with_suffix(".npz").write_bytes(b"cut short")
     with pytest.raises(

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,21 +133,45 @@ def apply(cfg: Config, features: str | Path) -> FeatureStore:
 
 
 def materialize(cfg: Config, features: str | Path) -> dict[str, Any]:
-    """Apply the definitions with sources at ``features``, then :func:`load_online`; idempotent."""
-    return load_online(apply(cfg, features), features)
+    """Apply the definitions with sources at ``features``, then :func:`load_online`; idempotent. A view that was
+    registered over other tables is loaded whole again: its progress was made in other data, and continuing from it
+    would skip every row of these that is older (two logs can cover the same times)."""
+    store = open_store(cfg)
+    moved = [
+        v.name
+        for v in fs.VIEWS
+        if (source := _registered_source(store, v.name)) is not None and source != join(features, v.file)
+    ]
+    store.apply(definitions(cfg, features))
+    return load_online(store, features, reload=moved)
 
 
-def load_online(store: FeatureStore, features: str | Path) -> dict[str, Any]:
+def _registered_source(store: FeatureStore, view: str) -> str | None:
+    """The table ``view`` reads in the store's registry; None before the view is applied."""
+    from feast.errors import FeatureViewNotFoundException
+
+    try:
+        return store.get_feature_view(view).batch_source.path
+    except FeatureViewNotFoundException:
+        return None
+
+
+def load_online(store: FeatureStore, features: str | Path, reload: Sequence[str] = ()) -> dict[str, Any]:
     """Load every view into the online store up to the newest feature row of ``features``.
 
-    A view never materialised is loaded from the oldest feature row on; after that each run continues where
-    the last stopped (``materialize_incremental``), so re-running over the same tables changes nothing.
-    The end is the data's newest timestamp, not the wall clock, so logs from any date load the same way.
+    A view never materialised (or named in ``reload``) is loaded from the oldest feature row on; after that each
+    run continues where the last stopped (``materialize_incremental``), so re-running over the same tables
+    changes nothing. The end is the data's newest timestamp, not the wall clock, so logs from any date load the
+    same way.
     """
     tables = verify_feature_tables(features).tables.values()
     start = min(t.min_timestamp for t in tables if t.rows and t.min_timestamp)
     end = max(t.max_timestamp for t in tables if t.rows and t.max_timestamp) + timedelta(microseconds=1)
-    fresh = [v.name for v in fs.VIEWS if store.get_feature_view(v.name).most_recent_end_time is None]
+    fresh = [
+        v.name
+        for v in fs.VIEWS
+        if v.name in reload or store.get_feature_view(v.name).most_recent_end_time is None
+    ]
     known = [v.name for v in fs.VIEWS if v.name not in fresh]
     if fresh:
         store.materialize(start_date=start, end_date=end, feature_views=fresh)
