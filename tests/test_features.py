@@ -294,6 +294,18 @@ def test_materialising_twice_changes_nothing(sqlite_cfg: Config, features: Path)
     assert _sqlite_dump(sqlite_cfg) == before
 
 
+def test_tables_from_elsewhere_are_materialised_whole(cfg: Config, features: Path, tmp_path: Path) -> None:
+    """The store's progress belongs to the tables it was made in: other tables (another log, which may cover the
+    same times) are loaded from their oldest row, not from where the last ones stopped."""
+    local = _with_features(cfg, repo=str(_repo_copy(tmp_path / "feature_repo")))
+    store.materialize(local, features)
+    elsewhere = tmp_path / "features"
+    shutil.copytree(features, elsewhere)
+    moved = store.materialize(local, elsewhere)
+    assert set(moved["first_materialised"]) == set(fs.VIEWS_BY_NAME) and moved["incremental"] == []
+    assert store.materialize(local, elsewhere)["first_materialised"] == []
+
+
 def _online(cfg: Config, view: fs.ViewSpec, ids: list[int]) -> dict[str, list[Any]]:
     feast_store = store.open_store(cfg)
     refs = [f"{view.name}:{f.name}" for f in view.features]
