@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from tests.conftest import training_set_args
@@ -26,7 +27,7 @@ from unexrl.contracts.actors import ActorsManifest
 from unexrl.contracts.artifact import read_artifact
 from unexrl.rl.actors import load_actor_policy
 from unexrl.sim.env import Simulator
-from unexrl.train.checkpoint import resumed_session_index
+from unexrl.train.checkpoint import _check_same_table_training, resumed_session_index
 from unexrl.train.export import probe_actions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,6 +271,13 @@ def test_a_second_run_into_the_same_directory_needs_resume(
     assert main([*args, "--set", "train.updates=3", "--resume"]) == 0
     assert json.loads((tmp_path / "curve.json").read_text())["updates"] == 3
     assert main([*args, "--set", "features.repo=elsewhere", "--set", "train.updates=3", "--resume"]) == 0
+    # its tables trained in this process (RowWiseAdagrad): torchrun, which shards them and trains them fused, refuses
+    # its checkpoint instead of failing on missing keys or restarting the accumulators
+    step = max((tmp_path / "checkpoints").glob("step-*"))
+    saved = set(dcp.FileSystemReader(step).read_metadata().state_dict_metadata)
+    _check_same_table_training(step, saved, sharded=False, in_process=True)
+    with pytest.raises(RuntimeError, match="trained in one process cannot resume under torchrun"):
+        _check_same_table_training(step, saved, sharded=True, in_process=False)
 
 
 def test_offline_resume_is_exact(tmp_path: Path, cem_artifact: Path, train_logs: Path) -> None:

@@ -377,9 +377,10 @@ class CascadeAgent(nn.Module):
     # --- what the diagnostics read (unexrl/rl/diagnostics.py) -------------------------------------------------
     @torch.no_grad()
     def q_values(self, batch: Batch) -> Tensor:
-        """[B] Q_1 of the logged actions (independent DDPG: the first learning stage's critic)."""
+        """[B] Q_1 of the logged actions (independent DDPG: the first learning stage's critic), centred on the
+        actions and views the critic loss centres it on (``policy_actions``: CTDE's on the logged views)."""
         kjt = sparse_features(batch.tau)
-        actions, summaries = self.greedy_actions(batch, kjt)
+        actions, summaries = self.policy_actions(batch, self.actors.embed(kjt))
         critic = self.critics[0]
         x, logged, centre = self._critic_inputs(batch, batch.actions, actions, summaries)[0]
         return critic.head(critic.head.state_features(critic.encoder(kjt), x, FIRST), logged, centre)[0]

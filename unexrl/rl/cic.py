@@ -37,7 +37,8 @@ def cascade_with_actors(
 
     embedding: the actors' embeddings of ``tau`` (``actors.embed``), computed once for every stage.
     stop_gradient: actor i sees sg(a^{<i}) (SG: no gradient path from downstream actors back into mu^i).
-    select_with: None for CIC (the actors' actions select the candidates); logged actions for CTDE.
+    select_with: None for CIC (the actors' actions select the candidates); logged actions for CTDE, which are
+        then also the upstream actions each actor sees (its observation is the logged one, whole).
     perturb: applied to each action before use (exploration or target-policy smoothing).
     first_summary: the whole pool's summary when already known (the replay buffer stores it).
     """
@@ -45,7 +46,10 @@ def cascade_with_actors(
     summaries: list[Tensor] = []
 
     def act(view: StageView) -> Tensor:
-        upstream = [a.detach() for a in actions] if stop_gradient else list(actions)
+        # tau^i's upstream actions are those that selected its candidates: the actors' own under CIC, the logged
+        # ones under CTDE (a logged observation, as the buffer holds it)
+        own = [a.detach() for a in actions] if stop_gradient else list(actions)
+        upstream = own if select_with is None else list(view.upstream_actions)
         known = first_summary is not None and view.stage == 0
         summaries.append(first_summary if known else candidate_summary(view.predictions))
         a = actors.act(view.stage, embedding, torch.cat([tau.state, summaries[-1]], dim=1), upstream)

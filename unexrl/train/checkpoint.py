@@ -70,6 +70,19 @@ def _state(agent: CascadeAgent, fused: KeyedOptimizer | None, knots: Tensor | No
     return state
 
 
+def _check_same_table_training(path: Path, saved: set[str], sharded: bool, in_process: bool) -> None:
+    """Refuse a checkpoint whose tables were trained the other way: sharded tables keep fbgemm's fused optimizer
+    state (``fused_optimizer``), one process's keep RowWiseAdagrad's; resuming across would fail on the missing
+    keys, or silently restart the row-wise accumulators."""
+    fused_saved = any(key.startswith("fused_optimizer") for key in saved)
+    if (sharded and not fused_saved) or (in_process and fused_saved):
+        saved_by, resumed_by = ("one process", "torchrun") if sharded else ("torchrun", "one process")
+        raise RuntimeError(
+            f"{path}: a checkpoint of a run whose tables trained in {saved_by} cannot resume under {resumed_by} "
+            "(the tables' optimizer state is kept differently); resume it the way it was trained"
+        )
+
+
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Tensor]:
     state = {"torch": torch.get_rng_state(), "sampling": generator.get_state()}
     if device.type == "cuda":
@@ -154,6 +167,7 @@ class Checkpoints:
             return None
         verify_checkpoint(path)
         saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+        _check_same_table_training(path, saved, fused is not None, agent.embedding_lr is not None)
         sparse = {id(m.weight) for m in agent.modules() if isinstance(m, nn.EmbeddingBag) and m.sparse}
         for key, optimizer in (
             ("actor_optimizer", agent.actor_optimizer),

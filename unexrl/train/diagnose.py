@@ -65,15 +65,16 @@ def diagnose_run(cfg: Config, run: Path) -> CriticDiagnostics:
     # the fixed stages' weights are buffers in the checkpoint: the placeholder is overwritten on load
     # it never updates, so it compiles nothing (and needs no C++ compiler) whatever the run trained with
     eager = cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": False})})
+    device = torch.device(cfg.device)  # where the simulator's world is: the networks act on its tensors
     agent = CascadeAgent(
         eager, w.n_users, w.n_items, w.n_categories, torch.zeros(sum(cfg.cascade.action_dims))
-    )
+    ).to(device)
     knots = (
-        torch.zeros(len(cfg.world.user_types), n_item_groups(cfg), cfg.features.cqr_knots)
+        torch.zeros(len(cfg.world.user_types), n_item_groups(cfg), cfg.features.cqr_knots, device=device)
         if cfg.algo.cqr
         else None
     )
-    restored = Checkpoints(run / "checkpoints", Context(), read_only=True).restore(
+    restored = Checkpoints(run / "checkpoints", Context(device=device), read_only=True).restore(
         agent, None, knots, torch.Generator()
     )
     if restored is None:
