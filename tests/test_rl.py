@@ -64,6 +64,33 @@ def test_cic_replay_equals_the_simulator(small_cfg: Config, small_sim: Simulator
                 assert torch.equal(logged, again)
 
 
+def test_ctde_actors_see_the_logged_observation_whole(small_cfg: Config, collected) -> None:  # type: ignore[no-untyped-def]
+    """Under CTDE the logged actions select each stage's candidates, and they are also the upstream actions each
+    actor reads: the observation the log holds, not the logged candidates beside the actors' own upstream actions."""
+    agent, _, buffer = collected
+    batch = buffer.sample(32, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    logged = [(a + 0.2 * torch.randn(a.shape, generator=generator)).clamp(-1, 1) for a in batch.actions]
+    seen: list[list[torch.Tensor]] = []
+    recording = copy.copy(agent.actors)
+    recording.act = lambda stage, embedding, dense, upstream: (  # type: ignore[method-assign]
+        seen.append(list(upstream)) or agent.actors.act(stage, embedding, dense, upstream)
+    )
+    with torch.no_grad():
+        embedding = agent.actors.embed(sparse_features(batch.tau))
+        _, actions, _ = cascade_with_actors(
+            batch.tau,
+            embedding,
+            [s.keep for s in small_cfg.cascade.stages],
+            recording,
+            stop_gradient=True,
+            select_with=logged,
+        )
+    for stage, upstream in enumerate(seen):
+        assert all(torch.equal(a, b) for a, b in zip(upstream, logged[:stage], strict=True))
+    assert not torch.equal(actions[0], logged[0])  # the actors' own, recorded beside them
+
+
 def test_buffer_replay_equals_the_simulator(collected) -> None:  # type: ignore[no-untyped-def]
     """From the replay buffer (float16 predictions), replaying the logged actions gives the logged pages."""
     _, steps, buffer = collected
