@@ -347,6 +347,85 @@ def test_rejects_defective_logs(
         assert err.value.rows == [row]
 
 
+def _last_request(t: pa.Table) -> int:
+    """The first row that ends a session of more than one request: breaking it breaks no other row's rule."""
+    return int(np.flatnonzero(t["done"].to_numpy() & (t["step"].to_numpy() > 0))[0])
+
+
+def _previous(t: pa.Table, row: int) -> int:
+    """The row of the same session's previous request."""
+    return int(np.flatnonzero(t["request_id"].to_numpy() == t["request_id"][row].as_py() - 1)[0])
+
+
+def _previous_ends_the_session(t: pa.Table, row: int) -> pa.Table:
+    before = _previous(t, row)
+    t = _set(t, "done", before, True)
+    nxt = t["next_request_id"].to_pylist()
+    nxt[before] = None
+    return _with(t, "next_request_id", pa.array(nxt, pa.int64()))
+
+
+SESSION_DEFECTS: list[tuple[str, str, str, Callable[[pa.Table, int], pa.Table]]] = [
+    (
+        "user-changes-within-a-session",
+        "user_id",
+        "not the user of the session's previous request",
+        lambda t, r: _set(t, "user_id", r, (t["user_id"][r].as_py() + 1) % N_USERS),
+    ),
+    (
+        "request-not-after-the-previous",
+        "event_timestamp",
+        "not after the session's previous request",
+        lambda t, r: _set(t, "event_timestamp", r, t["event_timestamp"].to_numpy()[_previous(t, r)]),
+    ),
+    (
+        "items-watched-not-carried",
+        "session_items_watched",
+        "plus the items its page had viewed",
+        lambda t, r: _set(t, "session_items_watched", r, t["session_items_watched"][r].as_py() + 1),
+    ),
+    (
+        "watch-time-not-carried",
+        "session_watch_time_s",
+        "plus its page's reward",
+        lambda t, r: _set(t, "session_watch_time_s", r, t["session_watch_time_s"][r].as_py() + 5.0),
+    ),
+    (
+        "request-after-the-session-ended",
+        "step",
+        "without its session's previous request",
+        _previous_ends_the_session,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("column", "problem", "defect"), [d[1:] for d in SESSION_DEFECTS], ids=[d[0] for d in SESSION_DEFECTS]
+)
+def test_rejects_broken_sessions(
+    logged: Logged, tmp_path: Path, column: str, problem: str, defect: Callable[[pa.Table, int], pa.Table]
+) -> None:
+    """A session is one user's requests from step 0 to done, in time, each logging the state its pages left."""
+    bad = shutil.copytree(logged.path, tmp_path / "bad")
+    table = pq.read_table(bad / TRANSITIONS_FILE)
+    row = _last_request(table)
+    _rewrite(bad, TRANSITIONS_FILE, defect(table, row))
+    with pytest.raises(LogValidationError) as err:
+        read_logs(bad)
+    assert f"'{column}'" in str(err.value) and problem in str(err.value), err.value
+    assert err.value.rows == [row]
+
+
+def test_rejects_session_state_at_its_first_request(logged: Logged, tmp_path: Path) -> None:
+    bad = shutil.copytree(logged.path, tmp_path / "bad")
+    table = pq.read_table(bad / TRANSITIONS_FILE)
+    _rewrite(bad, TRANSITIONS_FILE, _set(table, "session_watch_time_s", 2, 10.0))
+    with pytest.raises(
+        LogValidationError, match=r"'session_watch_time_s': not 0 at a session's first request"
+    ):
+        read_logs(bad)
+
+
 def test_rejects_file_changed_after_manifest(logged: Logged, tmp_path: Path) -> None:
     bad = shutil.copytree(logged.path, tmp_path / "bad")
     table = pq.read_table(bad / TRANSITIONS_FILE)

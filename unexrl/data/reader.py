@@ -273,7 +273,7 @@ def _check_items(items: pa.Table, cfg: Config, world: World) -> None:
 
 
 def _check_transitions(t: pa.Table, users: pa.Table, items: pa.Table, cfg: Config) -> None:
-    """Cross-row and cross-table rules: ids, positions, request chaining and the page shown."""
+    """Cross-row and cross-table rules: ids, positions, request chaining, the page shown, then the sessions."""
     f = TRANSITIONS_FILE
     ids = t["request_id"].to_numpy()
     session, step = t["session_id"].to_numpy(), t["step"].to_numpy().astype(np.int64)
@@ -327,4 +327,50 @@ def _check_transitions(t: pa.Table, users: pa.Table, items: pa.Table, cfg: Confi
         "shown_item_ids",
         (shown == list_matrix(t, "shown_item_ids", cfg.cascade.page_size)).all(1),
         "not the pool items at the last stage's candidates",
+    )
+    _check_sessions(t, ids, step, done, cfg)
+
+
+def _check_sessions(t: pa.Table, ids: np.ndarray, step: np.ndarray, done: np.ndarray, cfg: Config) -> None:
+    """Each session is one user's chain of requests from step 0 to its done request, in time, and the session
+    state a request logs is what the pages before it added (the trainer and the features read that state)."""
+    f = TRANSITIONS_FILE
+    order = np.argsort(ids)
+
+    def row_of(wanted: np.ndarray) -> np.ndarray:
+        """Row of each id in ``wanted``; ids not in the log map to some row, so callers mask those out."""
+        return order[np.searchsorted(ids, wanted, sorter=order).clip(max=ids.size - 1)]
+
+    previous = row_of(ids - 1)
+    has_previous = (ids[previous] == ids - 1) & ~done[previous]
+    _require(
+        f, "step", (step == 0) | has_previous, "a request after step 0 without its session's previous request"
+    )
+    items = t["session_items_watched"].to_numpy()
+    watch = t["session_watch_time_s"].to_numpy()
+    first = step == 0
+    _require(f, "session_items_watched", ~first | (items == 0), "not 0 at a session's first request")
+    _require(f, "session_watch_time_s", ~first | (watch == 0), "not 0 at a session's first request")
+    # every row after step 0 has a previous row (checked above): compare it with what that row's page added
+    later = np.flatnonzero(~first)
+    before = previous[later]
+
+    def require_pairs(column: str, ok: np.ndarray, problem: str) -> None:
+        _require(f, column, np.isin(np.arange(ids.size), later[~ok], invert=True), problem)
+
+    users = t["user_id"].to_numpy()
+    require_pairs("user_id", users[later] == users[before], "not the user of the session's previous request")
+    time = t["event_timestamp"].cast(pa.int64()).to_numpy()
+    require_pairs("event_timestamp", time[later] > time[before], "not after the session's previous request")
+    viewed = list_matrix(t, "viewed", cfg.cascade.page_size).sum(1)
+    require_pairs(
+        "session_items_watched",
+        items[later] == items[before] + viewed[before],
+        "not the previous request's count plus the items its page had viewed",
+    )
+    reward = t["reward"].to_numpy().astype(np.float64)
+    require_pairs(
+        "session_watch_time_s",
+        np.isclose(watch[later], watch[before] + reward[before], rtol=1e-5, atol=1e-2),
+        "not the previous request's watch time plus its page's reward",
     )
