@@ -7,6 +7,7 @@ repaired: a consumer either gets the whole log as written or an error it can act
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,6 @@ from unexrl.data.schema import (
     transitions_schema,
     users_schema,
 )
-from unexrl.io import sha256_file
 from unexrl.sim.world import World, build_world
 
 _SHOWN_ROWS = 5
@@ -80,18 +80,21 @@ def read_logs(path: Path, cfg: Config | None = None) -> LoggedData:
             cfg = Config.model_validate_json(json.dumps(manifest.config))
         except ValidationError as err:
             raise LogValidationError(MANIFEST_FILE, None, f"'config' is not a valid config: {err}") from None
-    users = _read_table(path, USERS_FILE, users_schema())
-    items = _read_table(path, ITEMS_FILE, items_schema())
-    transitions = _read_table(path, TRANSITIONS_FILE, transitions_schema(cfg))
+    users, users_sha = _read_table(path, USERS_FILE, users_schema())
+    items, items_sha = _read_table(path, ITEMS_FILE, items_schema())
+    transitions, transitions_sha = _read_table(path, TRANSITIONS_FILE, transitions_schema(cfg))
     world = build_world(cfg)
     _check_users(users, cfg, world)
     _check_items(items, cfg, world)
     _check_transitions(transitions, users, items, cfg)
-    for name, table in ((USERS_FILE, users), (ITEMS_FILE, items), (TRANSITIONS_FILE, transitions)):
+    for name, table, digest in (
+        (USERS_FILE, users, users_sha),
+        (ITEMS_FILE, items, items_sha),
+        (TRANSITIONS_FILE, transitions, transitions_sha),
+    ):
         entry = manifest.files[name]
         if table.num_rows != entry.rows:
             raise LogValidationError(name, None, f"{table.num_rows} rows but the manifest says {entry.rows}")
-        digest = sha256_file(path / name)
         if digest != entry.sha256:
             raise LogValidationError(
                 name,
@@ -151,17 +154,20 @@ def _describe(t: pa.DataType) -> str:
     return str(t)
 
 
-def _read_table(path: Path, name: str, schema: pa.Schema) -> pa.Table:
+def _read_table(path: Path, name: str, schema: pa.Schema) -> tuple[pa.Table, str]:
     """Read one table and check every column of ``schema``: presence, dtype, nulls, list lengths, finiteness.
 
-    List columns may be list or fixed_size_list on disk (files can come from other writers); their lengths are
-    checked against the config either way. Extra columns are kept, not rejected.
+    Returns the table and the sha256 of the very bytes it was parsed from (read once, so a file replaced while
+    it is read cannot pass the manifest's hash with other content). List columns may be list or
+    fixed_size_list on disk (files can come from other writers); their lengths are checked against the config
+    either way. Extra columns are kept, not rejected.
     """
     file = path / name
     if not file.is_file():
         raise LogValidationError(name, None, f"missing in {path}")
     try:
-        table = pq.read_table(file)
+        data = file.read_bytes()
+        table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as err:
         raise LogValidationError(name, None, f"not a readable Parquet file: {err}") from None
     for field in schema:
@@ -188,7 +194,7 @@ def _read_table(path: Path, name: str, schema: pa.Schema) -> pa.Table:
         elif pa.types.is_floating(expected):
             values = col.to_numpy()
             _require(name, field.name, np.isfinite(values), "NaN or infinite values")
-    return table
+    return table, hashlib.sha256(data).hexdigest()
 
 
 def _check_list(name: str, field: pa.Field, col: pa.ChunkedArray) -> None:
