@@ -362,7 +362,10 @@ def _check_sessions(t: pa.Table, ids: np.ndarray, step: np.ndarray, done: np.nda
     before = previous[later]
 
     def require_pairs(column: str, ok: np.ndarray, problem: str) -> None:
-        _require(f, column, np.isin(np.arange(ids.size), later[~ok], invert=True), problem)
+        """``ok``: one flag per row of ``later``; the rows named are those rows."""
+        per_row = np.ones(ids.size, dtype=bool)
+        per_row[later[~ok]] = False
+        _require(f, column, per_row, problem)
 
     users = t["user_id"].to_numpy()
     require_pairs("user_id", users[later] == users[before], "not the user of the session's previous request")
