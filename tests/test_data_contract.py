@@ -175,6 +175,12 @@ def _set(table: pa.Table, column: str, row: int, value: object, pos: int = 0) ->
     return _with(table, column, new)
 
 
+def _set_list(table: pa.Table, column: str, row: int, values: list[int]) -> pa.Table:
+    cells = table[column].to_pylist()
+    cells[row] = values
+    return _with(table, column, pa.array(cells, table[column].type))
+
+
 def _ragged_pool(t: pa.Table) -> pa.Table:
     pools = t["pool_item_ids"].to_pylist()
     pools[2] = pools[2][:-1]
@@ -391,9 +397,23 @@ SESSION_DEFECTS: list[tuple[str, str, str, Callable[[pa.Table, int], pa.Table]]]
         lambda t, r: _set(t, "session_watch_time_s", r, t["session_watch_time_s"][r].as_py() + 5.0),
     ),
     (
+        "last-watch-fraction-not-carried",
+        "last_watch_fraction",
+        "not the mean watch fraction of the previous request's viewed items",
+        lambda t, r: _set(t, "last_watch_fraction", r, t["last_watch_fraction"][r].as_py() / 2),
+    ),
+    (
+        "history-not-carried",
+        "history_item_ids",
+        "not the previous request's history plus its page's viewed items",
+        lambda t, r: _set_list(
+            t, "history_item_ids", r, [(i + 1) % N_ITEMS for i in t["history_item_ids"][r].as_py()]
+        ),
+    ),
+    (
         "request-after-the-session-ended",
         "step",
-        "without its session's previous request",
+        "or after its done request",
         _previous_ends_the_session,
     ),
 ]
@@ -416,14 +436,41 @@ def test_rejects_broken_sessions(
     assert err.value.rows == [row]
 
 
-def test_rejects_session_state_at_its_first_request(logged: Logged, tmp_path: Path) -> None:
+def test_rejects_a_session_without_its_first_request(logged: Logged, tmp_path: Path) -> None:
     bad = shutil.copytree(logged.path, tmp_path / "bad")
     table = pq.read_table(bad / TRANSITIONS_FILE)
-    _rewrite(bad, TRANSITIONS_FILE, _set(table, "session_watch_time_s", 2, 10.0))
-    with pytest.raises(
-        LogValidationError, match=r"'session_watch_time_s': not 0 at a session's first request"
-    ):
+    second = int(np.flatnonzero(table["step"].to_numpy() == 1)[0])
+    first = _previous(table, second)
+    _rewrite(bad, TRANSITIONS_FILE, pa.concat_tables([table.slice(0, first), table.slice(first + 1)]))
+    with pytest.raises(LogValidationError, match=r"'step': a request after step 0 without") as err:
         read_logs(bad)
+    assert err.value.rows == [second - 1]  # the second request's row once the first one's is gone
+
+
+@pytest.mark.parametrize(
+    ("column", "problem", "value"),
+    [
+        ("session_items_watched", "not 0", 3),
+        ("session_watch_time_s", "not 0", 10.0),
+        ("last_watch_fraction", "not 0.5", 0.9),
+        ("history_item_ids", "not empty", [7]),
+    ],
+)
+def test_rejects_session_state_at_its_first_request(
+    logged: Logged, tmp_path: Path, column: str, problem: str, value: object
+) -> None:
+    bad = shutil.copytree(logged.path, tmp_path / "bad")
+    table = pq.read_table(bad / TRANSITIONS_FILE)
+    row = int(np.flatnonzero(table["step"].to_numpy() == 0)[2])
+    broken = (
+        _set_list(table, column, row, value) if isinstance(value, list) else _set(table, column, row, value)
+    )
+    _rewrite(bad, TRANSITIONS_FILE, broken)
+    with pytest.raises(
+        LogValidationError, match=rf"'{column}': {problem} at a session's first request"
+    ) as err:
+        read_logs(bad)
+    assert err.value.rows == [row]
 
 
 def test_rejects_file_changed_after_manifest(logged: Logged, tmp_path: Path) -> None:

@@ -172,8 +172,9 @@ class SessionConfig(_Strict):
     """session-level tiredness: every item costs an extra (items watched so far / fatigue_items)"""
     quality_gain_floor: float = Field(default=0.3, ge=0)
     """quality factor of satisfaction gain is floor + quality"""
-    seconds_between_requests: float = Field(default=5.0, ge=0)
-    """idle time between two requests of a session, for event timestamps"""
+    seconds_between_requests: float = Field(default=5.0, gt=0)
+    """idle time between a page's watch time and the session's next request, for event timestamps: positive, so
+    a request comes strictly after its previous page's feedback (the logs' and the features' time rules)"""
 
 
 class LoggingPolicyConfig(_Strict):

@@ -167,7 +167,9 @@ def _read_table(path: Path, name: str, schema: pa.Schema) -> tuple[pa.Table, str
         raise LogValidationError(name, None, f"missing in {path}")
     try:
         data = file.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
         table = pq.read_table(pa.BufferReader(data))
+        del data  # the column checks below need only the table
     except (pa.ArrowException, OSError) as err:
         raise LogValidationError(name, None, f"not a readable Parquet file: {err}") from None
     for field in schema:
@@ -194,7 +196,7 @@ def _read_table(path: Path, name: str, schema: pa.Schema) -> tuple[pa.Table, str
         elif pa.types.is_floating(expected):
             values = col.to_numpy()
             _require(name, field.name, np.isfinite(values), "NaN or infinite values")
-    return table, hashlib.sha256(data).hexdigest()
+    return table, digest
 
 
 def _check_list(name: str, field: pa.Field, col: pa.ChunkedArray) -> None:
@@ -334,12 +336,15 @@ def _check_transitions(t: pa.Table, users: pa.Table, items: pa.Table, cfg: Confi
         (shown == list_matrix(t, "shown_item_ids", cfg.cascade.page_size)).all(1),
         "not the pool items at the last stage's candidates",
     )
-    _check_sessions(t, ids, step, done, cfg)
+    _check_sessions(t, ids, step, done, items["duration_s"].to_numpy(), cfg)
 
 
-def _check_sessions(t: pa.Table, ids: np.ndarray, step: np.ndarray, done: np.ndarray, cfg: Config) -> None:
+def _check_sessions(
+    t: pa.Table, ids: np.ndarray, step: np.ndarray, done: np.ndarray, durations: np.ndarray, cfg: Config
+) -> None:
     """Each session is one user's chain of requests from step 0 to its done request, in time, and the session
-    state a request logs is what the pages before it added (the trainer and the features read that state)."""
+    state each request logs (counts, watch time, last watch fraction, history) is the start state at step 0 and
+    then what the previous request's page added: the trainer and the features read that state."""
     f = TRANSITIONS_FILE
     order = np.argsort(ids)
 
@@ -350,13 +355,22 @@ def _check_sessions(t: pa.Table, ids: np.ndarray, step: np.ndarray, done: np.nda
     previous = row_of(ids - 1)
     has_previous = (ids[previous] == ids - 1) & ~done[previous]
     _require(
-        f, "step", (step == 0) | has_previous, "a request after step 0 without its session's previous request"
+        f,
+        "step",
+        (step == 0) | has_previous,
+        "a request after step 0 without its session's previous request, or after its done request",
     )
+    first = step == 0
     items = t["session_items_watched"].to_numpy()
     watch = t["session_watch_time_s"].to_numpy()
-    first = step == 0
+    fraction = t["last_watch_fraction"].to_numpy()
+    window = cfg.session.history_window
+    history = _left_padded(t["history_item_ids"], window)
     _require(f, "session_items_watched", ~first | (items == 0), "not 0 at a session's first request")
     _require(f, "session_watch_time_s", ~first | (watch == 0), "not 0 at a session's first request")
+    _require(f, "last_watch_fraction", ~first | (fraction == 0.5), "not 0.5 at a session's first request")
+    _require(f, "history_item_ids", ~first | (history < 0).all(1), "not empty at a session's first request")
+
     # every row after step 0 has a previous row (checked above): compare it with what that row's page added
     later = np.flatnonzero(~first)
     before = previous[later]
@@ -371,15 +385,48 @@ def _check_sessions(t: pa.Table, ids: np.ndarray, step: np.ndarray, done: np.nda
     require_pairs("user_id", users[later] == users[before], "not the user of the session's previous request")
     time = t["event_timestamp"].cast(pa.int64()).to_numpy()
     require_pairs("event_timestamp", time[later] > time[before], "not after the session's previous request")
-    viewed = list_matrix(t, "viewed", cfg.cascade.page_size).sum(1)
+    page = cfg.cascade.page_size
+    viewed = list_matrix(t, "viewed", page)[before]
+    n_viewed = viewed.sum(1)
     require_pairs(
         "session_items_watched",
-        items[later] == items[before] + viewed[before],
+        items[later] == items[before] + n_viewed,
         "not the previous request's count plus the items its page had viewed",
     )
     reward = t["reward"].to_numpy().astype(np.float64)
     require_pairs(
         "session_watch_time_s",
-        np.isclose(watch[later], watch[before] + reward[before], rtol=1e-5, atol=1e-2),
+        np.isclose(watch[later], watch[before] + reward[before], rtol=1e-5, atol=1e-3),
         "not the previous request's watch time plus its page's reward",
     )
+    watched = list_matrix(t, "watch_time_s", page)[before].astype(np.float64)
+    shown = list_matrix(t, "shown_item_ids", page)[before]
+    page_fraction = np.where(viewed, watched / durations[shown], 0.0).sum(1) / np.maximum(n_viewed, 1)
+    require_pairs(
+        "last_watch_fraction",
+        np.isclose(
+            fraction[later], np.where(n_viewed > 0, page_fraction, fraction[before]), rtol=1e-4, atol=1e-6
+        ),
+        "not the mean watch fraction of the previous request's viewed items (kept when none was viewed)",
+    )
+    # the history grows by the page's viewed items in page order and keeps the last ``window``
+    viewed_first = np.argsort(~viewed, axis=1, kind="stable")
+    grown = np.concatenate([history[before], np.take_along_axis(shown, viewed_first, axis=1)], axis=1)
+    kept = np.take_along_axis(grown, np.arange(window)[None, :] + n_viewed[:, None], axis=1)
+    require_pairs(
+        "history_item_ids",
+        (history[later] == kept).all(1),
+        f"not the previous request's history plus its page's viewed items (the last {window})",
+    )
+
+
+def _left_padded(col: pa.ChunkedArray, width: int) -> np.ndarray:
+    """[rows, width] of a list column of at most ``width`` values per row, each row right-aligned, -1 before it
+    (the simulator's own layout of a history)."""
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(col).to_numpy()
+    out = np.full((lengths.size, width), -1, dtype=np.int64)
+    rows = np.repeat(np.arange(lengths.size), lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, width - np.repeat(lengths, lengths) + np.arange(flat.size) - starts] = flat
+    return out
