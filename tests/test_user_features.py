@@ -120,6 +120,40 @@ def test_the_simulator_keeps_the_builds_user_behaviour(cfg: Config, logged: tupl
     assert cold.any() and torch.equal(built[cold], cold_inputs(int(cold.sum()), cfg))
 
 
+def _features_seen(cfg: Config, within_session: bool) -> Seen:
+    """The user features of every request of a random-weights rollout."""
+    seen: Seen = {}
+
+    def record(step: Step) -> None:
+        a = step.active
+        for s, t, x in zip(step.obs.session[a], step.obs.step[a], step.obs.user_features[a]):
+            seen[(int(s), int(t))] = x
+
+    policy = RandomPolicy(cfg.cascade, seed=3)
+    rollout(
+        Simulator(cfg),
+        policy,
+        cfg.seeds.train[0],
+        SESSIONS,
+        BATCH,
+        record,
+        features_within_session=within_session,
+    )
+    return seen
+
+
+def test_features_as_served_leave_the_sessions_own_pages_out(cfg: Config) -> None:
+    """As served from the online store between materialisations, every request of a session sees what its first
+    request saw; as trained, each later request also sees the session's earlier pages (docs/features.md)."""
+    served, trained = _features_seen(cfg, within_session=False), _features_seen(cfg, within_session=True)
+    assert served.keys() == trained.keys()  # the policy does not read the features: the same sessions
+    later = [(s, t) for s, t in served if t > 0]
+    assert len(later) > 100
+    assert all(torch.equal(served[(s, 0)], trained[(s, 0)]) for s, t in served if t == 0)
+    assert all(torch.equal(served[(s, t)], served[(s, 0)]) for s, t in later)
+    assert not any(torch.equal(trained[(s, t)], trained[(s, 0)]) for s, t in later)
+
+
 def test_online_store_and_training_set_give_the_same_input(
     cfg: Config, logged: tuple[Path, Seen], tmp_path: Path
 ) -> None:

@@ -129,8 +129,11 @@ class Totals:
 class UserBehaviour:
     """One rollout's user histories: the pages of every session of its earlier batches, per user."""
 
-    def __init__(self, cfg: Config, world: World) -> None:
-        self.cfg, self.world = cfg, world
+    def __init__(self, cfg: Config, world: World, within_session: bool = True) -> None:
+        """``within_session``: a request sees its own session's earlier pages, as the logs' point-in-time rows
+        and online training do; False: only its user's earlier sessions, as the online store holds them between
+        materialisations (serving's within-session skew, docs/features.md)."""
+        self.cfg, self.world, self.within_session = cfg, world, within_session
         self.users = Totals.zeros(world.n_users, cfg, world.item_category.device)
         self.defaults = behaviour_defaults(cfg)
         self._ended: list[tuple[Tensor, Tensor, Totals]] = []
@@ -154,7 +157,7 @@ class UserBehaviour:
 
     def rows(self, user: Tensor, session: Totals) -> dict[str, Tensor]:
         """user_behaviour as of now for requests of ``user`` in sessions with running ``session`` totals."""
-        t = self.users.take(user).then(session)
+        t = self.users.take(user).then(session) if self.within_session else self.users.take(user)
         d, window = self.defaults, self.cfg.features.recent_items
         views = t.items_viewed
         seen = views > 0
