@@ -5,7 +5,7 @@ only by materialisation, does not. This rolls the same actors out on the config'
 features as trained (the session's pages in) and as served (only the user's earlier sessions), and prints each
 mean watch time per session and the paired difference (same seeds, same sessions).
 
-    python benchmarks/cpu/feature_skew.py --config configs/default.yaml --actors RUN/export/actors [--sessions 300]
+    python benchmarks/cpu/feature_skew.py --config configs/default.yaml --actors RUN/export [--sessions 300]
 """
 
 import argparse
@@ -22,11 +22,12 @@ from unexrl.sim.env import Simulator
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--config", default="configs/default.yaml")
 parser.add_argument("--actors", type=Path, required=True, help="an actors artifact (`unexrl train`'s export)")
+parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
 parser.add_argument("--sessions", type=int, default=300, help="sessions per validation seed")
 args = parser.parse_args()
 
 torch.set_num_threads(2)
-cfg = load_config(args.config)
+cfg = load_config(args.config, args.set)
 sim = Simulator(cfg)
 policy = load_actor_policy(args.actors, cfg, sim.world)
 seeds = cfg.seeds.validation
