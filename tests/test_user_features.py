@@ -31,6 +31,7 @@ from unexrl.features.client import FeatureClient
 from unexrl.policies.weights import RandomPolicy
 from unexrl.rl.observation import state_dim
 from unexrl.rl.replay import ReplayBuffer
+from unexrl.sim.behaviour import UserBehaviour
 from unexrl.sim.env import Simulator, Step
 from unexrl.user_features import COLUMNS, cold_inputs, served_inputs, user_inputs
 
@@ -129,27 +130,24 @@ def _features_seen(cfg: Config, within_session: bool) -> Seen:
         for s, t, x in zip(step.obs.session[a], step.obs.step[a], step.obs.user_features[a]):
             seen[(int(s), int(t))] = x
 
+    sim = Simulator(cfg)
+    behaviour = UserBehaviour(cfg, sim.world, within_session=within_session)
     policy = RandomPolicy(cfg.cascade, seed=3)
-    rollout(
-        Simulator(cfg),
-        policy,
-        cfg.seeds.train[0],
-        SESSIONS,
-        BATCH,
-        record,
-        features_within_session=within_session,
-    )
+    rollout(sim, policy, cfg.seeds.train[0], SESSIONS, BATCH, record, behaviour=behaviour)
     return seen
 
 
 def test_features_as_served_leave_the_sessions_own_pages_out(cfg: Config) -> None:
-    """As served from the online store between materialisations, every request of a session sees what its first
-    request saw; as trained, each later request also sees the session's earlier pages (docs/features.md)."""
+    """As served from the online store (materialised before each batch), every request of a session sees what its
+    first request saw, its user's earlier sessions; as trained, each later request also sees the session's earlier
+    pages (docs/features.md)."""
     served, trained = _features_seen(cfg, within_session=False), _features_seen(cfg, within_session=True)
     assert served.keys() == trained.keys()  # the policy does not read the features: the same sessions
     later = [(s, t) for s, t in served if t > 0]
     assert len(later) > 100
     assert all(torch.equal(served[(s, 0)], trained[(s, 0)]) for s, t in served if t == 0)
+    cold = cold_inputs(1, cfg)[0]
+    assert sum(not torch.equal(served[(s, 0)], cold) for s, t in served if t == 0) > 20  # users with history
     assert all(torch.equal(served[(s, t)], served[(s, 0)]) for s, t in later)
     assert not any(torch.equal(trained[(s, t)], trained[(s, 0)]) for s, t in later)
 

@@ -172,9 +172,10 @@ class SessionConfig(_Strict):
     """session-level tiredness: every item costs an extra (items watched so far / fatigue_items)"""
     quality_gain_floor: float = Field(default=0.3, ge=0)
     """quality factor of satisfaction gain is floor + quality"""
-    seconds_between_requests: float = Field(default=5.0, gt=0)
-    """idle time between a page's watch time and the session's next request, for event timestamps: positive, so
-    a request comes strictly after its previous page's feedback (the logs' and the features' time rules)"""
+    seconds_between_requests: float = Field(default=5.0, ge=0.01)
+    """idle time between a page's watch time and the session's next request, for event timestamps: at least
+    10 ms, so a request comes after its previous page's feedback whatever the rounding of the float32 session
+    watch time the timestamps are built from (under 1 ms up to 16,000 s; the logs' and the features' time rules)"""
 
 
 class LoggingPolicyConfig(_Strict):

@@ -1,48 +1,70 @@
 """What serving's within-session feature skew costs trained actors (docs/features.md).
 
 A request's training row includes its own session's earlier pages in `user_behaviour`; the online store, written
-only by materialisation, does not. This rolls the same actors out on the config's validation seeds twice: with the
-features as trained (the session's pages in) and as served (only the user's earlier sessions), and prints each
-mean watch time per session and the paired difference (same seeds, same sessions).
+only by materialisation, does not. On each validation seed this first simulates `--burn-in` sessions with the
+actors (the users' histories, as the logs and so the store would hold them), then rolls the next `--sessions` out
+from copies of those histories: with the features as trained (the session's own pages in) and as served (the
+user's earlier sessions only, the store materialised just before each batch: the least skew serving can have).
+`--baseline` adds actors trained without the features on the same sessions. Differences are paired by session.
 
-    python benchmarks/cpu/feature_skew.py --config configs/default.yaml --actors RUN/export [--sessions 300]
+    python benchmarks/cpu/feature_skew.py --actors RUN/export --baseline NOFEATURES_RUN/export \
+        --burn-in 10000 --sessions 1000
 """
 
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from unexrl.config import load_config
 from unexrl.evaluate.rollout import rollout
 from unexrl.evaluate.stats import bootstrap_mean, bootstrap_uplift
 from unexrl.rl.actors import load_actor_policy
+from unexrl.sim.behaviour import UserBehaviour
 from unexrl.sim.env import Simulator
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--config", default="configs/default.yaml")
-parser.add_argument("--actors", type=Path, required=True, help="an actors artifact (`unexrl train`'s export)")
 parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
-parser.add_argument("--sessions", type=int, default=300, help="sessions per validation seed")
+parser.add_argument("--actors", type=Path, required=True, help="actors trained with the user features")
+parser.add_argument("--baseline", type=Path, help="actors trained with algo.user_features=false")
+parser.add_argument("--burn-in", type=int, default=10_000, help="sessions of history per seed (0: none)")
+parser.add_argument("--sessions", type=int, default=1000, help="sessions measured per validation seed")
 args = parser.parse_args()
 
 torch.set_num_threads(2)
 cfg = load_config(args.config, args.set)
 sim = Simulator(cfg)
 policy = load_actor_policy(args.actors, cfg, sim.world)
-seeds = cfg.seeds.validation
-watch = {
-    within: [
-        rollout(
-            sim, policy, s, args.sessions, cfg.evaluation.batch_size, features_within_session=within
-        ).watch_time
-        for s in seeds
-    ]
-    for within in (True, False)
-}
-print(f"validation seeds {list(seeds)} x {args.sessions} sessions, actors {args.actors}")
-print(f"  features as trained (the session's own pages in): {bootstrap_mean(watch[True]).fmt()} s")
-print(f"  features as served (earlier sessions only):       {bootstrap_mean(watch[False]).fmt()} s")
+arms = {"features as trained (the session's own pages in)": (policy, True)}
+arms["features as served (earlier sessions only)"] = (policy, False)
+if args.baseline is not None:
+    no_features = load_config(args.config, [*args.set, "algo.user_features=false"])
+    arms["actors trained without the features"] = (
+        load_actor_policy(args.baseline, no_features, sim.world),
+        True,
+    )
+
+batch = cfg.evaluation.batch_size
+watch: dict[str, list[np.ndarray]] = {name: [] for name in arms}
+for seed in cfg.seeds.validation:
+    history = UserBehaviour(cfg, sim.world)
+    if args.burn_in:
+        rollout(sim, policy, seed, args.burn_in, batch, behaviour=history, progress=True)
+    measured = torch.arange(args.burn_in, args.burn_in + args.sessions)
+    for name, (actors, within) in arms.items():
+        behaviour = history.copy(within_session=within)
+        watch[name].append(rollout(sim, actors, seed, measured, batch, behaviour=behaviour).watch_time)
+
 print(
-    f"  served vs trained, paired by session:             {bootstrap_uplift(watch[False], watch[True]).fmt()} %"
+    f"validation seeds {list(cfg.seeds.validation)}: {args.burn_in} sessions of history, then {args.sessions} "
+    f"measured; actors {args.actors}"
 )
+trained = next(iter(watch.values()))
+for name, values in watch.items():
+    paired = "" if values is trained else f"   {bootstrap_uplift(values, trained).fmt()} % vs as trained"
+    print(f"  {name:52s} {bootstrap_mean(values).fmt()} s{paired}")
+if args.baseline is not None:
+    served, base = list(watch.values())[1:]
+    print(f"  as served vs trained without the features: {bootstrap_uplift(served, base).fmt()} %")

@@ -422,7 +422,7 @@ def _check_sessions(
 
 def _left_padded(col: pa.ChunkedArray, width: int) -> np.ndarray:
     """[rows, width] of a list column of at most ``width`` values per row, each row right-aligned, -1 before it
-    (the simulator's own layout of a history)."""
+    (the simulator's own layout of a history). Callers check the lengths first: a longer row would wrap around."""
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
     flat = pc.list_flatten(col).to_numpy()
     out = np.full((lengths.size, width), -1, dtype=np.int64)

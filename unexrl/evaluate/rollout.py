@@ -59,19 +59,19 @@ def rollout(
     batch_size: int,
     on_step: Callable[[Step], None] | None = None,
     progress: bool = False,
-    features_within_session: bool = True,
+    behaviour: UserBehaviour | None = None,
 ) -> SessionOutcomes:
     """Simulate sessions of ``seed`` to their end: ids 0..sessions-1, or the given ids, ``batch_size`` at a time.
 
     Finished sessions are dropped from the batch as it goes (sessions last from one request to the cap, and
     stepping the finished ones cost most of a batch's time); ``Observation.row`` keeps each session's row as the
     batch started, which a policy with ``group_by="row"`` reads. Outcomes come back in session order. Users'
-    behaviour features (Observation.user_features) accumulate over the rollout's pages, across its batches;
-    ``features_within_session=False`` leaves each session's own pages out of them, as served from the online store
-    (unexrl.sim.behaviour.UserBehaviour).
+    behaviour features (Observation.user_features) accumulate over the rollout's pages, across its batches, in
+    ``behaviour``: a fresh one (no history) by default; pass one to go on from an earlier rollout's histories (a
+    burn-in) or to read them as the online store serves them (unexrl.sim.behaviour.UserBehaviour).
     """
     ids_all = torch.arange(sessions) if isinstance(sessions, int) else sessions
-    behaviour = UserBehaviour(sim.cfg, sim.world, within_session=features_within_session)
+    behaviour = behaviour if behaviour is not None else UserBehaviour(sim.cfg, sim.world)
     parts = []
     chunks = range(0, ids_all.numel(), batch_size)
     for start in tqdm(chunks, desc=f"rollout seed {seed}", disable=not progress, leave=False):

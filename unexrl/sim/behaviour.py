@@ -6,7 +6,12 @@ training and evaluation as offline (the training set) and at serving (the online
 user's earlier sessions and its own session's earlier pages, as a point-in-time join at the request's timestamp
 does (a page counts once its feedback is complete, before the session's next request).
 
-One :class:`UserBehaviour` spans one rollout, starting with no history. The rollout steps a batch's sessions in
+With ``within_session=False`` a request sees only its user's earlier sessions: the online store's row, which
+only a materialisation writes, when one ran just before each batch (the least skew serving can have;
+docs/features.md).
+
+One :class:`UserBehaviour` spans one rollout, starting with no history unless the rollout is given one that
+earlier sessions filled (a burn-in). The rollout steps a batch's sessions in
 lockstep, not in log time, so the sessions of one batch are taken as concurrent: a request sees the histories of
 its user's sessions in earlier batches (joined in session order, which is their log order) and its own session's
 earlier pages, never another session of the same batch. A request whose user has no other session in its batch
@@ -131,12 +136,19 @@ class UserBehaviour:
 
     def __init__(self, cfg: Config, world: World, within_session: bool = True) -> None:
         """``within_session``: a request sees its own session's earlier pages, as the logs' point-in-time rows
-        and online training do; False: only its user's earlier sessions, as the online store holds them between
-        materialisations (serving's within-session skew, docs/features.md)."""
+        and online training do; False: only its user's sessions of earlier batches, as the online store serves
+        them when materialised before each batch (serving's within-session skew, docs/features.md)."""
         self.cfg, self.world, self.within_session = cfg, world, within_session
         self.users = Totals.zeros(world.n_users, cfg, world.item_category.device)
         self.defaults = behaviour_defaults(cfg)
         self._ended: list[tuple[Tensor, Tensor, Totals]] = []
+
+    def copy(self, within_session: bool) -> UserBehaviour:
+        """The same histories, read with ``within_session``: one burn-in, rolled on from in several ways."""
+        out = UserBehaviour(self.cfg, self.world, within_session)
+        out.users = self.users.take(torch.arange(self.world.n_users, device=self.users.requests.device))
+        out._ended = list(self._ended)  # never modified in place
+        return out
 
     def new_sessions(self, n: int) -> Totals:
         """A new batch of ``n`` sessions: the last batch's sessions join the histories; their empty totals."""
