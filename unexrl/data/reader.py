@@ -316,31 +316,52 @@ def _check_transitions(t: pa.Table, users: pa.Table, items: pa.Table, cfg: Confi
     window = cfg.session.history_window
     lengths = pc.list_value_length(t["history_item_ids"]).to_numpy(zero_copy_only=False)
     _require(f, "history_item_ids", lengths <= window, f"longer than session.history_window ({window})")
-    watch = list_matrix(t, "watch_time_s", cfg.cascade.page_size)
-    duration = items["duration_s"].to_numpy()[list_matrix(t, "shown_item_ids", cfg.cascade.page_size)]
-    _require(
-        f, "watch_time_s", ((watch >= 0) & (watch <= duration)).all(1), "outside [0, the item's duration]"
+    k = cfg.cascade.page_size
+    pages = _Pages(
+        shown=list_matrix(t, "shown_item_ids", k),
+        viewed=list_matrix(t, "viewed", k),
+        watch=list_matrix(t, "watch_time_s", k),
+        reward=t["reward"].to_numpy(),
     )
-    reward = t["reward"].to_numpy()
+    duration = items["duration_s"].to_numpy()[pages.shown]
+    within = (pages.watch >= 0) & (pages.watch <= duration)
+    _require(f, "watch_time_s", within.all(1), "outside [0, the item's duration]")
     _require(
         f,
         "reward",
-        np.isclose(reward, watch.sum(1, dtype=np.float64), rtol=1e-5, atol=1e-3),
+        np.isclose(pages.reward, pages.watch.sum(1, dtype=np.float64), rtol=1e-5, atol=1e-3),
         "not the page's watch time (the sum of watch_time_s)",
     )
-    page = list_matrix(t, candidates_column(cfg.cascade.stages[-1].name), cfg.cascade.page_size)
+    page = list_matrix(t, candidates_column(cfg.cascade.stages[-1].name), k)
     shown = np.take_along_axis(list_matrix(t, "pool_item_ids", pool), page.astype(np.int64), axis=1)
     _require(
         f,
         "shown_item_ids",
-        (shown == list_matrix(t, "shown_item_ids", cfg.cascade.page_size)).all(1),
+        (shown == pages.shown).all(1),
         "not the pool items at the last stage's candidates",
     )
-    _check_sessions(t, ids, step, done, items["duration_s"].to_numpy(), cfg)
+    _check_sessions(t, ids, step, done, pages, duration, cfg)
+
+
+@dataclass(frozen=True)
+class _Pages:
+    """[rows, K] of what each logged page showed and how it was answered, read once for every rule."""
+
+    shown: np.ndarray
+    viewed: np.ndarray
+    watch: np.ndarray
+    reward: np.ndarray
+    """[rows] the page's watch time"""
 
 
 def _check_sessions(
-    t: pa.Table, ids: np.ndarray, step: np.ndarray, done: np.ndarray, durations: np.ndarray, cfg: Config
+    t: pa.Table,
+    ids: np.ndarray,
+    step: np.ndarray,
+    done: np.ndarray,
+    pages: _Pages,
+    duration: np.ndarray,
+    cfg: Config,
 ) -> None:
     """Each session is one user's chain of requests from step 0 to its done request, in time, and the session
     state each request logs (counts, watch time, last watch fraction, history) is the start state at step 0 and
@@ -385,23 +406,21 @@ def _check_sessions(
     require_pairs("user_id", users[later] == users[before], "not the user of the session's previous request")
     time = t["event_timestamp"].cast(pa.int64()).to_numpy()
     require_pairs("event_timestamp", time[later] > time[before], "not after the session's previous request")
-    page = cfg.cascade.page_size
-    viewed = list_matrix(t, "viewed", page)[before]
+    viewed = pages.viewed[before]
     n_viewed = viewed.sum(1)
     require_pairs(
         "session_items_watched",
         items[later] == items[before] + n_viewed,
         "not the previous request's count plus the items its page had viewed",
     )
-    reward = t["reward"].to_numpy().astype(np.float64)
+    reward = pages.reward.astype(np.float64)
     require_pairs(
         "session_watch_time_s",
         np.isclose(watch[later], watch[before] + reward[before], rtol=1e-5, atol=1e-3),
         "not the previous request's watch time plus its page's reward",
     )
-    watched = list_matrix(t, "watch_time_s", page)[before].astype(np.float64)
-    shown = list_matrix(t, "shown_item_ids", page)[before]
-    page_fraction = np.where(viewed, watched / durations[shown], 0.0).sum(1) / np.maximum(n_viewed, 1)
+    fractions = pages.watch[before].astype(np.float64) / duration[before]
+    page_fraction = np.where(viewed, fractions, 0.0).sum(1) / np.maximum(n_viewed, 1)
     require_pairs(
         "last_watch_fraction",
         np.isclose(
@@ -411,7 +430,9 @@ def _check_sessions(
     )
     # the history grows by the page's viewed items in page order and keeps the last ``window``
     viewed_first = np.argsort(~viewed, axis=1, kind="stable")
-    grown = np.concatenate([history[before], np.take_along_axis(shown, viewed_first, axis=1)], axis=1)
+    grown = np.concatenate(
+        [history[before], np.take_along_axis(pages.shown[before], viewed_first, 1)], axis=1
+    )
     kept = np.take_along_axis(grown, np.arange(window)[None, :] + n_viewed[:, None], axis=1)
     require_pairs(
         "history_item_ids",
