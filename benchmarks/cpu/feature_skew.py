@@ -37,14 +37,15 @@ torch.set_num_threads(2)
 cfg = load_config(args.config, args.set)
 sim = Simulator(cfg)
 policy = load_actor_policy(args.actors, cfg, sim.world)
-arms = {"features as trained (the session's own pages in)": (policy, True)}
-arms["features as served (earlier sessions only)"] = (policy, False)
+TRAINED, SERVED, BASELINE = (
+    "features as trained (the session's own pages in)",
+    "features as served (earlier sessions only)",
+    "actors trained without the features",
+)
+arms = {TRAINED: (policy, True), SERVED: (policy, False)}
 if args.baseline is not None:
     no_features = load_config(args.config, [*args.set, "algo.user_features=false"])
-    arms["actors trained without the features"] = (
-        load_actor_policy(args.baseline, no_features, sim.world),
-        True,
-    )
+    arms[BASELINE] = (load_actor_policy(args.baseline, no_features, sim.world), True)
 
 batch = cfg.evaluation.batch_size
 watch: dict[str, list[np.ndarray]] = {name: [] for name in arms}
@@ -61,10 +62,10 @@ print(
     f"validation seeds {list(cfg.seeds.validation)}: {args.burn_in} sessions of history, then {args.sessions} "
     f"measured; actors {args.actors}"
 )
-trained = next(iter(watch.values()))
 for name, values in watch.items():
-    paired = "" if values is trained else f"   {bootstrap_uplift(values, trained).fmt()} % vs as trained"
+    paired = "" if name == TRAINED else f"   {bootstrap_uplift(values, watch[TRAINED]).fmt()} % vs as trained"
     print(f"  {name:52s} {bootstrap_mean(values).fmt()} s{paired}")
-if args.baseline is not None:
-    served, base = list(watch.values())[1:]
-    print(f"  as served vs trained without the features: {bootstrap_uplift(served, base).fmt()} %")
+if BASELINE in watch:
+    print(
+        f"  as served vs trained without the features: {bootstrap_uplift(watch[SERVED], watch[BASELINE]).fmt()} %"
+    )
