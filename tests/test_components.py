@@ -6,6 +6,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -16,7 +17,7 @@ from unexrl.contracts import files
 from unexrl.contracts.artifact import ArtifactError
 from unexrl.contracts.evaluation import GateDecision
 from unexrl.contracts.release import BentoRecord
-from unexrl.data import LogValidationError
+from unexrl.data import LogValidationError, read_logs
 from unexrl.features import schema as fs
 from unexrl.features.training_set import TrainingSetMismatch, verify_training_set
 from unexrl.io import sha256_file
@@ -135,10 +136,10 @@ def test_data_steps(chain: dict) -> None:
     assert chain["logs"].metadata["rows"]["transitions.parquet"] == chain["tset"].metadata["rows"] > 0
     assert set(chain["features"].metadata["rows"]) == {v.name for v in fs.VIEWS}
     assert (Path(chain["store"].path) / "definitions.py").is_file()
-    assert (
-        verify_training_set(Path(chain["tset"].path), Path(chain["logs"].path)).rows
-        == chain["tset"].metadata["rows"]
-    )
+    checked = verify_training_set(Path(chain["tset"].path), read_logs(Path(chain["logs"].path)))
+    assert checked.record.rows == checked.table.num_rows == chain["tset"].metadata["rows"]
+    # the record hashes the bytes the returned table was parsed from
+    assert checked.record.sha256 == sha256_file(Path(chain["tset"].path))
 
 
 def test_train_and_evaluate(chain: dict) -> None:
@@ -269,15 +270,51 @@ def test_ingest_refuses_invalid_logs(chain: dict, tmp_path: Path) -> None:
 
 
 def test_training_set_must_match_the_logs(chain: dict, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    logs = read_logs(Path(chain["logs"].path))
     table = pq.read_table(chain["tset"].path)
-    pq.write_table(table.slice(1), tmp_path / "short.parquet")
-    with pytest.raises(TrainingSetMismatch, match="rows for"):
-        verify_training_set(tmp_path / "short.parquet", Path(chain["logs"].path))
-    pq.write_table(table.replace_schema_metadata({}), tmp_path / "nometa.parquet")
-    with pytest.raises(TrainingSetMismatch, match="feature_service"):
-        verify_training_set(tmp_path / "nometa.parquet", Path(chain["logs"].path))
+
+    def refused(bad: pa.Table, match: str) -> None:
+        path = tmp_path / "bad.parquet"
+        pq.write_table(bad, path)
+        with pytest.raises(TrainingSetMismatch, match=match):
+            verify_training_set(path, logs)
+
+    refused(table.slice(1), "rows for")
+    refused(table.replace_schema_metadata({}), "feature_service")
+    refused(
+        table.drop_columns(["user_behaviour__click_rate"]),
+        r"missing columns \['user_behaviour__click_rate'\]",
+    )
+    column = table.schema.get_field_index("user_behaviour__requests")
+    refused(
+        table.set_column(column, "user_behaviour__requests", table[column].cast(pa.float64())),
+        "'user_behaviour__requests' is double, expected int64",
+    )
+    # another user on row 2, and a NaN among row 3's shown items' features: each named with its row
+    users = table["user_id"].to_numpy().copy()
+    users[2] += 1
+    refused(
+        table.set_column(table.schema.get_field_index("user_id"), "user_id", pa.array(users)),
+        r"'user_id'.*\[2\]",
+    )
+    column = table.schema.get_field_index("item_stats__view_rate")
+    page = table.schema.field(column).type.list_size
+    flat = pc.list_flatten(table[column].combine_chunks())  # nulls: items without stats yet, and allowed
+    missing = flat.is_null().to_numpy(zero_copy_only=False).copy()
+    rates = flat.fill_null(0.0).to_numpy(zero_copy_only=False).copy()
+    rates[3 * page + 1], missing[3 * page + 1] = np.nan, False
+    refused(
+        table.set_column(
+            column,
+            "item_stats__view_rate",
+            pa.FixedSizeListArray.from_arrays(pa.array(rates, mask=missing), page),
+        ),
+        r"'item_stats__view_rate' holds NaN or infinite values at rows \[3\]",
+    )
 
 
 def test_bad_parameters_are_clear(tmp_path: Path) -> None:

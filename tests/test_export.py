@@ -28,6 +28,7 @@ from unexrl.rl.observation import SPARSE_FEATURES, STATE_FEATURES
 from unexrl.rl.policy import ActorPolicy
 from unexrl.sim.env import Simulator
 from unexrl.train.export import probe_actions
+from unexrl.train.loop import train
 from unexrl.user_features import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,32 @@ def test_manifest_describes_what_serving_needs(export: Path, train_logs: Path, c
         600,
         16,
     )  # one encoder for every stage
+
+
+def test_offline_training_reads_each_input_once(
+    train_logs: Path, small_sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What is validated and hashed is what trains: the logs' tables and the training set are each read once, so
+    a file replaced after its check cannot be the one the replay buffer gets."""
+    cfg = load_config(ROOT / "configs" / "small.yaml", [*FAST_TRAIN, "train.regime=offline"])
+    reads: dict[str, int] = {}
+    read_bytes = Path.read_bytes
+
+    def counted(path: Path) -> bytes:
+        reads[path.name] = reads.get(path.name, 0) + 1
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", counted)
+    weights = torch.full((1, sum(cfg.cascade.action_dims)), 0.5)
+    training_set = train_logs / TRAINING_SET_FILE
+    result = train(cfg, weights, small_sim, train_logs, progress=False, training_set=training_set)
+    assert {name: reads.get(name) for name in ("transitions.parquet", TRAINING_SET_FILE)} == {
+        "transitions.parquet": 1,
+        TRAINING_SET_FILE: 1,
+    }
+    assert result.offline is not None and result.offline.training_set is not None
+    assert result.offline.training_set.sha256 == sha256_file(training_set)
+    assert result.offline.manifest.model_dump() == read_logs(train_logs).manifest.model_dump()
 
 
 def test_loaded_actors_act_like_the_trained_ones(export: Path, cfg: Config, small_sim: Simulator) -> None:

@@ -12,6 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
@@ -20,6 +23,14 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_parquet_hashed(path: Path) -> tuple[pa.Table, str]:
+    """A Parquet file's table and the hex sha256 of the very bytes it was parsed from. Read once, so a file
+    replaced while it is read cannot pass a recorded hash with other content, nor be used as other content than
+    the hash vouches for. Raises OSError or pyarrow.ArrowException for the caller to name the file."""
+    data = path.read_bytes()
+    return pq.read_table(pa.BufferReader(data)), hashlib.sha256(data).hexdigest()
 
 
 def check_publishable(out_dir: Path, overwrite: bool, what: str = "output directory") -> None:

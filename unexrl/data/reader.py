@@ -7,7 +7,6 @@ repaired: a consumer either gets the whole log as written or an error it can act
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from pydantic import ValidationError
 from torch import Tensor
@@ -36,6 +34,7 @@ from unexrl.data.schema import (
     transitions_schema,
     users_schema,
 )
+from unexrl.io import read_parquet_hashed
 from unexrl.sim.world import World, build_world
 
 _SHOWN_ROWS = 5
@@ -166,10 +165,7 @@ def _read_table(path: Path, name: str, schema: pa.Schema) -> tuple[pa.Table, str
     if not file.is_file():
         raise LogValidationError(name, None, f"missing in {path}")
     try:
-        data = file.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        table = pq.read_table(pa.BufferReader(data))
-        del data  # the column checks below need only the table
+        table, digest = read_parquet_hashed(file)
     except (pa.ArrowException, OSError) as err:
         raise LogValidationError(name, None, f"not a readable Parquet file: {err}") from None
     for field in schema:

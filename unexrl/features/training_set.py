@@ -3,65 +3,135 @@
 The trainer replays the logged transitions themselves (tau^1 is rebuilt from the logged pool and predictions);
 the training set is the Feast view of the same requests. Before training on the logs we require that the training
 set covers exactly those requests (same request ids, users, pages and timestamps, in order) and carries the
-training feature service's columns, and record its sha256 in the export's ``training_data``, so an artifact names
-the exact feature snapshot it was trained beside and a stale or mismatched training set stops the run.
+training feature service's columns with their types and finite values, and record its sha256 in the export's
+``training_data``, so an artifact names the exact feature snapshot it was trained beside and a stale or
+mismatched training set stops the run. The file is read once: the table returned is the one checked and hashed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from unexrl.contracts.actors import TrainingSetRecord
-from unexrl.data import read_logs
+from unexrl.data import LoggedData
 from unexrl.features import schema as fs
-from unexrl.io import sha256_file
+from unexrl.io import read_parquet_hashed
 
 
 class TrainingSetMismatch(ValueError):
-    """The training set does not belong to the logs it is trained with."""
+    """The training set is not a valid point-in-time training set of the logs it is trained with."""
 
 
-def verify_training_set(path: Path, logs: Path) -> TrainingSetRecord:
-    """Check ``path`` against the validated logs at ``logs``; return its provenance (file, sha256, rows, service)."""
+@dataclass(frozen=True)
+class CheckedTrainingSet:
+    """A training set that passed :func:`verify_training_set`: its table and its provenance, of the same bytes."""
+
+    table: pa.Table
+    record: TrainingSetRecord
+
+
+def verify_training_set(path: Path, logs: LoggedData) -> CheckedTrainingSet:
+    """Read ``path`` once and check it against the validated ``logs``: the training service's columns with their
+    types, finite feature values (a null is a request before the view's first row, and allowed), and the logged
+    requests' keys, row for row. TrainingSetMismatch names the column and the first bad rows."""
     path = Path(path)
     if not path.is_file():
         raise TrainingSetMismatch(f"no training set at {path}")
-    table = pq.read_table(path)
-    meta = table.schema.metadata or {}
-    service = meta.get(b"feature_service", b"").decode()
+    try:
+        table, sha256 = read_parquet_hashed(path)
+    except (pa.ArrowException, OSError) as err:
+        raise TrainingSetMismatch(f"{path}: not a readable Parquet file: {err}") from None
+    service = (table.schema.metadata or {}).get(b"feature_service", b"").decode()
     if service != fs.TRAINING_SERVICE:
         raise TrainingSetMismatch(f"{path}: feature_service {service!r}, expected {fs.TRAINING_SERVICE!r}")
-    wanted = ["request_id", fs.TIMESTAMP, fs.USER.join_key, "shown_item_ids"] + [
-        f"{view.name}__{feature.name}"
-        for view in fs.SERVICES[fs.TRAINING_SERVICE]
-        for feature in view.features
-    ]
-    missing = [c for c in wanted if c not in table.column_names]
+    page_size = logs.config.cascade.page_size
+    expected = _expected_types(page_size)
+    missing = [c for c in expected if c not in table.column_names]
     if missing:
         raise TrainingSetMismatch(f"{path}: missing columns {missing}")
-    transitions = read_logs(Path(logs)).transitions.sort_by("request_id")
+    for name, want in expected.items():
+        got = table.schema.field(name).type
+        if not _same_type(got, want):
+            raise TrainingSetMismatch(f"{path}: column {name!r} is {got}, expected {want}")
+    transitions = logs.transitions.sort_by("request_id")
     if table.num_rows != transitions.num_rows:
         raise TrainingSetMismatch(
-            f"{path}: {table.num_rows} rows for {transitions.num_rows} logged requests in {logs}"
+            f"{path}: {table.num_rows} rows for {transitions.num_rows} logged requests in the logs"
         )
     for column in ("request_id", fs.TIMESTAMP, fs.USER.join_key, "shown_item_ids"):
-        got = table[column].combine_chunks()
-        want = transitions[column].combine_chunks()
-        if column == "shown_item_ids":
-            got, want = got.flatten(), want.flatten()
-        bad = np.flatnonzero(
-            np.asarray(got.to_numpy(zero_copy_only=False)) != np.asarray(want.to_numpy(zero_copy_only=False))
+        got, want = (_values(t[column]) for t in (table, transitions))
+        bad = _rows(
+            table[column],
+            np.asarray(got.to_numpy(zero_copy_only=False)) != want.to_numpy(zero_copy_only=False),
         )
-        if column == "shown_item_ids":  # flattened pages: positions -> rows
-            bad = np.unique(bad // max(1, len(got) // max(1, table.num_rows)))
         if bad.size:
             raise TrainingSetMismatch(
                 f"{path}: column {column!r} differs from the logs' transitions at rows {bad[:5].tolist()}"
                 f" ({bad.size} in all): built from other logs?"
             )
-    return TrainingSetRecord(
-        file=str(path), sha256=sha256_file(path), rows=table.num_rows, feature_service=service
-    )
+    for name in expected:
+        values = _values(table[name])
+        if pa.types.is_floating(values.type):
+            finite = pc.fill_null(pc.is_finite(values), True).to_numpy(zero_copy_only=False)
+            bad = _rows(table[name], ~np.asarray(finite, dtype=bool))
+            if bad.size:
+                raise TrainingSetMismatch(
+                    f"{path}: column {name!r} holds NaN or infinite values at rows {bad[:5].tolist()}"
+                    f" ({bad.size} in all)"
+                )
+    record = TrainingSetRecord(file=str(path), sha256=sha256, rows=table.num_rows, feature_service=service)
+    return CheckedTrainingSet(table=table, record=record)
+
+
+def _expected_types(page_size: int) -> dict[str, pa.DataType]:
+    """Every column the trainer reads and its type, as ``unexrl.features.store.assemble_training_set`` writes it:
+    user features one value per request, item features one per shown position."""
+    out = {
+        "request_id": pa.int64(),
+        fs.TIMESTAMP: fs.TIMESTAMP_TYPE,
+        fs.USER.join_key: pa.int64(),
+        "shown_item_ids": pa.list_(pa.int64(), page_size),
+    }
+    for view in fs.SERVICES[fs.TRAINING_SERVICE]:
+        for feature in view.features:
+            value = fs.ARROW_TYPES[feature.dtype]
+            out[f"{view.name}__{feature.name}"] = (
+                value if view.entity is fs.USER else pa.list_(value, page_size)
+            )
+    return out
+
+
+def _same_type(got: pa.DataType, want: pa.DataType) -> bool:
+    """Equal types, list child names aside (a Parquet round trip may rename a list's ``item`` to ``element``)."""
+    if pa.types.is_fixed_size_list(want):
+        return (
+            pa.types.is_fixed_size_list(got)
+            and got.list_size == want.list_size
+            and got.value_type == want.value_type
+        )
+    if pa.types.is_list(want):
+        return pa.types.is_list(got) and got.value_type == want.value_type
+    return got == want
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _values(column: pa.ChunkedArray) -> pa.Array:
+    """A column's values, a list column's elements flattened in row order."""
+    array = column.combine_chunks()
+    return pc.list_flatten(array) if _is_list(array.type) else array
+
+
+def _rows(column: pa.ChunkedArray, hits: np.ndarray) -> np.ndarray:
+    """The rows of ``column`` holding a value flagged in ``hits`` (a mask over :func:`_values`)."""
+    at = np.flatnonzero(hits)
+    if _is_list(column.type):
+        at = np.asarray(pc.list_parent_indices(column.combine_chunks()))[at]
+    return np.unique(at)

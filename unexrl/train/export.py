@@ -12,6 +12,7 @@ The export is published in one rename, and only after it has been loaded back th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -27,14 +28,15 @@ from unexrl.contracts.actors import (
     OnlineData,
     SelectionRecord,
     TrainingRecord,
-    TrainingSetRecord,
     ValidationRecord,
 )
-from unexrl.contracts.logs import LogManifest
 from unexrl.io import atomic_directory, sha256_file
 from unexrl.rl.actors import ACTORS_FILE, feature_schema, load_actor_policy
 from unexrl.rl.agent import learning_stages
 from unexrl.sim.env import Policy, Simulator
+
+if TYPE_CHECKING:
+    from unexrl.train.loop import OfflineInputs
 
 PROBE_SESSIONS = 16
 PROBE_TOLERANCE = 1e-5
@@ -57,20 +59,18 @@ def probe_actions(policy: Policy, sim: Simulator) -> list[Tensor]:
     return [a.detach().cpu() for a in actions]
 
 
-def training_data(
-    cfg: Config, logs: Path | None, log_manifest: LogManifest | None, training_set: TrainingSetRecord | None
-) -> OnlineData | OfflineData:
-    """What the actors were trained on: the simulator seeds (online), or the logs as their manifest described them
-    when the run read it at its start (offline), with the verified point-in-time training set that accompanied them
+def training_data(cfg: Config, logs: Path | None, offline: OfflineInputs | None) -> OnlineData | OfflineData:
+    """What the actors were trained on: the simulator seeds (online), or the logs as the manifest validated with
+    their tables described them (offline), with the verified point-in-time training set that accompanied them
     (unexrl.features.training_set.verify_training_set)."""
-    if logs is None or log_manifest is None:
+    if logs is None or offline is None:
         return OnlineData(regime="online", seeds=list(cfg.seeds.train), world_seed=cfg.seeds.world)
     return OfflineData(
         regime="offline",
         logs=str(logs),
-        seeds=list(log_manifest.seeds),
-        sha256={name: entry.sha256 for name, entry in log_manifest.files.items()},
-        training_set=training_set,
+        seeds=list(offline.manifest.seeds),
+        sha256={name: entry.sha256 for name, entry in offline.manifest.files.items()},
+        training_set=offline.training_set,
     )
 
 

@@ -29,7 +29,6 @@ from unexrl.contracts.actors import (
     FixedStages,
     SelectionRecord,
     TrainingRecord,
-    TrainingSetRecord,
     ValidationRecord,
 )
 from unexrl.contracts.artifact import ArtifactError
@@ -63,21 +62,15 @@ def run_training(
     """Train ``cfg.algo`` into ``out`` and export the actors; returns the export directory.
 
     Under torchrun every rank calls this; it joins and leaves the process group itself. ``training_set``: the
-    point-in-time training set of ``logs``; it is checked against them before training and its sha256 recorded.
+    point-in-time training set of ``logs``; training checks it against them and the export records its sha256.
     """
-    checked = None
-    if training_set is not None:
-        if logs is None:
-            raise ValueError("a training set accompanies logs: give --logs with --training-set")
-        from unexrl.features.training_set import verify_training_set
-
-        # every rank checks (a read), so a mismatch stops each of them before any waits in the process group
-        checked = verify_training_set(Path(training_set), Path(logs))
+    if training_set is not None and logs is None:
+        raise ValueError("a training set accompanies logs: give --logs with --training-set")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_quiet_libraries)
     ctx = init(cfg.device)
     try:
-        return _run(cfg, Path(out), logs, cem, resume, progress, ctx, training_set, checked)
+        return _run(cfg, Path(out), logs, cem, resume, progress, ctx, training_set)
     finally:
         destroy(ctx)
 
@@ -91,7 +84,6 @@ def _run(
     progress: bool,
     ctx: Context,
     training_set: Path | None = None,
-    checked_training_set: TrainingSetRecord | None = None,
 ) -> Path:
     if not resume and any((out / "checkpoints").glob("step-*")):
         raise FileExistsError(
@@ -104,11 +96,8 @@ def _run(
     if ctx.is_main:  # what `unexrl diagnose` and a reader of the run need to know it was trained with
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / RUN_CONFIG, json.dumps(cfg.to_dict(), indent=1))
-    # the logs' manifest, read once: checked here, before any CEM tuning or sharding, and recorded in the export
-    log_manifest = None
-    if logs is not None:
-        log_manifest = LogManifest.read(Path(logs) / files.MANIFEST)
-        cfg.seeds.check_unseen(log_manifest.seeds, f"the logs {logs}")
+    if logs is not None:  # fail before any CEM tuning; training checks the manifest it validates again
+        cfg.seeds.check_unseen(LogManifest.read(Path(logs) / files.MANIFEST).seeds, f"the logs {logs}")
     sim = Simulator(cfg)
     weights, fixed_stages = _fixed_stage_weights(cfg, sim, cem, ctx)
     started = time.perf_counter()
@@ -167,7 +156,7 @@ def _run(
             cfg,
             sim,
             expected,
-            training_data=training_data(cfg, logs, log_manifest, checked_training_set),
+            training_data=training_data(cfg, logs, result.offline),
             fixed_stages=fixed_stages,
             training=training,
             evaluation=evaluation,

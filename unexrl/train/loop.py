@@ -21,17 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 from torchrec.optim.keyed import KeyedOptimizer
 from tqdm.auto import tqdm
 
 from unexrl.config import Config
+from unexrl.contracts.actors import TrainingSetRecord
 from unexrl.contracts.diagnostics import CriticDiagnostics
+from unexrl.contracts.logs import LogManifest
 from unexrl.contracts.training import CurvePoint, TrainingProgress
 from unexrl.data import LoggedData, read_logs
 from unexrl.evaluate.rollout import rollout
+from unexrl.features.training_set import verify_training_set
 from unexrl.policies.weights import GaussianExploration, WeightPolicy
 from unexrl.rl.agent import CascadeAgent, build_actors
 from unexrl.rl.cqr import fit_cqr_knots, n_item_groups
@@ -69,6 +71,8 @@ class TrainResult:
     """the validation watch time of ``best_actors``"""
     knots: Tensor | None = None
     """the CQR knots the run trained on (None without CQR)"""
+    offline: OfflineInputs | None = None
+    """offline: what the run read from its logs and training set, as validated"""
 
     def selected(self, select: str) -> tuple[nn.Module | None, int]:
         """The actors ``train.select`` picks and their update count; None: the online (final) actors."""
@@ -143,6 +147,28 @@ def _fit_standardizers(
     agent.sync_targets()
 
 
+@dataclass(frozen=True)
+class OfflineInputs:
+    """What an offline run trained on, as checked when it read them: the export records these."""
+
+    manifest: LogManifest
+    """the logs' manifest, validated with the tables it hashes"""
+    training_set: TrainingSetRecord | None
+    """the point-in-time training set's provenance (None with ``algo.user_features=false`` and none given)"""
+
+
+def _add_logs(
+    buffer: ReplayBuffer, cfg: Config, logs: Path, training_set: Path | None, ctx: Context
+) -> OfflineInputs:
+    """Fill ``buffer`` with this rank's share of the logged transitions, each file read once: the logs validated
+    against ``cfg``, the training set verified against them, and what was checked is what the buffer gets."""
+    data = read_logs(logs, cfg)
+    cfg.seeds.check_unseen(data.manifest.seeds, f"the logs {logs}")
+    checked = verify_training_set(training_set, data) if training_set is not None else None
+    buffer.add_logs(_share(data, ctx), checked.table if checked is not None else None)
+    return OfflineInputs(data.manifest, checked.record if checked is not None else None)
+
+
 def _share(data: LoggedData, ctx: Context) -> LoggedData:
     """This rank's share of the logs: whole sessions with ``session_id % world_size == rank``."""
     if ctx.world_size == 1:
@@ -167,7 +193,8 @@ def train(
 
     Online (``train.regime=online``): warm up under CEM + exploration, then alternate collection and updates.
     Offline (``train.regime=offline``, ``logs`` given): replay the logged transitions only; ``training_set``: their
-    point-in-time training set, whose user rows are the model's user features (needed with ``algo.user_features``).
+    point-in-time training set, whose user rows are the model's user features (needed with ``algo.user_features``);
+    both are read once, checked, and recorded in ``TrainResult.offline``.
     With ``run_dir``, a checkpoint is written every ``train.checkpoint_every`` updates and at the end under
     ``run_dir/checkpoints``; ``resume`` continues from the newest one (unexrl/train/checkpoint.py).
     ``ctx``: this rank under torchrun (unexrl/train/distributed.py); default one process on ``cfg.device``.
@@ -246,8 +273,7 @@ def train(
     timed = _Timer(result.seconds)
     buffer = ReplayBuffer(cfg, t.buffer_size)
     if not online:
-        features = pq.read_table(training_set) if training_set is not None else None
-        buffer.add_logs(_share(read_logs(logs, cfg), ctx), features)  # type: ignore[arg-type]
+        result.offline = _add_logs(buffer, cfg, Path(logs), training_set, ctx)  # type: ignore[arg-type]
     else:  # warm-up under CEM + exploration; after a resume, re-warm-up under the restored actors
         cem = WeightPolicy(cem_weights.to(w.item_category.device), cfg.cascade)
         warm = explore() if restored is not None else GaussianExploration(cem, a.exploration_std, seed=seed)
