@@ -92,6 +92,7 @@ def test_roundtrip_validates_and_counts(logged: Logged) -> None:
     for name in TABLE_FILES:
         assert m.files[name].sha256 == sha256_file(logged.path / name)
     assert m.files[TRANSITIONS_FILE].rows == active
+    assert data.manifest_sha256 == sha256_file(logged.path / MANIFEST_FILE)
     assert not list(logged.path.parent.glob(".*")), "temporary directories left behind"
 
     reward = torch.cat([s.reward[s.active] for s in logged.steps]).numpy()

@@ -6,6 +6,7 @@ store gets its own copy of feature_repo/ (its own registry and online store) und
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -206,7 +207,7 @@ def test_build_refuses_to_overwrite(cfg: Config, logs: Path, features: Path) -> 
 
 def test_compute_rejects_an_empty_log(cfg: Config, logs: Path) -> None:
     data = read_logs(logs)
-    empty = data.__class__(data.users, data.items, data.transitions.slice(0, 0), data.manifest, data.config)
+    empty = dataclasses.replace(data, transitions=data.transitions.slice(0, 0))
     with pytest.raises(ValueError, match="no transitions"):
         compute_feature_tables(empty, cfg)
 

@@ -7,6 +7,7 @@ repaired: a consumer either gets the whole log as written or an error it can act
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,8 @@ class LoggedData:
     items: pa.Table
     transitions: pa.Table
     manifest: LogManifest
+    manifest_sha256: str
+    """of the manifest's bytes as they were read and validated: what a derived artifact names its logs by"""
     config: Config
 
 
@@ -73,7 +76,7 @@ def read_logs(path: Path, cfg: Config | None = None) -> LoggedData:
     only "file changed".
     """
     path = Path(path)
-    manifest = _read_manifest(path)
+    manifest, manifest_sha256 = _read_manifest(path)
     if cfg is None:
         try:
             cfg = Config.model_validate_json(json.dumps(manifest.config))
@@ -101,7 +104,14 @@ def read_logs(path: Path, cfg: Config | None = None) -> LoggedData:
                 f"sha256 {digest} does not match the manifest's {entry.sha256}: "
                 "the file changed after the manifest was written",
             )
-    return LoggedData(users=users, items=items, transitions=transitions, manifest=manifest, config=cfg)
+    return LoggedData(
+        users=users,
+        items=items,
+        transitions=transitions,
+        manifest=manifest,
+        manifest_sha256=manifest_sha256,
+        config=cfg,
+    )
 
 
 def cascade_inputs(transitions: pa.Table, cfg: Config) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -134,9 +144,14 @@ def list_matrix(table: pa.Table, column: str, width: int) -> np.ndarray:
     return flat.reshape(table.num_rows, width)
 
 
-def _read_manifest(path: Path) -> LogManifest:
+def _read_manifest(path: Path) -> tuple[LogManifest, str]:
+    """The manifest and the sha256 of the bytes it was parsed from (read once)."""
+    file = path / MANIFEST_FILE
     try:
-        return LogManifest.read(path / MANIFEST_FILE)
+        data = file.read_bytes()
+        return LogManifest.parse(data, str(file)), hashlib.sha256(data).hexdigest()
+    except FileNotFoundError:
+        raise LogValidationError(MANIFEST_FILE, None, f"missing in {path}") from None
     except ContractError as err:
         raise LogValidationError(MANIFEST_FILE, None, str(err)) from None
 

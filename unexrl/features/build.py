@@ -48,7 +48,6 @@ def build_features(
     """
     with local_directory(logs) as local:
         data = read_logs(local)
-        logs_manifest_sha = sha256_file(local / files.MANIFEST)
     cfg = data.config.model_copy(update={"features": cfg.features})
     tables = compute_feature_tables(data, cfg)
     entries: dict[str, FeatureTable] = {}
@@ -67,7 +66,7 @@ def build_features(
         manifest = FeatureManifest(
             created_at=datetime.now(UTC),
             logs=normalize(logs),
-            logs_manifest_sha256=logs_manifest_sha,
+            logs_manifest_sha256=data.manifest_sha256,
             config=cfg.to_dict(),
             tables=entries,
         )

@@ -21,13 +21,11 @@ import pyarrow as pa
 
 from unexrl.bundle import FEATURE_REPO, feature_repo_template
 from unexrl.config import Config
-from unexrl.contracts import files
 from unexrl.data import read_logs
 from unexrl.environ import environ
 from unexrl.features import schema as fs
 from unexrl.features.build import verify_feature_tables
 from unexrl.features.storage import is_local, join, local_directory, normalize, write_parquet
-from unexrl.io import sha256_file
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -234,11 +232,10 @@ def training_set(
     """
     with local_directory(logs) as local:
         data = read_logs(local)
-        logs_manifest_sha256 = sha256_file(local / files.MANIFEST)
     store = open_store(cfg)
     check_sources(store, features)
     if features is not None:
-        verify_feature_tables(features, logs_manifest_sha256)
+        verify_feature_tables(features, data.manifest_sha256)
     k = data.config.cascade.page_size
     entities = training_entities(data.transitions, k)
     job = store.get_historical_features(
