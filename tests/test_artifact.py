@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from test_signing import rehash
 
 from unexrl.config import Config, load_config
+from unexrl.contracts import artifact
 from unexrl.contracts.artifact import ArtifactError
 from unexrl.policies.artifact import load_policy, save_weight_policy
 from unexrl.policies.weights import WeightPolicy
@@ -173,3 +174,30 @@ def test_actors_with_non_finite_values_are_refused(
     _relist(path, {**listed, ACTORS_FILE: _sha(path / ACTORS_FILE)})
     with pytest.raises(ArtifactError, match=f"non-finite values in {name}"):
         load_actor_policy(path, small_cfg)
+
+
+@pytest.mark.parametrize("kind", ["weights", "actors"])
+def test_a_file_replaced_after_verification_is_never_loaded(
+    small_cfg: Config, small_actors: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The loaders parse the bytes they hash: a file swapped between the directory's verification and its load
+    (here, right after verify_listed_files passed) is refused instead of loaded."""
+    if kind == "weights":
+        _, path = _saved(small_cfg, tmp_path)
+        name, load = "weights.pt", load_policy
+    else:
+        path, name, load = tmp_path / "actors", ACTORS_FILE, load_actor_policy
+        shutil.copytree(small_actors, path)
+    original = (path / name).read_bytes()
+    verify = artifact.verify_listed_files
+
+    def verify_then_swap(directory: Path, listed: dict[str, str], what: str = "artifact") -> None:
+        verify(directory, listed, what)
+        (path / name).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+
+    monkeypatch.setattr(artifact, "verify_listed_files", verify_then_swap)
+    with pytest.raises(ArtifactError, match=f"{name}: sha256 .* refusing a tampered artifact"):
+        load(path, small_cfg)
+    monkeypatch.undo()
+    (path / name).write_bytes(original)
+    load(path, small_cfg)  # the file as verified loads

@@ -12,6 +12,7 @@ document with its own model (a subclass here) and opens only the files it lists.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -120,14 +121,10 @@ class ArtifactManifest(Contract):
         self.write(Path(directory) / files.MANIFEST)
         sign_manifest(Path(directory))
 
-    def listed(self, directory: Path, name: str) -> Path:
-        """``directory``/``name``: a loader opens a file only through this, so only what the manifest lists (and
-        read_artifact verified)."""
-        if name not in self.files:
-            raise ArtifactError(
-                f"{directory}: {name} is not listed in the manifest; nothing unlisted is loaded"
-            )
-        return Path(directory) / name
+    def read_listed(self, directory: Path, name: str) -> bytes:
+        """The bytes of ``directory``/``name``: a loader reads a file only through this, so only what the manifest
+        lists, and only the very bytes whose hash matches it (:func:`read_verified`)."""
+        return read_verified(Path(directory), self.files, name)
 
     def trained_config(self) -> Config:
         """The config the policy was built with, validated."""
@@ -185,6 +182,28 @@ def read_artifact(path: Path, model: type[M] = ArtifactManifest) -> M:  # type: 
         raise
     except ContractError as err:
         raise ArtifactError(str(err)) from None
+
+
+def read_verified(path: Path, listed: dict[str, str], name: str, what: str = "artifact") -> bytes:
+    """``path``/``name`` read once, its bytes hashed against ``listed`` (name: sha256): what a loader parses is what
+    was hashed, so a file replaced after the directory was verified is refused, not loaded. ArtifactError names
+    the file."""
+    if name not in listed:
+        raise ArtifactError(f"{path}: {name} is not listed in the manifest; nothing unlisted is loaded")
+    file = path / name
+    if file.is_symlink():
+        raise ArtifactError(f"{path}: {name} is a symbolic link; an {what} holds its own files")
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        raise ArtifactError(f"{path}: cannot read {name} listed in the manifest: {err}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != listed[name]:
+        raise ArtifactError(
+            f"{file}: sha256 {actual[:12]}... does not match the manifest's {listed[name][:12]}...; "
+            f"refusing a tampered {what}"
+        )
+    return data
 
 
 def verify_listed_files(path: Path, listed: dict[str, str], what: str = "artifact") -> None:

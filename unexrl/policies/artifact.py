@@ -10,6 +10,7 @@ are the ``actors`` kind (unexrl/rl/actors.py); unexrl/artifacts.py loads either.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -69,7 +70,9 @@ def load_weights_artifact(path: Path, cfg: Config) -> tuple[WeightPolicy, Weight
     path = Path(path)
     manifest = read_artifact(path, WeightsManifest)
     manifest.check_compatible(cfg, path)
-    state = torch.load(manifest.listed(path, WEIGHTS), map_location=cfg.device, weights_only=True)
+    state = torch.load(
+        io.BytesIO(manifest.read_listed(path, WEIGHTS)), map_location=cfg.device, weights_only=True
+    )
     weights = state["weights"]
     n_groups = 1 if manifest.group_by == "none" else len(cfg.world.user_types)
     if weights.shape != (n_groups, sum(cfg.cascade.action_dims)):

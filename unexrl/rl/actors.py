@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from unexrl.config import Config
 from unexrl.contracts.actors import ActorsManifest, FeatureSchema, IdSpace, UserFeatureInputs
@@ -61,7 +61,7 @@ def load_actor_policy(path: Path, cfg: Config, world: World | None = None) -> Ac
     manifest.check_features(feature_schema(cfg), path)
     trained = manifest.trained_config()
     try:
-        state = load_file(manifest.listed(path, ACTORS_FILE))
+        state = load(manifest.read_listed(path, ACTORS_FILE))
     except SafetensorError as err:
         raise ArtifactError(f"{path}: unreadable actors artifact ({err})") from None
     if broken := [name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()]:

@@ -13,7 +13,8 @@ Every rank writes into ``.step-<n>.tmp``; when all are done rank 0 adds progress
 renames the directory, so a directory named ``step-*`` is complete and a killed run leaves at most a temporary one
 behind. Restoring verifies the manifest (and, where the trainer holds a signing key, its signature with that
 key) before DCP opens anything: ``.metadata`` is unpickled, so whoever could write the run volume could
-otherwise run code in training.
+otherwise run code in training. Our own files (progress, RNG states, best actors) are then parsed from the very
+bytes their hash is checked on; DCP opens its files itself, after the check.
 
 The replay buffer is not saved (it can be gigabytes per rank). On resume it is refilled: offline from the same
 logs, which gives back exactly what it held; online by a re-warm-up of ``train.warmup_sessions`` fresh sessions
@@ -22,6 +23,7 @@ under the restored actors with exploration. The CQR knots are restored, so the r
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import time
@@ -30,12 +32,12 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import Tensor, nn
 from torchrec.optim.keyed import KeyedOptimizer
 
 from unexrl.contracts import files
-from unexrl.contracts.artifact import ArtifactError, verify_listed_files
+from unexrl.contracts.artifact import ArtifactError, read_verified, verify_listed_files
 from unexrl.contracts.base import ContractError
 from unexrl.contracts.signing import sign_manifest, signer_keys, verify_manifest
 from unexrl.contracts.training import CheckpointManifest, TrainingProgress
@@ -165,7 +167,7 @@ class Checkpoints:
         path = self.latest()
         if path is None:
             return None
-        verify_checkpoint(path)
+        listed = verify_checkpoint(path).files
         saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
         _check_same_table_training(path, saved, fused is not None, agent.embedding_lr is not None)
         sparse = {id(m.weight) for m in agent.modules() if isinstance(m, nn.EmbeddingBag) and m.sparse}
@@ -183,13 +185,18 @@ class Checkpoints:
             ("critic_optimizer", agent.critic_optimizer),
         ):
             optimizer.load_state_dict(state[key])
-        progress = TrainingProgress.read(path / PROGRESS)  # listed in the manifest verified above
+        # our own files are parsed from the bytes their hash was checked on; DCP reads its files itself
+        progress = TrainingProgress.parse(
+            read_verified(path, listed, PROGRESS, "checkpoint"), str(path / PROGRESS)
+        )
         agent.updates = progress.updates
         if best_actors is not None and progress.best_updates is not None:
-            best_actors.load_state_dict(load_file(path / BEST_ACTORS))
-        rng_file = path / f"rng-rank{self.ctx.rank}.pt"
-        if progress.world_size == self.ctx.world_size and rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=True)
+            best_actors.load_state_dict(load(read_verified(path, listed, BEST_ACTORS, "checkpoint")))
+        rng_file = f"rng-rank{self.ctx.rank}.pt"
+        if progress.world_size == self.ctx.world_size and rng_file in listed:
+            rng = torch.load(
+                io.BytesIO(read_verified(path, listed, rng_file, "checkpoint")), weights_only=True
+            )
             torch.set_rng_state(rng["torch"])
             generator.set_state(rng["sampling"])
             if "cuda" in rng and self.ctx.device.type == "cuda":
