@@ -196,7 +196,7 @@ def test_a_file_replaced_after_verification_is_never_loaded(
         (path / name).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
 
     monkeypatch.setattr(artifact, "verify_listed_files", verify_then_swap)
-    with pytest.raises(ArtifactError, match=f"{name}: sha256 .* refusing a tampered artifact"):
+    with pytest.raises(ArtifactError, match=f"{name}: sha256 .* refusing the tampered artifact"):
         load(path, small_cfg)
     monkeypatch.undo()
     (path / name).write_bytes(original)

@@ -19,7 +19,11 @@ from unexrl.contracts.evaluation import GateDecision
 from unexrl.contracts.release import BentoRecord
 from unexrl.data import LogValidationError, read_logs
 from unexrl.features import schema as fs
-from unexrl.features.training_set import TrainingSetMismatch, verify_training_set
+from unexrl.features.training_set import (
+    TrainingSetMismatch,
+    precheck_training_set,
+    verify_training_set,
+)
 from unexrl.io import sha256_file
 from unexrl.pipeline import registry
 from unexrl.pipeline.release import init_manifests_repo
@@ -277,32 +281,42 @@ def test_training_set_must_match_the_logs(chain: dict, tmp_path: Path) -> None:
     logs = read_logs(Path(chain["logs"].path))
     table = pq.read_table(chain["tset"].path)
 
-    def refused(bad: pa.Table, match: str) -> None:
+    rows, page = logs.transitions.num_rows, logs.config.cascade.page_size
+    precheck_training_set(Path(chain["tset"].path), rows, page)
+
+    def refused(bad: pa.Table, match: str, in_footer: bool = False) -> None:
+        """``in_footer``: the pre-check a run makes before CEM tuning refuses it too, from the footer alone."""
         path = tmp_path / "bad.parquet"
         pq.write_table(bad, path)
         with pytest.raises(TrainingSetMismatch, match=match):
             verify_training_set(path, logs)
+        if in_footer:
+            with pytest.raises(TrainingSetMismatch, match=match):
+                precheck_training_set(path, rows, page)
+        else:
+            precheck_training_set(path, rows, page)
 
-    refused(table.slice(1), "rows for")
-    refused(table.replace_schema_metadata({}), "feature_service")
+    refused(table.slice(1), "rows for", in_footer=True)
+    refused(table.replace_schema_metadata({}), "feature_service", in_footer=True)
     refused(
         table.drop_columns(["user_behaviour__click_rate"]),
         r"missing columns \['user_behaviour__click_rate'\]",
+        in_footer=True,
     )
     column = table.schema.get_field_index("user_behaviour__requests")
     refused(
         table.set_column(column, "user_behaviour__requests", table[column].cast(pa.float64())),
         "'user_behaviour__requests' is double, expected int64",
+        in_footer=True,
     )
     # another user on row 2, and a NaN among row 3's shown items' features: each named with its row
     users = table["user_id"].to_numpy().copy()
     users[2] += 1
     refused(
         table.set_column(table.schema.get_field_index("user_id"), "user_id", pa.array(users)),
-        r"'user_id'.*\[2\]",
+        r"'user_id' differs .* at rows \[2\] \(logged request ids \[\d+\]",
     )
     column = table.schema.get_field_index("item_stats__view_rate")
-    page = table.schema.field(column).type.list_size
     flat = pc.list_flatten(table[column].combine_chunks())  # nulls: items without stats yet, and allowed
     missing = flat.is_null().to_numpy(zero_copy_only=False).copy()
     rates = flat.fill_null(0.0).to_numpy(zero_copy_only=False).copy()

@@ -8,7 +8,9 @@ import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -109,8 +111,18 @@ def test_offline_training_reads_each_input_once(
         return read_bytes(path)
 
     monkeypatch.setattr(Path, "read_bytes", counted)
-    weights = torch.full((1, sum(cfg.cascade.action_dims)), 0.5)
     training_set = train_logs / TRAINING_SET_FILE
+
+    def by_path(read: Callable[..., Any]) -> Callable[..., Any]:
+        def refuse(source: Any, *args: Any, **kwargs: Any) -> Any:
+            assert Path(str(source)) != training_set, "the training set was read again, by its path"
+            return read(source, *args, **kwargs)
+
+        return refuse
+
+    for name in ("read_table", "ParquetFile"):  # pyarrow opens files itself, unseen by read_bytes
+        monkeypatch.setattr(pq, name, by_path(getattr(pq, name)))
+    weights = torch.full((1, sum(cfg.cascade.action_dims)), 0.5)
     result = train(cfg, weights, small_sim, train_logs, progress=False, training_set=training_set)
     assert {name: reads.get(name) for name in ("transitions.parquet", TRAINING_SET_FILE)} == {
         "transitions.parquet": 1,

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -407,6 +408,32 @@ def test_checkpoints_not_written_by_this_trainer_are_refused(
         monkeypatch.setenv(ENV_SIGNING_KEY, str(private))
     assert main(resume) == 2
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["progress.json", "rng-rank0.pt", "best-actors.safetensors"])
+def test_a_checkpoint_file_replaced_after_verification_is_never_loaded(
+    checkpointed: tuple[list[str], Path],
+    name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The checkpoint's own files are parsed from the bytes their hash is checked on: one swapped right after the
+    directory verified is refused, not loaded."""
+    from unexrl.train import checkpoint
+
+    resume, step = checkpointed
+    assert (step / name).is_file()
+    verify = checkpoint.verify_checkpoint
+
+    def verify_then_swap(path: Path) -> Any:
+        manifest = verify(path)
+        data = (path / name).read_bytes()
+        (path / name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        return manifest
+
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", verify_then_swap)
+    assert main(resume) == 2
+    assert f"{name}: sha256" in capsys.readouterr().err
 
 
 def test_a_signing_trainer_resumes_its_own_checkpoints(

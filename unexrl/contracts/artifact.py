@@ -192,7 +192,7 @@ def read_verified(path: Path, listed: dict[str, str], name: str, what: str = "ar
         raise ArtifactError(f"{path}: {name} is not listed in the manifest; nothing unlisted is loaded")
     file = path / name
     if file.is_symlink():
-        raise ArtifactError(f"{path}: {name} is a symbolic link; an {what} holds its own files")
+        raise ArtifactError(f"{path}: {name} is a symbolic link; the {what} must hold its own files")
     try:
         data = file.read_bytes()
     except OSError as err:
@@ -201,7 +201,7 @@ def read_verified(path: Path, listed: dict[str, str], name: str, what: str = "ar
     if actual != listed[name]:
         raise ArtifactError(
             f"{file}: sha256 {actual[:12]}... does not match the manifest's {listed[name][:12]}...; "
-            f"refusing a tampered {what}"
+            f"refusing the tampered {what}"
         )
     return data
 
@@ -215,18 +215,18 @@ def verify_listed_files(path: Path, listed: dict[str, str], what: str = "artifac
         for name in (*dirs, *names):
             if (Path(folder) / name).is_symlink():
                 link = (Path(folder) / name).relative_to(path).as_posix()
-                raise ArtifactError(f"{path}: {link} is a symbolic link; an {what} holds its own files")
+                raise ArtifactError(f"{path}: {link} is a symbolic link; the {what} must hold its own files")
         present |= {(Path(folder) / name).relative_to(path).as_posix() for name in names}
     present -= {files.MANIFEST, files.SIGNATURE}
     unlisted = sorted(present - set(listed))
     if unlisted:
         raise ArtifactError(
-            f"{path}: files {unlisted} are not in the manifest; refusing an {what} with extra files"
+            f"{path}: files {unlisted} are not in the manifest; refusing extra files in the {what}"
         )
     for name, expected in listed.items():
         file = path / name
         if file.is_symlink():
-            raise ArtifactError(f"{path}: {name} is a symbolic link; an {what} holds its own files")
+            raise ArtifactError(f"{path}: {name} is a symbolic link; the {what} must hold its own files")
         if not file.is_file():
             raise ArtifactError(f"{path}: file {name} listed in the manifest is missing")
         if not file.resolve().is_relative_to(root):
@@ -235,5 +235,5 @@ def verify_listed_files(path: Path, listed: dict[str, str], what: str = "artifac
         if actual != expected:
             raise ArtifactError(
                 f"{file}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...; "
-                f"refusing a tampered {what}"
+                f"refusing the tampered {what}"
             )

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from unexrl.contracts.actors import TrainingSetRecord
 from unexrl.data import LoggedData
@@ -35,6 +36,20 @@ class CheckedTrainingSet:
     record: TrainingSetRecord
 
 
+def precheck_training_set(path: Path, logged_requests: int, page_size: int) -> None:
+    """What the Parquet footer of ``path`` alone can show wrong (feature service, columns, types, row count), so
+    that a run fails before CEM tuning and sharding; :func:`verify_training_set` checks the data when it is read."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingSetMismatch(f"no training set at {path}")
+    try:
+        with pq.ParquetFile(path) as file:
+            schema, rows = file.schema_arrow, file.metadata.num_rows
+    except (pa.ArrowException, OSError) as err:
+        raise TrainingSetMismatch(f"{path}: not a readable Parquet file: {err}") from None
+    _check_schema(schema, rows, logged_requests, page_size, path)
+
+
 def verify_training_set(path: Path, logs: LoggedData) -> CheckedTrainingSet:
     """Read ``path`` once and check it against the validated ``logs``: the training service's columns with their
     types, finite feature values (a null is a request before the view's first row, and allowed), and the logged
@@ -46,35 +61,24 @@ def verify_training_set(path: Path, logs: LoggedData) -> CheckedTrainingSet:
         table, sha256 = read_parquet_hashed(path)
     except (pa.ArrowException, OSError) as err:
         raise TrainingSetMismatch(f"{path}: not a readable Parquet file: {err}") from None
-    service = (table.schema.metadata or {}).get(b"feature_service", b"").decode()
-    if service != fs.TRAINING_SERVICE:
-        raise TrainingSetMismatch(f"{path}: feature_service {service!r}, expected {fs.TRAINING_SERVICE!r}")
     page_size = logs.config.cascade.page_size
-    expected = _expected_types(page_size)
-    missing = [c for c in expected if c not in table.column_names]
-    if missing:
-        raise TrainingSetMismatch(f"{path}: missing columns {missing}")
-    for name, want in expected.items():
-        got = table.schema.field(name).type
-        if not _same_type(got, want):
-            raise TrainingSetMismatch(f"{path}: column {name!r} is {got}, expected {want}")
-    transitions = logs.transitions.sort_by("request_id")
-    if table.num_rows != transitions.num_rows:
-        raise TrainingSetMismatch(
-            f"{path}: {table.num_rows} rows for {transitions.num_rows} logged requests in the logs"
-        )
-    for column in ("request_id", fs.TIMESTAMP, fs.USER.join_key, "shown_item_ids"):
-        got, want = (_values(t[column]) for t in (table, transitions))
+    _check_schema(table.schema, table.num_rows, logs.transitions.num_rows, page_size, path)
+    keys = ["request_id", fs.TIMESTAMP, fs.USER.join_key, "shown_item_ids"]
+    # the training set is in request order (assemble_training_set); only the keys of the logs are sorted to match
+    logged = logs.transitions.select(keys).sort_by("request_id")
+    for column in keys:
+        got, want = (_values(t[column]) for t in (table, logged))
         bad = _rows(
             table[column],
             np.asarray(got.to_numpy(zero_copy_only=False)) != want.to_numpy(zero_copy_only=False),
         )
         if bad.size:
             raise TrainingSetMismatch(
-                f"{path}: column {column!r} differs from the logs' transitions at rows {bad[:5].tolist()}"
-                f" ({bad.size} in all): built from other logs?"
+                f"{path}: column {column!r} differs from the logs' transitions at rows {bad[:5].tolist()} (logged "
+                f"request ids {logged['request_id'].take(bad[:5]).to_pylist()}; {bad.size} rows in all): built "
+                "from other logs?"
             )
-    for name in expected:
+    for name in _expected_types(page_size):
         values = _values(table[name])
         if pa.types.is_floating(values.type):
             finite = pc.fill_null(pc.is_finite(values), True).to_numpy(zero_copy_only=False)
@@ -84,13 +88,37 @@ def verify_training_set(path: Path, logs: LoggedData) -> CheckedTrainingSet:
                     f"{path}: column {name!r} holds NaN or infinite values at rows {bad[:5].tolist()}"
                     f" ({bad.size} in all)"
                 )
-    record = TrainingSetRecord(file=str(path), sha256=sha256, rows=table.num_rows, feature_service=service)
+    record = TrainingSetRecord(
+        file=str(path), sha256=sha256, rows=table.num_rows, feature_service=_service(table.schema)
+    )
     return CheckedTrainingSet(table=table, record=record)
 
 
+def _service(schema: pa.Schema) -> str:
+    """The feature service a training set's Parquet metadata names ("" when none)."""
+    return (schema.metadata or {}).get(b"feature_service", b"").decode()
+
+
+def _check_schema(schema: pa.Schema, rows: int, logged_requests: int, page_size: int, path: Path) -> None:
+    service = _service(schema)
+    if service != fs.TRAINING_SERVICE:
+        raise TrainingSetMismatch(f"{path}: feature_service {service!r}, expected {fs.TRAINING_SERVICE!r}")
+    expected = _expected_types(page_size)
+    missing = [c for c in expected if c not in schema.names]
+    if missing:
+        raise TrainingSetMismatch(f"{path}: missing columns {missing}")
+    for name, want in expected.items():
+        got = schema.field(name).type
+        if not _same_type(got, want):
+            raise TrainingSetMismatch(f"{path}: column {name!r} is {got}, expected {want}")
+    if rows != logged_requests:
+        raise TrainingSetMismatch(f"{path}: {rows} rows for {logged_requests} logged requests")
+
+
 def _expected_types(page_size: int) -> dict[str, pa.DataType]:
-    """Every column the trainer reads and its type, as ``unexrl.features.store.assemble_training_set`` writes it:
-    user features one value per request, item features one per shown position."""
+    """Every column of the training service and the keys, with its type as
+    ``unexrl.features.store.assemble_training_set`` writes it: user features one value per request, item features
+    one per shown position. The trainer reads the keys and the user features; all are checked."""
     out = {
         "request_id": pa.int64(),
         fs.TIMESTAMP: fs.TIMESTAMP_TYPE,

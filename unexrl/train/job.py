@@ -34,6 +34,7 @@ from unexrl.contracts.actors import (
 from unexrl.contracts.artifact import ArtifactError
 from unexrl.contracts.logs import LogManifest
 from unexrl.contracts.training import TrainingSummary
+from unexrl.features.training_set import precheck_training_set
 from unexrl.io import atomic_write_bytes, atomic_write_text
 from unexrl.policies.artifact import load_weights_artifact
 from unexrl.policies.cem import tune_cem
@@ -96,8 +97,12 @@ def _run(
     if ctx.is_main:  # what `unexrl diagnose` and a reader of the run need to know it was trained with
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / RUN_CONFIG, json.dumps(cfg.to_dict(), indent=1))
-    if logs is not None:  # fail before any CEM tuning; training checks the manifest it validates again
-        cfg.seeds.check_unseen(LogManifest.read(Path(logs) / files.MANIFEST).seeds, f"the logs {logs}")
+    if logs is not None:  # fail before CEM tuning and sharding; training reads and checks the data itself
+        manifest = LogManifest.read(Path(logs) / files.MANIFEST)
+        cfg.seeds.check_unseen(manifest.seeds, f"the logs {logs}")
+        if training_set is not None:
+            transitions = manifest.files[files.TRANSITIONS].rows
+            precheck_training_set(Path(training_set), transitions, cfg.cascade.page_size)
     sim = Simulator(cfg)
     weights, fixed_stages = _fixed_stage_weights(cfg, sim, cem, ctx)
     started = time.perf_counter()
