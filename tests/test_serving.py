@@ -17,17 +17,17 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
 from unexrl.config import Config
-from unexrl.contracts.artifact import ArtifactError
+from unexrl.contracts.artifact import ArtifactError, read_artifact
 from unexrl.policies.artifact import save_weight_policy
 from unexrl.policies.weights import WeightPolicy
 from unexrl.serve import prometheus as prom
-from unexrl.serve.engine import artifact_version
 from unexrl.serve.local import Endpoint, local_service
 from unexrl.serve.package import ARTIFACT_SUBDIR, ENV_SHADOW_MODEL, BentoInfo, build_bento, import_model
 from unexrl.serve.traffic import run_traffic
@@ -63,7 +63,7 @@ def service(service_log: Path, bento: BentoInfo, cem_artifact: Path) -> Iterator
 def test_build_bento_pins_the_verified_artifact(bento: BentoInfo, small_actors: Path) -> None:
     import bentoml
 
-    assert bento.model_version == artifact_version(small_actors)
+    assert bento.model_version == read_artifact(small_actors).version
     assert bento.model_tag == f"unexrl-policy:{bento.model_version}"
     model = bentoml.models.get(bento.model_tag)
     assert (Path(model.path) / ARTIFACT_SUBDIR / "manifest.json").read_bytes() == (
@@ -119,6 +119,37 @@ def test_a_signed_environment_serves_only_what_its_pipeline_signed(
     with local_service(tag, env=env, log_file=tmp_path / "good.log") as service:
         page = _post(service, "/recommend", {"user_id": 1})
         assert page.status_code == 200 and page.json()["model_version"] == version, page.text
+
+
+def test_only_the_expected_artifact_enters_the_model_store(
+    tmp_path: Path, cem_artifact: Path, bento: BentoInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the gate passed is what the store holds: another artifact than the expected one is not imported,
+    and a copy that differs from the verified artifact (a file changed while it was copied) is not saved."""
+    import bentoml
+
+    from unexrl.serve import package
+
+    expected = read_artifact(cem_artifact).sha256
+    with pytest.raises(ArtifactError, match="is not the expected"):
+        import_model(cem_artifact, model_name="unexrl-expected", expected_sha256="0" * 64)
+    copytree = shutil.copytree
+
+    def copy_while_changing(src: Path, dst: Path, **kwargs: Any) -> Any:
+        out = copytree(src, dst, **kwargs)
+        with open(Path(dst) / "weights.pt", "ab") as f:
+            f.write(b"\0")
+        return out
+
+    monkeypatch.setattr(package.shutil, "copytree", copy_while_changing)
+    with pytest.raises(ArtifactError, match="weights.pt: sha256"):
+        import_model(cem_artifact, model_name="unexrl-expected", expected_sha256=expected)
+    with pytest.raises(bentoml.exceptions.NotFound):
+        bentoml.models.get(f"unexrl-expected:{read_artifact(cem_artifact).version}")
+    monkeypatch.undo()
+    assert (
+        import_model(cem_artifact, model_name="unexrl-expected", expected_sha256=expected)[1] == expected[:16]
+    )
 
 
 def test_the_service_refuses_a_store_entry_rewritten_after_import(

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Self, TypeVar
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from unexrl.config import Config
 from unexrl.contracts import files
@@ -67,6 +67,20 @@ class ArtifactManifest(Contract):
     on any of them is not held out (unexrl/pipeline/evaluation.py refuses it)"""
     files: dict[str, str] = Field(min_length=1)
     """every file of the artifact but the manifest, by its path relative to the directory: sha256"""
+    _sha256: str | None = PrivateAttr(default=None)
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 of the manifest.json bytes :func:`read_artifact` verified this from: the artifact's identity
+        (the manifest lists every file's hash), as the gate's decision and the model store name it."""
+        if self._sha256 is None:
+            raise ArtifactError("a manifest not read by read_artifact has no verified identity")
+        return self._sha256
+
+    @property
+    def version(self) -> str:
+        """The version the artifact is served as: the first 16 hex digits of :attr:`sha256`."""
+        return self.sha256[:16]
 
     @model_validator(mode="after")
     def _known_version(self) -> Self:
@@ -152,7 +166,8 @@ M = TypeVar("M", bound=ArtifactManifest)
 
 def peek_manifest(path: Path) -> ArtifactManifest:
     """The common manifest of ``path`` as written, its files **not** verified: enough to pick a kind's loader
-    (which verifies everything before it opens a file) or to label what a loader already verified."""
+    (which verifies everything before it opens a file). What a reader records about an artifact (its identity,
+    its seen seeds) comes from the manifest the loader verified (``unexrl.artifacts.load_any_artifact``)."""
     path = Path(path)
     if not (path / files.MANIFEST).is_file():
         raise ArtifactError(f"{path}: no {files.MANIFEST}; not a policy artifact")
@@ -177,7 +192,9 @@ def read_artifact(path: Path, model: type[M] = ArtifactManifest) -> M:  # type: 
         if model.KIND is not None and manifest.kind != model.KIND:
             raise ArtifactError(f"{path}: artifact kind {manifest.kind!r}, not {model.KIND}")
         verify_listed_files(path, manifest.files)
-        return manifest if model is ArtifactManifest else model.parse(data, where)  # type: ignore[return-value]
+        verified = manifest if model is ArtifactManifest else model.parse(data, where)
+        verified._sha256 = hashlib.sha256(data).hexdigest()
+        return verified  # type: ignore[return-value]
     except ArtifactError:
         raise
     except ContractError as err:

@@ -28,7 +28,7 @@ from unexrl.contracts.evaluation import (
     StageActions,
 )
 from unexrl.evaluate.evaluation import METRICS
-from unexrl.io import atomic_write_text, sha256_file
+from unexrl.io import atomic_write_text
 from unexrl.sim.env import Observation, Policy, Simulator
 
 LATENCY_PROBES = 200
@@ -121,8 +121,7 @@ def evaluate_release(
 
     Without an incumbent (a first release) the incumbent is CEM, the production baseline.
     """
-    from unexrl.artifacts import load_any_policy
-    from unexrl.contracts.artifact import peek_manifest
+    from unexrl.artifacts import load_any_artifact
     from unexrl.evaluate.evaluation import evaluate_policies
     from unexrl.evaluate.stats import bootstrap_uplift
 
@@ -139,26 +138,27 @@ def evaluate_release(
         return used
 
     held_out({*cfg.seeds.train, *cfg.seeds.validation}, "the config's training and validation seeds")
-    seen = {
-        name: held_out(
-            set(peek_manifest(Path(path)).seen_seeds), f"the seeds the {name}'s manifest says it saw"
-        )
+    sim = Simulator(cfg)
+    # each artifact read once: the policy evaluated, the seeds it saw and its identity all from that reading
+    loaded = {
+        name: load_any_artifact(Path(path), cfg, sim.world)
         for name, path in (("candidate", candidate), ("cem", cem), ("incumbent", incumbent))
         if path is not None
     }
-    sim = Simulator(cfg)
-    recorder = ActionRecorder(
-        load_any_policy(candidate, cfg, sim.world), cfg.cascade.action_low, cfg.cascade.action_high
-    )
-    policies: dict[str, Policy] = {"candidate": recorder, "cem": load_any_policy(cem, cfg, sim.world)}
-    if incumbent is not None:
-        policies["incumbent"] = load_any_policy(incumbent, cfg, sim.world)
+    seen = {
+        name: held_out(set(manifest.seen_seeds), f"the seeds the {name}'s manifest says it saw")
+        for name, (_, manifest) in loaded.items()
+    }
+    recorder = ActionRecorder(loaded["candidate"][0], cfg.cascade.action_low, cfg.cascade.action_high)
+    policies: dict[str, Policy] = {name: policy for name, (policy, _) in loaded.items()} | {
+        "candidate": recorder
+    }
     reference = "incumbent" if incumbent is not None else "cem"
     report = evaluate_policies(sim, policies, seeds=tuple(seeds), reference=reference, progress=False)
     cand = report.results["candidate"].by_seed("watch_time")
     uplift_cem = bootstrap_uplift(cand, report.results["cem"].by_seed("watch_time"), cfg.evaluation.bootstrap)
     summary = EvaluationSummary(
-        candidate_sha256=sha256_file(Path(candidate) / files.MANIFEST),
+        candidate_sha256=loaded["candidate"][1].sha256,
         seeds=seeds,
         candidate_seen_seeds=sorted(seen["candidate"]),
         sessions_per_seed=report.sessions_per_seed,

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from unexrl.contracts import files
-from unexrl.contracts.artifact import ArtifactError
+from unexrl.contracts.artifact import ArtifactError, read_artifact
 from unexrl.contracts.evaluation import GateDecision
 from unexrl.contracts.release import BentoRecord, ReleaseRecord
 from unexrl.environ import environ
@@ -31,11 +31,11 @@ def package(
     from unexrl.serve.package import build_bento  # the serving engineer's packaging (unexrl/serve)
 
     verdict = GateDecision.read(decision)
-    digest = sha256_file(Path(artifact) / files.MANIFEST)
     if not verdict.passed:
         raise ArtifactError(
             f"{decision}: the gate refused this candidate ({'; '.join(verdict.reasons)}); not packaging"
         )
+    digest = read_artifact(Path(artifact)).sha256
     if digest != verdict.candidate_sha256:
         raise ArtifactError(
             f"{artifact}: manifest sha256 {digest[:12]}... is not the candidate the gate passed "
@@ -44,7 +44,8 @@ def package(
     home = str(Path(bentoml_home).resolve()) if bentoml_home else os.environ.get("BENTOML_HOME", "")
     # read when bentoml is first imported: a component process imports it here, first
     with environ({"BENTOML_HOME": home} if home else {}):
-        info = build_bento(Path(artifact), model_name=model_name)
+        # the import checks the artifact again as it copies it: what ships is the candidate the gate passed
+        info = build_bento(Path(artifact), model_name=model_name, expected_sha256=verdict.candidate_sha256)
         import bentoml
 
         archive = Path(out) / files.BENTO_ARCHIVE

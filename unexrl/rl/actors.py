@@ -55,6 +55,13 @@ def feature_schema(cfg: Config) -> FeatureSchema:
 def load_actor_policy(path: Path, cfg: Config, world: World | None = None) -> ActorPolicy:
     """Verify and load an actors artifact as the greedy actors for ``cfg``'s cascade and world (``world``: the
     simulator's, else built from ``cfg``)."""
+    return load_actors_artifact(path, cfg, world)[0]
+
+
+def load_actors_artifact(
+    path: Path, cfg: Config, world: World | None = None
+) -> tuple[ActorPolicy, ActorsManifest]:
+    """:func:`load_actor_policy`, with the manifest the artifact was verified against (its identity included)."""
     path = Path(path)
     manifest = read_artifact(path, ActorsManifest)
     manifest.check_compatible(cfg, path)
@@ -77,6 +84,7 @@ def load_actor_policy(path: Path, cfg: Config, world: World | None = None) -> Ac
     except RuntimeError as err:
         raise ArtifactError(f"{path}: weights do not fit the actors of its own config: {err}") from None
     device = torch.device(cfg.device)
-    return ActorPolicy(
+    policy = ActorPolicy(
         actors.to(device).eval().requires_grad_(False), cfg, world if world is not None else build_world(cfg)
     )
+    return policy, manifest

@@ -31,14 +31,12 @@ from typing import Any
 
 import torch
 
-from unexrl.artifacts import load_any_policy
+from unexrl.artifacts import load_any_artifact
 from unexrl.cascade import ActFn, CascadeResult, StageView, run_cascade
 from unexrl.config import Config
-from unexrl.contracts import files
-from unexrl.contracts.artifact import ArtifactError, ArtifactManifest, peek_manifest
+from unexrl.contracts.artifact import ArtifactError, ArtifactManifest
 from unexrl.features import schema as fs
 from unexrl.features.client import FeatureClient, OnlineFeatures
-from unexrl.io import sha256_file
 from unexrl.serve import metrics as m
 from unexrl.serve.api import SESSION_ID_MAX, FeedbackItem
 from unexrl.serve.sessions import LocalSessions, Page, Sessions, SessionState
@@ -63,12 +61,6 @@ class RequestError(ValueError):
 class UnknownRequest(LookupError):
     """Feedback for a page this process did not serve in the named session, or already answered; or a session id
     that is not an open session of the user. A 404, the same whichever it is (no oracle for other users' ids)."""
-
-
-def artifact_version(path: Path) -> str:
-    """A policy artifact's version: the first 16 hex digits of its manifest's sha256. The manifest lists the
-    sha256 of every file, so this names the exact weights; the same artifact always gets the same version."""
-    return sha256_file(Path(path) / files.MANIFEST)[:16]
 
 
 def serving_config(manifest: ArtifactManifest, environ: dict[str, str]) -> Config:
@@ -132,15 +124,13 @@ def load_serving_policy(path: Path, cfg: Config, world: World, version: str | No
     ``version``: the version it is served as (the model store tag's, which import_model set to the artifact's
     digest). An artifact whose manifest digest is another (rewritten after import, hashes and all) is refused:
     the service never reports one version while serving other weights."""
-    policy = load_any_policy(path, cfg, world)  # verifies the artifact
-    manifest = peek_manifest(path)
-    actual = artifact_version(path)
-    if version is not None and version != actual:
+    policy, manifest = load_any_artifact(path, cfg, world)  # verified, and its version from that one reading
+    if version is not None and version != manifest.version:
         raise ArtifactError(
-            f"{path}: served as version {version}, but its manifest's digest is {actual}; refusing an artifact "
-            "that is not the one imported under that version"
+            f"{path}: served as version {version}, but its manifest's digest is {manifest.version}; refusing an "
+            "artifact that is not the one imported under that version"
         )
-    return LoadedPolicy(policy, actual, manifest.algorithm, manifest.kind)
+    return LoadedPolicy(policy, manifest.version, manifest.algorithm, manifest.kind)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import yaml
 
 from unexrl.contracts.artifact import ArtifactError, read_artifact
 from unexrl.environ import environ
-from unexrl.serve.engine import artifact_version, load_serving_policy, serving_config
+from unexrl.serve.engine import load_serving_policy, serving_config
 from unexrl.serve.requirements import serving_requirements
 from unexrl.sim.world import build_world
 
@@ -40,16 +40,27 @@ class BentoInfo:
     model_version: str
 
 
-def import_model(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> tuple[str, str]:
+def import_model(
+    artifact_dir: Path, *, model_name: str = "unexrl-policy", expected_sha256: str | None = None
+) -> tuple[str, str]:
     """Verify ``artifact_dir`` and copy it into the BentoML model store as ``model_name:<artifact version>``;
-    importing the same artifact again reuses the entry. Returns (model tag, version)."""
+    importing the same artifact again reuses the entry. Returns (model tag, version).
+
+    ``expected_sha256``: the artifact it must be (the gate's decision names the candidate so); the copy in the
+    store is verified as that same artifact before the entry is saved, so a file changed while it was copied
+    never reaches the store."""
     import bentoml
 
     artifact_dir = Path(artifact_dir)
     manifest = read_artifact(artifact_dir)  # verified before its config builds a world
+    if expected_sha256 is not None and manifest.sha256 != expected_sha256:
+        raise ArtifactError(
+            f"{artifact_dir}: manifest sha256 {manifest.sha256[:12]}... is not the expected "
+            f"{expected_sha256[:12]}...; not importing"
+        )
     cfg = serving_config(manifest, {})
-    load_serving_policy(artifact_dir, cfg, build_world(cfg))  # refuses a kind this version cannot serve
-    version = artifact_version(artifact_dir)
+    # refuses a kind this version cannot serve; the same artifact as the manifest verified above, or refused
+    version = load_serving_policy(artifact_dir, cfg, build_world(cfg), manifest.version).version
     tag = f"{model_name}:{version}"
     try:
         stored = bentoml.models.get(tag)
@@ -57,9 +68,7 @@ def import_model(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> tu
         stored = None
     if stored is not None:  # the same version: reused only while it is still exactly that artifact
         try:
-            read_artifact(Path(stored.path) / ARTIFACT_SUBDIR)
-            if (digest := artifact_version(Path(stored.path) / ARTIFACT_SUBDIR)) != version:
-                raise ArtifactError(f"its manifest's digest is {digest}")
+            _verify_copy(Path(stored.path) / ARTIFACT_SUBDIR, manifest.sha256)
         except ArtifactError as err:
             raise ArtifactError(
                 f"the model store's {tag} does not verify as the artifact imported under that version ({err}); "
@@ -68,17 +77,27 @@ def import_model(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> tu
         return tag, version
     labels = {"kind": manifest.kind, "algorithm": manifest.algorithm}
     with bentoml.models.create(tag, labels=labels, metadata={"files": manifest.files}) as model:
-        # links copied as links: one that appeared after the check above is refused when the service loads
+        # links copied as links, and refused by the check: the entry is saved only if the copy is the artifact
         shutil.copytree(artifact_dir, Path(model.path) / ARTIFACT_SUBDIR, symlinks=True)
+        _verify_copy(Path(model.path) / ARTIFACT_SUBDIR, manifest.sha256)
     return tag, version
 
 
-def build_bento(artifact_dir: Path, *, model_name: str = "unexrl-policy") -> BentoInfo:
-    """Import the artifact (:func:`import_model`) and build the service's bento around exactly that model
-    version, from serving/bentofile.yaml. Respects BENTOML_HOME (both stores live there)."""
+def _verify_copy(path: Path, sha256: str) -> None:
+    """``path`` verifies as an artifact whose manifest has digest ``sha256``."""
+    if (digest := read_artifact(path).sha256) != sha256:
+        raise ArtifactError(f"{path}: its manifest's digest is {digest[:16]}, not {sha256[:16]}")
+
+
+def build_bento(
+    artifact_dir: Path, *, model_name: str = "unexrl-policy", expected_sha256: str | None = None
+) -> BentoInfo:
+    """Import the artifact (:func:`import_model`, which refuses any other than ``expected_sha256``) and build the
+    service's bento around exactly that model version, from serving/bentofile.yaml. Respects BENTOML_HOME (both
+    stores live there)."""
     import bentoml
 
-    model_tag, version = import_model(artifact_dir, model_name=model_name)
+    model_tag, version = import_model(artifact_dir, model_name=model_name, expected_sha256=expected_sha256)
     sys.modules.pop(
         SERVICE_MODULE, None
     )  # BentoML reuses an imported module: an earlier build's model otherwise
