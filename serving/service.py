@@ -37,7 +37,13 @@ from unexrl.serve.api import (
     RequestContext,
     StageAction,
 )
-from unexrl.serve.engine import Recommender, RequestError, UnknownRequest, serving_config
+from unexrl.serve.engine import (
+    Recommender,
+    RequestError,
+    UnknownRequest,
+    check_served_version,
+    serving_config,
+)
 from unexrl.serve.gateway import ClientErrors, Gate, QuietClientErrors, api_token
 from unexrl.serve.local import bentoml_home
 from unexrl.serve.package import ARTIFACT_SUBDIR, DEFAULT_MODEL, ENV_MODEL, ENV_SHADOW_MODEL
@@ -68,8 +74,11 @@ class Recommendation:
         # one request is a batch of one: intra-op threads only contend with the HTTP workers for the cores
         torch.set_num_threads(1)
         primary = Path(self.model.path) / ARTIFACT_SUBDIR
-        # verified (signature, every file's hash) before its config builds anything; the engine verifies its files again
-        cfg = serving_config(read_artifact(primary), dict(os.environ))
+        # verified (signature, every file's hash) and bound to the tag before its config builds anything; the
+        # engine verifies the artifact again as it loads the policy, against the same version
+        manifest = read_artifact(primary)
+        check_served_version(primary, manifest, self.model.tag.version)
+        cfg = serving_config(manifest, dict(os.environ))
         shadow_tag = os.environ.get(ENV_SHADOW_MODEL)
         shadow = bentoml.models.get(shadow_tag) if shadow_tag else None
         self.engine = Recommender(

@@ -13,7 +13,7 @@ from test_signing import rehash
 
 from unexrl.config import Config, load_config
 from unexrl.contracts import artifact
-from unexrl.contracts.artifact import ArtifactError
+from unexrl.contracts.artifact import ArtifactError, peek_manifest, read_artifact
 from unexrl.policies.artifact import load_policy, save_weight_policy
 from unexrl.policies.weights import WeightPolicy
 from unexrl.rl.actors import ACTORS_FILE, load_actor_policy
@@ -37,6 +37,14 @@ def test_round_trip(small_cfg: Config, tmp_path: Path, group_by: str) -> None:
     assert loaded.group_by == group_by
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["algorithm"] == "cem" and manifest["stages"][0]["name"] == "matching"
+
+
+def test_only_a_verified_manifest_has_an_identity(small_cfg: Config, tmp_path: Path) -> None:
+    _, path = _saved(small_cfg, tmp_path)
+    verified = read_artifact(path)
+    assert verified.sha256 == _sha(path / "manifest.json") and verified.version == verified.sha256[:16]
+    with pytest.raises(ArtifactError, match="not read by read_artifact has no verified identity"):
+        peek_manifest(path).sha256  # noqa: B018 - the property raises
 
 
 def test_tampered_weights_are_refused(small_cfg: Config, tmp_path: Path) -> None:

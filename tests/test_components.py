@@ -2,6 +2,7 @@
 the typed signature, the artifact paths and metadata, and the call into unexrl.pipeline."""
 
 import json
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -25,7 +26,7 @@ from unexrl.features.training_set import (
     verify_training_set,
 )
 from unexrl.io import sha256_file
-from unexrl.pipeline import registry
+from unexrl.pipeline import registry, release
 from unexrl.pipeline.release import init_manifests_repo
 
 TINY = [
@@ -158,7 +159,7 @@ def test_train_and_evaluate(chain: dict) -> None:
     assert Path(chain["report"].path).read_text().startswith("# Candidate evaluation")
 
 
-def test_gate_package_deploy(chain: dict, tmp_path: Path) -> None:
+def test_gate_package_deploy(chain: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     decision, report = art(Artifact, tmp_path / "decision.json"), art(Markdown, tmp_path / "gate.md")
     # a threshold of -100% leaves the CI and the guardrails to decide; the tiny candidate is close to CEM
     passed = c.gate.python_func(
@@ -206,6 +207,26 @@ def test_gate_package_deploy(chain: dict, tmp_path: Path) -> None:
         bento=bento,
     )
     assert bento.metadata["bento_tag"].startswith("unexrl-serving:") and bento.metadata["image_tag"]
+    # the candidate replaced by another artifact right after package's own check: the import refuses it
+    swapped = tmp_path / "swapped"
+    shutil.copytree(chain["model"].path, swapped)
+    check = release.read_artifact
+
+    def check_then_swap(path: Path, *args: object) -> object:
+        out = check(path, *args)
+        shutil.rmtree(swapped)
+        shutil.copytree(chain["cem"].path, swapped)
+        return out
+
+    with monkeypatch.context() as patch:
+        patch.setattr(release, "read_artifact", check_then_swap)
+        with pytest.raises(ArtifactError, match="is not the expected"):
+            release.package(
+                swapped,
+                tmp_path / "bento2",
+                decision=tmp_path / "passing.json",
+                bentoml_home=str(tmp_path / "b2"),
+            )
     # the Bento leaves the step's own store as an archive CI can import: the Bento it names, hashed in the record
     archive = Path(bento.path) / files.BENTO_ARCHIVE
     assert sha256_file(archive) == BentoRecord.read(Path(bento.path) / files.BENTO).archive_sha256

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
+from unexrl.config import Config
+from unexrl.contracts.artifact import ArtifactError, read_artifact
 from unexrl.contracts.base import ContractError
 from unexrl.contracts.release import BentoRecord, ReleaseRecord
 from unexrl.pipeline import registry
+from unexrl.policies.artifact import save_weight_policy
+from unexrl.policies.weights import WeightPolicy
 
 
 def test_write_is_atomic_and_returns_the_files_sha256(tmp_path: Path) -> None:
@@ -60,3 +66,26 @@ def test_an_environment_outside_the_release_grammar_is_refused_before_any_read(
     that leaves the folder) is refused before the incumbent is looked up or a deployment recorded."""
     with pytest.raises(ValueError, match="does not match"):
         registry.deployed(tmp_path, environment)
+
+
+def test_the_registry_holds_each_version_as_that_artifact(tmp_path: Path, small_cfg: Config) -> None:
+    """A record's model version is its artifact's: registering under another version, or an entry whose artifact
+    was replaced after it was registered, is refused before it becomes an incumbent."""
+    weights = torch.full((1, sum(small_cfg.cascade.action_dims)), 0.5)
+    artifact = save_weight_policy(WeightPolicy(weights, small_cfg.cascade), tmp_path / "a", small_cfg, "cem")
+    other = save_weight_policy(WeightPolicy(weights * 0, small_cfg.cascade), tmp_path / "b", small_cfg, "cem")
+    root = tmp_path / "registry"
+    with pytest.raises(ArtifactError, match="but the registry names it 0123456789abcdef"):
+        registry.register(
+            root, artifact, ReleaseRecord(environment="staging", model_version="0123456789abcdef")
+        )
+    version = read_artifact(artifact).version
+    registry.register(root, artifact, ReleaseRecord(environment="staging", model_version=version))
+    entry = registry.incumbent(root, "staging")
+    assert entry is not None and read_artifact(entry).sha256 == read_artifact(artifact).sha256
+    shutil.rmtree(entry)
+    shutil.copytree(other, entry)  # a valid artifact, but not the one released under this version
+    with pytest.raises(ArtifactError, match=f"artifact version {read_artifact(other).version}, but"):
+        registry.incumbent(root, "staging")
+    with pytest.raises(ArtifactError, match="but the registry names it"):
+        registry.resolve_incumbent(str(root), "staging", tmp_path / "incumbent")

@@ -223,6 +223,7 @@ def test_a_version_1_actors_artifact_is_read_from_its_config(
     (copy / "manifest.json").write_text(json.dumps(_as_version_1(manifest)))
     upgraded = read_artifact(copy, ActorsManifest)
     assert upgraded.schema_version == 2
+    assert upgraded.sha256 == sha256_file(copy / "manifest.json")  # the identity of the document as written
     assert upgraded.features == read_artifact(export, ActorsManifest).features
     assert upgraded.fixed_stages.source == "artifact" and upgraded.fixed_stages.seen_seeds is None
     load_actor_policy(copy, cfg, small_sim.world)

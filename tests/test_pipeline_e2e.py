@@ -20,6 +20,7 @@ from components import resolve_incumbent
 from pipelines.continuous_training import release_steps
 from pipelines.local import ROOT, locate, run_local
 from unexrl.config import load_config
+from unexrl.contracts.artifact import read_artifact
 from unexrl.contracts.release import ReleaseRecord
 from unexrl.gitops import ANNOTATION
 from unexrl.io import sha256_file
@@ -62,7 +63,8 @@ def passed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     greedy = save_weight_policy(
         WeightPolicy(greedy_weights(cfg.cascade), cfg.cascade), out / "greedy", cfg, algorithm="greedy"
     )
-    registry.register(out / "registry", greedy, ReleaseRecord(environment=ENV, model_version="greedy-0"))
+    version = read_artifact(greedy).version
+    registry.register(out / "registry", greedy, ReleaseRecord(environment=ENV, model_version=version))
     repo = init_manifests_repo(out / "manifests.git", manifests_tree(out))
     result = run_local("small", out, FAST, environment=ENV, gitops_repo=str(repo))
     return result | {"repo_path": repo, "out": out}

@@ -25,7 +25,7 @@ def _actors(path: Path, cfg: Config, world: World | None) -> tuple[Policy, Artif
     return load_actors_artifact(path, cfg, world)
 
 
-LOADERS: dict[str, Loader] = {WeightsManifest.KIND: _weights, "actors": _actors}
+LOADERS: dict[str, Loader] = {WeightsManifest.KIND: _weights, "actors": _actors}  # type: ignore[dict-item]
 """kind -> loader; a new kind adds its entry here"""
 
 

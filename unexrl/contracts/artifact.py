@@ -72,7 +72,8 @@ class ArtifactManifest(Contract):
     @property
     def sha256(self) -> str:
         """The sha256 of the manifest.json bytes :func:`read_artifact` verified this from: the artifact's identity
-        (the manifest lists every file's hash), as the gate's decision and the model store name it."""
+        (the manifest lists every file's hash), as the gate's decision and the model store name it. Being part of
+        the model's state, it makes a verified manifest unequal to the same document read unverified."""
         if self._sha256 is None:
             raise ArtifactError("a manifest not read by read_artifact has no verified identity")
         return self._sha256

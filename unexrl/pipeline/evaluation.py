@@ -122,6 +122,7 @@ def evaluate_release(
     Without an incumbent (a first release) the incumbent is CEM, the production baseline.
     """
     from unexrl.artifacts import load_any_artifact
+    from unexrl.contracts.artifact import ArtifactManifest
     from unexrl.evaluate.evaluation import evaluate_policies
     from unexrl.evaluate.stats import bootstrap_uplift
 
@@ -130,37 +131,31 @@ def evaluate_release(
         raise ValueError(f"evaluation seeds {seeds} name a seed twice; each evaluation seed counts once")
 
     # held out from what each policy saw, as its manifest records it (the evaluation config may say otherwise)
-    def held_out(used: set[int], whose: str) -> set[int]:
+    def held_out(used: set[int], whose: str) -> None:
         if used & set(seeds):
             raise ValueError(
                 f"evaluation seeds {sorted(used & set(seeds))} are among {whose}: evaluate on held-out seeds only"
             )
-        return used
 
     held_out({*cfg.seeds.train, *cfg.seeds.validation}, "the config's training and validation seeds")
     sim = Simulator(cfg)
     # each artifact read once: the policy evaluated, the seeds it saw and its identity all from that reading
-    loaded = {
-        name: load_any_artifact(Path(path), cfg, sim.world)
-        for name, path in (("candidate", candidate), ("cem", cem), ("incumbent", incumbent))
-        if path is not None
-    }
-    seen = {
-        name: held_out(set(manifest.seen_seeds), f"the seeds the {name}'s manifest says it saw")
-        for name, (_, manifest) in loaded.items()
-    }
-    recorder = ActionRecorder(loaded["candidate"][0], cfg.cascade.action_low, cfg.cascade.action_high)
-    policies: dict[str, Policy] = {name: policy for name, (policy, _) in loaded.items()} | {
-        "candidate": recorder
-    }
+    policies: dict[str, Policy] = {}
+    manifests: dict[str, ArtifactManifest] = {}
+    for name, path in (("candidate", candidate), ("cem", cem), ("incumbent", incumbent)):
+        if path is not None:
+            policies[name], manifests[name] = load_any_artifact(Path(path), cfg, sim.world)
+            held_out(set(manifests[name].seen_seeds), f"the seeds the {name}'s manifest says it saw")
+    recorder = ActionRecorder(policies["candidate"], cfg.cascade.action_low, cfg.cascade.action_high)
+    policies["candidate"] = recorder
     reference = "incumbent" if incumbent is not None else "cem"
     report = evaluate_policies(sim, policies, seeds=tuple(seeds), reference=reference, progress=False)
     cand = report.results["candidate"].by_seed("watch_time")
     uplift_cem = bootstrap_uplift(cand, report.results["cem"].by_seed("watch_time"), cfg.evaluation.bootstrap)
     summary = EvaluationSummary(
-        candidate_sha256=loaded["candidate"][1].sha256,
+        candidate_sha256=manifests["candidate"].sha256,
         seeds=seeds,
-        candidate_seen_seeds=sorted(seen["candidate"]),
+        candidate_seen_seeds=sorted(manifests["candidate"].seen_seeds),
         sessions_per_seed=report.sessions_per_seed,
         incumbent=IncumbentRef(
             name=reference, artifact=str(incumbent or cem), first_release=incumbent is None

@@ -1,6 +1,7 @@
 """A file-system model registry: which policy is deployed where, so the next run knows its incumbent.
 
-    <root>/models/<model_version>/       a verified copy of each released policy artifact
+    <root>/models/<model_version>/       a verified copy of each released policy artifact, whose manifest's
+                                         digest is that version (checked on every write and read)
     <root>/environments/<environment>.json   {model_version, bento_tag, image_tag, commit, branch, repo, deployed_at}
 
 The registry is a directory (locally under runs/, in a cluster on the pipeline's PVC), written atomically: a
@@ -15,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from unexrl.contracts import files
-from unexrl.contracts.artifact import read_artifact
+from unexrl.contracts.artifact import ArtifactError, read_artifact
 from unexrl.contracts.release import ENVIRONMENT, ReleaseRecord
 from unexrl.io import atomic_directory
 
@@ -40,36 +41,50 @@ def deployed(root: str | Path, environment: str) -> ReleaseRecord | None:
 
 
 def incumbent(root: str | Path, environment: str) -> Path | None:
-    """The deployed policy artifact of ``environment`` (verified), or None on a first deployment."""
+    """The deployed policy artifact of ``environment`` (verified as the version its record names), or None on a
+    first deployment."""
     record = deployed(root, environment)
-    if record is None:
-        return None
+    return _entry(Path(root), record) if record is not None else None
+
+
+def _entry(root: Path, record: ReleaseRecord) -> Path:
     path = model_path(root, record)
-    read_artifact(path)  # a registry entry whose files changed is refused, not served as the incumbent
+    _check_version(path, record.model_version)  # an entry that changed is refused, not used as the incumbent
     return path
 
 
 def register(root: str | Path, artifact: Path, record: ReleaseRecord) -> ReleaseRecord:
-    """Store ``artifact`` as ``record.model_version`` and make it ``record.environment``'s deployed model."""
+    """Store ``artifact`` as ``record.model_version`` (which must be its version) and make it
+    ``record.environment``'s deployed model. The stored copy is verified as that version before it is published."""
     root = Path(root)
-    read_artifact(artifact)
+    _check_version(artifact, record.model_version)
     target = model_path(root, record)
-    if not target.is_dir():
+    if target.is_dir():
+        _check_version(target, record.model_version)
+    else:
         with atomic_directory(target) as tmp:
             shutil.copytree(artifact, tmp, dirs_exist_ok=True)
+            _check_version(tmp, record.model_version)
     record.write(_record_path(root, record.environment))
     return record
 
 
 def resolve_incumbent(root: str, environment: str, out: Path) -> ReleaseRecord | None:
-    """Copy ``environment``'s deployed policy into ``out`` (the run's incumbent artifact) and return its record;
-    on a first release (no registry or nothing deployed) leave ``out`` an empty directory and return None."""
-    out = Path(out)
-    path = incumbent(root, environment) if root else None
-    with atomic_directory(out, overwrite=True) as tmp:
-        if path is not None:
-            shutil.copytree(path, tmp, dirs_exist_ok=True)
-    return deployed(root, environment) if path is not None else None
+    """Copy ``environment``'s deployed policy into ``out`` (the run's incumbent artifact, verified as the copy it
+    is) and return its record; on a first release (no registry or nothing deployed) leave ``out`` an empty
+    directory and return None."""
+    record = deployed(root, environment) if root else None
+    with atomic_directory(Path(out), overwrite=True) as tmp:
+        if record is not None:
+            shutil.copytree(_entry(Path(root), record), tmp, dirs_exist_ok=True)
+            _check_version(tmp, record.model_version)
+    return record
+
+
+def _check_version(path: Path, version: str) -> None:
+    """``path`` verifies (read_artifact) as the artifact of ``version``; ArtifactError otherwise."""
+    if (actual := read_artifact(path).version) != version:
+        raise ArtifactError(f"{path}: artifact version {actual}, but the registry names it {version}")
 
 
 def is_artifact(path: Path) -> bool:

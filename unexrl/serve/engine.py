@@ -125,12 +125,19 @@ def load_serving_policy(path: Path, cfg: Config, world: World, version: str | No
     digest). An artifact whose manifest digest is another (rewritten after import, hashes and all) is refused:
     the service never reports one version while serving other weights."""
     policy, manifest = load_any_artifact(path, cfg, world)  # verified, and its version from that one reading
-    if version is not None and version != manifest.version:
+    if version is not None:
+        check_served_version(path, manifest, version)
+    return LoadedPolicy(policy, manifest.version, manifest.algorithm, manifest.kind)
+
+
+def check_served_version(path: Path, manifest: ArtifactManifest, version: str) -> None:
+    """Refuse an artifact (``manifest``, as read_artifact verified it) served as another ``version`` than its
+    own: a model store entry rewritten after import, hashes and all."""
+    if version != manifest.version:
         raise ArtifactError(
             f"{path}: served as version {version}, but its manifest's digest is {manifest.version}; refusing an "
             "artifact that is not the one imported under that version"
         )
-    return LoadedPolicy(policy, manifest.version, manifest.algorithm, manifest.kind)
 
 
 @dataclass(frozen=True)

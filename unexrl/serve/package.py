@@ -46,9 +46,8 @@ def import_model(
     """Verify ``artifact_dir`` and copy it into the BentoML model store as ``model_name:<artifact version>``;
     importing the same artifact again reuses the entry. Returns (model tag, version).
 
-    ``expected_sha256``: the artifact it must be (the gate's decision names the candidate so); the copy in the
-    store is verified as that same artifact before the entry is saved, so a file changed while it was copied
-    never reaches the store."""
+    ``expected_sha256``: the artifact it must be (the gate's decision names the candidate so). The entry as saved
+    is verified as that same artifact, and removed if it is not (a file changed while it was copied)."""
     import bentoml
 
     artifact_dir = Path(artifact_dir)
@@ -77,9 +76,14 @@ def import_model(
         return tag, version
     labels = {"kind": manifest.kind, "algorithm": manifest.algorithm}
     with bentoml.models.create(tag, labels=labels, metadata={"files": manifest.files}) as model:
-        # links copied as links, and refused by the check: the entry is saved only if the copy is the artifact
-        shutil.copytree(artifact_dir, Path(model.path) / ARTIFACT_SUBDIR, symlinks=True)
-        _verify_copy(Path(model.path) / ARTIFACT_SUBDIR, manifest.sha256)
+        shutil.copytree(
+            artifact_dir, Path(model.path) / ARTIFACT_SUBDIR, symlinks=True
+        )  # links refused below
+    try:  # the entry as saved in the store is the artifact verified above, or it is removed
+        _verify_copy(Path(bentoml.models.get(tag).path) / ARTIFACT_SUBDIR, manifest.sha256)
+    except ArtifactError:
+        bentoml.models.delete(tag)
+        raise
     return tag, version
 
 
