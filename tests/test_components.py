@@ -324,6 +324,12 @@ def test_training_set_must_match_the_logs(chain: dict, tmp_path: Path) -> None:
         r"missing columns \['user_behaviour__click_rate'\]",
         in_footer=True,
     )
+    # a column twice: the footer check names it; pyarrow itself refuses to read such a table, naming it too
+    pq.write_table(table.append_column("user_id", table["user_id"]), tmp_path / "twice.parquet")
+    with pytest.raises(TrainingSetMismatch, match=r"columns \['user_id'\] appear more than once"):
+        precheck_training_set(tmp_path / "twice.parquet", rows, page)
+    with pytest.raises(TrainingSetMismatch, match=r"not a readable Parquet file: Multiple matches .*user_id"):
+        verify_training_set(tmp_path / "twice.parquet", logs)
     column = table.schema.get_field_index("user_behaviour__requests")
     refused(
         table.set_column(column, "user_behaviour__requests", table[column].cast(pa.float64())),

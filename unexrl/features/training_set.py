@@ -107,6 +107,9 @@ def _check_schema(schema: pa.Schema, rows: int, logged_requests: int, page_size:
     missing = [c for c in expected if c not in schema.names]
     if missing:
         raise TrainingSetMismatch(f"{path}: missing columns {missing}")
+    repeated = sorted({c for c in schema.names if schema.names.count(c) > 1})
+    if repeated:
+        raise TrainingSetMismatch(f"{path}: columns {repeated} appear more than once")
     for name, want in expected.items():
         got = schema.field(name).type
         if not _same_type(got, want):

@@ -76,9 +76,8 @@ def import_model(
         return tag, version
     labels = {"kind": manifest.kind, "algorithm": manifest.algorithm}
     with bentoml.models.create(tag, labels=labels, metadata={"files": manifest.files}) as model:
-        shutil.copytree(
-            artifact_dir, Path(model.path) / ARTIFACT_SUBDIR, symlinks=True
-        )  # links refused below
+        # links copied as links, so that the check below refuses them
+        shutil.copytree(artifact_dir, Path(model.path) / ARTIFACT_SUBDIR, symlinks=True)
     try:  # the entry as saved in the store is the artifact verified above, or it is removed
         _verify_copy(Path(bentoml.models.get(tag).path) / ARTIFACT_SUBDIR, manifest.sha256)
     except ArtifactError:
