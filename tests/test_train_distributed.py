@@ -410,30 +410,43 @@ def test_checkpoints_not_written_by_this_trainer_are_refused(
     assert expected in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["progress.json", "rng-rank0.pt", "best-actors.safetensors"])
+@pytest.mark.parametrize(
+    "name", [".metadata", "__0_0.distcp", "progress.json", "rng-rank0.pt", "best-actors.safetensors"]
+)
 def test_a_checkpoint_file_replaced_after_verification_is_never_loaded(
     checkpointed: tuple[list[str], Path],
     name: str,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The checkpoint's own files are parsed from the bytes their hash is checked on: one swapped right after the
-    directory verified is refused, not loaded."""
+    """Every file of a checkpoint, DCP's included, is parsed from the bytes its hash is checked on: one swapped
+    right after the directory verified (for DCP's pickled .metadata, a payload that would write a file) is refused,
+    not loaded."""
+    import pickle
+
     from unexrl.train import checkpoint
 
     resume, step = checkpointed
     assert (step / name).is_file()
+    ran = tmp_path / "the-payload-ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str, str]]:
+            return (open, (str(ran), "w"))
+
     verify = checkpoint.verify_checkpoint
 
     def verify_then_swap(path: Path) -> Any:
         manifest = verify(path)
         data = (path / name).read_bytes()
-        (path / name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        swapped = pickle.dumps(Payload()) if name == ".metadata" else data[:-1] + bytes([data[-1] ^ 1])
+        (path / name).write_bytes(swapped)
         return manifest
 
     monkeypatch.setattr(checkpoint, "verify_checkpoint", verify_then_swap)
     assert main(resume) == 2
-    assert f"{name}: sha256" in capsys.readouterr().err
+    assert f"{name}: sha256" in capsys.readouterr().err and not ran.exists()
 
 
 def test_a_signing_trainer_resumes_its_own_checkpoints(

@@ -13,8 +13,8 @@ Every rank writes into ``.step-<n>.tmp``; when all are done rank 0 adds progress
 renames the directory, so a directory named ``step-*`` is complete and a killed run leaves at most a temporary one
 behind. Restoring verifies the manifest (and, where the trainer holds a signing key, its signature with that
 key) before DCP opens anything: ``.metadata`` is unpickled, so whoever could write the run volume could
-otherwise run code in training. Our own files (progress, RNG states, best actors) are then parsed from the very
-bytes their hash is checked on; DCP opens its files itself, after the check.
+otherwise run code in training. Every file is then parsed from the very bytes its hash is checked on (DCP's
+through :class:`VerifiedReader`), so a file replaced after the check is refused, not unpickled.
 
 The replay buffer is not saved (it can be gigabytes per rank). On resume it is refilled: offline from the same
 logs, which gives back exactly what it held; online by a re-warm-up of ``train.warmup_sessions`` fresh sessions
@@ -23,6 +23,7 @@ under the restored actors with exploration. The CQR knots are restored, so the r
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import shutil
@@ -34,6 +35,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load, save_file
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import KeyedOptimizer
 
 from unexrl.contracts import files
@@ -168,7 +170,7 @@ class Checkpoints:
         if path is None:
             return None
         listed = verify_checkpoint(path).files
-        saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+        saved = set(VerifiedReader(path, listed).read_metadata().state_dict_metadata)
         _check_same_table_training(path, saved, fused is not None, agent.embedding_lr is not None)
         sparse = {id(m.weight) for m in agent.modules() if isinstance(m, nn.EmbeddingBag) and m.sparse}
         for key, optimizer in (
@@ -177,15 +179,21 @@ class Checkpoints:
         ):
             _create_saved_state(optimizer, key, saved, sparse)
         state = _state(agent, fused, knots)
-        dcp.load(
-            state, checkpoint_id=path, no_dist=not self.ctx.distributed
-        )  # in place: every tensor above is the live one
+        try:  # in place: every tensor above is the live one
+            dcp.load(state, storage_reader=VerifiedReader(path, listed), no_dist=not self.ctx.distributed)
+        except (
+            CheckpointException
+        ) as err:  # DCP wraps a rank's refusal: say what was refused, not DCP's frames
+            refused = [exc for exc, _ in err.failures.values() if isinstance(exc, ArtifactError)]
+            if refused:
+                raise refused[0] from None
+            raise
         for key, optimizer in (
             ("actor_optimizer", agent.actor_optimizer),
             ("critic_optimizer", agent.critic_optimizer),
         ):
             optimizer.load_state_dict(state[key])
-        # our own files are parsed from the bytes their hash was checked on; DCP reads its files itself
+        # every file is parsed from the bytes its hash was checked on, DCP's through VerifiedReader
         progress = TrainingProgress.parse(
             read_verified(path, listed, PROGRESS, "checkpoint"), str(path / PROGRESS)
         )
@@ -219,6 +227,32 @@ class Checkpoints:
             )
         log.info("resumed from %s updates=%d", path, progress.updates)
         return progress
+
+
+class VerifiedReader(dcp.FileSystemReader):
+    """DCP's file-system reader, each file served from bytes read once and hashed against the checkpoint's
+    manifest (``read_verified``): the pickled ``.metadata`` and the shards DCP unpickles are the bytes that were
+    verified, not a second read of a file that may have been replaced since."""
+
+    def __init__(self, path: Path, listed: dict[str, str]) -> None:
+        super().__init__(path)
+        self.fs = _VerifiedFiles(self.fs, Path(self.path), listed)
+
+
+class _VerifiedFiles:
+    """DCP's ``FileSystem`` (``create_stream`` is how FileSystemReader opens a file), reading verified bytes."""
+
+    def __init__(self, fs: Any, root: Path, listed: dict[str, str]) -> None:
+        self._fs, self._root, self._listed = fs, root, listed
+
+    def create_stream(self, path: str | Path, mode: str) -> contextlib.AbstractContextManager[io.BytesIO]:
+        if mode != "rb":
+            raise ValueError(f"a checkpoint is read, not written, through VerifiedReader (mode {mode!r})")
+        name = Path(path).relative_to(self._root).as_posix()
+        return contextlib.nullcontext(io.BytesIO(read_verified(self._root, self._listed, name, "checkpoint")))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fs, name)
 
 
 def verify_checkpoint(path: Path) -> CheckpointManifest:
