@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -141,7 +142,8 @@ def test_only_the_expected_artifact_enters_the_model_store(
             f.write(b"\0")
         return out
 
-    monkeypatch.setattr(package.shutil, "copytree", copy_while_changing)
+    # only the import's own copy changes (BentoML's copy into its store stays shutil's)
+    monkeypatch.setattr(package, "shutil", SimpleNamespace(copytree=copy_while_changing))
     with pytest.raises(ArtifactError, match="weights.pt: sha256"):
         import_model(cem_artifact, model_name="unexrl-expected", expected_sha256=expected)
     with pytest.raises(bentoml.exceptions.NotFound):
