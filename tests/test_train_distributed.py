@@ -357,6 +357,17 @@ def test_export_holds_the_best_validation_point(tmp_path: Path, cem_artifact: Pa
     assert same == (best["updates"] == 12)  # the final actors only when the last point is the best
 
 
+def _payload(ran: Path) -> bytes:
+    """A pickle that creates the file ``ran`` when it is unpickled: what a forged DCP .metadata could do."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str, str]]:
+            return (open, (str(ran), "w"))
+
+    return pickle.dumps(Payload())
+
+
 @pytest.fixture
 def checkpointed(tmp_path: Path, cem_artifact: Path) -> tuple[list[str], Path]:
     """A finished tiny run with checkpoints, and the arguments that resume it."""
@@ -369,16 +380,9 @@ def test_a_tampered_checkpoint_is_refused_before_anything_is_unpickled(
     checkpointed: tuple[list[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The attack: a DCP .metadata that runs code when unpickled. The hash check refuses it unread."""
-    import pickle
-
     resume, step = checkpointed
     ran = tmp_path / "the-payload-ran"
-
-    class Payload:
-        def __reduce__(self) -> tuple[object, tuple[str]]:
-            return (open, (str(ran), "w"))
-
-    (step / ".metadata").write_bytes(pickle.dumps(Payload()))
+    (step / ".metadata").write_bytes(_payload(ran))
     assert main(resume) == 2
     assert ".metadata" in capsys.readouterr().err and not ran.exists()
 
@@ -423,24 +427,17 @@ def test_a_checkpoint_file_replaced_after_verification_is_never_loaded(
     """Every file of a checkpoint, DCP's included, is parsed from the bytes its hash is checked on: one swapped
     right after the directory verified (for DCP's pickled .metadata, a payload that would write a file) is refused,
     not loaded."""
-    import pickle
-
     from unexrl.train import checkpoint
 
     resume, step = checkpointed
     assert (step / name).is_file()
     ran = tmp_path / "the-payload-ran"
-
-    class Payload:
-        def __reduce__(self) -> tuple[object, tuple[str, str]]:
-            return (open, (str(ran), "w"))
-
     verify = checkpoint.verify_checkpoint
 
     def verify_then_swap(path: Path) -> Any:
         manifest = verify(path)
         data = (path / name).read_bytes()
-        swapped = pickle.dumps(Payload()) if name == ".metadata" else data[:-1] + bytes([data[-1] ^ 1])
+        swapped = _payload(ran) if name == ".metadata" else data[:-1] + bytes([data[-1] ^ 1])
         (path / name).write_bytes(swapped)
         return manifest
 
