@@ -96,6 +96,7 @@ class _Log:
         self.viewed = np.asarray(tr["viewed"].combine_chunks().flatten()).reshape(-1, k)
         self.watch = np.asarray(tr["watch_time_s"].combine_chunks().flatten()).reshape(-1, k)
         self.category = dict(zip(data.items["item_id"].to_pylist(), data.items["category"].to_pylist()))
+        self.duration = dict(zip(data.items["item_id"].to_pylist(), data.items["duration_s"].to_pylist()))
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +145,17 @@ def test_behaviour_uses_only_requests_strictly_before(
         assert t["requests"][row] == len(mine)
         assert t["sessions"][row] == len(np.unique(log.session[mine]))
         ordered = mine[np.argsort(log.feedback_us[mine], kind="stable")]
-        viewed_items = [i for r in ordered for i, v in zip(log.shown[r], log.viewed[r]) if v]
+        viewed = [(i, w) for r in ordered for i, v, w in zip(log.shown[r], log.viewed[r], log.watch[r]) if v]
+        viewed_items = [i for i, _ in viewed]
         assert t["items_viewed"][row] == len(viewed_items)
         assert t["watch_time_s"][row] == pytest.approx(
             float((log.watch[mine] * log.viewed[mine]).sum()), rel=1e-5
         )
         assert t["recent_item_ids"][row] == viewed_items[-recent:]
         assert t["recent_category_ids"][row] == [log.category[i] for i in viewed_items[-recent:]]
+        assert t["recent_watch_fractions"][row] == pytest.approx(
+            [w / log.duration[i] for i, w in viewed[-recent:]], rel=1e-5
+        )
         assert sum(t["category_watch_share"][row]) == pytest.approx(1.0, abs=1e-4)
 
 

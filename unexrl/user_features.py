@@ -66,6 +66,7 @@ def behaviour_defaults(cfg: Config) -> dict[str, Any]:
         "category_watch_share": [1.0 / n_cat] * n_cat,
         "recent_item_ids": [],
         "recent_category_ids": [],
+        "recent_watch_fractions": [],
     }
 
 

@@ -247,6 +247,7 @@ class _Log:
             ),
             "recent_item_ids": _lists(offsets, flat_items[idx]),
             "recent_category_ids": _lists(offsets, flat_categories[idx]),
+            "recent_watch_fractions": _lists(offsets, flat_fraction[idx].astype(np.float32)),
         }
         return {name: _take(values, keep) for name, values in columns.items()}
 

@@ -108,6 +108,11 @@ USER_BEHAVIOUR = ViewSpec(
         ),
         FeatureSpec("recent_item_ids", "int64_list", "last `recent_items` viewed item ids, oldest first"),
         FeatureSpec("recent_category_ids", "int64_list", "categories of recent_item_ids"),
+        FeatureSpec(
+            "recent_watch_fractions",
+            "float32_list",
+            "watch fractions of recent_item_ids: what serving needs to move the recent window on (serving.md)",
+        ),
     ),
     "behaviour aggregates; a row is stamped when a request's feedback is complete (see docs/features.md)",
 )
