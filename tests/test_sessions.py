@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from prometheus_client import REGISTRY, Histogram
 
 from unexrl.config import Config
 from unexrl.serve.api import FeedbackItem
+from unexrl.serve.behaviour import SessionBehaviour
 from unexrl.serve.engine import Recommender, UnknownRequest
 from unexrl.serve.metrics import ITEM_WATCH_TIME
 from unexrl.serve.sessions import (
@@ -32,6 +34,7 @@ from unexrl.serve.sessions import (
     _redis_options,
     open_sessions,
 )
+from unexrl.user_features import cold_inputs, user_inputs
 
 
 def _page(request_id: str, session: SessionState) -> Page:
@@ -55,7 +58,8 @@ def test_a_page_expires_with_its_session_in_the_process_too() -> None:
 
 
 def test_a_page_is_claimed_once_and_sessions_round_trip(store: Sessions) -> None:
-    state = SessionState(session_id=41, user_id=7, step=3, history=[5, 6])
+    behaviour = SessionBehaviour(2, 1, 3, 1, 0, 12.5, 1.5, 30.0, [12.5, 0.0], [0.0, 0.5, 1.0], 3)
+    state = SessionState(session_id=41, user_id=7, step=3, history=[5, 6], behaviour=behaviour)
     store.save(state)
     assert store.session(41) == state
     page = _page("r1", state)
@@ -251,6 +255,48 @@ def test_every_page_of_a_session_counts_in_it(engine: Recommender) -> None:
     )
     assert (result.session.step, result.session.items_watched, result.session.watch_time_s) == (2, 2, 3.0)
     assert result.session.history[-2:] == [first.items[0], second.items[0]]
+
+
+def test_a_sessions_next_request_reads_its_answered_pages(
+    engine: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user features of a session's later requests hold its answered pages, as training's rows do
+    (docs/features.md), not only the store's row as of its start (here: none, the defaults)."""
+    seen: list[torch.Tensor] = []
+    observe = engine.sim.observe
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["user_features"])
+        return observe(*args, **kwargs)
+
+    monkeypatch.setattr(engine.sim, "observe", spy)
+    cfg, world = engine.cfg, engine.sim.world
+    first = engine.recommend(9)
+    viewed = first.items[:2]
+    duration = [float(world.item_duration[i]) for i in viewed]
+    answers = [FeedbackItem(item_id=i, watch_time_s=d / 2, click=True) for i, d in zip(viewed, duration)]
+    engine.feedback(first.request_id, first.session.session_id, answers, False)
+    engine.recommend(9, first.session.session_id)
+
+    share = [0.0] * cfg.world.n_categories
+    for i, d in zip(viewed, duration):
+        share[int(world.item_category[i])] += d / 2 / (sum(duration) / 2)
+    after_one_page = {
+        "requests": 1,
+        "sessions": 1,
+        "items_viewed": 2,
+        "watch_time_s": sum(duration) / 2,
+        "mean_watch_time_s": sum(duration) / 4,
+        "mean_watch_fraction": 0.5,
+        "mean_viewed_duration_s": sum(duration) / 2,
+        "click_rate": 1.0,
+        "like_rate": 0.0,
+        "recent_watch_fraction": 0.5,
+        "category_watch_share": share,
+    }
+    expected = user_inputs({f"user_behaviour__{k}": [v] for k, v in after_one_page.items()}, cfg)
+    assert torch.equal(seen[0], cold_inputs(1, cfg))
+    torch.testing.assert_close(seen[1], expected)
 
 
 def test_a_stored_page_outside_the_catalogue_is_an_unknown_page(engine: Recommender) -> None:

@@ -6,6 +6,8 @@ the online store.
 - parity: the input built at serving time from the online store, materialised as of a logged request's
   timestamp, equals the input built at training time from the training set's row of that request, for users with
   history and cold users;
+- serving's session totals (the store's row at a session's start, its answered pages added) give each later
+  request of the session its training row's input;
 - offline training reads the training set's rows, and refuses to train without one.
 """
 
@@ -31,6 +33,7 @@ from unexrl.features.client import FeatureClient
 from unexrl.policies.weights import RandomPolicy
 from unexrl.rl.observation import state_dim
 from unexrl.rl.replay import ReplayBuffer
+from unexrl.serve.behaviour import SessionBehaviour
 from unexrl.sim.behaviour import UserBehaviour
 from unexrl.sim.env import Simulator, Step
 from unexrl.user_features import COLUMNS, cold_inputs, served_inputs, user_inputs
@@ -78,9 +81,32 @@ def _as_of(behaviour: pa.Table, user: np.ndarray, at_us: np.ndarray) -> dict[str
             index[i] = rows[np.argmax(b_us[rows])]
     take = pa.array(np.maximum(index, 0), mask=index < 0)
     return {
-        f"{fs.USER_BEHAVIOUR.name}__{c.split('__')[1]}": behaviour[c.split("__")[1]].take(take)
-        for c in COLUMNS
+        f"{fs.USER_BEHAVIOUR.name}__{f.name}": behaviour[f.name].take(take)
+        for f in fs.USER_BEHAVIOUR.features
     }
+
+
+def _alone(t: pa.Table) -> np.ndarray:
+    """Per logged request: its user has no two sessions in one lockstep batch, nor overlapping in log time (from
+    the first request to the last page's feedback): the requests whose rows the documented exception spares."""
+    user = np.asarray(t["user_id"])
+    sessions = (
+        pd.DataFrame(
+            {
+                "user": user,
+                "session": np.asarray(t["session_id"]),
+                "start": np.asarray(t[fs.TIMESTAMP].cast(pa.int64())),
+                "end": feedback_us(np.asarray(t[fs.TIMESTAMP].cast(pa.int64())), np.asarray(t["reward"])),
+            }
+        )
+        .groupby(["user", "session"], as_index=False)
+        .agg(start=("start", "min"), end=("end", "max"))
+    )
+    sessions = sessions.sort_values(["user", "start"])
+    earlier = sessions.groupby("user")
+    overlap = sessions["start"] <= earlier["end"].transform(lambda end: end.cummax().shift())
+    same_batch = sessions["session"] // BATCH == earlier["session"].shift() // BATCH
+    return ~np.isin(user, sessions["user"][overlap | same_batch].unique())
 
 
 def test_the_simulator_keeps_the_builds_user_behaviour(cfg: Config, logged: tuple[Path, Seen]) -> None:
@@ -94,25 +120,7 @@ def test_the_simulator_keeps_the_builds_user_behaviour(cfg: Config, logged: tupl
     built = user_inputs(_as_of(behaviour, user, np.asarray(t[fs.TIMESTAMP].cast(pa.int64()))), cfg)
     simulated = torch.stack([seen[(int(s), int(k))] for s, k in zip(session, step)])
 
-    # the documented exception: users with two sessions in one lockstep batch, or overlapping in log time
-    # (from the first request to the last page's feedback)
-    sessions = (
-        pd.DataFrame(
-            {
-                "user": user,
-                "session": session,
-                "start": np.asarray(t[fs.TIMESTAMP].cast(pa.int64())),
-                "end": feedback_us(np.asarray(t[fs.TIMESTAMP].cast(pa.int64())), np.asarray(t["reward"])),
-            }
-        )
-        .groupby(["user", "session"], as_index=False)
-        .agg(start=("start", "min"), end=("end", "max"))
-    )
-    sessions = sessions.sort_values(["user", "start"])
-    earlier = sessions.groupby("user")
-    overlap = sessions["start"] <= earlier["end"].transform(lambda end: end.cummax().shift())
-    same_batch = sessions["session"] // BATCH == earlier["session"].shift() // BATCH
-    alone = ~np.isin(user, sessions["user"][overlap | same_batch].unique())
+    alone = _alone(t)  # the documented exception: the other requests
     returning = alone & (built[:, 0].numpy() > 0) & (step == 0)  # a first request that already has history
     assert returning.sum() > 20, "the log should have users returning across batches"
     assert alone.mean() > 0.8
@@ -137,10 +145,10 @@ def _features_seen(cfg: Config, within_session: bool) -> Seen:
     return seen
 
 
-def test_features_as_served_leave_the_sessions_own_pages_out(cfg: Config) -> None:
-    """As served from the online store (materialised before each batch), every request of a session sees what its
-    first request saw, its user's earlier sessions; as trained, each later request also sees the session's earlier
-    pages (docs/features.md)."""
+def test_the_store_row_alone_leaves_the_sessions_own_pages_out(cfg: Config) -> None:
+    """From the store's row alone (materialised before each batch), every request of a session sees what its first
+    request saw, its user's earlier sessions; as trained, each later request also sees the session's earlier pages
+    (the skew serving's session totals close, docs/features.md)."""
     served, trained = _features_seen(cfg, within_session=False), _features_seen(cfg, within_session=True)
     assert served.keys() == trained.keys()  # the policy does not read the features: the same sessions
     later = [(s, t) for s, t in served if t > 0]
@@ -150,6 +158,50 @@ def test_features_as_served_leave_the_sessions_own_pages_out(cfg: Config) -> Non
     assert sum(not torch.equal(served[(s, 0)], cold) for s, t in served if t == 0) > 20  # users with history
     assert all(torch.equal(served[(s, t)], served[(s, 0)]) for s, t in later)
     assert not any(torch.equal(trained[(s, t)], trained[(s, 0)]) for s, t in later)
+
+
+def test_a_served_session_reads_its_own_pages_as_training_does(
+    cfg: Config, logged: tuple[Path, Seen]
+) -> None:
+    """Serving's session totals (unexrl/serve/behaviour.py): the store's row as of a session's first request with
+    each answered page added give every later request of the session the input of its training-set row (the
+    build's row as of the request), where the store's row as of the session's start does not."""
+    logs, _ = logged
+    data = read_logs(logs)
+    t = data.transitions
+    world = Simulator(cfg).world
+    behaviour = compute_feature_tables(data, cfg)[fs.USER_BEHAVIOUR.name]
+    rows = _as_of(behaviour, np.asarray(t["user_id"]), np.asarray(t[fs.TIMESTAMP].cast(pa.int64())))
+    k = cfg.cascade.page_size
+    shown, watch, viewed, click, like = (
+        np.asarray(t[name].combine_chunks().flatten()).reshape(-1, k)
+        for name in ("shown_item_ids", "watch_time_s", "viewed", "click", "like")
+    )
+    step, alone = np.asarray(t["step"]), _alone(t)
+
+    def trained(r: int) -> torch.Tensor:
+        return user_inputs({name: column.take([r]) for name, column in rows.items()}, cfg)
+
+    served: list[torch.Tensor] = []
+    expected: list[torch.Tensor] = []
+    as_of_start: list[torch.Tensor] = []
+    session = SessionBehaviour.of_row({}, cfg)
+    start = 0
+    for r in np.lexsort((step, np.asarray(t["session_id"]))):  # each session's requests in order
+        if step[r] == 0:
+            session = SessionBehaviour.of_row({name: column[r].as_py() for name, column in rows.items()}, cfg)
+            start = r
+        elif alone[r]:
+            served.append(session.inputs(cfg))
+            expected.append(trained(r))
+            as_of_start.append(trained(start))
+        v = viewed[r]
+        outcomes = (shown[r][v].tolist(), watch[r][v].tolist(), click[r][v].tolist(), like[r][v].tolist())
+        session = session.with_page(world, cfg, step[r] == 0, *outcomes)
+    assert len(served) > 200
+    torch.testing.assert_close(torch.cat(served), torch.cat(expected), rtol=1e-5, atol=1e-5)
+    skewed = ~torch.isclose(torch.cat(as_of_start), torch.cat(expected), rtol=1e-5, atol=1e-5).all(1)
+    assert skewed.float().mean() > 0.9
 
 
 def test_online_store_and_training_set_give_the_same_input(

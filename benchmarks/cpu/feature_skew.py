@@ -1,10 +1,11 @@
-"""What serving's within-session feature skew costs trained actors (docs/features.md).
+"""What the within-session feature skew costs trained actors (docs/features.md).
 
-A request's training row includes its own session's earlier pages in `user_behaviour`; the online store, written
-only by materialisation, does not. On each validation seed this first simulates `--burn-in` sessions with the
-actors (the users' histories, as the logs and so the store would hold them), then rolls the next `--sessions` out
-from copies of those histories: with the features as trained (the session's own pages in) and as served (the
-user's earlier sessions only, the store materialised just before each batch: the least skew serving can have).
+A request's training row includes its own session's earlier pages in `user_behaviour`; the online store's row,
+written only by materialisation, does not, and serving read it alone until sessions kept their own totals
+(unexrl/serve/behaviour.py). On each validation seed this first simulates `--burn-in` sessions with the actors
+(the users' histories, as the logs and so the store would hold them), then rolls the next `--sessions` out from
+copies of those histories: with the features as trained (the session's own pages in: what serving reads now) and
+from the store's row alone (the user's earlier sessions only, the store materialised just before each batch).
 `--baseline` adds actors trained without the features on the same sessions. Differences are paired by session.
 
     python benchmarks/cpu/feature_skew.py --actors RUN/export --baseline NOFEATURES_RUN/export \
@@ -37,12 +38,12 @@ torch.set_num_threads(2)
 cfg = load_config(args.config, args.set)
 sim = Simulator(cfg)
 policy = load_actor_policy(args.actors, cfg, sim.world)
-TRAINED, SERVED, BASELINE = (
-    "features as trained (the session's own pages in)",
-    "features as served (earlier sessions only)",
+TRAINED, STORE_ROW, BASELINE = (
+    "features as trained and served (the session's own pages in)",
+    "the store's row alone (earlier sessions only)",
     "actors trained without the features",
 )
-arms = {TRAINED: (policy, True), SERVED: (policy, False)}
+arms = {TRAINED: (policy, True), STORE_ROW: (policy, False)}
 if args.baseline is not None:
     no_features = load_config(args.config, [*args.set, "algo.user_features=false"])
     arms[BASELINE] = (load_actor_policy(args.baseline, no_features, sim.world), True)
@@ -67,5 +68,6 @@ for name, values in watch.items():
     print(f"  {name:52s} {bootstrap_mean(values).fmt()} s{paired}")
 if BASELINE in watch:
     print(
-        f"  as served vs trained without the features: {bootstrap_uplift(watch[SERVED], watch[BASELINE]).fmt()} %"
+        f"  the store's row alone vs trained without the features: "
+        f"{bootstrap_uplift(watch[STORE_ROW], watch[BASELINE]).fmt()} %"
     )

@@ -39,6 +39,7 @@ from unexrl.features import schema as fs
 from unexrl.features.client import FeatureClient, OnlineFeatures
 from unexrl.serve import metrics as m
 from unexrl.serve.api import SESSION_ID_MAX, FeedbackItem
+from unexrl.serve.behaviour import SessionBehaviour
 from unexrl.serve.sessions import LocalSessions, Page, Sessions, SessionState
 from unexrl.sim.env import Policy, SessionBatch, Simulator
 from unexrl.sim.world import World
@@ -200,7 +201,13 @@ class Recommender:
         fetched = time.perf_counter()
         session = self._session(user_id, session_id, online)
         batch = self._batch(user_id if known else -1, session)
-        obs = self.sim.observe(batch, pool, user_features=served_inputs(online.user, self.cfg))
+        behaviour = session.behaviour
+        user_features = (
+            served_inputs(online.user, self.cfg)  # no page answered yet: the row itself
+            if behaviour is None or session.step == 0
+            else behaviour.inputs(self.cfg)
+        )
+        obs = self.sim.observe(batch, pool, user_features=user_features)
         group = int(online.user.get(f"{fs.USER_PROFILE.name}__activity_group", -1))
         if known and 0 <= group < len(self.cfg.world.user_types):
             obs = replace(obs, activity_group=torch.tensor([group]))
@@ -259,7 +266,10 @@ class Recommender:
         history = [int(i) for i in u[f"{fs.USER_BEHAVIOUR.name}__recent_item_ids"]][-window:]
         if requested is None:
             return SessionState(
-                session_id=1 + secrets.randbelow(SESSION_ID_MAX), user_id=user_id, history=history
+                session_id=1 + secrets.randbelow(SESSION_ID_MAX),
+                user_id=user_id,
+                history=history,
+                behaviour=SessionBehaviour.of_row(u, self.cfg),
             )
         if self.sessions.ended(requested):  # whatever the feature store's row still says
             raise _unknown_session(requested, user_id)
@@ -275,6 +285,8 @@ class Recommender:
                 watch_time_s=float(u[f"{fs.USER_SESSION.name}__session_watch_time_s"]),
                 last_watch_fraction=float(u[f"{fs.USER_SESSION.name}__last_watch_fraction"]),
                 history=history,
+                # its pages answered so far are in the row only if materialised; those to come are added
+                behaviour=SessionBehaviour.of_row(u, self.cfg),
             )
         raise _unknown_session(requested, user_id)
 
@@ -349,10 +361,18 @@ class Recommender:
         if page is None or page.session.session_id != session_id:
             raise _unknown_page(request_id, session_id)
         _check_items(page, items, duration)
-        watched = {it.item_id: it.watch_time_s for it in items}
-        viewed = [i for i in page.items if i in watched]  # page order, as the user scrolled
-        fractions = [watched[i] / float(duration[i]) for i in viewed]
+        answered = {it.item_id: it for it in items}
+        viewed = [i for i in page.items if i in answered]  # page order, as the user scrolled
+        watch = [answered[i].watch_time_s for i in viewed]
+        fractions = [w / float(duration[i]) for w, i in zip(watch, viewed)]
         max_requests, window = self.cfg.session.max_requests, self.cfg.session.history_window
+
+        click, like = [answered[i].click for i in viewed], [answered[i].like for i in viewed]
+
+        def with_page(behaviour: SessionBehaviour | None, first: bool) -> SessionBehaviour | None:
+            if behaviour is None:
+                return None
+            return behaviour.with_page(self.sim.world, self.cfg, first, viewed, watch, click, like)
 
         def change(current: SessionState | None) -> tuple[SessionState, bool]:
             # the session as it is now: another page of it may have had its feedback since this one was served
@@ -361,12 +381,13 @@ class Recommender:
                 before,
                 step=before.step + 1,
                 items_watched=before.items_watched + len(viewed),
-                watch_time_s=before.watch_time_s + sum(watched[i] for i in viewed),
+                watch_time_s=before.watch_time_s + sum(watch),
                 last_watch_fraction=sum(fractions) / len(fractions)
                 if fractions
                 else before.last_watch_fraction,
                 history=(before.history + viewed)[-window:],
                 touched=time.time(),
+                behaviour=with_page(before.behaviour, before.step == 0),
             )
             return after, session_end or after.step >= max_requests
 
@@ -380,8 +401,8 @@ class Recommender:
         after, ended = outcome
         v = self.version
         m.FEEDBACK_LAG.labels(v).observe(max(time.time() - page.served_at, 0.0))
-        for i in viewed:
-            m.ITEM_WATCH_TIME.labels(v).observe(watched[i])
+        for w in watch:
+            m.ITEM_WATCH_TIME.labels(v).observe(w)
         if ended:
             if after.counted[-1] == request_id:  # this page ended it (not one counted before, answered again)
                 m.SESSION_WATCH_TIME.labels(v).observe(after.watch_time_s)

@@ -30,6 +30,7 @@ from prometheus_client import Counter
 from pydantic import TypeAdapter
 
 from unexrl.features.schema import SESSION_TTL_S
+from unexrl.serve.behaviour import SessionBehaviour
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ class SessionState:
     """wall-clock time the session was issued or last had feedback (replicas share it)"""
     counted: list[str] = field(default_factory=list)
     """the request ids whose feedback the session counts (at most session.max_requests)"""
+    behaviour: SessionBehaviour | None = None
+    """the user's behaviour its requests read: the store's row at its start and its answered pages
+    (unexrl/serve/behaviour.py); None in a record written before sessions kept it (its requests read the store's
+    row)"""
 
 
 @dataclass(frozen=True)

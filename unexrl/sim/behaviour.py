@@ -6,9 +6,10 @@ training and evaluation as offline (the training set) and at serving (the online
 user's earlier sessions and its own session's earlier pages, as a point-in-time join at the request's timestamp
 does (a page counts once its feedback is complete, before the session's next request).
 
-With ``within_session=False`` a request sees only its user's earlier sessions: the online store's row, which
-only a materialisation writes, when one ran just before each batch (the least skew serving can have;
-docs/features.md).
+Serving reads these rows too: a session's record keeps its user's totals from the store's row at its start and
+adds each answered page (unexrl/serve/behaviour.py). With ``within_session=False`` a request sees only its user's
+earlier sessions: the online store's row read at every request, as serving did before, materialised just before
+each batch (benchmarks/cpu/feature_skew.py measures what that cost; docs/features.md).
 
 One :class:`UserBehaviour` spans one rollout, starting with no history unless the rollout is given one that
 earlier sessions filled (a burn-in). The rollout steps a batch's sessions in
@@ -21,7 +22,9 @@ misses the earlier one's pages, which the log's timestamps would have shown it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -107,6 +110,47 @@ class Totals:
             recent_count=n_viewed,
         )
 
+    @staticmethod
+    def of_row(row: Mapping[str, Any], cfg: Config) -> Totals:
+        """One user's totals from a user_behaviour row (full names, as the online store serves it; a missing or
+        null value takes its default): each sum is its mean times the views, exact but for float32 rounding."""
+        d, window = behaviour_defaults(cfg), cfg.features.recent_items
+
+        def value(name: str) -> Any:
+            v = row.get(PREFIX + name)
+            return d[name] if v is None else v
+
+        views = int(value("items_viewed"))
+        watch = float(value("watch_time_s"))
+        share = [float(x) for x in value(SHARE)]
+        if len(share) != cfg.world.n_categories:
+            raise ValueError(
+                f"{PREFIX}{SHARE}: {len(share)} values, not n_categories={cfg.world.n_categories}"
+            )
+        recent = [float(x) for x in value("recent_watch_fractions")][-window:]
+
+        def one(x: Any, dtype: torch.dtype) -> Tensor:
+            return torch.tensor([x], dtype=dtype)
+
+        def total(mean: str, dtype: torch.dtype = torch.float64) -> Tensor:
+            product = float(value(mean)) * views
+            return one(round(product) if dtype == torch.long else product, dtype)
+
+        return Totals(
+            requests=one(int(value("requests")), torch.long),
+            sessions=one(int(value("sessions")), torch.long),
+            items_viewed=one(views, torch.long),
+            clicks=total("click_rate", torch.long),
+            likes=total("like_rate", torch.long),
+            watch=one(watch, torch.float64),
+            fraction=total("mean_watch_fraction"),
+            viewed_duration=total("mean_viewed_duration_s"),
+            category_watch=one([x * watch for x in share], torch.float64),
+            recent=one([0.0] * (window - len(recent)) + recent, torch.float64),
+            # only min(count, window) matters: a full window stands for every view before it
+            recent_count=one(views if len(recent) == window else len(recent), torch.long),
+        )
+
     def take(self, index: Tensor) -> Totals:
         return Totals(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
@@ -130,17 +174,50 @@ class Totals:
             for f in fields(self):
                 getattr(self, f.name)[index[rows]] = getattr(updated, f.name)
 
+    def features(self, cfg: Config) -> dict[str, Tensor]:
+        """The user_behaviour rows these totals make (the columns the model's input reads, full names)."""
+        d, window = behaviour_defaults(cfg), cfg.features.recent_items
+        views = self.items_viewed
+        seen = views > 0
+
+        def mean(total: Tensor, name: str) -> Tensor:
+            return torch.where(seen, total / views.clamp_min(1), d[name]).float()
+
+        share = torch.where(
+            self.watch[:, None] > 0,
+            self.category_watch / self.watch.clamp_min(1e-12)[:, None],
+            1.0 / cfg.world.n_categories,
+        )
+        length = self.recent_count.clamp_max(window)
+        slot = torch.arange(window, device=views.device)[None, :]
+        recent_sum = torch.where(slot >= window - length[:, None], self.recent, 0.0).sum(1)
+        values = {
+            "requests": self.requests,
+            "sessions": self.sessions,
+            "items_viewed": views,
+            "watch_time_s": self.watch.float(),
+            "mean_watch_time_s": mean(self.watch, "mean_watch_time_s"),
+            "mean_watch_fraction": mean(self.fraction, "mean_watch_fraction"),
+            "mean_viewed_duration_s": mean(self.viewed_duration, "mean_viewed_duration_s"),
+            "click_rate": mean(self.clicks.double(), "click_rate"),
+            "like_rate": mean(self.likes.double(), "like_rate"),
+            "recent_watch_fraction": torch.where(
+                length > 0, recent_sum / length.clamp_min(1), d["recent_watch_fraction"]
+            ).float(),
+            SHARE: share.float(),
+        }
+        return {PREFIX + name: value for name, value in values.items()}
+
 
 class UserBehaviour:
     """One rollout's user histories: the pages of every session of its earlier batches, per user."""
 
     def __init__(self, cfg: Config, world: World, within_session: bool = True) -> None:
-        """``within_session``: a request sees its own session's earlier pages, as the logs' point-in-time rows
-        and online training do; False: only its user's sessions of earlier batches, as the online store serves
-        them when materialised before each batch (serving's within-session skew, docs/features.md)."""
+        """``within_session``: a request sees its own session's earlier pages, as the logs' point-in-time rows,
+        online training and serving do; False: only its user's sessions of earlier batches, the store's row alone
+        (the within-session skew serving had, docs/features.md)."""
         self.cfg, self.world, self.within_session = cfg, world, within_session
         self.users = Totals.zeros(world.n_users, cfg, world.item_category.device)
-        self.defaults = behaviour_defaults(cfg)
         self._ended: list[tuple[Tensor, Tensor, Totals]] = []
 
     def copy(self, within_session: bool) -> UserBehaviour:
@@ -170,37 +247,7 @@ class UserBehaviour:
     def rows(self, user: Tensor, session: Totals) -> dict[str, Tensor]:
         """user_behaviour as of now for requests of ``user`` in sessions with running ``session`` totals."""
         t = self.users.take(user).then(session) if self.within_session else self.users.take(user)
-        d, window = self.defaults, self.cfg.features.recent_items
-        views = t.items_viewed
-        seen = views > 0
-
-        def mean(total: Tensor, name: str) -> Tensor:
-            return torch.where(seen, total / views.clamp_min(1), d[name]).float()
-
-        share = torch.where(
-            t.watch[:, None] > 0,
-            t.category_watch / t.watch.clamp_min(1e-12)[:, None],
-            1.0 / self.cfg.world.n_categories,
-        )
-        length = t.recent_count.clamp_max(window)
-        slot = torch.arange(window, device=user.device)[None, :]
-        recent_sum = torch.where(slot >= window - length[:, None], t.recent, 0.0).sum(1)
-        values = {
-            "requests": t.requests,
-            "sessions": t.sessions,
-            "items_viewed": views,
-            "watch_time_s": t.watch.float(),
-            "mean_watch_time_s": mean(t.watch, "mean_watch_time_s"),
-            "mean_watch_fraction": mean(t.fraction, "mean_watch_fraction"),
-            "mean_viewed_duration_s": mean(t.viewed_duration, "mean_viewed_duration_s"),
-            "click_rate": mean(t.clicks.double(), "click_rate"),
-            "like_rate": mean(t.likes.double(), "like_rate"),
-            "recent_watch_fraction": torch.where(
-                length > 0, recent_sum / length.clamp_min(1), d["recent_watch_fraction"]
-            ).float(),
-            SHARE: share.float(),
-        }
-        return {PREFIX + name: value for name, value in values.items()}
+        return t.features(self.cfg)
 
 
 def _occurrence(values: Tensor) -> Tensor:
