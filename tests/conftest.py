@@ -57,9 +57,16 @@ def cem_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def train_logs(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path) -> Path:
+def train_logs(logged_store: tuple[Path, Path]) -> Path:
     """A small log directory written by `unexrl simulate` under the CEM artifact (offline training data), with its
     point-in-time training set beside the transitions (:func:`training_set_args`), built through Feast."""
+    return logged_store[0]
+
+
+@pytest.fixture(scope="session")
+def logged_store(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path) -> tuple[Path, Path]:
+    """(logs, feature repository): :func:`train_logs` and the local Feast repository its features were built,
+    materialised (SQLite online store) and joined in; set ``features.repo`` to it to serve from that store."""
     from unexrl.cli import main
 
     out = tmp_path_factory.mktemp("logs") / "logs"
@@ -87,7 +94,7 @@ def train_logs(tmp_path_factory: pytest.TempPathFactory, cem_artifact: Path) -> 
         assert main(["features", "build", *features, "--logs", str(out), "--out", str(built)]) == 0
         assert main(["features", "materialize", *features, "--features", str(built)]) == 0
         assert main(["features", "training-set", *features, "--logs", str(out)]) == 0
-    return out
+    return out, repo
 
 
 def training_set_args(logs: Path) -> list[str]:

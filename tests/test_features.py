@@ -312,6 +312,31 @@ def test_tables_from_elsewhere_are_materialised_whole(cfg: Config, features: Pat
     assert store.materialize(local, elsewhere)["first_materialised"] == []
 
 
+def test_a_view_registered_with_other_features_is_materialised_whole(
+    cfg: Config, features: Path, tmp_path: Path
+) -> None:
+    """Rows loaded before a view gained a feature do not hold it: the view is loaded whole again, not continued
+    from where those rows stopped (which would leave every user without new feedback on the old row)."""
+    from feast import Entity, FeatureView
+
+    local = _with_features(cfg, repo=str(_repo_copy(tmp_path / "feature_repo")))
+    objects = store.definitions(local, features)
+    old = next(o for o in objects if isinstance(o, FeatureView) and o.name == fs.USER_BEHAVIOUR.name)
+    old.features = [f for f in old.features if f.name != "recent_watch_fractions"]
+    feast_store = store.open_store(local)
+    feast_store.apply([*(o for o in objects if isinstance(o, Entity)), old])
+    behaviour = pq.read_table(features / fs.USER_BEHAVIOUR.file).to_pandas()
+    end = behaviour[fs.TIMESTAMP].max() + timedelta(microseconds=1)
+    feast_store.materialize(behaviour[fs.TIMESTAMP].min(), end, feature_views=[old.name])
+
+    loaded = store.materialize(local, features)
+    assert fs.USER_BEHAVIOUR.name in loaded["first_materialised"]
+    latest = behaviour.sort_values(fs.TIMESTAMP).groupby("user_id").last()
+    users = [int(u) for u in latest.index[latest["items_viewed"] > 0][:5]]
+    online = _online(local, fs.USER_BEHAVIOUR, users)["recent_watch_fractions"]
+    assert online == [pytest.approx(list(latest.loc[u, "recent_watch_fractions"])) for u in users]
+
+
 def _online(cfg: Config, view: fs.ViewSpec, ids: list[int]) -> dict[str, list[Any]]:
     feast_store = store.open_store(cfg)
     refs = [f"{view.name}:{f.name}" for f in view.features]

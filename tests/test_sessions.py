@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -34,7 +34,7 @@ from unexrl.serve.sessions import (
     _redis_options,
     open_sessions,
 )
-from unexrl.user_features import cold_inputs, user_inputs
+from unexrl.user_features import cold_inputs, served_inputs, user_inputs
 
 
 def _page(request_id: str, session: SessionState) -> Page:
@@ -257,11 +257,17 @@ def test_every_page_of_a_session_counts_in_it(engine: Recommender) -> None:
     assert result.session.history[-2:] == [first.items[0], second.items[0]]
 
 
-def test_a_sessions_next_request_reads_its_answered_pages(
-    engine: Recommender, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The user features of a session's later requests hold its answered pages, as training's rows do
-    (docs/features.md), not only the store's row as of its start (here: none, the defaults)."""
+@pytest.fixture(scope="module")
+def live_engine(cem_artifact: Path, small_cfg: Config, logged_store: tuple[Path, Path]) -> Recommender:
+    """The serving engine on a materialised local feature store (SQLite), with the process's session store."""
+    features = small_cfg.features.model_copy(update={"repo": str(logged_store[1])})
+    return Recommender(
+        small_cfg.model_copy(update={"features": features}), cem_artifact, sessions=LocalSessions()
+    )
+
+
+def _user_features(engine: Recommender, monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The user features the engine hands the model, request by request from now on."""
     seen: list[torch.Tensor] = []
     observe = engine.sim.observe
 
@@ -270,33 +276,95 @@ def test_a_sessions_next_request_reads_its_answered_pages(
         return observe(*args, **kwargs)
 
     monkeypatch.setattr(engine.sim, "observe", spy)
-    cfg, world = engine.cfg, engine.sim.world
+    return seen
+
+
+class _Viewed(NamedTuple):
+    item: int
+    duration: float
+    fraction: float
+    click: bool
+    like: bool
+
+    @property
+    def watch(self) -> float:
+        return self.duration * self.fraction
+
+
+def test_a_sessions_later_requests_read_its_answered_pages(
+    live_engine: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user features of a session's later requests are the store's row as of its start with its answered
+    pages added in the order their feedback came (a prefetched page answered first), as training's rows are
+    (docs/features.md); the row alone would leave the pages out."""
+    engine, cfg, world = live_engine, live_engine.cfg, live_engine.sim.world
+    user = next(
+        u for u in range(world.n_users) if engine.features.fetch(u, []).user["user_behaviour__requests"]
+    )
+    row = engine.features.fetch(user, []).user
+    seen = _user_features(engine, monkeypatch)
+    first = engine.recommend(user)
+    session = first.session.session_id
+    second = engine.recommend(user, session)  # asked for before the first page's feedback
+    pages = [(second, second.items[:2], 0.5, True, False), (first, first.items[:1], 0.25, False, True)]
+    for page, items, share, click, like in pages:
+        duration = [float(world.item_duration[i]) for i in items]
+        answers = [
+            FeedbackItem(item_id=i, watch_time_s=d * share, click=click, like=like)
+            for i, d in zip(items, duration)
+        ]
+        engine.feedback(page.request_id, session, answers, False)
+    engine.recommend(user, session)
+
+    def was(name: str) -> Any:
+        return row[f"user_behaviour__{name}"]
+
+    viewed = [
+        _Viewed(i, float(world.item_duration[i]), share, click, like)
+        for _, items, share, click, like in pages
+        for i in items
+    ]
+    views = was("items_viewed") + len(viewed)
+    watch = was("watch_time_s") + sum(v.watch for v in viewed)
+    category = [x * was("watch_time_s") for x in was("category_watch_share")]
+    for v in viewed:
+        category[int(world.item_category[v.item])] += v.watch
+    recent = [*was("recent_watch_fractions"), *(v.fraction for v in viewed)][-cfg.features.recent_items :]
+
+    def mean(name: str, added: float) -> float:
+        return (was(name) * was("items_viewed") + added) / views
+
+    after = {
+        "requests": was("requests") + 2,
+        "sessions": was("sessions") + 1,
+        "items_viewed": views,
+        "watch_time_s": watch,
+        "mean_watch_time_s": watch / views,
+        "mean_watch_fraction": mean("mean_watch_fraction", sum(v.fraction for v in viewed)),
+        "mean_viewed_duration_s": mean("mean_viewed_duration_s", sum(v.duration for v in viewed)),
+        "click_rate": mean("click_rate", sum(v.click for v in viewed)),
+        "like_rate": mean("like_rate", sum(v.like for v in viewed)),
+        "recent_watch_fraction": sum(recent) / len(recent),
+        "category_watch_share": [c / watch for c in category],
+    }
+    assert torch.equal(seen[0], served_inputs(row, cfg)) and torch.equal(seen[1], seen[0])
+    expected = user_inputs({f"user_behaviour__{k}": [v] for k, v in after.items()}, cfg)
+    torch.testing.assert_close(seen[2], expected)
+    assert not torch.allclose(seen[2], seen[0])
+
+
+def test_a_session_started_without_the_store_reads_the_stores_row(
+    engine: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session that starts while the feature store is unreachable has no row to add its pages to: its requests
+    read the store's row (here, unreachable throughout: the defaults) rather than carry cold totals."""
+    seen = _user_features(engine, monkeypatch)
     first = engine.recommend(9)
-    viewed = first.items[:2]
-    duration = [float(world.item_duration[i]) for i in viewed]
-    answers = [FeedbackItem(item_id=i, watch_time_s=d / 2, click=True) for i, d in zip(viewed, duration)]
+    answers = [FeedbackItem(item_id=first.items[0], watch_time_s=1.0, click=True)]
     engine.feedback(first.request_id, first.session.session_id, answers, False)
     engine.recommend(9, first.session.session_id)
-
-    share = [0.0] * cfg.world.n_categories
-    for i, d in zip(viewed, duration):
-        share[int(world.item_category[i])] += d / 2 / (sum(duration) / 2)
-    after_one_page = {
-        "requests": 1,
-        "sessions": 1,
-        "items_viewed": 2,
-        "watch_time_s": sum(duration) / 2,
-        "mean_watch_time_s": sum(duration) / 4,
-        "mean_watch_fraction": 0.5,
-        "mean_viewed_duration_s": sum(duration) / 2,
-        "click_rate": 1.0,
-        "like_rate": 0.0,
-        "recent_watch_fraction": 0.5,
-        "category_watch_share": share,
-    }
-    expected = user_inputs({f"user_behaviour__{k}": [v] for k, v in after_one_page.items()}, cfg)
-    assert torch.equal(seen[0], cold_inputs(1, cfg))
-    torch.testing.assert_close(seen[1], expected)
+    assert first.degraded and first.session.behaviour is None
+    assert torch.equal(seen[0], cold_inputs(1, engine.cfg)) and torch.equal(seen[1], seen[0])
 
 
 def test_a_stored_page_outside_the_catalogue_is_an_unknown_page(engine: Recommender) -> None:

@@ -132,26 +132,26 @@ def apply(cfg: Config, features: str | Path) -> FeatureStore:
 
 def materialize(cfg: Config, features: str | Path) -> dict[str, Any]:
     """Apply the definitions with sources at ``features``, then :func:`load_online`; idempotent. A view that was
-    registered over other tables is loaded whole again: its progress was made in other data, and continuing from it
-    would skip every row of these that is older (two logs can cover the same times)."""
+    registered over other tables, or with other features, is loaded whole again: its progress was made in other
+    data, and continuing from it would skip every row of these that is older (two logs can cover the same times),
+    or leave the rows it loaded without the features added since."""
     store = open_store(cfg)
-    moved = [
-        v.name
-        for v in fs.VIEWS
-        if (source := _registered_source(store, v.name)) is not None and source != join(features, v.file)
-    ]
+    changed = [v.name for v in fs.VIEWS if _registered_differently(store, v, join(features, v.file))]
     store.apply(definitions(cfg, features))
-    return load_online(store, features, reload=moved)
+    return load_online(store, features, reload=changed)
 
 
-def _registered_source(store: FeatureStore, view: str) -> str | None:
-    """The table ``view`` reads in the store's registry; None before the view is applied."""
+def _registered_differently(store: FeatureStore, view: fs.ViewSpec, source: str) -> bool:
+    """Whether the store's registry holds ``view`` over another table or with other features (False before the
+    view is applied)."""
     from feast.errors import FeatureViewNotFoundException
 
     try:
-        return store.get_feature_view(view).batch_source.path
+        registered = store.get_feature_view(view.name)
     except FeatureViewNotFoundException:
-        return None
+        return False
+    names = [f.name for f in registered.features]
+    return registered.batch_source.path != source or names != [f.name for f in view.features]
 
 
 def load_online(store: FeatureStore, features: str | Path, reload: Sequence[str] = ()) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 from torch import Tensor
@@ -57,16 +57,16 @@ class SessionBehaviour:
     ) -> SessionBehaviour:
         """These totals and one answered page: its viewed items in page order, with their outcomes; ``first``:
         the session's first answered page (it counts the session)."""
-        items = torch.tensor([list(viewed)], dtype=torch.long).reshape(1, -1)
+        items = torch.tensor([list(viewed)], dtype=torch.long)
         page = Totals.of_pages(
             world,
             cfg.features.recent_items,
             torch.tensor([first]),
             items,
-            torch.tensor([list(watch_time_s)], dtype=torch.float64).reshape(1, -1),
+            torch.tensor([list(watch_time_s)], dtype=torch.float64),
             torch.ones_like(items, dtype=torch.bool),
-            torch.tensor([list(click)], dtype=torch.bool).reshape(1, -1),
-            torch.tensor([list(like)], dtype=torch.bool).reshape(1, -1),
+            torch.tensor([list(click)], dtype=torch.bool),
+            torch.tensor([list(like)], dtype=torch.bool),
         )
         return SessionBehaviour._of(self._totals().then(page))
 
@@ -79,12 +79,13 @@ class SessionBehaviour:
         return SessionBehaviour(**{f.name: getattr(t, f.name)[0].tolist() for f in fields(Totals)})
 
     def _totals(self) -> Totals:
-        # counts as int64, sums as float64, as Totals.zeros makes them (annotations are strings here)
         return Totals(
-            **{
-                f.name: torch.tensor(
-                    [getattr(self, f.name)], dtype=torch.long if f.type == "int" else torch.float64
-                )
-                for f in fields(self)
-            }
+            **{f.name: torch.tensor([getattr(self, f.name)], dtype=_DTYPES[f.name]) for f in fields(self)}
         )
+
+
+_DTYPES = {
+    name: torch.long if kind is int else torch.float64
+    for name, kind in get_type_hints(SessionBehaviour).items()
+}
+"""counts as int64 and sums as float64, as Totals.zeros makes them"""

@@ -269,7 +269,7 @@ class Recommender:
                 session_id=1 + secrets.randbelow(SESSION_ID_MAX),
                 user_id=user_id,
                 history=history,
-                behaviour=SessionBehaviour.of_row(u, self.cfg),
+                behaviour=None if online.degraded else SessionBehaviour.of_row(u, self.cfg),
             )
         if self.sessions.ended(requested):  # whatever the feature store's row still says
             raise _unknown_session(requested, user_id)
@@ -286,7 +286,7 @@ class Recommender:
                 last_watch_fraction=float(u[f"{fs.USER_SESSION.name}__last_watch_fraction"]),
                 history=history,
                 # its pages answered so far are in the row only if materialised; those to come are added
-                behaviour=SessionBehaviour.of_row(u, self.cfg),
+                behaviour=None if online.degraded else SessionBehaviour.of_row(u, self.cfg),
             )
         raise _unknown_session(requested, user_id)
 
@@ -364,10 +364,9 @@ class Recommender:
         answered = {it.item_id: it for it in items}
         viewed = [i for i in page.items if i in answered]  # page order, as the user scrolled
         watch = [answered[i].watch_time_s for i in viewed]
+        click, like = [answered[i].click for i in viewed], [answered[i].like for i in viewed]
         fractions = [w / float(duration[i]) for w, i in zip(watch, viewed)]
         max_requests, window = self.cfg.session.max_requests, self.cfg.session.history_window
-
-        click, like = [answered[i].click for i in viewed], [answered[i].like for i in viewed]
 
         def with_page(behaviour: SessionBehaviour | None, first: bool) -> SessionBehaviour | None:
             if behaviour is None:

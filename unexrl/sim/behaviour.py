@@ -22,6 +22,7 @@ misses the earlier one's pages, which the log's timestamps would have shown it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -118,7 +119,7 @@ class Totals:
 
         def value(name: str) -> Any:
             v = row.get(PREFIX + name)
-            return d[name] if v is None else v
+            return d[name] if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
         views = int(value("items_viewed"))
         watch = float(value("watch_time_s"))
@@ -147,8 +148,7 @@ class Totals:
             viewed_duration=total("mean_viewed_duration_s"),
             category_watch=one([x * watch for x in share], torch.float64),
             recent=one([0.0] * (window - len(recent)) + recent, torch.float64),
-            # only min(count, window) matters: a full window stands for every view before it
-            recent_count=one(views if len(recent) == window else len(recent), torch.long),
+            recent_count=one(len(recent), torch.long),  # only min(count, window) is ever read
         )
 
     def take(self, index: Tensor) -> Totals:
