@@ -298,9 +298,7 @@ def test_a_sessions_later_requests_read_its_answered_pages(
     pages added in the order their feedback came (a prefetched page answered first), as training's rows are
     (docs/features.md); the row alone would leave the pages out."""
     engine, cfg, world = live_engine, live_engine.cfg, live_engine.sim.world
-    user = next(
-        u for u in range(world.n_users) if engine.features.fetch(u, []).user["user_behaviour__requests"]
-    )
+    user = _with_history(engine)
     row = engine.features.fetch(user, []).user
     seen = _user_features(engine, monkeypatch)
     first = engine.recommend(user)
@@ -351,6 +349,32 @@ def test_a_sessions_later_requests_read_its_answered_pages(
     expected = user_inputs({f"user_behaviour__{k}": [v] for k, v in after.items()}, cfg)
     torch.testing.assert_close(seen[2], expected)
     assert not torch.allclose(seen[2], seen[0])
+
+
+def test_totals_of_another_config_are_not_used(
+    live_engine: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session record whose totals are not of this config's shape (written by a deployment with another recent
+    window that shares the session store) is served from the store's row, and its feedback still counts."""
+    engine, user = live_engine, _with_history(live_engine)
+    first = engine.recommend(user)
+    session = first.session.session_id
+    stored = engine.sessions.session(session)
+    assert stored is not None and stored.behaviour is not None
+    other = replace(stored, behaviour=replace(stored.behaviour, recent=stored.behaviour.recent[:3]))
+    engine.sessions.save(other)
+    engine.sessions.add_page(replace(first, session=other))
+    answer = [FeedbackItem(item_id=first.items[0], watch_time_s=1.0)]
+    assert engine.feedback(first.request_id, session, answer, False).session.behaviour is None
+    seen = _user_features(engine, monkeypatch)
+    engine.recommend(user, session)
+    assert torch.equal(seen[0], served_inputs(engine.features.fetch(user, []).user, engine.cfg))
+
+
+def _with_history(engine: Recommender) -> int:
+    """A user whose behaviour row in the engine's feature store has requests."""
+    users = range(engine.sim.world.n_users)
+    return next(u for u in users if engine.features.fetch(u, []).user["user_behaviour__requests"])
 
 
 def test_a_session_started_without_the_store_reads_the_stores_row(

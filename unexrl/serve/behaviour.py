@@ -70,6 +70,14 @@ class SessionBehaviour:
         )
         return SessionBehaviour._of(self._totals().then(page))
 
+    def fits(self, cfg: Config) -> bool:
+        """Whether these totals are of ``cfg``'s shape: a record written under another config (a deployment with
+        other ``world.n_categories`` or ``features.recent_items`` sharing the session store) is not."""
+        return (
+            len(self.category_watch) == cfg.world.n_categories
+            and len(self.recent) == cfg.features.recent_items
+        )
+
     def inputs(self, cfg: Config) -> Tensor:
         """[1, input_dim] the model's user input of these totals, as of the row they would make."""
         return user_inputs(self._totals().features(cfg), cfg)

@@ -201,7 +201,7 @@ class Recommender:
         fetched = time.perf_counter()
         session = self._session(user_id, session_id, online)
         batch = self._batch(user_id if known else -1, session)
-        behaviour = session.behaviour
+        behaviour = self._behaviour(session)
         user_features = (
             served_inputs(online.user, self.cfg)  # no page answered yet: the row itself
             if behaviour is None or session.step == 0
@@ -290,6 +290,16 @@ class Recommender:
             )
         raise _unknown_session(requested, user_id)
 
+    def _behaviour(self, s: SessionState) -> SessionBehaviour | None:
+        """The session's behaviour totals, or None (its requests read the store's row) when it has none or they
+        are not of this config's shape."""
+        if s.behaviour is not None and not s.behaviour.fits(self.cfg):
+            log.warning(
+                "session store: ignoring session %d's behaviour totals of another config", s.session_id
+            )
+            return None
+        return s.behaviour
+
     def _batch(self, user: int, s: SessionState) -> SessionBatch:
         window = self.cfg.session.history_window
         history = [i for i in s.history if 0 <= i < self.sim.world.n_items][-window:]
@@ -368,9 +378,11 @@ class Recommender:
         fractions = [w / float(duration[i]) for w, i in zip(watch, viewed)]
         max_requests, window = self.cfg.session.max_requests, self.cfg.session.history_window
 
-        def with_page(behaviour: SessionBehaviour | None, first: bool) -> SessionBehaviour | None:
+        def with_page(session: SessionState) -> SessionBehaviour | None:
+            behaviour = self._behaviour(session)
             if behaviour is None:
                 return None
+            first = session.step == 0
             return behaviour.with_page(self.sim.world, self.cfg, first, viewed, watch, click, like)
 
         def change(current: SessionState | None) -> tuple[SessionState, bool]:
@@ -386,7 +398,7 @@ class Recommender:
                 else before.last_watch_fraction,
                 history=(before.history + viewed)[-window:],
                 touched=time.time(),
-                behaviour=with_page(before.behaviour, before.step == 0),
+                behaviour=with_page(before),
             )
             return after, session_end or after.step >= max_requests
 
