@@ -333,6 +333,7 @@ def test_a_view_registered_with_other_features_is_materialised_whole(
     assert fs.USER_BEHAVIOUR.name in loaded["first_materialised"]
     latest = behaviour.sort_values(fs.TIMESTAMP).groupby("user_id").last()
     users = [int(u) for u in latest.index[latest["items_viewed"] > 0][:5]]
+    assert users
     online = _online(local, fs.USER_BEHAVIOUR, users)["recent_watch_fractions"]
     assert online == [pytest.approx(list(latest.loc[u, "recent_watch_fractions"])) for u in users]
 

@@ -8,6 +8,7 @@ import copy
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -351,19 +352,32 @@ def test_a_sessions_later_requests_read_its_answered_pages(
     assert not torch.allclose(seen[2], seen[0])
 
 
-def test_totals_of_another_config_are_not_used(
-    live_engine: Recommender, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda b: replace(b, recent=b.recent[:3]),  # another deployment's recent window
+        lambda b: replace(b, watch=float("nan")),
+        lambda b: replace(b, requests=2**70),  # past int64: Redis's strict parse lets it through
+        lambda b: replace(b, category_watch=[-1.0, *b.category_watch[1:]]),
+    ],
+    ids=["another-shape", "nan", "past-int64", "negative"],
+)
+def test_stored_totals_that_cannot_be_served_are_not_used(
+    live_engine: Recommender,
+    monkeypatch: pytest.MonkeyPatch,
+    spoil: Callable[[SessionBehaviour], SessionBehaviour],
 ) -> None:
-    """A session record whose totals are not of this config's shape (written by a deployment with another recent
-    window that shares the session store) is served from the store's row, and its feedback still counts."""
+    """A session record whose totals cannot be served (of another config's shape, written by a deployment that
+    shares the session store; or values no page could give) is served from the store's row, and its feedback
+    still counts: no error."""
     engine, user = live_engine, _with_history(live_engine)
     first = engine.recommend(user)
     session = first.session.session_id
     stored = engine.sessions.session(session)
     assert stored is not None and stored.behaviour is not None
-    other = replace(stored, behaviour=replace(stored.behaviour, recent=stored.behaviour.recent[:3]))
-    engine.sessions.save(other)
-    engine.sessions.add_page(replace(first, session=other))
+    spoilt = replace(stored, behaviour=spoil(stored.behaviour))
+    engine.sessions.save(spoilt)
+    engine.sessions.add_page(replace(first, session=spoilt))
     answer = [FeedbackItem(item_id=first.items[0], watch_time_s=1.0)]
     assert engine.feedback(first.request_id, session, answer, False).session.behaviour is None
     seen = _user_features(engine, monkeypatch)

@@ -196,8 +196,15 @@ def test_a_served_session_reads_its_own_pages_as_training_does(
             expected.append(trained(r))
             as_of_start.append(trained(start))
         v = viewed[r]
-        outcomes = (shown[r][v].tolist(), watch[r][v].tolist(), click[r][v].tolist(), like[r][v].tolist())
-        session = session.with_page(world, cfg, step[r] == 0, *outcomes)
+        session = session.with_page(
+            world,
+            cfg,
+            first=step[r] == 0,
+            viewed=shown[r][v].tolist(),
+            watch_time_s=watch[r][v].tolist(),
+            click=click[r][v].tolist(),
+            like=like[r][v].tolist(),
+        )
     assert len(served) > 200
     torch.testing.assert_close(torch.cat(served), torch.cat(expected), rtol=1e-5, atol=1e-5)
     skewed = ~torch.isclose(torch.cat(as_of_start), torch.cat(expected), rtol=1e-5, atol=1e-5).all(1)

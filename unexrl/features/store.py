@@ -28,7 +28,7 @@ from unexrl.features.build import verify_feature_tables
 from unexrl.features.storage import is_local, join, local_directory, normalize, write_parquet
 
 if TYPE_CHECKING:
-    from feast import FeatureStore
+    from feast import FeatureStore, FeatureView
 
 log = logging.getLogger(__name__)
 
@@ -135,23 +135,29 @@ def materialize(cfg: Config, features: str | Path) -> dict[str, Any]:
     registered over other tables, or with other features, is loaded whole again: its progress was made in other
     data, and continuing from it would skip every row of these that is older (two logs can cover the same times),
     or leave the rows it loaded without the features added since."""
+    from feast import FeatureView
+
     store = open_store(cfg)
-    changed = [v.name for v in fs.VIEWS if _registered_differently(store, v, join(features, v.file))]
-    store.apply(definitions(cfg, features))
+    objects = definitions(cfg, features)
+    changed = [o.name for o in objects if isinstance(o, FeatureView) and _registered_differently(store, o)]
+    store.apply(objects)
     return load_online(store, features, reload=changed)
 
 
-def _registered_differently(store: FeatureStore, view: fs.ViewSpec, source: str) -> bool:
-    """Whether the store's registry holds ``view`` over another table or with other features (False before the
-    view is applied)."""
+def _registered_differently(store: FeatureStore, view: FeatureView) -> bool:
+    """Whether the store's registry holds ``view`` over another table or with other features (names or types);
+    False before the view is applied."""
     from feast.errors import FeatureViewNotFoundException
 
     try:
         registered = store.get_feature_view(view.name)
     except FeatureViewNotFoundException:
         return False
-    names = [f.name for f in registered.features]
-    return registered.batch_source.path != source or names != [f.name for f in view.features]
+
+    def schema(v: FeatureView) -> list[tuple[str, Any]]:
+        return [(f.name, f.dtype) for f in v.features]
+
+    return registered.batch_source.path != view.batch_source.path or schema(registered) != schema(view)
 
 
 def load_online(store: FeatureStore, features: str | Path, reload: Sequence[str] = ()) -> dict[str, Any]:

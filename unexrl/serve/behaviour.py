@@ -11,6 +11,7 @@ already hold some of its pages, which would then count twice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, get_type_hints
@@ -49,6 +50,7 @@ class SessionBehaviour:
         self,
         world: World,
         cfg: Config,
+        *,
         first: bool,
         viewed: Sequence[int],
         watch_time_s: Sequence[float],
@@ -70,12 +72,17 @@ class SessionBehaviour:
         )
         return SessionBehaviour._of(self._totals().then(page))
 
-    def fits(self, cfg: Config) -> bool:
-        """Whether these totals are of ``cfg``'s shape: a record written under another config (a deployment with
-        other ``world.n_categories`` or ``features.recent_items`` sharing the session store) is not."""
+    def usable(self, cfg: Config) -> bool:
+        """Whether these totals can be served under ``cfg``: of its shape (a record written by a deployment with
+        other ``world.n_categories`` or ``features.recent_items`` that shares the session store is not), counts
+        within int64 and every sum finite and not negative (a stored record is checked before it is used)."""
+        counts = [v for f in fields(self) if isinstance(v := getattr(self, f.name), int)]
+        sums = [self.watch, self.fraction, self.viewed_duration, *self.category_watch, *self.recent]
         return (
             len(self.category_watch) == cfg.world.n_categories
             and len(self.recent) == cfg.features.recent_items
+            and all(0 <= v < 2**63 for v in counts)
+            and all(math.isfinite(v) and v >= 0 for v in sums)
         )
 
     def inputs(self, cfg: Config) -> Tensor:

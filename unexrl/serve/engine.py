@@ -204,7 +204,7 @@ class Recommender:
         behaviour = self._behaviour(session)
         user_features = (
             served_inputs(online.user, self.cfg)  # no page answered yet: the row itself
-            if behaviour is None or session.step == 0
+            if behaviour is None or (session.step == 0 and not online.degraded)
             else behaviour.inputs(self.cfg)
         )
         obs = self.sim.observe(batch, pool, user_features=user_features)
@@ -292,10 +292,10 @@ class Recommender:
 
     def _behaviour(self, s: SessionState) -> SessionBehaviour | None:
         """The session's behaviour totals, or None (its requests read the store's row) when it has none or they
-        are not of this config's shape."""
-        if s.behaviour is not None and not s.behaviour.fits(self.cfg):
+        are not usable here (another config's shape, or values no page could give)."""
+        if s.behaviour is not None and not s.behaviour.usable(self.cfg):
             log.warning(
-                "session store: ignoring session %d's behaviour totals of another config", s.session_id
+                "session store: ignoring session %d's behaviour totals, not usable here", s.session_id
             )
             return None
         return s.behaviour
@@ -382,8 +382,15 @@ class Recommender:
             behaviour = self._behaviour(session)
             if behaviour is None:
                 return None
-            first = session.step == 0
-            return behaviour.with_page(self.sim.world, self.cfg, first, viewed, watch, click, like)
+            return behaviour.with_page(
+                self.sim.world,
+                self.cfg,
+                first=session.step == 0,
+                viewed=viewed,
+                watch_time_s=watch,
+                click=click,
+                like=like,
+            )
 
         def change(current: SessionState | None) -> tuple[SessionState, bool]:
             # the session as it is now: another page of it may have had its feedback since this one was served
