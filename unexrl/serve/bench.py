@@ -3,7 +3,8 @@
 For each pool size (the config's, and the paper's 2000 -> 500 -> 100 -> 10 on the same world) a fixed-weight
 policy is imported and the service started on loopback. Sequential keep-alive requests alternate between
 /recommend and /version (the framework floor: same process, same HTTP stack, no model work), so machine load
-hits both alike; the ratio of their medians is the figure. Then wrk measures peak /recommend requests/s and
+hits both alike; the ratio of their medians is the figure. Each round also answers the page (/feedback) and asks
+for the session's next page, timed apart (a later page reads the session's state). Then wrk measures peak /recommend requests/s and
 holds 80% of it for ``load_seconds``, reporting the error rate (non-2xx and socket errors).
 
 Features: ``none`` serves with the feature store unreachable (the user read is the cheap fallback); ``live``
@@ -62,16 +63,29 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _sequential(service: Endpoint, n: int, users: int) -> dict[str, dict[str, float]]:
-    times: dict[str, list[float]] = {"recommend": [], "version": []}
+    """Per round, one after another: a session's first page (/recommend), the floor (/version), the page's feedback
+    (two items viewed) and the session's next page (`recommend_later`: the session's own state and features)."""
+    times: dict[str, list[float]] = {"recommend": [], "version": [], "feedback": [], "recommend_later": []}
     with httpx.Client(base_url=service.url, headers=service.headers, timeout=30.0) as client:
+
+        def post(name: str, path: str, body: dict[str, Any], keep: bool) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            reply = client.post(path, json=body)
+            dt = time.perf_counter() - t0
+            reply.raise_for_status()
+            if keep:
+                times[name].append(dt)
+            return reply.json()
+
         for i in range(n + 20):
-            for name, body in (("recommend", {"user_id": i % users}), ("version", {})):
-                t0 = time.perf_counter()
-                reply = client.post(f"/{name}", json=body)
-                dt = time.perf_counter() - t0
-                reply.raise_for_status()
-                if i >= 20:  # warm-up excluded
-                    times[name].append(dt)
+            keep = i >= 20  # warm-up excluded
+            page = post("recommend", "/recommend", {"user_id": i % users}, keep)
+            post("version", "/version", {}, keep)
+            viewed = [{"item_id": item, "watch_time_s": 1.5} for item in page["items"][:2]]
+            session = {"request_id": page["request_id"], "session_id": page["session_id"], "items": viewed}
+            post("feedback", "/feedback", session, keep)
+            later = {"user_id": i % users, "context": {"session_id": page["session_id"]}}
+            post("recommend_later", "/recommend", later, keep)
     return {
         name: {
             "p50_ms": 1e3 * statistics.median(t),
@@ -211,9 +225,11 @@ def format_bench_serve(result: dict[str, Any]) -> str:
     ]
     for name, c in result["cases"].items():
         r, v, load = c["recommend"], c["version"], c["load"]
+        f, later = c["feedback"], c["recommend_later"]
         lines.append(
             f"  {name} pool {c['pool_size']} keep {c['keep']}: /recommend p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms "
             f"({r['sequential_rps']:.0f} req/s); /version p50 {v['p50_ms']:.2f} ms p99 {v['p99_ms']:.2f} ms; "
+            f"/feedback p50 {f['p50_ms']:.2f} ms; a later page p50 {later['p50_ms']:.2f} ms; "
             f"p50 ratio {c['p50_ratio']:.2f}; {c['feature_fallbacks']:.0f} feature fallbacks; peak {load['peak_rps']:.0f} req/s, held {load['held']['rps']:.0f} req/s "
             f"({load['held_fraction_of_peak']:.0%}) with {load['held']['errors']} errors in {load['held']['requests']}"
         )
