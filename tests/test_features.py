@@ -592,6 +592,24 @@ def test_pushed_session_features_are_served(sqlite_cfg: Config, tables: dict[str
     assert got.user["user_session__session_watch_time_s"] == 123.5
 
 
+def test_a_session_push_writes_the_one_view_its_source_feeds(sqlite_cfg: Config, features: Path) -> None:
+    """`push_session` writes the user_session view directly (a Feast push rebuilt every view and service from the
+    registry per call): what a push to `user_session_push` does online as long as that source feeds that view
+    only and no feature service precomputes online vectors, which this checks of the definitions."""
+    from feast import FeatureService, FeatureView
+
+    objects = store.definitions(sqlite_cfg, features)
+    fed = [
+        o.name
+        for o in objects
+        if isinstance(o, FeatureView)
+        and o.stream_source is not None
+        and o.stream_source.name == fs.SESSION_PUSH_SOURCE
+    ]
+    assert fed == [fs.USER_SESSION.name] == [v.name for v in fs.VIEWS if v.pushed]
+    assert not any(o.precompute_online for o in objects if isinstance(o, FeatureService))
+
+
 # ---------------------------------------------------------------- Redis ------------------------------------
 
 
