@@ -62,10 +62,17 @@ user = _entity(fs.USER)
 item = _entity(fs.ITEM)
 cqr_cell = _entity(fs.CQR_CELL)
 
-user_session_push = PushSource(name=fs.SESSION_PUSH_SOURCE, batch_source=_batch_source(fs.USER_SESSION))
+
+def _push_source(view: fs.ViewSpec) -> PushSource:
+    """Serving writes the view's fresh rows online through this; offline it reads the view's batch table."""
+    return PushSource(name=view.push_source, batch_source=_batch_source(view))
+
+
+user_behaviour_push = _push_source(fs.USER_BEHAVIOUR)
+user_session_push = _push_source(fs.USER_SESSION)
 
 user_profile = _view(fs.USER_PROFILE, _batch_source(fs.USER_PROFILE), user)
-user_behaviour = _view(fs.USER_BEHAVIOUR, _batch_source(fs.USER_BEHAVIOUR), user)
+user_behaviour = _view(fs.USER_BEHAVIOUR, user_behaviour_push, user)
 user_session = _view(fs.USER_SESSION, user_session_push, user)
 item_profile = _view(fs.ITEM_PROFILE, _batch_source(fs.ITEM_PROFILE), item)
 item_stats = _view(fs.ITEM_STATS, _batch_source(fs.ITEM_STATS), item)

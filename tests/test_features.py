@@ -592,22 +592,34 @@ def test_pushed_session_features_are_served(sqlite_cfg: Config, tables: dict[str
     assert got.user["user_session__session_watch_time_s"] == 123.5
 
 
-def test_a_session_push_writes_the_one_view_its_source_feeds(sqlite_cfg: Config, features: Path) -> None:
-    """`push_session` writes the user_session view directly (a Feast push rebuilt every view and service from the
-    registry per call): what a push to `user_session_push` does online as long as that source feeds that view
-    only and no feature service precomputes online vectors, which this checks of the definitions."""
+def test_a_push_writes_the_one_view_its_source_feeds(sqlite_cfg: Config, features: Path) -> None:
+    """`FeatureClient.push` writes a pushed view directly (a Feast push rebuilt every view and service from the
+    registry per call): what a push to the view's source does online as long as each push source feeds its own
+    view only and no feature service precomputes online vectors, which this checks of the definitions."""
     from feast import FeatureService, FeatureView
 
     objects = store.definitions(sqlite_cfg, features)
-    fed = [
-        o.name
+    fed = {
+        o.stream_source.name: o.name
         for o in objects
-        if isinstance(o, FeatureView)
-        and o.stream_source is not None
-        and o.stream_source.name == fs.SESSION_PUSH_SOURCE
-    ]
-    assert fed == [fs.USER_SESSION.name] == [v.name for v in fs.VIEWS if v.pushed]
+        if isinstance(o, FeatureView) and o.stream_source is not None
+    }
+    pushed = [v for v in fs.VIEWS if v.pushed]
+    assert fed == {v.push_source: v.name for v in pushed}
+    assert [v.name for v in pushed] == [fs.USER_BEHAVIOUR.name, fs.USER_SESSION.name]
     assert not any(o.precompute_online for o in objects if isinstance(o, FeatureService))
+
+
+def test_a_push_of_another_view_or_row_is_refused(sqlite_cfg: Config) -> None:
+    """A push names its view's features exactly, of a pushed user view: anything else is a caller's error, not a
+    row written with nulls."""
+    from unexrl.features.client import FeatureClient
+
+    client, at = FeatureClient(sqlite_cfg), pd.Timestamp("2030-01-01T00:00:00Z")
+    with pytest.raises(ValueError, match="not a user view fed by a push source"):
+        client.push(fs.ITEM_STATS, 1, at, {})
+    with pytest.raises(ValueError, match="has the features"):
+        client.push(fs.USER_SESSION, 1, at, {"session_id": 1})
 
 
 # ---------------------------------------------------------------- Redis ------------------------------------

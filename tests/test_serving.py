@@ -238,6 +238,21 @@ def test_api_routes_need_the_token(service: Endpoint) -> None:
         assert httpx.get(f"{service.url}{path}", timeout=30.0).status_code == 200, path
 
 
+def test_a_header_sent_twice_is_refused(service: Endpoint) -> None:
+    """Two Content-Type (or Authorization) headers are a 400 naming the header: the gate would check one and
+    BentoML read the other (a multipart first one was a 500)."""
+    token = ("Authorization", f"Bearer {service.token}")
+    json_type = ("Content-Type", "application/json")
+    for headers, name in (
+        ([token, ("Content-Type", "multipart/form-data"), json_type], "Content-Type"),
+        ([token, ("Authorization", "Bearer x"), json_type], "Authorization"),
+    ):
+        reply = httpx.post(
+            f"{service.url}/recommend", content=b'{"user_id": 1}', headers=headers, timeout=30.0
+        )
+        assert reply.status_code == 400 and reply.json()["detail"] == name, reply.text
+
+
 def test_every_4xx_has_the_one_error_body(service: Endpoint) -> None:
     """Not only the POST routes' own errors: a GET of an API route and an unknown path answer ErrorBody as JSON."""
     for path, status in (("/recommend", 405), ("/no-such-route", 404)):

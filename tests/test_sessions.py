@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,6 +19,7 @@ import torch
 from prometheus_client import REGISTRY, Histogram
 
 from unexrl.config import Config
+from unexrl.features import schema as fs
 from unexrl.serve.api import FeedbackItem
 from unexrl.serve.behaviour import SessionBehaviour
 from unexrl.serve.engine import Recommender, UnknownRequest
@@ -350,6 +352,58 @@ def test_a_sessions_later_requests_read_its_answered_pages(
     expected = user_inputs({f"user_behaviour__{k}": [v] for k, v in after.items()}, cfg)
     torch.testing.assert_close(seen[2], expected)
     assert not torch.allclose(seen[2], seen[0])
+
+
+def test_a_users_next_session_starts_from_the_pages_of_the_last(
+    live_engine: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each feedback pushes the user's behaviour row with the session's pages added (the row a materialisation of
+    the logs up to that page would write), so the user's next session reads them without a materialisation."""
+    engine, cfg, world = live_engine, live_engine.cfg, live_engine.sim.world
+    user = _with_history(engine)
+    before = engine.features.fetch(user, []).user
+    seen = _user_features(engine, monkeypatch)
+    first = engine.recommend(user)
+    viewed = first.items[:3]
+    answers = [
+        FeedbackItem(item_id=i, watch_time_s=0.5 * float(world.item_duration[i]), click=True) for i in viewed
+    ]
+    result = engine.feedback(first.request_id, first.session.session_id, answers, True)
+    totals = result.session.behaviour
+    assert result.ended and result.pushed and totals is not None
+    row = engine.features.fetch(user, []).user
+    assert row["user_behaviour__requests"] == before["user_behaviour__requests"] + 1
+    assert row["user_behaviour__sessions"] == before["user_behaviour__sessions"] + 1
+    assert row["user_behaviour__recent_item_ids"][-3:] == viewed
+    assert row["user_behaviour__recent_category_ids"][-3:] == world.item_category[viewed].tolist()
+    second = engine.recommend(user)
+    assert second.session.session_id != first.session.session_id
+    torch.testing.assert_close(seen[1], totals.inputs(cfg))
+    assert torch.equal(seen[1], served_inputs(row, cfg)) and not torch.allclose(seen[1], seen[0])
+
+
+def test_a_stored_row_of_another_shape_is_served_degraded(
+    live_engine: Recommender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user_behaviour row the served config cannot read (a store built for another ``world.n_categories``) is
+    a degraded page from the defaults, counted as a `mismatched` fallback, not a 500."""
+    engine, cfg = live_engine, live_engine.cfg
+    user = _with_history(engine)
+    row = engine.features.fetch(user, []).user
+    wrong = {f.name: row[f"user_behaviour__{f.name}"] for f in fs.USER_BEHAVIOUR.features} | {
+        "category_watch_share": [1.0 / 3] * 3
+    }
+    before = REGISTRY.get_sample_value("unexrl_feature_store_fallbacks_total", {"reason": "mismatched"})
+    seen = _user_features(engine, monkeypatch)
+    assert engine.features.push(fs.USER_BEHAVIOUR, user, datetime.now(UTC), wrong)
+    try:
+        page = engine.recommend(user)
+    finally:  # the store is the module's: give the user its row back
+        kept = {name: row[f"user_behaviour__{name}"] for name in wrong}
+        assert engine.features.push(fs.USER_BEHAVIOUR, user, datetime.now(UTC), kept)
+    after = REGISTRY.get_sample_value("unexrl_feature_store_fallbacks_total", {"reason": "mismatched"})
+    assert page.degraded and page.session.behaviour is None and after == before + 1
+    assert torch.equal(seen[0], cold_inputs(1, cfg))
 
 
 @pytest.mark.parametrize(

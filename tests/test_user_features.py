@@ -165,7 +165,8 @@ def test_a_served_session_reads_its_own_pages_as_training_does(
 ) -> None:
     """Serving's session totals (unexrl/serve/behaviour.py): the store's row as of a session's first request with
     each answered page added give every later request of the session the input of its training-set row (the
-    build's row as of the request), where the store's row as of the session's start does not."""
+    build's row as of the request), where the store's row as of the session's start does not; and after each
+    page, the row serving pushes back is the build's row stamped at that page's feedback, every column."""
     logs, _ = logged
     data = read_logs(logs)
     t = data.transitions
@@ -178,6 +179,12 @@ def test_a_served_session_reads_its_own_pages_as_training_does(
         for name in ("shown_item_ids", "watch_time_s", "viewed", "click", "like")
     )
     step, alone = np.asarray(t["step"]), _alone(t)
+    at_feedback = _as_of(
+        behaviour,
+        np.asarray(t["user_id"]),
+        feedback_us(np.asarray(t[fs.TIMESTAMP].cast(pa.int64())), np.asarray(t["reward"])),
+    )
+    pushed = 0
 
     def trained(r: int) -> torch.Tensor:
         return user_inputs({name: column.take([r]) for name, column in rows.items()}, cfg)
@@ -205,10 +212,31 @@ def test_a_served_session_reads_its_own_pages_as_training_does(
             click=click[r][v].tolist(),
             like=like[r][v].tolist(),
         )
-    assert len(served) > 200
+        if alone[r]:
+            _assert_same_row(session.row(world, cfg), {k: c[r].as_py() for k, c in at_feedback.items()})
+            pushed += 1
+    assert len(served) > 200 and pushed > 400
     torch.testing.assert_close(torch.cat(served), torch.cat(expected), rtol=1e-5, atol=1e-5)
     skewed = ~torch.isclose(torch.cat(as_of_start), torch.cat(expected), rtol=1e-5, atol=1e-5).all(1)
     assert skewed.float().mean() > 0.9
+
+
+def _assert_same_row(pushed: dict[str, object], built: dict[str, object]) -> None:
+    """A user_behaviour row serving pushes (short names) is the build's (full names): counts and item ids equal,
+    reals to float32 rounding of sums recovered from float32 means."""
+    assert pushed.keys() == {name.removeprefix(f"{fs.USER_BEHAVIOUR.name}__") for name in built}
+    for f in fs.USER_BEHAVIOUR.features:
+        ours, theirs = pushed[f.name], built[f"{fs.USER_BEHAVIOUR.name}__{f.name}"]
+        if f.dtype.startswith("int64"):
+            assert ours == theirs, f.name
+        else:
+            torch.testing.assert_close(
+                torch.tensor(ours, dtype=torch.float64),
+                torch.tensor(theirs, dtype=torch.float64),
+                rtol=1e-5,
+                atol=1e-5,
+                msg=f.name,
+            )
 
 
 def test_online_store_and_training_set_give_the_same_input(

@@ -2,8 +2,9 @@
 
 On a live Redis store (the serve bench's: a random-policy log's features materialised by the pipeline's steps),
 times serving's `FeatureClient.push_session` (a direct `write_to_online_store` of the user_session view) against
-Feast's `FeatureStore.push` to `user_session_push`, each followed by the user read a next page makes. Medians of
-`--calls` rounds, one thread.
+Feast's `FeatureStore.push` to `user_session_push`, and the push of a user_behaviour row that each feedback also
+makes (with `SessionBehaviour.row`, which builds it, timed apart), each followed by the user read a next page
+makes. Medians of `--calls` rounds, one thread.
 
     PYTHONPATH=. python benchmarks/cpu/session_push.py --config configs/default.yaml
 """
@@ -26,8 +27,10 @@ from unexrl.features import schema as fs
 from unexrl.features.client import FeatureClient
 from unexrl.features.redis_server import local_redis
 from unexrl.features.store import open_store
+from unexrl.serve.behaviour import SessionBehaviour
 from unexrl.serve.engine import ENV_FEATURE_REPO
 from unexrl.serve.local import live_feature_env
+from unexrl.sim.world import build_world
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--config", default="configs/default.yaml")
@@ -79,9 +82,19 @@ with tempfile.TemporaryDirectory() as tmp, local_redis() as redis:
                 USER, datetime.now(UTC), 5, 1, 2, 3.0, 0.5
             ),
             "FeatureStore.push(user_session_push)": lambda: store.push(
-                fs.SESSION_PUSH_SOURCE, row(), to=PushMode.ONLINE
+                fs.USER_SESSION.push_source, row(), to=PushMode.ONLINE
             ),
         }
+        world = build_world(cfg)
+        totals = SessionBehaviour.of_row(client.fetch(USER, []).user, cfg)
+        behaviour = totals.row(world, cfg)
+        ways["push(user_behaviour), the row built"] = lambda: client.push(
+            fs.USER_BEHAVIOUR, USER, datetime.now(UTC), behaviour
+        )
+        t0 = time.perf_counter()
+        for _ in range(args.calls):
+            totals.row(world, cfg)
+        print(f"SessionBehaviour.row: {1e3 * (time.perf_counter() - t0) / args.calls:.3f} ms per call")
         print(f"{args.config}, live Redis store, median of {args.calls} calls:")
         for name, write in ways.items():
             write_ms, read_ms = timed(write)

@@ -20,7 +20,7 @@ store is first opened.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -39,14 +39,17 @@ log = logging.getLogger(__name__)
 
 FALLBACKS = Counter(
     "unexrl_feature_store_fallbacks_total",
-    "Entities (users, candidates) whose features came from defaults: unknown to the store, or it was unreachable",
+    "Entities (users, candidates) whose features came from defaults: unknown to the store, it was unreachable, "
+    "or its row did not fit the served config",
     ["reason"],
 )
 T = TypeVar("T")
 COLD_START = "cold_start"
 UNREACHABLE = "unreachable"
+MISMATCHED = "mismatched"
+"""the user's row has another config's shape (a store built for another ``world.n_categories``)"""
 # exported at 0 from the start: a rate of no fallbacks is 0, not absent
-for _reason in (COLD_START, UNREACHABLE):
+for _reason in (COLD_START, UNREACHABLE, MISMATCHED):
     FALLBACKS.labels(reason=_reason)
 
 
@@ -59,8 +62,8 @@ class OnlineFeatures:
     cold_start: dict[str, int] = field(default_factory=dict)
     """rows served from defaults per view because the store had none (of an unknown entity, or no history yet)"""
     degraded: bool = False
-    """the store was unreachable: the user's features (and the candidates' if the item cache never loaded) are
-    defaults"""
+    """the store was unreachable (or the user's row did not fit the config): the user's features (and the
+    candidates' if the item cache never loaded) are defaults"""
 
 
 class FeatureClient:
@@ -82,10 +85,15 @@ class FeatureClient:
         item_views = fs.SERVICES[fs.ITEM_SERVING_SERVICE]
         ids = [int(i) for i in item_ids]
         user_read = self._guarded(lambda: self._read_user(int(user_id), user_views))
+        mismatched = user_read is not None and not self._fits(user_read)
+        if mismatched:
+            log.warning("feature store: user %d's row does not fit this config, serving defaults", user_id)
+            FALLBACKS.labels(reason=MISMATCHED).inc()
+            user_read = None
         cached = self._guarded(lambda: self._item_cache().get(ids)) if ids else {}
         user, user_cold = self._filled(user_views, user_read or {}, 1)
         items, item_cold = self._filled(item_views, cached or {}, len(ids))
-        unreachable = (user_read is None) + (len(ids) if cached is None else 0)
+        unreachable = (user_read is None and not mismatched) + (len(ids) if cached is None else 0)
         cold = ({} if user_read is None else user_cold) | ({} if cached is None else item_cold)
         if unreachable:
             FALLBACKS.labels(reason=UNREACHABLE).inc(unreachable)
@@ -98,13 +106,22 @@ class FeatureClient:
                 for f in fs.USER_SESSION.features
             }
         return OnlineFeatures(
-            user={k: v[0] for k, v in user.items()}, items=items, cold_start=cold, degraded=unreachable > 0
+            user={k: v[0] for k, v in user.items()},
+            items=items,
+            cold_start=cold,
+            degraded=unreachable > 0 or mismatched,
         )
 
     def warm_up(self) -> None:
         """Import Feast, open the store and read one user row now, not in the first request; counts no fallback
         (no one was served)."""
         self._guarded(lambda: self._read_user(0, fs.SERVICES[fs.USER_SERVING_SERVICE]))
+
+    def _fits(self, row: Mapping[str, list[Any]]) -> bool:
+        """Whether the user's row has this config's shape: ``category_watch_share`` of ``world.n_categories``
+        values (a store built for another config; the model's input could not be built from it)."""
+        share = row.get(f"{fs.USER_BEHAVIOUR.name}__category_watch_share", [None])[0]
+        return not isinstance(share, list | tuple) or len(share) == self._cfg.world.n_categories
 
     @staticmethod
     def _guarded(read: Callable[[], T]) -> T | None:
@@ -129,27 +146,38 @@ class FeatureClient:
         watch_time_s: float,
         last_watch_fraction: float,
     ) -> bool:
-        """Write the user's fresh session state to the online store; False (logged) if the store is down.
-
-        The row goes straight to the ``user_session`` view, the one view fed by the ``user_session_push`` source:
-        what ``FeatureStore.push`` to that source does online, without the push's rebuilding of every feature view
-        and service from the registry on each call (7 of a feedback's 9 ms, docs/benchmarks.md). No feature
-        service precomputes online vectors, the one step of the push this leaves out."""
+        """Write the user's fresh session state to the online store; False (logged) if the store is down."""
         row = {
-            fs.USER.join_key: [int(user_id)],
-            fs.TIMESTAMP: [at],
-            "session_id": [int(session_id)],
-            "session_step": [int(step)],
-            "session_items_watched": [int(items_watched)],
-            "session_watch_time_s": [float(watch_time_s)],
-            "last_watch_fraction": [float(last_watch_fraction)],
+            "session_id": int(session_id),
+            "session_step": int(step),
+            "session_items_watched": int(items_watched),
+            "session_watch_time_s": float(watch_time_s),
+            "last_watch_fraction": float(last_watch_fraction),
         }
+        return self.push(fs.USER_SESSION, user_id, at, row)
+
+    def push(self, view: fs.ViewSpec, user_id: int, at: datetime, row: Mapping[str, Any]) -> bool:
+        """Write one user's fresh row of a pushed ``view`` to the online store, stamped ``at``; False (logged) if
+        the store is down.
+
+        The row goes straight to the view, the one its push source feeds: what ``FeatureStore.push`` to that
+        source does online, without the push's rebuilding of every feature view and service from the registry
+        on each call (7 of a feedback's 9 ms, docs/benchmarks.md). No feature service precomputes online
+        vectors, the one step of the push this leaves out."""
+        if not view.pushed or view.entity != fs.USER:
+            raise ValueError(f"feature view {view.name!r} is not a user view fed by a push source")
+        names = [f.name for f in view.features]
+        if sorted(row) != sorted(names):
+            raise ValueError(
+                f"a {view.name} row has the features {sorted(row)}, not the view's {sorted(names)}"
+            )
+        frame = {fs.USER.join_key: [int(user_id)], fs.TIMESTAMP: [at], **{k: [v] for k, v in row.items()}}
         try:
             import pandas as pd
 
-            self._open().write_to_online_store(fs.USER_SESSION.name, pd.DataFrame(row))
-        except Exception as err:  # noqa: BLE001 - a lost push only makes the session state stale
-            log.warning("feature store push failed: %s: %s", type(err).__name__, err)
+            self._open().write_to_online_store(view.name, pd.DataFrame(frame))
+        except Exception as err:  # noqa: BLE001 - a lost push only leaves the row stale
+            log.warning("feature store push to %s failed: %s: %s", view.name, type(err).__name__, err)
             return False
         return True
 

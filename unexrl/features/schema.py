@@ -57,11 +57,18 @@ class ViewSpec:
     ttl_s: float = 0.0
     """seconds a row stays valid; 0 = until a newer row replaces it (Feast's "no ttl")"""
     pushed: bool = False
-    """fed online by serving through a PushSource as well as from its batch table"""
+    """fed online by serving through a PushSource (:attr:`push_source`) as well as from its batch table"""
 
     @property
     def file(self) -> str:
         return f"{self.name}.parquet"
+
+    @property
+    def push_source(self) -> str:
+        """The name of the PushSource that feeds this view (``pushed`` views only)."""
+        if not self.pushed:
+            raise ValueError(f"feature view {self.name!r} is not fed by a push source")
+        return f"{self.name}_push"
 
     def arrow_schema(self) -> pa.Schema:
         return pa.schema(
@@ -114,7 +121,9 @@ USER_BEHAVIOUR = ViewSpec(
             "watch fractions of recent_item_ids: what serving needs to move the recent window on (serving.md)",
         ),
     ),
-    "behaviour aggregates; a row is stamped when a request's feedback is complete (see docs/features.md)",
+    "behaviour aggregates; a row is stamped when a request's feedback is complete (see docs/features.md); "
+    "serving pushes each session's fresh row",
+    pushed=True,
 )
 USER_SESSION = ViewSpec(
     "user_session",
@@ -182,7 +191,6 @@ SERVICES: dict[str, tuple[ViewSpec, ...]] = {
     USER_SERVING_SERVICE: (USER_PROFILE, USER_BEHAVIOUR, USER_SESSION),
     ITEM_SERVING_SERVICE: (ITEM_PROFILE, ITEM_STATS),
 }
-SESSION_PUSH_SOURCE = "user_session_push"
 
 
 def n_item_groups(cfg: Config) -> int:

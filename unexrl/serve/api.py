@@ -111,7 +111,9 @@ class FeedbackResponse(_Strict):
         description="The session has ended (session_end, or the feedback of its session.max_requests-th page; "
         "a feedback retried after another page ended it says so too)."
     )
-    pushed: bool = Field(description="The new session state reached the feature store (false: store down).")
+    pushed: bool = Field(
+        description="The session state and the user's behaviour row reached the feature store (false: store down)."
+    )
 
 
 class Health(_Strict):

@@ -7,20 +7,24 @@ page on (the skew docs/features.md measured). So a session carries its user's to
 read, each answered page added as its feedback arrives, with the simulator's arithmetic
 (:class:`unexrl.sim.behaviour.Totals`). The row is read once per session: a materialisation during the session may
 already hold some of its pages, which would then count twice.
+
+Each feedback also pushes the totals back as the user's row (:meth:`SessionBehaviour.row`): the row a
+materialisation of the logs up to that page would write, so the user's next session starts from this one's pages
+without waiting for the next materialisation.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
 import torch
 from torch import Tensor
 
 from unexrl.config import Config
-from unexrl.sim.behaviour import Totals
+from unexrl.sim.behaviour import PREFIX, Totals
 from unexrl.sim.world import World
 from unexrl.user_features import user_inputs
 
@@ -40,11 +44,17 @@ class SessionBehaviour:
     category_watch: list[float]
     recent: list[float]
     recent_count: int
+    recent_item_ids: list[int] = field(default_factory=list)
+    """the items of ``recent``'s valid slots, oldest first, as the row's recent_item_ids (a record written
+    before sessions kept them has none: not :meth:`usable`, so its session reads the store's row)"""
 
     @staticmethod
     def of_row(row: Mapping[str, Any], cfg: Config) -> SessionBehaviour:
         """The totals of the user's row as the store serves it (``OnlineFeatures.user``)."""
-        return SessionBehaviour._of(Totals.of_row(row, cfg))
+        ids = row.get(f"{PREFIX}recent_item_ids") or []
+        return SessionBehaviour._of(
+            Totals.of_row(row, cfg), [int(i) for i in ids][-cfg.features.recent_items :]
+        )
 
     def with_page(
         self,
@@ -70,7 +80,8 @@ class SessionBehaviour:
             torch.tensor([list(click)], dtype=torch.bool),
             torch.tensor([list(like)], dtype=torch.bool),
         )
-        return SessionBehaviour._of(self._totals().then(page))
+        recent = [*self.recent_item_ids, *viewed][-cfg.features.recent_items :]
+        return SessionBehaviour._of(self._totals().then(page), recent)
 
     def usable(self, cfg: Config) -> bool:
         """Whether these totals can be served under ``cfg``: of its shape (a record written by a deployment with
@@ -78,29 +89,49 @@ class SessionBehaviour:
         within int64 and every sum finite and not negative (a stored record is checked before it is used)."""
         counts = [v for f in fields(self) if isinstance(v := getattr(self, f.name), int)]
         sums = [self.watch, self.fraction, self.viewed_duration, *self.category_watch, *self.recent]
+        window = cfg.features.recent_items
         return (
             len(self.category_watch) == cfg.world.n_categories
-            and len(self.recent) == cfg.features.recent_items
+            and len(self.recent) == window
             and all(0 <= v < 2**63 for v in counts)
             and all(math.isfinite(v) and v >= 0 for v in sums)
+            and len(self.recent_item_ids) == min(self.recent_count, window)
+            and all(0 <= i < cfg.world.n_items for i in self.recent_item_ids)
         )
 
     def inputs(self, cfg: Config) -> Tensor:
         """[1, input_dim] the model's user input of these totals, as of the row they would make."""
         return user_inputs(self._totals().features(cfg), cfg)
 
+    def row(self, world: World, cfg: Config) -> dict[str, Any]:
+        """The user_behaviour row of these totals (short feature names, the store's types): the row the feature
+        build writes at the feedback of the last page they hold (unexrl/features/build.py)."""
+        row = {
+            name.removeprefix(PREFIX): value[0].tolist()
+            for name, value in self._totals().features(cfg).items()
+        }
+        n = len(self.recent_item_ids)
+        return row | {
+            "recent_item_ids": list(self.recent_item_ids),
+            "recent_category_ids": world.item_category[
+                torch.tensor(self.recent_item_ids, dtype=torch.long)
+            ].tolist(),
+            "recent_watch_fractions": torch.tensor(self.recent[len(self.recent) - n :]).float().tolist(),
+        }
+
     @staticmethod
-    def _of(t: Totals) -> SessionBehaviour:
-        return SessionBehaviour(**{f.name: getattr(t, f.name)[0].tolist() for f in fields(Totals)})
+    def _of(t: Totals, recent_item_ids: list[int]) -> SessionBehaviour:
+        totals = {f.name: getattr(t, f.name)[0].tolist() for f in fields(Totals)}
+        return SessionBehaviour(**totals, recent_item_ids=recent_item_ids)
 
     def _totals(self) -> Totals:
         return Totals(
-            **{f.name: torch.tensor([getattr(self, f.name)], dtype=_DTYPES[f.name]) for f in fields(self)}
+            **{f.name: torch.tensor([getattr(self, f.name)], dtype=_DTYPES[f.name]) for f in fields(Totals)}
         )
 
 
 _DTYPES = {
-    name: torch.long if kind is int else torch.float64
-    for name, kind in get_type_hints(SessionBehaviour).items()
+    f.name: torch.long if get_type_hints(SessionBehaviour)[f.name] is int else torch.float64
+    for f in fields(Totals)
 }
 """counts as int64 and sums as float64, as Totals.zeros makes them"""

@@ -271,11 +271,12 @@ class Recommender:
                 history=history,
                 behaviour=None if online.degraded else SessionBehaviour.of_row(u, self.cfg),
             )
-        if self.sessions.ended(requested):  # whatever the feature store's row still says
-            raise _unknown_session(requested, user_id)
         cached = self.sessions.session(requested)
         if cached is not None and cached.user_id == user_id:
             return replace(cached, history=list(cached.history))
+        # checked after the read: a session that ends between the two is ended here, not rebuilt from the row
+        if cached is None and self.sessions.ended(requested):  # whatever the feature store's row still says
+            raise _unknown_session(requested, user_id)
         if cached is None and int(u[f"{fs.USER_SESSION.name}__session_id"]) == requested:
             return SessionState(
                 session_id=requested,
@@ -421,23 +422,29 @@ class Recommender:
         m.FEEDBACK_LAG.labels(v).observe(max(time.time() - page.served_at, 0.0))
         for w in watch:
             m.ITEM_WATCH_TIME.labels(v).observe(w)
-        if ended:
-            if after.counted[-1] == request_id:  # this page ended it (not one counted before, answered again)
-                m.SESSION_WATCH_TIME.labels(v).observe(after.watch_time_s)
-                m.SESSION_ITEMS.labels(v).observe(after.items_watched)
-                m.SESSION_REQUESTS.labels(v).observe(after.step)
-                m.SESSIONS_ENDED.labels(v).inc()
-            pushed = self.features.push_session(page.user_id, datetime.now(UTC), -1, 0, 0, 0.0, 0.5)
-        else:
-            pushed = self.features.push_session(
-                page.user_id,
-                datetime.now(UTC),
+        # the session's totals count once: when this page ended it (not one counted before, answered again)
+        if ended and after.counted[-1] == request_id:
+            m.SESSION_WATCH_TIME.labels(v).observe(after.watch_time_s)
+            m.SESSION_ITEMS.labels(v).observe(after.items_watched)
+            m.SESSION_REQUESTS.labels(v).observe(after.step)
+            m.SESSIONS_ENDED.labels(v).inc()
+        at = datetime.now(UTC)
+        state = (
+            (-1, 0, 0, 0.0, 0.5)  # no session open: the view's defaults
+            if ended
+            else (
                 after.session_id,
                 after.step,
                 after.items_watched,
                 after.watch_time_s,
                 after.last_watch_fraction,
             )
+        )
+        pushed = self.features.push_session(page.user_id, at, *state)
+        if after.behaviour is not None and after.behaviour.usable(self.cfg):
+            # the row a materialisation of the logs up to this page would write: the user's next session reads it
+            row = after.behaviour.row(self.sim.world, self.cfg)
+            pushed = self.features.push(fs.USER_BEHAVIOUR, page.user_id, at, row) and pushed
         return FeedbackResult(session=after, ended=ended, pushed=pushed)
 
 

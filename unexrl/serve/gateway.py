@@ -107,7 +107,7 @@ async def respond(
 
 class Gate:
     """The token of every API request, and content type and body size of every POST, checked before the app
-    reads anything (BentoML answers a multipart Content-Type without a boundary with a 500)."""
+    reads anything (BentoML answers a multipart Content-Type without a boundary with a 500), each sent once."""
 
     def __init__(self, app: App, token: str) -> None:
         self.app = app
@@ -117,6 +117,14 @@ class Gate:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        names = [name for name, _ in scope["headers"]]
+        for name in (b"authorization", b"content-type"):
+            if (
+                names.count(name) > 1
+            ):  # a dict keeps the last, the app reads the first: check the one it reads
+                header = name.decode().title()
+                await respond(send, 400, f"send one {header} header, not {names.count(name)}", header)
+                return
         headers = dict(scope["headers"])
         if scope["path"] in API_ROUTES and not hmac.compare_digest(
             headers.get(b"authorization", b""), self.expected

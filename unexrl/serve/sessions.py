@@ -73,9 +73,9 @@ class SessionState:
     """the request ids whose feedback the session counts (at most session.max_requests)"""
     behaviour: SessionBehaviour | None = None
     """the user's behaviour its requests read: the store's row at its start and its answered pages
-    (unexrl/serve/behaviour.py; n_categories + recent_items + 9 numbers, in each pending page's copy too); None
-    when the store was unreachable at its start, or in a record written before sessions kept it: its requests
-    read the store's row"""
+    (unexrl/serve/behaviour.py; n_categories + 9 numbers and up to 2 x recent_items, in each pending page's copy
+    too); None when the store was unreachable at its start, or in a record written before sessions kept it: its
+    requests read the store's row"""
 
 
 @dataclass(frozen=True)
