@@ -8,9 +8,12 @@ Run locally with kfp.local: `make run` (pipelines/local.py).
 """
 
 import argparse
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
+import yaml
 from kfp import compiler, dsl, kubernetes
 from kfp.compiler.compiler_utils import KubernetesManifestOptions
 
@@ -196,6 +199,9 @@ def unexrl_continuous_training(
         config=config, config_overrides=config_overrides, logs_uri=logs_uri, simulated=sim.outputs["logs"]
     ).set_display_name("ingest + validate logs")
     logs.set_retry(num_retries=2, backoff_duration="30s")  # remote object stores are flaky
+    # never cached: the logs at one logs_uri change from run to run (the key would only see the same string), and
+    # a new logs artifact gives every task after it new inputs
+    logs.set_caching_options(False)
     features = build_features(config=config, config_overrides=config_overrides, logs=logs.outputs["logs"])
     features.set_display_name("build features")
     store = materialize_features(
@@ -261,13 +267,22 @@ def unexrl_continuous_training(
     kubernetes.mount_pvc(incumbent, pvc_name=data_pvc, mount_path=DATA_MOUNT)
 
 
+def version_name(pipeline_yaml: Path) -> str:
+    """The PipelineVersion's name: the package version and a digest of the compiled spec. KFP refuses to change
+    a PipelineVersion's spec, so a changed pipeline must be a new version even when VERSION is not bumped (else
+    Argo CD's sync of the platform overlay fails on every try)."""
+    spec = json.dumps(list(yaml.safe_load_all(pipeline_yaml.read_text())), sort_keys=True)
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:10]
+    return f"unexrl-continuous-training-v{VERSION.replace('.', '-')}-{digest}"
+
+
 def compile_all(pipeline_yaml: Path = PIPELINE_YAML, manifests_yaml: Path = MANIFESTS_YAML) -> None:
     """The IR YAML for upload, and the Pipeline/PipelineVersion resources for a GitOps-managed Kubeflow."""
     compiler.Compiler().compile(unexrl_continuous_training, str(pipeline_yaml))
     manifests_yaml.parent.mkdir(parents=True, exist_ok=True)
     options = KubernetesManifestOptions(
         pipeline_name="unexrl-continuous-training",
-        pipeline_version_name=f"unexrl-continuous-training-v{VERSION.replace('.', '-')}",
+        pipeline_version_name=version_name(pipeline_yaml),
         namespace="kubeflow",
         include_pipeline_manifest=True,
     )

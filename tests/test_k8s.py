@@ -294,6 +294,14 @@ def test_serving_workload_is_hardened_and_probed(env):
     rollout = one(docs, "Rollout", "unexrl-serving")
     assert rollout["spec"]["workloadRef"]["name"] == "unexrl-serving" and dep["spec"]["replicas"] == 0
     assert rollout["metadata"]["annotations"]["unexrl.io/model-version"] == version
+    # No traffic router: clients reach every pod through unexrl-serving, one the Rollout never narrows to a side
+    # (through the stable Service the canary would get no traffic and its analysis no data).
+    canary = rollout["spec"]["strategy"]["canary"]
+    assert "trafficRouting" not in canary
+    managed = {canary["stableService"], canary["canaryService"]}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert managed <= services.keys() and "unexrl-serving" not in managed
+    assert services["unexrl-serving"]["spec"]["selector"] == {"app.kubernetes.io/name": "unexrl-serving"}
     hpa = one(docs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": "argoproj.io/v1alpha1",
@@ -560,6 +568,15 @@ def test_start_run_picks_the_declared_version():
 
     assert mod.choose_version(mod.all_versions(Pages(), "p"), "").display_name == "v249"
 
+    class Listing:  # the KFP API's pipeline list: shared pipelines unless a namespace is named
+        def list_pipelines(self, filter: str, namespace: str | None) -> NS:
+            (predicate,) = json.loads(filter)["predicates"]
+            found = namespace == "unexrl" and predicate["stringValue"] == "unexrl-continuous-training"
+            return NS(pipelines=[NS(pipeline_id="id-1")] if found else None)
+
+    assert mod.pipeline_id(Listing(), "unexrl-continuous-training", "unexrl") == "id-1"
+    assert mod.pipeline_id(Listing(), "unexrl-continuous-training", None) is None
+
 
 # ---------------------------------------------------------------------------------------------- monitoring
 
@@ -591,7 +608,7 @@ def test_analysis_queries_the_serving_recording_rules():
     assert 'model_version!="{{args.canary-version}}"' in reward
     assert SERVING_RULES[1] in queries["p99-latency"]
     for m in tmpl["spec"]["metrics"]:
-        assert m.get("failureLimit", 0) <= 1, "a regression must abort the rollout"
+        assert m.get("failureLimit", 0) == 0, "one failed measurement must abort the rollout"
     rollout = one(render("overlays/prod"), "Rollout")
     steps = rollout["spec"]["strategy"]["canary"]["steps"]
     analyses = [s["analysis"] for s in steps if "analysis" in s]
@@ -599,6 +616,64 @@ def test_analysis_queries_the_serving_recording_rules():
     for a in analyses:
         (arg,) = a["args"]
         assert arg["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['unexrl.io/model-version']"
+
+
+def _session_series(version: str, watch_per_minute: float, sessions_per_minute: int) -> list[dict]:
+    """A serving version's session watch-time histogram (sum and count) over 20 minutes, for promtool."""
+    return [
+        {
+            "series": f'unexrl_session_watch_time_seconds_{part}{{model_version="{version}"}}',
+            "values": f"0+{step}x20",
+        }
+        for part, step in (("sum", watch_per_minute), ("count", sessions_per_minute))
+    ]
+
+
+def test_the_reward_analysis_passes_fails_and_waits_as_documented(tmp_path):
+    """The canary's reward query on the shipped recording rules (promtool test rules): 1 at 99% of the stable's
+    mean watch time, 0 at 90%, and no result (inconclusive, not a failure) when the canary or every other version
+    ended no session in the window, whose 0/0 mean is NaN."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": rendered_rules()["spec"]["groups"]}))
+    tmpl = one(render("overlays/prod"), "AnalysisTemplate", "unexrl-canary")
+    (metric,) = [m for m in tmpl["spec"]["metrics"] if m["name"] == "long-term-reward-vs-stable"]
+    ratio = next(a["value"] for a in tmpl["spec"]["args"] if a["name"] == "min-reward-ratio")
+    query = metric["provider"]["prometheus"]["query"].replace("{{args.min-reward-ratio}}", ratio)
+
+    def expect(canary: str, value: int | None) -> dict:
+        samples = [] if value is None else [{"labels": "{}", "value": value}]
+        expr = query.replace("{{args.canary-version}}", canary)
+        return {"expr": expr, "eval_time": "15m", "exp_samples": samples}
+
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": _session_series("stable", 1000, 1)
+            + _session_series("better", 990, 1)
+            + _session_series("worse", 900, 1)
+            + _session_series("idle", 0, 0),
+            "promql_expr_test": [expect("better", 1), expect("worse", 0), expect("idle", None)],
+        },
+        {
+            "interval": "1m",
+            "input_series": _session_series("stable", 0, 0) + _session_series("canary", 900, 1),
+            "promql_expr_test": [expect("canary", None)],
+        },
+    ]
+    spec = tmp_path / "analysis.test.yaml"
+    spec.write_text(yaml.safe_dump({"rule_files": [rules.name], "evaluation_interval": "1m", "tests": tests}))
+    done = subprocess.run(
+        [promtool, "test", "rules", spec.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def dashboard_exprs(dashboard: dict) -> list[str]:

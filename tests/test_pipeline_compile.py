@@ -14,6 +14,7 @@ from pipelines.continuous_training import (
     GPU_TOLERATIONS,
     MANIFESTS_YAML,
     PIPELINE_YAML,
+    version_name,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,8 @@ def test_gate_condition_guards_package_and_deploy() -> None:
     assert "package" not in tasks and "deploy" not in tasks
     assert not tasks["gate"]["cachingOptions"].get("enableCache", False)  # the registry may have moved on
     assert tasks["build-features"]["cachingOptions"]["enableCache"] is True
+    # the logs at one logs_uri change between runs under the same string: never reused from a cache
+    assert not tasks["ingest-logs"]["cachingOptions"].get("enableCache", False)
 
 
 def test_kubernetes_manifests() -> None:
@@ -84,10 +87,21 @@ def test_kubernetes_manifests() -> None:
     assert (pipeline["kind"], version["kind"]) == ("Pipeline", "PipelineVersion")
     assert version["spec"]["pipelineName"] == pipeline["metadata"]["name"] == "unexrl-continuous-training"
     assert version["metadata"]["namespace"] == "kubeflow"
+    # KFP refuses a new spec under an existing PipelineVersion: the name follows the spec, not VERSION alone
+    assert version["metadata"]["name"] == version_name(PIPELINE_YAML)
     assert (
         "exec-train"
         in version["spec"]["platformSpec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     )
+
+
+def test_a_changed_spec_is_a_new_pipeline_version(tmp_path: Path) -> None:
+    spec, platform = docs(PIPELINE_YAML)
+    changed = tmp_path / "p.yaml"
+    changed.write_text(yaml.safe_dump_all([spec | {"sdkVersion": "another"}, platform]))
+    same = tmp_path / "same.yaml"
+    same.write_text(yaml.safe_dump_all([spec, platform]))  # another layout, the same spec
+    assert version_name(same) == version_name(PIPELINE_YAML) != version_name(changed)
 
 
 def test_every_parameter_is_described_for_the_ui() -> None:

@@ -35,25 +35,37 @@ def all_versions(client, pipeline_id):
             return versions
 
 
+def pipeline_id(client, name, namespace):
+    """The id of the pipeline named ``name`` in ``namespace`` (the SDK's get_pipeline_id lists shared pipelines
+    only, so it never finds one declared in a profile namespace), or None."""
+    predicate = {"operation": "EQUALS", "key": "display_name", "stringValue": name}
+    found = client.list_pipelines(filter=json.dumps({"predicates": [predicate]}), namespace=namespace)
+    pipelines = found.pipelines or []
+    if len(pipelines) > 1:
+        raise LookupError(f"{len(pipelines)} pipelines named {name!r} in {namespace!r}")
+    return pipelines[0].pipeline_id if pipelines else None
+
+
 def main(client=None) -> int:
     import kfp
 
     env = os.environ
     namespace = env.get("KFP_NAMESPACE") or None
     client = client or kfp.Client(host=env["KFP_HOST"], namespace=namespace)
-    pipeline_id = client.get_pipeline_id(env["KFP_PIPELINE"])
-    if pipeline_id is None:
-        print(f"pipeline {env['KFP_PIPELINE']!r} not found", file=sys.stderr)
+    found = pipeline_id(client, env["KFP_PIPELINE"], namespace)
+    if found is None:
+        print(f"pipeline {env['KFP_PIPELINE']!r} not found in namespace {namespace!r}", file=sys.stderr)
         return 2
-    version = choose_version(all_versions(client, pipeline_id), env.get("KFP_PIPELINE_VERSION", ""))
+    version = choose_version(all_versions(client, found), env.get("KFP_PIPELINE_VERSION", ""))
     experiment = client.create_experiment(name=env.get("KFP_EXPERIMENT", "unexrl"), namespace=namespace)
     run = client.run_pipeline(
         experiment_id=experiment.experiment_id,
         job_name=f"{env['KFP_PIPELINE']}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
-        pipeline_id=pipeline_id,
+        pipeline_id=found,
         version_id=version.pipeline_version_id,
         params=json.loads(env.get("KFP_PARAMS") or "{}"),
-        enable_caching=False,
+        # no enable_caching: KFP applies it to a package only; a stored version runs with its compiled
+        # per-task caching (ingest-logs and resolve-incumbent never cache, so each night reads new logs)
     )
     print(f"started run {run.run_id} of {env['KFP_PIPELINE']} version {version.display_name}")
     return 0
