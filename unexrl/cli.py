@@ -116,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         parents=[common],
-        help="the main job: tune baselines, simulate logs, evaluate, write a report",
-        description="What `make run` does: tune CEM and the oracle baselines on training seeds, log sessions "
-        "under CEM with exploration, evaluate every policy on held-out seeds, write report.md/json/png.",
+        help="the simulator's report: tune baselines, simulate logs, evaluate, write a report",
+        description="The simulator's report (`make run` runs the Kubeflow pipeline instead): tune CEM and the "
+        "other fixed-weight baselines on training seeds, log sessions under CEM with exploration, evaluate every "
+        "policy on held-out seeds, write report.md/json/png.",
     )
     p.add_argument("--out", type=Path, required=True, help="run directory (artifacts, logs, report)")
 
