@@ -186,6 +186,21 @@ def test_a_malformed_redis_record_is_treated_as_absent(redis_address: str) -> No
     assert store.page("bad") is None
 
 
+@pytest.mark.parametrize(
+    "spoil", [{"step": 10**20}, {"history": [-5]}, {"watch_time_s": float("inf")}, {"user_id": 2**64}]
+)
+def test_a_redis_record_out_of_range_is_treated_as_absent(redis_address: str, spoil: dict[str, Any]) -> None:
+    """Strictly typed is not enough: a stored integer past int64 (torch would raise on it: a 500 on every request
+    of the session), a negative item or an infinite watch time is a malformed record, logged and absent."""
+    import redis
+
+    store = RedisSessions(redis_address)
+    host, port = redis_address.split(":")
+    record = asdict(SessionState(session_id=4242, user_id=3, history=[1, 2])) | spoil
+    redis.Redis(host=host, port=int(port)).set(f"{KEY_PREFIX}session:4242", json.dumps(record))
+    assert store.session(4242) is None
+
+
 def test_an_unreachable_redis_is_one_named_error() -> None:
     store = RedisSessions("127.0.0.1:1")
     with pytest.raises(SessionStoreUnavailable, match="session store"):
@@ -457,6 +472,19 @@ def test_a_session_started_without_the_store_reads_the_stores_row(
     engine.recommend(9, first.session.session_id)
     assert first.degraded and first.session.behaviour is None
     assert torch.equal(seen[0], cold_inputs(1, engine.cfg)) and torch.equal(seen[1], seen[0])
+
+
+def test_a_request_times_each_of_its_steps(engine: Recommender) -> None:
+    """The stage latency histogram has the session store's reads as a step of their own, apart from retrieval."""
+    steps = ("features", "session", "retrieval", *engine.stage_names)
+
+    def counts() -> list[float]:
+        labels = [{"model_version": engine.version, "stage": step} for step in steps]
+        return [REGISTRY.get_sample_value("unexrl_stage_latency_seconds_count", x) or 0.0 for x in labels]
+
+    before = counts()
+    engine.recommend(12)
+    assert [a - b for a, b in zip(counts(), before)] == [1.0] * len(steps)
 
 
 def test_a_stored_page_outside_the_catalogue_is_an_unknown_page(engine: Recommender) -> None:

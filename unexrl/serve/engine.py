@@ -200,6 +200,7 @@ class Recommender:
         online = self.features.fetch(user_id, [], session=session_id is not None)
         fetched = time.perf_counter()
         session = self._session(user_id, session_id, online)
+        sessioned = time.perf_counter()
         batch = self._batch(user_id if known else -1, session)
         behaviour = self._behaviour(session)
         user_features = (
@@ -232,9 +233,9 @@ class Recommender:
         if session_id is None:  # issued with this page: its next one may be asked for before any feedback
             self.sessions.save(session)
         self.sessions.add_page(page)
-        self._observe_request(page, result, start, fetched, observed, marks)
-        if self.shadow is not None:
+        if self.shadow is not None:  # in the request: its time is the client's too
             self._run_shadow(obs, items)
+        self._observe_request(page, result, [start, fetched, sessioned, observed], marks)
         return page
 
     def _pool(self, candidates: Sequence[int] | None) -> torch.Tensor | None:
@@ -319,24 +320,20 @@ class Recommender:
         )
 
     def _observe_request(
-        self,
-        page: Page,
-        result: CascadeResult,
-        start: float,
-        fetched: float,
-        observed: float,
-        marks: list[float],
+        self, page: Page, result: CascadeResult, steps: list[float], marks: list[float]
     ) -> None:
+        """The request's metrics; ``steps``: its start and the ends of the feature read, the session's read and
+        retrieval; ``marks``: the cascade stages' ends."""
         v = self.version
-        m.STAGE_LATENCY.labels(v, "features").observe(fetched - start)
-        m.STAGE_LATENCY.labels(v, "retrieval").observe(observed - fetched)
+        for name, t0, t1 in zip(("features", "session", "retrieval"), steps, steps[1:]):
+            m.STAGE_LATENCY.labels(v, name).observe(t1 - t0)
         for name, t0, t1, n in zip(self.stage_names, marks, marks[1:], page.candidates):
             m.STAGE_LATENCY.labels(v, name).observe(t1 - t0)
             m.STAGE_CANDIDATES.labels(v, name).observe(n)
         self._observe_actions(v, self.role, page.actions)
         if page.cold_start:
             m.COLD_START_REQUESTS.labels(v).inc()
-        m.RECOMMEND_LATENCY.labels(v).observe(time.perf_counter() - start)
+        m.RECOMMEND_LATENCY.labels(v).observe(time.perf_counter() - steps[0])
 
     def _observe_actions(self, version: str, role: str, actions: list[list[float]]) -> None:
         for name, heads, action in zip(self.stage_names, self.heads, actions):

@@ -50,7 +50,8 @@ RECOMMEND_LATENCY = Histogram(
 )
 STAGE_LATENCY = Histogram(
     "unexrl_stage_latency_seconds",
-    "Time per step of /recommend: features, retrieval (pool and stage predictions), then each cascade stage",
+    "Time per step of /recommend: features, session (its store's reads), retrieval (pool and stage predictions), "
+    "then each cascade stage",
     ["model_version", "stage"],
     buckets=_LATENCY_BUCKETS,
 )

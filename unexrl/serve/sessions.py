@@ -24,10 +24,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 from prometheus_client import Counter
-from pydantic import TypeAdapter
+from pydantic import Field, TypeAdapter
 
 from unexrl.features.schema import SESSION_TTL_S
 from unexrl.serve.behaviour import SessionBehaviour
@@ -55,19 +55,25 @@ KEY_PREFIX = "unexrl:serving:"
 _OLD_ENDED = b"1"
 """an ended session's marker as written before it held the final state"""
 T = TypeVar("T")
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+Index = Annotated[int, Field(ge=0, lt=2**63)]
+"""an id or count a stored record may hold: torch takes it as an int64"""
+Amount = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Moment = Annotated[float, Field(allow_inf_nan=False)]
+Action = Annotated[float, Field(allow_inf_nan=False)]
 
 
 @dataclass
 class SessionState:
-    session_id: int
-    user_id: int
-    step: int = 0
-    items_watched: int = 0
-    watch_time_s: float = 0.0
-    last_watch_fraction: float = 0.5
-    history: list[int] = field(default_factory=list)
+    session_id: Index
+    user_id: Int64
+    step: Index = 0
+    items_watched: Index = 0
+    watch_time_s: Amount = 0.0
+    last_watch_fraction: Amount = 0.5
+    history: list[Index] = field(default_factory=list)
     """recently viewed item ids, oldest first, at most session.history_window"""
-    touched: float = field(default_factory=time.time)
+    touched: Moment = field(default_factory=time.time)
     """wall-clock time the session was issued or last had feedback (replicas share it)"""
     counted: list[str] = field(default_factory=list)
     """the request ids whose feedback the session counts (at most session.max_requests)"""
@@ -81,16 +87,16 @@ class SessionState:
 @dataclass(frozen=True)
 class Page:
     request_id: str
-    user_id: int
+    user_id: Int64
     session: SessionState
     """the session as it was when the page was chosen"""
-    items: list[int]
-    actions: list[list[float]]
-    candidates: list[int]
+    items: list[Index]
+    actions: list[list[Action]]
+    candidates: list[Index]
     """how many candidates each stage ranked"""
     cold_start: bool
     degraded: bool
-    served_at: float
+    served_at: Moment
     """wall-clock time it was served"""
 
     def to_json(self) -> str:
