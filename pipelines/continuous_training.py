@@ -32,6 +32,7 @@ from components import (
 )
 from components.images import TRAIN_GPU_IMAGE, VERSION
 from unexrl.contracts.signing import ENV_SIGNING_KEY
+from unexrl.gitops import ENV_GIT_TOKEN
 from unexrl.serve.sessions import ENV_REDIS
 
 HERE = Path(__file__).resolve().parent
@@ -58,6 +59,7 @@ def release_steps(
     gitops_repo,
     environment,
     gitops_branch,
+    gitops_secret,
     registry,
     data_pvc,
 ) -> None:
@@ -97,6 +99,10 @@ def release_steps(
         released.set_display_name("deploy (GitOps commit)").set_caching_options(False)
         released.set_retry(num_retries=2, backoff_duration="30s")  # git push races / network
         kubernetes.mount_pvc(released, pvc_name=data_pvc, mount_path=DATA_MOUNT)
+        # the GitOps remote's token (key token), if it needs one: optional, a local path or an open remote needs none
+        kubernetes.use_secret_as_env(
+            released, secret_name=gitops_secret, secret_key_to_env={"token": ENV_GIT_TOKEN}, optional=True
+        )
 
 
 SIGNING_SECRET = "unexrl-artifact-signing-key"
@@ -154,6 +160,7 @@ def unexrl_continuous_training(
     gitops_branch: str = "main",
     registry: str = "/data/registry",
     feature_store_secret: str = "unexrl-feast-online-store",
+    gitops_secret: str = "unexrl-gitops-token",
 ):
     """UNEX-RL continuous training (README: "The continuous-training pipeline on a Kubeflow cluster").
 
@@ -182,6 +189,7 @@ def unexrl_continuous_training(
         gitops_branch: Branch the deploy commit goes to (created when absent; Argo CD watches it).
         registry: Model registry directory (on the PVC): the deployed version per environment.
         feature_store_secret: Secret with the online store's connection-string (features.environment=redis).
+        gitops_secret: Secret with the token (key token) the deploy step pushes to an HTTPS gitops_repo with.
     """
     incumbent = resolve_incumbent(registry=registry, environment=environment).set_caching_options(False)
     incumbent.set_display_name("resolve incumbent")
@@ -261,6 +269,7 @@ def unexrl_continuous_training(
         gitops_repo=gitops_repo,
         environment=environment,
         gitops_branch=gitops_branch,
+        gitops_secret=gitops_secret,
         registry=registry,
         data_pvc=data_pvc,
     )

@@ -16,6 +16,7 @@ from pipelines.continuous_training import (
     PIPELINE_YAML,
     version_name,
 )
+from unexrl.gitops import ENV_GIT_TOKEN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,6 +94,16 @@ def test_kubernetes_manifests() -> None:
         "exec-train"
         in version["spec"]["platformSpec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     )
+
+
+def test_deploy_reads_the_gitops_token_from_an_optional_secret() -> None:
+    _, platform = docs(PIPELINE_YAML)
+    deploy = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-deploy"]
+    (secret,) = deploy["secretAsEnv"]
+    assert (
+        secret["keyToEnv"] == [{"envVar": ENV_GIT_TOKEN, "secretKey": "token"}] and secret["optional"] is True
+    )
+    assert secret["secretNameParameter"]["componentInputParameter"] == "pipelinechannel--gitops_secret"
 
 
 def test_a_changed_spec_is_a_new_pipeline_version(tmp_path: Path) -> None:

@@ -145,6 +145,7 @@ def sabotage_pipeline(
         gitops_repo=gitops_repo,
         environment=ENV,
         gitops_branch="main",
+        gitops_secret="unexrl-gitops-token",
         registry=registry,
         data_pvc="unexrl-data",
     )

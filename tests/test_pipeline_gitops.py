@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import os
+import re
 import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
-from unexrl.gitops import ANNOTATION, GitOpsError, deploy
+from unexrl.gitops import ANNOTATION, ENV_GIT_TOKEN, GitOpsError, deploy
 from unexrl.pipeline.release import init_manifests_repo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +153,92 @@ def test_project_overlays_take_a_deployment(tmp_path: Path) -> None:
         doc = yaml.safe_load(git(repo, "show", f"{sha}:k8s/overlays/{env}/kustomization.yaml"))
         assert [e["newTag"] for e in doc["images"] if e["name"] == "unexrl-serving"] == ["x1"]
         assert doc["commonAnnotations"][ANNOTATION] == "unexrl-policy:x1"
+
+
+TOKEN = "s3cret-token"
+
+
+class _GitWithToken(BaseHTTPRequestHandler):
+    """git's smart HTTP (``git http-backend``, as a forge runs it) behind basic authentication with TOKEN."""
+
+    root: Path
+
+    def do_GET(self) -> None:
+        self._serve()
+
+    def do_POST(self) -> None:
+        self._serve()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _serve(self) -> None:
+        expected = "Basic " + base64.b64encode(f"x-access-token:{TOKEN}".encode()).decode()
+        if self.headers.get("Authorization") != expected:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="git"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        path, _, query = self.path.partition("?")
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        cgi = {
+            "PATH": os.environ["PATH"],
+            "GIT_PROJECT_ROOT": str(self.root),
+            "GIT_HTTP_EXPORT_ALL": "1",
+            "REMOTE_USER": "pipeline",  # an authenticated user may push
+            "REQUEST_METHOD": self.command,
+            "PATH_INFO": path,
+            "QUERY_STRING": query,
+            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "CONTENT_LENGTH": str(len(body)),
+        }
+        out = subprocess.run(
+            ["git", "http-backend"], input=body, env=cgi, capture_output=True, check=True
+        ).stdout
+        head, payload = re.split(rb"\r?\n\r?\n", out, maxsplit=1)
+        fields = [line.decode().split(":", 1) for line in head.splitlines()]
+        status = next((int(v.split()[0]) for k, v in fields if k.lower() == "status"), 200)
+        self.send_response(status)
+        for k, v in fields:
+            if k.lower() != "status":
+                self.send_header(k, v.strip())
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def forge(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """(an HTTP URL of a manifests repository that needs TOKEN, the bare repository behind it)."""
+    bare = make_repo(tmp_path)
+    handler = type("Handler", (_GitWithToken,), {"root": bare.parent})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/{bare.name}", bare
+    finally:
+        server.shutdown()
+
+
+def test_deploy_authenticates_to_an_https_remote_with_the_token(
+    forge: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote that needs credentials refuses the push without UNEXRL_GIT_TOKEN (git never prompts) and takes it
+    with the token, which reaches git through its environment only: not in the URL, not among its arguments."""
+    url, bare = forge
+    release = {
+        "environment": "staging",
+        "model_version": "m:1",
+        "image_tag": "t1",
+        "branch": "release/staging",
+    }
+    monkeypatch.delenv(ENV_GIT_TOKEN, raising=False)
+    with pytest.raises(GitOpsError, match="Authentication failed|could not read Username|401"):
+        deploy(url, **release)
+    monkeypatch.setenv(ENV_GIT_TOKEN, TOKEN)
+    sha = deploy(url, **release)
+    assert git(bare, "rev-parse", "release/staging").strip() == sha
+    monkeypatch.setenv(ENV_GIT_TOKEN, "two\nlines")
+    with pytest.raises(GitOpsError, match=ENV_GIT_TOKEN):
+        deploy(url, **release)

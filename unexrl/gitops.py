@@ -4,15 +4,21 @@
 (the ``unexrl-serving`` image's ``newTag`` and the ``unexrl.io/model-version`` annotation) on a branch, commits and
 pushes the branch back. Argo CD (k8s/) syncs the cluster from that branch. Comments and layout of the overlay are
 kept (ruamel round trip), so a reviewer's diff shows exactly the two changed lines.
+
+An HTTPS remote that needs credentials gets a token from ``UNEXRL_GIT_TOKEN`` (the pipeline's deploy task reads
+it from a Secret): git sends it as HTTP basic authentication in a header it is given through its environment,
+never in the URL, the command line or a file.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from ruamel.yaml import YAML
@@ -33,6 +39,10 @@ IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 """an OCI image tag (the distribution spec's grammar)"""
 MODEL_VERSION = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$")
 """a BentoML model version or tag: a lowercase name, optionally ``:`` and a version"""
+
+
+ENV_GIT_TOKEN = "UNEXRL_GIT_TOKEN"
+"""a token git authenticates to an HTTPS remote with (GitHub, GitLab and Gitea take one as a basic-auth password)"""
 
 
 class GitOpsError(RuntimeError):
@@ -125,10 +135,35 @@ def git(cwd: Path | None, *args: str) -> str:
 
     Callers put ``--`` before positional arguments that come from outside (a repository URL, a path), so a value
     starting with ``-`` cannot reach git as an option."""
-    env = {**os.environ, **_AUTHOR, "GIT_TERMINAL_PROMPT": "0"}
+    env = {
+        **os.environ,
+        **_AUTHOR,
+        "GIT_TERMINAL_PROMPT": "0",
+        **_credentials(os.environ),
+    }
     done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise GitOpsError(
             f"git {' '.join(args)} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}"
         )
     return done.stdout
+
+
+def _credentials(environ: Mapping[str, str]) -> dict[str, str]:
+    """git's environment for the token in ``environ``: an ``http.extraHeader`` with it as the basic-auth password,
+    after any configuration the environment already gives git (``GIT_CONFIG_COUNT``, ``GIT_CONFIG_KEY_<n>``,
+    ``GIT_CONFIG_VALUE_<n>``, read since git 2.31); nothing without a token."""
+    token = environ.get(ENV_GIT_TOKEN, "")
+    if not token:
+        return {}
+    if not token.isprintable() or token != token.strip():
+        raise GitOpsError(
+            f"{ENV_GIT_TOKEN}: a token is one line of printable characters without surrounding space"
+        )
+    basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
+    n = int(environ.get("GIT_CONFIG_COUNT") or 0)
+    return {
+        "GIT_CONFIG_COUNT": str(n + 1),
+        f"GIT_CONFIG_KEY_{n}": "http.extraHeader",
+        f"GIT_CONFIG_VALUE_{n}": f"Authorization: Basic {basic}",
+    }
