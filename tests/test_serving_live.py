@@ -79,14 +79,16 @@ def test_either_replica_serves_the_session(replicas: tuple[Endpoint, Endpoint]) 
     assert fed.status_code == 200 and fed.json()["step"] == 1, (
         fed.text
     )  # the page was served by the other one
-    for step in (1, 2):
+    for step in (1, 3):
         asked = {"user_id": 7, "context": {"session_id": session}}
         on_a, on_b = _post(a, "/recommend", asked).json(), _post(b, "/recommend", asked).json()
         assert on_a["step"] == on_b["step"] == step
-        assert on_a["items"] == on_b["items"] and on_a["actions"] == on_b["actions"]
-        body = {"request_id": on_b["request_id"], "session_id": session, "items": _watched(on_b)}
-        assert _post(a, "/feedback", body).status_code == 200
-        assert _post(b, "/feedback", body).status_code == 404  # accepted once, whichever replica is asked
+        # b's page, asked for while a's is unanswered, leaves a's items out: b reads the session's pending pages
+        assert set(on_a["items"]).isdisjoint(on_b["items"])
+        for served in (on_b, on_a):
+            body = {"request_id": served["request_id"], "session_id": session, "items": _watched(served)}
+            assert _post(a, "/feedback", body).status_code == 200
+            assert _post(b, "/feedback", body).status_code == 404  # accepted once, whichever replica is asked
 
 
 def _samples(service: Endpoint, name: str) -> float:

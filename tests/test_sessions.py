@@ -255,10 +255,12 @@ def engine(cem_artifact: Path, small_cfg: Config, tmp_path_factory: pytest.TempP
 
 def test_every_page_of_a_session_counts_in_it(engine: Recommender) -> None:
     """A client that asks for the next page before giving the first page's feedback (prefetching): both pages
-    belong to the session, and each feedback adds to the session as it is then, not as it was at serving."""
+    belong to the session, the second shows none of the first's items, and each feedback adds to the session as it
+    is then, not as it was at serving."""
     first = engine.recommend(7)
     second = engine.recommend(7, first.session.session_id)
     assert second.session.session_id == first.session.session_id and second.session.step == 0
+    assert set(second.items).isdisjoint(first.items)
     engine.feedback(
         first.request_id,
         first.session.session_id,
@@ -273,6 +275,19 @@ def test_every_page_of_a_session_counts_in_it(engine: Recommender) -> None:
     )
     assert (result.session.step, result.session.items_watched, result.session.watch_time_s) == (2, 2, 3.0)
     assert result.session.history[-2:] == [first.items[0], second.items[0]]
+    assert engine.sessions.pending(first.session.session_id) == frozenset()  # both answered: nothing left out
+
+
+def test_a_sessions_pending_items_follow_its_pages(store: Sessions) -> None:
+    """A page's items are pending from its serving to its claim, and none once its session ends."""
+    state = SessionState(session_id=4401, user_id=7)
+    store.save(state)
+    store.add_page(_page("a", state))
+    store.add_page(replace(_page("b", state), items=[2, 3]))
+    assert store.pending(4401) == {1, 2, 3} and store.pending(4402) == frozenset()
+    assert store.claim("a") and store.pending(4401) == {3}  # 2 is a's too: answered with it
+    assert store.update(4401, "a", lambda current: (replace(current or state, step=1), True)) is not None
+    assert store.pending(4401) == frozenset()
 
 
 @pytest.fixture(scope="module")

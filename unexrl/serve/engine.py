@@ -200,8 +200,11 @@ class Recommender:
         online = self.features.fetch(user_id, [], session=session_id is not None)
         fetched = time.perf_counter()
         session = self._session(user_id, session_id, online)
+        # a page asked for before the session's earlier pages are answered leaves their items out
+        pending = self.sessions.pending(session.session_id) if session_id is not None else frozenset()
         sessioned = time.perf_counter()
         batch = self._batch(user_id if known else -1, session)
+        pool = self._without(pending, pool, batch)
         behaviour = self._behaviour(session)
         user_features = (
             served_inputs(online.user, self.cfg)  # no page answered yet: the row itself
@@ -258,6 +261,22 @@ class Recommender:
                 raise RequestError(f"candidates[{i}]", f"item {item} appears more than once")
             seen.add(item)
         return torch.tensor([list(candidates)], dtype=torch.long)
+
+    def _without(
+        self, pending: frozenset[int], pool: torch.Tensor | None, batch: SessionBatch
+    ) -> torch.Tensor | None:
+        """``pool`` (None: the request's retrieval pool) without the ``pending`` items of the session's unanswered
+        pages, while the first stage still has enough to keep; the pool as it was without any."""
+        if not pending:
+            return pool
+        full = self.sim.retrieve(batch) if pool is None else pool
+        kept = [i for i in full[0].tolist() if i not in pending]
+        if len(kept) < self.sim.keep[0]:
+            log.warning(
+                "session %d: too few candidates without its pending pages' items", int(batch.session[0])
+            )
+            return pool
+        return torch.tensor([kept], dtype=torch.long)
 
     def _session(self, user_id: int, requested: int | None, online: OnlineFeatures) -> SessionState:
         """The session this request belongs to: a new one when none is named; else the named session if it is an

@@ -11,7 +11,8 @@ tried again when another replica wrote the session in between), so feedback on t
 the same time on two replicas, both count; then it claims the page with one atomic GETDEL, so of several
 deliveries of one feedback only one records its metrics. The session records which pages it counts, so a
 transaction tried again after its commit's reply was lost, or a feedback retried after a 503, does not count a page
-twice; an ended session keeps its final state for the same reason.
+twice; an ended session keeps its final state for the same reason. The items of a session's unanswered pages are
+kept too (``Sessions.pending``), so a page asked for before they are answered does not show them again.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ EVICTIONS = Counter(
     "Records the process's session store dropped at its bound (page: a page still waiting for feedback)",
     ["record"],
 )
-for _record in ("page", "session", "ended_session"):
+for _record in ("page", "session", "ended_session", "pending"):
     EVICTIONS.labels(_record)  # exported at 0: no evictions is a rate of 0, not no data
 MAX_TRANSACTION_ATTEMPTS = 20
 """Redis: how often a session's update is tried while other writers keep changing it, before a 503 (with a random
@@ -152,14 +153,22 @@ class Sessions(Protocol):
 
     def ended(self, session_id: int) -> bool: ...
 
-    def add_page(self, page: Page) -> None: ...
+    def add_page(self, page: Page) -> None:
+        """Keep the page for its feedback, and its items among its session's :meth:`pending` ones."""
+        ...
 
     def page(self, request_id: str) -> Page | None:
         """A pending page, not claimed."""
         ...
 
+    def pending(self, session_id: int) -> frozenset[int]:
+        """The items of the session's pages still waiting for feedback: a page asked for before they are answered
+        leaves them out, not to show them twice."""
+        ...
+
     def claim(self, request_id: str) -> bool:
-        """Take the page for its feedback; False if another request took it first."""
+        """Take the page for its feedback (its items are no longer pending); False if another request took it
+        first."""
         ...
 
 
@@ -171,6 +180,7 @@ class LocalSessions:
         self._sessions: OrderedDict[int, SessionState] = OrderedDict()
         self._ended: OrderedDict[int, SessionState] = OrderedDict()
         """ended sessions' final states, as Redis's ended markers hold them"""
+        self._pending: OrderedDict[int, frozenset[int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def session(self, session_id: int) -> SessionState | None:
@@ -190,6 +200,7 @@ class LocalSessions:
             after, ended, write = _count_once(self._open(session_id), request_id, change)
             if write and ended:
                 self._sessions.pop(session_id, None)
+                self._pending.pop(session_id, None)
                 _bounded_put(self._ended, session_id, after, MAX_CACHED_SESSIONS, "ended_session")
             elif write:
                 _bounded_put(self._sessions, session_id, after, MAX_CACHED_SESSIONS, "session")
@@ -206,6 +217,13 @@ class LocalSessions:
     def add_page(self, page: Page) -> None:
         with self._lock:
             _bounded_put(self._pages, page.request_id, page, MAX_PENDING_PAGES, "page")
+            sid = page.session.session_id
+            items = self._pending.get(sid, frozenset()) | frozenset(page.items)
+            _bounded_put(self._pending, sid, items, MAX_CACHED_SESSIONS, "pending")
+
+    def pending(self, session_id: int) -> frozenset[int]:
+        with self._lock:
+            return self._pending.get(session_id, frozenset())
 
     def page(self, request_id: str) -> Page | None:
         with self._lock:
@@ -215,7 +233,10 @@ class LocalSessions:
 
     def claim(self, request_id: str) -> bool:
         with self._lock:
-            return self._pages.pop(request_id, None) is not None
+            page = self._pages.pop(request_id, None)
+            if page is not None and (items := self._pending.get(page.session.session_id)) is not None:
+                self._pending[page.session.session_id] = items - frozenset(page.items)
+            return page is not None
 
 
 class RedisSessions:
@@ -254,7 +275,7 @@ class RedisSessions:
                     if write:
                         pipe.multi()
                         if ended:
-                            pipe.delete(key)
+                            pipe.delete(key, _key("pending", session_id))
                             pipe.set(ended_key, json.dumps(asdict(after)), ex=int(SESSION_TTL_S))
                         else:
                             pipe.set(key, json.dumps(asdict(after)), ex=int(SESSION_TTL_S))
@@ -274,19 +295,42 @@ class RedisSessions:
         return bool(self._call("exists", _key("ended", session_id)))
 
     def add_page(self, page: Page) -> None:
-        self._call("set", _key("page", page.request_id), page.to_json(), ex=int(SESSION_TTL_S))
+        pending = _key("pending", page.session.session_id)
+        pipe = self._redis.pipeline(transaction=False)  # one round trip
+        pipe.set(_key("page", page.request_id), page.to_json(), ex=int(SESSION_TTL_S))
+        if page.items:
+            pipe.sadd(pending, *page.items)
+            pipe.expire(pending, int(SESSION_TTL_S))
+        self._run(pipe)
 
     def page(self, request_id: str) -> Page | None:
         raw = self._call("get", _key("page", request_id))
         return _parsed(raw, Page.from_json, f"page {request_id!r}")
 
+    def pending(self, session_id: int) -> frozenset[int]:
+        members = self._call("smembers", _key("pending", session_id))
+        items = frozenset(int(m) for m in members if m.isdigit() and int(m) < 2**63)
+        if len(items) != len(members):
+            log.warning("session store: ignoring malformed pending items of session %d", session_id)
+        return items
+
     def claim(self, request_id: str) -> bool:
-        return self._call("getdel", _key("page", request_id)) is not None
+        raw = self._call("getdel", _key("page", request_id))
+        page = _parsed(raw, Page.from_json, f"page {request_id!r}")
+        if page is not None and page.items:
+            self._call("srem", _key("pending", page.session.session_id), *page.items)
+        return raw is not None
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return getattr(self._redis, method)(*args, **kwargs)
         except self._redis_error as err:  # connection, timeout, auth, ...: the caller sees one kind
+            raise _unavailable(err) from None
+
+    def _run(self, pipe: Any) -> list[Any]:
+        try:
+            return pipe.execute()
+        except self._redis_error as err:
             raise _unavailable(err) from None
 
 

@@ -123,6 +123,13 @@ class Simulator:
             totals=behaviour.new_sessions(b),
         )
 
+    def retrieve(self, state: SessionBatch) -> Tensor:
+        """[B, pool_size] the retrieval pool of each request: keyed by its session and step."""
+        c = self.cfg.cascade
+        return retrieve_pool(
+            self.world, state.seed, state.user, state.session, state.step, c.pool_size, c.channel_shares
+        )
+
     def observe(
         self, state: SessionBatch, pool: Tensor | None = None, user_features: Tensor | None = None
     ) -> Observation:
@@ -130,15 +137,7 @@ class Simulator:
         request may) and every stage's predictions for it; the user features from the rollout's aggregates (or
         ``user_features``, [B, F], as serving reads them from the online store)."""
         if pool is None:
-            pool = retrieve_pool(
-                self.world,
-                state.seed,
-                state.user,
-                state.session,
-                state.step,
-                self.cfg.cascade.pool_size,
-                self.cfg.cascade.channel_shares,
-            )
+            pool = self.retrieve(state)
         hist_cats = torch.where(
             state.history_items >= 0, self.world.item_category[state.history_items.clamp_min(0)], -1
         )
