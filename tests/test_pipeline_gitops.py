@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
 import re
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -208,15 +211,55 @@ class _GitWithToken(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
 
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1, valid for a day."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "forge.crt", tmp_path / "forge.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
 @pytest.fixture
-def forge(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """(an HTTP URL of a manifests repository that needs TOKEN, the bare repository behind it)."""
+def forge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """(an HTTPS URL of a manifests repository that needs TOKEN, the bare repository behind it); git trusts its
+    self-signed certificate through GIT_SSL_CAINFO."""
     bare = make_repo(tmp_path)
+    cert, key = _self_signed(tmp_path)
     handler = type("Handler", (_GitWithToken,), {"root": bare.parent})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    monkeypatch.setenv("GIT_SSL_CAINFO", str(cert))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}/{bare.name}", bare
+        yield f"https://127.0.0.1:{server.server_port}/{bare.name}", bare
     finally:
         server.shutdown()
 
@@ -242,3 +285,6 @@ def test_deploy_authenticates_to_an_https_remote_with_the_token(
     monkeypatch.setenv(ENV_GIT_TOKEN, "two\nlines")
     with pytest.raises(GitOpsError, match=ENV_GIT_TOKEN):
         deploy(url, **release)
+    monkeypatch.setenv(ENV_GIT_TOKEN, TOKEN)  # never sent in clear
+    with pytest.raises(GitOpsError, match="not an https:// URL"):
+        deploy(url.replace("https://", "http://"), **release)

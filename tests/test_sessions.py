@@ -290,6 +290,20 @@ def test_a_sessions_pending_items_follow_its_pages(store: Sessions) -> None:
     assert store.pending(4401) == frozenset()
 
 
+def test_pending_items_of_another_type_are_ignored(redis_address: str) -> None:
+    """A pending key that is not a set (written by something else) loses the session nothing but its pending
+    items: the page is stored and claimed, and later pages leave nothing out, with no 503."""
+    import redis
+
+    store = RedisSessions(redis_address)
+    host, port = redis_address.split(":")
+    redis.Redis(host=host, port=int(port)).set(f"{KEY_PREFIX}pending:4403", b"not a set")
+    state = SessionState(session_id=4403, user_id=7)
+    store.add_page(_page("c", state))
+    assert store.page("c") is not None and store.pending(4403) == frozenset()
+    assert store.claim("c")
+
+
 @pytest.fixture(scope="module")
 def live_engine(cem_artifact: Path, small_cfg: Config, logged_store: tuple[Path, Path]) -> Recommender:
     """The serving engine on a materialised local feature store (SQLite), with the process's session store."""
@@ -398,8 +412,14 @@ def test_a_users_next_session_starts_from_the_pages_of_the_last(
     answers = [
         FeedbackItem(item_id=i, watch_time_s=0.5 * float(world.item_duration[i]), click=True) for i in viewed
     ]
+    pushes: list[tuple[Any, ...]] = []
+    push = engine.features.push
+    monkeypatch.setattr(engine.features, "push", lambda *args: pushes.append(args) or push(*args))
     result = engine.feedback(first.request_id, first.session.session_id, answers, True)
     totals = result.session.behaviour
+    # stamped when the page was served: before the build's row of that page (its feedback), which replaces it
+    ((pushed_user, at, _),) = [args[1:] for args in pushes if args[0] is fs.USER_BEHAVIOUR]
+    assert (pushed_user, at) == (user, datetime.fromtimestamp(first.served_at, UTC))
     assert result.ended and result.pushed and totals is not None
     row = engine.features.fetch(user, []).user
     assert row["user_behaviour__requests"] == before["user_behaviour__requests"] + 1

@@ -6,8 +6,9 @@ pushes the branch back. Argo CD (k8s/) syncs the cluster from that branch. Comme
 kept (ruamel round trip), so a reviewer's diff shows exactly the two changed lines.
 
 An HTTPS remote that needs credentials gets a token from ``UNEXRL_GIT_TOKEN`` (the pipeline's deploy task reads
-it from a Secret): git sends it as HTTP basic authentication in a header it is given through its environment,
-never in the URL, the command line or a file.
+it from a Secret): git sends it as HTTP basic authentication in a header it is given through its environment, for
+that remote's host only, never in the URL, the command line or a file; a token with a remote that is not HTTPS
+is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ruamel.yaml import YAML
 
@@ -85,10 +87,13 @@ def deploy(
     ):
         if not grammar.match(value):
             raise GitOpsError(f"{name} {value!r}: does not match {grammar.pattern}")
+    auth = _credentials(os.environ, repo)
     with tempfile.TemporaryDirectory(prefix="unexrl-gitops-") as tmp:
         work = Path(tmp) / "repo"
-        git(None, "clone", "--quiet", "--", repo, str(work))
-        if git(work, "ls-remote", "origin", f"refs/heads/{branch}"):  # the full ref: no suffix matches
+        git(None, "clone", "--quiet", "--", repo, str(work), auth=auth)
+        if git(
+            work, "ls-remote", "origin", f"refs/heads/{branch}", auth=auth
+        ):  # the full ref: no suffix matches
             git(work, "checkout", "--quiet", "-B", branch, f"origin/{branch}")
         else:
             git(work, "checkout", "--quiet", "-b", branch)
@@ -97,7 +102,7 @@ def deploy(
         git(work, "add", "--", overlay_path(environment))
         text = message or f"deploy {environment}: model {model_version}, image {IMAGE_NAME}:{image_tag}"
         git(work, "commit", "--quiet", "--allow-empty", "-m", text)
-        git(work, "push", "--quiet", "origin", f"HEAD:refs/heads/{branch}")
+        git(work, "push", "--quiet", "origin", f"HEAD:refs/heads/{branch}", auth=auth)
         return git(work, "rev-parse", "HEAD").strip()
 
 
@@ -130,17 +135,13 @@ def set_release(kustomization: Path, *, model_version: str, image_tag: str) -> N
     atomic_write_text(kustomization, text.getvalue())
 
 
-def git(cwd: Path | None, *args: str) -> str:
+def git(cwd: Path | None, *args: str, auth: Mapping[str, str] | None = None) -> str:
     """Run git in ``cwd`` as the pipeline's author, never prompting; stdout, or GitOpsError with git's message.
+    ``auth``: the remote's credentials (:func:`_credentials`), for the commands that reach it.
 
     Callers put ``--`` before positional arguments that come from outside (a repository URL, a path), so a value
     starting with ``-`` cannot reach git as an option."""
-    env = {
-        **os.environ,
-        **_AUTHOR,
-        "GIT_TERMINAL_PROMPT": "0",
-        **_credentials(os.environ),
-    }
+    env = {**os.environ, **_AUTHOR, "GIT_TERMINAL_PROMPT": "0", **(auth or {})}
     done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise GitOpsError(
@@ -149,10 +150,11 @@ def git(cwd: Path | None, *args: str) -> str:
     return done.stdout
 
 
-def _credentials(environ: Mapping[str, str]) -> dict[str, str]:
-    """git's environment for the token in ``environ``: an ``http.extraHeader`` with it as the basic-auth password,
-    after any configuration the environment already gives git (``GIT_CONFIG_COUNT``, ``GIT_CONFIG_KEY_<n>``,
-    ``GIT_CONFIG_VALUE_<n>``, read since git 2.31); nothing without a token."""
+def _credentials(environ: Mapping[str, str], remote: str) -> dict[str, str]:
+    """git's environment for the token in ``environ`` and ``remote``: an ``http.<remote's origin>/.extraHeader``
+    with it as the basic-auth password, sent to that host only, after any configuration the environment already
+    gives git (``GIT_CONFIG_COUNT``, ``GIT_CONFIG_KEY_<n>``, ``GIT_CONFIG_VALUE_<n>``, read since git 2.31);
+    nothing without a token. A token with a remote that is not HTTPS is refused: it would go out in clear."""
     token = environ.get(ENV_GIT_TOKEN, "")
     if not token:
         return {}
@@ -160,10 +162,16 @@ def _credentials(environ: Mapping[str, str]) -> dict[str, str]:
         raise GitOpsError(
             f"{ENV_GIT_TOKEN}: a token is one line of printable characters without surrounding space"
         )
+    url = urlsplit(remote)
+    if url.scheme != "https" or not url.hostname or url.username or url.password:
+        raise GitOpsError(
+            f"{ENV_GIT_TOKEN} is set but the GitOps repository is not an https:// URL without credentials in it: "
+            "the token is sent over HTTPS only"
+        )
     basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
     n = int(environ.get("GIT_CONFIG_COUNT") or 0)
     return {
         "GIT_CONFIG_COUNT": str(n + 1),
-        f"GIT_CONFIG_KEY_{n}": "http.extraHeader",
+        f"GIT_CONFIG_KEY_{n}": f"http.https://{url.netloc}/.extraHeader",
         f"GIT_CONFIG_VALUE_{n}": f"Authorization: Basic {basic}",
     }

@@ -458,9 +458,13 @@ class Recommender:
         )
         pushed = self.features.push_session(page.user_id, at, *state)
         if after.behaviour is not None and after.behaviour.usable(self.cfg):
-            # the row a materialisation of the logs up to this page would write: the user's next session reads it
+            # the row a materialisation of the logs up to this page would write: the user's next session reads it.
+            # Stamped when the page was served, before the build stamps that page's row (its feedback time): a
+            # materialisation of logs that hold the page replaces this row (and fills in any page serving missed),
+            # while this replaces a materialised row of earlier pages
             row = after.behaviour.row(self.sim.world, self.cfg)
-            pushed = self.features.push(fs.USER_BEHAVIOUR, page.user_id, at, row) and pushed
+            served = datetime.fromtimestamp(page.served_at, UTC)
+            pushed = self.features.push(fs.USER_BEHAVIOUR, page.user_id, served, row) and pushed
         return FeedbackResult(session=after, ended=ended, pushed=pushed)
 
 

@@ -234,8 +234,12 @@ class LocalSessions:
     def claim(self, request_id: str) -> bool:
         with self._lock:
             page = self._pages.pop(request_id, None)
-            if page is not None and (items := self._pending.get(page.session.session_id)) is not None:
-                self._pending[page.session.session_id] = items - frozenset(page.items)
+            sid = page.session.session_id if page is not None else None
+            if page is not None and (items := self._pending.get(sid)) is not None:
+                if left := items - frozenset(page.items):
+                    self._pending[sid] = left
+                else:
+                    del self._pending[sid]
             return page is not None
 
 
@@ -251,6 +255,7 @@ class RedisSessions:
         # waits on this store, and an unreachable store is a fast 503
         self._redis = redis.Redis(**_redis_options(address), retry=Retry(NoBackoff(), 1))
         self._redis_error, self._watch_error = redis.RedisError, redis.WatchError
+        self._response_error = redis.ResponseError
 
     def session(self, session_id: int) -> SessionState | None:
         return _parsed_session(self._call("get", _key("session", session_id)), session_id)
@@ -296,19 +301,31 @@ class RedisSessions:
 
     def add_page(self, page: Page) -> None:
         pending = _key("pending", page.session.session_id)
-        pipe = self._redis.pipeline(transaction=False)  # one round trip
+        pipe = (
+            self._redis.pipeline()
+        )  # one round trip, MULTI/EXEC: the pending items never without their expiry
         pipe.set(_key("page", page.request_id), page.to_json(), ex=int(SESSION_TTL_S))
         if page.items:
             pipe.sadd(pending, *page.items)
             pipe.expire(pending, int(SESSION_TTL_S))
-        self._run(pipe)
+        for failed in (r for r in self._run(pipe) if isinstance(r, self._response_error)):
+            # the page is stored; a pending key of another type (written by something else) only loses its items
+            log.warning(
+                "session store: session %d's pending items not kept: %s", page.session.session_id, failed
+            )
 
     def page(self, request_id: str) -> Page | None:
         raw = self._call("get", _key("page", request_id))
         return _parsed(raw, Page.from_json, f"page {request_id!r}")
 
     def pending(self, session_id: int) -> frozenset[int]:
-        members = self._call("smembers", _key("pending", session_id))
+        try:
+            members = self._call("smembers", _key("pending", session_id))
+        except SessionStoreUnavailable as err:
+            if not isinstance(err.__cause__, self._response_error):  # unreachable: the request cannot go on
+                raise
+            log.warning("session store: ignoring session %d's pending items: %s", session_id, err)
+            return frozenset()  # not a set (written by something else): nothing left out
         items = frozenset(int(m) for m in members if m.isdigit() and int(m) < 2**63)
         if len(items) != len(members):
             log.warning("session store: ignoring malformed pending items of session %d", session_id)
@@ -318,20 +335,24 @@ class RedisSessions:
         raw = self._call("getdel", _key("page", request_id))
         page = _parsed(raw, Page.from_json, f"page {request_id!r}")
         if page is not None and page.items:
-            self._call("srem", _key("pending", page.session.session_id), *page.items)
+            try:  # the page is claimed: failing here must not turn its feedback into a 503 whose retry is a 404
+                self._call("srem", _key("pending", page.session.session_id), *page.items)
+            except SessionStoreUnavailable as err:
+                log.warning("session store: page %r's items stay pending: %s", request_id, err)
         return raw is not None
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
             return getattr(self._redis, method)(*args, **kwargs)
         except self._redis_error as err:  # connection, timeout, auth, ...: the caller sees one kind
-            raise _unavailable(err) from None
+            raise _unavailable(err) from err
 
     def _run(self, pipe: Any) -> list[Any]:
+        """A pipeline's replies, a command's error among them (the connection's raises)."""
         try:
-            return pipe.execute()
+            return pipe.execute(raise_on_error=False)
         except self._redis_error as err:
-            raise _unavailable(err) from None
+            raise _unavailable(err) from err
 
 
 def _unavailable(err: Exception) -> SessionStoreUnavailable:
