@@ -234,13 +234,14 @@ class LocalSessions:
     def claim(self, request_id: str) -> bool:
         with self._lock:
             page = self._pages.pop(request_id, None)
-            sid = page.session.session_id if page is not None else None
-            if page is not None and (items := self._pending.get(sid)) is not None:
-                if left := items - frozenset(page.items):
-                    self._pending[sid] = left
-                else:
-                    del self._pending[sid]
-            return page is not None
+            if page is None:
+                return False
+            sid = page.session.session_id
+            if left := self._pending.get(sid, frozenset()) - frozenset(page.items):
+                self._pending[sid] = left
+            else:
+                self._pending.pop(sid, None)
+            return True
 
 
 class RedisSessions:
@@ -301,9 +302,8 @@ class RedisSessions:
 
     def add_page(self, page: Page) -> None:
         pending = _key("pending", page.session.session_id)
-        pipe = (
-            self._redis.pipeline()
-        )  # one round trip, MULTI/EXEC: the pending items never without their expiry
+        # one round trip, MULTI/EXEC: the pending items never without their expiry
+        pipe = self._redis.pipeline()
         pipe.set(_key("page", page.request_id), page.to_json(), ex=int(SESSION_TTL_S))
         if page.items:
             pipe.sadd(pending, *page.items)
