@@ -1,12 +1,12 @@
 """The user_behaviour row a session's requests read: the store's row at the session's start, plus its own pages.
 
 Training reads, at every request, the user's behaviour with the same session's pages answered so far (the
-training set's point-in-time join; the simulator's running totals). The online store's row changes only when a
-materialisation runs, a batch: read at every request, it would leave the session's own pages out from its second
-page on (the skew docs/features.md measured). So a session carries its user's totals: the row its first request
-read, each answered page added as its feedback arrives, with the simulator's arithmetic
-(:class:`unexrl.sim.behaviour.Totals`). The row is read once per session: a materialisation during the session may
-already hold some of its pages, which would then count twice.
+training set's point-in-time join; the simulator's running totals). A materialisation, a batch, cannot keep the
+online store's row that fresh (the skew docs/features.md measured). So a session carries its user's totals: the
+row its first request read, each answered page added as its feedback arrives, with the simulator's arithmetic
+(:class:`unexrl.sim.behaviour.Totals`), in its own record, which a failed write to the feature store does not
+lose. The row is read once per session: later it may already hold some of the session's pages, which would then
+count twice.
 
 Each feedback also pushes the totals back as the user's row (:meth:`SessionBehaviour.row`): the row a
 materialisation of the logs up to that page would write, so the user's next session starts from this one's pages
