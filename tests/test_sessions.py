@@ -60,6 +60,29 @@ def test_a_page_expires_with_its_session_in_the_process_too() -> None:
     assert store.page("late") is None
 
 
+def test_the_process_store_drops_idle_records_as_redis_does_without_counting_evictions() -> None:
+    """Records idle for SESSION_TTL_S leave the process's tables as Redis expires them: the eviction counter then
+    counts only records dropped at the bound, which is what it reports."""
+    store = LocalSessions()
+    old = time.time() - SESSION_TTL_S - 1
+    stale = SessionState(session_id=4501, user_id=7, touched=old)
+    store.save(stale)
+    store.add_page(replace(_page("old", stale), served_at=old))
+    before = {
+        r: REGISTRY.get_sample_value("unexrl_session_store_evictions_total", {"record": r})
+        for r in ("page", "session")
+    }
+    fresh = SessionState(session_id=4502, user_id=7)
+    store.save(fresh)
+    store.add_page(_page("new", fresh))
+    assert list(store._sessions) == [4502] and list(store._pages) == ["new"]
+    after = {
+        r: REGISTRY.get_sample_value("unexrl_session_store_evictions_total", {"record": r})
+        for r in ("page", "session")
+    }
+    assert after == before
+
+
 def test_a_page_is_claimed_once_and_sessions_round_trip(store: Sessions) -> None:
     behaviour = SessionBehaviour(2, 1, 3, 1, 0, 12.5, 1.5, 30.0, [12.5, 0.0], [0.0, 0.5, 1.0], 3)
     state = SessionState(session_id=41, user_id=7, step=3, history=[5, 6], behaviour=behaviour)

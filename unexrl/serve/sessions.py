@@ -189,7 +189,7 @@ class LocalSessions:
 
     def save(self, state: SessionState) -> None:
         with self._lock:
-            _bounded_put(self._sessions, state.session_id, state, MAX_CACHED_SESSIONS, "session")
+            _bounded_put(self._sessions, state.session_id, state, MAX_CACHED_SESSIONS, "session", _touched)
 
     def update(self, session_id: int, request_id: str, change: Change) -> tuple[SessionState, bool] | None:
         with self._lock:
@@ -201,9 +201,9 @@ class LocalSessions:
             if write and ended:
                 self._sessions.pop(session_id, None)
                 self._pending.pop(session_id, None)
-                _bounded_put(self._ended, session_id, after, MAX_CACHED_SESSIONS, "ended_session")
+                _bounded_put(self._ended, session_id, after, MAX_CACHED_SESSIONS, "ended_session", _touched)
             elif write:
-                _bounded_put(self._sessions, session_id, after, MAX_CACHED_SESSIONS, "session")
+                _bounded_put(self._sessions, session_id, after, MAX_CACHED_SESSIONS, "session", _touched)
             return after, ended
 
     def _open(self, session_id: int) -> SessionState | None:
@@ -216,7 +216,7 @@ class LocalSessions:
 
     def add_page(self, page: Page) -> None:
         with self._lock:
-            _bounded_put(self._pages, page.request_id, page, MAX_PENDING_PAGES, "page")
+            _bounded_put(self._pages, page.request_id, page, MAX_PENDING_PAGES, "page", _served)
             sid = page.session.session_id
             items = self._pending.get(sid, frozenset()) | frozenset(page.items)
             _bounded_put(self._pending, sid, items, MAX_CACHED_SESSIONS, "pending")
@@ -413,10 +413,30 @@ def _redis_options(address: str) -> dict[str, Any]:
     return out
 
 
-def _bounded_put(table: OrderedDict[Any, Any], key: Any, value: Any, limit: int, record: str) -> None:
-    """Put ``key`` last; past ``limit`` the oldest records go, counted (EVICTIONS) so that a bound reached is seen."""
+def _touched(state: SessionState) -> float:
+    return state.touched
+
+
+def _served(page: Page) -> float:
+    return page.served_at
+
+
+def _bounded_put(
+    table: OrderedDict[Any, Any],
+    key: Any,
+    value: Any,
+    limit: int,
+    record: str,
+    touched: Callable[[Any], float] | None = None,
+) -> None:
+    """Put ``key`` last. The oldest records idle for SESSION_TTL_S (``touched``: a record's last use) go first, as
+    Redis expires them, uncounted; past ``limit`` the oldest go, counted (EVICTIONS) so that a bound reached is
+    seen."""
     table[key] = value
     table.move_to_end(key)
+    now = time.time()
+    while table and touched is not None and now - touched(next(iter(table.values()))) >= SESSION_TTL_S:
+        table.popitem(last=False)
     while len(table) > limit:
         table.popitem(last=False)
         EVICTIONS.labels(record).inc()
