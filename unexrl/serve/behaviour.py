@@ -51,10 +51,9 @@ class SessionBehaviour:
     @staticmethod
     def of_row(row: Mapping[str, Any], cfg: Config) -> SessionBehaviour:
         """The totals of the user's row as the store serves it (``OnlineFeatures.user``)."""
-        ids = row.get(f"{PREFIX}recent_item_ids") or []
-        return SessionBehaviour._of(
-            Totals.of_row(row, cfg), [int(i) for i in ids][-cfg.features.recent_items :]
-        )
+        ids = row.get(f"{PREFIX}recent_item_ids")
+        recent = [int(i) for i in ids][-cfg.features.recent_items :] if isinstance(ids, list | tuple) else []
+        return SessionBehaviour._of(Totals.of_row(row, cfg), recent)
 
     def with_page(
         self,

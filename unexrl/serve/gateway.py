@@ -119,9 +119,8 @@ class Gate:
             return
         names = [name for name, _ in scope["headers"]]
         for name in (b"authorization", b"content-type"):
-            if (
-                names.count(name) > 1
-            ):  # a dict keeps the last, the app reads the first: check the one it reads
+            # sent twice, the check below would read the last and BentoML the first
+            if names.count(name) > 1:
                 header = name.decode().title()
                 await respond(send, 400, f"send one {header} header, not {names.count(name)}", header)
                 return
