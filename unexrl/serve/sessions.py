@@ -31,6 +31,7 @@ from prometheus_client import Counter
 from pydantic import Field, TypeAdapter
 
 from unexrl.features.schema import SESSION_TTL_S
+from unexrl.serve.api import INT64_MAX, INT64_MIN
 from unexrl.serve.behaviour import SessionBehaviour
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,11 @@ KEY_PREFIX = "unexrl:serving:"
 _OLD_ENDED = b"1"
 """an ended session's marker as written before it held the final state"""
 T = TypeVar("T")
-Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
-Index = Annotated[int, Field(ge=0, lt=2**63)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Index = Annotated[int, Field(ge=0, le=INT64_MAX)]
 """an id or count a stored record may hold: torch takes it as an int64"""
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 Amount = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Moment = Annotated[float, Field(allow_inf_nan=False)]
-Action = Annotated[float, Field(allow_inf_nan=False)]
 
 
 @dataclass
@@ -74,7 +74,7 @@ class SessionState:
     last_watch_fraction: Amount = 0.5
     history: list[Index] = field(default_factory=list)
     """recently viewed item ids, oldest first, at most session.history_window"""
-    touched: Moment = field(default_factory=time.time)
+    touched: Finite = field(default_factory=time.time)
     """wall-clock time the session was issued or last had feedback (replicas share it)"""
     counted: list[str] = field(default_factory=list)
     """the request ids whose feedback the session counts (at most session.max_requests)"""
@@ -92,12 +92,12 @@ class Page:
     session: SessionState
     """the session as it was when the page was chosen"""
     items: list[Index]
-    actions: list[list[Action]]
+    actions: list[list[Finite]]
     candidates: list[Index]
     """how many candidates each stage ranked"""
     cold_start: bool
     degraded: bool
-    served_at: Moment
+    served_at: Finite
     """wall-clock time it was served"""
 
     def to_json(self) -> str:
