@@ -618,14 +618,15 @@ def test_analysis_queries_the_serving_recording_rules():
         assert arg["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['unexrl.io/model-version']"
 
 
-def _session_series(version: str, watch_per_minute: float, sessions_per_minute: int) -> list[dict]:
-    """A serving version's session watch-time histogram (sum and count) over 20 minutes, for promtool."""
+def _session_series(version: str, watch_per_minute: float, sessions_per_minute: float) -> list[dict]:
+    """A serving version's ended sessions and their watch time (its shares of them) over 20 minutes, for
+    promtool."""
     return [
-        {
-            "series": f'unexrl_session_watch_time_seconds_{part}{{model_version="{version}"}}',
-            "values": f"0+{step}x20",
-        }
-        for part, step in (("sum", watch_per_minute), ("count", sessions_per_minute))
+        {"series": f'{name}{{model_version="{version}"}}', "values": f"0+{step}x20"}
+        for name, step in (
+            ("unexrl_session_watch_time_seconds_total", watch_per_minute),
+            ("unexrl_sessions_ended_total", sessions_per_minute),
+        )
     ]
 
 

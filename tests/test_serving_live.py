@@ -6,8 +6,10 @@ user features from it and keep sessions and pending pages on the same Redis (UNE
 - either replica gives the same page for the same request, feedback is accepted by the replica that did not
   serve the page, and only once across both;
 - `unexrl traffic` round-robin over both replicas (every feedback on the other replica) runs every session to its
-  end without an error, the replicas' long-term-reward metrics add up to what the simulated users did, a real
-  Prometheus scraping both returns data for every recording rule, and the feature fallback counter stays at 0.
+  end without an error, the replicas' long-term-reward metrics add up to what the simulated users did, each
+  replica credits the sessions of the other's pages to the other's model (the replicas serve two model versions,
+  as during a canary), a real Prometheus scraping both returns data for every recording rule, and the feature
+  fallback counter stays at 0.
 """
 
 from __future__ import annotations
@@ -46,15 +48,17 @@ def live_env(
 
 @pytest.fixture(scope="module")
 def replicas(
-    small_actors: Path, live_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    small_actors: Path, cem_artifact: Path, live_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Endpoint, Endpoint]]:
+    """A stable replica (the trained actors) and a canary one (CEM): two model versions, as during a canary."""
     logs = tmp_path_factory.mktemp("replicas")
-    tag, _ = import_model(small_actors, model_name="unexrl-live")
+    stable, _ = import_model(small_actors, model_name="unexrl-live")
+    canary, _ = import_model(cem_artifact, model_name="unexrl-live-canary")
     env = live_env | {"UNEXRL_API_TOKEN": secrets.token_urlsafe(32)}  # one token, as behind one gateway
     with ExitStack() as stack:
         a, b = (
             stack.enter_context(local_service(tag, env=env, log_file=logs / f"{name}.log"))
-            for name in ("a", "b")
+            for name, tag in (("a", stable), ("b", canary))
         )
         yield a, b
 
@@ -91,8 +95,8 @@ def test_either_replica_serves_the_session(replicas: tuple[Endpoint, Endpoint]) 
             assert _post(b, "/feedback", body).status_code == 404  # accepted once, whichever replica is asked
 
 
-def _samples(service: Endpoint, name: str) -> float:
-    return prom.scraped_total(service.url, name)
+def _samples(service: Endpoint, name: str, version: str | None = None) -> float:
+    return prom.scraped_total(service.url, name, None if version is None else {"model_version": version})
 
 
 def test_round_robin_traffic_adds_up_and_prometheus_has_every_rule(
@@ -103,10 +107,13 @@ def test_round_robin_traffic_adds_up_and_prometheus_has_every_rule(
     a, b = replicas
     names = (
         "unexrl_sessions_ended_total",
-        "unexrl_session_watch_time_seconds_sum",
+        "unexrl_session_watch_time_seconds_total",
         "unexrl_feedback_rejected_total",
     )
     before = {n: _samples(a, n) + _samples(b, n) for n in names}
+    version = {s: _post(s, "/version", {}).json()["model_version"] for s in (a, b)}
+    # what each replica records under the other's model: the sessions of the pages the other chose
+    crossed = {s: _samples(s, names[0], version[o]) for s, o in ((a, b), (b, a))}
     rules = prom.write_rules_file(tmp_path / "rules.yaml")
     groups = yaml.safe_load(rules.read_text())["groups"]
     records = [r["record"] for g in groups for r in g["rules"] if "record" in r]
@@ -124,8 +131,10 @@ def test_round_robin_traffic_adds_up_and_prometheus_has_every_rule(
         missing = prom.missing_data(url, records)
         assert not missing, f"no data for: {missing}"
     after = {n: _samples(a, n) + _samples(b, n) for n in names}
-    assert after[names[0]] - before[names[0]] == 16
+    assert after[names[0]] - before[names[0]] == pytest.approx(16)
     assert after[names[1]] - before[names[1]] == pytest.approx(traffic["watch_time_s"], rel=1e-4)
     assert after[names[2]] == before[names[2]]  # no feedback refused: every replica found every page
+    # every feedback reached the replica that did not choose its page: its session is credited to the page's model
+    assert all(_samples(s, names[0], version[o]) > crossed[s] for s, o in ((a, b), (b, a)))
     fallbacks = "unexrl_feature_store_fallbacks_total"
     assert _samples(a, fallbacks) + _samples(b, fallbacks) == 0

@@ -20,6 +20,8 @@ from prometheus_client import REGISTRY, Histogram
 
 from unexrl.config import Config
 from unexrl.features import schema as fs
+from unexrl.policies.artifact import save_weight_policy
+from unexrl.policies.weights import WeightPolicy, greedy_weights
 from unexrl.serve.api import FeedbackItem
 from unexrl.serve.behaviour import SessionBehaviour
 from unexrl.serve.engine import Recommender, UnknownRequest
@@ -41,7 +43,7 @@ from unexrl.user_features import cold_inputs, served_inputs, user_inputs
 
 
 def _page(request_id: str, session: SessionState) -> Page:
-    return Page(request_id, session.user_id, session, [1, 2], [[0.5]], [10], False, False, time.time())
+    return Page(request_id, session.user_id, session, [1, 2], [[0.5]], [10], False, False, time.time(), "v1")
 
 
 @pytest.fixture(params=["local", "redis"])
@@ -85,7 +87,9 @@ def test_the_process_store_drops_idle_records_as_redis_does_without_counting_evi
 
 def test_a_page_is_claimed_once_and_sessions_round_trip(store: Sessions) -> None:
     behaviour = SessionBehaviour(2, 1, 3, 1, 0, 12.5, 1.5, 30.0, [12.5, 0.0], [0.0, 0.5, 1.0], 3)
-    state = SessionState(session_id=41, user_id=7, step=3, history=[5, 6], behaviour=behaviour)
+    state = SessionState(
+        session_id=41, user_id=7, step=3, history=[5, 6], behaviour=behaviour, served_by={"v1": 2, "v2": 1}
+    )
     store.save(state)
     assert store.session(41) == state
     page = _page("r1", state)
@@ -210,7 +214,15 @@ def test_a_malformed_redis_record_is_treated_as_absent(redis_address: str) -> No
 
 
 @pytest.mark.parametrize(
-    "spoil", [{"step": 10**20}, {"history": [-5]}, {"watch_time_s": float("inf")}, {"user_id": 2**64}]
+    "spoil",
+    [
+        {"step": 10**20},
+        {"history": [-5]},
+        {"watch_time_s": float("inf")},
+        {"user_id": 2**64},
+        {"served_by": {"v1": -1}},
+        {"served_by": {'v1",le="+Inf': 1}},  # a version that is no version: it would become a metric label
+    ],
 )
 def test_a_redis_record_out_of_range_is_treated_as_absent(redis_address: str, spoil: dict[str, Any]) -> None:
     """Strictly typed is not enough: a stored integer past int64 (torch would raise on it: a 500 on every request
@@ -261,6 +273,7 @@ def test_a_redis_record_of_the_wrong_types_is_treated_as_absent(redis_address: s
         ("served_at", "now"),
         ("items", "abc"),
         ("session", {**asdict(state), "history": ["a"]}),
+        ("model_version", "no version"),
     ):
         raw.set(f"{KEY_PREFIX}page:typed", json.dumps(asdict(_page("typed", state)) | {name: value}))
         assert store.page("typed") is None, name
@@ -299,6 +312,57 @@ def test_every_page_of_a_session_counts_in_it(engine: Recommender) -> None:
     assert (result.session.step, result.session.items_watched, result.session.watch_time_s) == (2, 2, 3.0)
     assert result.session.history[-2:] == [first.items[0], second.items[0]]
     assert engine.sessions.pending(first.session.session_id) == frozenset()  # both answered: nothing left out
+
+
+def _counted(name: str, version: str) -> float:
+    return REGISTRY.get_sample_value(name, {"model_version": version}) or 0.0
+
+
+def test_a_sessions_reward_is_shared_by_the_models_that_chose_its_pages(
+    engine: Recommender, tmp_path: Path
+) -> None:
+    """During a canary any replica serves any page of a session and receives any feedback. Each page's feedback is
+    recorded under the version that chose the page, and the ended session under the versions of its pages, each by
+    its share of them: not all under the replica that received the last feedback, which would make both sides'
+    rewards the same mix of both models' sessions."""
+    cfg = engine.cfg
+    greedy = save_weight_policy(
+        WeightPolicy(greedy_weights(cfg.cascade), cfg.cascade), tmp_path / "greedy", cfg, "greedy"
+    )
+    store = LocalSessions()
+    stable, canary = _with_sessions(engine, store), Recommender(cfg, greedy, sessions=store, role="canary")
+    assert stable.version != canary.version
+    names = ("unexrl_sessions_ended_total", "unexrl_session_watch_time_seconds_total")
+    before = {(n, r.version): _counted(n, r.version) for n in names for r in (stable, canary)}
+    watched = {r.version: _observations(ITEM_WATCH_TIME, r.version) for r in (stable, canary)}
+    first = stable.recommend(11)
+    session = first.session.session_id
+    pages = [first, canary.recommend(11, session), stable.recommend(11, session)]
+    for i, (page, receiver) in enumerate(zip(pages, (canary, stable, canary))):  # each on the other side
+        item = FeedbackItem(item_id=page.items[0], watch_time_s=float(2**i))
+        result = receiver.feedback(page.request_id, session, [item], session_end=i == 2)
+    assert result.ended and result.session.served_by == {stable.version: 2, canary.version: 1}
+    for version, share in ((stable.version, 2 / 3), (canary.version, 1 / 3)):
+        ended, watch = (_counted(n, version) - before[n, version] for n in names)
+        assert ended == pytest.approx(share) and watch == pytest.approx(share * 7.0)
+    assert _observations(ITEM_WATCH_TIME, stable.version) == watched[stable.version] + 2
+    assert _observations(ITEM_WATCH_TIME, canary.version) == watched[canary.version] + 1
+
+
+def test_a_page_stored_before_pages_named_their_model_is_the_receivers(engine: Recommender) -> None:
+    """A page a replica of an earlier release stored (no model version) is credited to the replica that receives
+    its feedback, as every page was before."""
+    store = LocalSessions()
+    served = _with_sessions(engine, store)
+    page = served.recommend(12)
+    store.add_page(replace(page, model_version=None))
+    result = served.feedback(
+        page.request_id,
+        page.session.session_id,
+        [FeedbackItem(item_id=page.items[0], watch_time_s=1.0)],
+        True,
+    )
+    assert result.session.served_by == {engine.version: 1}
 
 
 def test_a_sessions_pending_items_follow_its_pages(store: Sessions) -> None:

@@ -40,7 +40,7 @@ from unexrl.features.client import FeatureClient, OnlineFeatures
 from unexrl.serve import metrics as m
 from unexrl.serve.api import SESSION_ID_MAX, FeedbackItem
 from unexrl.serve.behaviour import SessionBehaviour
-from unexrl.serve.sessions import LocalSessions, Page, Sessions, SessionState
+from unexrl.serve.sessions import LocalSessions, Page, Sessions, SessionState, shares
 from unexrl.sim.env import Policy, SessionBatch, Simulator
 from unexrl.sim.world import World
 from unexrl.user_features import served_inputs
@@ -232,6 +232,7 @@ class Recommender:
             cold_start=not known,
             degraded=online.degraded,
             served_at=time.time(),
+            model_version=self.version,
         )
         if session_id is None:  # issued with this page: its next one may be asked for before any feedback
             self.sessions.save(session)
@@ -394,6 +395,8 @@ class Recommender:
         click, like = [answered[i].click for i in viewed], [answered[i].like for i in viewed]
         fractions = [w / float(duration[i]) for w, i in zip(watch, viewed)]
         max_requests, window = self.cfg.session.max_requests, self.cfg.session.history_window
+        # the page's reward is its model's, not this replica's (during a canary the two may differ)
+        chose = page.model_version or self.version
 
         def with_page(session: SessionState) -> SessionBehaviour | None:
             behaviour = self._behaviour(session)
@@ -423,6 +426,7 @@ class Recommender:
                 history=(before.history + viewed)[-window:],
                 touched=time.time(),
                 behaviour=with_page(before),
+                served_by=before.served_by | {chose: before.served_by.get(chose, 0) + 1},
             )
             return after, session_end or after.step >= max_requests
 
@@ -434,16 +438,12 @@ class Recommender:
         if not self.sessions.claim(request_id):
             raise _unknown_page(request_id, session_id)
         after, ended = outcome
-        v = self.version
-        m.FEEDBACK_LAG.labels(v).observe(max(time.time() - page.served_at, 0.0))
+        m.FEEDBACK_LAG.labels(chose).observe(max(time.time() - page.served_at, 0.0))
         for w in watch:
-            m.ITEM_WATCH_TIME.labels(v).observe(w)
+            m.ITEM_WATCH_TIME.labels(chose).observe(w)
         # the session's totals count once: when this page ended it (not one counted before, answered again)
         if ended and after.counted[-1] == request_id:
-            m.SESSION_WATCH_TIME.labels(v).observe(after.watch_time_s)
-            m.SESSION_ITEMS.labels(v).observe(after.items_watched)
-            m.SESSION_REQUESTS.labels(v).observe(after.step)
-            m.SESSIONS_ENDED.labels(v).inc()
+            _observe_ended(after)
         at = datetime.now(UTC)
         state = (
             (-1, 0, 0, 0.0, 0.5)  # no session open: the view's defaults
@@ -513,3 +513,13 @@ def _marking(act: ActFn, marks: list[float]) -> ActFn:
         return act(view)
 
     return timed
+
+
+def _observe_ended(session: SessionState) -> None:
+    """An ended session's reward and length, shared among the model versions that chose its pages (each by its
+    share of them): summed over versions, the session counts once."""
+    for version, share in shares(session.served_by).items():
+        m.SESSIONS_ENDED.labels(version).inc(share)
+        m.SESSION_WATCH_TIME.labels(version).inc(share * session.watch_time_s)
+        m.SESSION_ITEMS.labels(version).inc(share * session.items_watched)
+        m.SESSION_REQUESTS.labels(version).inc(share * session.step)

@@ -29,8 +29,6 @@ _LATENCY_BUCKETS = (
     2.5,
 )
 _WATCH_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
-_SESSION_WATCH_BUCKETS = (10, 30, 60, 120, 240, 480, 900, 1800, 3600, 7200)
-_COUNT_BUCKETS = (1, 2, 3, 5, 8, 12, 20, 30, 50, 80, 120, 200, 400)
 _CANDIDATE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _ACTION_BUCKETS = tuple(round(-1.0 + 0.2 * i, 1) for i in range(11))
 _LAG_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 900, 1800)
@@ -74,32 +72,35 @@ COLD_START_REQUESTS = Counter(
 )
 ITEM_WATCH_TIME = Histogram(
     "unexrl_item_watch_time_seconds",
-    "Seconds watched per viewed item, from /feedback",
+    "Seconds watched per viewed item, from /feedback, under the version that chose its page",
     ["model_version"],
     buckets=_WATCH_BUCKETS,
 )
-SESSION_WATCH_TIME = Histogram(
+# An ended session counts once in all, shared among the model versions that chose its pages in proportion to them
+# (unexrl.serve.sessions.shares): the means per version are ratios of these counters' rates.
+SESSIONS_ENDED = Counter(
+    "unexrl_sessions_ended",
+    "Sessions ended by /feedback, each shared among the model versions that chose its pages",
+    ["model_version"],
+)
+SESSION_WATCH_TIME = Counter(
     "unexrl_session_watch_time_seconds",
-    "Seconds watched per ended session: the long-term reward",
+    "Seconds watched in ended sessions, shared as sessions ended: the long-term reward",
     ["model_version"],
-    buckets=_SESSION_WATCH_BUCKETS,
 )
-SESSION_ITEMS = Histogram(
+SESSION_ITEMS = Counter(
     "unexrl_session_items",
-    "Items viewed per ended session",
+    "Items viewed in ended sessions, shared as sessions ended",
     ["model_version"],
-    buckets=_COUNT_BUCKETS,
 )
-SESSION_REQUESTS = Histogram(
+SESSION_REQUESTS = Counter(
     "unexrl_session_requests",
-    "Requests (pages) per ended session",
+    "Requests (pages) of ended sessions, shared as sessions ended",
     ["model_version"],
-    buckets=_COUNT_BUCKETS,
 )
-SESSIONS_ENDED = Counter("unexrl_sessions_ended_total", "Sessions ended by /feedback", ["model_version"])
 FEEDBACK_LAG = Histogram(
     "unexrl_feedback_lag_seconds",
-    "Seconds from serving a page to receiving its feedback",
+    "Seconds from serving a page to receiving its feedback, under the version that chose the page",
     ["model_version"],
     buckets=_LAG_BUCKETS,
 )

@@ -114,9 +114,16 @@ def missing_data(url: str, exprs: list[str], timeout_s: float = 45.0) -> list[st
         time.sleep(1.0)
 
 
-def scraped_total(service_url: str, sample: str) -> float:
-    """The sum of every ``sample`` series on a service's /metrics, read directly (no Prometheus): 0 if absent."""
+def scraped_total(service_url: str, sample: str, labels: dict[str, str] | None = None) -> float:
+    """The sum of every ``sample`` series (with ``labels`` among theirs) on a service's /metrics, read directly (no
+    Prometheus): 0 if absent."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{service_url}/metrics", timeout=10.0).text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == sample)
+    want = (labels or {}).items()
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == sample and want <= s.labels.items()
+    )

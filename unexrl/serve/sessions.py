@@ -30,6 +30,7 @@ from typing import Annotated, Any, Protocol, TypeVar
 from prometheus_client import Counter
 from pydantic import Field, TypeAdapter
 
+from unexrl.contracts.release import VERSION
 from unexrl.features.schema import SESSION_TTL_S
 from unexrl.serve.api import INT64_MAX, INT64_MIN
 from unexrl.serve.behaviour import SessionBehaviour
@@ -62,6 +63,8 @@ Index = Annotated[int, Field(ge=0, le=INT64_MAX)]
 """an id or count a stored record may hold: torch takes it as an int64"""
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Amount = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+ModelVersion = Annotated[str, Field(pattern=VERSION)]
+"""a served artifact's version, as a stored record may name it (it becomes a metric label)"""
 
 
 @dataclass
@@ -83,6 +86,9 @@ class SessionState:
     (unexrl/serve/behaviour.py; n_categories + 9 numbers and up to 2 x recent_items, in each pending page's copy
     too); None when the store was unreachable at its start, or in a record written before sessions kept it: its
     requests read the store's row"""
+    served_by: dict[ModelVersion, Index] = field(default_factory=dict)
+    """how many of its counted pages each model version chose: an ended session's reward is shared among them
+    in proportion (:func:`shares`), whichever replica receives its feedback"""
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,9 @@ class Page:
     degraded: bool
     served_at: Finite
     """wall-clock time it was served"""
+    model_version: ModelVersion | None = None
+    """the version of the policy that chose it; None in a page stored before pages named it (its feedback is
+    then credited to the replica that receives it)"""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -108,6 +117,14 @@ class Page:
         """Parse a stored page, every field of its declared type (pydantic's strict mode): a record that says
         otherwise raises a ValueError, and the store treats it as absent."""
         return _PAGE.validate_json(text, strict=True)
+
+
+def shares(served_by: dict[str, int]) -> dict[str, float]:
+    """Each model version's share of a session: the fraction of its counted pages that version chose. A session
+    served by one version is wholly that version's; one whose pages were routed to both sides of a canary counts
+    for each in part, so neither side's reward is the other's."""
+    total = sum(served_by.values())
+    return {version: n / total for version, n in served_by.items() if n > 0}
 
 
 _PAGE = TypeAdapter(Page)
