@@ -618,27 +618,51 @@ def test_analysis_queries_the_serving_recording_rules():
         assert arg["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['unexrl.io/model-version']"
 
 
-def _session_series(version: str, watch_per_minute: float, sessions_per_minute: float) -> list[dict]:
-    """A serving version's ended sessions and their watch time (its shares of them) over 20 minutes, for
-    promtool."""
-    return [
-        {"series": f'{name}{{model_version="{version}"}}', "values": f"0+{step}x20"}
+def _session_series(
+    version: str, watch_per_minute: float, sessions_per_minute: float, served: bool = True, minutes: int = 20
+) -> list[dict]:
+    """A version's ended sessions and their watch time (its shares of them) over ``minutes``, for promtool; with
+    the model info a replica serving it exports, unless it is no longer ``served`` (only its sessions' last
+    pages are still counted, on the other version's pods)."""
+    counters = [
+        {"series": f'{name}{{model_version="{version}"}}', "values": f"0+{step}x{minutes}"}
         for name, step in (
             ("unexrl_session_watch_time_seconds_total", watch_per_minute),
             ("unexrl_sessions_ended_total", sessions_per_minute),
         )
     ]
+    info = {
+        "series": f'unexrl_model_info{{model_version="{version}",role="stable"}}',
+        "values": f"1x{minutes}",
+    }
+    return counters + ([info] if served else [])
 
 
-def test_the_reward_analysis_passes_fails_and_waits_as_documented(tmp_path):
-    """The canary's reward query on the shipped recording rules (promtool test rules): 1 at 99% of the stable's
-    mean watch time, 0 at 90%, and no result (inconclusive, not a failure) when the canary or every other version
-    ended no session in the window, whose 0/0 mean is NaN."""
+def _promtool_test(tmp_path: Path, tests: list[dict]) -> None:
+    """Run ``tests`` (promtool's unit-test cases) on the shipped rules."""
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (Debian package prometheus)")
     rules = tmp_path / "rules.yaml"
     rules.write_text(yaml.safe_dump({"groups": rendered_rules()["spec"]["groups"]}))
+    spec = tmp_path / "rules.test.yaml"
+    spec.write_text(yaml.safe_dump({"rule_files": [rules.name], "evaluation_interval": "1m", "tests": tests}))
+    done = subprocess.run(
+        [promtool, "test", "rules", spec.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_reward_analysis_passes_fails_and_waits_as_documented(tmp_path):
+    """The canary's reward query on the shipped recording rules (promtool test rules): 1 at 99% of the stable's
+    mean watch time, 0 at 90%, and no result (inconclusive, not a failure) when the canary or every other version
+    ended no session in the window, whose 0/0 mean is NaN. A version no replica serves any more is not the
+    stable one, however well its last sessions did."""
     tmpl = one(render("overlays/prod"), "AnalysisTemplate", "unexrl-canary")
     (metric,) = [m for m in tmpl["spec"]["metrics"] if m["name"] == "long-term-reward-vs-stable"]
     ratio = next(a["value"] for a in tmpl["spec"]["args"] if a["name"] == "min-reward-ratio")
@@ -655,7 +679,8 @@ def test_the_reward_analysis_passes_fails_and_waits_as_documented(tmp_path):
             "input_series": _session_series("stable", 1000, 1)
             + _session_series("better", 990, 1)
             + _session_series("worse", 900, 1)
-            + _session_series("idle", 0, 0),
+            + _session_series("idle", 0, 0)
+            + _session_series("retired", 2000, 0.5, served=False),
             "promql_expr_test": [expect("better", 1), expect("worse", 0), expect("idle", None)],
         },
         {
@@ -664,17 +689,37 @@ def test_the_reward_analysis_passes_fails_and_waits_as_documented(tmp_path):
             "promql_expr_test": [expect("canary", None)],
         },
     ]
-    spec = tmp_path / "analysis.test.yaml"
-    spec.write_text(yaml.safe_dump({"rule_files": [rules.name], "evaluation_interval": "1m", "tests": tests}))
-    done = subprocess.run(
-        [promtool, "test", "rules", spec.name],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    _promtool_test(tmp_path, tests)
+
+
+def test_no_sessions_alert_fires_for_a_served_version_only(tmp_path):
+    """A served version whose sessions stop ending raises UnexrlNoSessionsEnding; a version no replica serves any
+    more, whose counters the remaining pods keep at a rate of 0, does not."""
+    quiet = _session_series("stable", 0, 0, minutes=40) + _session_series(
+        "gone", 0, 0, served=False, minutes=40
     )
-    assert done.returncode == 0, done.stdout + done.stderr
+    labels = {"model_version": "stable", "severity": "ticket"}
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": quiet,
+            "alert_rule_test": [
+                {
+                    "eval_time": "30m",
+                    "alertname": "UnexrlNoSessionsEnding",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": labels,
+                            "exp_annotations": {
+                                "summary": "model stable: no session ended for 15 minutes (feedback not arriving?)"
+                            },
+                        }
+                    ],
+                }
+            ],
+        }
+    ]
+    _promtool_test(tmp_path, tests)
 
 
 def dashboard_exprs(dashboard: dict) -> list[str]:

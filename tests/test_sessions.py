@@ -222,6 +222,7 @@ def test_a_malformed_redis_record_is_treated_as_absent(redis_address: str) -> No
         {"user_id": 2**64},
         {"served_by": {"v1": -1}},
         {"served_by": {'v1",le="+Inf': 1}},  # a version that is no version: it would become a metric label
+        {"served_by": {f"v{i}": 1 for i in range(9)}},  # more versions than a session lives through
     ],
 )
 def test_a_redis_record_out_of_range_is_treated_as_absent(redis_address: str, spoil: dict[str, Any]) -> None:
@@ -325,13 +326,8 @@ def test_a_sessions_reward_is_shared_by_the_models_that_chose_its_pages(
     recorded under the version that chose the page, and the ended session under the versions of its pages, each by
     its share of them: not all under the replica that received the last feedback, which would make both sides'
     rewards the same mix of both models' sessions."""
-    cfg = engine.cfg
-    greedy = save_weight_policy(
-        WeightPolicy(greedy_weights(cfg.cascade), cfg.cascade), tmp_path / "greedy", cfg, "greedy"
-    )
     store = LocalSessions()
-    stable, canary = _with_sessions(engine, store), Recommender(cfg, greedy, sessions=store, role="canary")
-    assert stable.version != canary.version
+    stable, canary = _with_sessions(engine, store), _canary(engine, store, tmp_path)
     names = ("unexrl_sessions_ended_total", "unexrl_session_watch_time_seconds_total")
     before = {(n, r.version): _counted(n, r.version) for n in names for r in (stable, canary)}
     watched = {r.version: _observations(ITEM_WATCH_TIME, r.version) for r in (stable, canary)}
@@ -349,20 +345,52 @@ def test_a_sessions_reward_is_shared_by_the_models_that_chose_its_pages(
     assert _observations(ITEM_WATCH_TIME, canary.version) == watched[canary.version] + 1
 
 
-def test_a_page_stored_before_pages_named_their_model_is_the_receivers(engine: Recommender) -> None:
+def test_a_page_stored_before_pages_named_their_model_is_the_receivers(
+    engine: Recommender, tmp_path: Path
+) -> None:
     """A page a replica of an earlier release stored (no model version) is credited to the replica that receives
     its feedback, as every page was before."""
     store = LocalSessions()
-    served = _with_sessions(engine, store)
-    page = served.recommend(12)
+    stable, canary = _with_sessions(engine, store), _canary(engine, store, tmp_path)
+    page = stable.recommend(12)
     store.add_page(replace(page, model_version=None))
-    result = served.feedback(
+    result = canary.feedback(
         page.request_id,
         page.session.session_id,
         [FeedbackItem(item_id=page.items[0], watch_time_s=1.0)],
         True,
     )
-    assert result.session.served_by == {engine.version: 1}
+    assert result.session.served_by == {canary.version: 1}
+
+
+def test_records_of_the_release_before_are_read_with_defaults(redis_address: str) -> None:
+    """A session or page stored by a replica of the release before (no served_by, no model_version) is read, not
+    dropped as malformed: a rollout keeps its sessions."""
+    import redis
+
+    store = RedisSessions(redis_address)
+    state = SessionState(session_id=4601, user_id=3, step=1)
+    host, port = redis_address.split(":")
+    raw = redis.Redis(host=host, port=int(port))
+    raw.set(
+        f"{KEY_PREFIX}session:4601", json.dumps({k: v for k, v in asdict(state).items() if k != "served_by"})
+    )
+    assert store.session(4601) == state
+    page = {k: v for k, v in asdict(_page("old", state)).items() if k != "model_version"}
+    raw.set(f"{KEY_PREFIX}page:old", json.dumps(page))
+    stored = store.page("old")
+    assert stored is not None and stored.model_version is None
+
+
+def _canary(engine: Recommender, store: Sessions, tmp_path: Path) -> Recommender:
+    """Another model version (the greedy weights) serving from ``store`` beside the module's engine."""
+    cfg = engine.cfg
+    greedy = save_weight_policy(
+        WeightPolicy(greedy_weights(cfg.cascade), cfg.cascade), tmp_path / "greedy", cfg, "greedy"
+    )
+    canary = Recommender(cfg, greedy, sessions=store, role="canary")
+    assert canary.version != engine.version
+    return canary
 
 
 def test_a_sessions_pending_items_follow_its_pages(store: Sessions) -> None:
@@ -653,6 +681,7 @@ def test_feedback_answered_503_is_counted_once_when_retried(engine: Recommender)
     assert _observations(ITEM_WATCH_TIME, engine.version) == watched + 1
     state = store.session(page.session.session_id)
     assert state is not None and (state.step, state.counted) == (1, [page.request_id])
+    assert state.served_by == {engine.version: 1}
 
 
 class _OtherDeliveryClaimsFirst(LocalSessions):
@@ -681,6 +710,7 @@ def test_of_two_deliveries_of_one_feedback_only_the_claimer_records_it(engine: R
     assert _observations(ITEM_WATCH_TIME, engine.version) == watched  # the claimer records it, not this one
     state = store.session(page.session.session_id)
     assert state is not None and (state.step, state.counted) == (1, [page.request_id])
+    assert state.served_by == {engine.version: 1}
 
 
 def _with_sessions(engine: Recommender, store: Sessions) -> Recommender:

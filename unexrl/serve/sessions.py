@@ -54,6 +54,9 @@ for _record in ("page", "session", "ended_session", "pending"):
 MAX_TRANSACTION_ATTEMPTS = 20
 """Redis: how often a session's update is tried while other writers keep changing it, before a 503 (with a random
 wait of up to 1 ms times the attempt between tries)"""
+MAX_VERSIONS_PER_SESSION = 8
+"""how many model versions a stored session may name (each one a metric label when it ends): a session lives at
+most SESSION_TTL_S idle, during which a rollout or two may change the version; a record naming more is malformed"""
 KEY_PREFIX = "unexrl:serving:"
 _OLD_ENDED = b"1"
 """an ended session's marker as written before it held the final state"""
@@ -86,7 +89,9 @@ class SessionState:
     (unexrl/serve/behaviour.py; n_categories + 9 numbers and up to 2 x recent_items, in each pending page's copy
     too); None when the store was unreachable at its start, or in a record written before sessions kept it: its
     requests read the store's row"""
-    served_by: dict[ModelVersion, Index] = field(default_factory=dict)
+    served_by: Annotated[dict[ModelVersion, Index], Field(max_length=MAX_VERSIONS_PER_SESSION)] = field(
+        default_factory=dict
+    )
     """how many of its counted pages each model version chose: an ended session's reward is shared among them
     in proportion (:func:`shares`), whichever replica receives its feedback"""
 
@@ -124,7 +129,7 @@ def shares(served_by: dict[str, int]) -> dict[str, float]:
     served by one version is wholly that version's; one whose pages were routed to both sides of a canary counts
     for each in part, so neither side's reward is the other's."""
     total = sum(served_by.values())
-    return {version: n / total for version, n in served_by.items() if n > 0}
+    return {version: n / total for version, n in served_by.items() if n > 0}  # none when no page is counted
 
 
 _PAGE = TypeAdapter(Page)
