@@ -105,7 +105,11 @@ def build_features(config: str, config_overrides: list, logs: Input[Dataset], fe
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def materialize_features(
-    config: str, config_overrides: list, features: Input[Dataset], feature_store: Output[Artifact]
+    config: str,
+    config_overrides: list,
+    features: Input[Dataset],
+    feature_store: Output[Artifact],
+    serving_registry: str = "",
 ):
     """Feast apply + materialise the feature tables into this run's store (features.environment decides which).
 
@@ -114,13 +118,18 @@ def materialize_features(
         config_overrides: --set items applied to the configuration.
         features: The feature tables of build_features.
         feature_store: This run's Feast repository (definitions, registry, online store).
+        serving_registry: Where to publish this run's registry for the serving replicas (a file path, e.g. on the
+            PVC they mount); empty: not published.
     """
     from pathlib import Path
 
     from unexrl.pipeline import steps
 
     result = steps.materialize_features(
-        steps.resolve_config(config, config_overrides), Path(features.path), Path(feature_store.path)
+        steps.resolve_config(config, config_overrides),
+        Path(features.path),
+        Path(feature_store.path),
+        Path(serving_registry) if serving_registry else None,
     )
     feature_store.metadata.update({"start": result["start"], "end": result["end"]})
 

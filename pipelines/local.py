@@ -6,7 +6,8 @@ Every task runs as a subprocess of this Python (SubprocessRunner, use_venv=False
 under <out>/kfp/. The terminal gets one line per task as it starts and finishes, a progress bar for training and a
 closing summary; kfp.local's own output (every task's log, its input and output dumps) goes to
 <out>/logs/pipeline-<time>.log (pipelines/console.py). The GitOps repository is a bare git repository at <out>/manifests.git, seeded once from the
-project's k8s/ tree; the model registry is <out>/registry; the BentoML store is <out>/bentoml. Cluster settings
+project's k8s/ tree; the model registry is <out>/registry; the Feast registry for serving is published to
+<out>/feast/registry.db; the BentoML store is <out>/bentoml. Cluster settings
 (GPUs, node selectors, tolerations, PVCs) are ignored by kfp.local, with a warning.
 
 The continuous loop: the registry outlives a run, so the next run into the same <out> logs under the policy the last
@@ -46,7 +47,12 @@ def run_local(config: str, out: Path, overrides: list[str] | None = None, **para
     config_path = Path(config)
     if config_path.suffix in (".yaml", ".yml"):
         config = str(config_path.resolve())
-    params = {"registry": str(out / "registry"), "bentoml_home": str(out / "bentoml"), **params}
+    params = {
+        "registry": str(out / "registry"),
+        "serving_registry": str(out / "feast" / "registry.db"),
+        "bentoml_home": str(out / "bentoml"),
+        **params,
+    }
     root = out / "kfp"
     before = set(root.glob("*")) if root.is_dir() else set()
     log = out / "logs" / f"pipeline-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.log"

@@ -4,7 +4,8 @@ Environment:
   UNEXRL_MODEL          model store tag of the served policy (default unexrl-policy:latest; pinned in a bento)
   UNEXRL_SHADOW_MODEL   optional model store tag of a shadow policy: its actions become metrics, never pages
   UNEXRL_ROLE           role label of the served model's metrics: stable (default) or canary
-  UNEXRL_FEATURE_ENV    feature store environment (features.environment: local, redis, production)
+  UNEXRL_FEATURE_ENV    feature store environment (features.environment: local, redis, production, serving)
+  UNEXRL_FEAST_REGISTRY with serving: the registry file a pipeline run published
   UNEXRL_FEATURE_REPO   optional Feast repository folder (features.repo)
   UNEXRL_SESSION_STORE  local (default: sessions and pending pages in the process, one replica or sticky
                         sessions) or redis (shared by every replica, on UNEXRL_REDIS)

@@ -90,8 +90,15 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
         config="small", config_overrides=TINY, logs=a["logs"], features=a["features"]
     )
     c.materialize_features.python_func(
-        config="small", config_overrides=TINY, features=a["features"], feature_store=a["store"]
+        config="small",
+        config_overrides=TINY,
+        features=a["features"],
+        feature_store=a["store"],
+        serving_registry=str(d / "feast" / "registry.db"),
     )
+    assert (d / "feast" / "registry.db").read_bytes() == (
+        Path(a["store"].path) / "data" / "registry.db"
+    ).read_bytes()
     c.build_training_set.python_func(
         config="small",
         config_overrides=TINY,

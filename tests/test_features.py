@@ -269,6 +269,9 @@ def test_environment_files(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None
     assert local["online_store"]["type"] == "sqlite" and local["offline_store"]["type"] == "duckdb"
     redis = yaml.safe_load((repo / "environments" / "redis.yaml").read_text())
     assert redis["online_store"]["type"] == "redis" and redis["offline_store"]["type"] == "duckdb"
+    serving = yaml.safe_load((repo / "environments" / "serving.yaml").read_text())
+    assert serving["online_store"]["type"] == "redis" and "batch_engine" not in serving
+    assert serving["registry"]["path"] == "${UNEXRL_FEAST_REGISTRY}"  # what the pipeline publishes
     production = yaml.safe_load((repo / "environments" / "production.yaml").read_text())
     assert production["online_store"]["type"] == "redis"
     assert (
@@ -657,6 +660,47 @@ def test_redis_store_serves_what_sqlite_serves(
     assert from_redis.user["user_behaviour__requests"] == from_sqlite.user["user_behaviour__requests"]
     assert client.push_session(user, pd.Timestamp("2030-01-01T00:00:00Z"), 5, 1, 2, 3.0, 0.75)
     assert client.fetch(user, []).user["user_session__last_watch_fraction"] == 0.75
+
+
+def test_serving_reads_redis_through_the_published_registry(
+    cfg: Config,
+    features: Path,
+    tables: dict[str, pa.Table],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A serving replica opens the `serving` environment over its own copy of the definitions: it reads what a run
+    materialised into Redis through the registry that run published, writes neither that registry nor its copy of
+    the repository (both are read-only in a pod), and its item cache follows the next run's publication."""
+    from unexrl.features.client import FeatureClient
+
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not installed here and could not be installed (make test installs it)")
+    run = _with_features(cfg, repo=str(_repo_copy(tmp_path / "run")), environment="redis")
+    with local_redis() as address:  # its own: newer rows another test left would hide this one's second run
+        monkeypatch.setenv("UNEXRL_REDIS", address)
+        with pytest.raises(FileNotFoundError, match="apply and materialise"):
+            store.publish_registry(run, tmp_path / "feast" / "registry.db")  # nothing applied yet
+        feast = store.apply(run, features)
+        stamps = tables[fs.ITEM_STATS.name][fs.TIMESTAMP].combine_chunks().sort()
+        first, middle = stamps[0].as_py(), stamps[len(stamps) // 2].as_py()
+        feast.materialize(start_date=first, end_date=middle, feature_views=[v.name for v in fs.VIEWS])
+        published = store.publish_registry(run, tmp_path / "feast" / "registry.db")
+        monkeypatch.setenv(store.ENV_FEAST_REGISTRY, str(published))
+        replica_repo = _repo_copy(tmp_path / "replica")
+        untouched = {p: p.stat().st_mtime_ns for p in [*replica_repo.rglob("*"), published]}
+        replica = FeatureClient(
+            _with_features(cfg, repo=str(replica_repo), environment="serving", item_cache_check_s=3600.0)
+        )
+        user, items = int(tables[fs.USER_BEHAVIOUR.name]["user_id"][0].as_py()), list(range(40))
+        got, want = replica.fetch(user, items), FeatureClient(run).fetch(user, items)
+        assert not got.degraded and got.user == want.user and got.items == want.items
+        assert published.stat().st_mtime_ns == untouched.pop(published)
+        store.load_online(feast, features)  # the next run: a new materialisation, published
+        store.publish_registry(run, published)
+        replica.refresh_items()
+        assert replica.fetch(user, items).items == FeatureClient(run).fetch(user, items).items != got.items
+    assert {p: p.stat().st_mtime_ns for p in replica_repo.rglob("*")} == untouched
 
 
 def test_redis_down_degrades_without_raising(

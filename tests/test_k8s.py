@@ -12,7 +12,7 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -363,21 +363,51 @@ def test_secrets_only_by_reference(path):
                 )
 
 
-def test_feature_store_redis_in_dev_external_reference_elsewhere():
+def test_serving_reads_the_published_registry_and_redis_from_a_secret():
+    """Every environment's serving pods open the `serving` Feast environment: Redis from a Secret (the in-cluster
+    one in dev, a managed one in staging and prod) through the registry the recurring run's materialize step
+    publishes on the runs volume, mounted read-only; every ${VAR} of that environment is provided."""
+    from pipelines.continuous_training import DATA_MOUNT
+
     def feature_env(docs):
         cm = next(
             c for c in find(docs, "ConfigMap") if c["metadata"]["name"].startswith("unexrl-feature-store")
         )
         dep = one(docs, "Deployment", "unexrl-serving")
-        c = dep["spec"]["template"]["spec"]["containers"][0]
+        pod = dep["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
         assert [r["configMapRef"]["name"] for r in c["envFrom"]] == [cm["metadata"]["name"]]
-        return cm["data"], {e["name"]: e for e in c["env"]}
+        return cm["data"], {e["name"]: e for e in c["env"]}, pod, c
 
-    data, env = feature_env(render("overlays/dev"))
-    assert data["UNEXRL_FEATURE_ENV"] == "redis" and "UNEXRL_REDIS" not in data
-    assert data["UNEXRL_SESSION_STORE"] == "redis"  # replicas share sessions: no affinity needed
-    ref = env["UNEXRL_REDIS"]["valueFrom"]["secretKeyRef"]
-    assert ref == {"name": "feast-redis", "key": "connection-string"}
+    settings = yaml.safe_load((ROOT / "feature_repo/environments/serving.yaml").read_text())
+    wanted = set(re.findall(r"\$\{(\w+)\}", json.dumps(settings)))
+    for env_name, secret in (
+        ("dev", "feast-redis"),
+        ("staging", "unexrl-feast-online-store"),
+        ("prod", "unexrl-feast-online-store"),
+    ):
+        data, env, pod, container = feature_env(render(f"overlays/{env_name}"))
+        assert data["UNEXRL_FEATURE_ENV"] == "serving" and "UNEXRL_REDIS" not in data
+        assert data["UNEXRL_SESSION_STORE"] == "redis"  # replicas share sessions: no affinity needed
+        assert env["UNEXRL_REDIS"]["valueFrom"]["secretKeyRef"] == {
+            "name": secret,
+            "key": "connection-string",
+        }
+        assert wanted <= set(data) | set(env)
+        # the registry file is where the recurring run publishes it: serving_registry on its data_pvc
+        (mount,) = [
+            m for m in container["volumeMounts"] if data["UNEXRL_FEAST_REGISTRY"].startswith(m["mountPath"])
+        ]
+        assert mount["readOnly"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        params = kfp_params(env_name)
+        assert volume["persistentVolumeClaim"] == {"claimName": params["data_pvc"]}
+        published = str(params.get("serving_registry", pipeline_default("serving_registry")))
+        in_volume = PurePosixPath(mount["subPath"]) / PurePosixPath(
+            data["UNEXRL_FEAST_REGISTRY"]
+        ).relative_to(mount["mountPath"])
+        assert PurePosixPath(published) == PurePosixPath(DATA_MOUNT) / in_volume
+        assert find(render(f"overlays/{env_name}/platform"), "PersistentVolumeClaim", params["data_pvc"])
     dev_platform = render("overlays/dev/platform")
     redis = one(dev_platform, "Deployment", "feast-redis")
     assert one(dev_platform, "Service", "feast-redis")["spec"]["ports"][0]["port"] == 6379
@@ -390,16 +420,7 @@ def test_feature_store_redis_in_dev_external_reference_elsewhere():
         (e,) = [e for e in container["env"] if e["name"] == name]
         assert e["valueFrom"]["secretKeyRef"] == {"name": "feast-redis", "key": "password"}
     for env_name in ("staging", "prod"):
-        data, env = feature_env(render(f"overlays/{env_name}"))
-        assert data["UNEXRL_FEATURE_ENV"] == "production" and "UNEXRL_REDIS" not in data
-        assert data["UNEXRL_SESSION_STORE"] == "redis"
-        ref = env["UNEXRL_REDIS"]["valueFrom"]["secretKeyRef"]
-        assert ref == {"name": "unexrl-feast-online-store", "key": "connection-string"}
         assert not find(render(f"overlays/{env_name}/platform"), "Deployment", "feast-redis")
-        # every ${VAR} of the production Feast environment is provided
-        settings = yaml.safe_load((ROOT / "feature_repo/environments/production.yaml").read_text())
-        wanted = set(re.findall(r"\$\{(\w+)\}", json.dumps(settings)))
-        assert wanted <= set(data) | set(env)
 
 
 def pod_templates(doc: dict) -> list[tuple[dict, dict]]:
@@ -502,6 +523,19 @@ def test_training_runtime_targets_gpus_with_nccl(env):
     )
     assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in spec["volumes"]), "/dev/shm for NCCL"
     assert c["command"] == ["torchrun"] and c["args"][:3] == ["-m", "unexrl", "--"]
+
+
+def kfp_params(env: str) -> dict:
+    """The pipeline parameters of the environment's recurring run (its CronJob's KFP_PARAMS)."""
+    cron = one(render(f"overlays/{env}/platform"), "CronJob", "unexrl-continuous-training")
+    (c,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    return json.loads(next(e["value"] for e in c["env"] if e["name"] == "KFP_PARAMS"))
+
+
+def pipeline_default(name: str) -> object:
+    """A parameter's default in the compiled pipeline."""
+    compiled = next(yaml.safe_load_all((ROOT / "pipelines" / "unexrl_continuous_training.yaml").read_text()))
+    return compiled["root"]["inputDefinitions"]["parameters"][name]["defaultValue"]
 
 
 @pytest.mark.parametrize("env", ENVS)

@@ -26,6 +26,7 @@ from unexrl.environ import environ
 from unexrl.features import schema as fs
 from unexrl.features.build import verify_feature_tables
 from unexrl.features.storage import is_local, join, local_directory, normalize, write_parquet
+from unexrl.io import atomic_file
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 ENV_FEATURES_URI = "UNEXRL_FEATURES_URI"
 ENV_ENVIRONMENT = "UNEXRL_FEATURE_ENV"
+ENV_FEAST_REGISTRY = "UNEXRL_FEAST_REGISTRY"
+"""the registry file the ``serving`` environment reads (and ``production``'s registry URI)"""
 DEFINITIONS = "definitions.py"
 TRAINING_SET_FILE = "training_features.parquet"
 """written next to the logs' transitions.parquet by default"""
@@ -142,6 +145,27 @@ def materialize(cfg: Config, features: str | Path) -> dict[str, Any]:
     changed = [o.name for o in objects if isinstance(o, FeatureView) and _registered_differently(store, o)]
     store.apply(objects)
     return load_online(store, features, reload=changed)
+
+
+def publish_registry(cfg: Config, target: Path) -> Path:
+    """Copy the store's registry file to ``target`` in one rename, for serving replicas to read (the ``serving``
+    environment). A run applies and materialises with a registry of its own, so runs never race on one; serving
+    reads the last one published, which holds every view's definition and materialised interval (the item cache
+    reloads when it moves). Only a file registry is copied: the ``production`` environment's is shared already."""
+    store = open_store(cfg)
+    path = str(store.config.registry.path)
+    if "://" in path:
+        raise ValueError(
+            f"features.environment={cfg.features.environment}: its registry {path} is not a file to publish"
+        )
+    source = Path(path) if Path(path).is_absolute() else Path(store.repo_path) / path
+    if not source.is_file():
+        raise FileNotFoundError(f"no registry at {source}: apply and materialise before publishing it")
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(target) as tmp:
+        shutil.copyfile(source, tmp)
+    return target
 
 
 def _registered_differently(store: FeatureStore, view: FeatureView) -> bool:

@@ -124,15 +124,22 @@ def build_features(cfg: Config, logs: Path, out: Path) -> FeatureManifest:
     return build(logs, out, cfg, overwrite=True)
 
 
-def materialize_features(cfg: Config, features: Path, store_out: Path) -> dict[str, Any]:
+def materialize_features(
+    cfg: Config, features: Path, store_out: Path, serving_registry: Path | None = None
+) -> dict[str, Any]:
     """A Feast repository for this run at ``store_out`` (definitions + registry + online store), applied over
-    ``features`` and materialised. Each run gets its own registry, so runs never race on feature_repo/data."""
+    ``features`` and materialised. Each run gets its own registry, so runs never race on feature_repo/data; with
+    ``serving_registry``, it is then published there for the serving replicas (the ``serving`` environment)."""
     from unexrl.features import store
 
     repo = store.repo_path(cfg)
     with atomic_directory(store_out, overwrite=True) as tmp:
         shutil.copytree(repo, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("data", "__pycache__"))
-    return store.materialize(with_repo(cfg, store_out), features)
+    run = with_repo(cfg, store_out)
+    result = store.materialize(run, features)
+    if serving_registry is not None:
+        result["published"] = str(store.publish_registry(run, serving_registry))
+    return result
 
 
 def with_repo(cfg: Config, repo: Path) -> Config:

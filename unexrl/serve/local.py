@@ -109,14 +109,14 @@ def local_service(
 
 def live_feature_env(cfg: Config, root: Path, redis: str, logs: Path | None = None) -> dict[str, str]:
     """Build ``logs``' features (default: a fresh random-policy log of ``cfg``) and materialise them into the Redis
-    at ``redis`` as the pipeline's features and materialise steps do (a repository of its own under ``root``); the
-    environment of a service that reads its user features from that store and keeps its sessions on the same
-    Redis (what a replica in production gets)."""
+    at ``redis`` as the pipeline's features and materialise steps do (a repository of its own under ``root``, its
+    registry published beside it); the environment of a service that reads its user features from that store
+    through the published registry and keeps its sessions on the same Redis (what a replica in a cluster gets: the
+    ``serving`` Feast environment, over the service's own copy of the definitions)."""
     from unexrl.environ import environ
     from unexrl.features import store
     from unexrl.features.build import build_features
     from unexrl.policies.weights import RandomPolicy
-    from unexrl.serve.engine import ENV_FEATURE_REPO
     from unexrl.sim.env import Simulator
     from unexrl.simulate import simulate_logs
 
@@ -130,9 +130,10 @@ def live_feature_env(cfg: Config, root: Path, redis: str, logs: Path | None = No
     build_features(logs, root / "features", live)
     with environ({ENV_REDIS: redis}):
         store.materialize(live, root / "features")
+        published = store.publish_registry(live, root / "feast" / "registry.db")
     return {
-        store.ENV_ENVIRONMENT: "redis",
-        ENV_FEATURE_REPO: str(repo),
+        store.ENV_ENVIRONMENT: "serving",
+        store.ENV_FEAST_REGISTRY: str(published),
         ENV_REDIS: redis,
         ENV_SESSION_STORE: "redis",
     }
