@@ -43,9 +43,9 @@ DATA_MOUNT = (
     "/data"  # where data_pvc is mounted in the train, deploy and incumbent tasks (a compile-time path)
 )
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
-SERVING_REGISTRY = f"{DATA_MOUNT}/feast/registry.db"
-"""where materialize publishes the Feast registry on the PVC: the serving pods mount its feast/ folder read-only
-(k8s/base/serving/deployment.yaml)"""
+SERVING_REGISTRY_MOUNT = "/feast"
+"""where serving_registry_pvc is mounted in materialize, and in the serving pods (k8s/base/serving/deployment.yaml)"""
+SERVING_REGISTRY = f"{SERVING_REGISTRY_MOUNT}/registry.db"
 
 
 def release_steps(
@@ -163,6 +163,7 @@ def unexrl_continuous_training(
     gitops_branch: str = "main",
     registry: str = "/data/registry",
     serving_registry: str = SERVING_REGISTRY,
+    serving_registry_pvc: str = "unexrl-feast-registry",
     feature_store_secret: str = "unexrl-feast-online-store",
     gitops_secret: str = "unexrl-gitops-token",
 ):
@@ -185,16 +186,16 @@ def unexrl_continuous_training(
         gpu_node_selector: Node selector of the train task and of the job's pods.
         gpu_tolerations: Tolerations of the train task and of the job's pods.
         namespace: Namespace of the multi-node training job.
-        data_pvc: PVC mounted at /data in materialize, train, deploy and resolve-incumbent (job data, model registry,
-            the published feature registry).
+        data_pvc: PVC mounted at /data in train, deploy and resolve-incumbent (job data, model registry).
         min_uplift_pct: Gate: least uplift of watch time per session over the incumbent, percent.
         latency_budget_ms: Gate: largest p99 decision latency for one request through all stages, ms.
         bentoml_home: BentoML store the package step builds into (empty: BENTOML_HOME or the default).
         gitops_repo: Git repository (URL or path) with k8s/overlays/; the deploy step commits there.
         gitops_branch: Branch the deploy commit goes to (created when absent; Argo CD watches it).
         registry: Model registry directory (on the PVC): the deployed version per environment.
-        serving_registry: Where materialize publishes the run's Feast registry for the serving replicas, which
-            mount the PVC's feast/ folder (empty: not published).
+        serving_registry: Where materialize publishes the run's Feast registry for the serving pods (a path under
+            /feast, where serving_registry_pvc is mounted; empty: not published).
+        serving_registry_pvc: PVC mounted at /feast in materialize and, read-only, in the serving pods.
         feature_store_secret: Secret with the online store's connection-string (features.environment=redis).
         gitops_secret: Secret with the token (key token) the deploy step pushes to an HTTPS gitops_repo with.
     """
@@ -227,7 +228,10 @@ def unexrl_continuous_training(
     )
     store.set_display_name("materialize features (Feast)").set_retry(num_retries=2, backoff_duration="30s")
     reads_online_store(store, feature_store_secret)
-    kubernetes.mount_pvc(store, pvc_name=data_pvc, mount_path=DATA_MOUNT)  # where it publishes the registry
+    kubernetes.mount_pvc(store, pvc_name=serving_registry_pvc, mount_path=SERVING_REGISTRY_MOUNT)
+    signs_artifacts(
+        store
+    )  # the published registry: staging and prod serve only a registry their pipeline signed
     kubernetes.add_pod_label(store, *FEATURE_WRITER_LABEL)
     tset = build_training_set(
         config=config,

@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from unexrl.features.build import (
     read_manifest,
     verify_feature_tables,
 )
+from unexrl.features.published import ENV_FEAST_REGISTRY, PublishedRegistry, RegistryRefused, check_registry
 from unexrl.features.redis_server import local_redis, redis_server_path
 from unexrl.policies.weights import RandomPolicy
 from unexrl.sim.env import Simulator
@@ -270,8 +272,10 @@ def test_environment_files(cfg: Config, monkeypatch: pytest.MonkeyPatch) -> None
     redis = yaml.safe_load((repo / "environments" / "redis.yaml").read_text())
     assert redis["online_store"]["type"] == "redis" and redis["offline_store"]["type"] == "duckdb"
     serving = yaml.safe_load((repo / "environments" / "serving.yaml").read_text())
-    assert serving["online_store"]["type"] == "redis" and "batch_engine" not in serving
     assert serving["registry"]["path"] == "${UNEXRL_FEAST_REGISTRY}"  # what the pipeline publishes
+    # it reads the rows the pipeline's redis environment writes: the same project, store and key encoding
+    for key in ("project", "online_store", "entity_key_serialization_version"):
+        assert serving[key] == redis[key], key
     production = yaml.safe_load((repo / "environments" / "production.yaml").read_text())
     assert production["online_store"]["type"] == "redis"
     assert (
@@ -669,38 +673,104 @@ def test_serving_reads_redis_through_the_published_registry(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A serving replica opens the `serving` environment over its own copy of the definitions: it reads what a run
-    materialised into Redis through the registry that run published, writes neither that registry nor its copy of
-    the repository (both are read-only in a pod), and its item cache follows the next run's publication."""
+    """A serving replica opens the `serving` environment over its own copy of the definitions. Started before any
+    run published, it serves defaults and recovers with the first publication, without a restart. It then reads
+    what the run materialised into Redis, through a checked private copy of the registry the run published: it
+    writes neither that registry nor its copy of the repository (both read-only in a pod), its item cache follows
+    the next run's publication, and a publication it refuses leaves it on its last good copy."""
     from unexrl.features.client import FeatureClient
 
     if redis_server_path() is None:
         pytest.skip("redis-server is not installed here and could not be installed (make test installs it)")
     run = _with_features(cfg, repo=str(_repo_copy(tmp_path / "run")), environment="redis")
+    target = tmp_path / "feast" / "registry.db"
+    monkeypatch.setenv(ENV_FEAST_REGISTRY, str(target))
+    replica_repo = _repo_copy(tmp_path / "replica")
+    replica = FeatureClient(
+        _with_features(cfg, repo=str(replica_repo), environment="serving", item_cache_check_s=3600.0)
+    )
+    user, items = int(tables[fs.USER_BEHAVIOUR.name]["user_id"][0].as_py()), list(range(40))
     with local_redis() as address:  # its own: newer rows another test left would hide this one's second run
         monkeypatch.setenv("UNEXRL_REDIS", address)
+        assert replica.fetch(user, items).degraded  # nothing published yet
         with pytest.raises(FileNotFoundError, match="apply and materialise"):
-            store.publish_registry(run, tmp_path / "feast" / "registry.db")  # nothing applied yet
+            store.publish_registry(run, target)  # nothing applied yet
         feast = store.apply(run, features)
         stamps = tables[fs.ITEM_STATS.name][fs.TIMESTAMP].combine_chunks().sort()
         first, middle = stamps[0].as_py(), stamps[len(stamps) // 2].as_py()
         feast.materialize(start_date=first, end_date=middle, feature_views=[v.name for v in fs.VIEWS])
-        published = store.publish_registry(run, tmp_path / "feast" / "registry.db")
-        monkeypatch.setenv(store.ENV_FEAST_REGISTRY, str(published))
-        replica_repo = _repo_copy(tmp_path / "replica")
+        published = store.publish_registry(run, target)
         untouched = {p: p.stat().st_mtime_ns for p in [*replica_repo.rglob("*"), published]}
-        replica = FeatureClient(
-            _with_features(cfg, repo=str(replica_repo), environment="serving", item_cache_check_s=3600.0)
-        )
-        user, items = int(tables[fs.USER_BEHAVIOUR.name]["user_id"][0].as_py()), list(range(40))
         got, want = replica.fetch(user, items), FeatureClient(run).fetch(user, items)
         assert not got.degraded and got.user == want.user and got.items == want.items
         assert published.stat().st_mtime_ns == untouched.pop(published)
         store.load_online(feast, features)  # the next run: a new materialisation, published
         store.publish_registry(run, published)
         replica.refresh_items()
-        assert replica.fetch(user, items).items == FeatureClient(run).fetch(user, items).items != got.items
+        latest = FeatureClient(run).fetch(user, items).items
+        assert replica.fetch(user, items).items == latest != got.items
+        good = published.read_bytes()
+        published.write_bytes(_with_on_demand_view(good))  # whoever can write the volume
+        replica.refresh_items()
+        assert replica._published is not None and replica._published.copy.read_bytes() == good
+        assert not replica.fetch(user, items).degraded and replica.fetch(user, items).items == latest
     assert {p: p.stat().st_mtime_ns for p in replica_repo.rglob("*")} == untouched
+
+
+def _with_on_demand_view(registry: bytes) -> bytes:
+    """``registry`` with an on-demand feature view added: a view whose transformation Feast would rebuild and
+    run."""
+    from feast.protos.feast.core.Registry_pb2 import Registry
+
+    proto = Registry()
+    proto.ParseFromString(registry)
+    proto.on_demand_feature_views.add().spec.name = "anything"
+    return proto.SerializeToString()
+
+
+def test_a_published_registry_is_checked_before_it_is_used(
+    cfg: Config, features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a serving replica refuses to copy from the volume: bytes that are no registry, anything the
+    definitions never make (views that carry code, sources of other classes, another project), and, where the
+    environment trusts keys, a registry its pipeline did not sign."""
+    from feast.protos.feast.core.Registry_pb2 import Registry
+
+    from unexrl.contracts.signing import ENV_PUBLIC_KEYS, ENV_SIGNING_KEY, SignatureError, generate_keys
+
+    run = _with_features(cfg, repo=str(_repo_copy(tmp_path / "run")))
+    store.apply(run, features)
+    good = (tmp_path / "run" / "data" / "registry.db").read_bytes()
+    check_registry(good, "unexrl", "good")
+
+    def spoiled(change: Callable[[Registry], object]) -> bytes:
+        proto = Registry()
+        proto.ParseFromString(good)
+        change(proto)
+        return proto.SerializeToString()
+
+    cases = {
+        "not a Feast registry": b"\xff\xfe not a registry",
+        "on_demand_feature_views": spoiled(lambda r: r.on_demand_feature_views.add()),
+        "validation_references": spoiled(lambda r: r.validation_references.add()),
+        "data sources of the classes": spoiled(
+            lambda r: setattr(r.data_sources[0], "data_source_class_type", "os.system")
+        ),
+        "objects of the projects": spoiled(lambda r: setattr(r.feature_views[0].spec, "project", "other")),
+    }
+    for problem, data in cases.items():
+        with pytest.raises(RegistryRefused, match=problem):
+            check_registry(data, "unexrl", "spoiled")
+    private, public = generate_keys(tmp_path / "keys")
+    target = tmp_path / "feast" / "registry.db"
+    store.publish_registry(run, target)  # no signing key: unsigned
+    trusting = {ENV_PUBLIC_KEYS: str(public)}
+    with pytest.raises(SignatureError, match="no registry.db.sig"):
+        PublishedRegistry(target, "unexrl", trusting).sync()
+    monkeypatch.setenv(ENV_SIGNING_KEY, str(private))
+    store.publish_registry(run, target)
+    replica = PublishedRegistry(target, "unexrl", trusting)
+    assert replica.sync() and replica.copy.read_bytes() == good and not replica.sync()
 
 
 def test_redis_down_degrades_without_raising(

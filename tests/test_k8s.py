@@ -12,7 +12,7 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pytest
 import yaml
@@ -366,8 +366,8 @@ def test_secrets_only_by_reference(path):
 def test_serving_reads_the_published_registry_and_redis_from_a_secret():
     """Every environment's serving pods open the `serving` Feast environment: Redis from a Secret (the in-cluster
     one in dev, a managed one in staging and prod) through the registry the recurring run's materialize step
-    publishes on the runs volume, mounted read-only; every ${VAR} of that environment is provided."""
-    from pipelines.continuous_training import DATA_MOUNT
+    publishes on a volume of its own, mounted read-only; every ${VAR} of that environment is provided."""
+    from pipelines.continuous_training import SERVING_REGISTRY_MOUNT
 
     def feature_env(docs):
         cm = next(
@@ -394,20 +394,17 @@ def test_serving_reads_the_published_registry_and_redis_from_a_secret():
             "key": "connection-string",
         }
         assert wanted <= set(data) | set(env)
-        # the registry file is where the recurring run publishes it: serving_registry on its data_pvc
-        (mount,) = [
-            m for m in container["volumeMounts"] if data["UNEXRL_FEAST_REGISTRY"].startswith(m["mountPath"])
-        ]
-        assert mount["readOnly"]
-        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        # the registry file is where the recurring run publishes it: serving_registry on serving_registry_pvc,
+        # mounted at the same path in the materialize task and, read-only, in the serving pods
         params = kfp_params(env_name)
-        assert volume["persistentVolumeClaim"] == {"claimName": params["data_pvc"]}
         published = str(params.get("serving_registry", pipeline_default("serving_registry")))
-        in_volume = PurePosixPath(mount["subPath"]) / PurePosixPath(
-            data["UNEXRL_FEAST_REGISTRY"]
-        ).relative_to(mount["mountPath"])
-        assert PurePosixPath(published) == PurePosixPath(DATA_MOUNT) / in_volume
-        assert find(render(f"overlays/{env_name}/platform"), "PersistentVolumeClaim", params["data_pvc"])
+        claim = params.get("serving_registry_pvc", pipeline_default("serving_registry_pvc"))
+        assert data["UNEXRL_FEAST_REGISTRY"] == published
+        (mount,) = [m for m in container["volumeMounts"] if published.startswith(m["mountPath"] + "/")]
+        assert mount["mountPath"] == SERVING_REGISTRY_MOUNT and mount["readOnly"] and "subPath" not in mount
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["persistentVolumeClaim"] == {"claimName": claim, "readOnly": True}
+        assert one(render(f"overlays/{env_name}/platform"), "PersistentVolumeClaim", claim)
     dev_platform = render("overlays/dev/platform")
     redis = one(dev_platform, "Deployment", "feast-redis")
     assert one(dev_platform, "Service", "feast-redis")["spec"]["ports"][0]["port"] == 6379

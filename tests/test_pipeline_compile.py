@@ -14,6 +14,9 @@ from pipelines.continuous_training import (
     GPU_TOLERATIONS,
     MANIFESTS_YAML,
     PIPELINE_YAML,
+    SERVING_REGISTRY,
+    SERVING_REGISTRY_MOUNT,
+    SIGNING_MOUNT,
     version_name,
 )
 from unexrl.gitops import ENV_GIT_TOKEN
@@ -63,6 +66,23 @@ def test_train_task_runs_on_gpu_nodes_with_the_data_pvc() -> None:
     assert params["data_pvc"]["defaultValue"] == "unexrl-data"
     train = spec["root"]["dag"]["tasks"]["train"]
     assert train["retryPolicy"]["maxRetryCount"] == 1
+
+
+def test_materialize_publishes_the_registry_on_the_serving_registry_pvc() -> None:
+    """The materialize task mounts serving_registry_pvc where serving_registry points (the serving pods mount the
+    same volume there: tests/test_k8s.py) and holds the signing key, so staging and prod can require a signature."""
+    spec, platform = docs(PIPELINE_YAML)
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-materialize-features"]
+    (mount,) = k8s["pvcMount"]
+    assert mount["pvcNameParameter"]["componentInputParameter"] == "serving_registry_pvc"
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["serving_registry"]["defaultValue"] == SERVING_REGISTRY
+    assert (
+        SERVING_REGISTRY.startswith(mount["mountPath"] + "/") and mount["mountPath"] == SERVING_REGISTRY_MOUNT
+    )
+    task = spec["root"]["dag"]["tasks"]["materialize-features"]
+    assert task["inputs"]["parameters"]["serving_registry"]["componentInputParameter"] == "serving_registry"
+    assert [v["mountPath"] for v in k8s["secretAsVolume"]] == [SIGNING_MOUNT]
 
 
 def test_gate_condition_guards_package_and_deploy() -> None:

@@ -26,7 +26,7 @@ from unexrl.environ import environ
 from unexrl.features import schema as fs
 from unexrl.features.client import FeatureClient
 from unexrl.features.redis_server import local_redis
-from unexrl.features.store import ENV_ENVIRONMENT, open_store
+from unexrl.features.store import ENV_ENVIRONMENT
 from unexrl.serve.behaviour import SessionBehaviour
 from unexrl.serve.local import live_feature_env
 from unexrl.sim.world import build_world
@@ -57,13 +57,13 @@ def timed(write: Callable[[], object]) -> tuple[float, float]:
 with tempfile.TemporaryDirectory() as tmp, local_redis() as redis:
     env = live_feature_env(cfg, Path(tmp), redis)
     with environ(env):
-        features = cfg.features.model_copy(
-            update={"environment": env[ENV_ENVIRONMENT]}
-        )  # as a replica reads it
-        live = cfg.model_copy(update={"features": features})
-        store = open_store(live)
-        client = FeatureClient(live, store)  # one FeatureStore, as in the service: a push changes its reads
+        # as a replica reads it: one FeatureStore for the writes and the reads, so a push changes its reads
+        live = cfg.model_copy(
+            update={"features": cfg.features.model_copy(update={"environment": env[ENV_ENVIRONMENT]})}
+        )
+        client = FeatureClient(live)
         client.warm_up()
+        store = client.store
 
         def row() -> pd.DataFrame:
             return pd.DataFrame(

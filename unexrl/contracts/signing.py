@@ -76,14 +76,19 @@ def _signing_key(environ: Mapping[str, str]) -> Ed25519PrivateKey | None:
     return key
 
 
-def sign_manifest(directory: Path, environ: Mapping[str, str] = os.environ) -> bool:
-    """Sign ``directory``/manifest.json when a signing key is configured; True if it signed."""
+def sign_file(path: Path, signature: Path, environ: Mapping[str, str] = os.environ) -> bool:
+    """Sign the bytes of ``path`` into ``signature`` (base64) when a signing key is configured; True if it
+    signed."""
     key = _signing_key(environ)
     if key is None:
         return False
-    signature = key.sign((Path(directory) / files.MANIFEST).read_bytes())
-    atomic_write_bytes(Path(directory) / files.SIGNATURE, base64.b64encode(signature) + b"\n")
+    atomic_write_bytes(signature, base64.b64encode(key.sign(Path(path).read_bytes())) + b"\n")
     return True
+
+
+def sign_manifest(directory: Path, environ: Mapping[str, str] = os.environ) -> bool:
+    """Sign ``directory``/manifest.json when a signing key is configured; True if it signed."""
+    return sign_file(Path(directory) / files.MANIFEST, Path(directory) / files.SIGNATURE, environ)
 
 
 def signer_keys(environ: Mapping[str, str] = os.environ) -> list[Ed25519PublicKey] | None:
@@ -111,27 +116,30 @@ def trusted_keys(environ: Mapping[str, str] = os.environ) -> list[Ed25519PublicK
     return keys  # type: ignore[return-value]
 
 
-def verify_manifest(directory: Path, manifest: bytes, keys: list[Ed25519PublicKey] | None) -> None:
-    """Refuse ``manifest`` (the bytes of ``directory``/manifest.json, as read once) unless no ``keys`` are
-    required (None), or ``manifest.sig`` is a valid signature of exactly these bytes by one of ``keys``."""
+def verify_signature(data: bytes, signature: Path, keys: list[Ed25519PublicKey] | None, what: str) -> None:
+    """Refuse ``data`` (``what``'s bytes, as read once) unless no ``keys`` are required (None), or the file
+    ``signature`` is a valid signature of exactly these bytes by one of ``keys``."""
     if keys is None:
         return
-    sig_file = Path(directory) / files.SIGNATURE
-    if not sig_file.is_file() or sig_file.is_symlink():
-        raise SignatureError(
-            f"{directory}: no {files.SIGNATURE}; this environment loads signed manifests only"
-        )
+    if not signature.is_file() or signature.is_symlink():
+        raise SignatureError(f"{what}: no {signature.name}; this environment loads signed files only")
     try:
-        signature = base64.b64decode(sig_file.read_bytes().strip(), validate=True)
+        raw = base64.b64decode(signature.read_bytes().strip(), validate=True)
     except ValueError:
-        raise SignatureError(f"{sig_file}: not a base64 signature") from None
+        raise SignatureError(f"{signature}: not a base64 signature") from None
     for key in keys:
         try:
-            key.verify(signature, manifest)
+            key.verify(raw, data)
             return
         except InvalidSignature:
             continue
     raise SignatureError(
-        f"{directory}: {files.SIGNATURE} does not verify against the manifest with any trusted key; "
-        "refusing what this environment's pipeline did not sign"
+        f"{what}: {signature.name} does not verify with any trusted key; refusing what this environment's "
+        "pipeline did not sign"
     )
+
+
+def verify_manifest(directory: Path, manifest: bytes, keys: list[Ed25519PublicKey] | None) -> None:
+    """Refuse ``manifest`` (the bytes of ``directory``/manifest.json, as read once) unless no ``keys`` are
+    required (None), or ``manifest.sig`` is a valid signature of exactly these bytes by one of ``keys``."""
+    verify_signature(manifest, Path(directory) / files.SIGNATURE, keys, str(directory))

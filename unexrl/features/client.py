@@ -20,17 +20,21 @@ store is first opened.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import yaml
 from prometheus_client import Counter
 
 from unexrl.config import Config
 from unexrl.features import schema as fs
 from unexrl.features.cache import ItemCache
-from unexrl.features.store import open_store
+from unexrl.features.published import ENV_FEAST_REGISTRY, SERVING, PublishedRegistry
+from unexrl.features.store import open_store, store_yaml
 
 if TYPE_CHECKING:
     from feast import FeatureService, FeatureStore
@@ -75,6 +79,8 @@ class FeatureClient:
         self._services: dict[str, FeatureService] = {}
         self._defaults = fs.defaults(cfg)
         self._items: ItemCache | None = None
+        self._published: PublishedRegistry | None = None
+        """the ``serving`` environment's checked copy of the published registry"""
 
     def fetch(self, user_id: int, item_ids: Sequence[int], session: bool = True) -> OnlineFeatures:
         """The user's and every candidate's features, in ``item_ids`` order; ``session``: also the user's
@@ -181,15 +187,40 @@ class FeatureClient:
             return False
         return True
 
+    @property
+    def store(self) -> FeatureStore:
+        """The Feast store this client reads and pushes to, opened on first use."""
+        return self._open()
+
     def _open(self) -> FeatureStore:
         if self._store is None:
-            self._store = open_store(self._cfg)
+            self._store = self._open_store()
         return self._store
+
+    def _open_store(self) -> FeatureStore:
+        """The configured environment's store; a serving replica's reads a checked private copy of the published
+        registry (unexrl/features/published.py), never the published file."""
+        if self._cfg.features.environment != SERVING:
+            return open_store(self._cfg)
+        if self._published is None:
+            published = os.environ.get(ENV_FEAST_REGISTRY)
+            if not published:
+                raise ValueError(
+                    f"features.environment={SERVING} needs {ENV_FEAST_REGISTRY}: the published registry"
+                )
+            project = yaml.safe_load(store_yaml(self._cfg).read_text())["project"]
+            self._published = PublishedRegistry(Path(published), project)
+        self._published.sync()
+        return open_store(self._cfg, registry=self._published.copy)
 
     def _item_cache(self) -> ItemCache:
         if self._items is None:
+            store = self._open()
             self._items = ItemCache(
-                self._open(), self._cfg.world.n_items, self._cfg.features.item_cache_check_s
+                store,
+                self._cfg.world.n_items,
+                self._cfg.features.item_cache_check_s,
+                before_check=self._published.sync if self._published is not None else None,
             )
         return self._items
 

@@ -23,10 +23,10 @@ from unexrl.bundle import FEATURE_REPO, feature_repo_template
 from unexrl.config import Config
 from unexrl.data import read_logs
 from unexrl.environ import environ
+from unexrl.features import published
 from unexrl.features import schema as fs
 from unexrl.features.build import verify_feature_tables
 from unexrl.features.storage import is_local, join, local_directory, normalize, write_parquet
-from unexrl.io import atomic_file
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 
 ENV_FEATURES_URI = "UNEXRL_FEATURES_URI"
 ENV_ENVIRONMENT = "UNEXRL_FEATURE_ENV"
-ENV_FEAST_REGISTRY = "UNEXRL_FEAST_REGISTRY"
-"""the registry file the ``serving`` environment reads (and ``production``'s registry URI)"""
 DEFINITIONS = "definitions.py"
 TRAINING_SET_FILE = "training_features.parquet"
 """written next to the logs' transitions.parquet by default"""
@@ -90,16 +88,24 @@ def store_yaml(cfg: Config) -> Path:
     return path
 
 
-def open_store(cfg: Config) -> FeatureStore:
-    """A FeatureStore for the configured environment; every ``${VAR}`` of its yaml must be set."""
+def open_store(cfg: Config, registry: Path | None = None) -> FeatureStore:
+    """A FeatureStore for the configured environment, its yaml's ``${VAR}``s substituted here (a variable that is
+    not set is an error naming it; Feast itself would keep the literal text). ``registry``: the registry file to
+    read instead of ``${UNEXRL_FEAST_REGISTRY}`` (a serving replica's checked copy of the published one)."""
+    import yaml
     from feast import FeatureStore
+    from feast.repo_config import RepoConfig
 
     path = store_yaml(cfg)
     settings = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
-    missing = sorted({v for v in re.findall(r"\$\{(\w+)\}", settings) if v not in os.environ})
+    values = {**os.environ, **({published.ENV_FEAST_REGISTRY: str(registry)} if registry is not None else {})}
+    missing = sorted({v for v in re.findall(r"\$\{(\w+)\}", settings) if v not in values})
     if missing:
         raise ValueError(f"{path} needs the environment variable(s) {', '.join(missing)}")
-    return FeatureStore(repo_path=str(writable_repo(cfg)), fs_yaml_file=path)
+    repo = writable_repo(cfg)
+    config = RepoConfig(**yaml.safe_load(re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], settings)))
+    config.repo_path = repo
+    return FeatureStore(repo_path=str(repo), config=config)
 
 
 def definitions(cfg: Config, features: str | Path) -> list[Any]:
@@ -148,10 +154,10 @@ def materialize(cfg: Config, features: str | Path) -> dict[str, Any]:
 
 
 def publish_registry(cfg: Config, target: Path) -> Path:
-    """Copy the store's registry file to ``target`` in one rename, for serving replicas to read (the ``serving``
-    environment). A run applies and materialises with a registry of its own, so runs never race on one; serving
-    reads the last one published, which holds every view's definition and materialised interval (the item cache
-    reloads when it moves). Only a file registry is copied: the ``production`` environment's is shared already."""
+    """Publish the store's registry file at ``target`` for the serving replicas (the ``serving`` environment;
+    unexrl/features/published.py). A run applies and materialises with a registry of its own, so runs never race
+    on one; serving reads the last one published, which holds every view's definition and materialised interval
+    (the item cache reloads when it moves). Only a file registry is published: ``production``'s is shared."""
     store = open_store(cfg)
     path = str(store.config.registry.path)
     if "://" in path:
@@ -161,11 +167,7 @@ def publish_registry(cfg: Config, target: Path) -> Path:
     source = Path(path) if Path(path).is_absolute() else Path(store.repo_path) / path
     if not source.is_file():
         raise FileNotFoundError(f"no registry at {source}: apply and materialise before publishing it")
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(target) as tmp:
-        shutil.copyfile(source, tmp)
-    return target
+    return published.publish(source, Path(target))
 
 
 def _registered_differently(store: FeatureStore, view: FeatureView) -> bool:

@@ -116,6 +116,7 @@ def live_feature_env(cfg: Config, root: Path, redis: str, logs: Path | None = No
     from unexrl.environ import environ
     from unexrl.features import store
     from unexrl.features.build import build_features
+    from unexrl.features.published import ENV_FEAST_REGISTRY
     from unexrl.policies.weights import RandomPolicy
     from unexrl.sim.env import Simulator
     from unexrl.simulate import simulate_logs
@@ -133,7 +134,7 @@ def live_feature_env(cfg: Config, root: Path, redis: str, logs: Path | None = No
         published = store.publish_registry(live, root / "feast" / "registry.db")
     return {
         store.ENV_ENVIRONMENT: "serving",
-        store.ENV_FEAST_REGISTRY: str(published),
+        ENV_FEAST_REGISTRY: str(published),
         ENV_REDIS: redis,
         ENV_SESSION_STORE: "redis",
     }
