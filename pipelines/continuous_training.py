@@ -45,7 +45,6 @@ DATA_MOUNT = (
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 SERVING_REGISTRY_MOUNT = "/feast"
 """where serving_registry_pvc is mounted in materialize, and in the serving pods (k8s/base/serving/deployment.yaml)"""
-SERVING_REGISTRY = f"{SERVING_REGISTRY_MOUNT}/registry.db"
 
 
 def release_steps(
@@ -162,7 +161,7 @@ def unexrl_continuous_training(
     gitops_repo: str = "",
     gitops_branch: str = "main",
     registry: str = "/data/registry",
-    serving_registry: str = SERVING_REGISTRY,
+    serving_registry: str = "",
     serving_registry_pvc: str = "unexrl-feast-registry",
     feature_store_secret: str = "unexrl-feast-online-store",
     gitops_secret: str = "unexrl-gitops-token",
@@ -194,7 +193,8 @@ def unexrl_continuous_training(
         gitops_branch: Branch the deploy commit goes to (created when absent; Argo CD watches it).
         registry: Model registry directory (on the PVC): the deployed version per environment.
         serving_registry: Where materialize publishes the run's Feast registry for the serving pods (a path under
-            /feast, where serving_registry_pvc is mounted; empty: not published).
+            /feast, where serving_registry_pvc is mounted); empty (the default): not published. Set it only with
+            features.environment=redis, the online store serving reads, as each environment's recurring run does.
         serving_registry_pvc: PVC mounted at /feast in materialize and, read-only, in the serving pods.
         feature_store_secret: Secret with the online store's connection-string (features.environment=redis).
         gitops_secret: Secret with the token (key token) the deploy step pushes to an HTTPS gitops_repo with.

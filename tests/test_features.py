@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -732,31 +733,63 @@ def test_a_published_registry_is_checked_before_it_is_used(
     cfg: Config, features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What a serving replica refuses to copy from the volume: bytes that are no registry, anything the
-    definitions never make (views that carry code, sources of other classes, another project), and, where the
-    environment trusts keys, a registry its pipeline did not sign."""
+    definitions never make (kinds of view, transformations that carry code, also inside a view's version history,
+    other kinds and classes of source, also nested in a push source, another project), and, where the environment
+    trusts keys, a registry its pipeline did not sign, or a signature of another kind of file."""
+    from feast.protos.feast.core.FeatureView_pb2 import FeatureView
     from feast.protos.feast.core.Registry_pb2 import Registry
 
-    from unexrl.contracts.signing import ENV_PUBLIC_KEYS, ENV_SIGNING_KEY, SignatureError, generate_keys
+    from unexrl.contracts.signing import (
+        ENV_PUBLIC_KEYS,
+        ENV_SIGNING_KEY,
+        SignatureError,
+        generate_keys,
+        sign_file,
+    )
+    from unexrl.features import published
 
     run = _with_features(cfg, repo=str(_repo_copy(tmp_path / "run")))
     store.apply(run, features)
     good = (tmp_path / "run" / "data" / "registry.db").read_bytes()
     check_registry(good, "unexrl", "good")
 
-    def spoiled(change: Callable[[Registry], object]) -> bytes:
+    def proto_of(data: bytes) -> Registry:
         proto = Registry()
-        proto.ParseFromString(good)
+        proto.ParseFromString(data)
+        return proto
+
+    def spoiled(change: Callable[[Registry], object]) -> bytes:
+        proto = proto_of(good)
         change(proto)
         return proto.SerializeToString()
 
+    def transforming(record: Any) -> None:
+        view = FeatureView()
+        view.ParseFromString(record.feature_view_proto)
+        view.spec.feature_transformation.user_defined_function.body_text = "import os"
+        record.feature_view_proto = view.SerializeToString()
+
+    pushed = next(
+        i for i, source in enumerate(proto_of(good).data_sources) if source.HasField("batch_source")
+    )
     cases = {
-        "not a Feast registry": b"\xff\xfe not a registry",
-        "on_demand_feature_views": spoiled(lambda r: r.on_demand_feature_views.add()),
-        "validation_references": spoiled(lambda r: r.validation_references.add()),
-        "data sources of the classes": spoiled(
-            lambda r: setattr(r.data_sources[0], "data_source_class_type", "os.system")
+        "not a Feast Registry": b"\xff\xfe not a registry",
+        r"\.on_demand_feature_views: set, and the definitions never": spoiled(
+            lambda r: r.on_demand_feature_views.add()
         ),
-        "objects of the projects": spoiled(lambda r: setattr(r.feature_views[0].spec, "project", "other")),
+        r"feature_views\[0\]\.spec\.feature_transformation: set": spoiled(
+            lambda r: r.feature_views[0].spec.feature_transformation.user_defined_function.SetInParent()
+        ),
+        r"records\[0\]\.feature_view_proto\.spec\.feature_transformation": spoiled(
+            lambda r: transforming(r.feature_view_version_history.records[0])
+        ),
+        rf"data_sources\[{pushed}\]\.batch_source\.data_source_class_type: 'os.system'": spoiled(
+            lambda r: setattr(r.data_sources[pushed].batch_source, "data_source_class_type", "os.system")
+        ),
+        r"data_sources\[0\]\.type: 'STREAM_KAFKA'": spoiled(lambda r: setattr(r.data_sources[0], "type", 3)),
+        r"entities\[0\]\.spec\.project: of the project 'other'": spoiled(
+            lambda r: setattr(r.entities[0].spec, "project", "other")
+        ),
     }
     for problem, data in cases.items():
         with pytest.raises(RegistryRefused, match=problem):
@@ -768,9 +801,29 @@ def test_a_published_registry_is_checked_before_it_is_used(
     with pytest.raises(SignatureError, match="no registry.db.sig"):
         PublishedRegistry(target, "unexrl", trusting).sync()
     monkeypatch.setenv(ENV_SIGNING_KEY, str(private))
+    sign_file(target, published.signature_of(target))  # a valid signature, but not of a registry
+    with pytest.raises(SignatureError, match="does not verify"):
+        PublishedRegistry(target, "unexrl", trusting).sync()
+
+    other = tmp_path / "other.db"
+    other.write_bytes(spoiled(lambda r: setattr(r.feature_views[0].spec, "description", "another run")))
+    races = [other]
+
+    def raced(path: Path, signature: Path, *args: Any) -> bool:
+        """Sign, then, once, let another run's signature land before this run's rename."""
+        signed = sign_file(path, signature, *args)
+        for run_beside in races:
+            sign_file(run_beside, signature, os.environ, published.SIGNATURE_PURPOSE)
+        races.clear()
+        return signed
+
+    monkeypatch.setattr(published, "sign_file", raced)
     store.publish_registry(run, target)
     replica = PublishedRegistry(target, "unexrl", trusting)
     assert replica.sync() and replica.copy.read_bytes() == good and not replica.sync()
+    monkeypatch.delenv(ENV_SIGNING_KEY)
+    store.publish_registry(run, target)  # unsigned again: the last signature goes with it
+    assert not published.signature_of(target).exists()
 
 
 def test_redis_down_degrades_without_raising(

@@ -397,7 +397,8 @@ def test_serving_reads_the_published_registry_and_redis_from_a_secret():
         # the registry file is where the recurring run publishes it: serving_registry on serving_registry_pvc,
         # mounted at the same path in the materialize task and, read-only, in the serving pods
         params = kfp_params(env_name)
-        published = str(params.get("serving_registry", pipeline_default("serving_registry")))
+        assert "features.environment=redis" in params["config_overrides"]
+        published = params["serving_registry"]
         claim = params.get("serving_registry_pvc", pipeline_default("serving_registry_pvc"))
         assert data["UNEXRL_FEAST_REGISTRY"] == published
         (mount,) = [m for m in container["volumeMounts"] if published.startswith(m["mountPath"] + "/")]

@@ -76,13 +76,15 @@ def _signing_key(environ: Mapping[str, str]) -> Ed25519PrivateKey | None:
     return key
 
 
-def sign_file(path: Path, signature: Path, environ: Mapping[str, str] = os.environ) -> bool:
-    """Sign the bytes of ``path`` into ``signature`` (base64) when a signing key is configured; True if it
-    signed."""
+def sign_file(
+    path: Path, signature: Path, environ: Mapping[str, str] = os.environ, purpose: bytes = b""
+) -> bool:
+    """Sign ``purpose`` followed by the bytes of ``path`` into ``signature`` (base64) when a signing key is
+    configured; True if it signed. ``purpose`` keeps one kind of file's signature from passing for another's."""
     key = _signing_key(environ)
     if key is None:
         return False
-    atomic_write_bytes(signature, base64.b64encode(key.sign(Path(path).read_bytes())) + b"\n")
+    atomic_write_bytes(signature, base64.b64encode(key.sign(purpose + Path(path).read_bytes())) + b"\n")
     return True
 
 
@@ -116,9 +118,11 @@ def trusted_keys(environ: Mapping[str, str] = os.environ) -> list[Ed25519PublicK
     return keys  # type: ignore[return-value]
 
 
-def verify_signature(data: bytes, signature: Path, keys: list[Ed25519PublicKey] | None, what: str) -> None:
+def verify_signature(
+    data: bytes, signature: Path, keys: list[Ed25519PublicKey] | None, what: str, purpose: bytes = b""
+) -> None:
     """Refuse ``data`` (``what``'s bytes, as read once) unless no ``keys`` are required (None), or the file
-    ``signature`` is a valid signature of exactly these bytes by one of ``keys``."""
+    ``signature`` is a valid signature of exactly ``purpose`` and these bytes by one of ``keys``."""
     if keys is None:
         return
     if not signature.is_file() or signature.is_symlink():
@@ -129,7 +133,7 @@ def verify_signature(data: bytes, signature: Path, keys: list[Ed25519PublicKey] 
         raise SignatureError(f"{signature}: not a base64 signature") from None
     for key in keys:
         try:
-            key.verify(raw, data)
+            key.verify(raw, purpose + data)
             return
         except InvalidSignature:
             continue

@@ -220,9 +220,14 @@ class FeatureClient:
                 store,
                 self._cfg.world.n_items,
                 self._cfg.features.item_cache_check_s,
-                before_check=self._published.sync if self._published is not None else None,
+                before_check=self._sync_registry if self._published is not None else None,
             )
         return self._items
+
+    def _sync_registry(self) -> None:
+        """Bring the private registry copy up to date; a new one may redefine the feature services."""
+        if self._published is not None and self._published.sync():
+            self._services.clear()
 
     def _read_user(self, user_id: int, views: tuple[fs.ViewSpec, ...]) -> dict[str, list[Any]]:
         """One online read of the user's rows of ``views`` (the serving service, or all of it but the session)."""

@@ -2,13 +2,15 @@
 
 Each run applies and materialises with a registry of its own, then publishes it (:func:`publish`, beside its
 signature when the pipeline signs). The file crosses a trust boundary on its way to serving: whoever can write the
-volume it is published on can replace it, and Feast runs code that a registry carries (on-demand, stream and label
-views' transformations, validation references' profilers, data source classes imported by name). So a replica
-never hands the published file to Feast. :class:`PublishedRegistry` reads it once, refuses it unless it is signed
-by a trusted key (where the environment requires signatures, as for artifacts: unexrl.contracts.signing) and holds
-only what the definitions make (feature views and services, entities, file, push and Spark sources of one
-project), and writes that copy to a private file, which Feast reads; it does so again when the published file
-changes. A refused publication leaves the replica on its last good copy.
+volume it is published on can replace it, and Feast runs code that a registry carries (a feature view's
+transformation, on-demand and stream views, validation references' profilers, a data source class imported by its
+name). So a replica never hands the published file to Feast. :class:`PublishedRegistry` reads it once, refuses it
+unless it is signed by a trusted key (where the environment requires signatures, as for artifacts:
+unexrl.contracts.signing) and holds nothing but the messages and fields that applying and materialising the
+definitions writes, file and push sources, and one project (:func:`check_registry`), and writes that copy to a
+private file, which Feast reads; it does so again when the published file changes. A refused publication leaves
+the replica on its last good copy. The check does not stop a replay: an older registry the pipeline signed,
+copied back onto the volume, is accepted (it only moves the features' definitions and intervals back).
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from unexrl.contracts.base import ContractError
-from unexrl.contracts.signing import sign_file, trusted_keys, verify_signature
+from unexrl.contracts.signing import SignatureError, sign_file, signer_keys, trusted_keys, verify_signature
 from unexrl.io import atomic_file, atomic_write_bytes
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
 
 log = logging.getLogger(__name__)
 
@@ -31,25 +39,77 @@ SERVING = "serving"
 ENV_FEAST_REGISTRY = "UNEXRL_FEAST_REGISTRY"
 """the published registry file (the ``serving`` environment), or ``production``'s registry URI"""
 SIGNATURE_SUFFIX = ".sig"
-SOURCE_CLASSES = frozenset(
+SIGNATURE_PURPOSE = b"unexrl feast registry\n"
+"""signed before the registry's bytes, so that no other signed file's signature passes for a registry's"""
+
+
+def _fields(names: str) -> frozenset[str]:
+    return frozenset(names.split())
+
+
+_TIMES = "created_timestamp last_updated_timestamp"
+MADE_BY_DEFINITIONS: dict[str, frozenset[str]] = {
+    "feast.core.Registry": _fields(
+        "data_sources entities feature_services feature_view_version_history feature_views last_updated"
+        " project_metadata projects registry_schema_version version_id"
+    ),
+    "feast.core.DataSource": _fields(
+        "batch_source data_source_class_type file_options meta name project timestamp_field type"
+    ),
+    "feast.core.DataSource.FileOptions": _fields("uri"),
+    "feast.core.DataSource.SourceMeta": _fields(_TIMES),
+    "feast.core.Entity": _fields("meta spec"),
+    "feast.core.EntityMeta": _fields(_TIMES),
+    "feast.core.EntitySpecV2": _fields("description join_key name project value_type"),
+    "feast.core.FeatureService": _fields("meta spec"),
+    "feast.core.FeatureServiceMeta": _fields(_TIMES),
+    "feast.core.FeatureServiceSpec": _fields("description features name project"),
+    "feast.core.FeatureViewProjection": _fields("batch_source feature_columns feature_view_name view_type"),
+    "feast.core.FeatureSpecV2": _fields("description name value_type"),
+    "feast.core.FeatureView": _fields("meta spec"),
+    "feast.core.FeatureViewMeta": _fields(f"{_TIMES} materialization_intervals state"),
+    "feast.core.MaterializationInterval": _fields("end_time start_time"),
+    "feast.core.FeatureViewSpec": _fields(
+        "batch_source description entities entity_columns features name online project stream_source ttl"
+        " version"
+    ),
+    "feast.core.FeatureViewVersionHistory": _fields("records"),
+    "feast.core.FeatureViewVersionRecord": _fields(
+        "created_timestamp feature_view_name feature_view_proto feature_view_type project_id version_id"
+    ),
+    "feast.core.Project": _fields("meta spec"),
+    "feast.core.ProjectMeta": _fields(_TIMES),
+    "feast.core.ProjectMetadata": _fields("project project_uuid"),
+    "feast.core.ProjectSpec": _fields("name"),
+    "google.protobuf.Duration": _fields("nanos seconds"),
+    "google.protobuf.Timestamp": _fields("nanos seconds"),
+}
+"""every message and field that applying and materialising feature_repo/definitions.py writes (Feast 0.67),
+found by walking such registries; anything else (a view's transformation, source views, tags, another kind of
+view or source) is refused rather than judged, since several carry code Feast would run (dill, exec, a class
+imported by name). A Feast upgrade that writes more fails tests/test_features.py until each new field is looked
+at and added here."""
+ALLOWED_VALUES: dict[tuple[str, str], frozenset[str]] = {
+    ("feast.core.DataSource", "type"): frozenset({"BATCH_FILE", "PUSH_SOURCE"}),
+    ("feast.core.DataSource", "data_source_class_type"): frozenset(
+        {"feast.infra.offline_stores.file_source.FileSource", "feast.data_source.PushSource"}
+    ),
+    ("feast.core.FeatureViewProjection", "view_type"): frozenset({"featureView"}),
+    ("feast.core.FeatureViewVersionRecord", "feature_view_type"): frozenset({"feature_view"}),
+}
+"""fields whose value picks what Feast builds: only the file and push sources and the plain feature views"""
+PROJECT_FIELDS = frozenset(
     {
-        "",
-        "feast.infra.offline_stores.file_source.FileSource",
-        "feast.data_source.PushSource",
-        "feast.infra.offline_stores.contrib.spark_offline_store.spark_source.SparkSource",
+        ("feast.core.DataSource", "project"),
+        ("feast.core.EntitySpecV2", "project"),
+        ("feast.core.FeatureServiceSpec", "project"),
+        ("feast.core.FeatureViewSpec", "project"),
+        ("feast.core.FeatureViewVersionRecord", "project_id"),
+        ("feast.core.ProjectMetadata", "project"),
+        ("feast.core.ProjectSpec", "name"),
     }
 )
-"""the data source classes a published registry may name (Feast imports a source's class by this name)"""
-CODE_CARRIERS = (
-    "on_demand_feature_views",
-    "stream_feature_views",
-    "label_views",
-    "feature_tables",
-    "saved_datasets",
-    "validation_references",
-    "permissions",
-)
-"""registry fields the definitions never fill; several carry code Feast would run (dill, exec)"""
+"""fields naming a project, which must be the serving store's"""
 
 
 class RegistryRefused(ContractError):
@@ -62,64 +122,102 @@ def signature_of(registry: Path) -> Path:
 
 def publish(registry: Path, target: Path, environ: Mapping[str, str] = os.environ) -> Path:
     """Copy a run's ``registry`` file to ``target`` in one rename, signed beside it when the pipeline holds a
-    signing key (the signature first: a replica that reads the new registry with the old signature refuses it and
-    tries again at its next check)."""
+    signing key (an unsigned publication removes the last signature). Two runs publishing at once could leave one's
+    registry beside the other's signature (each signs, then renames); the publisher whose registry is in place
+    checks the pair and publishes again until it holds, so the last registry renamed wins, signed."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(target) as staged:
-        shutil.copyfile(registry, staged)
-        sign_file(staged, signature_of(target), environ)
-    return target
+    data = Path(registry).read_bytes()
+    keys = signer_keys(environ)
+    for _ in range(3):
+        with atomic_file(target) as staged:
+            staged.write_bytes(data)
+            sign_file(staged, signature_of(target), environ, SIGNATURE_PURPOSE)
+        if keys is None:
+            signature_of(target).unlink(missing_ok=True)
+            return target
+        if target.read_bytes() != data:
+            return target  # a later publication replaced this one
+        try:
+            verify_signature(data, signature_of(target), keys, str(target), SIGNATURE_PURPOSE)
+            return target
+        except SignatureError:
+            log.warning(
+                "%s: another publication's signature landed beside this one; publishing again", target
+            )
+    raise RegistryRefused(f"{target}: other publications kept replacing this one's signature")
 
 
 def check_registry(data: bytes, project: str, where: str) -> None:
-    """Refuse registry bytes that do not parse, name another project, or hold anything the definitions never
-    make (module docstring)."""
+    """Refuse registry bytes that do not parse, or hold anything the definitions never make
+    (:data:`MADE_BY_DEFINITIONS`, :data:`ALLOWED_VALUES`) or anything of a project other than ``project``."""
     from feast.protos.feast.core.Registry_pb2 import Registry
+
+    _check_message(_parse(Registry, data, where), project, f"{where}: registry")
+
+
+def _parse(message: type[Message], data: bytes, where: str) -> Message:
     from google.protobuf.message import DecodeError
 
-    registry = Registry()
+    parsed = message()
     try:
-        registry.ParseFromString(data)
+        parsed.ParseFromString(data)
     except DecodeError as err:
-        raise RegistryRefused(f"{where}: not a Feast registry ({err})") from None
-    filled = [name for name in CODE_CARRIERS if len(getattr(registry, name))]
-    if filled:
-        raise RegistryRefused(f"{where}: holds {', '.join(filled)}, which the definitions never make")
-    sources = [*registry.data_sources]
-    for view in registry.feature_views:
-        sources += [view.spec.batch_source, view.spec.stream_source]
-    classes = {s.data_source_class_type for s in sources} - SOURCE_CLASSES
-    if classes:
-        raise RegistryRefused(f"{where}: data sources of the classes {sorted(classes)}")
-    projects = {v.spec.project for v in registry.feature_views} | {p.spec.name for p in registry.projects}
-    if projects - {project}:
-        raise RegistryRefused(
-            f"{where}: objects of the projects {sorted(projects - {project})}, not {project}"
-        )
+        raise RegistryRefused(f"{where}: not a Feast {message.DESCRIPTOR.name} ({err})") from None
+    return parsed
+
+
+def _check_message(message: Message, project: str, where: str) -> None:
+    from feast.protos.feast.core.FeatureView_pb2 import FeatureView
+
+    kind = message.DESCRIPTOR.full_name
+    if kind not in MADE_BY_DEFINITIONS:
+        raise RegistryRefused(f"{where}: a {kind}, which the definitions never make")
+    for field, value in message.ListFields():
+        at = f"{where}.{field.name}"
+        if field.name not in MADE_BY_DEFINITIONS[kind]:
+            raise RegistryRefused(f"{at}: set, and the definitions never set it")
+        if field.message_type is not None:
+            for i, item in enumerate(value if field.is_repeated else [value]):
+                _check_message(item, project, f"{at}[{i}]" if field.is_repeated else at)
+            continue
+        shown = field.enum_type.values_by_number[value].name if field.enum_type is not None else value
+        allowed = ALLOWED_VALUES.get((kind, field.name))
+        if allowed is not None and shown not in allowed:
+            raise RegistryRefused(f"{at}: {shown!r}, where the definitions make only {sorted(allowed)}")
+        if (kind, field.name) in PROJECT_FIELDS and value != project:
+            raise RegistryRefused(f"{at}: of the project {value!r}, not {project!r}")
+        if (kind, field.name) == ("feast.core.FeatureViewVersionRecord", "feature_view_proto"):
+            _check_message(_parse(FeatureView, value, at), project, at)
 
 
 class PublishedRegistry:
-    """A private, checked copy of the registry published at ``published`` (the one Feast opens)."""
+    """A private, checked copy of the registry published at ``published`` (the one Feast opens), removed with
+    this object."""
 
     def __init__(self, published: Path, project: str, environ: Mapping[str, str] = os.environ) -> None:
         self.published = Path(published)
         self.project = project
-        self.copy = Path(tempfile.mkdtemp(prefix="unexrl-registry-")) / "registry.db"
+        private = tempfile.mkdtemp(prefix="unexrl-registry-")
+        weakref.finalize(self, shutil.rmtree, private, ignore_errors=True)
+        self.copy = Path(private) / "registry.db"
         self._keys = trusted_keys(environ)
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[int, int, int] | None = None
+        self._lock = threading.Lock()
 
     def sync(self) -> bool:
         """Copy the published registry once checked, if it changed since the last copy; True if the copy
-        changed. Raises RegistryRefused (or OSError: nothing published yet), leaving the copy as it was."""
-        stat = self.published.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp == self._seen:
-            return False
-        data = self.published.read_bytes()
-        where = str(self.published)
-        verify_signature(data, signature_of(self.published), self._keys, where)
-        check_registry(data, self.project, where)
-        atomic_write_bytes(self.copy, data)
-        self._seen = stamp
+        changed. Raises RegistryRefused (or OSError: nothing published yet), leaving the copy as it was.
+        Thread-safe: requests and the item cache's checks call it."""
+        with self._lock:
+            stat = self.published.stat()
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # each publication is a new file (a rename)
+            if stamp == self._seen:
+                return False
+            data = self.published.read_bytes()
+            where = str(self.published)
+            verify_signature(data, signature_of(self.published), self._keys, where, SIGNATURE_PURPOSE)
+            check_registry(data, self.project, where)
+            atomic_write_bytes(self.copy, data)
+            self._seen = stamp
         log.info("feature registry: using %s as published (%d bytes)", where, len(data))
         return True
