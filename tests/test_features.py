@@ -787,6 +787,7 @@ def test_a_published_registry_is_checked_before_it_is_used(
             lambda r: setattr(r.data_sources[pushed].batch_source, "data_source_class_type", "os.system")
         ),
         r"data_sources\[0\]\.type: 'STREAM_KAFKA'": spoiled(lambda r: setattr(r.data_sources[0], "type", 3)),
+        r"data_sources\[0\]\.type: 999,": spoiled(lambda r: setattr(r.data_sources[0], "type", 999)),
         r"entities\[0\]\.spec\.project: of the project 'other'": spoiled(
             lambda r: setattr(r.entities[0].spec, "project", "other")
         ),

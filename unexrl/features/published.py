@@ -180,7 +180,9 @@ def _check_message(message: Message, project: str, where: str) -> None:
             for i, item in enumerate(value if field.is_repeated else [value]):
                 _check_message(item, project, f"{at}[{i}]" if field.is_repeated else at)
             continue
-        shown = field.enum_type.values_by_number[value].name if field.enum_type is not None else value
+        shown = value
+        if field.enum_type is not None:  # an open enum: a number it does not name stays a number
+            shown = getattr(field.enum_type.values_by_number.get(value), "name", value)
         allowed = ALLOWED_VALUES.get((kind, field.name))
         if allowed is not None and shown not in allowed:
             raise RegistryRefused(f"{at}: {shown!r}, where the definitions make only {sorted(allowed)}")
