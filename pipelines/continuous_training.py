@@ -193,8 +193,8 @@ def unexrl_continuous_training(
         gitops_branch: Branch the deploy commit goes to (created when absent; Argo CD watches it).
         registry: Model registry directory (on the PVC): the deployed version per environment.
         serving_registry: Where materialize publishes the run's Feast registry for the serving pods (a path under
-            /feast, where serving_registry_pvc is mounted); empty (the default): not published. Set it only with
-            features.environment=redis, the online store serving reads, as each environment's recurring run does.
+            /feast, where serving_registry_pvc is mounted); empty (the default): not published. On a cluster set it only
+            with features.environment=redis, the online store serving reads, as each recurring run does.
         serving_registry_pvc: PVC mounted at /feast in materialize and, read-only, in the serving pods.
         feature_store_secret: Secret with the online store's connection-string (features.environment=redis).
         gitops_secret: Secret with the token (key token) the deploy step pushes to an HTTPS gitops_repo with.
@@ -229,9 +229,8 @@ def unexrl_continuous_training(
     store.set_display_name("materialize features (Feast)").set_retry(num_retries=2, backoff_duration="30s")
     reads_online_store(store, feature_store_secret)
     kubernetes.mount_pvc(store, pvc_name=serving_registry_pvc, mount_path=SERVING_REGISTRY_MOUNT)
-    signs_artifacts(
-        store
-    )  # the published registry: staging and prod serve only a registry their pipeline signed
+    # the published registry: staging and prod serve only a registry their pipeline signed
+    signs_artifacts(store)
     kubernetes.add_pod_label(store, *FEATURE_WRITER_LABEL)
     tset = build_training_set(
         config=config,

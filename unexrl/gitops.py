@@ -91,9 +91,8 @@ def deploy(
     with tempfile.TemporaryDirectory(prefix="unexrl-gitops-") as tmp:
         work = Path(tmp) / "repo"
         git(None, "clone", "--quiet", "--", repo, str(work), auth=auth)
-        if git(
-            work, "ls-remote", "origin", f"refs/heads/{branch}", auth=auth
-        ):  # the full ref: no suffix matches
+        # the full ref: no suffix matches
+        if git(work, "ls-remote", "origin", f"refs/heads/{branch}", auth=auth):
             git(work, "checkout", "--quiet", "-B", branch, f"origin/{branch}")
         else:
             git(work, "checkout", "--quiet", "-b", branch)
