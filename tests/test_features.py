@@ -678,7 +678,9 @@ def test_serving_reads_redis_through_the_published_registry(
     run published, it serves defaults and recovers with the first publication, without a restart. It then reads
     what the run materialised into Redis, through a checked private copy of the registry the run published: it
     writes neither that registry nor its copy of the repository (both read-only in a pod), its item cache follows
-    the next run's publication, and a publication it refuses leaves it on its last good copy."""
+    the next run's publication, and a publication it refuses leaves it on its last good copy. A replica whose
+    requests read no items (the serving engine's: ``fetch(user, [])``), so that no item cache looks at the
+    registry, follows the publications too."""
     from unexrl.features.client import FeatureClient
 
     if redis_server_path() is None:
@@ -690,6 +692,18 @@ def test_serving_reads_redis_through_the_published_registry(
     replica = FeatureClient(
         _with_features(cfg, repo=str(replica_repo), environment="serving", item_cache_check_s=3600.0)
     )
+    follower = FeatureClient(
+        _with_features(
+            cfg, repo=str(_repo_copy(tmp_path / "follower")), environment="serving", item_cache_check_s=0.0
+        )
+    )
+
+    def follows(registry: bytes) -> bool:
+        """A request without items, then: does the follower's Feast read ``registry``?"""
+        got = follower.fetch(user, [])
+        assert follower._published is not None and follower._items is None
+        return not got.degraded and follower._published.copy.read_bytes() == registry
+
     user, items = int(tables[fs.USER_BEHAVIOUR.name]["user_id"][0].as_py()), list(range(40))
     with local_redis() as address:  # its own: newer rows another test left would hide this one's second run
         monkeypatch.setenv("UNEXRL_REDIS", address)
@@ -705,16 +719,19 @@ def test_serving_reads_redis_through_the_published_registry(
         got, want = replica.fetch(user, items), FeatureClient(run).fetch(user, items)
         assert not got.degraded and got.user == want.user and got.items == want.items
         assert published.stat().st_mtime_ns == untouched.pop(published)
+        assert follows(published.read_bytes())
         store.load_online(feast, features)  # the next run: a new materialisation, published
         store.publish_registry(run, published)
         replica.refresh_items()
         latest = FeatureClient(run).fetch(user, items).items
         assert replica.fetch(user, items).items == latest != got.items
         good = published.read_bytes()
+        assert follows(good)
         published.write_bytes(_with_on_demand_view(good))  # whoever can write the volume
         replica.refresh_items()
         assert replica._published is not None and replica._published.copy.read_bytes() == good
         assert not replica.fetch(user, items).degraded and replica.fetch(user, items).items == latest
+        assert follows(good)
     assert {p: p.stat().st_mtime_ns for p in replica_repo.rglob("*")} == untouched
 
 
@@ -791,6 +808,8 @@ def test_a_published_registry_is_checked_before_it_is_used(
         r"entities\[0\]\.spec\.project: of the project 'other'": spoiled(
             lambda r: setattr(r.entities[0].spec, "project", "other")
         ),
+        # a field this Feast does not know: parsed aside, unseen by the walk, copied with the rest
+        r"registry: fields numbered \[999\]": good + b"\xba\x3e\x0aimport os\x0a",
     }
     for problem, data in cases.items():
         with pytest.raises(RegistryRefused, match=problem):
@@ -825,6 +844,78 @@ def test_a_published_registry_is_checked_before_it_is_used(
     monkeypatch.delenv(ENV_SIGNING_KEY)
     store.publish_registry(run, target)  # unsigned again: the last signature goes with it
     assert not published.signature_of(target).exists()
+
+
+def test_a_published_file_that_could_block_or_flood_a_replica_is_refused_unread(
+    cfg: Config, features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica opens the published registry and its signature as regular files of a bounded size only: a pipe
+    (which would block it), a link or a file too large is refused, not read, and a refused publication is not
+    read again until it or its signature changes."""
+    import threading
+
+    from unexrl.contracts.signing import ENV_PUBLIC_KEYS, SignatureError, generate_keys
+    from unexrl.features import published
+
+    run = _with_features(cfg, repo=str(_repo_copy(tmp_path / "run")))
+    store.apply(run, features)
+    good = tmp_path / "run" / "data" / "registry.db"
+    target = tmp_path / "feast" / "registry.db"
+    target.parent.mkdir()
+
+    def refusal(environ: dict[str, str] | None = None) -> BaseException | None:
+        """What a fresh replica's first sync raises, within seconds (a replica blocked on the file is a failure)."""
+        raised: list[BaseException | None] = []
+
+        def sync() -> None:
+            try:
+                PublishedRegistry(target, "unexrl", environ or {}).sync()
+                raised.append(None)
+            except Exception as err:  # noqa: BLE001 - returned to the test
+                raised.append(err)
+
+        reader = threading.Thread(target=sync, daemon=True)
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive(), "the replica blocked reading the published file"
+        return raised[0]
+
+    os.mkfifo(target)
+    assert isinstance(refusal(), RegistryRefused) and "not a regular file" in str(refusal())
+    target.unlink()
+    target.symlink_to(good)
+    assert "a symbolic link" in str(refusal())
+    target.unlink()
+    shutil.copy(good, target)
+    assert refusal() is None
+    monkeypatch.setattr(published, "REGISTRY_MAX_BYTES", good.stat().st_size - 1)
+    assert "larger than" in str(refusal())
+    monkeypatch.undo()
+
+    _, public = generate_keys(tmp_path / "keys")
+    signature = published.signature_of(target)
+    os.mkfifo(signature)
+    err = refusal({ENV_PUBLIC_KEYS: str(public)})
+    assert isinstance(err, SignatureError) and "registry.db.sig unreadable" in str(err)
+    signature.unlink()
+
+    reads: list[Path] = []
+    read = published.read_regular_file
+
+    def counted(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
+        reads.append(path)
+        return read(path, limit)
+
+    monkeypatch.setattr(published, "read_regular_file", counted)
+    target.write_bytes(_with_on_demand_view(good.read_bytes()))
+    replica = PublishedRegistry(target, "unexrl")
+    for _ in range(3):
+        with pytest.raises(RegistryRefused, match="on_demand_feature_views"):
+            replica.sync()
+    assert reads == [target]  # read once, then refused by its stamp
+    shutil.copy(good, tmp_path / "next.db")
+    (tmp_path / "next.db").replace(target)  # the next publication
+    assert replica.sync() and replica.copy.read_bytes() == good.read_bytes() and len(reads) == 2
 
 
 def test_redis_down_degrades_without_raising(

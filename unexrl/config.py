@@ -292,7 +292,8 @@ class FeaturesConfig(_Strict):
     quality_prior_views: float = Field(default=5.0, ge=0)
     """item quality estimate: mean watch fraction shrunk towards 0.5 with this many pseudo-views"""
     item_cache_check_s: float = Field(default=10.0, ge=0)
-    """serving: how often the item cache checks the registry for a new materialisation (unexrl/features/cache.py)"""
+    """serving: how often the item cache checks the registry for a new materialisation (unexrl/features/cache.py),
+    and a replica the published registry for a new publication (unexrl/features/published.py)"""
     bench_reads: int = Field(default=300, ge=10)
     """`unexrl bench features`: timed online reads per store (p50 / p99 reported)"""
     bench_candidates: int = Field(default=500, ge=1)

@@ -1,11 +1,14 @@
-"""Small file-system helpers shared by every writer: hashes and all-or-nothing directory publishing."""
+"""Small file-system helpers: hashes, all-or-nothing writes and directory publishing, and guarded reads of files
+that someone else may have put in place."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,6 +108,30 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+
+
+class UnreadableFile(ValueError):
+    """A file refused before it is read: not a regular file, or larger than its reader allows."""
+
+
+def read_regular_file(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
+    """The bytes of ``path`` and the status of the very file they were read from, for a file that someone
+    else may have put there: refused (UnreadableFile) if it is a symbolic link, not a regular file (a pipe or a
+    device would block the reader or never end) or larger than ``limit`` bytes. OSError if there is no file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnreadableFile(f"{path}: a symbolic link, not the file itself") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise UnreadableFile(f"{path}: not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UnreadableFile(f"{path}: larger than {limit:,} bytes")
+    return data, status
 
 
 def write_figure(fig: Any, path: Path, dpi: int = 120) -> None:

@@ -29,12 +29,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from unexrl.contracts import files
 from unexrl.contracts.base import ContractError
-from unexrl.io import atomic_write_bytes
+from unexrl.io import UnreadableFile, atomic_write_bytes, read_regular_file
 
 log = logging.getLogger(__name__)
 
 ENV_SIGNING_KEY = "UNEXRL_SIGNING_KEY_FILE"
 ENV_PUBLIC_KEYS = "UNEXRL_ARTIFACT_PUBLIC_KEYS"
+SIGNATURE_MAX_BYTES = 1024
+"""a signature file's size at most (an ed25519 signature is 88 bytes of base64): a larger one is refused unread"""
 _PEM_BLOCK = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
 
 
@@ -125,10 +127,16 @@ def verify_signature(
     ``signature`` is a valid signature of exactly ``purpose`` and these bytes by one of ``keys``."""
     if keys is None:
         return
-    if not signature.is_file() or signature.is_symlink():
-        raise SignatureError(f"{what}: no {signature.name}; this environment loads signed files only")
     try:
-        raw = base64.b64decode(signature.read_bytes().strip(), validate=True)
+        text, _ = read_regular_file(signature, SIGNATURE_MAX_BYTES)
+    except FileNotFoundError:
+        raise SignatureError(
+            f"{what}: no {signature.name}; this environment loads signed files only"
+        ) from None
+    except (UnreadableFile, OSError) as err:
+        raise SignatureError(f"{what}: {signature.name} unreadable ({err})") from None
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
     except ValueError:
         raise SignatureError(f"{signature}: not a base64 signature") from None
     for key in keys:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -81,6 +82,7 @@ class FeatureClient:
         self._items: ItemCache | None = None
         self._published: PublishedRegistry | None = None
         """the ``serving`` environment's checked copy of the published registry"""
+        self._next_registry_check = time.monotonic() + cfg.features.item_cache_check_s
 
     def fetch(self, user_id: int, item_ids: Sequence[int], session: bool = True) -> OnlineFeatures:
         """The user's and every candidate's features, in ``item_ids`` order; ``session``: also the user's
@@ -90,6 +92,7 @@ class FeatureClient:
         )
         item_views = fs.SERVICES[fs.ITEM_SERVING_SERVICE]
         ids = [int(i) for i in item_ids]
+        self._follow_publication()
         user_read = self._guarded(lambda: self._read_user(int(user_id), user_views))
         mismatched = user_read is not None and not self._fits(user_read)
         if mismatched:
@@ -225,20 +228,37 @@ class FeatureClient:
         return self._items
 
     def _sync_registry(self) -> None:
-        """Bring the private registry copy up to date; a new one may redefine the feature services."""
+        """Bring the private registry copy, and Feast's view of it, up to date; a new one may redefine the
+        feature services."""
         if self._published is not None and self._published.sync():
             self._services.clear()
+            if self._store is not None:
+                self._store.refresh_registry()
+
+    def _follow_publication(self) -> None:
+        """A serving replica's look for a new publication, at most every ``features.item_cache_check_s`` (the
+        item cache, which looks too, is not built when no request reads items); a refused or missing one is
+        logged, and the last good copy stays in use."""
+        now = time.monotonic()
+        if self._published is None or self._store is None or now < self._next_registry_check:
+            return
+        self._next_registry_check = now + self._cfg.features.item_cache_check_s
+        try:
+            self._sync_registry()
+        except Exception as err:  # noqa: BLE001 - a publication that cannot be used keeps the last good copy
+            log.warning("feature registry: keeping the last good copy: %s: %s", type(err).__name__, err)
 
     def _read_user(self, user_id: int, views: tuple[fs.ViewSpec, ...]) -> dict[str, list[Any]]:
         """One online read of the user's rows of ``views`` (the serving service, or all of it but the session)."""
         store = self._open()
-        if fs.USER_SERVING_SERVICE not in self._services:
-            self._services[fs.USER_SERVING_SERVICE] = store.get_feature_service(fs.USER_SERVING_SERVICE)
+        service = self._services.get(fs.USER_SERVING_SERVICE)  # cleared when a new publication is copied
+        if service is None:
+            service = self._services[fs.USER_SERVING_SERVICE] = store.get_feature_service(
+                fs.USER_SERVING_SERVICE
+            )
         full = fs.SERVICES[fs.USER_SERVING_SERVICE]
         features: Any = (
-            self._services[fs.USER_SERVING_SERVICE]
-            if views == full
-            else [f"{v.name}:{f.name}" for v in views for f in v.features]
+            service if views == full else [f"{v.name}:{f.name}" for v in views for f in v.features]
         )
         response = store.get_online_features(
             features=features, entity_rows=[{fs.USER.join_key: user_id}], full_feature_names=True

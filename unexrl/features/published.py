@@ -4,13 +4,15 @@ Each run applies and materialises with a registry of its own, then publishes it 
 signature when the pipeline signs). The file crosses a trust boundary on its way to serving: whoever can write the
 volume it is published on can replace it, and Feast runs code that a registry carries (a feature view's
 transformation, on-demand and stream views, validation references' profilers, a data source class imported by its
-name). So a replica never hands the published file to Feast. :class:`PublishedRegistry` reads it once, refuses it
+name). So a replica never hands the published file to Feast. :class:`PublishedRegistry` reads it once (a
+regular file of a bounded size: never a link, a pipe or a device, which could block the replica), refuses it
 unless it is signed by a trusted key (where the environment requires signatures, as for artifacts:
 unexrl.contracts.signing) and holds nothing but the messages and fields that applying and materialising the
 definitions writes, file and push sources, and one project (:func:`check_registry`), and writes that copy to a
-private file, which Feast reads; it does so again when the published file changes. A refused publication leaves
-the replica on its last good copy. The check does not stop a replay: an older registry the pipeline signed,
-copied back onto the volume, is accepted (it only moves the features' definitions and intervals back).
+private file, which Feast reads; it does so again when the published file changes (the replica looks every
+``features.item_cache_check_s``). A refused publication leaves the replica on its last good copy, and is not read
+again until the file or its signature changes. The check does not stop a replay: an older registry the pipeline
+signed, copied back onto the volume, is accepted (it only moves the features' definitions and intervals back).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from unexrl.contracts.base import ContractError
 from unexrl.contracts.signing import SignatureError, sign_file, signer_keys, trusted_keys, verify_signature
-from unexrl.io import atomic_file, atomic_write_bytes
+from unexrl.io import UnreadableFile, atomic_file, atomic_write_bytes, read_regular_file
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
@@ -39,6 +41,8 @@ SERVING = "serving"
 ENV_FEAST_REGISTRY = "UNEXRL_FEAST_REGISTRY"
 """the published registry file (the ``serving`` environment), or ``production``'s registry URI"""
 SIGNATURE_SUFFIX = ".sig"
+REGISTRY_MAX_BYTES = 16 * 2**20
+"""a published registry's size at most (the definitions' is a few kilobytes): a larger one is refused unread"""
 SIGNATURE_PURPOSE = b"unexrl feast registry\n"
 """signed before the registry's bytes, so that no other signed file's signature passes for a registry's"""
 
@@ -112,6 +116,21 @@ PROJECT_FIELDS = frozenset(
 """fields naming a project, which must be the serving store's"""
 
 
+Stamp = tuple[int, int, int]
+"""a published file's inode, modification time and size: each publication is a new file (a rename)"""
+
+
+def _stamp(status: os.stat_result) -> Stamp:
+    return status.st_ino, status.st_mtime_ns, status.st_size
+
+
+def _stamp_if_any(path: Path) -> Stamp | None:
+    try:
+        return _stamp(path.lstat())
+    except FileNotFoundError:
+        return None
+
+
 class RegistryRefused(ContractError):
     """A published registry that a serving replica will not use."""
 
@@ -168,10 +187,14 @@ def _parse(message: type[Message], data: bytes, where: str) -> Message:
 
 def _check_message(message: Message, project: str, where: str) -> None:
     from feast.protos.feast.core.FeatureView_pb2 import FeatureView
+    from google.protobuf.unknown_fields import UnknownFieldSet
 
     kind = message.DESCRIPTOR.full_name
     if kind not in MADE_BY_DEFINITIONS:
         raise RegistryRefused(f"{where}: a {kind}, which the definitions never make")
+    unknown = sorted({f.field_number for f in UnknownFieldSet(message)})
+    if unknown:  # invisible to the walk below, and copied to Feast with the rest: nothing unread passes
+        raise RegistryRefused(f"{where}: fields numbered {unknown}, unknown to this Feast's {kind}")
     for field, value in message.ListFields():
         at = f"{where}.{field.name}"
         if field.name not in MADE_BY_DEFINITIONS[kind]:
@@ -203,23 +226,41 @@ class PublishedRegistry:
         weakref.finalize(self, shutil.rmtree, private, ignore_errors=True)
         self.copy = Path(private) / "registry.db"
         self._keys = trusted_keys(environ)
-        self._seen: tuple[int, int, int] | None = None
+        self._seen: Stamp | None = None
+        """the publication copied last"""
+        self._refused: tuple[tuple[Stamp, Stamp | None], ContractError] | None = None
+        """the publication (and signature) refused last, and why: asked again, a replica does not read it again"""
         self._lock = threading.Lock()
 
     def sync(self) -> bool:
         """Copy the published registry once checked, if it changed since the last copy; True if the copy
-        changed. Raises RegistryRefused (or OSError: nothing published yet), leaving the copy as it was.
-        Thread-safe: requests and the item cache's checks call it."""
+        changed. Raises RegistryRefused or SignatureError (or OSError: nothing published yet), leaving the copy
+        as it was. Thread-safe: requests and the item cache's checks call it."""
         with self._lock:
-            stat = self.published.stat()
-            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # each publication is a new file (a rename)
-            if stamp == self._seen:
+            published = _stamp(self.published.lstat())
+            if published == self._seen:
                 return False
-            data = self.published.read_bytes()
-            where = str(self.published)
-            verify_signature(data, signature_of(self.published), self._keys, where, SIGNATURE_PURPOSE)
-            check_registry(data, self.project, where)
+            current = (published, _stamp_if_any(signature_of(self.published)))
+            if self._refused is not None and current == self._refused[0]:
+                raise self._refused[1].with_traceback(None)  # the same files: refused again, unread
+            try:
+                data, status = self._read_checked()
+            except ContractError as err:
+                self._refused = (current, err)
+                raise
             atomic_write_bytes(self.copy, data)
-            self._seen = stamp
-        log.info("feature registry: using %s as published (%d bytes)", where, len(data))
+            self._seen, self._refused = _stamp(status), None
+        log.info("feature registry: using %s as published (%d bytes)", self.published, len(data))
         return True
+
+    def _read_checked(self) -> tuple[bytes, os.stat_result]:
+        """The published bytes, read once, and the status of the file read, if signed and made by the
+        definitions; else RegistryRefused or SignatureError."""
+        where = str(self.published)
+        try:
+            data, status = read_regular_file(self.published, REGISTRY_MAX_BYTES)
+        except UnreadableFile as err:
+            raise RegistryRefused(str(err)) from None
+        verify_signature(data, signature_of(self.published), self._keys, where, SIGNATURE_PURPOSE)
+        check_registry(data, self.project, where)
+        return data, status
