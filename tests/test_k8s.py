@@ -693,8 +693,9 @@ def _promtool_test(tmp_path: Path, tests: list[dict]) -> None:
 def test_the_reward_analysis_passes_fails_and_waits_as_documented(tmp_path):
     """The canary's reward query on the shipped recording rules (promtool test rules): 1 at 99% of the stable's
     mean watch time, 0 at 90%, and no result (inconclusive, not a failure) when the canary or every other version
-    ended no session in the window, whose 0/0 mean is NaN. A version no replica serves any more is not the
-    stable one, however well its last sessions did."""
+    ended no session in the window, whose 0/0 mean is NaN, or the stable's sessions watched nothing (a ratio to
+    0 measures nothing; its +Inf passed any canary). A version no replica serves any more is not the stable one,
+    however well its last sessions did."""
     tmpl = one(render("overlays/prod"), "AnalysisTemplate", "unexrl-canary")
     (metric,) = [m for m in tmpl["spec"]["metrics"] if m["name"] == "long-term-reward-vs-stable"]
     ratio = next(a["value"] for a in tmpl["spec"]["args"] if a["name"] == "min-reward-ratio")
@@ -718,6 +719,11 @@ def test_the_reward_analysis_passes_fails_and_waits_as_documented(tmp_path):
         {
             "interval": "1m",
             "input_series": _session_series("stable", 0, 0) + _session_series("canary", 900, 1),
+            "promql_expr_test": [expect("canary", None)],
+        },
+        {
+            "interval": "1m",
+            "input_series": _session_series("stable", 0, 1) + _session_series("canary", 900, 1),
             "promql_expr_test": [expect("canary", None)],
         },
     ]

@@ -25,10 +25,11 @@ from unexrl.policies.weights import WeightPolicy, greedy_weights
 from unexrl.serve.api import FeedbackItem
 from unexrl.serve.behaviour import SessionBehaviour
 from unexrl.serve.engine import Recommender, UnknownRequest
-from unexrl.serve.metrics import ITEM_WATCH_TIME
+from unexrl.serve.metrics import ITEM_WATCH_TIME, OTHER_VERSION, VersionLabels
 from unexrl.serve.sessions import (
     KEY_PREFIX,
     MAX_TRANSACTION_ATTEMPTS,
+    MAX_VERSIONS_PER_SESSION,
     SESSION_TTL_S,
     LocalSessions,
     Page,
@@ -343,6 +344,41 @@ def test_a_sessions_reward_is_shared_by_the_models_that_chose_its_pages(
         assert ended == pytest.approx(share) and watch == pytest.approx(share * 7.0)
     assert _observations(ITEM_WATCH_TIME, stable.version) == watched[stable.version] + 2
     assert _observations(ITEM_WATCH_TIME, canary.version) == watched[canary.version] + 1
+
+
+def test_versions_past_a_replicas_label_bound_are_counted_as_other(engine: Recommender) -> None:
+    """The versions stored pages and sessions name become metric labels: past a replica's bound they count under
+    OTHER_VERSION (which no replica serves), so what the session store holds cannot grow its series without end;
+    the session itself keeps the version."""
+    store = LocalSessions()
+    served = _with_sessions(engine, store)
+    served.version_label = VersionLabels([engine.version], limit=1)
+    page = served.recommend(14)
+    store.add_page(replace(page, model_version="r-stored"))
+    before = _counted("unexrl_sessions_ended_total", OTHER_VERSION)
+    item = FeedbackItem(item_id=page.items[0], watch_time_s=1.0)
+    result = served.feedback(page.request_id, page.session.session_id, [item], True)
+    assert result.session.served_by == {"r-stored": 1}
+    assert _counted("unexrl_sessions_ended_total", OTHER_VERSION) - before == 1
+    assert _counted("unexrl_sessions_ended_total", "r-stored") == 0
+    assert served.version_label(engine.version) == engine.version
+
+
+def test_a_session_past_the_versions_it_may_name_stays_readable(engine: Recommender, store: Sessions) -> None:
+    """A session whose pages were chosen by more versions than a stored record may name (many rollouts within
+    its life) drops its least-served other version as it counts the next page: written so, it reads back, rather
+    than as a malformed record that would lose the session."""
+    served = _with_sessions(engine, store)
+    page = served.recommend(13)
+    session = page.session.session_id
+    earlier = {f"r{i}": 1 + (i != 3) for i in range(MAX_VERSIONS_PER_SESSION)}  # r3 chose the fewest pages
+    store.save(replace(store.session(session) or page.session, served_by=earlier))
+    item = FeedbackItem(item_id=page.items[0], watch_time_s=1.0)
+    result = served.feedback(page.request_id, session, [item], False)
+    kept = {v: n for v, n in earlier.items() if v != "r3"} | {engine.version: 1}
+    assert result.session.served_by == kept
+    stored = store.session(session)
+    assert stored is not None and stored.served_by == kept and stored.step == result.session.step
 
 
 def test_a_page_stored_before_pages_named_their_model_is_the_receivers(

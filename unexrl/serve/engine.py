@@ -40,7 +40,7 @@ from unexrl.features.client import FeatureClient, OnlineFeatures
 from unexrl.serve import metrics as m
 from unexrl.serve.api import SESSION_ID_MAX, FeedbackItem
 from unexrl.serve.behaviour import SessionBehaviour
-from unexrl.serve.sessions import LocalSessions, Page, Sessions, SessionState, shares
+from unexrl.serve.sessions import LocalSessions, Page, Sessions, SessionState, served_once_more, shares
 from unexrl.sim.env import Policy, SessionBatch, Simulator
 from unexrl.sim.world import World
 from unexrl.user_features import served_inputs
@@ -184,6 +184,7 @@ class Recommender:
         m.COLD_START_REQUESTS.labels(self.version)
         if self.shadow is not None:
             m.MODEL_INFO.labels(self.shadow.version, "shadow", self.shadow.algorithm, self.shadow.kind).set(1)
+        self.version_label = m.VersionLabels([self.version] + ([self.shadow.version] if self.shadow else []))
 
     @property
     def version(self) -> str:
@@ -426,7 +427,7 @@ class Recommender:
                 history=(before.history + viewed)[-window:],
                 touched=time.time(),
                 behaviour=with_page(before),
-                served_by=before.served_by | {chose: before.served_by.get(chose, 0) + 1},
+                served_by=served_once_more(before.served_by, chose),
             )
             return after, session_end or after.step >= max_requests
 
@@ -438,12 +439,13 @@ class Recommender:
         if not self.sessions.claim(request_id):
             raise _unknown_page(request_id, session_id)
         after, ended = outcome
-        m.FEEDBACK_LAG.labels(chose).observe(max(time.time() - page.served_at, 0.0))
+        label = self.version_label(chose)
+        m.FEEDBACK_LAG.labels(label).observe(max(time.time() - page.served_at, 0.0))
         for w in watch:
-            m.ITEM_WATCH_TIME.labels(chose).observe(w)
+            m.ITEM_WATCH_TIME.labels(label).observe(w)
         # the session's totals count once: when this page ended it (not one counted before, answered again)
         if ended and after.counted[-1] == request_id:
-            _observe_ended(after)
+            _observe_ended(after, self.version_label)
         at = datetime.now(UTC)
         state = (
             (-1, 0, 0, 0.0, 0.5)  # no session open: the view's defaults
@@ -515,10 +517,11 @@ def _marking(act: ActFn, marks: list[float]) -> ActFn:
     return timed
 
 
-def _observe_ended(session: SessionState) -> None:
+def _observe_ended(session: SessionState, label: m.VersionLabels) -> None:
     """An ended session's reward and length, shared among the model versions that chose its pages (each by its
     share of them): summed over versions, the session counts once."""
-    for version, share in shares(session.served_by).items():
+    for chose, share in shares(session.served_by).items():
+        version = label(chose)
         m.SESSIONS_ENDED.labels(version).inc(share)
         m.SESSION_WATCH_TIME.labels(version).inc(share * session.watch_time_s)
         m.SESSION_ITEMS.labels(version).inc(share * session.items_watched)

@@ -1,15 +1,44 @@
 """The service's Prometheus metrics: one definition each, shared by the service, the rules and the dashboard.
 
 Naming follows Prometheus conventions: ``unexrl_`` prefix, base units (seconds), ``_total`` counters, histograms
-for distributions. Labels are bounded: ``model_version`` (one per deployed artifact), ``role`` (stable | canary |
-shadow), ``stage`` (cascade stage names and the fixed pre-cascade steps), ``dimension`` (a stage's heads);
-never user, session, request or item ids. The feature-store fallback counter lives with the client that
+for distributions. Labels are bounded: ``model_version`` (one per deployed artifact, at most MAX_VERSION_LABELS per
+replica), ``role`` (stable | canary | shadow), ``stage`` (cascade stage names and the fixed pre-cascade steps),
+``dimension`` (a stage's heads); never user, session, request or item ids. The feature-store fallback counter lives with the client that
 counts it (``unexrl.features.client.FALLBACKS``).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
+
+OTHER_VERSION = "other"
+"""the ``model_version`` label of feedback and sessions credited to a version past a replica's MAX_VERSION_LABELS"""
+MAX_VERSION_LABELS = 16
+"""model versions one replica labels its feedback and session metrics with: its own, its shadow's and those its
+stored pages and sessions name (a version or two per rollout); a stored record decides the label, so the bound
+keeps what the session store holds from growing the process's series without end"""
+
+
+class VersionLabels:
+    """The ``model_version`` label for a version a stored page or session names: itself while the replica has
+    labelled fewer than ``limit`` versions (``known`` first), else OTHER_VERSION, which no replica serves (the
+    recording rules drop it)."""
+
+    def __init__(self, known: Iterable[str], limit: int = MAX_VERSION_LABELS) -> None:
+        self._limit = limit
+        self._labelled = set(known)
+        self._lock = threading.Lock()
+
+    def __call__(self, version: str) -> str:
+        with self._lock:
+            if version in self._labelled or len(self._labelled) < self._limit:
+                self._labelled.add(version)
+                return version
+        return OTHER_VERSION
+
 
 _LATENCY_BUCKETS = (
     0.0005,

@@ -132,6 +132,17 @@ def shares(served_by: dict[str, int]) -> dict[str, float]:
     return {version: n / total for version, n in served_by.items() if n > 0}  # none when no page is counted
 
 
+def served_once_more(served_by: dict[str, int], version: str) -> dict[str, int]:
+    """``served_by`` with one more page chosen by ``version``, naming at most MAX_VERSIONS_PER_SESSION versions:
+    past that (as many rollouts within one session), the version with the fewest pages other than ``version``
+    leaves, and its pages count for none of the others' shares. A record naming more would be read back as
+    malformed, and the whole session lost."""
+    after = served_by | {version: served_by.get(version, 0) + 1}
+    while len(after) > MAX_VERSIONS_PER_SESSION:
+        del after[min((v for v in after if v != version), key=lambda v: after[v])]
+    return after
+
+
 _PAGE = TypeAdapter(Page)
 _SESSION = TypeAdapter(SessionState)
 
