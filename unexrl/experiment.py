@@ -3,8 +3,9 @@
 Every variant is trained ``experiment.seeds`` times (seed k shifts seeds.train by 100 k; the world and the
 evaluation seeds stay fixed); the actors of its best validation point (seeds.validation) are then rolled out on
 seeds.evaluation. The fixed-weight baselines (unexrl/policies/baselines.py: cem, group-cem and the two oracles)
-are tuned once per training seed and kept on disk. Every learner's final critic is diagnosed against the
-simulator's truth (unexrl/rl/diagnostics.py, on a validation seed), and every policy's mean action per activity
+are tuned once per training seed and kept on disk. Every learner's final critic in the main comparison (not in
+the agents-count study) is diagnosed against the simulator's truth (unexrl/rl/diagnostics.py, on a validation
+seed), and every policy's mean action per activity
 group is recorded (does it personalise?). Intervals are 95% bootstrap intervals over
 (training seed, evaluation seed) groups and sessions; uplifts are paired by session against CEM of the same
 training seed. Each finished run is saved under ``out/runs/`` and skipped when the experiment is re-run, so an

@@ -4,6 +4,8 @@ to read them."""
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from unexrl.contracts.base import Part
 
 
@@ -46,6 +48,8 @@ class GradientCheck(Part):
     """fraction of weights whose gradient sign the critic gets right, per activity group"""
     stage_cosine: list[list[float]]
     """[group][stage] cosine on each stage's weights"""
+    stage_sign_agreement: list[list[float]] = Field(default_factory=list)
+    """[group][stage] sign agreement on each stage's weights (empty in records written before it was kept)"""
     critic: list[list[float]]
     """[group][weight] mean dQ/da (NaN where no critic reads that stage's action: independent DDPG)"""
     truth: list[list[float]]
@@ -54,7 +58,7 @@ class GradientCheck(Part):
     """[group] cosine of the truth estimated on each half of the sessions: how repeatable the truth is"""
     cosine_training_return: PerGroup
     """cosine of the critic's gradient and the true gradient of its own target, the discounted training return
-    (equal to ``cosine`` when that return is watch time): low here means the critic is wrong; high here but low in
+    (equal to ``cosine`` when that return is undiscounted watch time): low here means the critic is wrong; high here but low in
     ``cosine`` means the reward misleads (see ``reward_alignment``)"""
     sessions: int
     """sessions per finite-difference rollout"""

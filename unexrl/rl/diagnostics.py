@@ -4,9 +4,9 @@ Two checks say whether a critic can guide its actors (spec: "how to check a crit
 
 - calibration: Q_1(tau_t, a_t) of logged transitions against the Monte-Carlo discounted training-reward return G_t
   of the same transitions (relative bias of the means, correlation), overall and per activity group;
-- direction: per activity group, the mean critic gradient dQ/da at the behaviour policy's own actions against the
-  simulator's true gradient of mean session watch time with respect to that group's weights (unexrl/rl/truth.py):
-  cosine and sign agreement, per group and per stage.
+- direction: per activity group, the mean critic gradient dQ/da at the actors' own actions, over the states they
+  reach without exploration noise, against the simulator's true gradient of mean session watch time with respect
+  to that group's weights (unexrl/rl/truth.py): cosine and sign agreement, per group and per stage.
 
 The same finite-difference rollouts give the true gradient of the discounted training return: its cosine with the
 watch-time gradient (``reward_alignment``) says whether the reward the critic learns points where watch time rises.
@@ -81,42 +81,59 @@ def _calibration(q: np.ndarray, g: np.ndarray, groups: np.ndarray, n_groups: int
 
 
 def _masked_cosine(critic: np.ndarray, truth: np.ndarray) -> float:
+    """The cosine on the weights a critic reads (NaN if it reads none: independent DDPG's other stages)."""
     known = ~np.isnan(critic)
-    return cosine(critic[known], truth[known])
+    return cosine(critic[known], truth[known]) if known.any() else float("nan")
+
+
+def _sign_agreement(critic: np.ndarray, truth: np.ndarray) -> float:
+    """The share of the weights a critic reads whose gradient sign it gets right (NaN if it reads none)."""
+    known = ~np.isnan(critic)
+    return float(np.mean(np.sign(critic[known]) == np.sign(truth[known]))) if known.any() else float("nan")
 
 
 def diagnose(
     agent: CascadeAgent, sim: Simulator, actors: nn.Module, knots: Tensor | None
 ) -> CriticDiagnostics:
-    """Score ``agent``'s critic on fresh validation sessions of its behaviour policy (``actors``, an unsharded copy
-    of the agent's actors, with the training exploration noise) against the simulator's truth."""
+    """Score ``agent``'s critic on fresh validation sessions against the simulator's truth: its values on its
+    behaviour policy's (``actors``, an unsharded copy of the agent's actors, with the training exploration noise),
+    its action gradient on the actors' own without the noise."""
     started = time.perf_counter()
     cfg, d = agent.cfg, agent.cfg.diagnostics
     w = sim.world
     seed = cfg.seeds.validation[-1]
     n_groups = len(cfg.world.user_types)
 
-    steps: list[Step] = []
-    behaviour = ActorPolicy(actors, cfg, w, explore_std=cfg.algo.exploration_std, seed=seed)
     ids = FRESH_SESSIONS + torch.arange(d.sessions)
-    rollout(sim, behaviour, seed, ids, min(d.sessions, cfg.evaluation.batch_size), on_step=steps.append)
-    buffer = ReplayBuffer(cfg, d.sessions * cfg.session.max_requests)
-    buffer.add_steps(steps, w)
-    buffer.set_knots(knots)
-    idx = torch.arange(buffer.size)
-    batch = buffer.batch(idx)
+    device = next(agent.parameters()).device
+
+    def fresh(policy: ActorPolicy) -> tuple[ReplayBuffer, Tensor]:
+        """The policy's transitions on the fresh sessions, in a buffer of their own, and all their indices."""
+        steps: list[Step] = []
+        rollout(sim, policy, seed, ids, min(d.sessions, cfg.evaluation.batch_size), on_step=steps.append)
+        buffer = ReplayBuffer(cfg, d.sessions * cfg.session.max_requests)
+        buffer.add_steps(steps, w)
+        buffer.set_knots(knots)
+        return buffer, torch.arange(buffer.size)
+
+    # calibration: Q_1 of the behaviour policy's logged actions against their Monte-Carlo returns
+    logged, idx = fresh(ActorPolicy(actors, cfg, w, explore_std=cfg.algo.exploration_std, seed=seed))
     g = _returns(
-        buffer.reward(idx),
-        buffer.done[idx].float(),
-        buffer.next_index[idx],
+        logged.reward(idx),
+        logged.done[idx].float(),
+        logged.next_index[idx],
         cfg.algo.gamma,
         cfg.session.max_requests,
     )
-    device = next(agent.parameters()).device
-    batch = batch.to(device)
+    batch = logged.batch(idx).to(device)
     q = agent.q_values(batch).cpu().numpy()
-    grad = agent.action_gradient(batch).cpu().numpy()
     groups = batch.tau.activity_group.cpu().numpy()
+    # direction: dQ/da at the actors' own actions, over the states the actors reach without noise, those of the
+    # policy whose true gradient it is compared with (the deterministic policy gradient averages over them)
+    own, own_idx = fresh(ActorPolicy(actors, cfg, w))
+    own_batch = own.batch(own_idx).to(device)
+    grad = agent.action_gradient(own_batch).cpu().numpy()
+    own_groups = own_batch.tau.activity_group.cpu().numpy()
 
     def step_reward(step: Step) -> Tensor:
         item_group = duration_bucket(w.item_duration[step.page_items], cfg.features.duration_bucket_edges_s)
@@ -145,27 +162,17 @@ def diagnose(
     ]
     critic = np.stack(
         [
-            grad[groups == k].mean(0) if (groups == k).any() else np.zeros(grad.shape[1])
+            grad[own_groups == k].mean(0) if (own_groups == k).any() else np.zeros(grad.shape[1])
             for k in range(n_groups)
         ]
     )
     cos = [_masked_cosine(critic[k], truth.gradient[k]) for k in range(n_groups)]
-    signs = [
-        float(
-            np.mean(
-                np.sign(critic[k][~np.isnan(critic[k])]) == np.sign(truth.gradient[k][~np.isnan(critic[k])])
-            )
-        )
-        for k in range(n_groups)
-    ]
+    signs = [_sign_agreement(critic[k], truth.gradient[k]) for k in range(n_groups)]
     stage_cos = [
-        [
-            _masked_cosine(critic[k][s], truth.gradient[k][s])
-            if not np.isnan(critic[k][s]).all()
-            else float("nan")
-            for s in slices
-        ]
-        for k in range(n_groups)
+        [_masked_cosine(critic[k][s], truth.gradient[k][s]) for s in slices] for k in range(n_groups)
+    ]
+    stage_signs = [
+        [_sign_agreement(critic[k][s], truth.gradient[k][s]) for s in slices] for k in range(n_groups)
     ]
     assert truth.training_gradient is not None
     alignment = [cosine(truth.training_gradient[k], truth.gradient[k]) for k in range(n_groups)]
@@ -178,6 +185,7 @@ def diagnose(
             cosine=PerGroup.of(cos),
             sign_agreement=PerGroup.of(signs),
             stage_cosine=stage_cos,
+            stage_sign_agreement=stage_signs,
             critic=critic.tolist(),
             truth=truth.gradient.tolist(),
             truth_split_half_cosine=truth.split_half_cosine.tolist(),
