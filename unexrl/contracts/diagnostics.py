@@ -58,8 +58,8 @@ class GradientCheck(Part):
     """[group] cosine of the truth estimated on each half of the sessions: how repeatable the truth is"""
     cosine_training_return: PerGroup
     """cosine of the critic's gradient and the true gradient of its own target, the discounted training return
-    (equal to ``cosine`` when that return is undiscounted watch time): low here means the critic is wrong; high here but low in
-    ``cosine`` means the reward misleads (see ``reward_alignment``)"""
+    (equal to ``cosine`` when that return is undiscounted watch time): low here means the critic is wrong; high
+    here but low in ``cosine`` means the reward misleads (see ``reward_alignment``)"""
     sessions: int
     """sessions per finite-difference rollout"""
     delta: float

@@ -3,8 +3,8 @@
 Naming follows Prometheus conventions: ``unexrl_`` prefix, base units (seconds), ``_total`` counters, histograms
 for distributions. Labels are bounded: ``model_version`` (one per deployed artifact, at most MAX_VERSION_LABELS per
 replica), ``role`` (stable | canary | shadow), ``stage`` (cascade stage names and the fixed pre-cascade steps),
-``dimension`` (a stage's heads); never user, session, request or item ids. The feature-store fallback counter lives with the client that
-counts it (``unexrl.features.client.FALLBACKS``).
+``dimension`` (a stage's heads); never user, session, request or item ids. The feature-store fallback counter
+lives with the client that counts it (``unexrl.features.client.FALLBACKS``).
 """
 
 from __future__ import annotations
