@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -49,17 +48,8 @@ class ItemCopy:
 class ItemCache:
     """Every catalogue item's serving features, reloaded when the registry shows a new materialisation."""
 
-    def __init__(
-        self,
-        store: FeatureStore,
-        n_items: int,
-        check_every_s: float,
-        before_check: Callable[[], object] | None = None,
-    ) -> None:
-        """``before_check``: called at each check before the registry is read (a serving replica's copy of the
-        published registry brought up to date); its failure is a failed check."""
+    def __init__(self, store: FeatureStore, n_items: int, check_every_s: float) -> None:
         self._store, self._n_items, self._check_every_s = store, n_items, check_every_s
-        self._before_check = before_check
         self._copy: ItemCopy | None = None
         self._checked = -float("inf")
         self._reloading: threading.Thread | None = None
@@ -99,8 +89,6 @@ class ItemCache:
                 return
             self._checked = now
             try:
-                if self._before_check is not None:
-                    self._before_check()
                 self._store.refresh_registry()
                 version = self._registry_version()
             except Exception as err:  # noqa: BLE001 - a registry hiccup keeps the current copy

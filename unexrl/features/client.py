@@ -143,6 +143,7 @@ class FeatureClient:
 
     def refresh_items(self) -> None:
         """Check the registry for a new materialisation of the item views now and reload the cache if it moved."""
+        self._follow_publication(at_once=True)
         self._item_cache().refresh(wait=True)
 
     def push_session(
@@ -218,33 +219,28 @@ class FeatureClient:
 
     def _item_cache(self) -> ItemCache:
         if self._items is None:
-            store = self._open()
             self._items = ItemCache(
-                store,
-                self._cfg.world.n_items,
-                self._cfg.features.item_cache_check_s,
-                before_check=self._sync_registry if self._published is not None else None,
+                self._open(), self._cfg.world.n_items, self._cfg.features.item_cache_check_s
             )
         return self._items
 
-    def _sync_registry(self) -> None:
-        """Bring the private registry copy, and Feast's view of it, up to date; a new one may redefine the
-        feature services."""
-        if self._published is not None and self._published.sync():
-            self._services.clear()
-            if self._store is not None:
-                self._store.refresh_registry()
-
-    def _follow_publication(self) -> None:
-        """A serving replica's look for a new publication, at most every ``features.item_cache_check_s`` (the
-        item cache, which looks too, is not built when no request reads items); a refused or missing one is
-        logged, and the last good copy stays in use."""
+    def _follow_publication(self, at_once: bool = False) -> None:
+        """A serving replica's look for a new publication (at most every ``features.item_cache_check_s``, or
+        ``at_once``): copied once checked, and Feast's registry cache refreshed to read it (the item cache then
+        sees a new materialisation at its next check; a new registry may redefine the feature services). A
+        refused or missing publication is logged, and the last good copy stays in use."""
         now = time.monotonic()
-        if self._published is None or self._store is None or now < self._next_registry_check:
+        if (
+            self._published is None
+            or self._store is None
+            or (now < self._next_registry_check and not at_once)
+        ):
             return
         self._next_registry_check = now + self._cfg.features.item_cache_check_s
         try:
-            self._sync_registry()
+            if self._published.sync():
+                self._services.clear()
+                self._store.refresh_registry()
         except Exception as err:  # noqa: BLE001 - a publication that cannot be used keeps the last good copy
             log.warning("feature registry: keeping the last good copy: %s: %s", type(err).__name__, err)
 

@@ -235,7 +235,7 @@ class PublishedRegistry:
     def sync(self) -> bool:
         """Copy the published registry once checked, if it changed since the last copy; True if the copy
         changed. Raises RegistryRefused or SignatureError (or OSError: nothing published yet), leaving the copy
-        as it was. Thread-safe: requests and the item cache's checks call it."""
+        as it was. Thread-safe: concurrent requests call it."""
         with self._lock:
             published = _stamp(self.published.lstat())
             if published == self._seen:
