@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from unexrl.config import Config
-from unexrl.contracts.diagnostics import CriticDiagnostics
+from unexrl.contracts.diagnostics import CriticDiagnostics, PerGroup
 from unexrl.evaluate.rollout import rollout
 from unexrl.policies.weights import WeightPolicy
+from unexrl.rl.diagnostics import _group_means, _masked_cosine, signed
 from unexrl.rl.truth import cosine, true_gradient
 from unexrl.sim.env import Simulator
 from unexrl.train.loop import train
@@ -142,3 +143,16 @@ def test_diagnose_a_run_directory(
         assert (tmp_path / "diagnostics.png").stat().st_size > 0
         assert "gradient cosine" in (tmp_path / "diagnostics.md").read_text()
         assert main(["diagnose", *args, "--set", "algo.hidden=16", "--run", str(tmp_path)]) == 2
+
+
+def test_a_group_with_no_transitions_scores_no_cosine() -> None:
+    """An activity group the noise-free rollout never reached has no critic gradient: NaN, not a zero vector whose
+    cosine of 0 would read as "the critic ignores this group"; the means over groups leave it out."""
+    grad = np.array([[1.0, -2.0], [3.0, 0.0], [5.0, 2.0]])
+    means = _group_means(grad, np.array([0, 2, 0]), 3)
+    np.testing.assert_allclose(means[0], [3.0, 0.0])
+    assert np.isnan(means[1]).all()
+    scored = PerGroup.of([_masked_cosine(m, np.array([1.0, 0.0])) for m in means])
+    assert np.isnan(scored.per_group[1]) and scored.mean == pytest.approx(1.0)
+    assert signed(scored.per_group[1]) == "-" and signed(scored.per_group[0]) == "+1.00"
+    assert np.isnan(PerGroup.of([float("nan")]).mean)

@@ -39,7 +39,7 @@ from unexrl.evaluate.stats import Estimate, bootstrap_mean, bootstrap_uplift
 from unexrl.io import atomic_write_text, write_figure
 from unexrl.policies.baselines import tune_baseline
 from unexrl.policies.weights import WeightPolicy
-from unexrl.rl.diagnostics import diagnose
+from unexrl.rl.diagnostics import diagnose, signed
 from unexrl.rl.policy import ActorPolicy
 from unexrl.sim.env import Policy, Simulator, Step
 from unexrl.sim.world import World
@@ -457,7 +457,7 @@ def results_markdown(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for v, d in diagnosed.items():
-            per_group = " / ".join(f"{x:+.2f}" for x in d["gradient.cosine_per_group"])
+            per_group = " / ".join(signed(x) for x in d["gradient.cosine_per_group"])
             lines.append(
                 f"| {v} | {d['calibration.relative_bias']:+.0%} | {d['calibration.correlation']:.2f} "
                 f"| {d['gradient.cosine']:+.2f} ({per_group}) | {d['gradient.sign_agreement']:.2f} "

@@ -4,6 +4,8 @@ to read them."""
 
 from __future__ import annotations
 
+import math
+
 from pydantic import Field
 
 from unexrl.contracts.base import Part
@@ -13,11 +15,12 @@ class PerGroup(Part):
     per_group: list[float]
     """one value per activity group"""
     mean: float
-    """mean over the groups"""
+    """mean over the groups that have a value (NaN in ``per_group``: a group with no transitions to score)"""
 
     @staticmethod
     def of(values: list[float]) -> PerGroup:
-        return PerGroup(per_group=values, mean=sum(values) / len(values))
+        scored = [v for v in values if not math.isnan(v)]
+        return PerGroup(per_group=values, mean=sum(scored) / len(scored) if scored else math.nan)
 
 
 class GroupCalibration(Part):

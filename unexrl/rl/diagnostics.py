@@ -81,7 +81,8 @@ def _calibration(q: np.ndarray, g: np.ndarray, groups: np.ndarray, n_groups: int
 
 
 def _masked_cosine(critic: np.ndarray, truth: np.ndarray) -> float:
-    """The cosine on the weights a critic reads (NaN if it reads none: independent DDPG's other stages)."""
+    """The cosine on the weights a critic reads (NaN if it reads none: independent DDPG's other stages, a group
+    with no transitions)."""
     known = ~np.isnan(critic)
     return cosine(critic[known], truth[known]) if known.any() else float("nan")
 
@@ -90,6 +91,17 @@ def _sign_agreement(critic: np.ndarray, truth: np.ndarray) -> float:
     """The share of the weights a critic reads whose gradient sign it gets right (NaN if it reads none)."""
     known = ~np.isnan(critic)
     return float(np.mean(np.sign(critic[known]) == np.sign(truth[known]))) if known.any() else float("nan")
+
+
+def _group_means(grad: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """[group][weight] mean critic gradient; NaN for a group none of whose transitions were seen, so that it
+    scores no cosine (not the 0 a zero vector would) and stays out of the means over groups."""
+    return np.stack(
+        [
+            grad[groups == k].mean(0) if (groups == k).any() else np.full(grad.shape[1], np.nan)
+            for k in range(n_groups)
+        ]
+    )
 
 
 def diagnose(
@@ -160,12 +172,7 @@ def diagnose(
         slice(sum(cfg.cascade.action_dims[:i]), sum(cfg.cascade.action_dims[: i + 1]))
         for i in range(len(cfg.cascade.stages))
     ]
-    critic = np.stack(
-        [
-            grad[own_groups == k].mean(0) if (own_groups == k).any() else np.zeros(grad.shape[1])
-            for k in range(n_groups)
-        ]
-    )
+    critic = _group_means(grad, own_groups, n_groups)
     cos = [_masked_cosine(critic[k], truth.gradient[k]) for k in range(n_groups)]
     signs = [_sign_agreement(critic[k], truth.gradient[k]) for k in range(n_groups)]
     stage_cos = [
@@ -203,6 +210,16 @@ def weight_names(cfg: Any) -> list[str]:
     return [f"{s.name}.{h}" for s in cfg.cascade.stages for h in s.heads]
 
 
+def signed(x: float) -> str:
+    """A cosine as a table shows it: signed, two decimals; '-' where there is none (NaN)."""
+    return "-" if np.isnan(x) else f"{x:+.2f}"
+
+
+def _share(x: float) -> str:
+    """A share as a table shows it; '-' where there is none (NaN)."""
+    return "-" if np.isnan(x) else f"{x:.2f}"
+
+
 def diagnostics_markdown(diag: CriticDiagnostics, group_names: list[str]) -> str:
     """The diagnostics as a table a person reads: one row per activity group, then the overall line."""
     c, gr = diag.calibration, diag.gradient
@@ -218,13 +235,13 @@ def diagnostics_markdown(diag: CriticDiagnostics, group_names: list[str]) -> str
         ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for k, cal in enumerate(c.per_group):
-        stages = " / ".join("-" if np.isnan(x) else f"{x:+.2f}" for x in gr.stage_cosine[cal.group])
+    for cal in c.per_group:
+        stages = " / ".join(signed(x) for x in gr.stage_cosine[cal.group])
         lines.append(
             f"| {group_names[cal.group]} | {cal.transitions} | {cal.mean_q:.2f} | {cal.mean_return:.2f} "
-            f"| {cal.relative_bias:+.0%} | {cal.correlation:.2f} | {gr.cosine.per_group[cal.group]:+.2f} "
-            f"| {gr.sign_agreement.per_group[cal.group]:.2f} | {stages} | {gr.truth_split_half_cosine[cal.group]:.2f} "
-            f"| {gr.cosine_training_return.per_group[cal.group]:+.2f} | {diag.reward_alignment.per_group[cal.group]:+.2f} |"
+            f"| {cal.relative_bias:+.0%} | {cal.correlation:.2f} | {signed(gr.cosine.per_group[cal.group])} "
+            f"| {_share(gr.sign_agreement.per_group[cal.group])} | {stages} | {gr.truth_split_half_cosine[cal.group]:.2f} "
+            f"| {signed(gr.cosine_training_return.per_group[cal.group])} | {diag.reward_alignment.per_group[cal.group]:+.2f} |"
         )
     lines.append(
         f"| **all** | {c.transitions} | {c.mean_q:.2f} | {c.mean_return:.2f} | {c.relative_bias:+.0%} "
@@ -251,7 +268,7 @@ def plot_diagnostics(diag: CriticDiagnostics, names: list[str], group_names: lis
         ax.bar(x + 0.2, critic / max(np.linalg.norm(critic), 1e-12), 0.4, label="critic dQ/da")
         ax.axhline(0, color="k", lw=0.5)
         ax.set_ylabel(group_names[k])
-        ax.set_title(f"{group_names[k]}: cosine {diag.gradient.cosine.per_group[k]:+.2f}", fontsize=9)
+        ax.set_title(f"{group_names[k]}: cosine {signed(diag.gradient.cosine.per_group[k])}", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     np.atleast_1d(axes)[0].legend(fontsize=8)
