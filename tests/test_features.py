@@ -752,7 +752,8 @@ def test_a_published_registry_is_checked_before_it_is_used(
     """What a serving replica refuses to copy from the volume: bytes that are no registry, anything the
     definitions never make (kinds of view, transformations that carry code, also inside a view's version history,
     other kinds and classes of source, also nested in a push source, another project), and, where the environment
-    trusts keys, a registry its pipeline did not sign, or a signature of another kind of file."""
+    trusts keys, a registry its pipeline did not sign, or a signature of another kind of file; and a registry
+    older than the one the replica uses."""
     from feast.protos.feast.core.FeatureView_pb2 import FeatureView
     from feast.protos.feast.core.Registry_pb2 import Registry
 
@@ -841,6 +842,15 @@ def test_a_published_registry_is_checked_before_it_is_used(
     store.publish_registry(run, target)
     replica = PublishedRegistry(target, "unexrl", trusting)
     assert replica.sync() and replica.copy.read_bytes() == good and not replica.sync()
+    older = tmp_path / "older.db"
+    older.write_bytes(spoiled(lambda r: setattr(r.last_updated, "seconds", r.last_updated.seconds - 3600)))
+    published.publish(older, target)  # an older registry the pipeline signed, copied back onto the volume
+    with pytest.raises(RegistryRefused, match=r"last updated .* before the registry in use"):
+        replica.sync()
+    assert replica.copy.read_bytes() == good
+    assert PublishedRegistry(target, "unexrl", trusting).sync()  # a replica that starts takes it: not stopped
+    store.publish_registry(run, target)  # as recent as the copy in use: taken
+    assert replica.sync() and replica.copy.read_bytes() == good
     monkeypatch.delenv(ENV_SIGNING_KEY)
     store.publish_registry(run, target)  # unsigned again: the last signature goes with it
     assert not published.signature_of(target).exists()

@@ -11,8 +11,10 @@ unexrl.contracts.signing) and holds nothing but the messages and fields that app
 definitions writes, file and push sources, and one project (:func:`check_registry`), and writes that copy to a
 private file, which Feast reads; it does so again when the published file changes (the replica looks every
 ``features.item_cache_check_s``). A refused publication leaves the replica on its last good copy, and is not read
-again until the file or its signature changes. The check does not stop a replay: an older registry the pipeline
-signed, copied back onto the volume, is accepted (it only moves the features' definitions and intervals back).
+again until the file or its signature changes. A replica never moves back: a registry last updated before the
+copy it uses (an older one the pipeline signed, copied back onto the volume) is refused. A replica that starts
+has no copy yet and takes the signed registry it finds, older or not: the replay that is not stopped (it moves
+the features' definitions and intervals back, no code).
 """
 
 from __future__ import annotations
@@ -24,17 +26,20 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from unexrl.contracts.base import ContractError
 from unexrl.contracts.signing import SignatureError, sign_file, signer_keys, trusted_keys, verify_signature
 from unexrl.io import UnreadableFile, atomic_file, atomic_write_bytes, read_regular_file
 
 if TYPE_CHECKING:
+    from feast.protos.feast.core.Registry_pb2 import Registry
     from google.protobuf.message import Message
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound="Message")
 
 SERVING = "serving"
 """the Feast environment of serving replicas (feature_repo/environments/serving.yaml)"""
@@ -166,15 +171,18 @@ def publish(registry: Path, target: Path, environ: Mapping[str, str] = os.enviro
     raise RegistryRefused(f"{target}: other publications kept replacing this one's signature")
 
 
-def check_registry(data: bytes, project: str, where: str) -> None:
-    """Refuse registry bytes that do not parse, or hold anything the definitions never make
-    (:data:`MADE_BY_DEFINITIONS`, :data:`ALLOWED_VALUES`) or anything of a project other than ``project``."""
+def check_registry(data: bytes, project: str, where: str) -> Registry:
+    """The registry that ``data`` holds; refused if the bytes do not parse, or hold anything the definitions
+    never make (:data:`MADE_BY_DEFINITIONS`, :data:`ALLOWED_VALUES`) or anything of a project other than
+    ``project``."""
     from feast.protos.feast.core.Registry_pb2 import Registry
 
-    _check_message(_parse(Registry, data, where), project, f"{where}: registry")
+    registry = _parse(Registry, data, where)
+    _check_message(registry, project, f"{where}: registry")
+    return registry
 
 
-def _parse(message: type[Message], data: bytes, where: str) -> Message:
+def _parse(message: type[M], data: bytes, where: str) -> M:
     from google.protobuf.message import DecodeError
 
     parsed = message()
@@ -228,6 +236,8 @@ class PublishedRegistry:
         self._keys = trusted_keys(environ)
         self._seen: Stamp | None = None
         """the publication copied last"""
+        self._updated: datetime | None = None
+        """when the registry copied last was last updated (Feast stamps every commit): none older is taken"""
         self._refused: tuple[tuple[Stamp, Stamp | None], ContractError] | None = None
         """the publication (and signature) refused last, and why: asked again, a replica does not read it again"""
         self._lock = threading.Lock()
@@ -244,23 +254,29 @@ class PublishedRegistry:
             if self._refused is not None and current == self._refused[0]:
                 raise self._refused[1].with_traceback(None)  # the same files: refused again, unread
             try:
-                data, status = self._read_checked()
+                data, status, updated = self._read_checked()
             except ContractError as err:
                 self._refused = (current, err)
                 raise
             atomic_write_bytes(self.copy, data)
-            self._seen, self._refused = _stamp(status), None
+            self._seen, self._updated, self._refused = _stamp(status), updated, None
         log.info("feature registry: using %s as published (%d bytes)", self.published, len(data))
         return True
 
-    def _read_checked(self) -> tuple[bytes, os.stat_result]:
-        """The published bytes, read once, and the status of the file read, if signed and made by the
-        definitions; else RegistryRefused or SignatureError."""
+    def _read_checked(self) -> tuple[bytes, os.stat_result, datetime]:
+        """The published bytes, read once, the status of the file read and when the registry was last updated,
+        if signed, made by the definitions and no older than the copy in use; else RegistryRefused or
+        SignatureError."""
         where = str(self.published)
         try:
             data, status = read_regular_file(self.published, REGISTRY_MAX_BYTES)
         except UnreadableFile as err:
             raise RegistryRefused(str(err)) from None
         verify_signature(data, signature_of(self.published), self._keys, where, SIGNATURE_PURPOSE)
-        check_registry(data, self.project, where)
-        return data, status
+        updated = check_registry(data, self.project, where).last_updated.ToDatetime(UTC)
+        if self._updated is not None and updated < self._updated:
+            raise RegistryRefused(
+                f"{where}: last updated {updated:%Y-%m-%d %H:%M:%S.%f} UTC, before the registry in use "
+                f"({self._updated:%Y-%m-%d %H:%M:%S.%f} UTC); an older publication is not taken"
+            )
+        return data, status, updated
