@@ -245,8 +245,8 @@ def diagnostics_markdown(diag: CriticDiagnostics, group_names: list[str]) -> str
         )
     lines.append(
         f"| **all** | {c.transitions} | {c.mean_q:.2f} | {c.mean_return:.2f} | {c.relative_bias:+.0%} "
-        f"| {c.correlation:.2f} | {gr.cosine.mean:+.2f} | {gr.sign_agreement.mean:.2f} | | "
-        f"| {gr.cosine_training_return.mean:+.2f} | {diag.reward_alignment.mean:+.2f} |"
+        f"| {c.correlation:.2f} | {signed(gr.cosine.mean)} | {_share(gr.sign_agreement.mean)} | | "
+        f"| {signed(gr.cosine_training_return.mean)} | {diag.reward_alignment.mean:+.2f} |"
     )
     return "\n".join(lines)
 
